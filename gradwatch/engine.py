@@ -1,0 +1,584 @@
+"""The check engine: central differences in float64 against autograd's gradient.
+
+:func:`check` knows nothing about training loops, Lightning or TensorBoard. Adapters
+decide when to call it and which gradient to compare; it returns a frozen
+:class:`~gradwatch.report.Report`.
+
+Numerics (see ``shared/design.md`` §3 and the README):
+
+* Every perturbed loss is evaluated on a float64 copy of the parameters, buffers and
+  floating inputs (``torch.func.functional_call``), from the RNG state and buffers
+  the training forward started from, so dropout masks and batch statistics match.
+* Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``; the value is the
+  central difference at ``h`` and its error bar is ``|D(h) - D(2h)| / 3`` (the
+  Richardson truncation estimate) plus the rounding of the loss evaluations.
+* A probe passes when ``|numerical - autograd| <= rtol·S + atol·‖v‖ + 3·error_bar``
+  where ``S = Σ|g_i·v_i|`` (so directions whose terms cancel are not over-judged),
+  ``rtol`` depends on the precision the gradient was computed in (:data:`RTOL`:
+  2.4e-4 for float32, looser under TF32 and bf16/fp16 autocast), and
+  ``atol = rtol·G/2`` with ``G`` the root-mean-square of the whole model's gradient:
+  float32 rounding noise in a tensor whose true gradient is 0 (a conv bias before
+  BatchNorm) stays below it.
+* Probes whose perturbed passes took another branch of a non-smooth op than the
+  unperturbed pass are marked as kinks and never count towards a failure.
+
+All probe arithmetic stays on the model's device; results reach the host in one
+transfer per check.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from contextlib import nullcontext
+from typing import Any, Callable, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gradwatch._validate import _callable, _non_negative_int, _one_of, _positive_float, _seed
+from gradwatch.kinks import _BranchRecorder, _crossed
+from gradwatch.replay import (
+    ReplayState,
+    _autocast,
+    _cast_floats,
+    _default_dtype,
+    _isolated,
+    _LossModule,
+    _restore_attrs,
+    _restore_rng,
+    capture,
+)
+from gradwatch.report import Probe, Report, TensorCheck
+
+__all__ = ["check", "DEFAULT_STEP", "RTOL"]
+
+#: Base step for float64 central differences, ``≈ eps64^(1/3)``; scaled by ``max(1, |θ|)``.
+DEFAULT_STEP = 6e-6
+#: Relative tolerance by the precision the gradient was computed in. Float32 is 2000
+#: machine epsilons; TF32 and autocast follow their ~10-bit and 8-bit mantissas.
+RTOL = {
+    "float64": 2000 * torch.finfo(torch.float64).eps,
+    "float32": 2000 * torch.finfo(torch.float32).eps,
+    "tf32": 1e-2,
+    "float16": 2e-2,
+    "bfloat16": 1e-1,
+}
+#: Absolute tolerance as a fraction of ``rtol`` times the model's gradient RMS.
+_ATOL_RATIO = 0.5
+#: Multiple of the numerical error bar added to the tolerance.
+_ERROR_BAR_MULT = 3.0
+#: Relative rounding of a float64 loss evaluation assumed in the error bar.
+_LOSS_ROUNDING = 64 * torch.finfo(torch.float64).eps
+#: Native replay vs training loss: relative and absolute slack (nondeterministic kernels).
+_REPLAY_RTOL = 1e-5
+#: Float64 replay vs native loss, relative slack per training precision.
+_SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2, "bfloat16": 5e-2}
+
+_GRADS = ("autograd", "existing")
+
+
+def check(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    *,
+    seed: int | None = None,
+    grads: str | Mapping[str, Tensor] = "autograd",
+    coordinates: int = 4,
+    directions: int = 1,
+    step: float = DEFAULT_STEP,
+    kinks: bool = True,
+    replay: ReplayState | None = None,
+    train_loss: Tensor | float | None = None,
+) -> Report:
+    """Compare the gradient of ``loss_fn(model, batch)`` with central differences.
+
+    Args:
+        model: The module whose parameters are checked. Its train/eval modes are used
+            as they are.
+        loss_fn: ``loss_fn(model, batch)`` returning a scalar loss tensor.
+        batch: Anything ``loss_fn`` accepts; floating tensors inside tuples, lists,
+            dicts and namedtuples are cast to float64 for the perturbed passes.
+        seed: Seed of the probe sampler (coordinates and directions). ``None`` draws
+            one at random; the report records it, so passing it again reproduces the
+            check.
+        grads: ``"autograd"``: compute the gradient here, leaving every ``.grad``
+            untouched. ``"existing"``: compare with the current ``.grad``. A mapping
+            from parameter name to tensor: compare with those tensors.
+        coordinates: Random elements probed per tensor, drawn without replacement.
+        directions: Random Gaussian directions over the whole tensor probed per
+            tensor; they catch errors confined to a few elements.
+        step: Base step ``h`` of the float64 central differences.
+        kinks: Record branches of non-smooth ops and exclude probes that cross one.
+        replay: State captured with :func:`gradwatch.capture` right before the
+            training forward. With ``grads="autograd"`` it must be ``None``; otherwise
+            ``None`` means "replay from the current state".
+        train_loss: Loss of the training forward, compared with the replayed loss
+            before the check is trusted. Only with ``grads`` other than "autograd".
+
+    Returns:
+        A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
+        failed; a replay that does not reproduce ``train_loss`` gives an unreliable
+        report with no verdicts rather than a failure.
+
+    Raises:
+        TypeError: ``model`` is no module, ``loss_fn`` is not callable or returns no
+            tensor, or a ``grads`` mapping holds something else than tensors.
+        ValueError: Bad argument values, a non-scalar or non-finite loss, or no
+            parameter with a gradient to check.
+
+    Example:
+        >>> model = torch.nn.Linear(3, 1)
+        >>> batch = (torch.randn(8, 3), torch.randn(8, 1))
+        >>> loss_fn = lambda m, b: torch.nn.functional.mse_loss(m(b[0]), b[1])
+        >>> check(model, loss_fn, batch, seed=0).ok
+        True
+    """
+    started = time.perf_counter()
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    _callable("loss_fn", loss_fn)
+    seed = _seed("seed", seed)
+    _non_negative_int("coordinates", coordinates)
+    _non_negative_int("directions", directions)
+    if coordinates + directions == 0:
+        raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
+    _positive_float("step", step)
+    if not isinstance(kinks, bool):
+        raise ValueError(f"`kinks` must be a bool, got {kinks!r}")
+    if isinstance(grads, str):
+        _one_of("grads", grads, _GRADS)
+    elif not isinstance(grads, Mapping):
+        raise ValueError(f"`grads` must be 'autograd', 'existing' or a mapping name -> Tensor, got {grads!r}")
+    if replay is not None and not isinstance(replay, ReplayState):
+        raise TypeError(f"`replay` must be a gradwatch.ReplayState from gradwatch.capture(), got {type(replay).__name__}")
+    if grads == "autograd" and (replay is not None or train_loss is not None):
+        raise ValueError(
+            "`replay` and `train_loss` describe a training step that already happened; they only apply "
+            f"with grads='existing' or a mapping, got grads='autograd' with replay={type(replay).__name__}, "
+            f"train_loss={train_loss!r}"
+        )
+    if seed is None:
+        seed = secrets.randbits(62)
+
+    params = dict(model.named_parameters())
+    with _isolated(model):
+        if grads == "autograd":
+            replay = capture(model)
+            train_loss, grad_map = _autograd_gradients(model, loss_fn, batch, replay, params)
+        else:
+            grad_map = _given_gradients(grads, params)
+            if replay is None:
+                replay = capture(model)
+            if train_loss is not None:
+                train_loss = _loss_value("train_loss", train_loss)
+        skipped = _skip_reasons(params, grad_map)
+        if not grad_map:
+            raise ValueError(
+                "`model` has no parameter with a gradient to check: "
+                + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+                if skipped
+                else "`model` has no parameters"
+            )
+        evaluation = _Evaluation(model, loss_fn, batch, replay, kinks)
+        native_loss = None
+        if grads != "autograd" and train_loss is not None:
+            native_loss = evaluation.native()
+        elif grads == "autograd":
+            native_loss = train_loss
+        plan = _plan(grad_map, seed, coordinates, directions)
+        host = _HostValues()
+        loss0, signature = evaluation.float64(evaluation.shadow)
+        rows = {name: _probe_tensor(evaluation, name, grad_map[name], specs, step, signature, host)
+                for name, specs in plan.items()}
+        gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
+        scale = _gradient_rms(grad_map, host)
+        i_loss0 = host.add(loss0)
+        i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
+        i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
+        values = host.fetch()
+
+    train = values[i_train] if i_train is not None else train_loss
+    native = values[i_native] if i_native is not None else None
+    replayed = values[i_loss0]
+    for label, value in (("train_loss", train), ("loss_fn", replayed)):
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"`{label}` must be finite, got {value!r}: fix the NaN/Inf in the loss before checking gradients")
+    first_grad = next(iter(grad_map.values()))
+    precision = _grad_precision(first_grad, replay, model)
+    reason = _replay_problem(train, native, replayed, _SHADOW_RTOL[precision], grads == "autograd")
+    tensors: dict[str, TensorCheck] = {}
+    for name, p in params.items():
+        shape = tuple(p.shape)
+        if name in skipped:
+            tensors[name] = TensorCheck(name, shape, "skipped", reason=skipped[name])
+        elif reason is not None:
+            tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
+        else:
+            tensors[name] = _judge(name, shape, rows[name], gstats[name], values, scale, RTOL[precision])
+    return Report(
+        tensors=tensors,
+        seed=seed,
+        precision="float64",
+        grad_dtype=str(first_grad.dtype).replace("torch.", ""),
+        grad_precision=precision,
+        train_loss=train,
+        replay_loss=replayed,
+        reliable=reason is None,
+        reason=reason,
+        seconds=time.perf_counter() - started,
+    )
+
+
+class _HostValues:
+    """Collects device scalars and brings them to the host in one transfer per device."""
+
+    def __init__(self) -> None:
+        self._values: list[Tensor] = []
+
+    def add(self, value: Tensor | float | bool) -> int:
+        if not isinstance(value, Tensor):
+            value = torch.tensor(float(value), dtype=torch.float64)
+        self._values.append(value.detach().reshape(()).to(torch.float64))
+        return len(self._values) - 1
+
+    def fetch(self) -> list[float]:
+        out: list[float] = [0.0] * len(self._values)
+        by_device: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(self._values):
+            by_device.setdefault(v.device, []).append(i)
+        for idx in by_device.values():
+            host = torch.stack([self._values[i] for i in idx]).cpu().tolist()
+            for i, v in zip(idx, host):
+                out[i] = v
+        return out
+
+
+class _Evaluation:
+    """Runs ``loss_fn`` on replayed state, natively or on the float64 shadow."""
+
+    def __init__(self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool) -> None:
+        self.wrapper = _LossModule(model, loss_fn)
+        self.batch = batch
+        self.replay = replay
+        self.recorder = _BranchRecorder() if kinks else None
+        with torch.no_grad():
+            self.shadow = {
+                f"model.{n}": p.detach().to(torch.float64).contiguous() if p.is_floating_point() else p.detach()
+                for n, p in model.named_parameters()
+            }
+            self.buffers64 = {
+                f"model.{n}": b.to(torch.float64) if b.is_floating_point() else b
+                for n, b in replay.buffers.items()
+            }
+        self.batch64 = _cast_floats(batch, torch.float64)
+
+    def _reset(self) -> None:
+        _restore_attrs(self.replay.attrs)
+        _restore_rng(self.replay.rng)
+
+    def native(self) -> Tensor:
+        """The unperturbed loss in the model's own dtype, replayed (no graph)."""
+        self._reset()
+        buffers = {f"model.{n}": b.clone() for n, b in self.replay.buffers.items()}
+        with torch.no_grad(), _autocast(self.replay.autocast):
+            out = functional_call(self.wrapper, buffers, (self.batch,), strict=False)
+        return _loss_tensor(out).detach()
+
+    def float64(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Any]:
+        """The loss at ``params`` (float64), with its branch signature."""
+        self._reset()
+        state = dict(params)
+        state.update({k: v.clone() for k, v in self.buffers64.items()})
+        try:
+            with torch.no_grad(), _default_dtype(torch.float64), _autocast(None), (self.recorder or nullcontext()):
+                out = functional_call(self.wrapper, state, (self.batch64,), strict=False)
+        except Exception as err:
+            err.add_note(
+                "gradwatch: raised while evaluating `loss_fn` on the float64 copy of the model; "
+                "the model, its buffers, .grad and the RNG stream were restored."
+            )
+            raise
+        signature = self.recorder.reset() if self.recorder is not None else None
+        return _loss_tensor(out).to(torch.float64), signature
+
+
+def _loss_tensor(out: Any, name: str = "loss_fn") -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"`{name}` must return a scalar loss Tensor, got {type(out).__name__} {_short(out)}")
+    if out.numel() != 1:
+        raise ValueError(f"`{name}` must return a scalar loss, got a tensor of shape {tuple(out.shape)}")
+    if not out.is_floating_point():
+        raise ValueError(f"`{name}` must return a floating-point loss, got dtype {out.dtype}")
+    return out.reshape(())
+
+
+def _loss_value(name: str, value: Any) -> Tensor | float:
+    if isinstance(value, Tensor):
+        return _loss_tensor(value, name).detach()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"`{name}` must be a scalar Tensor or a float, got {type(value).__name__} {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _autograd_gradients(
+    model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, params: dict[str, nn.Parameter]
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Run the training forward on cloned buffers and take ``torch.autograd.grad``."""
+    wrapper = _LossModule(model, loss_fn)
+    buffers = {f"model.{n}": b.clone() for n, b in replay.buffers.items()}
+    trainable = {n: p for n, p in params.items() if p.requires_grad}
+    if not trainable:
+        raise ValueError(
+            f"`model` has no parameter with requires_grad=True to check ({len(params)} parameters, all frozen)"
+        )
+    with torch.enable_grad():
+        loss = _loss_tensor(functional_call(wrapper, buffers, (batch,), strict=False))
+        if not bool(torch.isfinite(loss.detach())):
+            raise ValueError(f"`loss_fn` must return a finite loss, got {loss.item()!r}")
+        if not loss.requires_grad:
+            raise ValueError("`loss_fn` returned a loss that does not require grad: no parameter reaches it")
+        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+    return loss.detach(), {n: g for n, g in zip(trainable, grads) if g is not None}
+
+
+def _given_gradients(grads: str | Mapping[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
+    if grads == "existing":
+        return {n: p.grad.detach() for n, p in params.items() if p.requires_grad and p.grad is not None}
+    out = {}
+    for name, g in grads.items():
+        if name not in params:
+            raise ValueError(f"`grads` names {name!r}, which is not a parameter of `model`")
+        if not isinstance(g, Tensor):
+            raise TypeError(f"`grads[{name!r}]` must be a Tensor, got {type(g).__name__}")
+        if tuple(g.shape) != tuple(params[name].shape):
+            raise ValueError(
+                f"`grads[{name!r}]` must have the parameter's shape {tuple(params[name].shape)}, got {tuple(g.shape)}"
+            )
+        out[name] = g.detach()
+    return out
+
+
+def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) -> dict[str, str]:
+    reasons = {}
+    for name, p in params.items():
+        if not p.requires_grad:
+            reasons[name] = "frozen (requires_grad=False)"
+        elif not p.is_floating_point():
+            reasons[name] = f"not a floating-point parameter ({p.dtype})"
+        elif name not in grad_map:
+            reasons[name] = "no gradient in this step (unused by the loss, or .grad is None)"
+    for name in list(grad_map):
+        if name in reasons:
+            del grad_map[name]
+        elif not grad_map[name].is_floating_point():
+            reasons[name] = f"gradient is not floating-point ({grad_map[name].dtype})"
+            del grad_map[name]
+    return reasons
+
+
+def _plan(grad_map: dict[str, Tensor], seed: int, coordinates: int, directions: int) -> dict[str, list]:
+    """Probe specs per tensor, from one seeded host generator (no device RNG used)."""
+    gen = torch.Generator().manual_seed(seed)
+    plan: dict[str, list] = {}
+    for name, g in grad_map.items():
+        numel = g.numel()
+        specs: list[tuple[str, int]] = [("coordinate", i) for i in _sample(numel, min(coordinates, numel), gen)]
+        specs += [("direction", int(torch.randint(0, 2**62, (1,), generator=gen))) for _ in range(directions)]
+        plan[name] = specs
+    return plan
+
+
+def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
+    """``k`` distinct integers in ``[0, n)`` without materialising ``randperm(n)`` for large ``n``."""
+    if k == 0:
+        return []
+    if n <= 4096 or 4 * k >= n:
+        return torch.randperm(n, generator=gen)[:k].tolist()
+    chosen: list[int] = []
+    seen: set[int] = set()
+    while len(chosen) < k:
+        for i in torch.randint(0, n, (2 * k,), generator=gen).tolist():
+            if i not in seen:
+                seen.add(i)
+                chosen.append(i)
+                if len(chosen) == k:
+                    break
+    return chosen
+
+
+# Row layout per probe, all float64 device scalars.
+_A, _N1, _N2, _S, _VNORM, _LMAX, _H, _KINK = range(8)
+
+
+def _probe_tensor(ev: _Evaluation, name: str, grad: Tensor, specs: list, step: float, ref: Any, host: _HostValues) -> list:
+    key = f"model.{name}"
+    theta = ev.shadow[key]
+    gflat = grad.detach().reshape(-1)
+    rows = []
+    for kind, value in specs:
+        if kind == "coordinate":
+            flat = theta.view(-1)
+            orig = flat[value].clone()
+            h = step * torch.clamp(orig.abs(), min=1.0)
+            losses, kink = [], None
+            for s in (1.0, -1.0, 2.0, -2.0):
+                flat[value] = orig + s * h
+                loss, sig = ev.float64(ev.shadow)
+                losses.append(loss)
+                kink = _any_crossed(kink, ref, sig, theta.device)
+            flat[value] = orig
+            d1 = (orig + h) - (orig - h)
+            d2 = (orig + 2 * h) - (orig - 2 * h)
+            a = gflat[value].to(torch.float64)
+            s_abs, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=a.device)
+        else:
+            gen = torch.Generator(device=theta.device).manual_seed(value)
+            v = torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
+            h = step * torch.clamp(theta.pow(2).mean().sqrt(), min=1.0)
+            losses, kink = [], None
+            params = dict(ev.shadow)
+            for s in (1.0, -1.0, 2.0, -2.0):
+                params[key] = theta + (s * h) * v
+                loss, sig = ev.float64(params)
+                losses.append(loss)
+                kink = _any_crossed(kink, ref, sig, theta.device)
+            del params
+            d1, d2 = 2 * h, 4 * h
+            g64 = grad.detach().to(torch.float64)
+            a = (g64 * v).sum()
+            s_abs, vnorm = (g64 * v).abs().sum(), v.norm()
+            del v, g64
+        n1 = (losses[0] - losses[1]) / d1
+        n2 = (losses[2] - losses[3]) / d2
+        lmax = torch.stack([x.abs() for x in losses]).max()
+        row = [a, n1, n2, s_abs, vnorm, lmax, h, kink]
+        rows.append((kind, value, [host.add(x) for x in row]))
+    return rows
+
+
+def _any_crossed(kink: Tensor | None, ref: Any, sig: Any, device: torch.device) -> Tensor:
+    if kink is None:
+        kink = torch.zeros((), dtype=torch.bool, device=device)
+    if ref is None:
+        return kink
+    crossed = _crossed(ref, sig)
+    if crossed is True:
+        return torch.ones((), dtype=torch.bool, device=device)
+    if isinstance(crossed, Tensor):
+        return kink | crossed.to(device)
+    return kink
+
+
+def _grad_stats(g: Tensor, host: _HostValues) -> tuple[int, int]:
+    bad = ~torch.isfinite(g.detach()).reshape(-1)
+    return host.add(bad.any()), host.add(bad.to(torch.uint8).argmax())
+
+
+def _gradient_rms(grad_map: dict[str, Tensor], host: _HostValues) -> int:
+    total = None
+    count = 0
+    for g in grad_map.values():
+        g = g.detach()
+        sq = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).to(torch.float64).pow(2).sum()
+        total = sq if total is None else total + sq.to(total.device)
+        count += g.numel()
+    return host.add((total / max(count, 1)).sqrt())
+
+
+def _replay_problem(
+    train: float | None, native: float | None, replayed: float, shadow_rtol: float, own: bool
+) -> str | None:
+    """Why the replay cannot be trusted, or None."""
+    if train is not None and native is not None and not own:
+        if not math.isfinite(native) or abs(native - train) > _REPLAY_RTOL * max(abs(train), abs(native)) + 1e-30:
+            return (
+                f"replayed loss {native!r} differs from the training loss {train!r}: the loss is not "
+                "reproducible from the captured RNG and buffers (randomness outside torch's RNG, "
+                "a loss_fn that differs from the loss that was backpropagated, or a scaled loss)"
+            )
+    reference = native if native is not None else train
+    if reference is None:
+        return None
+    if abs(replayed - reference) > shadow_rtol * max(abs(reference), abs(replayed)) + 1e-12:
+        return (
+            f"float64 replay gives loss {replayed!r} but the model in its own precision gives {reference!r} "
+            f"(relative tolerance {shadow_rtol:g}): the model does not behave the same on a float64 copy"
+        )
+    return None
+
+
+def _grad_precision(grad: Tensor, replay: ReplayState, model: nn.Module) -> str:
+    """The precision the gradient was computed in: its dtype, autocast, or TF32."""
+    dtype = grad.dtype
+    if dtype in (torch.float16, torch.bfloat16):
+        return str(dtype).replace("torch.", "")
+    enabled, autocast_dtype = replay.autocast.get(grad.device.type, (False, None))
+    if enabled:
+        return "bfloat16" if autocast_dtype == torch.bfloat16 else "float16"
+    if dtype == torch.float32 and grad.device.type == "cuda":
+        has_conv = any("Conv" in type(m).__name__ for m in model.modules())
+        if torch.backends.cuda.matmul.allow_tf32 or (torch.backends.cudnn.allow_tf32 and has_conv):
+            return "tf32"
+    return "float64" if dtype == torch.float64 else "float32"
+
+
+def _judge(
+    name: str, shape: tuple[int, ...], rows: list, gstats: tuple[int, int], values: list[float], scale_idx: int,
+    rtol: float,
+) -> TensorCheck:
+    any_bad, first_bad = (values[i] for i in gstats)
+    probes = []
+    atol = _ATOL_RATIO * rtol * values[scale_idx]
+    nonfinite_probe = None
+    for kind, value, idx in rows:
+        a, n1, n2, s_abs, vnorm, lmax, h, kink = (values[i] for i in idx)
+        index = tuple(int(i) for i in np.unravel_index(value, shape)) if kind == "coordinate" else None
+        error = abs(n1 - a)
+        error_bar = abs(n1 - n2) / 3.0 + _LOSS_ROUNDING * lmax / h
+        tolerance = rtol * max(s_abs, abs(n1)) + atol * vnorm + _ERROR_BAR_MULT * error_bar
+        probe = Probe(
+            kind=kind,
+            index=index,
+            direction_seed=None if kind == "coordinate" else value,
+            autograd=a,
+            numerical=n1,
+            error=error,
+            error_bar=error_bar,
+            tolerance=tolerance,
+            step=h,
+            kink=bool(kink),
+        )
+        probes.append(probe)
+        if nonfinite_probe is None and not all(math.isfinite(x) for x in (a, n1, n2)):
+            nonfinite_probe = probe
+    if any_bad:
+        where = "[" + ", ".join(str(int(i)) for i in np.unravel_index(int(first_bad), shape)) + "]"
+        return TensorCheck(name, shape, "nonfinite", probes=tuple(probes),
+                           reason=f"non-finite gradient, first at '{name}'{where}")
+    if nonfinite_probe is not None:
+        return TensorCheck(name, shape, "nonfinite", probes=tuple(probes),
+                           reason=f"non-finite perturbed loss at '{name}'{nonfinite_probe.where}")
+    judged = [p for p in probes if not p.kink]
+    if not judged:
+        return TensorCheck(name, shape, "kink", probes=tuple(probes),
+                           reason="every probe crossed a kink of a non-smooth op")
+    num = np.array([p.numerical for p in judged])
+    ana = np.array([p.autograd for p in judged])
+    bars = np.array([p.error_bar for p in judged])
+    denom = float(np.linalg.norm(num) + np.linalg.norm(ana))
+    rel = float(np.linalg.norm(num - ana)) / denom if denom > 0 else 0.0
+    bar = float(np.linalg.norm(bars)) / denom if denom > 0 else 0.0
+    ratio = max(p.error / p.tolerance if p.tolerance > 0 else (math.inf if p.error > 0 else 0.0) for p in judged)
+    verdict = "fail" if any(p.failed for p in judged) else "pass"
+    return TensorCheck(name, shape, verdict, rel_error=rel, error_bar=bar, error_ratio=float(ratio),
+                       probes=tuple(probes))

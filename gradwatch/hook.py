@@ -1,0 +1,240 @@
+"""Plain-PyTorch adapter: check gradients every N steps of a hand-written loop.
+
+Example:
+    >>> watch = GradWatch(model, loss_fn, every_n_steps=100, logdir="runs")  # doctest: +SKIP
+    >>> for batch in loader:                                                  # doctest: +SKIP
+    ...     optimizer.zero_grad()
+    ...     with watch.step(batch):
+    ...         loss = loss_fn(model, batch)
+    ...         loss.backward()
+    ...     optimizer.step()
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Callable, Iterator
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+from torch.overrides import TorchFunctionMode
+
+from gradwatch._validate import _callable, _non_negative_int, _positive_int, _seed
+from gradwatch.engine import check
+from gradwatch.replay import capture
+from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
+from gradwatch.sinks import LoggingSink, Sink, TensorBoardSink
+
+__all__ = ["GradWatch"]
+
+
+class GradWatch:
+    """Checks, every ``every_n_steps`` steps, the gradient a training step produced.
+
+    On a check step, :meth:`step` captures the RNG states and buffers before your
+    forward, records the gradient that your ``backward()`` inside the block sends to
+    each parameter (after your tensor hooks), and the loss you backpropagated. On
+    leaving the block it replays ``loss_fn(model, batch)`` in float64 with ±h
+    perturbations and compares. Other steps do nothing: no copy, no hook, no device
+    synchronisation.
+
+    Args:
+        model: The module being trained.
+        loss_fn: ``loss_fn(model, batch)`` returning the scalar loss you
+            backpropagate inside the block (the same value, scaling included).
+        every_n_steps: Check on steps ``0, n, 2n, ...`` (counted in :meth:`step` calls).
+        writer: A ``SummaryWriter`` to log to, or ``None``.
+        logdir: Directory for a ``SummaryWriter`` the hook creates and owns.
+        on_failure: ``"warn"`` (``warnings.warn``), ``"raise"``
+            (:class:`~gradwatch.GradientCheckError`, after everything is restored), or a
+            callable receiving the :class:`~gradwatch.Report`.
+        seed: Base seed of the probe sampler; each check uses a seed derived from it
+            and the step. ``None`` draws one (see :attr:`seed`).
+        prefix: First component of the logged keys.
+        coordinates: Random elements probed per tensor.
+        directions: Random directions probed per tensor.
+        kinks: Exclude probes that cross a kink of a non-smooth op.
+
+    Attributes:
+        reports: ``(step, Report)`` for each check.
+        seed: The base seed in use.
+
+    Example:
+        >>> watch = GradWatch(model, loss_fn, every_n_steps=50, logdir="runs")  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        loss_fn: Callable[[nn.Module, Any], Tensor],
+        *,
+        every_n_steps: int = 100,
+        writer: Any = None,
+        logdir: str | None = None,
+        on_failure: OnFailure = "warn",
+        seed: int | None = None,
+        prefix: str = "gradwatch",
+        coordinates: int = 4,
+        directions: int = 1,
+        kinks: bool = True,
+    ) -> None:
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        _callable("loss_fn", loss_fn)
+        _positive_int("every_n_steps", every_n_steps)
+        _check_on_failure(on_failure)
+        _check_prefix(prefix)
+        seed = _seed("seed", seed)
+        _non_negative_int("coordinates", coordinates)
+        _non_negative_int("directions", directions)
+        if coordinates + directions == 0:
+            raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
+        if not isinstance(kinks, bool):
+            raise ValueError(f"`kinks` must be a bool, got {kinks!r}")
+        if writer is not None and logdir is not None:
+            raise ValueError(f"pass `writer` or `logdir`, not both; got writer={writer!r}, logdir={logdir!r}")
+        if not any(p.requires_grad for p in model.parameters()):
+            raise ValueError(f"`model` has no parameter with requires_grad=True to check ({type(model).__name__})")
+        self._owned_writer = None
+        if logdir is not None:
+            if not isinstance(logdir, str) or not logdir:
+                raise ValueError(f"`logdir` must be a non-empty str, got {logdir!r}")
+            from torch.utils.tensorboard import SummaryWriter
+
+            writer = self._owned_writer = SummaryWriter(log_dir=logdir)
+        self.model = model
+        self.loss_fn = loss_fn
+        self.every_n_steps = every_n_steps
+        self.on_failure = on_failure
+        self.seed = secrets.randbits(62) if seed is None else seed
+        self.writer = writer
+        self.sinks: list[Sink] = [LoggingSink()]
+        if writer is not None:
+            self.sinks.append(TensorBoardSink(writer, prefix=prefix))
+        self._check_kwargs = {"coordinates": coordinates, "directions": directions, "kinks": kinks}
+        self.reports: list[tuple[int, Report]] = []
+        self._step = 0
+
+    @property
+    def global_step(self) -> int:
+        """Number of :meth:`step` blocks entered so far."""
+        return self._step
+
+    @property
+    def last_report(self) -> Report | None:
+        """The latest report, or ``None`` before the first check."""
+        return self.reports[-1][1] if self.reports else None
+
+    def is_check_step(self, step: int | None = None) -> bool:
+        """Whether ``step`` (default: the next one) will be checked."""
+        step = self._step if step is None else step
+        return step % self.every_n_steps == 0
+
+    @contextmanager
+    def step(self, batch: Any) -> Iterator[None]:
+        """Wrap one training step's forward and backward.
+
+        Args:
+            batch: The batch this step trains on, as ``loss_fn`` takes it.
+
+        Raises:
+            ValueError: On a check step where no parameter received a gradient.
+            GradientCheckError: With ``on_failure="raise"`` when a tensor fails.
+
+        Example:
+            >>> with watch.step(batch):  # doctest: +SKIP
+            ...     loss_fn(model, batch).backward()
+        """
+        step = self._step
+        self._step += 1
+        if not self.is_check_step(step):
+            yield
+            return
+        state = capture(self.model)
+        captured: dict[str, Tensor] = {}
+        handles = [
+            p.register_hook(partial(_capture_grad, captured, name))
+            for name, p in self.model.named_parameters()
+            if p.requires_grad
+        ]
+        roots = _BackwardRoots()
+        try:
+            with roots:
+                yield
+        finally:
+            for handle in handles:
+                handle.remove()
+        if not captured:
+            raise ValueError(
+                f"no parameter of `model` received a gradient inside `watch.step(batch)` at step {step}: "
+                "call loss.backward() inside the with-block"
+            )
+        report = check(
+            self.model,
+            self.loss_fn,
+            batch,
+            grads=captured,
+            replay=state,
+            train_loss=roots.loss(),
+            seed=_derive_seed(self.seed, step),
+            **self._check_kwargs,
+        )
+        del captured, state
+        report = dataclasses.replace(report, step=step)
+        self.reports.append((step, report))
+        for sink in self.sinks:
+            sink.write(report, step)
+        _handle(report, self.on_failure)
+
+    def close(self) -> None:
+        """Close the writer the hook created from ``logdir`` (not one you passed)."""
+        if self._owned_writer is not None:
+            self._owned_writer.close()
+            self._owned_writer = None
+
+    def __enter__(self) -> "GradWatch":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.close()
+
+
+def _capture_grad(captured: dict[str, Tensor], name: str, grad: Tensor) -> None:
+    """Tensor hook: keep the gradient this backward sends to the parameter."""
+    previous = captured.get(name)
+    captured[name] = grad.detach() if previous is None else previous + grad.detach()
+
+
+def _derive_seed(base: int, step: int) -> int:
+    """A per-check seed from the base seed and the step, stable across runs."""
+    return int(np.random.SeedSequence([base, step]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+
+
+class _BackwardRoots(TorchFunctionMode):
+    """Records the tensors ``backward()`` is called on (the training loss)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roots: list[Tensor] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is Tensor.backward:
+            self.roots.append(args[0].detach())
+        elif func is torch.autograd.backward:
+            tensors = args[0] if args else kwargs.get("tensors")
+            self.roots.extend(t.detach() for t in ([tensors] if isinstance(tensors, Tensor) else tensors))
+        return func(*args, **kwargs)
+
+    def loss(self) -> Tensor | None:
+        """The sum of the scalar roots, or None when a root was not a scalar."""
+        if not self.roots or any(r.numel() != 1 for r in self.roots):
+            return None
+        total = self.roots[0].reshape(())
+        for r in self.roots[1:]:
+            total = total + r.reshape(()).to(total.device)
+        return total

@@ -1,0 +1,406 @@
+"""Results of a gradient check: frozen dataclasses, the failure type, the logged keys.
+
+Everything a sink writes comes from a :class:`Report`. The logged-key scheme lives in
+one function, :func:`metrics`.
+
+Example:
+    >>> report = gradwatch.check(model, loss_fn, batch, seed=0)  # doctest: +SKIP
+    >>> report.ok, report.tensors["0.weight"].rel_error            # doctest: +SKIP
+    (True, 3.1e-08)
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass
+from typing import Callable, Mapping, Union
+
+__all__ = [
+    "VERDICTS",
+    "GradientCheckError",
+    "GradientCheckWarning",
+    "OnFailure",
+    "UnreliableCheckWarning",
+    "Probe",
+    "Report",
+    "TensorCheck",
+    "failure_message",
+    "metrics",
+]
+
+VERDICTS = ("pass", "fail", "kink", "nonfinite", "skipped")
+
+_FIX_HINT = (
+    "the gradient autograd produced for this tensor is not the derivative of the loss: "
+    "check the backward of custom autograd.Functions, kernels and gradient hooks on the "
+    "path from this tensor to the loss"
+)
+
+
+@dataclass(frozen=True)
+class Probe:
+    """One comparison of a numerical directional derivative with autograd.
+
+    A coordinate probe perturbs one element (``index`` is its tuple index); a
+    direction probe perturbs the whole tensor along a random Gaussian direction that
+    ``torch.randn(shape, generator=torch.Generator(device).manual_seed(direction_seed),
+    dtype=torch.float64)`` regenerates.
+
+    Attributes:
+        kind: ``"coordinate"`` or ``"direction"``.
+        index: Element index for coordinate probes, else ``None``.
+        direction_seed: Seed of the direction for direction probes, else ``None``.
+        autograd: ``<grad, v>`` from the gradient under test.
+        numerical: Central difference ``(L(θ+hv) - L(θ-hv)) / 2h`` in float64.
+        error: ``|numerical - autograd|``.
+        error_bar: Estimated error of ``numerical`` (truncation from a second step
+            size, plus rounding of the loss evaluations).
+        tolerance: Largest ``error`` that counts as agreement (see the README).
+        step: The step ``h`` used.
+        kink: True when the ±h passes took different branches of a non-smooth op;
+            such probes never count towards a failure.
+    """
+
+    kind: str
+    index: tuple[int, ...] | None
+    direction_seed: int | None
+    autograd: float
+    numerical: float
+    error: float
+    error_bar: float
+    tolerance: float
+    step: float
+    kink: bool
+
+    @property
+    def rel_error(self) -> float:
+        """``error / (|numerical| + |autograd|)``, 0 when both are 0."""
+        return _safe_ratio(self.error, abs(self.numerical) + abs(self.autograd))
+
+    @property
+    def failed(self) -> bool:
+        """True when the probe disagrees beyond its tolerance and crossed no kink."""
+        return (not self.kink) and not (self.error <= self.tolerance)
+
+    @property
+    def where(self) -> str:
+        """``[3, 7]`` for a coordinate, ``<direction seed=...>`` for a direction."""
+        if self.index is not None:
+            return "[" + ", ".join(str(i) for i in self.index) + "]"
+        return f"<random direction, seed={self.direction_seed}>"
+
+
+@dataclass(frozen=True)
+class TensorCheck:
+    """The check of one parameter tensor.
+
+    Attributes:
+        name: The ``named_parameters()`` name.
+        shape: The parameter's shape.
+        verdict: One of ``"pass"``, ``"fail"``, ``"kink"`` (every probe crossed a
+            kink, nothing could be verified), ``"nonfinite"`` (NaN/Inf in the gradient
+            or a perturbed loss) or ``"skipped"`` (frozen, no gradient, or the check
+            was unreliable).
+        rel_error: Seed-article relative error over the probes that crossed no kink,
+            ``||n - a|| / (||n|| + ||a||)``; NaN when there is none.
+        error_bar: Numerical error of the check in the same relative units.
+        error_ratio: Largest ``error / tolerance`` over those probes; above 1 fails.
+        probes: Every probe, kinked ones included.
+        reason: Why the verdict is not a plain pass/fail, or ``None``.
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    verdict: str
+    rel_error: float = math.nan
+    error_bar: float = math.nan
+    error_ratio: float = math.nan
+    probes: tuple[Probe, ...] = ()
+    reason: str | None = None
+
+    @property
+    def kink_count(self) -> int:
+        """Number of probes that crossed a kink."""
+        return sum(p.kink for p in self.probes)
+
+    @property
+    def worst(self) -> Probe | None:
+        """The non-kinked probe with the largest ``error / tolerance``.
+
+        A failing coordinate is preferred over a failing direction, since it names
+        an element.
+        """
+        valid = [p for p in self.probes if not p.kink]
+        if not valid:
+            return None
+        failing_coords = [p for p in valid if p.failed and p.kind == "coordinate"]
+        pool = failing_coords or valid
+        return max(pool, key=lambda p: _safe_ratio(p.error, p.tolerance))
+
+    @property
+    def message(self) -> str:
+        """One line saying where, how much and what to do; empty unless failing."""
+        return failure_message(self)
+
+
+@dataclass(frozen=True)
+class Report:
+    """The result of one check.
+
+    Attributes:
+        tensors: Parameter name to :class:`TensorCheck`, in ``named_parameters()``
+            order. Treat as read-only.
+        seed: Seed of the probe sampler; passing it again reproduces the probes.
+        precision: Dtype the perturbed losses were evaluated in (``"float64"``).
+        grad_dtype: Dtype of the gradient under test.
+        grad_precision: Precision that gradient was computed in, which sets the
+            tolerance: its dtype, ``"tf32"`` on CUDA with TF32 enabled, or the
+            autocast dtype.
+        train_loss: Loss of the training forward, when known.
+        replay_loss: The same loss replayed by gradwatch in float64.
+        reliable: False when the replay did not reproduce the training forward;
+            then no tensor is judged and ``reason`` says why.
+        reason: Why the check is unreliable, else ``None``.
+        seconds: Wall time of the check.
+        step: Training step the check belongs to, when an adapter sets it.
+    """
+
+    tensors: Mapping[str, TensorCheck]
+    seed: int
+    precision: str = "float64"
+    grad_dtype: str = "float32"
+    grad_precision: str = "float32"
+    train_loss: float | None = None
+    replay_loss: float | None = None
+    reliable: bool = True
+    reason: str | None = None
+    seconds: float = 0.0
+    step: int | None = None
+
+    @property
+    def ok(self) -> bool:
+        """False exactly when some tensor's verdict is ``"fail"``."""
+        return not self.failures
+
+    @property
+    def failures(self) -> list[TensorCheck]:
+        """TensorChecks whose verdict is ``"fail"``."""
+        return [t for t in self.tensors.values() if t.verdict == "fail"]
+
+    @property
+    def probes(self) -> list[Probe]:
+        """Every probe of every tensor."""
+        return [p for t in self.tensors.values() for p in t.probes]
+
+    @property
+    def kink_fraction(self) -> float:
+        """Fraction of probes that crossed a kink (0 when there are no probes)."""
+        probes = self.probes
+        return _safe_ratio(sum(p.kink for p in probes), len(probes))
+
+    @property
+    def rel_error_max(self) -> float:
+        """Largest ``rel_error`` over the judged tensors (NaN when none)."""
+        values = [t.rel_error for t in self.tensors.values() if not math.isnan(t.rel_error)]
+        return max(values) if values else math.nan
+
+    @property
+    def verdict(self) -> str:
+        """``"fail"``, ``"unreliable"``, ``"nonfinite"`` or ``"pass"`` for the whole check."""
+        if self.failures:
+            return "fail"
+        if not self.reliable:
+            return "unreliable"
+        if any(t.verdict == "nonfinite" for t in self.tensors.values()):
+            return "nonfinite"
+        return "pass"
+
+    def summary(self) -> str:
+        """One line: verdict, counts, worst relative error, time."""
+        counts: dict[str, int] = {}
+        for t in self.tensors.values():
+            counts[t.verdict] = counts.get(t.verdict, 0) + 1
+        parts = ", ".join(f"{n} {v}" for v, n in counts.items())
+        step = "" if self.step is None else f"step {self.step}: "
+        line = (
+            f"gradwatch {step}{self.verdict.upper()} ({parts}; "
+            f"max rel_error {_fmt(self.rel_error_max)}; {self.seconds:.2f}s)"
+        )
+        if not self.reliable:
+            line += f" - {self.reason}"
+        return line
+
+    def markdown(self) -> str:
+        """A markdown table of the tensors that failed or were not clean passes."""
+        rows = ["| tensor | verdict | rel_error | where | autograd | numerical |", "|---|---|---|---|---|---|"]
+        for t in self.tensors.values():
+            if t.verdict == "pass":
+                continue
+            w = t.worst
+            cells = [t.name, t.verdict, _fmt(t.rel_error)]
+            cells += [w.where, _fmt(w.autograd), _fmt(w.numerical)] if w else [t.reason or "", "", ""]
+            rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        head = self.summary()
+        return head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
+
+    def metrics(self, prefix: str = "gradwatch") -> dict[str, float]:
+        """The scalars to log, keyed by the one documented scheme; see :func:`metrics`."""
+        return metrics(self, prefix=prefix)
+
+    def __str__(self) -> str:
+        lines = [self.summary()]
+        if self.tensors:
+            width = max(len(n) for n in self.tensors) + 2
+            lines.append(
+                f"  {'tensor':<{width}}{'verdict':<11}{'rel_error':>11}{'error_bar':>11}"
+                f"{'err/tol':>9}{'probes':>8}{'kinks':>7}"
+            )
+            for t in self.tensors.values():
+                lines.append(
+                    f"  {t.name:<{width}}{t.verdict:<11}{_fmt(t.rel_error):>11}"
+                    f"{_fmt(t.error_bar):>11}{_fmt(t.error_ratio):>9}{len(t.probes):>8}"
+                    f"{t.kink_count:>7}" + (f"  ({t.reason})" if t.reason else "")
+                )
+        lines += ["  " + t.message for t in self.failures]
+        return "\n".join(lines)
+
+
+class GradientCheckError(AssertionError):
+    """Raised when a check finds a gradient that disagrees with the loss.
+
+    It is an ``AssertionError`` so that test runners report it as a failed check.
+
+    Attributes:
+        report: The :class:`Report` with every tensor's result.
+    """
+
+    def __init__(self, report: Report) -> None:
+        self.report = report
+        super().__init__(_report_failure_text(report))
+
+    def __reduce__(self):  # keep pickling (multiprocessing, DDP) working
+        return (type(self), (self.report,))
+
+
+class GradientCheckWarning(UserWarning):
+    """Category of the warnings issued for ``on_failure="warn"``."""
+
+
+class UnreliableCheckWarning(UserWarning):
+    """Category of the warning issued when a replay did not reproduce the training loss."""
+
+
+OnFailure = Union[str, Callable[[Report], object]]
+_ON_FAILURE = ("warn", "raise")
+
+
+def _check_on_failure(value: object) -> OnFailure:
+    """Validate an ``on_failure`` argument: "warn", "raise" or a callable."""
+    if callable(value) or value in _ON_FAILURE:
+        return value  # type: ignore[return-value]
+    raise ValueError(f"`on_failure` must be 'warn', 'raise' or a callable taking the Report, got {value!r}")
+
+
+def _handle(report: Report, on_failure: OnFailure) -> None:
+    """Act on a finished report: the one place a GradientCheckError is raised.
+
+    A failing report is warned about, raised or handed to the callable; an
+    unreliable one always gets an :class:`UnreliableCheckWarning`.
+    """
+    if not report.reliable:
+        warnings.warn(report.summary(), UnreliableCheckWarning, stacklevel=4)
+    if report.ok:
+        return
+    if on_failure == "raise":
+        raise GradientCheckError(report)
+    if on_failure == "warn":
+        warnings.warn(_report_failure_text(report), GradientCheckWarning, stacklevel=4)
+    else:
+        on_failure(report)  # type: ignore[operator]
+
+
+def failure_message(tensor: TensorCheck) -> str:
+    """The one-line failure message of a tensor, or ``""`` when it did not fail.
+
+    Example:
+        ``'enc.0.weight'[3, 7]: autograd=1.2e-03 numerical=9.8e-04 rel_err=0.22 >
+        tolerance 1.1e-05; <hint>``
+    """
+    if tensor.verdict != "fail" or tensor.worst is None:
+        return ""
+    w = tensor.worst
+    tol_rel = _safe_ratio(w.tolerance, abs(w.numerical) + abs(w.autograd))
+    return (
+        f"'{tensor.name}'{w.where}: autograd={_fmt(w.autograd)} numerical={_fmt(w.numerical)} "
+        f"rel_err={_fmt(w.rel_error)} > tolerance {_fmt(tol_rel)} "
+        f"(tensor rel_error {_fmt(tensor.rel_error)} over {len(tensor.probes)} probes); "
+        f"{_FIX_HINT}"
+    )
+
+
+def _report_failure_text(report: Report) -> str:
+    """Text of a failing report: the summary line, then one message per failure."""
+    return "\n".join([report.summary()] + [t.message for t in report.failures])
+
+
+def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
+    """Build the logged scalars of a report. This is the one key scheme.
+
+    Keys (``<param>`` is the ``named_parameters()`` name)::
+
+        <prefix>/rel_error/<param>   E_rel over the non-kinked probes of that tensor
+        <prefix>/rel_error_max       worst tensor
+        <prefix>/error_bar/<param>   numerical error of that check, same units
+        <prefix>/kink_fraction       probes that crossed a kink / all probes
+        <prefix>/failures            tensors with verdict "fail"
+        <prefix>/check_seconds       wall time of the check
+
+    Tensors without a judged probe (skipped, all-kink) have no per-tensor keys; NaN is
+    never logged.
+
+    Args:
+        report: The report to flatten.
+        prefix: First component of every key.
+
+    Returns:
+        Key to float.
+
+    Example:
+        >>> metrics(report)["gradwatch/failures"]  # doctest: +SKIP
+        0.0
+    """
+    _check_prefix(prefix)
+    out: dict[str, float] = {}
+    for name, t in report.tensors.items():
+        if not math.isnan(t.rel_error):
+            out[f"{prefix}/rel_error/{name}"] = t.rel_error
+        if not math.isnan(t.error_bar):
+            out[f"{prefix}/error_bar/{name}"] = t.error_bar
+    if not math.isnan(report.rel_error_max):
+        out[f"{prefix}/rel_error_max"] = report.rel_error_max
+    out[f"{prefix}/kink_fraction"] = report.kink_fraction
+    out[f"{prefix}/failures"] = float(len(report.failures))
+    out[f"{prefix}/check_seconds"] = report.seconds
+    return out
+
+
+def _check_prefix(prefix: object) -> str:
+    if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
+        raise ValueError(f"`prefix` must be a non-empty str not ending in '/', got {prefix!r}")
+    return prefix
+
+
+def _safe_ratio(num: float, den: float) -> float:
+    if den == 0.0:
+        return 0.0 if num == 0.0 else math.inf
+    return num / den
+
+
+def _fmt(x: float | None) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float) and math.isnan(x):
+        return "-"
+    return f"{x:.2g}" if abs(x) >= 0.01 and abs(x) < 1000 else f"{x:.1e}"
+

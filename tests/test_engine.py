@@ -1,0 +1,416 @@
+"""The check engine: planted bugs, correct models, numerics, bad input, side effects."""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+from gradwatch.engine import check
+from zoo import BUGS, CORRECT, CustomLinear, Mlp, assert_same_state, classification_loss, training_state
+
+
+# ------------------------------------------------------------------------------- zoos
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("bug", sorted(BUGS))
+def test_planted_bug_is_detected_and_localised(bug: str, seed: int) -> None:
+    case = BUGS[bug](seed)
+    report = check(case.model, case.loss_fn, case.batch, seed=seed)
+    assert not report.ok
+    assert report.reliable, report.reason
+    assert {t.name for t in report.failures} == case.wrong, str(report)
+    for name in case.wrong:
+        tc = report.tensors[name]
+        assert tc.verdict == "fail"
+        assert tc.rel_error > 1e-3
+        assert tc.error_ratio > 1.0
+        assert tc.message.startswith(f"'{name}'")
+
+
+@pytest.mark.parametrize("seed", range(5))
+@pytest.mark.parametrize("model", sorted(CORRECT))
+def test_correct_model_never_fails(model: str, seed: int) -> None:
+    case = CORRECT[model](seed)
+    report = check(case.model, case.loss_fn, case.batch, seed=seed)
+    assert report.ok, str(report)
+    assert report.reliable, report.reason
+    verdicts = {t.verdict for t in report.tensors.values()}
+    assert verdicts <= {"pass", "kink"}, str(report)
+    assert "pass" in verdicts
+    # every probe that crossed no kink agrees well inside its tolerance
+    assert max(t.error_ratio for t in report.tensors.values() if t.verdict == "pass") < 0.2
+
+
+def test_zero_true_gradient_is_not_a_false_alarm() -> None:
+    """A conv bias before BatchNorm has a true gradient of 0; its .grad is rounding noise."""
+    case = CORRECT["cnn_bn_pool"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0, coordinates=8)
+    bias = report.tensors["0.bias"]
+    assert bias.verdict == "pass"
+    assert max(abs(p.numerical) for p in bias.probes) < 1e-9
+    assert max(abs(p.autograd) for p in bias.probes) > 0  # float32 noise is there ...
+    assert bias.rel_error > 0.5  # ... and the scale-free E_rel alone would call it a bug
+
+
+def test_branch_multiplied_by_zero_passes() -> None:
+    class Gated(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 3)
+            self.b = nn.Linear(4, 3)
+
+        def forward(self, x):
+            return self.a(x) + 0.0 * self.b(x)
+
+    torch.manual_seed(0)
+    model = Gated()
+    batch = (torch.randn(16, 4), torch.randint(0, 3, (16,)))
+    report = check(model, classification_loss, batch, seed=0)
+    assert report.ok
+    assert report.tensors["b.weight"].verdict == "pass"
+
+
+# ------------------------------------------------------------------ against gradcheck
+@pytest.mark.parametrize("bug", [None, "wrong_sign", "bias_mean", "transposed"])
+def test_agrees_with_torch_gradcheck_in_float64(bug: str | None) -> None:
+    torch.manual_seed(0)
+    model = Mlp(CustomLinear(6, 6, bug=bug), torch.tanh, 6).double()
+    x = torch.randn(10, 6, dtype=torch.float64)
+    y = torch.randint(0, 3, (10,))
+    names = [n for n, _ in model.named_parameters()]
+
+    def loss_of(*params):
+        return torch.func.functional_call(model, dict(zip(names, params)), (x,)).log_softmax(-1)[range(10), y].sum()
+
+    params = tuple(p.detach().clone().requires_grad_() for p in model.parameters())
+    gradcheck_ok = torch.autograd.gradcheck(loss_of, params, raise_exception=False)
+    report = check(model, lambda m, b: -m(b[0]).log_softmax(-1)[range(10), b[1]].sum(), (x, y), seed=0)
+    assert report.ok == gradcheck_ok == (bug is None)
+    assert report.grad_dtype == "float64"
+    if bug is None:
+        # float64 autograd against float64 central differences: E_rel is tiny
+        assert report.rel_error_max < 1e-7
+
+
+def test_numerical_values_match_autograd_in_float64() -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 7), nn.Tanh(), nn.Linear(7, 2)).double()
+    batch = (torch.randn(9, 5, dtype=torch.float64), torch.randint(0, 2, (9,)))
+    report = check(model, classification_loss, batch, seed=3, coordinates=6, directions=2)
+    grads = torch.autograd.grad(classification_loss(model, batch), list(model.parameters()))
+    for (name, p), g in zip(model.named_parameters(), grads):
+        for probe in report.tensors[name].probes:
+            if probe.kind == "coordinate":
+                assert probe.autograd == pytest.approx(g[probe.index].item(), rel=1e-12, abs=1e-15)
+            assert probe.numerical == pytest.approx(probe.autograd, rel=1e-7, abs=1e-10)
+            assert probe.error <= 3 * probe.error_bar + 1e-12  # the error bar covers the error
+
+
+# ------------------------------------------------------------------------- sampling
+def test_seed_reproduces_the_probes() -> None:
+    case = CORRECT["mlp_relu_dropout"](0)
+    a = check(case.model, case.loss_fn, case.batch, seed=11)
+    b = check(case.model, case.loss_fn, case.batch, seed=11)
+    c = check(case.model, case.loss_fn, case.batch, seed=12)
+    assert a.seed == 11
+    assert [(p.index, p.direction_seed, p.numerical) for p in a.probes] == [
+        (p.index, p.direction_seed, p.numerical) for p in b.probes
+    ]
+    assert [p.index for p in a.probes] != [p.index for p in c.probes]
+
+
+def test_seed_none_is_recorded_and_reproducible() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    a = check(case.model, case.loss_fn, case.batch)
+    b = check(case.model, case.loss_fn, case.batch, seed=a.seed)
+    assert [p.index for p in a.probes] == [p.index for p in b.probes]
+
+
+def test_coordinates_are_drawn_without_replacement() -> None:
+    model = nn.Linear(3, 2)
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    report = check(model, classification_loss, batch, seed=0, coordinates=6, directions=0)
+    indices = [p.index for p in report.tensors["weight"].probes]
+    assert sorted(indices) == [(i, j) for i in range(2) for j in range(3)]
+    assert len(report.tensors["bias"].probes) == 2  # capped at numel
+
+
+def test_large_tensor_sampling_is_distinct_and_in_range() -> None:
+    from gradwatch.engine import _sample
+
+    gen = torch.Generator().manual_seed(0)
+    drawn = _sample(10**9, 50, gen)
+    assert len(set(drawn)) == 50 and all(0 <= i < 10**9 for i in drawn)
+
+
+def test_every_tensor_with_a_gradient_is_probed_and_others_skipped() -> None:
+    class Partly(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.used = nn.Linear(4, 3)
+            self.frozen = nn.Linear(4, 3)
+            self.unused = nn.Linear(4, 3)
+            self.frozen.requires_grad_(False)
+
+        def forward(self, x):
+            return self.used(x) + self.frozen(x)
+
+    model = Partly()
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    report = check(model, classification_loss, batch, seed=0)
+    assert report.tensors["used.weight"].verdict == "pass"
+    assert len(report.tensors["used.weight"].probes) == 5
+    assert report.tensors["frozen.weight"].verdict == "skipped"
+    assert "frozen" in report.tensors["frozen.weight"].reason
+    assert report.tensors["unused.bias"].verdict == "skipped"
+    assert "no gradient" in report.tensors["unused.bias"].reason
+
+
+# ------------------------------------------------------------------ which gradient
+def test_grads_autograd_leaves_existing_grad_untouched() -> None:
+    case = BUGS["wrong_sign"](0)
+    sentinel = torch.full_like(case.model.fc1.weight, 7.0)
+    case.model.fc1.weight.grad = sentinel
+    before = training_state(case.model)
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    assert not report.ok
+    assert case.model.fc1.weight.grad is sentinel
+    assert case.model.fc2.weight.grad is None
+    assert_same_state(before, training_state(case.model))
+
+
+def test_grads_existing_compares_the_current_grad() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    case.loss_fn(case.model, case.batch).backward()
+    assert check(case.model, case.loss_fn, case.batch, grads="existing", seed=0).ok
+    case.model[0].weight.grad[0, 0] += 0.5  # corrupt one element of .grad
+    report = check(case.model, case.loss_fn, case.batch, grads="existing", seed=0, coordinates=128)
+    assert [t.name for t in report.failures] == ["0.weight"]
+    assert report.tensors["0.weight"].worst.index == (0, 0)
+
+
+def test_grads_mapping_is_compared_and_validated() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    grads = dict(zip([n for n, _ in case.model.named_parameters()],
+                     torch.autograd.grad(case.loss_fn(case.model, case.batch), list(case.model.parameters()))))
+    assert check(case.model, case.loss_fn, case.batch, grads=grads, seed=0).ok
+    grads["3.bias"] = -grads["3.bias"]
+    assert [t.name for t in check(case.model, case.loss_fn, case.batch, grads=grads, seed=0).failures] == ["3.bias"]
+    with pytest.raises(ValueError, match="'nope'"):
+        check(case.model, case.loss_fn, case.batch, grads={"nope": grads["3.bias"]})
+    with pytest.raises(ValueError, match=r"shape \(3,\)"):
+        check(case.model, case.loss_fn, case.batch, grads={"3.bias": torch.zeros(4)})
+
+
+def test_nonfinite_grad_gets_its_own_verdict_naming_the_location() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    grads = dict(zip([n for n, _ in case.model.named_parameters()],
+                     torch.autograd.grad(case.loss_fn(case.model, case.batch), list(case.model.parameters()))))
+    grads["0.weight"][2, 5] = float("nan")
+    report = check(case.model, case.loss_fn, case.batch, grads=grads, seed=0)
+    tc = report.tensors["0.weight"]
+    assert tc.verdict == "nonfinite"
+    assert "'0.weight'[2, 5]" in tc.reason
+    assert report.ok and report.verdict == "nonfinite"
+    assert "gradwatch/rel_error/0.weight" not in report.metrics()
+    assert all(not math.isnan(v) for v in report.metrics().values())
+
+
+# ---------------------------------------------------------------------- replay
+def test_dropout_masks_are_replayed() -> None:
+    """Without the RNG replay the dropout model would fail; with it, it passes."""
+    case = CORRECT["mlp_relu_dropout"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    assert report.ok and report.reliable
+    assert report.replay_loss == pytest.approx(report.train_loss, rel=1e-5)
+
+
+def test_unreproducible_loss_is_reported_unreliable_not_failed() -> None:
+    class Noisy(nn.Module):
+        """Draws noise from its own generator, which no replay can rewind."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+            self.gen = torch.Generator().manual_seed(0)
+
+        def forward(self, x):
+            return self.fc(x + torch.randn(x.shape, generator=self.gen))
+
+    model = Noisy()
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    loss = classification_loss(model, batch)
+    loss.backward()
+    report = check(model, classification_loss, batch, grads="existing", train_loss=loss, seed=0)
+    assert not report.reliable
+    assert "differs from the training loss" in report.reason
+    assert report.ok and report.verdict == "unreliable"
+    assert {t.verdict for t in report.tensors.values()} == {"skipped"}
+
+
+def test_model_that_behaves_differently_in_float64_is_unreliable() -> None:
+    class DtypeDependent(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 3)
+
+        def forward(self, x):
+            out = self.fc(x)
+            return out * 2 if out.dtype == torch.float64 else out
+
+    model = DtypeDependent()
+    batch = (torch.randn(8, 4), torch.randint(0, 3, (8,)))
+    report = check(model, classification_loss, batch, seed=0)
+    assert not report.reliable and "float64" in report.reason
+    assert report.ok
+
+
+# ----------------------------------------------------------------------- kinks
+def test_probe_across_a_relu_kink_is_marked_and_not_failed() -> None:
+    model = nn.Sequential(nn.Linear(1, 1), nn.ReLU())
+    with torch.no_grad():
+        model[0].weight.fill_(1.0)
+        model[0].bias.fill_(-1.0 + 1e-7)  # pre-activation 1e-7 at x = 1: inside ±h
+    batch = torch.ones(1, 1)
+    loss_fn = lambda m, b: m(b).sum()  # noqa: E731
+    report = check(model, loss_fn, batch, seed=0, coordinates=1, directions=0)
+    bias = report.tensors["0.bias"]
+    assert bias.probes[0].kink and bias.verdict == "kink"
+    assert report.ok and report.kink_fraction == 1.0
+    # without kink recording the same probe is a (false) failure: the half slope
+    blind = check(model, loss_fn, batch, seed=0, coordinates=1, directions=0, kinks=False)
+    assert blind.tensors["0.bias"].verdict == "fail"
+
+
+def test_error_messages_follow_the_documented_format() -> None:
+    case = BUGS["wrong_sign"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    message = report.tensors["fc1.weight"].message
+    assert message.startswith("'fc1.weight'[")
+    for part in ("autograd=", "numerical=", "rel_err=", "> tolerance", "custom autograd.Functions"):
+        assert part in message
+    text = str(report)
+    assert "fc1.weight" in text and "fail" in text and "fc2.bias" in text
+
+
+# ------------------------------------------------------------------- bad input
+def _tiny():
+    return nn.Linear(3, 2), (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+
+
+@pytest.mark.parametrize(
+    ("loss_fn", "error", "match"),
+    [
+        (lambda m, b: 1.0, TypeError, "`loss_fn` must return a scalar loss Tensor, got float"),
+        (lambda m, b: {"loss": m(b[0]).sum()}, TypeError, "got dict"),
+        (lambda m, b: m(b[0]), ValueError, r"shape \(4, 2\)"),
+        (lambda m, b: m(b[0]).sum() * float("nan"), ValueError, "finite loss, got nan"),
+        (lambda m, b: m(b[0]).sum() + float("inf"), ValueError, "finite loss, got inf"),
+        (lambda m, b: (m(b[0]).sum() > 0).long(), ValueError, "floating-point loss"),
+    ],
+)
+def test_bad_loss_is_a_clear_error(loss_fn, error, match) -> None:
+    model, batch = _tiny()
+    before = training_state(model)
+    with pytest.raises(error, match=match):
+        check(model, loss_fn, batch)
+    assert_same_state(before, training_state(model))
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"seed": -1}, ValueError, "`seed` must be None or a non-negative int, got -1"),
+        ({"seed": 1.5}, ValueError, "got 1.5"),
+        ({"coordinates": -2}, ValueError, "`coordinates` must be a non-negative int, got -2"),
+        ({"coordinates": 0, "directions": 0}, ValueError, "at least 1"),
+        ({"step": 0.0}, ValueError, "`step` must be a positive finite number, got 0.0"),
+        ({"grads": "bogus"}, ValueError, "`grads` must be one of 'autograd', 'existing', got 'bogus'"),
+        ({"grads": 3}, ValueError, "`grads` must be"),
+        ({"train_loss": 1.0}, ValueError, "grads='autograd'"),
+        ({"replay": object()}, TypeError, "`replay`"),
+        ({"kinks": "yes"}, ValueError, "`kinks` must be a bool"),
+    ],
+)
+def test_bad_arguments_name_the_argument_and_value(kwargs, error, match) -> None:
+    model, batch = _tiny()
+    with pytest.raises(error, match=match):
+        check(model, classification_loss, batch, **kwargs)
+
+
+def test_bad_model_and_loss_fn_types() -> None:
+    model, batch = _tiny()
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, got function"):
+        check(lambda x: x, classification_loss, batch)
+    with pytest.raises(TypeError, match="`loss_fn` must be callable, got int"):
+        check(model, 3, batch)
+
+
+def test_model_without_gradients_is_a_clear_error() -> None:
+    model, batch = _tiny()
+    model.requires_grad_(False)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        check(model, classification_loss, batch)
+    with pytest.raises(ValueError, match="no parameter with a gradient"):
+        check(model, classification_loss, batch, grads="existing")
+    with pytest.raises(ValueError, match="has no parameters"):
+        check(nn.ReLU(), lambda m, b: b.sum(), torch.ones(2, requires_grad=True), grads="existing")
+
+
+# ----------------------------------------------------------------- side effects
+def test_check_leaves_model_buffers_grads_and_rng_exactly_as_found() -> None:
+    case = CORRECT["cnn_bn_pool"](0)
+    case.loss_fn(case.model, case.batch).backward()
+    random.random(), np.random.rand()
+    before = training_state(case.model)
+    for grads in ("autograd", "existing"):
+        check(case.model, case.loss_fn, case.batch, grads=grads, seed=0)
+        assert_same_state(before, training_state(case.model))
+    assert case.model[1].num_batches_tracked.item() == 1
+
+
+def test_state_is_restored_when_loss_fn_raises_on_the_float64_copy() -> None:
+    case = CORRECT["cnn_bn_pool"](0)
+
+    def loss_fn(model, batch):
+        loss = classification_loss(model, batch)
+        if loss.dtype == torch.float64:
+            raise RuntimeError("my kernel has no float64 version")
+        return loss
+
+    before = training_state(case.model)
+    with pytest.raises(RuntimeError, match="no float64 version") as info:
+        check(case.model, loss_fn, case.batch, seed=0)
+    assert any("float64 copy" in note for note in info.value.__notes__)
+    assert_same_state(before, training_state(case.model))
+
+
+def test_python_attributes_rebound_by_forward_are_restored() -> None:
+    class Counting(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(3, 2)
+            self.calls = 0
+
+        def forward(self, x):
+            self.calls += 1
+            self.cache = x.dtype
+            return self.fc(x)
+
+    model = Counting()
+    _, batch = _tiny()
+    check(model, classification_loss, batch, seed=0)
+    assert model.calls == 0 and not hasattr(model, "cache")
+
+
+def test_check_is_exposed_at_top_level() -> None:
+    assert gradwatch.check is check
+    model, batch = _tiny()
+    report = gradwatch.check(model, lambda m, b: F.mse_loss(m(b[0]), torch.zeros(4, 2)), batch, seed=0)
+    assert isinstance(report, gradwatch.Report) and report.ok

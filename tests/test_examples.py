@@ -1,0 +1,37 @@
+"""The examples run end to end on CPU and do what their docstrings say."""
+
+from __future__ import annotations
+
+import importlib.util
+import pathlib
+
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, EXAMPLES / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_planted_bug_example_catches_the_bug_and_logs_it(tmp_path, capsys) -> None:
+    example = _load("train_planted_bug")
+    watch = example.main(["--steps", "60", "--every", "20", "--logdir", str(tmp_path / "runs")])
+    out = capsys.readouterr().out
+    assert out.startswith("gradwatch: FAIL in 3 of 3 checks - '0.bias'[")
+    assert "tensorboard --logdir" in out
+    assert [s for s, _ in watch.reports] == [0, 20, 40]
+    assert all([t.name for t in r.failures] == ["0.bias"] for _, r in watch.reports)
+    acc = EventAccumulator(str(tmp_path / "runs"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [1.0, 1.0, 1.0]
+
+
+def test_planted_bug_example_with_the_fix_passes(tmp_path, capsys) -> None:
+    example = _load("train_planted_bug")
+    watch = example.main(["--steps", "41", "--every", "20", "--fixed", "--logdir", str(tmp_path / "runs")])
+    assert capsys.readouterr().out.startswith("gradwatch: PASS in all 3 checks")
+    assert all(r.ok for _, r in watch.reports)

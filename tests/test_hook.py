@@ -1,0 +1,238 @@
+"""The plain-PyTorch hook: scheduling, which gradient, on_failure, no side effects."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+from gradwatch import GradientCheckError, GradientCheckWarning, GradWatch, UnreliableCheckWarning
+from zoo import BUGS, CORRECT, assert_same_state, classification_loss, training_state
+
+
+class DropoutBN(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3)
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+def _batches(n: int, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(16, 6, generator=g), torch.randint(0, 3, (16,), generator=g)) for _ in range(n)]
+
+
+def _train(model, batches, watch=None, optimizer_cls=torch.optim.Adam):
+    opt = optimizer_cls(model.parameters(), lr=1e-2)
+    for batch in batches:
+        opt.zero_grad()
+        if watch is None:
+            classification_loss(model, batch).backward()
+        else:
+            with watch.step(batch):
+                classification_loss(model, batch).backward()
+        opt.step()
+    return opt
+
+
+def test_training_with_the_hook_is_bit_identical_to_training_without() -> None:
+    batches = _batches(7)
+    torch.manual_seed(0)
+    plain = DropoutBN()
+    opt_plain = _train(plain, batches)
+    state_plain = training_state(plain, opt_plain)
+
+    torch.manual_seed(0)
+    watched = DropoutBN()
+    watch = GradWatch(watched, classification_loss, every_n_steps=2, seed=0)
+    opt_watched = _train(watched, batches, watch)
+    assert_same_state(state_plain, training_state(watched, opt_watched))
+    assert [s for s, _ in watch.reports] == [0, 2, 4, 6]
+    assert all(r.ok and r.reliable for _, r in watch.reports), [str(r) for _, r in watch.reports]
+
+
+def test_check_step_leaves_state_as_without_hook_even_when_the_check_raises() -> None:
+    def loss_fn(model, batch):
+        loss = classification_loss(model, batch)
+        if loss.dtype == torch.float64:
+            raise RuntimeError("no float64 kernel")
+        return loss
+
+    batch = _batches(1)[0]
+    torch.manual_seed(0)
+    plain = DropoutBN()
+    classification_loss(plain, batch).backward()
+    expected = training_state(plain)
+
+    torch.manual_seed(0)
+    watched = DropoutBN()
+    watch = GradWatch(watched, loss_fn, every_n_steps=1, seed=0)
+    with pytest.raises(RuntimeError, match="no float64 kernel"):
+        with watch.step(batch):
+            loss_fn(watched, batch).backward()
+    assert_same_state(expected, training_state(watched))
+
+
+@pytest.mark.parametrize("bug", sorted(BUGS))
+def test_hook_catches_planted_bugs(bug: str) -> None:
+    case = BUGS[bug](0)
+    seen = []
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure=seen.append, seed=0)
+    with watch.step(case.batch):
+        case.loss_fn(case.model, case.batch).backward()
+    assert len(seen) == 1 and seen[0] is watch.last_report
+    assert {t.name for t in watch.last_report.failures} == case.wrong
+
+
+def test_on_failure_raise_carries_the_report_after_restoring() -> None:
+    case = BUGS["wrong_sign"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    with pytest.raises(GradientCheckError) as info:
+        with watch.step(case.batch):
+            case.loss_fn(case.model, case.batch).backward()
+    assert info.value.report is watch.last_report
+    assert "'fc1.weight'[" in str(info.value)
+    assert isinstance(info.value, AssertionError)
+    fresh = BUGS["wrong_sign"](0)
+    fresh.loss_fn(fresh.model, fresh.batch).backward()
+    after = training_state(case.model)
+    expected = training_state(fresh.model)
+    for key in ("rng/torch", "rng/numpy", "rng/python"):
+        after.pop(key), expected.pop(key)
+    assert_same_state(expected, after)
+
+
+def test_on_failure_warn_uses_the_failure_message() -> None:
+    case = BUGS["bias_mean"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, seed=0)
+    with pytest.warns(GradientCheckWarning, match=r"'fc1.bias'\[\d+\]: autograd=.* numerical=.* rel_err="):
+        with watch.step(case.batch):
+            case.loss_fn(case.model, case.batch).backward()
+
+
+def test_correct_model_raises_nothing() -> None:
+    case = CORRECT["transformer"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with watch.step(case.batch):
+            case.loss_fn(case.model, case.batch).backward()
+    assert watch.last_report.ok and watch.last_report.step == 0
+
+
+def test_schedule_every_n_steps_starts_at_step_zero() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=3, seed=0)
+    for _ in range(8):
+        case.model.zero_grad()
+        with watch.step(case.batch):
+            case.loss_fn(case.model, case.batch).backward()
+    assert [s for s, _ in watch.reports] == [0, 3, 6]
+    assert watch.global_step == 8
+
+
+def test_seeds_differ_per_check_and_follow_the_base_seed() -> None:
+    def run(seed):
+        case = CORRECT["layernorm_gelu"](0)
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, seed=seed)
+        for _ in range(2):
+            case.model.zero_grad()
+            with watch.step(case.batch):
+                case.loss_fn(case.model, case.batch).backward()
+        return [r.seed for _, r in watch.reports]
+
+    a, b = run(5), run(5)
+    assert a == b and a[0] != a[1]
+    assert run(6) != a
+
+
+def test_gradient_is_the_one_this_block_produced() -> None:
+    """Stale .grad from an earlier step (no zero_grad) must not count as a bug."""
+    case = CORRECT["layernorm_gelu"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    case.loss_fn(case.model, case.batch).backward()  # accumulation window: .grad already set
+    with watch.step(case.batch):
+        case.loss_fn(case.model, case.batch).backward()
+    assert watch.last_report.ok
+
+
+def test_two_backward_calls_in_one_block_are_summed() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    half = lambda m, b: 0.5 * classification_loss(m, b)  # noqa: E731
+    watch = GradWatch(case.model, classification_loss, every_n_steps=1, on_failure="raise", seed=0)
+    with watch.step(case.batch):
+        half(case.model, case.batch).backward()
+        half(case.model, case.batch).backward()
+    assert watch.last_report.ok and watch.last_report.reliable
+
+
+def test_scaled_loss_is_reported_unreliable_not_as_a_bug() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    with pytest.warns(UnreliableCheckWarning, match="differs from the training loss"):
+        with watch.step(case.batch):
+            (case.loss_fn(case.model, case.batch) / 4).backward()
+    assert not watch.last_report.reliable and watch.last_report.ok
+
+
+def test_step_without_backward_is_a_clear_error() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1)
+    with pytest.raises(ValueError, match="call loss.backward\\(\\) inside the with-block"):
+        with watch.step(case.batch):
+            case.loss_fn(case.model, case.batch)
+
+
+def test_non_check_steps_install_nothing() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=10)
+    with watch.step(case.batch):  # step 0 is checked
+        assert all(p._backward_hooks for p in case.model.parameters())
+        case.loss_fn(case.model, case.batch).backward()
+    with watch.step(case.batch):
+        assert all(not p._backward_hooks for p in case.model.parameters())
+        assert not torch.overrides._get_current_function_mode_stack()
+
+
+def test_errors_in_the_block_propagate_without_a_check() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1)
+    with pytest.raises(KeyError):
+        with watch.step(case.batch):
+            raise KeyError("user error")
+    assert watch.reports == [] and all(not p._backward_hooks for p in case.model.parameters())
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "error", "match"),
+    [
+        ({"every_n_steps": 0}, ValueError, "`every_n_steps` must be a positive int, got 0"),
+        ({"every_n_steps": 2.0}, ValueError, "got 2.0"),
+        ({"every_n_steps": True}, ValueError, "got True"),
+        ({"on_failure": "explode"}, ValueError, "`on_failure` must be 'warn', 'raise' or a callable.*'explode'"),
+        ({"seed": "x"}, ValueError, "`seed`"),
+        ({"writer": object(), "logdir": "runs"}, ValueError, "not both"),
+        ({"writer": object()}, TypeError, "`writer` must be a SummaryWriter"),
+        ({"logdir": ""}, ValueError, "`logdir` must be a non-empty str"),
+        ({"prefix": ""}, ValueError, "`prefix`"),
+        ({"coordinates": -1}, ValueError, "`coordinates`"),
+    ],
+)
+def test_bad_arguments(kwargs, error, match, tmp_path) -> None:
+    with pytest.raises(error, match=match):
+        GradWatch(nn.Linear(2, 2), classification_loss, **kwargs)
+
+
+def test_bad_model_and_loss_fn() -> None:
+    with pytest.raises(TypeError, match="`model` must be a torch.nn.Module"):
+        GradWatch("model", classification_loss)
+    with pytest.raises(TypeError, match="`loss_fn` must be callable"):
+        GradWatch(nn.Linear(2, 2), None)
+    with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
+        GradWatch(nn.Linear(2, 2).requires_grad_(False), classification_loss)

@@ -1,0 +1,327 @@
+"""Model zoo for tests and benchmarks: correct models, and models with planted bugs.
+
+Every builder takes a seed and returns a :class:`Case`: the model (float32, train
+mode), ``loss_fn(model, batch)``, a batch, and for planted bugs the set of parameter
+names whose gradient is wrong.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["BUGS", "CORRECT", "SPARSE_BUGS", "Case", "classification_loss"]
+
+
+@dataclass
+class Case:
+    name: str
+    model: nn.Module
+    loss_fn: Callable[[nn.Module, Any], torch.Tensor]
+    batch: Any
+    wrong: set[str] = field(default_factory=set)
+
+
+def classification_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+def _data(seed: int, n: int, shape: tuple[int, ...], classes: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(10_000 + seed)
+    return torch.randn((n, *shape), generator=g), torch.randint(0, classes, (n,), generator=g)
+
+
+# --------------------------------------------------------------------------- custom ops
+class LinearFn(torch.autograd.Function):
+    """y = scale * x @ W.T + b with a selectable planted bug in the backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, bug, scale):
+        ctx.save_for_backward(x, weight)
+        ctx.bug, ctx.scale = bug, scale
+        return scale * (x @ weight.t()) + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        bug, scale = ctx.bug, ctx.scale
+        grad_x = scale * grad @ weight
+        grad_w = scale * grad.t() @ x
+        grad_b = grad.sum(0)
+        if bug == "wrong_sign":
+            grad_w = -grad_w
+        elif bug == "missing_factor":
+            grad_w = grad.t() @ x  # forgets `scale`
+        elif bug == "transposed":
+            grad_w = grad_w.t()
+        elif bug == "bias_mean":
+            grad_b = grad.mean(0)
+        elif bug == "wrong_row":
+            grad_w = grad_w.clone()
+            grad_w[2] = grad_w[3]
+        return grad_x, grad_w, grad_b, None, None
+
+
+class CustomLinear(nn.Module):
+    def __init__(self, n_in: int, n_out: int, bug: str | None = None, scale: float = 1.0) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.randn(n_out, n_in) / n_in**0.5)
+        self.bias = nn.Parameter(torch.randn(n_out) * 0.1)
+        self.bug, self.scale = bug, scale
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return LinearFn.apply(x, self.weight, self.bias, self.bug, self.scale)
+
+
+class SigmoidNoGradOut(torch.autograd.Function):
+    """Sigmoid whose backward ignores grad_output (returns σ' alone)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        s = torch.sigmoid(x)
+        ctx.save_for_backward(s)
+        return s
+
+    @staticmethod
+    def backward(ctx, grad):
+        (s,) = ctx.saved_tensors
+        return s * (1 - s)
+
+
+class ShiftedEmbeddingFn(torch.autograd.Function):
+    """Embedding lookup whose backward adds each row's gradient at index + 1."""
+
+    @staticmethod
+    def forward(ctx, idx, weight):
+        ctx.save_for_backward(idx)
+        ctx.rows = weight.shape[0]
+        return weight[idx]
+
+    @staticmethod
+    def backward(ctx, grad):
+        (idx,) = ctx.saved_tensors
+        grad_w = torch.zeros(ctx.rows, grad.shape[-1], dtype=grad.dtype, device=grad.device)
+        grad_w.index_add_(0, ((idx + 1) % ctx.rows).reshape(-1), grad.reshape(-1, grad.shape[-1]))
+        return None, grad_w
+
+
+class Mlp(nn.Module):
+    """fc1 -> act -> fc2, the carrier of most planted bugs."""
+
+    def __init__(self, fc1: nn.Module, act: Callable, n_hidden: int, classes: int = 3) -> None:
+        super().__init__()
+        self.fc1 = fc1
+        self.act = act
+        self.fc2 = nn.Linear(n_hidden, classes)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(self.act(self.fc1(x)))
+
+
+# ---------------------------------------------------------------------------- planted bugs
+def _custom_linear_bug(bug: str, wrong: set[str], n_in: int = 8, n_hidden: int = 16, scale: float = 1.0):
+    def build(seed: int) -> Case:
+        torch.manual_seed(seed)
+        model = Mlp(CustomLinear(n_in, n_hidden, bug=bug, scale=scale), torch.tanh, n_hidden)
+        return Case(bug, model, classification_loss, _data(seed, 32, (n_in,), 3), set(wrong))
+
+    return build
+
+
+def _ignores_grad_output(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = Mlp(nn.Linear(8, 16), SigmoidNoGradOut.apply, 16)
+    return Case("ignores_grad_output", model, classification_loss, _data(seed, 32, (8,), 3), {"fc1.weight", "fc1.bias"})
+
+
+class _EmbeddingBag(nn.Module):
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.emb = nn.Parameter(torch.randn(rows, dim))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(ShiftedEmbeddingFn.apply(idx, self.emb).mean(1))
+
+
+def _wrong_index(seed: int) -> Case:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    idx = torch.randint(0, 20, (32, 5), generator=g)
+    y = torch.randint(0, 3, (32,), generator=g)
+    return Case("wrong_index", _EmbeddingBag(20, 8), classification_loss, (idx, y), {"emb"})
+
+
+class _DetachedGateSiLU(nn.Module):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * torch.sigmoid(x).detach()  # the planted bug: silu with a detached gate
+
+
+def _accidental_detach(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = Mlp(nn.Linear(8, 16), _DetachedGateSiLU(), 16)
+    return Case("accidental_detach", model, classification_loss, _data(seed, 32, (8,), 3), {"fc1.weight", "fc1.bias"})
+
+
+def _hook_rescale(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = Mlp(nn.Linear(8, 16), torch.tanh, 16)
+    model.fc1.weight.register_hook(lambda g: g * 1.5)  # the planted bug
+    return Case("hook_rescale", model, classification_loss, _data(seed, 32, (8,), 3), {"fc1.weight"})
+
+
+BUGS: dict[str, Callable[[int], Case]] = {
+    "wrong_sign": _custom_linear_bug("wrong_sign", {"fc1.weight"}),
+    "missing_factor": _custom_linear_bug("missing_factor", {"fc1.weight"}, scale=2.0),
+    "transposed": _custom_linear_bug("transposed", {"fc1.weight"}, n_in=16),
+    "bias_mean": _custom_linear_bug("bias_mean", {"fc1.bias"}),
+    "ignores_grad_output": _ignores_grad_output,
+    "wrong_index": _wrong_index,
+    "accidental_detach": _accidental_detach,
+    "hook_rescale": _hook_rescale,
+}
+
+#: Bugs confined to a small part of a tensor: coordinates rarely see them, only the
+#: random direction does (design notes §3).
+SPARSE_BUGS: dict[str, Callable[[int], Case]] = {
+    "wrong_row": _custom_linear_bug("wrong_row", {"fc1.weight"}),
+}
+
+
+# --------------------------------------------------------------------------- correct models
+def _mlp_relu_dropout(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(10, 32), nn.ReLU(), nn.Dropout(0.3),
+        nn.Linear(32, 32), nn.ReLU(), nn.Dropout(0.3),
+        nn.Linear(32, 4),
+    )
+    return Case("mlp_relu_dropout", model, classification_loss, _data(seed, 64, (10,), 4))
+
+
+def _cnn_bn_pool(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Conv2d(3, 8, 3, bias=True), nn.BatchNorm2d(8), nn.ReLU(), nn.MaxPool2d(2),
+        nn.Conv2d(8, 8, 3, bias=True), nn.BatchNorm2d(8), nn.ReLU(),
+        nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(8, 5),
+    )
+    return Case("cnn_bn_pool", model, classification_loss, _data(seed, 16, (3, 12, 12), 5))
+
+
+class _Transformer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.layer = nn.TransformerEncoderLayer(16, 4, dim_feedforward=32, dropout=0.1, batch_first=True)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layer(x).mean(1))
+
+
+def _transformer(seed: int) -> Case:
+    torch.manual_seed(seed)
+    return Case("transformer", _Transformer(), classification_loss, _data(seed, 8, (6, 16), 3))
+
+
+class _Lstm(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lstm = nn.LSTM(6, 12, batch_first=True)
+        self.head = nn.Linear(12, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.lstm(x)[0][:, -1])
+
+
+def _lstm(seed: int) -> Case:
+    torch.manual_seed(seed)
+    return Case("lstm", _Lstm(), classification_loss, _data(seed, 16, (7, 6), 3))
+
+
+def _custom_function(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = Mlp(CustomLinear(8, 16, scale=2.0), torch.tanh, 16)
+    return Case("custom_function", model, classification_loss, _data(seed, 32, (8,), 3))
+
+
+class _NonSmooth(nn.Module):
+    """clamp, abs and maximum in the forward, functional calls only."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.b = nn.Linear(8, 16)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h1 = torch.clamp(self.a(x), -0.5, 0.5)
+        h2 = self.b(x).abs()
+        return self.head(torch.maximum(h1, h2 - 0.3))
+
+
+def _clamp_abs_maximum(seed: int) -> Case:
+    torch.manual_seed(seed)
+    return Case("clamp_abs_maximum", _NonSmooth(), classification_loss, _data(seed, 32, (8,), 3))
+
+
+def _layernorm_gelu(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.LayerNorm(16), nn.GELU(), nn.Linear(16, 3))
+    return Case("layernorm_gelu", model, classification_loss, _data(seed, 32, (8,), 3))
+
+
+CORRECT: dict[str, Callable[[int], Case]] = {
+    "mlp_relu_dropout": _mlp_relu_dropout,
+    "cnn_bn_pool": _cnn_bn_pool,
+    "transformer": _transformer,
+    "lstm": _lstm,
+    "custom_function": _custom_function,
+    "clamp_abs_maximum": _clamp_abs_maximum,
+    "layernorm_gelu": _layernorm_gelu,
+}
+
+
+# ------------------------------------------------------------------ state comparison helpers
+def training_state(model: nn.Module, optimizer: torch.optim.Optimizer | None = None) -> dict[str, Any]:
+    """Everything a check must leave as it was: parameters, .grad, buffers, optimizer
+    state and every RNG stream, copied."""
+    import random
+
+    import numpy as np
+
+    state: dict[str, Any] = {}
+    for name, p in model.named_parameters():
+        state[f"param/{name}"] = p.detach().clone()
+        state[f"grad/{name}"] = None if p.grad is None else p.grad.detach().clone()
+    for name, b in model.named_buffers():
+        state[f"buffer/{name}"] = b.detach().clone()
+    if optimizer is not None:
+        for i, (k, v) in enumerate(optimizer.state_dict()["state"].items()):
+            for key, value in v.items():
+                state[f"optim/{k}/{key}"] = value.clone() if isinstance(value, torch.Tensor) else value
+    state["rng/torch"] = torch.get_rng_state()
+    state["rng/numpy"] = np.random.get_state()[1].copy()
+    state["rng/python"] = random.getstate()
+    state["default_dtype"] = torch.get_default_dtype()
+    state["training"] = [m.training for m in model.modules()]
+    return state
+
+
+def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
+    """Bit-identical comparison of two :func:`training_state` results."""
+    assert a.keys() == b.keys(), set(a) ^ set(b)
+    for key in a:
+        x, y = a[key], b[key]
+        if isinstance(x, torch.Tensor):
+            assert isinstance(y, torch.Tensor) and x.dtype == y.dtype and x.shape == y.shape, key
+            assert torch.equal(x, y), f"{key} differs: max |diff| {(x.double() - y.double()).abs().max()}"
+        elif hasattr(x, "shape"):
+            assert (x == y).all(), key
+        else:
+            assert x == y, key
