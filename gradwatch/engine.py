@@ -118,7 +118,9 @@ def check(
             training forward. With ``grads="autograd"`` it must be ``None``; otherwise
             ``None`` means "replay from the current state".
         train_loss: Loss of the training forward, compared with the replayed loss
-            before the check is trusted. Only with ``grads`` other than "autograd".
+            before the check is trusted. Only with ``grads`` other than "autograd";
+            without it the replay cannot be verified against the training step (the
+            float64 copy is still compared with the model in its own precision).
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
@@ -185,11 +187,7 @@ def check(
                 else "`model` has no parameters"
             )
         evaluation = _Evaluation(model, loss_fn, batch, replay, kinks)
-        native_loss = None
-        if grads != "autograd" and train_loss is not None:
-            native_loss = evaluation.native()
-        elif grads == "autograd":
-            native_loss = train_loss
+        native_loss = train_loss if grads == "autograd" else evaluation.native()
         plan = _plan(grad_map, seed, coordinates, directions)
         host = _HostValues()
         loss0, signature = evaluation.float64(evaluation.shadow)

@@ -131,7 +131,9 @@ class GradWatch:
 
     def is_check_step(self, step: int | None = None) -> bool:
         """Whether ``step`` (default: the next one) will be checked."""
-        step = self._step if step is None else step
+        if step is None:
+            step = self._step
+        _non_negative_int("step", step)
         return step % self.every_n_steps == 0
 
     @contextmanager

@@ -172,45 +172,43 @@ def _trunc_input(args, kwargs, out):
     return torch.trunc(x) if _is_float(x) else None
 
 
+# (aten names, code function, computed before the op runs?, discontinuity?)
+_TABLE: tuple[tuple[tuple[str, ...], _Code, bool, bool], ...] = (
+    (("relu", "relu_", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu", "celu_", "selu", "selu_",
+      "_prelu_kernel", "prelu", "rrelu_with_noise", "heaviside"), _positive, True, False),
+    (("threshold", "threshold_"), _threshold, True, False),
+    (("hardtanh", "hardtanh_"), _hardtanh, True, False),
+    (("clamp", "clamp_", "clip", "clip_"), _clamp, True, False),
+    (("clamp_min", "clamp_min_"), _clamp_min, True, False),
+    (("clamp_max", "clamp_max_"), _clamp_max, True, False),
+    (("hardsigmoid", "hardsigmoid_", "hardswish", "hardswish_"), _three, True, False),
+    (("softshrink", "hardshrink"), _shrink, True, False),
+    (("abs", "abs_", "sign", "sign_", "sgn", "sgn_"), _signed, True, False),
+    (("maximum", "minimum", "fmax", "fmin"), _pairwise, True, False),
+    (("sort", "topk", "kthvalue", "mode", "cummax", "cummin", "max_pool1d_with_indices",
+      "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
+      "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d"), _indices, False, False),
+    (("argmax", "argmin", "argsort", "bucketize", "searchsorted"), _output, False, False),
+    (("gt", "gt_", "lt", "lt_", "ge", "ge_", "le", "le_", "eq", "eq_", "ne", "ne_",
+      "greater", "less", "greater_equal", "less_equal", "not_equal"), _comparison, False, False),
+    (("amax", "amin"), _equals_output, False, False),
+    (("round", "round_", "floor", "floor_", "ceil", "ceil_", "trunc", "trunc_"), _output, False, True),
+    (("frac", "frac_"), _trunc_input, True, True),
+    (("remainder", "remainder_"), _floor_div, True, True),
+    (("fmod", "fmod_"), _trunc_div, True, True),
+)
+
 _PRE: dict[Any, _Code] = {}
 _POST: dict[Any, _Code] = {}
+for _names, _code, _before, _ in _TABLE:
+    for _name in _names:
+        _packet = getattr(aten, _name, None)
+        if _packet is not None:
+            (_PRE if _before else _POST)[_packet] = _code
+for _name in ("max_pool1d", "max_pool2d", "max_pool3d"):  # when they reach dispatch without indices
+    _POST[getattr(aten, _name)] = _pool_indices(getattr(aten, f"{_name}_with_indices"))
 
-
-def _register(table: dict, names: tuple[str, ...], code: _Code) -> None:
-    for name in names:
-        packet = getattr(aten, name, None)
-        if packet is not None:
-            table[packet] = code
-
-
-_register(_PRE, ("relu", "relu_", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu", "celu_",
-                 "selu", "selu_", "_prelu_kernel", "prelu", "rrelu_with_noise", "heaviside"), _positive)
-_register(_PRE, ("threshold", "threshold_"), _threshold)
-_register(_PRE, ("hardtanh", "hardtanh_"), _hardtanh)
-_register(_PRE, ("clamp", "clamp_", "clip", "clip_"), _clamp)
-_register(_PRE, ("clamp_min", "clamp_min_"), _clamp_min)
-_register(_PRE, ("clamp_max", "clamp_max_"), _clamp_max)
-_register(_PRE, ("hardsigmoid", "hardsigmoid_", "hardswish", "hardswish_"), _three)
-_register(_PRE, ("softshrink", "hardshrink"), _shrink)
-_register(_PRE, ("abs", "abs_", "sign", "sign_", "sgn", "sgn_"), _signed)
-_register(_PRE, ("maximum", "minimum", "fmax", "fmin"), _pairwise)
-_register(_PRE, ("frac", "frac_"), _trunc_input)
-_register(_PRE, ("remainder", "remainder_"), _floor_div)
-_register(_PRE, ("fmod", "fmod_"), _trunc_div)
-_register(_POST, ("sort", "topk", "kthvalue", "mode", "cummax", "cummin",
-                  "max_pool1d_with_indices", "max_pool2d_with_indices", "max_pool3d_with_indices",
-                  "adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d",
-                  "fractional_max_pool2d", "fractional_max_pool3d"), _indices)
-_register(_POST, ("argmax", "argmin", "argsort", "bucketize", "searchsorted",
-                  "round", "round_", "floor", "floor_", "ceil", "ceil_", "trunc", "trunc_"), _output)
-_register(_POST, ("gt", "gt_", "lt", "lt_", "ge", "ge_", "le", "le_", "eq", "eq_", "ne", "ne_",
-                  "greater", "less", "greater_equal", "less_equal", "not_equal"), _comparison)
-_register(_POST, ("amax", "amin"), _equals_output)
-_POST[aten.max_pool1d] = _pool_indices(aten.max_pool1d_with_indices)
-_POST[aten.max_pool2d] = _pool_indices(aten.max_pool2d_with_indices)
-_POST[aten.max_pool3d] = _pool_indices(aten.max_pool3d_with_indices)
-
-# Overloaded packets whose overloads differ in kind: max/min/median with and without dim.
+# Packets whose overloads differ in kind: max/min/median with and without dim.
 _OVERLOAD: dict[Any, _Code] = {
     aten.max.default: _argextreme_full,
     aten.min.default: _argextreme_full_min,
@@ -222,13 +220,12 @@ _OVERLOAD: dict[Any, _Code] = {
     aten.nanmedian.dim: _indices,
 }
 
-#: Names of the aten ops recorded as kinks (derivative jumps).
+#: aten ops recorded as kinks (the derivative jumps).
 KINK_OPS = frozenset(
-    str(p).split(".")[-1] for p in list(_PRE) + list(_POST)
-) - {"round", "round_", "floor", "floor_", "ceil", "ceil_", "trunc", "trunc_", "frac", "frac_",
-     "remainder", "remainder_", "fmod", "fmod_"} | {"max", "min", "median", "nanmedian"}
-#: Names of the aten ops recorded as discontinuities (value jumps).
-DISCONTINUOUS_OPS = frozenset({"round", "floor", "ceil", "trunc", "frac", "remainder", "fmod"})
+    n for names, _, _, jump in _TABLE if not jump for n in names
+) | {"max", "min", "median", "nanmedian", "max_pool1d", "max_pool2d", "max_pool3d"}
+#: aten ops recorded as discontinuities (the value jumps).
+DISCONTINUOUS_OPS = frozenset(n for names, _, _, jump in _TABLE if jump for n in names)
 
 
 def _checksum(code: Tensor) -> Tensor:

@@ -56,6 +56,8 @@ CASES = {
     "topk": lambda w: torch.topk(torch.cat([w, torch.tensor([C])]), 1)[0],
     "where_comparison": lambda w: torch.where(w > C, 2 * w, 3 * w),
     "hardswish": lambda w: F.hardswish(w + 3 - C),
+    "round_discontinuity": lambda w: torch.round(2 * (w - C) + 0.5) + w,
+    "floor_discontinuity": lambda w: torch.floor(w - C) + w,
 }
 
 
