@@ -191,8 +191,9 @@ def check(
         plan = _plan(grad_map, seed, coordinates, directions)
         host = _HostValues()
         loss0, signature = evaluation.float64(evaluation.shadow)
+        probe = evaluation.loss_dtype == torch.float64  # else unreliable: no point in probing
         rows = {name: _probe_tensor(evaluation, name, grad_map[name], specs, step, signature, host)
-                for name, specs in plan.items()}
+                for name, specs in plan.items() if probe}
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
         scale = _gradient_rms(grad_map, host)
         i_loss0 = host.add(loss0)
@@ -209,6 +210,12 @@ def check(
     first_grad = next(iter(grad_map.values()))
     precision = _grad_precision(first_grad, replay, model)
     reason = _replay_problem(train, native, replayed, _SHADOW_RTOL[precision], grads == "autograd")
+    if reason is None and evaluation.loss_dtype != torch.float64:
+        reason = (
+            f"`loss_fn` returned a {str(evaluation.loss_dtype).replace('torch.', '')} loss on the float64 copy of the model: "
+            "something casts to a lower precision (such as .float()), so central differences would measure "
+            "rounding noise; keep the loss in the dtype of its inputs"
+        )
     tensors: dict[str, TensorCheck] = {}
     for name, p in params.items():
         shape = tuple(p.shape)
@@ -264,6 +271,7 @@ class _Evaluation:
         self.batch = batch
         self.replay = replay
         self.recorder = _BranchRecorder() if kinks else None
+        self.loss_dtype = torch.float64
         with torch.no_grad():
             self.shadow = {
                 f"model.{n}": p.detach().to(torch.float64).contiguous() if p.is_floating_point() else p.detach()
@@ -302,7 +310,9 @@ class _Evaluation:
             )
             raise
         signature = self.recorder.reset() if self.recorder is not None else None
-        return _loss_tensor(out).to(torch.float64), signature
+        loss = _loss_tensor(out)
+        self.loss_dtype = loss.dtype
+        return loss.to(torch.float64), signature
 
 
 def _loss_tensor(out: Any, name: str = "loss_fn") -> Tensor:

@@ -7,7 +7,7 @@ leaves the model, its buffers and the RNG stream exactly as it found them.
 
 Example:
     >>> state = gradwatch.capture(model)            # doctest: +SKIP
-    >>> loss = loss_fn(model, batch); loss.backward()
+    >>> loss = loss_fn(model, batch); loss.backward()  # doctest: +SKIP
     >>> gradwatch.check(model, loss_fn, batch, grads="existing", replay=state,
     ...                 train_loss=loss)            # doctest: +SKIP
 """

@@ -271,6 +271,13 @@ def test_model_that_behaves_differently_in_float64_is_unreliable() -> None:
     assert report.ok
 
 
+def test_loss_cast_to_float32_is_unreliable_not_judged() -> None:
+    model, batch = _tiny()
+    report = check(model, lambda m, b: classification_loss(m, b).float(), batch, seed=0)
+    assert not report.reliable and "returned a float32 loss on the float64 copy" in report.reason
+    assert {t.verdict for t in report.tensors.values()} == {"skipped"}
+
+
 # ----------------------------------------------------------------------- kinks
 def test_probe_across_a_relu_kink_is_marked_and_not_failed() -> None:
     model = nn.Sequential(nn.Linear(1, 1), nn.ReLU())

@@ -181,6 +181,23 @@ def test_scaled_loss_is_reported_unreliable_not_as_a_bug() -> None:
     assert not watch.last_report.reliable and watch.last_report.ok
 
 
+def test_nan_in_a_gradient_is_its_own_verdict_not_a_nan_error() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+
+    def poison(grad):
+        grad = grad.clone()
+        grad[1, 2] = float("nan")
+        return grad
+
+    case.model[0].weight.register_hook(poison)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    with watch.step(case.batch):
+        case.loss_fn(case.model, case.batch).backward()
+    tc = watch.last_report.tensors["0.weight"]
+    assert tc.verdict == "nonfinite" and "'0.weight'[1, 2]" in tc.reason
+    assert watch.last_report.verdict == "nonfinite"
+
+
 def test_step_without_backward_is_a_clear_error() -> None:
     case = CORRECT["layernorm_gelu"](0)
     watch = GradWatch(case.model, case.loss_fn, every_n_steps=1)
