@@ -289,11 +289,7 @@ class _Evaluation:
 
     def native(self) -> Tensor:
         """The unperturbed loss in the model's own dtype, replayed (no graph)."""
-        self._reset()
-        buffers = {f"model.{n}": b.clone() for n, b in self.replay.buffers.items()}
-        with torch.no_grad(), _autocast(self.replay.autocast):
-            out = functional_call(self.wrapper, buffers, (self.batch,), strict=False)
-        return _loss_tensor(out).detach()
+        return _native_loss(self.wrapper, self.batch, self.replay, grad=False).detach()
 
     def float64(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Any]:
         """The loss at ``params`` (float64), with its branch signature."""
@@ -313,6 +309,15 @@ class _Evaluation:
         loss = _loss_tensor(out)
         self.loss_dtype = loss.dtype
         return loss.to(torch.float64), signature
+
+
+def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool) -> Tensor:
+    """Replay ``loss_fn`` with the model's own parameters, on clones of the captured buffers."""
+    _restore_attrs(replay.attrs)
+    _restore_rng(replay.rng)
+    buffers = {f"model.{n}": b.clone() for n, b in replay.buffers.items()}
+    with torch.set_grad_enabled(grad), _autocast(replay.autocast):
+        return _loss_tensor(functional_call(wrapper, buffers, (batch,), strict=False))
 
 
 def _loss_tensor(out: Any, name: str = "loss_fn") -> Tensor:
@@ -342,20 +347,17 @@ def _autograd_gradients(
     model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, params: dict[str, nn.Parameter]
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Run the training forward on cloned buffers and take ``torch.autograd.grad``."""
-    wrapper = _LossModule(model, loss_fn)
-    buffers = {f"model.{n}": b.clone() for n, b in replay.buffers.items()}
     trainable = {n: p for n, p in params.items() if p.requires_grad}
     if not trainable:
         raise ValueError(
             f"`model` has no parameter with requires_grad=True to check ({len(params)} parameters, all frozen)"
         )
-    with torch.enable_grad():
-        loss = _loss_tensor(functional_call(wrapper, buffers, (batch,), strict=False))
-        if not bool(torch.isfinite(loss.detach())):
-            raise ValueError(f"`loss_fn` must return a finite loss, got {loss.item()!r}")
-        if not loss.requires_grad:
-            raise ValueError("`loss_fn` returned a loss that does not require grad: no parameter reaches it")
-        grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
+    loss = _native_loss(_LossModule(model, loss_fn), batch, replay, grad=True)
+    if not bool(torch.isfinite(loss.detach())):
+        raise ValueError(f"`loss_fn` must return a finite loss, got {loss.item()!r}")
+    if not loss.requires_grad:
+        raise ValueError("`loss_fn` returned a loss that does not require grad: no parameter reaches it")
+    grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
     return loss.detach(), {n: g for n, g in zip(trainable, grads) if g is not None}
 
 

@@ -320,6 +320,7 @@ def _tiny():
         (lambda m, b: m(b[0]).sum() * float("nan"), ValueError, "finite loss, got nan"),
         (lambda m, b: m(b[0]).sum() + float("inf"), ValueError, "finite loss, got inf"),
         (lambda m, b: (m(b[0]).sum() > 0).long(), ValueError, "floating-point loss"),
+        (lambda m, b: torch.tensor(1.0), ValueError, "does not require grad"),
     ],
 )
 def test_bad_loss_is_a_clear_error(loss_fn, error, match) -> None:
