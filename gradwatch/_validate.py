@@ -40,6 +40,24 @@ def _one_of(name: str, value: Any, choices: tuple[str, ...]) -> str:
     return value
 
 
+def _module(name: str, value: Any) -> Any:
+    from torch import nn
+
+    if not isinstance(value, nn.Module):
+        raise TypeError(f"`{name}` must be a torch.nn.Module, got {type(value).__name__}")
+    return value
+
+
+def _probe_options(coordinates: Any, directions: Any, kinks: Any) -> None:
+    """Validate the probe arguments shared by ``check`` and the adapters."""
+    _non_negative_int("coordinates", coordinates)
+    _non_negative_int("directions", directions)
+    if coordinates + directions == 0:
+        raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
+    if not isinstance(kinks, bool):
+        raise ValueError(f"`kinks` must be a bool, got {kinks!r}")
+
+
 def _callable(name: str, value: Any) -> Any:
     if not callable(value):
         raise TypeError(f"`{name}` must be callable, got {type(value).__name__} {value!r}")

@@ -39,7 +39,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradwatch._validate import _callable, _non_negative_int, _one_of, _positive_float, _seed
+from gradwatch._validate import _callable, _module, _one_of, _positive_float, _probe_options, _seed
 from gradwatch.kinks import _BranchRecorder, _crossed
 from gradwatch.replay import (
     ReplayState,
@@ -141,17 +141,11 @@ def check(
         True
     """
     started = time.perf_counter()
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    _module("model", model)
     _callable("loss_fn", loss_fn)
     seed = _seed("seed", seed)
-    _non_negative_int("coordinates", coordinates)
-    _non_negative_int("directions", directions)
-    if coordinates + directions == 0:
-        raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
+    _probe_options(coordinates, directions, kinks)
     _positive_float("step", step)
-    if not isinstance(kinks, bool):
-        raise ValueError(f"`kinks` must be a bool, got {kinks!r}")
     if isinstance(grads, str):
         _one_of("grads", grads, _GRADS)
     elif not isinstance(grads, Mapping):
@@ -179,6 +173,7 @@ def check(
             if train_loss is not None:
                 train_loss = _loss_value("train_loss", train_loss)
         skipped = _skip_reasons(params, grad_map)
+        grad_map = {n: g for n, g in grad_map.items() if n not in skipped}
         if not grad_map:
             raise ValueError(
                 "`model` has no parameter with a gradient to check: "
@@ -379,6 +374,7 @@ def _given_gradients(grads: str | Mapping[str, Tensor], params: dict[str, nn.Par
 
 
 def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) -> dict[str, str]:
+    """Why each parameter without a usable gradient is skipped."""
     reasons = {}
     for name, p in params.items():
         if not p.requires_grad:
@@ -387,12 +383,8 @@ def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) 
             reasons[name] = f"not a floating-point parameter ({p.dtype})"
         elif name not in grad_map:
             reasons[name] = "no gradient in this step (unused by the loss, or .grad is None)"
-    for name in list(grad_map):
-        if name in reasons:
-            del grad_map[name]
         elif not grad_map[name].is_floating_point():
             reasons[name] = f"gradient is not floating-point ({grad_map[name].dtype})"
-            del grad_map[name]
     return reasons
 
 
@@ -426,53 +418,48 @@ def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
     return chosen
 
 
-# Row layout per probe, all float64 device scalars.
-_A, _N1, _N2, _S, _VNORM, _LMAX, _H, _KINK = range(8)
-
-
 def _probe_tensor(ev: _Evaluation, name: str, grad: Tensor, specs: list, step: float, ref: Any, host: _HostValues) -> list:
+    """Evaluate every probe of one tensor at ±h and ±2h; returns host indices of the results."""
     key = f"model.{name}"
     theta = ev.shadow[key]
-    gflat = grad.detach().reshape(-1)
     rows = []
     for kind, value in specs:
         if kind == "coordinate":
             flat = theta.view(-1)
             orig = flat[value].clone()
             h = step * torch.clamp(orig.abs(), min=1.0)
-            losses, kink = [], None
-            for s in (1.0, -1.0, 2.0, -2.0):
+
+            def perturbed(s: float) -> Mapping[str, Tensor]:
                 flat[value] = orig + s * h
-                loss, sig = ev.float64(ev.shadow)
-                losses.append(loss)
-                kink = _any_crossed(kink, ref, sig, theta.device)
-            flat[value] = orig
-            d1 = (orig + h) - (orig - h)
-            d2 = (orig + 2 * h) - (orig - 2 * h)
-            a = gflat[value].to(torch.float64)
+                return ev.shadow
+
+            a = grad.detach().reshape(-1)[value].to(torch.float64)
             s_abs, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=a.device)
         else:
             gen = torch.Generator(device=theta.device).manual_seed(value)
             v = torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
             h = step * torch.clamp(theta.pow(2).mean().sqrt(), min=1.0)
-            losses, kink = [], None
-            params = dict(ev.shadow)
-            for s in (1.0, -1.0, 2.0, -2.0):
-                params[key] = theta + (s * h) * v
-                loss, sig = ev.float64(params)
-                losses.append(loss)
-                kink = _any_crossed(kink, ref, sig, theta.device)
-            del params
+
+            def perturbed(s: float) -> Mapping[str, Tensor]:
+                return {**ev.shadow, key: theta + (s * h) * v}
+
+            gv = grad.detach().to(torch.float64) * v
+            a, s_abs, vnorm = gv.sum(), gv.abs().sum(), v.norm()
+            del gv
+        losses, kink = [], None
+        for s in (1.0, -1.0, 2.0, -2.0):
+            loss, sig = ev.float64(perturbed(s))
+            losses.append(loss)
+            kink = _any_crossed(kink, ref, sig, theta.device)
+        if kind == "coordinate":
+            flat[value] = orig
+            d1, d2 = (orig + h) - (orig - h), (orig + 2 * h) - (orig - 2 * h)  # the steps float64 really took
+        else:
             d1, d2 = 2 * h, 4 * h
-            g64 = grad.detach().to(torch.float64)
-            a = (g64 * v).sum()
-            s_abs, vnorm = (g64 * v).abs().sum(), v.norm()
-            del v, g64
         n1 = (losses[0] - losses[1]) / d1
         n2 = (losses[2] - losses[3]) / d2
         lmax = torch.stack([x.abs() for x in losses]).max()
-        row = [a, n1, n2, s_abs, vnorm, lmax, h, kink]
-        rows.append((kind, value, [host.add(x) for x in row]))
+        rows.append((kind, value, [host.add(x) for x in (a, n1, n2, s_abs, vnorm, lmax, h, kink)]))
     return rows
 
 

@@ -23,7 +23,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from gradwatch._validate import _callable, _non_negative_int, _positive_int, _seed
+from gradwatch._validate import _callable, _module, _non_negative_int, _positive_int, _probe_options, _seed
 from gradwatch.engine import check
 from gradwatch.replay import capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
@@ -82,19 +82,13 @@ class GradWatch:
         directions: int = 1,
         kinks: bool = True,
     ) -> None:
-        if not isinstance(model, nn.Module):
-            raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+        _module("model", model)
         _callable("loss_fn", loss_fn)
         _positive_int("every_n_steps", every_n_steps)
         _check_on_failure(on_failure)
         _check_prefix(prefix)
         seed = _seed("seed", seed)
-        _non_negative_int("coordinates", coordinates)
-        _non_negative_int("directions", directions)
-        if coordinates + directions == 0:
-            raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
-        if not isinstance(kinks, bool):
-            raise ValueError(f"`kinks` must be a bool, got {kinks!r}")
+        _probe_options(coordinates, directions, kinks)
         if writer is not None and logdir is not None:
             raise ValueError(f"pass `writer` or `logdir`, not both; got writer={writer!r}, logdir={logdir!r}")
         if not any(p.requires_grad for p in model.parameters()):
@@ -133,8 +127,7 @@ class GradWatch:
         """Whether ``step`` (default: the next one) will be checked."""
         if step is None:
             step = self._step
-        _non_negative_int("step", step)
-        return step % self.every_n_steps == 0
+        return _non_negative_int("step", step) % self.every_n_steps == 0
 
     @contextmanager
     def step(self, batch: Any) -> Iterator[None]:
@@ -153,7 +146,7 @@ class GradWatch:
         """
         step = self._step
         self._step += 1
-        if not self.is_check_step(step):
+        if step % self.every_n_steps:  # the hot path: nothing else happens on other steps
             yield
             return
         state = capture(self.model)

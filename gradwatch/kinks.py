@@ -124,14 +124,14 @@ def _comparison(args, kwargs, out):
     return None
 
 
-def _argextreme_full(args, kwargs, out):
-    x = args[0]
-    return x.reshape(-1).argmax() if _is_float(x) else None
+def _flat_index(reduce: str) -> _Code:
+    """Index of the element a full max/min reduction picked."""
 
+    def code(args, kwargs, out):
+        x = args[0]
+        return getattr(x.reshape(-1), reduce)() if _is_float(x) else None
 
-def _argextreme_full_min(args, kwargs, out):
-    x = args[0]
-    return x.reshape(-1).argmin() if _is_float(x) else None
+    return code
 
 
 def _equals_output(args, kwargs, out):
@@ -157,14 +157,14 @@ def _pool_indices(with_indices: Any) -> _Code:
     return code
 
 
-def _floor_div(args, kwargs, out):
-    a, b = args[0], args[1]
-    return torch.div(a, b, rounding_mode="floor") if _is_float(a) else None
+def _quotient(mode: str) -> _Code:
+    """Integer quotient that remainder (floor) and fmod (trunc) jump with."""
 
+    def code(args, kwargs, out):
+        a, b = args[0], args[1]
+        return torch.div(a, b, rounding_mode=mode) if _is_float(a) else None
 
-def _trunc_div(args, kwargs, out):
-    a, b = args[0], args[1]
-    return torch.div(a, b, rounding_mode="trunc") if _is_float(a) else None
+    return code
 
 
 def _trunc_input(args, kwargs, out):
@@ -194,8 +194,8 @@ _TABLE: tuple[tuple[tuple[str, ...], _Code, bool, bool], ...] = (
     (("amax", "amin"), _equals_output, False, False),
     (("round", "round_", "floor", "floor_", "ceil", "ceil_", "trunc", "trunc_"), _output, False, True),
     (("frac", "frac_"), _trunc_input, True, True),
-    (("remainder", "remainder_"), _floor_div, True, True),
-    (("fmod", "fmod_"), _trunc_div, True, True),
+    (("remainder", "remainder_"), _quotient("floor"), True, True),
+    (("fmod", "fmod_"), _quotient("trunc"), True, True),
 )
 
 _PRE: dict[Any, _Code] = {}
@@ -210,8 +210,8 @@ for _name in ("max_pool1d", "max_pool2d", "max_pool3d"):  # when they reach disp
 
 # Packets whose overloads differ in kind: max/min/median with and without dim.
 _OVERLOAD: dict[Any, _Code] = {
-    aten.max.default: _argextreme_full,
-    aten.min.default: _argextreme_full_min,
+    aten.max.default: _flat_index("argmax"),
+    aten.min.default: _flat_index("argmin"),
     aten.max.dim: _indices,
     aten.min.dim: _indices,
     aten.median.default: _equals_output,

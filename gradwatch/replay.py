@@ -23,9 +23,12 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradwatch._validate import _module
+
 __all__ = ["ReplayState", "capture"]
 
 _DEVICE_TYPES = ("cpu", "cuda")
+_MISSING = object()
 
 
 @dataclass(frozen=True)
@@ -73,8 +76,7 @@ def capture(model: nn.Module) -> ReplayState:
     Example:
         >>> state = capture(model)  # doctest: +SKIP
     """
-    if not isinstance(model, nn.Module):
-        raise TypeError(f"`model` must be a torch.nn.Module, got {type(model).__name__}")
+    _module("model", model)
     with torch.no_grad():
         buffers = {name: b.detach().clone() for name, b in model.named_buffers()}
     return ReplayState(
@@ -119,8 +121,6 @@ def _restore_attrs(attrs: tuple[tuple[nn.Module, dict[str, Any]], ...]) -> None:
             if current.get(key, _MISSING) is not value:
                 current[key] = value
 
-
-_MISSING = object()
 
 
 def _capture_autocast() -> dict[str, tuple[bool, torch.dtype]]:

@@ -327,6 +327,8 @@ def failure_message(tensor: TensorCheck) -> str:
         ``'enc.0.weight'[3, 7]: autograd=1.2e-03 numerical=9.8e-04 rel_err=0.22 >
         tolerance 1.1e-05; <hint>``
     """
+    if not isinstance(tensor, TensorCheck):
+        raise TypeError(f"`tensor` must be a gradwatch.TensorCheck, got {type(tensor).__name__}")
     if tensor.verdict != "fail" or tensor.worst is None:
         return ""
     w = tensor.worst
@@ -370,6 +372,7 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         >>> metrics(report)["gradwatch/failures"]  # doctest: +SKIP
         0.0
     """
+    _check_report(report)
     _check_prefix(prefix)
     out: dict[str, float] = {}
     for name, t in report.tensors.items():
@@ -383,6 +386,12 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
     out[f"{prefix}/failures"] = float(len(report.failures))
     out[f"{prefix}/check_seconds"] = report.seconds
     return out
+
+
+def _check_report(report: object) -> Report:
+    if not isinstance(report, Report):
+        raise TypeError(f"`report` must be a gradwatch.Report, got {type(report).__name__}")
+    return report
 
 
 def _check_prefix(prefix: object) -> str:

@@ -14,7 +14,8 @@ from __future__ import annotations
 import logging
 from typing import Any, Protocol
 
-from gradwatch.report import Report, _check_prefix, metrics
+from gradwatch._validate import _non_negative_int
+from gradwatch.report import Report, _check_prefix, _check_report, metrics
 
 __all__ = ["LoggingSink", "Sink", "TensorBoardSink"]
 
@@ -50,6 +51,7 @@ class TensorBoardSink:
     def write(self, report: Report, step: int) -> None:
         """Log the report at ``step``: the scalars of the key scheme, plus a text entry
         naming each failing tensor's worst coordinate when the check is not a pass."""
+        _non_negative_int("step", step)
         for key, value in metrics(report, prefix=self.prefix).items():
             self.writer.add_scalar(key, value, step)
         if report.verdict != "pass":
@@ -67,5 +69,8 @@ class LoggingSink:
     """
 
     def write(self, report: Report, step: int) -> None:
+        """Log the report's summary line; ``step`` is validated, the summary carries it."""
+        _check_report(report)
+        _non_negative_int("step", step)
         level = logging.INFO if report.verdict == "pass" else logging.WARNING
         _log.log(level, "%s", report.summary())

@@ -112,6 +112,18 @@ def test_numerical_values_match_autograd_in_float64() -> None:
             assert probe.error <= 3 * probe.error_bar + 1e-12  # the error bar covers the error
 
 
+def test_step_sets_the_central_difference_step() -> None:
+    model = nn.Linear(3, 2)
+    with torch.no_grad():
+        model.weight[0, 0] = 5.0
+    batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
+    report = check(model, classification_loss, batch, seed=0, step=1e-4, coordinates=6, directions=0)
+    steps = {p.index: p.step for p in report.tensors["weight"].probes}
+    assert steps[(0, 0)] == pytest.approx(5e-4)  # scaled by max(1, |θ|)
+    assert steps[(1, 2)] == pytest.approx(1e-4)
+    assert report.ok
+
+
 # ------------------------------------------------------------------------- sampling
 def test_seed_reproduces_the_probes() -> None:
     case = CORRECT["mlp_relu_dropout"](0)

@@ -253,3 +253,25 @@ def test_bad_model_and_loss_fn() -> None:
         GradWatch(nn.Linear(2, 2), None)
     with pytest.raises(ValueError, match="no parameter with requires_grad=True"):
         GradWatch(nn.Linear(2, 2).requires_grad_(False), classification_loss)
+
+
+def test_is_check_step_validates_and_follows_the_schedule() -> None:
+    watch = GradWatch(nn.Linear(2, 2), classification_loss, every_n_steps=4)
+    assert [watch.is_check_step(s) for s in range(6)] == [True, False, False, False, True, False]
+    assert watch.is_check_step()  # the next step is step 0
+    with pytest.raises(ValueError, match="`step` must be a non-negative int, got -3"):
+        watch.is_check_step(-3)
+
+
+def test_autocast_gradients_get_the_autocast_precision() -> None:
+    ok = CORRECT["layernorm_gelu"](0)
+    bad = BUGS["wrong_sign"](0)
+    for case in (ok, bad):
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure=lambda r: None, seed=0)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            with watch.step(case.batch):
+                case.loss_fn(case.model, case.batch).backward()
+        report = watch.last_report
+        assert report.grad_precision == "bfloat16" and report.grad_dtype == "float32"
+        assert report.reliable, report.reason
+        assert {t.name for t in report.failures} == case.wrong, str(report)

@@ -91,3 +91,31 @@ def test_logging_sink_is_info_when_clean_and_warning_on_failure(caplog) -> None:
     levels = [(r.levelno, r.getMessage()) for r in caplog.records]
     assert levels[0][0] == logging.INFO and "PASS" in levels[0][1]
     assert levels[1][0] == logging.WARNING and "FAIL" in levels[1][1]
+
+
+def test_sinks_and_metrics_validate_their_arguments(tmp_path) -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    with pytest.raises(TypeError, match="`report` must be a gradwatch.Report, got dict"):
+        LoggingSink().write({}, step=0)
+    with pytest.raises(TypeError, match="`report` must be a gradwatch.Report, got str"):
+        TensorBoardSink(SummaryWriter(str(tmp_path))).write("report", step=0)
+    with pytest.raises(ValueError, match="`step` must be a non-negative int, got -1"):
+        LoggingSink().write(report, step=-1)
+    from gradwatch.report import failure_message
+
+    with pytest.raises(TypeError, match="`tensor` must be a gradwatch.TensorCheck"):
+        failure_message(report)
+    assert failure_message(report.tensors["0.weight"]) == ""
+
+
+def test_close_only_closes_the_writer_the_hook_created(tmp_path) -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    writer = SummaryWriter(str(tmp_path / "mine"))
+    GradWatch(case.model, case.loss_fn, writer=writer).close()
+    assert writer.file_writer is not None  # SummaryWriter.close() sets it to None
+    writer.close()
+    with GradWatch(case.model, case.loss_fn, logdir=str(tmp_path / "owned")) as watch:
+        owned = watch.writer
+        assert owned.file_writer is not None
+    assert owned.file_writer is None
