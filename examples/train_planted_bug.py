@@ -97,8 +97,11 @@ def main(argv: list[str] | None = None) -> gradwatch.GradWatch:
     model = build_model(planted_bug=not args.fixed)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     failures: list[gradwatch.Report] = []
+    # max_overhead=None: a demonstration, so every check probes every tensor; in real
+    # training keep the default budget (2% of the training time, spent in turn over the tensors)
     watch = gradwatch.GradWatch(
-        model, loss_fn, every_n_steps=args.every, logdir=args.logdir, on_failure=failures.append, seed=args.seed
+        model, loss_fn, every_n_steps=args.every, max_overhead=None, logdir=args.logdir,
+        on_failure=failures.append, seed=args.seed,
     )
     gen = torch.Generator().manual_seed(args.seed)
     with watch:

@@ -26,6 +26,14 @@ def _positive_float(name: str, value: Any) -> float:
     return float(value)
 
 
+def _fraction_or_none(name: str, value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not (0 < value <= 1):
+        raise ValueError(f"`{name}` must be None or a fraction in (0, 1] such as 0.02, got {value!r}")
+    return float(value)
+
+
 def _seed(name: str, value: Any) -> int | None:
     if value is None:
         return None

@@ -32,7 +32,7 @@ import math
 import secrets
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Collection, Mapping
 
 import numpy as np
 import torch
@@ -79,6 +79,7 @@ _REPLAY_RTOL = 1e-5
 _SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2, "bfloat16": 5e-2}
 
 _GRADS = ("autograd", "existing")
+_NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
 
 
 def check(
@@ -94,6 +95,7 @@ def check(
     kinks: bool = True,
     replay: ReplayState | None = None,
     train_loss: Tensor | float | None = None,
+    names: Collection[str] | None = None,
 ) -> Report:
     """Compare the gradient of ``loss_fn(model, batch)`` with central differences.
 
@@ -121,6 +123,9 @@ def check(
             before the check is trusted. Only with ``grads`` other than "autograd";
             without it the replay cannot be verified against the training step (the
             float64 copy is still compared with the model in its own precision).
+        names: ``named_parameters()`` names of the tensors to check; the others are
+            reported ``skipped``. ``None`` checks every tensor with a gradient. The
+            adapters use it to spread checks over steps within an overhead budget.
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
@@ -162,6 +167,9 @@ def check(
         seed = secrets.randbits(62)
 
     params = dict(model.named_parameters())
+    if names is not None:
+        names = _names(names, params)
+    host = _HostValues()
     with _isolated(model):
         if grads == "autograd":
             replay = capture(model)
@@ -174,6 +182,11 @@ def check(
                 train_loss = _loss_value("train_loss", train_loss)
         skipped = _skip_reasons(params, grad_map)
         grad_map = {n: g for n, g in grad_map.items() if n not in skipped}
+        if names is not None and grad_map:  # the same probes and tolerances as a check of every tensor
+            scale = _gradient_rms(grad_map, host)
+            plan = _plan(grad_map, seed, coordinates, directions)
+            skipped.update({n: _NOT_SELECTED for n in params if n not in names and n not in skipped})
+            grad_map = {n: g for n, g in grad_map.items() if n in names}
         if not grad_map:
             raise ValueError(
                 "`model` has no parameter with a gradient to check: "
@@ -181,16 +194,16 @@ def check(
                 if skipped
                 else "`model` has no parameters"
             )
+        if names is None:
+            scale = _gradient_rms(grad_map, host)
+            plan = _plan(grad_map, seed, coordinates, directions)
         evaluation = _Evaluation(model, loss_fn, batch, replay, kinks)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
-        plan = _plan(grad_map, seed, coordinates, directions)
-        host = _HostValues()
         loss0, signature = evaluation.float64(evaluation.shadow)
         probe = evaluation.loss_dtype == torch.float64  # else unreliable: no point in probing
-        rows = {name: _probe_tensor(evaluation, name, grad_map[name], specs, step, signature, host)
-                for name, specs in plan.items() if probe}
+        rows = {name: _probe_tensor(evaluation, name, grad_map[name], plan[name], step, signature, host)
+                for name in grad_map if probe}
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
-        scale = _gradient_rms(grad_map, host)
         i_loss0 = host.add(loss0)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
         i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
@@ -371,6 +384,15 @@ def _given_gradients(grads: str | Mapping[str, Tensor], params: dict[str, nn.Par
             )
         out[name] = g.detach()
     return out
+
+
+def _names(names: Any, params: Mapping[str, nn.Parameter]) -> frozenset[str]:
+    if isinstance(names, str) or not isinstance(names, Collection):
+        raise ValueError(f"`names` must be None or a collection of parameter names, got {_short(names)}")
+    unknown = [n for n in names if n not in params]
+    if unknown:
+        raise ValueError(f"`names` must name parameters of `model`, got unknown {unknown!r}")
+    return frozenset(names)
 
 
 def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) -> dict[str, str]:

@@ -23,7 +23,8 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from gradwatch._validate import _callable, _module, _non_negative_int, _positive_int, _probe_options, _seed
+from gradwatch._schedule import _Schedule
+from gradwatch._validate import _callable, _fraction_or_none, _module, _positive_int, _probe_options, _seed
 from gradwatch.engine import check
 from gradwatch.replay import capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
@@ -39,14 +40,23 @@ class GradWatch:
     forward, records the gradient that your ``backward()`` inside the block sends to
     each parameter (after your tensor hooks), and the loss you backpropagated. On
     leaving the block it replays ``loss_fn(model, batch)`` in float64 with ±h
-    perturbations and compares. Other steps do nothing: no copy, no hook, no device
-    synchronisation.
+    perturbations and compares. Other steps only read the clock: no copy, no hook,
+    no tensor operation, no device synchronisation.
+
+    With ``max_overhead`` (default 2%), the time spent checking stays within that
+    fraction of the training time: checks are at least ``every_n_steps`` apart, and
+    further apart, or with fewer probes or fewer tensors (taken in turn), when a
+    check costs more than the budget holds. The first check always runs at step 0.
 
     Args:
         model: The module being trained.
         loss_fn: ``loss_fn(model, batch)`` returning the scalar loss you
             backpropagate inside the block (the same value, scaling included).
-        every_n_steps: Check on steps ``0, n, 2n, ...`` (counted in :meth:`step` calls).
+        every_n_steps: Check on steps ``0, n, 2n, ...`` (counted in :meth:`step`
+            calls); with ``max_overhead``, the smallest gap between two checks.
+        max_overhead: Largest fraction of the training time spent checking, such as
+            ``0.02``. ``None``: no budget; every check probes every tensor with
+            ``coordinates`` and ``directions`` on steps ``0, n, 2n, ...``.
         writer: A ``SummaryWriter`` to log to, or ``None``.
         logdir: Directory for a ``SummaryWriter`` the hook creates and owns.
         on_failure: ``"warn"`` (``warnings.warn``), ``"raise"``
@@ -55,8 +65,8 @@ class GradWatch:
         seed: Base seed of the probe sampler; each check uses a seed derived from it
             and the step. ``None`` draws one (see :attr:`seed`).
         prefix: First component of the logged keys.
-        coordinates: Random elements probed per tensor.
-        directions: Random directions probed per tensor.
+        coordinates: Random elements probed per tensor (at most, under a budget).
+        directions: Random directions probed per tensor (at most, under a budget).
         kinks: Exclude probes that cross a kink of a non-smooth op.
 
     Attributes:
@@ -73,6 +83,7 @@ class GradWatch:
         loss_fn: Callable[[nn.Module, Any], Tensor],
         *,
         every_n_steps: int = 100,
+        max_overhead: float | None = 0.02,
         writer: Any = None,
         logdir: str | None = None,
         on_failure: OnFailure = "warn",
@@ -85,6 +96,7 @@ class GradWatch:
         _module("model", model)
         _callable("loss_fn", loss_fn)
         _positive_int("every_n_steps", every_n_steps)
+        max_overhead = _fraction_or_none("max_overhead", max_overhead)
         _check_on_failure(on_failure)
         _check_prefix(prefix)
         seed = _seed("seed", seed)
@@ -103,13 +115,15 @@ class GradWatch:
         self.model = model
         self.loss_fn = loss_fn
         self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
         self.on_failure = on_failure
         self.seed = secrets.randbits(62) if seed is None else seed
         self.writer = writer
         self.sinks: list[Sink] = [LoggingSink()]
         if writer is not None:
             self.sinks.append(TensorBoardSink(writer, prefix=prefix))
-        self._check_kwargs = {"coordinates": coordinates, "directions": directions, "kinks": kinks}
+        self._kinks = kinks
+        self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self.reports: list[tuple[int, Report]] = []
         self._step = 0
 
@@ -124,10 +138,12 @@ class GradWatch:
         return self.reports[-1][1] if self.reports else None
 
     def is_check_step(self, step: int | None = None) -> bool:
-        """Whether ``step`` (default: the next one) will be checked."""
-        if step is None:
-            step = self._step
-        return _non_negative_int("step", step) % self.every_n_steps == 0
+        """Whether ``step`` (default: the next one) is a check step as planned now.
+
+        Without ``max_overhead`` the plan is fixed (``0, n, 2n, ...``). With it, only
+        the next planned check step answers True, and the budget can still defer it.
+        """
+        return self._schedule.is_planned(self._step if step is None else step)
 
     @contextmanager
     def step(self, batch: Any) -> Iterator[None]:
@@ -146,7 +162,7 @@ class GradWatch:
         """
         step = self._step
         self._step += 1
-        if step % self.every_n_steps:  # the hot path: nothing else happens on other steps
+        if not self._schedule.begin(step):  # the hot path: a clock read, nothing else
             yield
             return
         state = capture(self.model)
@@ -168,6 +184,9 @@ class GradWatch:
                 f"no parameter of `model` received a gradient inside `watch.step(batch)` at step {step}: "
                 "call loss.backward() inside the with-block"
             )
+        names, coordinates, directions = self._schedule.plan(
+            [n for n, _ in self.model.named_parameters() if n in captured]
+        )
         report = check(
             self.model,
             self.loss_fn,
@@ -176,9 +195,13 @@ class GradWatch:
             replay=state,
             train_loss=roots.loss(),
             seed=_derive_seed(self.seed, step),
-            **self._check_kwargs,
+            coordinates=coordinates,
+            directions=directions,
+            kinks=self._kinks,
+            names=names,
         )
         del captured, state
+        self._schedule.done(step, report.seconds, sum(len(t.probes) for t in report.tensors.values()))
         report = dataclasses.replace(report, step=step)
         self.reports.append((step, report))
         for sink in self.sinks:

@@ -434,3 +434,18 @@ def test_check_is_exposed_at_top_level() -> None:
     model, batch = _tiny()
     report = gradwatch.check(model, lambda m, b: F.mse_loss(m(b[0]), torch.zeros(4, 2)), batch, seed=0)
     assert isinstance(report, gradwatch.Report) and report.ok
+
+
+def test_names_selects_the_checked_tensors_and_keeps_the_whole_model_scale() -> None:
+    case = BUGS["bias_mean"](0)  # fc1.bias is wrong
+    full = check(case.model, case.loss_fn, case.batch, seed=0)
+    some = check(case.model, case.loss_fn, case.batch, seed=0, names=["fc1.bias", "fc2.weight"])
+    assert [n for n, t in some.tensors.items() if t.verdict != "skipped"] == ["fc1.bias", "fc2.weight"]
+    assert "not selected" in some.tensors["fc1.weight"].reason
+    assert [t.name for t in some.failures] == ["fc1.bias"]
+    for name in ("fc1.bias", "fc2.weight"):  # same probes, same tolerances (atol from the whole model's gradient)
+        assert some.tensors[name].probes == full.tensors[name].probes
+    with pytest.raises(ValueError, match="`names` must name parameters of `model`, got unknown \\['nope'\\]"):
+        check(case.model, case.loss_fn, case.batch, names=["nope"])
+    with pytest.raises(ValueError, match="`names` must be None or a collection"):
+        check(case.model, case.loss_fn, case.batch, names="fc1.bias")

@@ -5,6 +5,9 @@ from __future__ import annotations
 import warnings
 
 import pytest
+from torch.utils._python_dispatch import TorchDispatchMode
+
+import gradwatch.hook
 import torch
 from torch import nn
 
@@ -50,7 +53,7 @@ def test_training_with_the_hook_is_bit_identical_to_training_without() -> None:
 
     torch.manual_seed(0)
     watched = DropoutBN()
-    watch = GradWatch(watched, classification_loss, every_n_steps=2, seed=0)
+    watch = GradWatch(watched, classification_loss, every_n_steps=2, max_overhead=None, seed=0)
     opt_watched = _train(watched, batches, watch)
     assert_same_state(state_plain, training_state(watched, opt_watched))
     assert [s for s, _ in watch.reports] == [0, 2, 4, 6]
@@ -72,7 +75,7 @@ def test_check_step_leaves_state_as_without_hook_even_when_the_check_raises() ->
 
     torch.manual_seed(0)
     watched = DropoutBN()
-    watch = GradWatch(watched, loss_fn, every_n_steps=1, seed=0)
+    watch = GradWatch(watched, loss_fn, every_n_steps=1, max_overhead=None, seed=0)
     with pytest.raises(RuntimeError, match="no float64 kernel"):
         with watch.step(batch):
             loss_fn(watched, batch).backward()
@@ -83,7 +86,7 @@ def test_check_step_leaves_state_as_without_hook_even_when_the_check_raises() ->
 def test_hook_catches_planted_bugs(bug: str) -> None:
     case = BUGS[bug](0)
     seen = []
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure=seen.append, seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure=seen.append, seed=0)
     with watch.step(case.batch):
         case.loss_fn(case.model, case.batch).backward()
     assert len(seen) == 1 and seen[0] is watch.last_report
@@ -92,7 +95,7 @@ def test_hook_catches_planted_bugs(bug: str) -> None:
 
 def test_on_failure_raise_carries_the_report_after_restoring() -> None:
     case = BUGS["wrong_sign"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure="raise", seed=0)
     with pytest.raises(GradientCheckError) as info:
         with watch.step(case.batch):
             case.loss_fn(case.model, case.batch).backward()
@@ -110,7 +113,7 @@ def test_on_failure_raise_carries_the_report_after_restoring() -> None:
 
 def test_on_failure_warn_uses_the_failure_message() -> None:
     case = BUGS["bias_mean"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=0)
     with pytest.warns(GradientCheckWarning, match=r"'fc1.bias'\[\d+\]: autograd=.* numerical=.* rel_err="):
         with watch.step(case.batch):
             case.loss_fn(case.model, case.batch).backward()
@@ -118,7 +121,7 @@ def test_on_failure_warn_uses_the_failure_message() -> None:
 
 def test_correct_model_raises_nothing() -> None:
     case = CORRECT["transformer"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure="raise", seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         with watch.step(case.batch):
@@ -128,7 +131,7 @@ def test_correct_model_raises_nothing() -> None:
 
 def test_schedule_every_n_steps_starts_at_step_zero() -> None:
     case = CORRECT["layernorm_gelu"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=3, seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=3, max_overhead=None, seed=0)
     for _ in range(8):
         case.model.zero_grad()
         with watch.step(case.batch):
@@ -140,7 +143,7 @@ def test_schedule_every_n_steps_starts_at_step_zero() -> None:
 def test_seeds_differ_per_check_and_follow_the_base_seed() -> None:
     def run(seed):
         case = CORRECT["layernorm_gelu"](0)
-        watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, seed=seed)
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=seed)
         for _ in range(2):
             case.model.zero_grad()
             with watch.step(case.batch):
@@ -155,7 +158,7 @@ def test_seeds_differ_per_check_and_follow_the_base_seed() -> None:
 def test_gradient_is_the_one_this_block_produced() -> None:
     """Stale .grad from an earlier step (no zero_grad) must not count as a bug."""
     case = CORRECT["layernorm_gelu"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure="raise", seed=0)
     case.loss_fn(case.model, case.batch).backward()  # accumulation window: .grad already set
     with watch.step(case.batch):
         case.loss_fn(case.model, case.batch).backward()
@@ -165,7 +168,7 @@ def test_gradient_is_the_one_this_block_produced() -> None:
 def test_two_backward_calls_in_one_block_are_summed() -> None:
     case = CORRECT["layernorm_gelu"](0)
     half = lambda m, b: 0.5 * classification_loss(m, b)  # noqa: E731
-    watch = GradWatch(case.model, classification_loss, every_n_steps=1, on_failure="raise", seed=0)
+    watch = GradWatch(case.model, classification_loss, every_n_steps=1, max_overhead=None, on_failure="raise", seed=0)
     with watch.step(case.batch):
         half(case.model, case.batch).backward()
         half(case.model, case.batch).backward()
@@ -174,7 +177,7 @@ def test_two_backward_calls_in_one_block_are_summed() -> None:
 
 def test_scaled_loss_is_reported_unreliable_not_as_a_bug() -> None:
     case = CORRECT["layernorm_gelu"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure="raise", seed=0)
     with pytest.warns(UnreliableCheckWarning, match="differs from the training loss"):
         with watch.step(case.batch):
             (case.loss_fn(case.model, case.batch) / 4).backward()
@@ -190,7 +193,7 @@ def test_nan_in_a_gradient_is_its_own_verdict_not_a_nan_error() -> None:
         return grad
 
     case.model[0].weight.register_hook(poison)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure="raise", seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure="raise", seed=0)
     with watch.step(case.batch):
         case.loss_fn(case.model, case.batch).backward()
     tc = watch.last_report.tensors["0.weight"]
@@ -200,7 +203,7 @@ def test_nan_in_a_gradient_is_its_own_verdict_not_a_nan_error() -> None:
 
 def test_step_without_backward_is_a_clear_error() -> None:
     case = CORRECT["layernorm_gelu"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None)
     with pytest.raises(ValueError, match="call loss.backward\\(\\) inside the with-block"):
         with watch.step(case.batch):
             case.loss_fn(case.model, case.batch)
@@ -208,7 +211,7 @@ def test_step_without_backward_is_a_clear_error() -> None:
 
 def test_non_check_steps_install_nothing() -> None:
     case = CORRECT["layernorm_gelu"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=10)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=10, max_overhead=None)
     with watch.step(case.batch):  # step 0 is checked
         assert all(p._backward_hooks for p in case.model.parameters())
         case.loss_fn(case.model, case.batch).backward()
@@ -219,7 +222,7 @@ def test_non_check_steps_install_nothing() -> None:
 
 def test_errors_in_the_block_propagate_without_a_check() -> None:
     case = CORRECT["layernorm_gelu"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None)
     with pytest.raises(KeyError):
         with watch.step(case.batch):
             raise KeyError("user error")
@@ -239,6 +242,10 @@ def test_errors_in_the_block_propagate_without_a_check() -> None:
         ({"logdir": ""}, ValueError, "`logdir` must be a non-empty str"),
         ({"prefix": ""}, ValueError, "`prefix`"),
         ({"coordinates": -1}, ValueError, "`coordinates`"),
+        ({"max_overhead": 0}, ValueError, r"`max_overhead` must be None or a fraction in \(0, 1\].*got 0"),
+        ({"max_overhead": 1.5}, ValueError, "got 1.5"),
+        ({"max_overhead": "2%"}, ValueError, "got '2%'"),
+        ({"max_overhead": True}, ValueError, "got True"),
     ],
 )
 def test_bad_arguments(kwargs, error, match, tmp_path) -> None:
@@ -256,7 +263,7 @@ def test_bad_model_and_loss_fn() -> None:
 
 
 def test_is_check_step_validates_and_follows_the_schedule() -> None:
-    watch = GradWatch(nn.Linear(2, 2), classification_loss, every_n_steps=4)
+    watch = GradWatch(nn.Linear(2, 2), classification_loss, every_n_steps=4, max_overhead=None)
     assert [watch.is_check_step(s) for s in range(6)] == [True, False, False, False, True, False]
     assert watch.is_check_step()  # the next step is step 0
     with pytest.raises(ValueError, match="`step` must be a non-negative int, got -3"):
@@ -267,7 +274,9 @@ def test_autocast_gradients_get_the_autocast_precision() -> None:
     ok = CORRECT["layernorm_gelu"](0)
     bad = BUGS["wrong_sign"](0)
     for case in (ok, bad):
-        watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, on_failure=lambda r: None, seed=0)
+        watch = GradWatch(
+            case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure=lambda r: None, seed=0
+        )
         with torch.autocast("cpu", dtype=torch.bfloat16):
             with watch.step(case.batch):
                 case.loss_fn(case.model, case.batch).backward()
@@ -275,3 +284,53 @@ def test_autocast_gradients_get_the_autocast_precision() -> None:
         assert report.grad_precision == "bfloat16" and report.grad_dtype == "float32"
         assert report.reliable, report.reason
         assert {t.name for t in report.failures} == case.wrong, str(report)
+
+
+class _CountOps(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ops: list[str] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops.append(str(func))
+        return func(*args, **(kwargs or {}))
+
+
+def test_non_check_steps_run_no_tensor_op_no_capture_no_check(monkeypatch) -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    calls = []
+    for name in ("capture", "check"):
+        original = getattr(gradwatch.hook, name)
+        monkeypatch.setattr(gradwatch.hook, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    for max_overhead in (None, 0.02):
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=5, max_overhead=max_overhead, seed=0)
+        with watch.step(case.batch):  # step 0 is checked
+            case.loss_fn(case.model, case.batch).backward()
+        assert calls == ["capture", "check"]
+        calls.clear()
+        for _ in range(4):
+            with _CountOps() as counted:
+                with watch.step(case.batch):  # gradwatch's own work on a non-check step
+                    pass
+            assert counted.ops == [] and calls == []  # no tensor op: no .item(), no sync, no allocation
+
+
+def test_budget_spreads_the_first_check_over_tensors_in_turn() -> None:
+    """Before any measurement a check is assumed to cost one training step per loss evaluation."""
+    case = CORRECT["layernorm_gelu"](0)
+    names = [n for n, _ in case.model.named_parameters()]
+    # 2% of 100 steps: 2 evaluations, less than the smallest check: one direction on one tensor
+    watch = GradWatch(case.model, case.loss_fn, seed=0, on_failure="raise")
+    with watch.step(case.batch):
+        case.loss_fn(case.model, case.batch).backward()
+    report = watch.last_report
+    checked = [n for n, t in report.tensors.items() if t.verdict != "skipped"]
+    assert checked == names[:1] and [p.kind for p in report.tensors[names[0]].probes] == ["direction"]
+    assert all("not selected" in report.tensors[n].reason for n in names[1:])
+    assert watch.max_overhead == 0.02
+    # 100% of 100 steps: 100 evaluations, 24 probes: every tensor, 3 coordinates and 1 direction each
+    watch = GradWatch(case.model, case.loss_fn, max_overhead=1.0, seed=0, on_failure="raise")
+    with watch.step(case.batch):
+        case.loss_fn(case.model, case.batch).backward()
+    assert all(len(t.probes) == 4 for t in watch.last_report.tensors.values())
+

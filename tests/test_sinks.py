@@ -30,7 +30,10 @@ def _run(case, watch, steps: int) -> None:
 
 def test_hook_logdir_writes_the_key_scheme_at_the_training_step(tmp_path) -> None:
     case = BUGS["wrong_sign"](0)
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=2, logdir=str(tmp_path), on_failure=lambda r: None, seed=0)
+    watch = GradWatch(
+        case.model, case.loss_fn, every_n_steps=2, max_overhead=None, logdir=str(tmp_path),
+        on_failure=lambda r: None, seed=0,
+    )
     _run(case, watch, 5)
     watch.close()
     acc = _events(tmp_path)
@@ -57,7 +60,7 @@ def test_hook_logdir_writes_the_key_scheme_at_the_training_step(tmp_path) -> Non
 def test_passing_checks_write_scalars_and_no_text(tmp_path) -> None:
     case = CORRECT["layernorm_gelu"](0)
     writer = SummaryWriter(str(tmp_path))
-    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, writer=writer, prefix="gw", seed=0)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, writer=writer, prefix="gw", seed=0)
     _run(case, watch, 2)
     writer.close()
     acc = _events(tmp_path)

@@ -1,0 +1,140 @@
+"""When to check and how much to probe, within an overhead budget (private).
+
+One small class shared by the adapters (:class:`gradwatch.GradWatch` and the Lightning
+callback). The adapter calls :meth:`_Schedule.begin` at the start of every training
+step (the hot path: one ``time.perf_counter()`` call and a few float operations, no
+tensor work), :meth:`_Schedule.plan` when a check step's gradient is ready, and
+:meth:`_Schedule.done` after the check.
+
+Budget accounting (``max_overhead`` = check seconds / training seconds):
+
+* Training time is the wall time between consecutive step starts, minus the checks in
+  between. On CUDA this needs no synchronisation: the CPU runs ahead of the device by
+  a bounded queue only, so over many steps the wall time per step is the device's
+  time per step. A check synchronises once (its results come to the host), which
+  drains that queue; the drained work is counted as check time, so the estimate
+  errs on the side of checking less.
+* A check may start when the check seconds spent so far plus the predicted cost of
+  the smallest check (one probe of one tensor) fit in ``max_overhead`` times the
+  training seconds so far, and at least ``every_n_steps`` steps have passed. The
+  first check always runs, at step 0.
+* The check then spends what the budget holds: all tensors with the configured
+  coordinates and directions when that fits; otherwise fewer coordinates, then
+  fewer directions (at least one probe per tensor), then fewer tensors, taken in
+  rotation so that every tensor is checked in turn. Costs are predicted from the
+  seconds per loss evaluation measured at the previous check (before the first
+  check: the duration of the training step itself).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Sequence
+
+from gradwatch._validate import _non_negative_int
+
+__all__: list[str] = []
+
+#: Loss evaluations per check besides the probes (native replay, unperturbed float64 loss).
+_FIXED_EVALS = 2
+#: Loss evaluations per probe (θ ± h·v and θ ± 2h·v).
+_EVALS_PER_PROBE = 4
+
+
+class _Schedule:
+    """Decides the check steps and the probes per check (see the module docstring)."""
+
+    def __init__(self, every_n_steps: int, max_overhead: float | None, coordinates: int, directions: int) -> None:
+        self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
+        self.coordinates = coordinates
+        self.directions = directions
+        self.next_step = 0  # no check before this step
+        self.checks = 0
+        self.train_seconds = 0.0
+        self.train_steps = 0
+        self.check_seconds = 0.0
+        self.seconds_per_eval: float | None = None
+        self._mark: float | None = None  # perf_counter at the start of the running step
+        self._cursor = 0  # rotation over tensors
+
+    # --------------------------------------------------------------------- hot path
+    def begin(self, step: int) -> bool:
+        """Start of training step ``step``: whether it is checked. No tensor work."""
+        now = time.perf_counter()
+        if self._mark is not None:
+            self.train_seconds += now - self._mark
+            self.train_steps += 1
+        self._mark = now
+        if step < self.next_step:
+            return False
+        if self.checks == 0 or self.max_overhead is None or self._smallest_cost() <= self._credit():
+            self.next_step = step + self.every_n_steps  # also when the step raises before its check
+            return True
+        missing = self._smallest_cost() - self._credit()
+        per_step = self.max_overhead * self.train_seconds / max(self.train_steps, 1)
+        self.next_step = step + max(1, math.ceil(missing / per_step)) if per_step > 0 else step + self.every_n_steps
+        return False
+
+    # ------------------------------------------------------------------ check steps
+    def plan(self, names: Sequence[str]) -> tuple[list[str], int, int]:
+        """The tensors, coordinates and directions of the check about to run.
+
+        Also closes the timing of the training step that is being checked.
+        """
+        if self._mark is not None:
+            self.train_seconds += time.perf_counter() - self._mark
+            self.train_steps += 1
+            self._mark = None
+        names = list(names)
+        per_tensor = self.coordinates + self.directions
+        if self.max_overhead is None or not names:
+            return names, self.coordinates, self.directions
+        per_eval = self._seconds_per_eval()
+        if self.checks == 0:  # nothing spent yet: one interval's share of the budget
+            available = self.max_overhead * self.every_n_steps * self._step_seconds()
+        else:
+            available = self._credit()
+        probes = int(max(available / per_eval - _FIXED_EVALS, 0) // _EVALS_PER_PROBE)
+        if probes >= per_tensor * len(names):
+            return names, self.coordinates, self.directions
+        if probes >= len(names):  # every tensor, fewer probes each: coordinates go first
+            each = probes // len(names)
+            directions = min(self.directions, each)
+            return names, min(self.coordinates, each - directions), directions
+        count = max(probes, 1)  # one probe on as many tensors as fit, in rotation
+        start = self._cursor % len(names)
+        self._cursor = start + count
+        chosen = [names[(start + i) % len(names)] for i in range(count)]
+        return chosen, (0 if self.directions else 1), min(self.directions, 1)
+
+    def done(self, step: int, seconds: float, probes: int) -> None:
+        """After the check of ``step``: it took ``seconds`` for ``probes`` probes."""
+        self.checks += 1
+        self.check_seconds += seconds
+        self.seconds_per_eval = seconds / (_FIXED_EVALS + _EVALS_PER_PROBE * max(probes, 1))
+        self.next_step = step + self.every_n_steps
+        self._mark = time.perf_counter()
+
+    def is_planned(self, step: int) -> bool:
+        """Whether ``step`` is a check step as planned now (the budget may defer it)."""
+        _non_negative_int("step", step)
+        if self.max_overhead is None:
+            return step % self.every_n_steps == 0
+        return step == self.next_step
+
+    # -------------------------------------------------------------------- estimates
+    def _credit(self) -> float:
+        return self.max_overhead * self.train_seconds - self.check_seconds
+
+    def _step_seconds(self) -> float:
+        return self.train_seconds / max(self.train_steps, 1)
+
+    def _seconds_per_eval(self) -> float:
+        if self.seconds_per_eval is not None:
+            return self.seconds_per_eval
+        return max(self._step_seconds(), 1e-6)  # a float64 forward costs about a training step
+
+    def _smallest_cost(self) -> float:
+        return (_FIXED_EVALS + _EVALS_PER_PROBE) * self._seconds_per_eval()
