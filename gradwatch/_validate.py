@@ -70,3 +70,9 @@ def _callable(name: str, value: Any) -> Any:
     if not callable(value):
         raise TypeError(f"`{name}` must be callable, got {type(value).__name__} {value!r}")
     return value
+
+
+def _kink_options(kink_resamples: Any, near_kink_margin: Any) -> None:
+    """Validate the kink arguments shared by ``check`` and the adapters."""
+    _non_negative_int("kink_resamples", kink_resamples)
+    _positive_float("near_kink_margin", near_kink_margin)

@@ -28,19 +28,20 @@ transfer per check.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import secrets
 import time
 from contextlib import nullcontext
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradwatch._validate import _callable, _module, _one_of, _positive_float, _probe_options, _seed
-from gradwatch.kinks import _BranchRecorder, _crossed
+from gradwatch._validate import _callable, _kink_options, _module, _one_of, _positive_float, _probe_options, _seed
+from gradwatch.kinks import _BranchRecorder, _ProbeKinks, _Reference
 from gradwatch.replay import (
     ReplayState,
     _autocast,
@@ -52,7 +53,7 @@ from gradwatch.replay import (
     _restore_rng,
     capture,
 )
-from gradwatch.report import Probe, Report, TensorCheck
+from gradwatch.report import KinkEvent, Probe, Report, TensorCheck
 
 __all__ = ["check", "DEFAULT_STEP", "RTOL"]
 
@@ -80,6 +81,8 @@ _SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2,
 
 _GRADS = ("autograd", "existing")
 _NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
+#: Mixed into the seed of the replacement-coordinate generator (independent of the plan's).
+_RESAMPLE_SALT = 0x5DEECE66D
 
 
 def check(
@@ -93,6 +96,8 @@ def check(
     directions: int = 1,
     step: float = DEFAULT_STEP,
     kinks: bool = True,
+    kink_resamples: int = 4,
+    near_kink_margin: float = 10.0,
     replay: ReplayState | None = None,
     train_loss: Tensor | float | None = None,
     names: Collection[str] | None = None,
@@ -115,7 +120,14 @@ def check(
         directions: Random Gaussian directions over the whole tensor probed per
             tensor; they catch errors confined to a few elements.
         step: Base step ``h`` of the float64 central differences.
-        kinks: Record branches of non-smooth ops and exclude probes that cross one.
+        kinks: Record branches of non-smooth ops and exclude probes that cross one;
+            the report lists every op a probe moved as a
+            :class:`~gradwatch.report.KinkEvent` with its module and margin.
+        kink_resamples: Replacement coordinates drawn per tensor, at most, for
+            coordinate probes that crossed a kink (one host transfer per round of
+            replacements). 0 disables resampling.
+        near_kink_margin: A kink event with a margin below this is "near" (the
+            margin is the distance to the kink in units of the ``±2h`` move).
         replay: State captured with :func:`gradwatch.capture` right before the
             training forward. With ``grads="autograd"`` it must be ``None``; otherwise
             ``None`` means "replay from the current state".
@@ -150,6 +162,7 @@ def check(
     _callable("loss_fn", loss_fn)
     seed = _seed("seed", seed)
     _probe_options(coordinates, directions, kinks)
+    _kink_options(kink_resamples, near_kink_margin)
     _positive_float("step", step)
     if isinstance(grads, str):
         _one_of("grads", grads, _GRADS)
@@ -201,8 +214,11 @@ def check(
         native_loss = train_loss if grads == "autograd" else evaluation.native()
         loss0, signature = evaluation.float64(evaluation.shadow)
         probe = evaluation.loss_dtype == torch.float64  # else unreliable: no point in probing
-        rows = {name: _probe_tensor(evaluation, name, grad_map[name], plan[name], step, signature, host)
+        kink_log: dict[str, list] = {name: [] for name in grad_map}
+        rows = {name: _probe_tensor(evaluation, name, grad_map[name], plan[name], step, signature, host, kink_log[name])
                 for name in grad_map if probe}
+        if probe and signature is not None and kink_resamples:
+            _resample(evaluation, grad_map, rows, kink_log, seed, kink_resamples, step, signature, host)
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
         i_loss0 = host.add(loss0)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
@@ -233,6 +249,7 @@ def check(
             tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
         else:
             tensors[name] = _judge(name, shape, rows[name], gstats[name], values, scale, RTOL[precision])
+            tensors[name] = _attach_kinks(tensors[name], kink_log[name], signature, values, near_kink_margin)
     return Report(
         tensors=tensors,
         seed=seed,
@@ -252,22 +269,34 @@ class _HostValues:
 
     def __init__(self) -> None:
         self._values: list[Tensor] = []
+        self._starts: list[int] = []
+        self._size = 0
 
     def add(self, value: Tensor | float | bool) -> int:
         if not isinstance(value, Tensor):
             value = torch.tensor(float(value), dtype=torch.float64)
-        self._values.append(value.detach().reshape(()).to(torch.float64))
-        return len(self._values) - 1
+        return self.extend(value.detach().reshape(1))[0]
+
+    def extend(self, values: Tensor) -> range:
+        """Add every element of ``values``; returns their indices."""
+        values = values.detach().reshape(-1).to(torch.float64)
+        self._values.append(values)
+        self._starts.append(self._size)
+        self._size += values.numel()
+        return range(self._size - values.numel(), self._size)
 
     def fetch(self) -> list[float]:
-        out: list[float] = [0.0] * len(self._values)
+        out: list[float] = [0.0] * self._size
         by_device: dict[torch.device, list[int]] = {}
         for i, v in enumerate(self._values):
             by_device.setdefault(v.device, []).append(i)
         for idx in by_device.values():
-            host = torch.stack([self._values[i] for i in idx]).cpu().tolist()
-            for i, v in zip(idx, host):
-                out[i] = v
+            host = torch.cat([self._values[i] for i in idx]).cpu().tolist()
+            pos = 0
+            for i in idx:
+                n = self._values[i].numel()
+                out[self._starts[i] : self._starts[i] + n] = host[pos : pos + n]
+                pos += n
         return out
 
 
@@ -278,7 +307,8 @@ class _Evaluation:
         self.wrapper = _LossModule(model, loss_fn)
         self.batch = batch
         self.replay = replay
-        self.recorder = _BranchRecorder() if kinks else None
+        names = {id(m): n for n, m in model.named_modules()}
+        self.recorder = _BranchRecorder(names) if kinks else None
         self.loss_dtype = torch.float64
         with torch.no_grad():
             self.shadow = {
@@ -299,13 +329,16 @@ class _Evaluation:
         """The unperturbed loss in the model's own dtype, replayed (no graph)."""
         return _native_loss(self.wrapper, self.batch, self.replay, grad=False).detach()
 
-    def float64(self, params: Mapping[str, Tensor]) -> tuple[Tensor, Any]:
-        """The loss at ``params`` (float64), with its branch signature."""
+    def float64(self, params: Mapping[str, Tensor], kinks: _ProbeKinks | None = None) -> tuple[Tensor, _Reference | None]:
+        """The loss at ``params`` (float64). Without ``kinks`` it also records the
+        reference branches (or None when kinks are off); with ``kinks`` the branches
+        are compared with its reference and folded into it."""
         self._reset()
         state = dict(params)
         state.update({k: v.clone() for k, v in self.buffers64.items()})
+        recorder = nullcontext() if self.recorder is None else self.recorder.compare_into(kinks)
         try:
-            with torch.no_grad(), _default_dtype(torch.float64), _autocast(None), (self.recorder or nullcontext()):
+            with torch.no_grad(), _default_dtype(torch.float64), _autocast(None), recorder:
                 out = functional_call(self.wrapper, state, (self.batch64,), strict=False)
         except Exception as err:
             err.add_note(
@@ -313,7 +346,7 @@ class _Evaluation:
                 "the model, its buffers, .grad and the RNG stream were restored."
             )
             raise
-        signature = self.recorder.reset() if self.recorder is not None else None
+        signature = self.recorder.take_reference() if self.recorder is not None and kinks is None else None
         loss = _loss_tensor(out)
         self.loss_dtype = loss.dtype
         return loss.to(torch.float64), signature
@@ -422,6 +455,66 @@ def _plan(grad_map: dict[str, Tensor], seed: int, coordinates: int, directions: 
     return plan
 
 
+class _KinkRow(NamedTuple):
+    """The kink record of one probe: device results and their host indices."""
+
+    kinks: _ProbeKinks
+    crossed: range
+    margin: range
+    replacement: bool
+
+
+def _resample(
+    ev: _Evaluation, grad_map: dict[str, Tensor], rows: dict[str, list], kink_log: dict[str, list], seed: int,
+    budget: int, step: float, ref: _Reference, host: _HostValues,
+) -> None:
+    """Replace coordinate probes that crossed a kink by fresh coordinates, up to ``budget``
+    per tensor, drawn from a generator seeded by ``seed`` (deterministic given the seed).
+
+    Each round costs one host transfer: the crossed flags of the previous round's
+    coordinate probes, all tensors together. At most ``budget`` rounds.
+    """
+    gen = torch.Generator().manual_seed(seed ^ _RESAMPLE_SALT)
+    taken = {name: {v for kind, v, _ in rs if kind == "coordinate"} for name, rs in rows.items()}
+    left = dict.fromkeys(rows, budget)
+    pending = {
+        name: [k for (kind, _, _), k in zip(rows[name], kink_log[name]) if kind == "coordinate"] for name in rows
+    }
+    while any(pending.values()):
+        round_host = _HostValues()
+        flags = {name: [round_host.add(k.kinks.any_crossed()) for k in ks] for name, ks in pending.items()}
+        values = round_host.fetch()
+        pending = {}
+        for name, idx in flags.items():
+            numel = grad_map[name].numel()
+            n = min(sum(values[i] > 0 for i in idx), left[name], numel - len(taken[name]))
+            if n <= 0:
+                continue
+            fresh = _sample_excluding(numel, n, gen, taken[name])
+            left[name] -= n
+            start = len(kink_log[name])
+            rows[name] += _probe_tensor(ev, name, grad_map[name], [("coordinate", i) for i in fresh], step, ref,
+                                        host, kink_log[name], replacement=True)
+            pending[name] = kink_log[name][start:]
+
+
+def _sample_excluding(n: int, k: int, gen: torch.Generator, taken: set[int]) -> list[int]:
+    """``k`` distinct integers in ``[0, n)`` not in ``taken`` (which is updated)."""
+    chosen: list[int] = []
+    while len(chosen) < k:
+        if n - len(taken) <= 4 * k:
+            free = [i for i in range(n) if i not in taken]
+            order = torch.randperm(len(free), generator=gen)[: k - len(chosen)].tolist()
+            picks = [free[i] for i in order]
+        else:
+            picks = torch.randint(0, n, (2 * k,), generator=gen).tolist()
+        for i in picks:
+            if i not in taken and len(chosen) < k:
+                taken.add(i)
+                chosen.append(i)
+    return chosen
+
+
 def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
     """``k`` distinct integers in ``[0, n)`` without materialising ``randperm(n)`` for large ``n``."""
     if k == 0:
@@ -440,8 +533,14 @@ def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
     return chosen
 
 
-def _probe_tensor(ev: _Evaluation, name: str, grad: Tensor, specs: list, step: float, ref: Any, host: _HostValues) -> list:
-    """Evaluate every probe of one tensor at ±h and ±2h; returns host indices of the results."""
+def _probe_tensor(
+    ev: _Evaluation, name: str, grad: Tensor, specs: list, step: float, ref: _Reference | None, host: _HostValues,
+    kink_log: list | None = None, replacement: bool = False,
+) -> list:
+    """Evaluate every probe of one tensor at ±h and ±2h; returns host indices of the results.
+
+    With a kink reference, one :class:`_KinkRow` per probe is appended to ``kink_log``.
+    """
     key = f"model.{name}"
     theta = ev.shadow[key]
     rows = []
@@ -468,11 +567,14 @@ def _probe_tensor(ev: _Evaluation, name: str, grad: Tensor, specs: list, step: f
             gv = grad.detach().to(torch.float64) * v
             a, s_abs, vnorm = gv.sum(), gv.abs().sum(), v.norm()
             del gv
-        losses, kink = [], None
+        losses = []
+        kinks = _ProbeKinks(ref, theta.device) if ref is not None else None
         for s in (1.0, -1.0, 2.0, -2.0):
-            loss, sig = ev.float64(perturbed(s))
+            loss, _ = ev.float64(perturbed(s), kinks and kinks.next_pass(margins=abs(s) == 2.0))
             losses.append(loss)
-            kink = _any_crossed(kink, ref, sig, theta.device)
+        kink = kinks.any_crossed() if kinks is not None else False
+        if kinks is not None and kink_log is not None:
+            kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
         if kind == "coordinate":
             flat[value] = orig
             d1, d2 = (orig + h) - (orig - h), (orig + 2 * h) - (orig - 2 * h)  # the steps float64 really took
@@ -483,19 +585,6 @@ def _probe_tensor(ev: _Evaluation, name: str, grad: Tensor, specs: list, step: f
         lmax = torch.stack([x.abs() for x in losses]).max()
         rows.append((kind, value, [host.add(x) for x in (a, n1, n2, s_abs, vnorm, lmax, h, kink)]))
     return rows
-
-
-def _any_crossed(kink: Tensor | None, ref: Any, sig: Any, device: torch.device) -> Tensor:
-    if kink is None:
-        kink = torch.zeros((), dtype=torch.bool, device=device)
-    if ref is None:
-        return kink
-    crossed = _crossed(ref, sig)
-    if crossed is True:
-        return torch.ones((), dtype=torch.bool, device=device)
-    if isinstance(crossed, Tensor):
-        return kink | crossed.to(device)
-    return kink
 
 
 def _grad_stats(g: Tensor, host: _HostValues) -> tuple[int, int]:
@@ -601,3 +690,35 @@ def _judge(
     verdict = "fail" if any(p.failed for p in judged) else "pass"
     return TensorCheck(name, shape, verdict, rel_error=rel, error_bar=bar, error_ratio=float(ratio),
                        probes=tuple(probes))
+
+
+def _attach_kinks(
+    tc: TensorCheck, log: list[_KinkRow], ref: _Reference | None, values: list[float], near: float
+) -> TensorCheck:
+    """Add the kink events of each probe (host values), their margins and the replacements."""
+    if ref is None or not log or len(log) != len(tc.probes):
+        return tc
+    probes, events = [], []
+    for i, (probe, row) in enumerate(zip(tc.probes, log)):
+        found = []
+        stop = len(ref) if row.kinks.diverged is None else row.kinks.diverged
+        for k in range(stop):
+            crossed, m = values[row.crossed[k]] > 0, values[row.margin[k]]
+            if crossed or m != math.inf:  # this op call was moved by the probe
+                margin = m if m != math.inf else math.nan  # crossed, margin not computable
+                found.append(KinkEvent(tc.name, i, k, ref.modules[k], ref.names[k], ref.kinds[k], margin, crossed,
+                                       at_kink=m == 0.0, near=crossed or margin < near))
+        if row.kinks.diverged is not None:  # the op sequence itself changed (control flow)
+            k = row.kinks.diverged
+            known = k < len(ref)
+            found.append(KinkEvent(tc.name, i, k, ref.modules[k] if known else None,
+                                   ref.names[k] if known else "(extra non-smooth op calls)",
+                                   ref.kinds[k] if known else "discontinuity", math.nan, True, at_kink=False, near=True))
+        margins = [e.margin for e in found if not math.isnan(e.margin)]
+        probes.append(dataclasses.replace(
+            probe, kink_margin=min(margins, default=math.inf), at_kink=any(e.at_kink for e in found),
+            replacement=row.replacement,
+        ))
+        events += found
+    return dataclasses.replace(tc, probes=tuple(probes), kink_events=tuple(events),
+                               resampled=sum(r.replacement for r in log))

@@ -1,30 +1,78 @@
-"""Branch signatures of non-smooth ops, recorded during the perturbed forwards.
+"""Kinks and discontinuities of non-smooth ops, recorded during the perturbed forwards.
 
 A central difference across a kink (a ReLU input changing sign between ``θ+h`` and
 ``θ-h``, a max-pool window changing its argmax, a clamp bound being crossed) measures
-an average of two one-sided slopes, not the gradient. gradwatch records, for every
-non-smooth aten op a forward runs, a checksum of the branch each element took, and
-compares the checksums of the perturbed passes with those of the unperturbed pass.
-A :class:`torch.utils._python_dispatch.TorchDispatchMode` sees these ops whether they
-come from modules or from functional calls.
+an average of two one-sided slopes, not the gradient. A
+:class:`torch.utils._python_dispatch.TorchDispatchMode` sees every non-smooth aten op a
+forward runs, from modules and functional calls alike. For each op call it computes a
+:class:`_Branch` (plain functions of the op's inputs and outputs, in :data:`_TABLE`):
 
-Only one device scalar per op call is kept, never the activations themselves, and
-nothing is synchronised with the host.
+* ``code``: the branch each element took; one device checksum of it is compared
+  between a perturbed pass and the unperturbed (reference) pass, which decides
+  *crossed* exactly;
+* ``z``: the op's switching input, zero at the kink (``x`` for a ReLU, ``a - b`` for
+  ``maximum``, the gap between the winner and the runner-up of a max-pool window).
+
+The **margin** of an op call in one perturbed pass is ``min |z₀| / |z - z₀|`` over its
+elements: how far the unperturbed operating point is from the kink, in units of how
+far this perturbation moved it. It is computed in the ``±2h`` passes of a probe (the
+widest), so a margin below 1 means the linear estimate says a pass crossed; a margin
+of exactly 0 means an element sat *at* the kink (``z₀ == 0`` and the perturbation
+moved it), where the derivative autograd uses is a convention.
+
+Memory: the reference pass keeps, per op call, a float32 copy of ``z₀`` (and, for
+selections, the winner indices ``z`` is signed by); a perturbed pass compares each op
+call as it runs and keeps two device scalars of it. No host synchronisation happens.
+
+Example:
+    >>> rec = _BranchRecorder()
+    >>> with rec:
+    ...     _ = torch.relu(torch.tensor([1.0, -2.0]))
+    >>> rec.take_reference().names
+    ['relu']
 """
 
 from __future__ import annotations
 
-from typing import Any, Callable
+import math
+import weakref
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["KINK_OPS", "DISCONTINUOUS_OPS"]
+__all__ = ["DISCONTINUOUS_OPS", "KINK_OPS"]
 
 aten = torch.ops.aten
 
-_Code = Callable[[tuple, dict, Any], "Tensor | None"]
+#: dtype of the reference switching inputs kept for margins (margins need ~3 digits).
+_Z_DTYPE = torch.float32
+
+
+class _Branch(NamedTuple):
+    """What one call of a non-smooth op did.
+
+    Attributes:
+        code: Which branch each element took; any change is a crossing.
+        z: Switching input, zero at the kink and of one sign on the reference branch,
+            or ``None`` when no margin can be computed for this op.
+        zcode: For selections (max-pool, sort, ...): the winner each element of ``z``
+            (a gap, >= 0) belongs to; ``z`` counts as negative where it changed.
+        kind: ``"kink"`` or ``"discontinuity"`` when the call decides it (threshold),
+            else ``None`` (the table's kind).
+    """
+
+    code: Tensor
+    z: Tensor | None = None
+    zcode: Tensor | None = None
+    kind: str | None = None
+
+
+_Code = Callable[[tuple, dict, Any], "_Branch | None"]
 
 
 def _is_float(x: Any) -> bool:
@@ -37,29 +85,39 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
     return kwargs.get(name, default)
 
 
-def _band(x: Tensor, lo: Any, hi: Any) -> Tensor:
-    """-1 below ``lo``, +1 above ``hi``, 0 between (either bound may be None)."""
+def _band(x: Tensor, lo: Any, hi: Any) -> _Branch:
+    """Code -1 below ``lo``, +1 above ``hi``, 0 between; ``z`` > 0 strictly between."""
     code = torch.zeros_like(x, dtype=torch.int8)
     if hi is not None:
         code = code + (x > hi).to(torch.int8)
     if lo is not None:
         code = code - (x < lo).to(torch.int8)
-    return code
+    if hi is None:
+        z = x - lo
+    elif lo is None:
+        z = hi - x
+    else:
+        z = torch.minimum(x - lo, hi - x)
+    return _Branch(code, z)
 
 
 def _sign(x: Tensor) -> Tensor:
     return (x > 0).to(torch.int8) - (x < 0).to(torch.int8)
 
 
-# Codes computed from the inputs, before the op runs (in-place variants overwrite them).
+# ----------------------------------------------------------------- elementwise kinks
+# Computed from the inputs, before the op runs (in-place variants overwrite them).
 def _positive(args, kwargs, out):
     x = args[0]
-    return (x > 0) if _is_float(x) else None
+    return _Branch(x > 0, x) if _is_float(x) else None
 
 
 def _threshold(args, kwargs, out):
-    x = args[0]
-    return (x > args[1]) if _is_float(x) else None
+    x, threshold, value = args[0], args[1], args[2]
+    if not _is_float(x):
+        return None
+    jump = None if value == threshold else "discontinuity"  # continuous only when value == threshold
+    return _Branch(x > threshold, x - threshold, kind=jump)
 
 
 def _hardtanh(args, kwargs, out):
@@ -71,9 +129,10 @@ def _hardtanh(args, kwargs, out):
 
 def _clamp(args, kwargs, out):
     x = args[0]
-    if not _is_float(x):
+    lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
+    if not _is_float(x) or (lo is None and hi is None):
         return None
-    return _band(x, _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max"))
+    return _band(x, lo, hi)
 
 
 def _clamp_min(args, kwargs, out):
@@ -94,44 +153,163 @@ def _shrink(args, kwargs, out):
     if not _is_float(x):
         return None
     lam = _arg(args, kwargs, 1, "lambd", 0.5)
-    return _band(x, -lam, lam)
+    return _Branch(_band(x, -lam, lam).code, x.abs() - lam)
 
 
 def _signed(args, kwargs, out):
     x = args[0]
-    return _sign(x) if _is_float(x) else None
+    return _Branch(_sign(x), x) if _is_float(x) else None
 
 
 def _pairwise(args, kwargs, out):
     a, b = args[0], args[1]
     if not (_is_float(a) or _is_float(b)):
         return None
-    return _sign(a - b)
+    z = a - b
+    return _Branch(_sign(z), z)
 
 
-# Codes computed from the outputs.
-def _indices(args, kwargs, out):
-    return out[1] if _is_float(args[0]) else None
-
-
-def _output(args, kwargs, out):
-    return out if _is_float(args[0]) else None
-
-
-def _comparison(args, kwargs, out):
-    if _is_float(args[0]) or (len(args) > 1 and _is_float(args[1])):
-        return out
-    return None
-
-
-def _flat_index(reduce: str) -> _Code:
-    """Index of the element a full max/min reduction picked."""
+def _periodic(fn: Callable[[Tensor], Tensor], boundary: Callable[[Tensor], Tensor]) -> _Code:
+    """Rounding-like ops: ``code`` is the rounded value, ``z`` a smooth function that
+    is zero exactly at the jumps (``sin(πx)`` for integers, ``cos(πx)`` for halves)."""
 
     def code(args, kwargs, out):
         x = args[0]
-        return getattr(x.reshape(-1), reduce)() if _is_float(x) else None
+        if not _is_float(x):
+            return None
+        decimals = kwargs.get("decimals", 0)
+        scaled = x * 10.0**decimals if decimals else x
+        return _Branch(fn(scaled), boundary(scaled))
 
     return code
+
+
+def _sin_pi(x: Tensor) -> Tensor:
+    return torch.sin(math.pi * x)
+
+
+def _cos_pi(x: Tensor) -> Tensor:
+    return torch.cos(math.pi * x)
+
+
+def _quotient(mode: str) -> _Code:
+    """Remainder (floor) and fmod (trunc) jump where the quotient is an integer."""
+
+    def code(args, kwargs, out):
+        a, b = args[0], args[1]
+        if not _is_float(a):
+            return None
+        q = a / b
+        return _Branch(torch.div(a, b, rounding_mode=mode), _sin_pi(q))
+
+    return code
+
+
+# ----------------------------------------------------------------- from the outputs
+def _comparison(args, kwargs, out):
+    a = args[0]
+    b = args[1] if len(args) > 1 else None
+    if not (_is_float(a) or _is_float(b)):
+        return None
+    return _Branch(out, None if out is a else a - b)  # in place: ``a`` is already overwritten
+
+
+def _gap(x: Tensor, idx: Tensor, dim: int) -> Tensor:
+    """Distance from the selected element (``idx``, keepdim shape) to the nearest other
+    element along ``dim``: the runner-up of a max, the neighbours of a median."""
+    v = x.gather(dim, idx)
+    d = (x - v).abs().scatter(dim, idx, math.inf)
+    return d.amin(dim, keepdim=True)
+
+
+def _selected(dim_pos: int, dim_default: int | None = None) -> _Code:
+    """Reductions returning ``(values, indices)`` along a dim: max/min/kthvalue/median/mode."""
+
+    def code(args, kwargs, out):
+        x = args[0]
+        if not _is_float(x):
+            return None
+        idx = out[1]
+        dim = _arg(args, kwargs, dim_pos, "dim", dim_default)
+        if x.dim() == 0 or dim is None or x.shape[dim] < 2:
+            return _Branch(idx)
+        keep = idx if idx.dim() == x.dim() else idx.unsqueeze(dim)
+        return _Branch(idx, _gap(x, keep, dim).reshape(idx.shape), idx)
+
+    return code
+
+
+def _arg_select(args, kwargs, out):
+    """argmax/argmin with or without a dim."""
+    x = args[0]
+    if not _is_float(x):
+        return None
+    dim = _arg(args, kwargs, 1, "dim")
+    if dim is None:
+        x, dim = x.reshape(-1), 0
+    if x.dim() == 0 or x.shape[dim] < 2:
+        return _Branch(out)
+    keep = out.reshape(1) if x.dim() == 1 else (out if out.dim() == x.dim() else out.unsqueeze(dim))
+    return _Branch(out, _gap(x, keep, dim).reshape(out.shape), out)
+
+
+def _flat_select(reduce: str) -> _Code:
+    """Full max/min reductions: the index of the element picked, and its gap."""
+
+    def code(args, kwargs, out):
+        x = args[0]
+        if not _is_float(x):
+            return None
+        flat = x.reshape(-1)
+        idx = getattr(flat, reduce)()
+        if flat.numel() < 2:
+            return _Branch(idx)
+        return _Branch(idx, _gap(flat, idx.reshape(1), 0).reshape(()), idx)
+
+    return code
+
+
+def _adjacent(values: Tensor, indices: Tensor, dim: int) -> tuple[Tensor, Tensor] | None:
+    """Gaps between neighbours of a sorted order, and which pair each gap belongs to."""
+    n = values.shape[dim] if values.dim() else 1
+    if n < 2:
+        return None
+    gaps = (values.narrow(dim, 1, n - 1) - values.narrow(dim, 0, n - 1)).abs()
+    pairs = indices.narrow(dim, 0, n - 1) * (indices.shape[dim] + 1) + indices.narrow(dim, 1, n - 1)
+    return gaps, pairs
+
+
+def _sort(args, kwargs, out):
+    x = args[0]
+    if not _is_float(x):
+        return None
+    dim = kwargs.get("dim", args[1] if len(args) > 1 and type(args[1]) is int else -1)
+    gap = _adjacent(out[0], out[1], dim) if x.dim() else None
+    return _Branch(out[1], *(gap or ()))
+
+
+def _topk(args, kwargs, out):
+    x = args[0]
+    if not _is_float(x):
+        return None
+    k = args[1]
+    dim = _arg(args, kwargs, 2, "dim", -1)
+    largest = _arg(args, kwargs, 3, "largest", True)
+    if x.dim() == 0:
+        return _Branch(out[1])
+    values, indices = out
+    if k < x.shape[dim]:  # the runner-up outside the selection decides the set
+        values, indices = torch.topk(x, k + 1, dim, largest, True)
+    gap = _adjacent(values, indices, dim)
+    return _Branch(out[1], *(gap or ()))
+
+
+def _indices(args, kwargs, out):
+    return _Branch(out[1]) if _is_float(args[0]) else None
+
+
+def _output(args, kwargs, out):
+    return _Branch(out) if _is_float(args[0]) else None
 
 
 def _equals_output(args, kwargs, out):
@@ -145,87 +323,157 @@ def _equals_output(args, kwargs, out):
         dims = [dims] if isinstance(dims, int) else list(dims)
         for d in sorted(d % x.dim() for d in dims):
             ref = ref.unsqueeze(d)
-    return x == ref
+    return _Branch(x == ref)
 
 
-def _pool_indices(with_indices: Any) -> _Code:
+def _tuple(value: Any, n: int) -> list[int]:
+    if isinstance(value, int):
+        return [value] * n
+    value = list(value)
+    return value * n if len(value) == 1 else value
+
+
+def _pool_gap(x: Tensor, values: Tensor, nd: int, kernel: Any, stride: Any, padding: Any, dilation: Any) -> Tensor:
+    """Winner minus runner-up of every ``nd``-d max-pool window (inf for one-element windows)."""
+    k = _tuple(kernel, nd)
+    s = _tuple(stride, nd) if stride not in (None, [], ()) else k
+    p, d = _tuple(padding, nd), _tuple(dilation, nd)
+    out_sizes = values.shape[-nd:]
+    pads: list[int] = []
+    for i in reversed(range(nd)):  # F.pad takes the last dim first
+        span = (out_sizes[i] - 1) * s[i] + (k[i] - 1) * d[i] + 1
+        pads += [p[i], max(0, span - x.shape[x.dim() - nd + i] - p[i])]
+    w = F.pad(x, pads, value=-math.inf)
+    for i in range(nd):
+        dim = x.dim() - nd + i
+        w = w.unfold(dim, (k[i] - 1) * d[i] + 1, s[i]).narrow(dim, 0, out_sizes[i])
+    w = w[(Ellipsis, *(slice(None, None, di) for di in d))].reshape(*values.shape, -1)
+    if w.shape[-1] < 2:
+        return torch.full_like(values, math.inf)
+    top = w.topk(2, -1).values
+    return top[..., 0] - top[..., 1]
+
+
+def _max_pool(nd: int, with_indices: Any | None = None) -> _Code:
+    """max_pool{nd}d with indices, or (``with_indices`` given) recomputed with them."""
+
     def code(args, kwargs, out):
-        if not _is_float(args[0]):
+        x = args[0]
+        if not _is_float(x):
             return None
-        return with_indices(*args, **kwargs)[1]
+        if with_indices is not None:
+            out = with_indices(*args, **kwargs)
+        kernel = _arg(args, kwargs, 1, "kernel_size")
+        stride = _arg(args, kwargs, 2, "stride", None)
+        padding = _arg(args, kwargs, 3, "padding", 0)
+        dilation = _arg(args, kwargs, 4, "dilation", 1)
+        return _Branch(out[1], _pool_gap(x, out[0], nd, kernel, stride, padding, dilation), out[1])
 
     return code
 
 
-def _quotient(mode: str) -> _Code:
-    """Integer quotient that remainder (floor) and fmod (trunc) jump with."""
-
-    def code(args, kwargs, out):
-        a, b = args[0], args[1]
-        return torch.div(a, b, rounding_mode=mode) if _is_float(a) else None
-
-    return code
-
-
-def _trunc_input(args, kwargs, out):
+def _adaptive_max_pool(args, kwargs, out):
     x = args[0]
-    return torch.trunc(x) if _is_float(x) else None
+    if not _is_float(x):
+        return None
+    values, indices = out
+    nd = len(args[1])
+    sizes = x.shape[-nd:]
+    if any(n % o for n, o in zip(sizes, values.shape[-nd:])):  # uneven windows: no margin
+        return _Branch(indices)
+    kernel = [n // o for n, o in zip(sizes, values.shape[-nd:])]
+    return _Branch(indices, _pool_gap(x, values, nd, kernel, kernel, 0, 1), indices)
 
 
-# (aten names, code function, computed before the op runs?, discontinuity?)
-_TABLE: tuple[tuple[tuple[str, ...], _Code, bool, bool], ...] = (
+# (aten names, code function, computed before the op runs?, "kink" or "discontinuity")
+_TABLE: tuple[tuple[tuple[str, ...], _Code, bool, str], ...] = (
     (("relu", "relu_", "leaky_relu", "leaky_relu_", "elu", "elu_", "celu", "celu_", "selu", "selu_",
-      "_prelu_kernel", "prelu", "rrelu_with_noise", "heaviside"), _positive, True, False),
-    (("threshold", "threshold_"), _threshold, True, False),
-    (("hardtanh", "hardtanh_"), _hardtanh, True, False),
-    (("clamp", "clamp_", "clip", "clip_"), _clamp, True, False),
-    (("clamp_min", "clamp_min_"), _clamp_min, True, False),
-    (("clamp_max", "clamp_max_"), _clamp_max, True, False),
-    (("hardsigmoid", "hardsigmoid_", "hardswish", "hardswish_"), _three, True, False),
-    (("softshrink", "hardshrink"), _shrink, True, False),
-    (("abs", "abs_", "sign", "sign_", "sgn", "sgn_"), _signed, True, False),
-    (("maximum", "minimum", "fmax", "fmin"), _pairwise, True, False),
-    (("sort", "topk", "kthvalue", "mode", "cummax", "cummin", "max_pool1d_with_indices",
-      "max_pool2d_with_indices", "max_pool3d_with_indices", "adaptive_max_pool1d", "adaptive_max_pool2d",
-      "adaptive_max_pool3d", "fractional_max_pool2d", "fractional_max_pool3d"), _indices, False, False),
-    (("argmax", "argmin", "argsort", "bucketize", "searchsorted"), _output, False, False),
+      "_prelu_kernel", "prelu", "rrelu_with_noise"), _positive, True, "kink"),
+    (("threshold", "threshold_"), _threshold, True, "kink"),
+    (("hardtanh", "hardtanh_"), _hardtanh, True, "kink"),
+    (("clamp", "clamp_", "clip", "clip_"), _clamp, True, "kink"),
+    (("clamp_min", "clamp_min_"), _clamp_min, True, "kink"),
+    (("clamp_max", "clamp_max_"), _clamp_max, True, "kink"),
+    (("hardsigmoid", "hardsigmoid_", "hardswish", "hardswish_"), _three, True, "kink"),
+    (("softshrink",), _shrink, True, "kink"),
+    (("abs", "abs_"), _signed, True, "kink"),
+    (("maximum", "minimum", "fmax", "fmin"), _pairwise, True, "kink"),
+    (("max_pool1d_with_indices",), _max_pool(1), False, "kink"),
+    (("max_pool2d_with_indices",), _max_pool(2), False, "kink"),
+    (("max_pool3d_with_indices",), _max_pool(3), False, "kink"),
+    (("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"), _adaptive_max_pool, False, "kink"),
+    (("sort",), _sort, False, "kink"),
+    (("topk",), _topk, False, "kink"),
+    (("kthvalue",), _selected(2, -1), False, "kink"),
+    (("mode",), _selected(1, -1), False, "kink"),
+    (("cummax", "cummin", "fractional_max_pool2d", "fractional_max_pool3d"), _indices, False, "kink"),
+    (("argmax", "argmin"), _arg_select, False, "kink"),
+    (("argsort",), _output, False, "kink"),
+    (("amax", "amin"), _equals_output, False, "kink"),
+    # Comparisons are discontinuities unless their mask selects between branches
+    # (``torch.where``/``masked_fill``), which the recorder notices; see _SELECTS.
     (("gt", "gt_", "lt", "lt_", "ge", "ge_", "le", "le_", "eq", "eq_", "ne", "ne_",
-      "greater", "less", "greater_equal", "less_equal", "not_equal"), _comparison, False, False),
-    (("amax", "amin"), _equals_output, False, False),
-    (("round", "round_", "floor", "floor_", "ceil", "ceil_", "trunc", "trunc_"), _output, False, True),
-    (("frac", "frac_"), _trunc_input, True, True),
-    (("remainder", "remainder_"), _quotient("floor"), True, True),
-    (("fmod", "fmod_"), _quotient("trunc"), True, True),
+      "greater", "less", "greater_equal", "less_equal", "not_equal"), _comparison, False, "discontinuity"),
+    (("heaviside", "sign", "sign_", "sgn", "sgn_"), _signed, True, "discontinuity"),
+    (("hardshrink",), _shrink, True, "discontinuity"),
+    (("round", "round_"), _periodic(torch.round, _cos_pi), True, "discontinuity"),
+    (("floor", "floor_"), _periodic(torch.floor, _sin_pi), True, "discontinuity"),
+    (("ceil", "ceil_"), _periodic(torch.ceil, _sin_pi), True, "discontinuity"),
+    (("trunc", "trunc_", "frac", "frac_"), _periodic(torch.trunc, _sin_pi), True, "discontinuity"),
+    (("remainder", "remainder_"), _quotient("floor"), True, "discontinuity"),
+    (("fmod", "fmod_"), _quotient("trunc"), True, "discontinuity"),
+    (("bucketize", "searchsorted"), _output, False, "discontinuity"),
 )
 
-_PRE: dict[Any, _Code] = {}
-_POST: dict[Any, _Code] = {}
-for _names, _code, _before, _ in _TABLE:
+_Rule = tuple[_Code, bool, str]
+_RULES: dict[Any, _Rule] = {}
+for _names, _fn, _before, _kind in _TABLE:
     for _name in _names:
         _packet = getattr(aten, _name, None)
         if _packet is not None:
-            (_PRE if _before else _POST)[_packet] = _code
-for _name in ("max_pool1d", "max_pool2d", "max_pool3d"):  # when they reach dispatch without indices
-    _POST[getattr(aten, _name)] = _pool_indices(getattr(aten, f"{_name}_with_indices"))
+            _RULES[_packet] = (_fn, _before, _kind)
+for _nd in (1, 2, 3):  # when they reach dispatch without indices
+    _RULES[getattr(aten, f"max_pool{_nd}d")] = (_max_pool(_nd, getattr(aten, f"max_pool{_nd}d_with_indices")), False, "kink")
 
 # Packets whose overloads differ in kind: max/min/median with and without dim.
-_OVERLOAD: dict[Any, _Code] = {
-    aten.max.default: _flat_index("argmax"),
-    aten.min.default: _flat_index("argmin"),
-    aten.max.dim: _indices,
-    aten.min.dim: _indices,
-    aten.median.default: _equals_output,
-    aten.nanmedian.default: _equals_output,
-    aten.median.dim: _indices,
-    aten.nanmedian.dim: _indices,
+_OVERLOAD: dict[Any, _Rule] = {
+    aten.max.default: (_flat_select("argmax"), False, "kink"),
+    aten.min.default: (_flat_select("argmin"), False, "kink"),
+    aten.max.dim: (_selected(1), False, "kink"),
+    aten.min.dim: (_selected(1), False, "kink"),
+    aten.median.default: (_equals_output, False, "kink"),
+    aten.nanmedian.default: (_equals_output, False, "kink"),
+    aten.median.dim: (_selected(1), False, "kink"),
+    aten.nanmedian.dim: (_selected(1), False, "kink"),
 }
+#: Ops whose argument at the given position selects between two branches by a mask.
+_SELECTS: dict[Any, int] = {aten.where: 0, aten.masked_fill: 1, aten.masked_fill_: 1}
 
 #: aten ops recorded as kinks (the derivative jumps).
-KINK_OPS = frozenset(
-    n for names, _, _, jump in _TABLE if not jump for n in names
-) | {"max", "min", "median", "nanmedian", "max_pool1d", "max_pool2d", "max_pool3d"}
-#: aten ops recorded as discontinuities (the value jumps).
-DISCONTINUOUS_OPS = frozenset(n for names, _, _, jump in _TABLE if jump for n in names)
+KINK_OPS = frozenset(n for names, _, _, kind in _TABLE if kind == "kink" for n in names) | {
+    "max", "min", "median", "nanmedian", "max_pool1d", "max_pool2d", "max_pool3d"
+}
+#: aten ops recorded as discontinuities (the value jumps); comparisons whose mask feeds
+#: ``torch.where``/``masked_fill`` count as kinks, threshold with value != threshold as a jump.
+DISCONTINUOUS_OPS = frozenset(n for names, _, _, kind in _TABLE if kind == "discontinuity" for n in names)
+
+
+def _rule(func: Any) -> _Rule | None:
+    return _OVERLOAD.get(func) or _RULES.get(func.overloadpacket)
+
+
+def _branch(func: Any, args: tuple, kwargs: dict, out: Any = None, *, before: bool) -> tuple[_Branch, str] | None:
+    """The branch of one op call (``before``: from its inputs, else from ``out``), and its kind.
+
+    A plain function of the call, so a batched (vmap) evaluation can reuse it.
+    """
+    rule = _rule(func)
+    if rule is None or rule[1] != before:
+        return None
+    branch = rule[0](args, kwargs, out)
+    if branch is None:
+        return None
+    return branch, branch.kind or rule[2]
 
 
 def _checksum(code: Tensor) -> Tensor:
@@ -238,40 +486,213 @@ def _checksum(code: Tensor) -> Tensor:
     return (flat.to(torch.int64) * weights).sum()
 
 
+def _margin(z0: Tensor, zcode0: Tensor | None, branch: _Branch) -> Tensor:
+    """``min |z₀| / |z - z₀|`` over the elements this pass moved (inf when none moved).
+
+    Both sides are compared in :data:`_Z_DTYPE`, so elements whose move is below its
+    resolution count as unmoved (their margin would exceed ~1e7 anyway). A selection's
+    gap counts as negative where its winner changed. Exactly 0 means ``z₀ == 0`` for a
+    moved element: at the kink.
+    """
+    z = branch.z.detach()
+    if zcode0 is not None:
+        z = torch.where(branch.zcode == zcode0, z, -z)
+    moved = (z.to(_Z_DTYPE) - z0).abs()
+    if moved.numel() == 0:
+        return torch.full((), math.inf, dtype=torch.float64, device=z0.device)
+    ratio = torch.where(moved > 0, z0.abs() / moved, math.inf)
+    return ratio.amin().to(torch.float64)
+
+
+@dataclass
+class _Reference:
+    """The unperturbed pass: per non-smooth op call, in call order."""
+
+    names: list[str] = field(default_factory=list)
+    modules: list[str | None] = field(default_factory=list)
+    kinds: list[str] = field(default_factory=list)
+    sums: list[Tensor] = field(default_factory=list)
+    z: list[Tensor | None] = field(default_factory=list)
+    zcode: list[Tensor | None] = field(default_factory=list)
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the reference keeps alive (switching inputs, winner indices, checksums)."""
+        kept = [t for t in (*self.z, *self.zcode, *self.sums) if t is not None]
+        return sum(t.numel() * t.element_size() for t in kept)
+
+
+class _ProbeKinks:
+    """Per reference op call, over the passes of one probe: crossed (device bools) and
+    the smallest margin (device float64), plus where the op sequence changed, if it did."""
+
+    def __init__(self, reference: _Reference, device: torch.device) -> None:
+        n = len(reference)
+        self.reference = reference
+        self.crossed = torch.zeros(n, dtype=torch.bool, device=device)
+        self.margin = torch.full((n,), math.inf, dtype=torch.float64, device=device)
+        self.diverged: int | None = None  # first op call that differs from the reference
+        self.with_margins = False
+
+    def next_pass(self, *, margins: bool) -> "_ProbeKinks":
+        """Prepare for one more perturbed pass; ``margins`` also computes margins in it."""
+        self.with_margins = margins
+        return self
+
+    def any_crossed(self) -> Tensor:
+        """Device bool: some pass of this probe took another branch somewhere."""
+        if self.diverged is not None:
+            return torch.ones((), dtype=torch.bool, device=self.crossed.device)
+        return self.crossed.any()
+
+    def _fold(self, crossed: list[Tensor], margins: list[Tensor] | None, count: int) -> None:
+        n = len(self.reference)
+        if count != n and self.diverged is None:
+            self.diverged = min(count, n)
+        if crossed:
+            device = self.crossed.device
+            now = torch.stack([c.to(device) for c in crossed])
+            self.crossed[: len(crossed)] |= now
+            if margins:
+                self.margin[: len(margins)] = torch.minimum(
+                    self.margin[: len(margins)], torch.stack([m.to(device) for m in margins])
+                )
+
+
 class _BranchRecorder(TorchDispatchMode):
-    """Records one checksum per non-smooth op call, in call order."""
+    """Records (reference pass) or compares (perturbed pass) every non-smooth op call.
 
-    def __init__(self) -> None:
+    Args:
+        module_names: ``id(module) -> qualified name`` for attribution (from
+            ``named_modules()``); ops called while no listed module runs get ``None``.
+    """
+
+    def __init__(self, module_names: dict[int, str] | None = None) -> None:
         super().__init__()
-        self.names: list[str] = []
-        self.sums: list[Tensor] = []
+        self.module_names = module_names or {}
+        self._target: _ProbeKinks | None = None
+        self._ref = _Reference()
+        self._stack: list[str | None] = []
+        self._masks: dict[int, tuple[weakref.ref, int]] = {}
+        self._hooks: list[Any] = []
+        self._crossed: list[Tensor] = []
+        self._margins: list[Tensor] = []
+        self._count = 0
+        self._inf: Tensor | None = None
 
-    def reset(self) -> tuple[list[str], list[Tensor]]:
-        names, sums = self.names, self.sums
-        self.names, self.sums = [], []
-        return names, sums
+    def compare_into(self, target: _ProbeKinks | None) -> "_BranchRecorder":
+        """Compare the next pass with ``target.reference`` (``None``: record a reference)."""
+        self._target = target
+        return self
 
+    def take_reference(self) -> _Reference:
+        """The reference recorded by the last pass run in recording mode."""
+        ref, self._ref = self._ref, _Reference()
+        return ref
+
+    # -- module attribution: global hooks, installed only while recording a reference
+    def __enter__(self):
+        self._reset_pass()
+        if self._target is None and self.module_names:
+            self._hooks = [
+                register_module_forward_pre_hook(self._push),
+                register_module_forward_hook(self._pop, always_call=True),
+            ]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for handle in self._hooks:
+                handle.remove()
+            self._hooks = []
+            self._finish()
+
+    def _push(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(self.module_names.get(id(module)))
+
+    def _pop(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+    def _module(self) -> str | None:
+        for name in reversed(self._stack):  # the innermost listed module
+            if name is not None:
+                return name
+        return None
+
+    def _reset_pass(self) -> None:
+        self._stack, self._masks, self._crossed, self._margins, self._count = [], {}, [], [], 0
+        if self._target is None:
+            self._ref = _Reference()
+
+    def _finish(self) -> None:
+        if self._target is not None:
+            self._target._fold(self._crossed, self._margins if self._target.with_margins else None, self._count)
+        self._crossed, self._margins, self._masks = [], [], {}
+
+    # -- the dispatch hook
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        packet = func.overloadpacket
-        pre = _PRE.get(packet)
-        code = pre(args, kwargs, None) if pre is not None else None
+        pre = _branch(func, args, kwargs, before=True)
+        if pre is not None:
+            self._on_branch(func, *pre, None)
         out = func(*args, **kwargs)
-        post = _OVERLOAD.get(func) or _POST.get(packet)
-        if post is not None and code is None:
-            code = post(args, kwargs, out)
-        if code is not None:
-            self.names.append(packet.__name__)
-            self.sums.append(_checksum(code))
+        if pre is None:
+            post = _branch(func, args, kwargs, out, before=False)
+            if post is not None:
+                self._on_branch(func, *post, out)
+        if self._masks and self._target is None:
+            self._note_selection(func, args)
         return out
 
+    def _on_branch(self, func: Any, branch: _Branch, kind: str, out: Any) -> None:
+        name = func.overloadpacket.__name__
+        k = self._count
+        self._count += 1
+        if self._target is None:
+            self._record(name, branch, kind, out)
+        else:
+            self._compare(k, name, branch)
 
-def _crossed(reference: tuple[list[str], list[Tensor]], other: tuple[list[str], list[Tensor]]) -> Tensor | bool:
-    """True (or a device bool) when ``other`` took a different branch anywhere."""
-    ref_names, ref_sums = reference
-    names, sums = other
-    if names != ref_names:
-        return True
-    if not sums:
-        return False
-    return torch.stack([a != b for a, b in zip(ref_sums, sums)]).any()
+    def _record(self, name: str, branch: _Branch, kind: str, out: Any) -> None:
+        ref = self._ref
+        ref.names.append(name)
+        ref.modules.append(self._module())
+        ref.kinds.append(kind)
+        ref.sums.append(_checksum(branch.code))
+        z = branch.z
+        ref.z.append(None if z is None else z.detach().to(_Z_DTYPE, copy=True))
+        ref.zcode.append(None if branch.zcode is None or z is None else branch.zcode.clone())
+        if kind == "discontinuity" and isinstance(out, Tensor) and out.dtype == torch.bool:
+            self._masks[id(out)] = (weakref.ref(out), len(ref) - 1)
+
+    def _note_selection(self, func: Any, args: tuple) -> None:
+        """A comparison mask that selects between branches makes the comparison a kink."""
+        pos = _SELECTS.get(func.overloadpacket)
+        if pos is None or len(args) <= pos:
+            return
+        entry = self._masks.get(id(args[pos]))
+        if entry is not None and entry[0]() is args[pos]:
+            self._ref.kinds[entry[1]] = "kink"
+
+    def _compare(self, k: int, name: str, branch: _Branch) -> None:
+        ref = self._target.reference
+        if self._target.diverged is not None or k >= len(ref) or ref.names[k] != name:
+            if self._target.diverged is None:
+                self._target.diverged = min(k, len(ref))
+            return
+        self._crossed.append(_checksum(branch.code) != ref.sums[k])
+        if self._target.with_margins:
+            z0 = ref.z[k]
+            if z0 is None or branch.z is None or branch.z.shape != z0.shape:
+                if self._inf is None:
+                    self._inf = torch.full((), math.inf, dtype=torch.float64, device=ref.sums[k].device)
+                self._margins.append(self._inf)
+            else:
+                self._margins.append(_margin(z0, ref.zcode[k], branch))
+

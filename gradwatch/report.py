@@ -20,6 +20,9 @@ __all__ = [
     "VERDICTS",
     "GradientCheckError",
     "GradientCheckWarning",
+    "KinkEvent",
+    "KinkSite",
+    "KinkWarning",
     "OnFailure",
     "UnreliableCheckWarning",
     "Probe",
@@ -36,6 +39,78 @@ _FIX_HINT = (
     "check the backward of custom autograd.Functions, kernels and gradient hooks on the "
     "path from this tensor to the loss"
 )
+
+
+@dataclass(frozen=True)
+class KinkEvent:
+    """One non-smooth op call that one probe moved.
+
+    The margin is ``min |z₀| / |z - z₀|`` over the op's elements, for its switching
+    input ``z`` (the ReLU input, ``a - b`` of ``maximum``, the gap between a max-pool
+    window's winner and runner-up) at the unperturbed point (``z₀``) and in the
+    probe's ``±2h`` passes: the distance to the kink in units of the widest move.
+
+    Attributes:
+        tensor: Name of the parameter tensor the probe perturbed.
+        probe: Index of the probe in that tensor's ``TensorCheck.probes``.
+        call: Position of the op call among the forward's non-smooth op calls.
+        module: Qualified ``named_modules()`` name of the module whose forward called
+            the op (``""`` for the model itself), or ``None`` for code outside the
+            model's modules (a functional call in the loss function).
+        op: The aten op name, such as ``"relu"`` or ``"max_pool2d_with_indices"``.
+        kind: ``"kink"`` (the derivative jumps) or ``"discontinuity"`` (the value
+            jumps: round/floor/ceil, comparisons feeding arithmetic, sign).
+        margin: Below 1: a pass went past the kink (linear estimate). NaN when the op
+            crossed but gives no margin (cummax, uneven adaptive pools, a change in the
+            sequence of ops).
+        crossed: Some pass of the probe took another branch than the unperturbed pass
+            (exact, from the branch codes). Such probes never count towards a failure.
+        at_kink: An element sat exactly at the kink (``z₀ == 0``, a ReLU input of
+            exactly 0, a max-pool tie), where autograd's derivative is a convention.
+        near: ``crossed`` or ``margin`` below the check's ``near_kink_margin``.
+    """
+
+    tensor: str
+    probe: int
+    call: int
+    module: str | None
+    op: str
+    kind: str
+    margin: float
+    crossed: bool
+    at_kink: bool = False
+    near: bool = False
+
+
+@dataclass(frozen=True)
+class KinkSite:
+    """The kink events of one check grouped by ``(module, op, kind)``.
+
+    Attributes:
+        module: As in :class:`KinkEvent`.
+        op: The aten op name.
+        kind: ``"kink"`` or ``"discontinuity"``.
+        events: Probe/op-call pairs that moved this op.
+        near: How many of them were near (or crossed).
+        crossed: How many crossed.
+        at_kink: How many had an element exactly at the kink.
+        margin_min: Smallest margin (NaN when none is known).
+    """
+
+    module: str | None
+    op: str
+    kind: str
+    events: int
+    near: int
+    crossed: int
+    at_kink: int
+    margin_min: float
+
+    @property
+    def where(self) -> str:
+        """``'fc1' relu`` style label; ``<model>`` for the model, ``<outside modules>`` for None."""
+        module = "<outside modules>" if self.module is None else ("<model>" if self.module == "" else repr(self.module))
+        return f"{module} {self.op}"
 
 
 @dataclass(frozen=True)
@@ -60,6 +135,10 @@ class Probe:
         step: The step ``h`` used.
         kink: True when the ±h passes took different branches of a non-smooth op;
             such probes never count towards a failure.
+        kink_margin: Smallest margin of the kink events of this probe (inf: it moved
+            no non-smooth op; see :class:`KinkEvent`).
+        at_kink: An element of an op it moved sat exactly at the kink.
+        replacement: Drawn to replace a coordinate probe that crossed a kink.
     """
 
     kind: str
@@ -72,6 +151,9 @@ class Probe:
     tolerance: float
     step: float
     kink: bool
+    kink_margin: float = math.inf
+    at_kink: bool = False
+    replacement: bool = False
 
     @property
     def rel_error(self) -> float:
@@ -106,8 +188,11 @@ class TensorCheck:
             ``||n - a|| / (||n|| + ||a||)``; NaN when there is none.
         error_bar: Numerical error of the check in the same relative units.
         error_ratio: Largest ``error / tolerance`` over those probes; above 1 fails.
-        probes: Every probe, kinked ones included.
+        probes: Every probe, kinked ones and replacements included.
         reason: Why the verdict is not a plain pass/fail, or ``None``.
+        kink_events: Every non-smooth op call a probe of this tensor moved.
+        resampled: Replacement coordinates drawn because coordinate probes crossed
+            a kink (``check(kink_resamples=...)`` bounds it).
     """
 
     name: str
@@ -118,6 +203,8 @@ class TensorCheck:
     error_ratio: float = math.nan
     probes: tuple[Probe, ...] = ()
     reason: str | None = None
+    kink_events: tuple[KinkEvent, ...] = ()
+    resampled: int = 0
 
     @property
     def kink_count(self) -> int:
@@ -198,6 +285,63 @@ class Report:
         """Fraction of probes that crossed a kink (0 when there are no probes)."""
         probes = self.probes
         return _safe_ratio(sum(p.kink for p in probes), len(probes))
+
+    @property
+    def kink_events(self) -> list[KinkEvent]:
+        """Every non-smooth op call a probe moved, all tensors together."""
+        return [e for t in self.tensors.values() for e in t.kink_events]
+
+    @property
+    def kink_counts(self) -> dict[str, int]:
+        """Per tensor, the number of probes that crossed a kink."""
+        return {name: t.kink_count for name, t in self.tensors.items()}
+
+    @property
+    def kink_resamples(self) -> int:
+        """Replacement coordinates drawn for probes that crossed a kink, all tensors."""
+        return sum(t.resampled for t in self.tensors.values())
+
+    @property
+    def kink_margin_min(self) -> float:
+        """Closest approach to a kink over all events (NaN when there is none)."""
+        margins = [e.margin for e in self.kink_events if not math.isnan(e.margin)]
+        return min(margins) if margins else math.nan
+
+    def kink_sites(self, *, near_only: bool = False) -> list[KinkSite]:
+        """Kink events grouped by ``(module, op, kind)``, closest first.
+
+        Args:
+            near_only: Keep only sites with a near (or crossed) event.
+        """
+        groups: dict[tuple, list[KinkEvent]] = {}
+        for e in self.kink_events:
+            groups.setdefault((e.module, e.op, e.kind), []).append(e)
+        sites = []
+        for (module, op, kind), evs in groups.items():
+            margins = [e.margin for e in evs if not math.isnan(e.margin)]
+            site = KinkSite(module, op, kind, len(evs), sum(e.near for e in evs), sum(e.crossed for e in evs),
+                            sum(e.at_kink for e in evs), min(margins) if margins else math.nan)
+            if site.near or not near_only:
+                sites.append(site)
+        return sorted(sites, key=lambda s: (-s.crossed, math.inf if math.isnan(s.margin_min) else s.margin_min))
+
+    def kink_markdown(self) -> str:
+        """A markdown table of the modules and ops near kinks ("" when none is near)."""
+        sites = self.kink_sites(near_only=True)
+        if not sites:
+            return ""
+        rows = [
+            f"gradwatch: probes came near kinks at {len(sites)} op(s); kink_fraction "
+            f"{_fmt(self.kink_fraction)}, {self.kink_resamples} replacement coordinate(s) drawn",
+            "",
+            "| module | op | kind | near | crossed | at kink | min margin |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for s in sites:
+            module = "(outside modules)" if s.module is None else (s.module or "(model)")
+            cells = [module, s.op, s.kind, str(s.near), str(s.crossed), str(s.at_kink), _fmt(s.margin_min)]
+            rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        return "\n".join(rows)
 
     @property
     def rel_error_max(self) -> float:
@@ -291,6 +435,10 @@ class UnreliableCheckWarning(UserWarning):
     """Category of the warning issued when a replay did not reproduce the training loss."""
 
 
+class KinkWarning(UserWarning):
+    """Category of the kink-proximity warnings, issued once per (module, op)."""
+
+
 OnFailure = Union[str, Callable[[Report], object]]
 _ON_FAILURE = ("warn", "raise")
 
@@ -355,11 +503,12 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/rel_error_max       worst tensor
         <prefix>/error_bar/<param>   numerical error of that check, same units
         <prefix>/kink_fraction       probes that crossed a kink / all probes
+        <prefix>/kink_margin_min     closest approach to a kink (KinkEvent.margin)
         <prefix>/failures            tensors with verdict "fail"
         <prefix>/check_seconds       wall time of the check
 
-    Tensors without a judged probe (skipped, all-kink) have no per-tensor keys; NaN is
-    never logged.
+    Tensors without a judged probe (skipped, all-kink) have no per-tensor keys; a check
+    that moved no non-smooth op has no ``kink_margin_min``; NaN is never logged.
 
     Args:
         report: The report to flatten.
@@ -383,6 +532,8 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
     if not math.isnan(report.rel_error_max):
         out[f"{prefix}/rel_error_max"] = report.rel_error_max
     out[f"{prefix}/kink_fraction"] = report.kink_fraction
+    if not math.isnan(report.kink_margin_min):
+        out[f"{prefix}/kink_margin_min"] = report.kink_margin_min
     out[f"{prefix}/failures"] = float(len(report.failures))
     out[f"{prefix}/check_seconds"] = report.seconds
     return out

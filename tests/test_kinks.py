@@ -8,7 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from gradwatch import check
-from gradwatch.kinks import _BranchRecorder, _crossed
+from gradwatch.kinks import _BranchRecorder, _ProbeKinks
 from zoo import CORRECT
 
 C = 0.5  # kink location
@@ -100,28 +100,38 @@ def test_recording_does_not_change_the_loss() -> None:
     assert on.replay_loss == off.replay_loss
 
 
-def test_recorder_keeps_one_scalar_per_op_and_compares_exactly() -> None:
-    x = torch.randn(1000)
-    with _BranchRecorder() as rec:
-        F.relu(x), torch.clamp(x, -1, 1), x.abs(), F.max_pool1d(x.view(1, 1, -1), 2)
-    ref = rec.reset()
-    assert ref[0][:3] == ["relu", "clamp", "abs"] and ref[0][3].startswith("max_pool")
-    assert all(s.dim() == 0 for s in ref[1])
+def _compare(rec: _BranchRecorder, ref, fn, *, margins: bool = True) -> _ProbeKinks:
+    target = _ProbeKinks(ref, torch.device("cpu"))
+    with rec.compare_into(target.next_pass(margins=margins)):
+        fn()
+    return target
+
+
+def test_recorder_keeps_one_checksum_per_op_and_compares_exactly() -> None:
+    x = torch.randn(1000, dtype=torch.float64)
+
+    def run(v):
+        return lambda: (F.relu(v), torch.clamp(v, -1, 1), v.abs(), F.max_pool1d(v.view(1, 1, -1), 2))
+
+    rec = _BranchRecorder()
+    with rec.compare_into(None):
+        run(x)()
+    ref = rec.take_reference()
+    assert ref.names[:3] == ["relu", "clamp", "abs"] and ref.names[3].startswith("max_pool")
+    assert all(s.dim() == 0 for s in ref.sums)
     y = x.clone()
     y[123] = -y[123]  # one element changes sign
-    with rec:
-        F.relu(y), torch.clamp(y, -1, 1), y.abs(), F.max_pool1d(y.view(1, 1, -1), 2)
-    assert bool(_crossed(ref, rec.reset()))
-    with rec:
-        F.relu(x), torch.clamp(x, -1, 1), x.abs(), F.max_pool1d(x.view(1, 1, -1), 2)
-    assert not bool(_crossed(ref, rec.reset()))
-    with rec:
-        F.relu(x)
-    assert _crossed(ref, rec.reset()) is True  # a different op sequence is a crossing
+    assert bool(_compare(rec, ref, run(y)).any_crossed())
+    same = _compare(rec, ref, run(x))
+    assert not bool(same.any_crossed()) and same.diverged is None
+    assert bool(torch.isinf(same.margin).all())  # nothing moved
+    other = _compare(rec, ref, lambda: F.relu(x))
+    assert other.diverged == 1 and bool(other.any_crossed())  # a different op sequence is a crossing
 
 
 def test_integer_comparisons_are_not_recorded() -> None:
     labels = torch.arange(10)
-    with _BranchRecorder() as rec:
+    rec = _BranchRecorder()
+    with rec:
         labels > 3, labels.max(), torch.argmax(labels)
-    assert rec.reset() == ([], [])
+    assert rec.take_reference().names == []
