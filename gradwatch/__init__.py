@@ -21,7 +21,7 @@ from gradwatch.report import (
     UnreliableCheckWarning,
     metrics,
 )
-from gradwatch.sinks import LoggingSink, TensorBoardSink
+from gradwatch.sinks import KinkWarnings, LoggingSink, TensorBoardSink
 
 __all__ = [
     "GradWatch",
@@ -30,6 +30,7 @@ __all__ = [
     "KinkEvent",
     "KinkSite",
     "KinkWarning",
+    "KinkWarnings",
     "LoggingSink",
     "Probe",
     "ReplayState",

@@ -24,11 +24,11 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from gradwatch._schedule import _Schedule
-from gradwatch._validate import _callable, _fraction_or_none, _module, _positive_int, _probe_options, _seed
+from gradwatch._validate import _callable, _fraction_or_none, _kink_options, _module, _positive_int, _probe_options, _seed
 from gradwatch.engine import check
 from gradwatch.replay import capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
-from gradwatch.sinks import LoggingSink, Sink, TensorBoardSink
+from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
 
 __all__ = ["GradWatch"]
 
@@ -67,7 +67,12 @@ class GradWatch:
         prefix: First component of the logged keys.
         coordinates: Random elements probed per tensor (at most, under a budget).
         directions: Random directions probed per tensor (at most, under a budget).
-        kinks: Exclude probes that cross a kink of a non-smooth op.
+        kinks: Exclude probes that cross a kink of a non-smooth op, and warn (a
+            :class:`~gradwatch.KinkWarning`, once per module and op) when probes come
+            near one.
+        kink_resamples: Replacement coordinates drawn per tensor, at most, for
+            coordinate probes that crossed a kink.
+        near_kink_margin: Margin below which a kink counts as near.
 
     Attributes:
         reports: ``(step, Report)`` for each check.
@@ -92,6 +97,8 @@ class GradWatch:
         coordinates: int = 4,
         directions: int = 1,
         kinks: bool = True,
+        kink_resamples: int = 4,
+        near_kink_margin: float = 10.0,
     ) -> None:
         _module("model", model)
         _callable("loss_fn", loss_fn)
@@ -101,6 +108,7 @@ class GradWatch:
         _check_prefix(prefix)
         seed = _seed("seed", seed)
         _probe_options(coordinates, directions, kinks)
+        _kink_options(kink_resamples, near_kink_margin)
         if writer is not None and logdir is not None:
             raise ValueError(f"pass `writer` or `logdir`, not both; got writer={writer!r}, logdir={logdir!r}")
         if not any(p.requires_grad for p in model.parameters()):
@@ -119,10 +127,11 @@ class GradWatch:
         self.on_failure = on_failure
         self.seed = secrets.randbits(62) if seed is None else seed
         self.writer = writer
-        self.sinks: list[Sink] = [LoggingSink()]
+        self.sinks: list[Sink] = [LoggingSink(), KinkWarnings()]
         if writer is not None:
             self.sinks.append(TensorBoardSink(writer, prefix=prefix))
         self._kinks = kinks
+        self._kink_kwargs = {"kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin}
         self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self.reports: list[tuple[int, Report]] = []
         self._step = 0
@@ -198,6 +207,7 @@ class GradWatch:
             coordinates=coordinates,
             directions=directions,
             kinks=self._kinks,
+            **self._kink_kwargs,
             names=names,
         )
         del captured, state

@@ -12,12 +12,13 @@ Example:
 from __future__ import annotations
 
 import logging
+import warnings
 from typing import Any, Protocol
 
 from gradwatch._validate import _non_negative_int
-from gradwatch.report import Report, _check_prefix, _check_report, metrics
+from gradwatch.report import KinkWarning, Report, _check_prefix, _check_report, _fmt, metrics
 
-__all__ = ["LoggingSink", "Sink", "TensorBoardSink"]
+__all__ = ["KinkWarnings", "LoggingSink", "Sink", "TensorBoardSink"]
 
 _log = logging.getLogger("gradwatch")
 
@@ -29,7 +30,9 @@ class Sink(Protocol):
 
 
 class TensorBoardSink:
-    """Writes a report's scalars and, when not all clean, a markdown text entry.
+    """Writes a report's scalars, a markdown text entry when the check is not clean,
+    and a kink-proximity text entry (``<prefix>/kinks``) naming the modules and ops
+    that probes came near.
 
     Args:
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (anything with
@@ -56,6 +59,9 @@ class TensorBoardSink:
             self.writer.add_scalar(key, value, step)
         if report.verdict != "pass":
             self.writer.add_text(f"{self.prefix}/report", report.markdown(), step)
+        kinks = report.kink_markdown()
+        if kinks:
+            self.writer.add_text(f"{self.prefix}/kinks", kinks, step)
         flush = getattr(self.writer, "flush", None)
         if callable(flush):
             flush()
@@ -74,3 +80,39 @@ class LoggingSink:
         _non_negative_int("step", step)
         level = logging.INFO if report.verdict == "pass" else logging.WARNING
         _log.log(level, "%s", report.summary())
+
+
+class KinkWarnings:
+    """Kink-proximity warnings: one :class:`~gradwatch.KinkWarning` the first time a
+    ``(module, op)`` comes near a kink, never again for it (however many steps).
+
+    Attributes:
+        seen: The ``(module, op)`` pairs already warned about.
+
+    Example:
+        >>> sink = KinkWarnings()
+        >>> sink.write(report, step=0)  # doctest: +SKIP
+    """
+
+    def __init__(self) -> None:
+        self.seen: set[tuple[str | None, str]] = set()
+
+    def write(self, report: Report, step: int) -> None:
+        """Warn about each near ``(module, op)`` of ``report`` not warned about before."""
+        _check_report(report)
+        _non_negative_int("step", step)
+        for site in report.kink_sites(near_only=True):
+            key = (site.module, site.op)
+            if key in self.seen:
+                continue
+            self.seen.add(key)
+            what = "a discontinuity" if site.kind == "discontinuity" else "the kink"
+            warnings.warn(
+                f"gradwatch step {step}: probes came near {what} of {site.where} (margin {_fmt(site.margin_min)}; "
+                f"{site.near} near, {site.crossed} crossed, {site.at_kink} exactly at it, of {site.events} probe/op "
+                "pairs). Probes that cross are not judged and coordinates are redrawn (kink_resamples); "
+                "gradwatch/kink_fraction and gradwatch/kink_margin_min track this over training. "
+                "Not repeated for this module and op.",
+                KinkWarning,
+                stacklevel=2,
+            )

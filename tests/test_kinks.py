@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import warnings
+
 import pytest
 import torch
 import torch.nn.functional as F
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
-from gradwatch import check
+import gradwatch
+from gradwatch import GradWatch, KinkWarning, check
 from gradwatch.kinks import _BranchRecorder, _ProbeKinks
 from zoo import CORRECT
 
@@ -135,3 +139,289 @@ def test_integer_comparisons_are_not_recorded() -> None:
     with rec:
         labels > 3, labels.max(), torch.argmax(labels)
     assert rec.take_reference().names == []
+
+
+# ----------------------------------------------------------------- events, margins, modules
+DISCONTINUOUS_CASES = {"round_discontinuity", "floor_discontinuity", "threshold"}  # threshold: value 0 != 0.5
+
+
+def _crossed_events(report):
+    return [e for e in report.kink_events if e.crossed]
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_forced_crossing_has_an_event_with_margin_below_one(case: str) -> None:
+    report = check(Scalar(CASES[case]), _loss, None, seed=0, coordinates=1, directions=0)
+    crossed = _crossed_events(report)
+    assert crossed, str(report)
+    assert min(e.margin for e in crossed) < 1.0
+    assert all(e.tensor == "w" and e.probe == 0 and e.near for e in crossed)
+    kinds = {e.kind for e in crossed}
+    assert kinds == ({"discontinuity"} if case in DISCONTINUOUS_CASES else {"kink"}), kinds
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_far_from_the_kink_events_are_not_near(case: str) -> None:
+    report = check(Scalar(CASES[case], start=C + 0.25), _loss, None, seed=0, coordinates=1, directions=0)
+    assert not any(e.crossed or e.near for e in report.kink_events), report.kink_events
+    assert report.kink_fraction == 0.0
+
+
+class Encoder(nn.Module):
+    """Three pre-activations equal to the bias (zero weight): 0.5, D and -0.5."""
+
+    def __init__(self, bias: list[float]) -> None:
+        super().__init__()
+        self.enc = nn.Sequential(nn.Linear(2, 3), nn.ReLU())
+        self.head = nn.Linear(3, 1)
+        with torch.no_grad():
+            self.enc[0].weight.zero_()
+            self.enc[0].bias.copy_(torch.tensor(bias))
+            self.head.weight.fill_(1.0)
+
+    def forward(self, x):
+        return self.head(self.enc(x)).sum()
+
+
+def test_relu_crossing_in_a_named_submodule_names_module_op_and_margin() -> None:
+    model = Encoder([0.5, D, -0.5])
+    report = check(model, _loss, torch.ones(1, 2), seed=0, coordinates=3, directions=0)
+    bias = report.tensors["enc.0.bias"]
+    kinked = [p.index for p in bias.probes if p.kink]
+    assert kinked == [(1,)] and bias.verdict == "pass", str(report)
+    (event,) = [e for e in bias.kink_events if e.crossed]
+    assert (event.tensor, event.module, event.op, event.kind) == ("enc.0.bias", "enc.1", "relu", "kink")
+    assert bias.probes[event.probe].index == (1,)
+    # z0 = D, the ±2h passes move it by 2h = 1.2e-5: margin D / 2h
+    assert event.margin == pytest.approx(D / (2 * 6e-6), rel=1e-3)
+    assert not event.at_kink
+    assert report.kink_counts["enc.0.bias"] == 1 and report.kink_margin_min <= event.margin
+    assert all(e.module == "enc.1" and e.op == "relu" for e in report.kink_events)
+
+
+def test_relu_input_exactly_zero_is_at_kink() -> None:
+    model = Encoder([0.5, 0.0, -0.5])
+    report = check(model, _loss, torch.ones(1, 2), seed=0, coordinates=3, directions=0)
+    (event,) = [e for e in report.tensors["enc.0.bias"].kink_events if e.crossed]
+    assert event.at_kink and event.margin == 0.0 and event.module == "enc.1"
+    assert [p.index for p in report.tensors["enc.0.bias"].probes if p.at_kink] == [(1,)]
+
+
+class Wrapped(nn.Module):
+    """``w`` through a named child module ``inner`` that applies ``fn``."""
+
+    class Inner(nn.Module):
+        def __init__(self, fn) -> None:
+            super().__init__()
+            self.fn = fn
+
+        def forward(self, x):
+            return self.fn(x)
+
+    def __init__(self, fn, start: list[float]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(start))
+        self.inner = self.Inner(fn) if not isinstance(fn, nn.Module) else fn
+
+    def forward(self, _):
+        return (self.inner(self.w) * torch.arange(1.0, 1.0 + self.w.numel()).view(self.w.shape)[..., :1]).sum()
+
+
+@pytest.mark.parametrize(
+    "fn, start, op",
+    [
+        (nn.MaxPool1d(2), [[[C + D, C, 0.0, 1.0]]], "max_pool2d_with_indices"),  # near-tie in the first window
+        (nn.MaxPool2d(2), [[[[C + D, C], [0.0, 0.2]]]], "max_pool2d_with_indices"),
+        (nn.AdaptiveMaxPool1d(1), [[[C + D, C]]], "adaptive_max_pool2d"),
+        (lambda x: torch.clamp(x, min=C - 1.0, max=C), [C + D, 0.0], "clamp"),  # upper bound
+        (lambda x: torch.clamp(x, min=C, max=C + 1.0), [C + D, C + 0.5], "clamp"),  # lower bound
+        (lambda x: torch.maximum(x, torch.full_like(x, C)), [C + D, 2.0], "maximum"),
+        (lambda x: x.max(dim=-1).values, [[C + D, C]], "max"),
+        (lambda x: torch.topk(x, 1).values, [C + D, C, 0.0], "topk"),
+        (lambda x: torch.sort(x).values * torch.tensor([1.0, 2.0, 3.0]), [C + D, C, 0.0], "sort"),
+        (lambda x: x[x.argmax()], [C + D, C], "argmax"),
+    ],
+    ids=["max_pool1d", "max_pool2d", "adaptive_max_pool", "clamp_max", "clamp_min", "maximum", "max_dim", "topk",
+         "sort", "argmax"],
+)
+def test_crossings_name_the_module_and_op(fn, start, op) -> None:
+    model = Wrapped(fn, start)
+    report = check(model, _loss, None, seed=0, coordinates=model.w.numel(), directions=0)
+    (first,) = [p for p in report.tensors["w"].probes if not any(p.index)]  # the element D from the kink
+    crossed = _crossed_events(report)
+    assert first.kink and crossed, str(report)
+    assert {(e.module, e.op) for e in crossed} == {("inner", op)}
+    assert min(e.margin for e in crossed) < 1.0
+
+
+def test_max_pool_exact_tie_is_at_kink() -> None:
+    model = Wrapped(nn.MaxPool1d(2), [[[C, C, 0.0, 1.0]]])
+    report = check(model, _loss, None, seed=0, coordinates=4, directions=0)
+    at = [e for e in report.kink_events if e.at_kink]
+    assert at and all(e.op == "max_pool2d_with_indices" and e.margin == 0.0 for e in at)
+    assert {report.tensors["w"].probes[e.probe].index for e in at} <= {(0, 0, 0), (0, 0, 1)}
+
+
+def test_functional_relu_in_a_plain_loss_function_has_no_module() -> None:
+    model = nn.Linear(1, 1)
+    with torch.no_grad():
+        model.weight.fill_(1.0), model.bias.fill_(-C)
+
+    def loss_fn(m, batch):
+        return F.relu(m(batch) - D).sum()  # outside any module
+
+    report = check(model, loss_fn, torch.tensor([[C + 2 * D]]), seed=0, coordinates=1, directions=0)
+    crossed = _crossed_events(report)
+    assert crossed and all(e.module is None and e.op == "relu" and e.margin < 1 for e in crossed)
+
+
+def test_module_attribution_uses_the_innermost_module() -> None:
+    case = CORRECT["transformer"](0)  # TransformerEncoderLayer calls F.relu in its forward
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    assert {(e.module, e.op) for e in report.kink_events} == {("layer", "relu")}
+
+
+def test_smooth_models_have_no_kink_events() -> None:
+    for name in ("layernorm_gelu", "lstm", "custom_function"):  # GELU, tanh/sigmoid only
+        case = CORRECT[name](0)
+        report = check(case.model, case.loss_fn, case.batch, seed=0)
+        assert report.kink_events == [] and report.kink_resamples == 0, name
+        assert "gradwatch/kink_margin_min" not in report.metrics()
+
+
+class StraightThroughRound(nn.Module):
+    """Quantisation with a straight-through estimator: forward rounds, backward is identity."""
+
+    def __init__(self, start: list[float]) -> None:
+        super().__init__()
+        self.w = nn.Parameter(torch.tensor(start))
+
+    def forward(self, _):
+        q = self.w + (torch.round(self.w) - self.w).detach()
+        return (q * q).sum()
+
+
+def test_round_straight_through_estimator_reports_a_discontinuity() -> None:
+    report = check(StraightThroughRound([0.5 + D, 0.2]), _loss, None, seed=0, coordinates=2, directions=0)
+    events = [e for e in report.kink_events if e.op == "round"]
+    assert events and all(e.kind == "discontinuity" and e.module == "" for e in events)
+    assert any(e.crossed and e.margin < 1 for e in events)
+
+
+def test_comparison_feeding_where_is_a_kink_and_feeding_arithmetic_a_discontinuity() -> None:
+    where = check(Scalar(lambda w: torch.where(w > C, w, 0.5 * w)), _loss, None, seed=0, coordinates=1, directions=0)
+    mask = check(Scalar(lambda w: w * (w > C)), _loss, None, seed=0, coordinates=1, directions=0)
+    assert {(e.op, e.kind) for e in _crossed_events(where)} == {("gt", "kink")}
+    assert {(e.op, e.kind) for e in _crossed_events(mask)} == {("gt", "discontinuity")}
+
+
+# ----------------------------------------------------------------- resampling
+class MostlyNearKinks(nn.Module):
+    """64 weights; 56 of them sit D above their ReLU's kink, 8 far from it."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        w = torch.linspace(-1.0, 1.0, 64)
+        self.far = torch.zeros(64, dtype=torch.bool)
+        self.far[::8] = True
+        self.kink = torch.where(self.far, w - 0.3, w - D)
+        self.w = nn.Parameter(w)
+
+    def forward(self, _):
+        return (F.relu(self.w - self.kink) * torch.linspace(1.0, 2.0, 64)).sum()
+
+
+def test_resampling_keeps_every_tensor_checked_when_most_coordinates_sit_near_kinks() -> None:
+    unchecked = 0
+    for seed in range(6):
+        model = MostlyNearKinks()
+        without = check(model, _loss, None, seed=seed, coordinates=4, directions=0, kink_resamples=0)
+        unchecked += without.tensors["w"].verdict == "kink"
+        report = check(model, _loss, None, seed=seed, coordinates=4, directions=0, kink_resamples=40)
+        tc = report.tensors["w"]
+        assert tc.verdict == "pass", str(report)
+        assert any(not p.kink for p in tc.probes)
+        assert tc.resampled == sum(p.replacement for p in tc.probes) == report.kink_resamples
+        assert sum(not p.kink for p in tc.probes) == 4  # every crossed coordinate was replaced
+        indices = [p.index for p in tc.probes]
+        assert len(set(indices)) == len(indices)  # replacements are fresh coordinates
+        assert [p.index for p in tc.probes[:4]] == [p.index for p in without.tensors["w"].probes]
+        again = check(model, _loss, None, seed=seed, coordinates=4, directions=0, kink_resamples=40)
+        assert [p.index for p in again.tensors["w"].probes] == indices  # deterministic given the seed
+    assert unchecked >= 2  # without resampling, some checks verify nothing
+
+
+def test_resampling_budget_bounds_the_replacements() -> None:
+    model = MostlyNearKinks()
+    for budget in (1, 3):
+        report = check(model, _loss, None, seed=0, coordinates=4, directions=0, kink_resamples=budget)
+        assert report.tensors["w"].resampled <= budget
+        assert len(report.tensors["w"].probes) == 4 + report.tensors["w"].resampled
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"kink_resamples": -1}, r"`kink_resamples` must be a non-negative int, got -1"),
+        ({"kink_resamples": 1.5}, r"`kink_resamples` must be a non-negative int, got 1.5"),
+        ({"near_kink_margin": 0.0}, r"`near_kink_margin` must be a positive finite number, got 0.0"),
+        ({"near_kink_margin": "10"}, r"`near_kink_margin` must be a positive finite number, got '10'"),
+    ],
+)
+def test_kink_arguments_are_validated(kwargs, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        check(Scalar(torch.relu), _loss, None, **kwargs)
+    with pytest.raises(ValueError, match=match):
+        GradWatch(Scalar(torch.relu), _loss, **kwargs)
+
+
+def test_near_kink_margin_sets_what_counts_as_near() -> None:
+    model = Encoder([0.5, 3e-5, -0.5])  # margin 3e-5 / 2h = 2.5: near, not crossed
+    tight = check(model, _loss, torch.ones(1, 2), seed=0, coordinates=3, directions=0, near_kink_margin=2.0)
+    loose = check(model, _loss, torch.ones(1, 2), seed=0, coordinates=3, directions=0, near_kink_margin=3.0)
+    assert not any(e.near for e in tight.kink_events) and tight.kink_fraction == 0.0
+    near = [e for e in loose.tensors["enc.0.bias"].kink_events if e.near]
+    assert [(e.module, e.crossed) for e in near] == [("enc.1", False)]
+    assert near[0].margin == pytest.approx(2.5, rel=1e-3)
+
+
+# ----------------------------------------------------------------- memory
+def test_reference_keeps_a_float32_switching_input_and_compares_into_scalars() -> None:
+    x = torch.randn(10_000, dtype=torch.float64)
+    rec = _BranchRecorder()
+    with rec:
+        F.relu(x)
+    ref = rec.take_reference()
+    assert ref.z[0].dtype == torch.float32 and ref.nbytes == 4 * x.numel() + 8
+    target = _compare(rec, ref, lambda: F.relu(x + 1e-3))
+    assert target.crossed.shape == target.margin.shape == (1,)  # one pair of scalars per op call
+    assert not rec._crossed and not rec._margins  # nothing of the pass stays in the recorder
+
+
+# ----------------------------------------------------------------- warnings and TensorBoard
+def test_kink_warning_once_per_module_and_op_over_many_steps(tmp_path) -> None:
+    model = Encoder([0.5, D, -0.5])
+    batch = torch.ones(1, 2)
+    with GradWatch(model, _loss, every_n_steps=1, seed=0, logdir=str(tmp_path)) as watch:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            for _ in range(5):
+                model.zero_grad()
+                with watch.step(batch):
+                    _loss(model, batch).backward()
+    kink_warnings = [w for w in caught if issubclass(w.category, KinkWarning)]
+    assert len(kink_warnings) == 1, [str(w.message) for w in caught]
+    assert "'enc.1' relu" in str(kink_warnings[0].message)
+    assert all(r.kink_fraction > 0 for _, r in watch.reports)
+    acc = EventAccumulator(str(tmp_path), size_guidance={"tensors": 0})
+    acc.Reload()
+    assert len(acc.Scalars("gradwatch/kink_margin_min")) == 5
+    assert len(acc.Scalars("gradwatch/kink_fraction")) == 5
+    text = acc.Tensors("gradwatch/kinks/text_summary")[0].tensor_proto.string_val[0].decode()
+    assert "| enc.1 | relu | kink |" in text
+
+
+def test_kink_warnings_sink_is_exported_and_validates() -> None:
+    sink = gradwatch.KinkWarnings()
+    with pytest.raises(TypeError, match="`report` must be a gradwatch.Report"):
+        sink.write("report", 0)
