@@ -108,9 +108,10 @@ class KinkSite:
 
     @property
     def where(self) -> str:
-        """``'fc1' relu`` style label; ``<model>`` for the model, ``<outside modules>`` for None."""
-        module = "<outside modules>" if self.module is None else ("<model>" if self.module == "" else repr(self.module))
-        return f"{module} {self.op}"
+        """``relu in module 'enc.1'``, ``relu in the model's own forward`` or ``relu outside the model's modules``."""
+        if self.module is None:
+            return f"{self.op} outside the model's modules"
+        return f"{self.op} in the model's own forward" if self.module == "" else f"{self.op} in module {self.module!r}"
 
 
 @dataclass(frozen=True)
