@@ -51,6 +51,8 @@ aten = torch.ops.aten
 
 #: dtype of the reference switching inputs kept for margins (margins need ~3 digits).
 _Z_DTYPE = torch.float32
+#: Checksum weights are cached per device up to this many elements (32 MiB of int64).
+_WEIGHTS_CACHED = 1 << 22
 
 
 class _Branch(NamedTuple):
@@ -72,7 +74,9 @@ class _Branch(NamedTuple):
     kind: str | None = None
 
 
-_Code = Callable[[tuple, dict, Any], "_Branch | None"]
+#: ``code(args, kwargs, out, with_z) -> _Branch | None``; ``z`` only when ``with_z``
+#: (the passes that compute margins), since some switching inputs cost a pass over the data.
+_Code = Callable[[tuple, dict, Any, bool], "_Branch | None"]
 
 
 def _is_float(x: Any) -> bool:
@@ -85,14 +89,16 @@ def _arg(args: tuple, kwargs: dict, i: int, name: str, default: Any = None) -> A
     return kwargs.get(name, default)
 
 
-def _band(x: Tensor, lo: Any, hi: Any) -> _Branch:
+def _band(x: Tensor, lo: Any, hi: Any, with_z: bool) -> _Branch:
     """Code -1 below ``lo``, +1 above ``hi``, 0 between; ``z`` > 0 strictly between."""
     code = torch.zeros_like(x, dtype=torch.int8)
     if hi is not None:
         code = code + (x > hi).to(torch.int8)
     if lo is not None:
         code = code - (x < lo).to(torch.int8)
-    if hi is None:
+    if not with_z:
+        z = None
+    elif hi is None:
         z = x - lo
     elif lo is None:
         z = hi - x
@@ -107,61 +113,61 @@ def _sign(x: Tensor) -> Tensor:
 
 # ----------------------------------------------------------------- elementwise kinks
 # Computed from the inputs, before the op runs (in-place variants overwrite them).
-def _positive(args, kwargs, out):
+def _positive(args, kwargs, out, with_z):
     x = args[0]
     return _Branch(x > 0, x) if _is_float(x) else None
 
 
-def _threshold(args, kwargs, out):
+def _threshold(args, kwargs, out, with_z):
     x, threshold, value = args[0], args[1], args[2]
     if not _is_float(x):
         return None
     jump = None if value == threshold else "discontinuity"  # continuous only when value == threshold
-    return _Branch(x > threshold, x - threshold, kind=jump)
+    return _Branch(x > threshold, x - threshold if with_z else None, kind=jump)
 
 
-def _hardtanh(args, kwargs, out):
+def _hardtanh(args, kwargs, out, with_z):
     x = args[0]
     if not _is_float(x):
         return None
-    return _band(x, _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0))
+    return _band(x, _arg(args, kwargs, 1, "min_val", -1.0), _arg(args, kwargs, 2, "max_val", 1.0), with_z)
 
 
-def _clamp(args, kwargs, out):
+def _clamp(args, kwargs, out, with_z):
     x = args[0]
     lo, hi = _arg(args, kwargs, 1, "min"), _arg(args, kwargs, 2, "max")
     if not _is_float(x) or (lo is None and hi is None):
         return None
-    return _band(x, lo, hi)
+    return _band(x, lo, hi, with_z)
 
 
-def _clamp_min(args, kwargs, out):
-    return _band(args[0], args[1], None) if _is_float(args[0]) else None
+def _clamp_min(args, kwargs, out, with_z):
+    return _band(args[0], args[1], None, with_z) if _is_float(args[0]) else None
 
 
-def _clamp_max(args, kwargs, out):
-    return _band(args[0], None, args[1]) if _is_float(args[0]) else None
+def _clamp_max(args, kwargs, out, with_z):
+    return _band(args[0], None, args[1], with_z) if _is_float(args[0]) else None
 
 
-def _three(args, kwargs, out):
+def _three(args, kwargs, out, with_z):
     x = args[0]
-    return _band(x, -3.0, 3.0) if _is_float(x) else None
+    return _band(x, -3.0, 3.0, with_z) if _is_float(x) else None
 
 
-def _shrink(args, kwargs, out):
+def _shrink(args, kwargs, out, with_z):
     x = args[0]
     if not _is_float(x):
         return None
     lam = _arg(args, kwargs, 1, "lambd", 0.5)
-    return _Branch(_band(x, -lam, lam).code, x.abs() - lam)
+    return _Branch(_band(x, -lam, lam, False).code, x.abs() - lam if with_z else None)
 
 
-def _signed(args, kwargs, out):
+def _signed(args, kwargs, out, with_z):
     x = args[0]
     return _Branch(_sign(x), x) if _is_float(x) else None
 
 
-def _pairwise(args, kwargs, out):
+def _pairwise(args, kwargs, out, with_z):
     a, b = args[0], args[1]
     if not (_is_float(a) or _is_float(b)):
         return None
@@ -173,13 +179,13 @@ def _periodic(fn: Callable[[Tensor], Tensor], boundary: Callable[[Tensor], Tenso
     """Rounding-like ops: ``code`` is the rounded value, ``z`` a smooth function that
     is zero exactly at the jumps (``sin(πx)`` for integers, ``cos(πx)`` for halves)."""
 
-    def code(args, kwargs, out):
+    def code(args, kwargs, out, with_z):
         x = args[0]
         if not _is_float(x):
             return None
         decimals = kwargs.get("decimals", 0)
         scaled = x * 10.0**decimals if decimals else x
-        return _Branch(fn(scaled), boundary(scaled))
+        return _Branch(fn(scaled), boundary(scaled) if with_z else None)
 
     return code
 
@@ -195,23 +201,22 @@ def _cos_pi(x: Tensor) -> Tensor:
 def _quotient(mode: str) -> _Code:
     """Remainder (floor) and fmod (trunc) jump where the quotient is an integer."""
 
-    def code(args, kwargs, out):
+    def code(args, kwargs, out, with_z):
         a, b = args[0], args[1]
         if not _is_float(a):
             return None
-        q = a / b
-        return _Branch(torch.div(a, b, rounding_mode=mode), _sin_pi(q))
+        return _Branch(torch.div(a, b, rounding_mode=mode), _sin_pi(a / b) if with_z else None)
 
     return code
 
 
 # ----------------------------------------------------------------- from the outputs
-def _comparison(args, kwargs, out):
+def _comparison(args, kwargs, out, with_z):
     a = args[0]
     b = args[1] if len(args) > 1 else None
     if not (_is_float(a) or _is_float(b)):
         return None
-    return _Branch(out, None if out is a else a - b)  # in place: ``a`` is already overwritten
+    return _Branch(out, a - b if with_z and out is not a else None)  # in place: ``a`` is overwritten
 
 
 def _gap(x: Tensor, idx: Tensor, dim: int) -> Tensor:
@@ -225,13 +230,13 @@ def _gap(x: Tensor, idx: Tensor, dim: int) -> Tensor:
 def _selected(dim_pos: int, dim_default: int | None = None) -> _Code:
     """Reductions returning ``(values, indices)`` along a dim: max/min/kthvalue/median/mode."""
 
-    def code(args, kwargs, out):
+    def code(args, kwargs, out, with_z):
         x = args[0]
         if not _is_float(x):
             return None
         idx = out[1]
         dim = _arg(args, kwargs, dim_pos, "dim", dim_default)
-        if x.dim() == 0 or dim is None or x.shape[dim] < 2:
+        if not with_z or x.dim() == 0 or dim is None or x.shape[dim] < 2:
             return _Branch(idx)
         keep = idx if idx.dim() == x.dim() else idx.unsqueeze(dim)
         return _Branch(idx, _gap(x, keep, dim).reshape(idx.shape), idx)
@@ -239,7 +244,7 @@ def _selected(dim_pos: int, dim_default: int | None = None) -> _Code:
     return code
 
 
-def _arg_select(args, kwargs, out):
+def _arg_select(args, kwargs, out, with_z):
     """argmax/argmin with or without a dim."""
     x = args[0]
     if not _is_float(x):
@@ -247,7 +252,7 @@ def _arg_select(args, kwargs, out):
     dim = _arg(args, kwargs, 1, "dim")
     if dim is None:
         x, dim = x.reshape(-1), 0
-    if x.dim() == 0 or x.shape[dim] < 2:
+    if not with_z or x.dim() == 0 or x.shape[dim] < 2:
         return _Branch(out)
     keep = out.reshape(1) if x.dim() == 1 else (out if out.dim() == x.dim() else out.unsqueeze(dim))
     return _Branch(out, _gap(x, keep, dim).reshape(out.shape), out)
@@ -256,13 +261,13 @@ def _arg_select(args, kwargs, out):
 def _flat_select(reduce: str) -> _Code:
     """Full max/min reductions: the index of the element picked, and its gap."""
 
-    def code(args, kwargs, out):
+    def code(args, kwargs, out, with_z):
         x = args[0]
         if not _is_float(x):
             return None
         flat = x.reshape(-1)
         idx = getattr(flat, reduce)()
-        if flat.numel() < 2:
+        if not with_z or flat.numel() < 2:
             return _Branch(idx)
         return _Branch(idx, _gap(flat, idx.reshape(1), 0).reshape(()), idx)
 
@@ -279,23 +284,23 @@ def _adjacent(values: Tensor, indices: Tensor, dim: int) -> tuple[Tensor, Tensor
     return gaps, pairs
 
 
-def _sort(args, kwargs, out):
+def _sort(args, kwargs, out, with_z):
     x = args[0]
     if not _is_float(x):
         return None
     dim = kwargs.get("dim", args[1] if len(args) > 1 and type(args[1]) is int else -1)
-    gap = _adjacent(out[0], out[1], dim) if x.dim() else None
+    gap = _adjacent(out[0], out[1], dim) if with_z and x.dim() else None
     return _Branch(out[1], *(gap or ()))
 
 
-def _topk(args, kwargs, out):
+def _topk(args, kwargs, out, with_z):
     x = args[0]
     if not _is_float(x):
         return None
     k = args[1]
     dim = _arg(args, kwargs, 2, "dim", -1)
     largest = _arg(args, kwargs, 3, "largest", True)
-    if x.dim() == 0:
+    if not with_z or x.dim() == 0:
         return _Branch(out[1])
     values, indices = out
     if k < x.shape[dim]:  # the runner-up outside the selection decides the set
@@ -304,15 +309,15 @@ def _topk(args, kwargs, out):
     return _Branch(out[1], *(gap or ()))
 
 
-def _indices(args, kwargs, out):
+def _indices(args, kwargs, out, with_z):
     return _Branch(out[1]) if _is_float(args[0]) else None
 
 
-def _output(args, kwargs, out):
+def _output(args, kwargs, out, with_z):
     return _Branch(out) if _is_float(args[0]) else None
 
 
-def _equals_output(args, kwargs, out):
+def _equals_output(args, kwargs, out, with_z):
     x = args[0]
     if not _is_float(x):
         return None
@@ -334,7 +339,8 @@ def _tuple(value: Any, n: int) -> list[int]:
 
 
 def _pool_gap(x: Tensor, values: Tensor, nd: int, kernel: Any, stride: Any, padding: Any, dilation: Any) -> Tensor:
-    """Winner minus runner-up of every ``nd``-d max-pool window (inf for one-element windows)."""
+    """Winner minus runner-up of every ``nd``-d max-pool window (inf for one-element windows),
+    from unfolded windows (exact for overlapping windows too)."""
     k = _tuple(kernel, nd)
     s = _tuple(stride, nd) if stride not in (None, [], ()) else k
     p, d = _tuple(padding, nd), _tuple(dilation, nd)
@@ -354,35 +360,59 @@ def _pool_gap(x: Tensor, values: Tensor, nd: int, kernel: Any, stride: Any, padd
     return top[..., 0] - top[..., 1]
 
 
-def _max_pool(nd: int, with_indices: Any | None = None) -> _Code:
-    """max_pool{nd}d with indices, or (``with_indices`` given) recomputed with them."""
+def _runner_up_gap(x: Tensor, values: Tensor, indices: Tensor, nd: int, pool: Callable[[Tensor], Tensor]) -> Tensor:
+    """Winner minus runner-up by pooling again with every winner set to -inf: exact when no
+    element lies in two windows (it could be a window's runner-up and another's winner)."""
+    lead = x.shape[:-nd]
+    masked = x.reshape(*lead, -1).clone()
+    masked.scatter_(-1, indices.reshape(*lead, -1), -math.inf)
+    return values - pool(masked.view_as(x))
 
-    def code(args, kwargs, out):
+
+def _overlapping(nd: int, kernel: Any, stride: Any, dilation: Any) -> bool:
+    k, d = _tuple(kernel, nd), _tuple(dilation, nd)
+    s = _tuple(stride, nd) if stride not in (None, [], ()) else k
+    return any((ki - 1) * di + 1 > si for ki, si, di in zip(k, s, d))
+
+
+def _max_pool(nd: int, with_indices: Any) -> _Code:
+    """max_pool{nd}d (recomputed ``with_indices`` when the call had none)."""
+
+    def code(args, kwargs, out, with_z):
         x = args[0]
         if not _is_float(x):
             return None
-        if with_indices is not None:
+        if not isinstance(out, (tuple, list)):  # max_pool{nd}d reached dispatch without indices
             out = with_indices(*args, **kwargs)
+        if not with_z:
+            return _Branch(out[1])
         kernel = _arg(args, kwargs, 1, "kernel_size")
         stride = _arg(args, kwargs, 2, "stride", None)
-        padding = _arg(args, kwargs, 3, "padding", 0)
         dilation = _arg(args, kwargs, 4, "dilation", 1)
-        return _Branch(out[1], _pool_gap(x, out[0], nd, kernel, stride, padding, dilation), out[1])
+        if _overlapping(nd, kernel, stride, dilation):
+            gap = _pool_gap(x, out[0], nd, kernel, stride, _arg(args, kwargs, 3, "padding", 0), dilation)
+        else:
+            gap = _runner_up_gap(x, out[0], out[1], nd, lambda m: with_indices(m, *args[1:], **kwargs)[0])
+        return _Branch(out[1], gap, out[1])
 
     return code
 
 
-def _adaptive_max_pool(args, kwargs, out):
-    x = args[0]
-    if not _is_float(x):
-        return None
-    values, indices = out
-    nd = len(args[1])
-    sizes = x.shape[-nd:]
-    if any(n % o for n, o in zip(sizes, values.shape[-nd:])):  # uneven windows: no margin
-        return _Branch(indices)
-    kernel = [n // o for n, o in zip(sizes, values.shape[-nd:])]
-    return _Branch(indices, _pool_gap(x, values, nd, kernel, kernel, 0, 1), indices)
+def _adaptive_max_pool(nd: int, op: Any) -> _Code:
+    """adaptive_max_pool{nd}d; where windows of uneven sizes overlap, the margin can come
+    out too large (see :func:`_runner_up_gap`); crossings are still exact."""
+
+    def code(args, kwargs, out, with_z):
+        x = args[0]
+        if not _is_float(x):
+            return None
+        values, indices = out
+        if not with_z:
+            return _Branch(indices)
+        gap = _runner_up_gap(x, values, indices, nd, lambda m: op(m, *args[1:], **kwargs)[0])
+        return _Branch(indices, gap, indices)
+
+    return code
 
 
 # (aten names, code function, computed before the op runs?, "kink" or "discontinuity")
@@ -398,10 +428,12 @@ _TABLE: tuple[tuple[tuple[str, ...], _Code, bool, str], ...] = (
     (("softshrink",), _shrink, True, "kink"),
     (("abs", "abs_"), _signed, True, "kink"),
     (("maximum", "minimum", "fmax", "fmin"), _pairwise, True, "kink"),
-    (("max_pool1d_with_indices",), _max_pool(1), False, "kink"),
-    (("max_pool2d_with_indices",), _max_pool(2), False, "kink"),
-    (("max_pool3d_with_indices",), _max_pool(3), False, "kink"),
-    (("adaptive_max_pool1d", "adaptive_max_pool2d", "adaptive_max_pool3d"), _adaptive_max_pool, False, "kink"),
+    (("max_pool1d_with_indices", "max_pool1d"), _max_pool(1, aten.max_pool1d_with_indices), False, "kink"),
+    (("max_pool2d_with_indices", "max_pool2d"), _max_pool(2, aten.max_pool2d_with_indices), False, "kink"),
+    (("max_pool3d_with_indices", "max_pool3d"), _max_pool(3, aten.max_pool3d_with_indices), False, "kink"),
+    (("adaptive_max_pool1d",), _adaptive_max_pool(1, aten.adaptive_max_pool1d), False, "kink"),
+    (("adaptive_max_pool2d",), _adaptive_max_pool(2, aten.adaptive_max_pool2d), False, "kink"),
+    (("adaptive_max_pool3d",), _adaptive_max_pool(3, aten.adaptive_max_pool3d), False, "kink"),
     (("sort",), _sort, False, "kink"),
     (("topk",), _topk, False, "kink"),
     (("kthvalue",), _selected(2, -1), False, "kink"),
@@ -432,8 +464,6 @@ for _names, _fn, _before, _kind in _TABLE:
         _packet = getattr(aten, _name, None)
         if _packet is not None:
             _RULES[_packet] = (_fn, _before, _kind)
-for _nd in (1, 2, 3):  # when they reach dispatch without indices
-    _RULES[getattr(aten, f"max_pool{_nd}d")] = (_max_pool(_nd, getattr(aten, f"max_pool{_nd}d_with_indices")), False, "kink")
 
 # Packets whose overloads differ in kind: max/min/median with and without dim.
 _OVERLOAD: dict[Any, _Rule] = {
@@ -451,18 +481,27 @@ _SELECTS: dict[Any, int] = {aten.where: 0, aten.masked_fill: 1, aten.masked_fill
 
 #: aten ops recorded as kinks (the derivative jumps).
 KINK_OPS = frozenset(n for names, _, _, kind in _TABLE if kind == "kink" for n in names) | {
-    "max", "min", "median", "nanmedian", "max_pool1d", "max_pool2d", "max_pool3d"
+    "max", "min", "median", "nanmedian"
 }
 #: aten ops recorded as discontinuities (the value jumps); comparisons whose mask feeds
 #: ``torch.where``/``masked_fill`` count as kinks, threshold with value != threshold as a jump.
 DISCONTINUOUS_OPS = frozenset(n for names, _, _, kind in _TABLE if kind == "discontinuity" for n in names)
 
 
+_RULE_CACHE: dict[Any, "_Rule | None"] = {}
+
+
 def _rule(func: Any) -> _Rule | None:
-    return _OVERLOAD.get(func) or _RULES.get(func.overloadpacket)
+    try:
+        return _RULE_CACHE[func]
+    except KeyError:
+        rule = _RULE_CACHE[func] = _OVERLOAD.get(func) or _RULES.get(func.overloadpacket)
+        return rule
 
 
-def _branch(func: Any, args: tuple, kwargs: dict, out: Any = None, *, before: bool) -> tuple[_Branch, str] | None:
+def _branch(
+    func: Any, args: tuple, kwargs: dict, out: Any = None, *, before: bool, with_z: bool = True
+) -> tuple[_Branch, str] | None:
     """The branch of one op call (``before``: from its inputs, else from ``out``), and its kind.
 
     A plain function of the call, so a batched (vmap) evaluation can reuse it.
@@ -470,17 +509,27 @@ def _branch(func: Any, args: tuple, kwargs: dict, out: Any = None, *, before: bo
     rule = _rule(func)
     if rule is None or rule[1] != before:
         return None
-    branch = rule[0](args, kwargs, out)
+    branch = rule[0](args, kwargs, out, with_z)
     if branch is None:
         return None
     return branch, branch.kind or rule[2]
 
 
-def _checksum(code: Tensor) -> Tensor:
-    """A device scalar that changes whenever any element of ``code`` changes."""
+def _hash_weights(n: int, device: torch.device) -> Tensor:
+    """Position weights of :func:`_checksum`: pseudo-random, nonzero, below 2**31."""
+    weights = torch.arange(1, n + 1, device=device, dtype=torch.int64)
+    return (weights * 2654435761) % 2147483629 + 1
+
+
+def _checksum(code: Tensor, weights: Tensor | None = None) -> Tensor:
+    """A device scalar that changes whenever any element of ``code`` changes.
+
+    ``weights``: :func:`_hash_weights` of at least ``code.numel()`` on its device (cached
+    by the recorder), else computed here.
+    """
     flat = code.reshape(-1)
-    weights = torch.arange(1, flat.numel() + 1, device=flat.device, dtype=torch.int64)
-    weights = (weights * 2654435761) % 2147483629 + 1
+    n = flat.numel()
+    weights = _hash_weights(n, flat.device) if weights is None else weights[:n]
     if flat.is_floating_point():
         return (flat.to(torch.float64) * weights.to(torch.float64)).sum()
     return (flat.to(torch.int64) * weights).sum()
@@ -582,6 +631,7 @@ class _BranchRecorder(TorchDispatchMode):
         self._margins: list[Tensor] = []
         self._count = 0
         self._inf: Tensor | None = None
+        self._weights: dict[torch.device, Tensor] = {}
 
     def compare_into(self, target: _ProbeKinks | None) -> "_BranchRecorder":
         """Compare the next pass with ``target.reference`` (``None``: record a reference)."""
@@ -638,17 +688,32 @@ class _BranchRecorder(TorchDispatchMode):
     # -- the dispatch hook
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        pre = _branch(func, args, kwargs, before=True)
-        if pre is not None:
-            self._on_branch(func, *pre, None)
+        rule = _rule(func)
+        if rule is None:
+            out = func(*args, **kwargs)
+            if self._masks:
+                self._note_selection(func, args)
+            return out
+        with_z = self._target is None or self._target.with_margins
+        if rule[1]:
+            found = _branch(func, args, kwargs, before=True, with_z=with_z)
+            if found is not None:
+                self._on_branch(func, *found, None)
+            return func(*args, **kwargs)
         out = func(*args, **kwargs)
-        if pre is None:
-            post = _branch(func, args, kwargs, out, before=False)
-            if post is not None:
-                self._on_branch(func, *post, out)
-        if self._masks and self._target is None:
-            self._note_selection(func, args)
+        found = _branch(func, args, kwargs, out, before=False, with_z=with_z)
+        if found is not None:
+            self._on_branch(func, *found, out)
         return out
+
+    def _sum(self, code: Tensor) -> Tensor:
+        n, device = code.numel(), code.device
+        if n > _WEIGHTS_CACHED:
+            return _checksum(code)
+        weights = self._weights.get(device)
+        if weights is None or weights.numel() < n:
+            weights = self._weights[device] = _hash_weights(n, device)
+        return _checksum(code, weights)
 
     def _on_branch(self, func: Any, branch: _Branch, kind: str, out: Any) -> None:
         name = func.overloadpacket.__name__
@@ -664,7 +729,7 @@ class _BranchRecorder(TorchDispatchMode):
         ref.names.append(name)
         ref.modules.append(self._module())
         ref.kinds.append(kind)
-        ref.sums.append(_checksum(branch.code))
+        ref.sums.append(self._sum(branch.code))
         z = branch.z
         ref.z.append(None if z is None else z.detach().to(_Z_DTYPE, copy=True))
         ref.zcode.append(None if branch.zcode is None or z is None else branch.zcode.clone())
@@ -686,7 +751,7 @@ class _BranchRecorder(TorchDispatchMode):
             if self._target.diverged is None:
                 self._target.diverged = min(k, len(ref))
             return
-        self._crossed.append(_checksum(branch.code) != ref.sums[k])
+        self._crossed.append(self._sum(branch.code) != ref.sums[k])
         if self._target.with_margins:
             z0 = ref.z[k]
             if z0 is None or branch.z is None or branch.z.shape != z0.shape:
