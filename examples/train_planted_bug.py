@@ -4,7 +4,11 @@ The model's first layer is a hand-written "fused" linear op, in the style of a C
 Triton kernel wrapper: ``forward`` computes ``x @ W.T + b`` and ``backward`` returns
 hand-derived gradients. The planted bug reduces the bias gradient with ``mean`` instead
 of ``sum`` over the batch, a bug that still trains, only worse. The GradWatch hook
-checks every ``--every`` steps and logs to TensorBoard under ``--logdir``.
+checks every ``--every`` steps and logs to TensorBoard under ``--logdir``: relative
+errors per tensor, failures, and the kink curves ``gradwatch/kink_fraction`` (probes
+whose ±h passes crossed a ReLU kink) and ``gradwatch/kink_margin_min`` (closest
+approach to one), with a ``gradwatch/kinks`` text entry naming the ReLU modules near
+kinks; a dead-ReLU build-up shows as a rising kink_fraction curve.
 
 Run:
     python examples/train_planted_bug.py            # catches the planted bug

@@ -407,6 +407,14 @@ class Report:
                     f"{_fmt(t.error_bar):>11}{_fmt(t.error_ratio):>9}{len(t.probes):>8}"
                     f"{t.kink_count:>7}" + (f"  ({t.reason})" if t.reason else "")
                 )
+        near = self.kink_sites(near_only=True)
+        if near:
+            lines.append(
+                "  near kinks: "
+                + "; ".join(f"{k.where} (margin {_fmt(k.margin_min)}, {k.crossed} crossed)" for k in near[:3])
+                + (f"; {len(near) - 3} more" if len(near) > 3 else "")
+                + (f"; {self.kink_resamples} coordinates redrawn" if self.kink_resamples else "")
+            )
         lines += ["  " + t.message for t in self.failures]
         return "\n".join(lines)
 

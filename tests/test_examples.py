@@ -28,6 +28,9 @@ def test_planted_bug_example_catches_the_bug_and_logs_it(tmp_path, capsys) -> No
     acc = EventAccumulator(str(tmp_path / "runs"))
     acc.Reload()
     assert [e.value for e in acc.Scalars("gradwatch/failures")] == [1.0, 1.0, 1.0]
+    # the kink curves: one point per check (the MLP's ReLUs always have some pre-activation near 0)
+    assert [e.step for e in acc.Scalars("gradwatch/kink_fraction")] == [0, 20, 40]
+    assert [e.step for e in acc.Scalars("gradwatch/kink_margin_min")] == [0, 20, 40]
 
 
 def test_planted_bug_example_with_the_fix_passes(tmp_path, capsys) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch import GradWatch, KinkWarning, check
-from gradwatch.kinks import _BranchRecorder, _ProbeKinks
+from gradwatch.kinks import _branch, _BranchRecorder, _ProbeKinks
 from zoo import CORRECT
 
 C = 0.5  # kink location
@@ -425,3 +426,66 @@ def test_kink_warnings_sink_is_exported_and_validates() -> None:
     sink = gradwatch.KinkWarnings()
     with pytest.raises(TypeError, match="`report` must be a gradwatch.Report"):
         sink.write("report", 0)
+
+
+# ----------------------------------------------------------------- switching inputs of selections
+def _brute_force_pool_gaps(x, kernel, stride, padding, dilation, ceil_mode):
+    """Winner minus runner-up of every max_pool2d window, by explicit loops."""
+    values = F.max_pool2d(x, kernel, stride, padding, dilation, ceil_mode)
+    gaps = torch.empty_like(values)
+    n, c, oh, ow = values.shape
+    for b in range(n):
+        for ch in range(c):
+            for i in range(oh):
+                for j in range(ow):
+                    window = []
+                    for u in range(kernel):
+                        for v in range(kernel):
+                            r, q = i * stride - padding + u * dilation, j * stride - padding + v * dilation
+                            if 0 <= r < x.shape[2] and 0 <= q < x.shape[3]:
+                                window.append(float(x[b, ch, r, q]))
+                    window.sort(reverse=True)
+                    gaps[b, ch, i, j] = window[0] - window[1] if len(window) > 1 else math.inf
+    return values, gaps
+
+
+@pytest.mark.parametrize(
+    "kernel, stride, padding, dilation, ceil_mode",
+    [(2, 2, 0, 1, False), (3, 1, 1, 1, False), (3, 2, 1, 2, True), (2, 3, 0, 1, True)],
+)
+def test_max_pool_switching_input_is_the_gap_to_the_runner_up(kernel, stride, padding, dilation, ceil_mode) -> None:
+    x = torch.randn(2, 2, 7, 6, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+    values, expected = _brute_force_pool_gaps(x, kernel, stride, padding, dilation, ceil_mode)
+    out = torch.ops.aten.max_pool2d_with_indices(x, [kernel] * 2, [stride] * 2, [padding] * 2, [dilation] * 2,
+                                                  ceil_mode)
+    found = _branch(torch.ops.aten.max_pool2d_with_indices.default,
+                    (x, [kernel] * 2, [stride] * 2, [padding] * 2, [dilation] * 2, ceil_mode), {}, out, before=False)
+    branch, kind = found
+    assert kind == "kink" and torch.equal(branch.code, out[1]) and torch.equal(branch.zcode, out[1])
+    torch.testing.assert_close(branch.z, expected)
+
+
+def test_adaptive_max_pool_and_sort_switching_inputs() -> None:
+    x = torch.tensor([[[3.0, 1.0, 2.5, 0.0, 4.0, 3.9]]], dtype=torch.float64)
+    out = torch.ops.aten.adaptive_max_pool2d(x.unsqueeze(-2), [1, 2])
+    branch, _ = _branch(torch.ops.aten.adaptive_max_pool2d.default, (x.unsqueeze(-2), [1, 2]), {}, out, before=False)
+    torch.testing.assert_close(branch.z.reshape(-1), torch.tensor([0.5, 0.1], dtype=torch.float64))
+    out = torch.sort(x[0, 0])
+    branch, _ = _branch(torch.ops.aten.sort.default, (x[0, 0],), {}, tuple(out), before=False)
+    torch.testing.assert_close(branch.z, torch.tensor([1.0, 1.5, 0.5, 0.9, 0.1], dtype=torch.float64))
+
+
+def test_margin_of_a_selection_is_below_one_when_the_winner_changes() -> None:
+    x = torch.tensor([[[1.0, 1.0 - 1e-6, 0.0, -1.0]]], dtype=torch.float64)
+    rec = _BranchRecorder()
+    with rec:
+        F.max_pool1d(x, 2)
+    ref = rec.take_reference()
+    y = x.clone()
+    y[0, 0, 1] += 3e-6  # the runner-up overtakes the winner by 2e-6
+    crossed = _compare(rec, ref, lambda: F.max_pool1d(y, 2))
+    assert bool(crossed.crossed[0]) and float(crossed.margin[0]) == pytest.approx(1e-6 / 3e-6, rel=1e-4)
+    moved = x.clone()
+    moved[0, 0, 1] -= 1e-7  # the gap grows: far
+    kept = _compare(rec, ref, lambda: F.max_pool1d(moved, 2))
+    assert not bool(kept.crossed[0]) and float(kept.margin[0]) == pytest.approx(10.0, rel=1e-4)
