@@ -23,6 +23,11 @@ moved it), where the derivative autograd uses is a convention.
 Memory: the reference pass keeps, per op call, a float32 copy of ``z₀`` (and, for
 selections, the winner indices ``z`` is signed by); a perturbed pass compares each op
 call as it runs and keeps two device scalars of it. No host synchronisation happens.
+``z`` is only computed in the passes that need it (reference and ``±2h``).
+
+A comparison (``x > 0``) is a discontinuity unless its mask goes straight into
+``torch.where``/``masked_fill`` (then it is a kink: a piecewise definition); masks
+combined first (``&``, ``|``) stay discontinuities.
 
 Example:
     >>> rec = _BranchRecorder()
@@ -437,8 +442,7 @@ _TABLE: tuple[tuple[tuple[str, ...], _Code, bool, str], ...] = (
     (("sort",), _sort, False, "kink"),
     (("topk",), _topk, False, "kink"),
     (("kthvalue",), _selected(2, -1), False, "kink"),
-    (("mode",), _selected(1, -1), False, "kink"),
-    (("cummax", "cummin", "fractional_max_pool2d", "fractional_max_pool3d"), _indices, False, "kink"),
+    (("mode", "cummax", "cummin", "fractional_max_pool2d", "fractional_max_pool3d"), _indices, False, "kink"),
     (("argmax", "argmin"), _arg_select, False, "kink"),
     (("argsort",), _output, False, "kink"),
     (("amax", "amin"), _equals_output, False, "kink"),

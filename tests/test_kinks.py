@@ -489,3 +489,30 @@ def test_margin_of_a_selection_is_below_one_when_the_winner_changes() -> None:
     moved[0, 0, 1] -= 1e-7  # the gap grows: far
     kept = _compare(rec, ref, lambda: F.max_pool1d(moved, 2))
     assert not bool(kept.crossed[0]) and float(kept.margin[0]) == pytest.approx(10.0, rel=1e-4)
+
+
+def test_pre_activations_collapsing_onto_the_kink_show_as_a_rising_kink_fraction_curve(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 1))
+    batch = (torch.randn(64, 8), torch.randn(64, 1))
+
+    def loss_fn(m, b):
+        return F.mse_loss(m(b[0]), b[1])
+
+    first = [p.detach().clone() for p in model[0].parameters()]
+    with GradWatch(model, loss_fn, every_n_steps=1, max_overhead=None, seed=0, logdir=str(tmp_path)) as watch:
+        for scale in (1.0, 1e-3, 1e-5):  # a stand-in for training that drives the ReLU inputs to 0
+            with torch.no_grad():
+                for p, p0 in zip(model[0].parameters(), first):
+                    p.copy_(p0 * scale)
+            model.zero_grad()
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", KinkWarning)
+                with watch.step(batch):
+                    loss_fn(model, batch).backward()
+    acc = EventAccumulator(str(tmp_path))
+    acc.Reload()
+    fraction = [e.value for e in acc.Scalars("gradwatch/kink_fraction")]
+    margin = [e.value for e in acc.Scalars("gradwatch/kink_margin_min")]
+    assert fraction[0] < 0.2 < fraction[1] < fraction[2], fraction
+    assert margin[0] > margin[1] > margin[2], margin
