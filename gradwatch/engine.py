@@ -20,7 +20,10 @@ Numerics (see ``shared/design.md`` §3 and the README):
   float32 rounding noise in a tensor whose true gradient is 0 (a conv bias before
   BatchNorm) stays below it.
 * Probes whose perturbed passes took another branch of a non-smooth op than the
-  unperturbed pass are marked as kinks and never count towards a failure.
+  unperturbed pass are marked as kinks and never count towards a failure. Crossed
+  coordinates are replaced by fresh ones (``kink_resamples`` per tensor), and every
+  non-smooth op a probe moved is reported with its module and margin
+  (:mod:`gradwatch.kinks`).
 
 All probe arithmetic stays on the model's device; results reach the host in one
 transfer per check.
@@ -329,7 +332,9 @@ class _Evaluation:
         """The unperturbed loss in the model's own dtype, replayed (no graph)."""
         return _native_loss(self.wrapper, self.batch, self.replay, grad=False).detach()
 
-    def float64(self, params: Mapping[str, Tensor], kinks: _ProbeKinks | None = None) -> tuple[Tensor, _Reference | None]:
+    def float64(
+        self, params: Mapping[str, Tensor], kinks: _ProbeKinks | None = None
+    ) -> tuple[Tensor, _Reference | None]:
         """The loss at ``params`` (float64). Without ``kinks`` it also records the
         reference branches (or None when kinks are off); with ``kinks`` the branches
         are compared with its reference and folded into it."""
@@ -472,7 +477,8 @@ def _resample(
     per tensor, drawn from a generator seeded by ``seed`` (deterministic given the seed).
 
     Each round costs one host transfer: the crossed flags of the previous round's
-    coordinate probes, all tensors together. At most ``budget`` rounds.
+    coordinate probes, all tensors together; there are at most ``budget + 1`` rounds,
+    since every round but the last draws a replacement.
     """
     gen = torch.Generator().manual_seed(seed ^ _RESAMPLE_SALT)
     taken = {name: {v for kind, v, _ in rs if kind == "coordinate"} for name, rs in rows.items()}

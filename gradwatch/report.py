@@ -61,13 +61,17 @@ class KinkEvent:
         kind: ``"kink"`` (the derivative jumps) or ``"discontinuity"`` (the value
             jumps: round/floor/ceil, comparisons feeding arithmetic, sign).
         margin: Below 1: a pass went past the kink (linear estimate). NaN when the op
-            crossed but gives no margin (cummax, uneven adaptive pools, a change in the
-            sequence of ops).
+            crossed but gives no margin (mode, cummax/cummin, fractional max-pool,
+            argsort, amax/amin, or a change in the sequence of ops).
         crossed: Some pass of the probe took another branch than the unperturbed pass
             (exact, from the branch codes). Such probes never count towards a failure.
         at_kink: An element sat exactly at the kink (``z₀ == 0``, a ReLU input of
             exactly 0, a max-pool tie), where autograd's derivative is a convention.
         near: ``crossed`` or ``margin`` below the check's ``near_kink_margin``.
+
+    Example:
+        >>> [(e.module, e.op, e.margin) for e in report.kink_events if e.near]  # doctest: +SKIP
+        [('enc.1', 'relu', 0.0083)]
     """
 
     tensor: str
@@ -95,6 +99,10 @@ class KinkSite:
         crossed: How many crossed.
         at_kink: How many had an element exactly at the kink.
         margin_min: Smallest margin (NaN when none is known).
+
+    Example:
+        >>> report.kink_sites(near_only=True)[0].where  # doctest: +SKIP
+        "relu in module 'enc.1'"
     """
 
     module: str | None
