@@ -6,7 +6,8 @@ with kink recording but no resampling (``kink_resamples=0``), and at defaults
 (recording + resampling), interleaved so that load changes hit all three alike; the
 ratios to ``kinks=False``; and the bytes the reference pass keeps for margins
 (float32 switching inputs, winner indices, checksums) next to the float64 copy of
-the parameters the check holds anyway.
+the parameters the check holds anyway, and what the same switching inputs take as
+float64 activations.
 """
 
 from __future__ import annotations
@@ -52,8 +53,9 @@ MODELS = {
 SETTINGS = {"off": {"kinks": False}, "record": {"kink_resamples": 0}, "default": {}}
 
 
-def _reference_bytes(case: Case) -> int:
-    """Bytes the reference pass of a check keeps for margins."""
+def _reference_bytes(case: Case) -> tuple[int, int]:
+    """Bytes the reference pass of a check keeps for margins, and the bytes of the same
+    switching inputs as float64 activations (what keeping the activations would cost)."""
     model = case.model
     names = {id(m): n for n, m in model.named_modules()}
     params = {n: p.detach().to(torch.float64) for n, p in model.named_parameters()}
@@ -61,7 +63,8 @@ def _reference_bytes(case: Case) -> int:
     recorder = _BranchRecorder(names)
     with torch.no_grad(), recorder:
         functional_call(model, {**params, **buffers}, (_cast_floats(case.batch, torch.float64)[0],))
-    return recorder.take_reference().nbytes
+    ref = recorder.take_reference()
+    return ref.nbytes, sum(z.numel() * 8 for z in ref.z if z is not None)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -74,7 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"# torch {torch.__version__}, CPU, {torch.get_num_threads()} thread(s); seconds are medians")
     print(
         f"{'model':18} {'off s':>8} {'record s':>9} {'default s':>10} {'record/off':>11} {'default/off':>12} "
-        f"{'events':>7} {'resampled':>10} {'ref KiB':>8} {'params64 KiB':>13}"
+        f"{'events':>7} {'resampled':>10} {'ref KiB':>8} {'z as f64 KiB':>13} {'params64 KiB':>13}"
     )
     for name, build in MODELS.items():
         case = build(0)
@@ -89,11 +92,12 @@ def main(argv: list[str] | None = None) -> None:
                     report = r
         med = {k: statistics.median(v[1:]) for k, v in times.items()}
         params64 = sum(p.numel() * 8 for p in case.model.parameters())
+        kept, as_float64 = _reference_bytes(case)
         print(
             f"{name:18} {med['off']:8.3f} {med['record']:9.3f} {med['default']:10.3f} "
             f"{med['record'] / med['off']:11.2f} {med['default'] / med['off']:12.2f} "
             f"{len(report.kink_events):7d} {report.kink_resamples:10d} "
-            f"{_reference_bytes(case) / 1024:8.1f} {params64 / 1024:13.1f}"
+            f"{kept / 1024:8.1f} {as_float64 / 1024:13.1f} {params64 / 1024:13.1f}"
         )
 
 
