@@ -714,12 +714,11 @@ def _attach_kinks(
                 margin = m if m != math.inf else math.nan  # crossed, margin not computable
                 found.append(KinkEvent(tc.name, i, k, ref.modules[k], ref.names[k], ref.kinds[k], margin, crossed,
                                        at_kink=m == 0.0, near=crossed or margin < near))
-        if row.kinks.diverged is not None:  # the op sequence itself changed (control flow)
-            k = row.kinks.diverged
-            known = k < len(ref)
-            found.append(KinkEvent(tc.name, i, k, ref.modules[k] if known else None,
-                                   ref.names[k] if known else "(extra non-smooth op calls)",
-                                   ref.kinds[k] if known else "discontinuity", math.nan, True, at_kink=False, near=True))
+        if row.kinks.diverged is not None:  # the sequence of non-smooth ops changed (control flow)
+            k, known = row.kinks.diverged, row.kinks.diverged < len(ref)
+            op = row.kinks.diverged_op or (ref.names[k] if known else "?")
+            found.append(KinkEvent(tc.name, i, k, ref.modules[k] if known else None, f"{op} (op sequence changed)",
+                                   "discontinuity", math.nan, True, at_kink=False, near=True))
         margins = [e.margin for e in found if not math.isnan(e.margin)]
         probes.append(dataclasses.replace(
             probe, kink_margin=min(margins, default=math.inf), at_kink=any(e.at_kink for e in found),

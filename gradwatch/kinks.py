@@ -588,6 +588,7 @@ class _ProbeKinks:
         self.crossed = torch.zeros(n, dtype=torch.bool, device=device)
         self.margin = torch.full((n,), math.inf, dtype=torch.float64, device=device)
         self.diverged: int | None = None  # first op call that differs from the reference
+        self.diverged_op: str | None = None  # the op a pass ran there instead (None: it ran none)
         self.with_margins = False
 
     def next_pass(self, *, margins: bool) -> "_ProbeKinks":
@@ -601,10 +602,14 @@ class _ProbeKinks:
             return torch.ones((), dtype=torch.bool, device=self.crossed.device)
         return self.crossed.any()
 
+    def _diverge(self, k: int, op: str | None) -> None:
+        """A pass ran ``op`` (None: no op) where the reference ran its ``k``-th call."""
+        if self.diverged is None or k < self.diverged:
+            self.diverged, self.diverged_op = k, op
+
     def _fold(self, crossed: list[Tensor], margins: list[Tensor] | None, count: int) -> None:
-        n = len(self.reference)
-        if count != n and self.diverged is None:
-            self.diverged = min(count, n)
+        if count < len(self.reference):  # the pass ended early
+            self._diverge(count, None)
         if crossed:
             device = self.crossed.device
             now = torch.stack([c.to(device) for c in crossed])
@@ -751,9 +756,10 @@ class _BranchRecorder(TorchDispatchMode):
 
     def _compare(self, k: int, name: str, branch: _Branch) -> None:
         ref = self._target.reference
-        if self._target.diverged is not None or k >= len(ref) or ref.names[k] != name:
-            if self._target.diverged is None:
-                self._target.diverged = min(k, len(ref))
+        if len(self._crossed) < k:  # this pass already left the reference's op sequence
+            return
+        if k >= len(ref) or ref.names[k] != name:
+            self._target._diverge(k, name)
             return
         self._crossed.append(self._sum(branch.code) != ref.sums[k])
         if self._target.with_margins:

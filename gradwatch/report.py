@@ -58,6 +58,10 @@ class KinkEvent:
             the op (``""`` for the model itself), or ``None`` for code outside the
             model's modules (a functional call in the loss function).
         op: The aten op name, such as ``"relu"`` or ``"max_pool2d_with_indices"``.
+            When a pass ran another sequence of non-smooth ops (data-dependent
+            control flow), one event ``"<op> (op sequence changed)"`` of kind
+            ``"discontinuity"`` marks the first differing call (its module is the
+            reference's at that position, None past its end).
         kind: ``"kink"`` (the derivative jumps) or ``"discontinuity"`` (the value
             jumps: round/floor/ceil, comparisons feeding arithmetic, sign).
         margin: Below 1: a pass went past the kink (linear estimate). NaN when the op

@@ -516,3 +516,12 @@ def test_pre_activations_collapsing_onto_the_kink_show_as_a_rising_kink_fraction
     margin = [e.value for e in acc.Scalars("gradwatch/kink_margin_min")]
     assert fraction[0] < 0.2 < fraction[1] < fraction[2], fraction
     assert margin[0] > margin[1] > margin[2], margin
+
+
+def test_data_dependent_control_flow_is_a_discontinuity_and_earlier_ops_keep_their_margins() -> None:
+    model = Scalar(lambda w: torch.relu(w - C) if bool((w > C).all()) else w.abs() * 3 + torch.relu(w))
+    report = check(model, _loss, None, seed=0, coordinates=1, directions=0)
+    gt, changed = report.kink_events
+    assert (gt.op, gt.call, gt.crossed) == ("gt", 0, True) and gt.margin < 1
+    assert (changed.op, changed.call, changed.kind) == ("abs (op sequence changed)", 1, "discontinuity")
+    assert changed.crossed and math.isnan(changed.margin) and report.tensors["w"].verdict == "kink"
