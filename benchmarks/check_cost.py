@@ -1,0 +1,101 @@
+"""(b) Check cost: seconds per probe, gradwatch against the seed article's per-coordinate loop.
+
+The seed article's loop: a float64 copy of the model; for each coordinate, set
+``θ_i ± h`` in place, evaluate the loss, ``.item()`` it (one host synchronisation per
+evaluation), restore. It takes 2 loss evaluations per probe. gradwatch takes 4 per probe
+(``±h`` and ``±2h``, for the error bar) plus 2 per check (replay checks), records kinks,
+and moves results to the host once per check. Each row: median over REPEATS of one check
+with COORDINATES coordinates and DIRECTIONS directions per tensor on the gradient of the
+same training step.
+
+Run:  python benchmarks/check_cost.py
+      python benchmarks/check_cost.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import inspect
+import statistics
+import time
+
+import torch
+
+import gradwatch
+from _common import MODELS, add_common_args, batches, build, classification_loss, header, sync
+
+
+def seed_article_loop(model, batch, coords: list[tuple[str, int]], h: float, device: str) -> float:
+    """Per-coordinate central differences in float64, one host transfer per loss; returns seconds."""
+    sync(device)
+    start = time.perf_counter()
+    model64 = copy.deepcopy(model).double()
+    x, y = batch
+    batch64 = (x.double() if x.is_floating_point() else x, y)
+    params = dict(model64.named_parameters())
+    rng = torch.get_rng_state()
+    with torch.no_grad():
+        for name, i in coords:
+            flat = params[name].view(-1)
+            old = flat[i].item()
+            flat[i] = old + h
+            torch.set_rng_state(rng)
+            plus = classification_loss(model64, batch64).item()
+            flat[i] = old - h
+            torch.set_rng_state(rng)
+            minus = classification_loss(model64, batch64).item()
+            flat[i] = old
+            _ = (plus - minus) / (2 * h)
+    sync(device)
+    return time.perf_counter() - start
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_common_args(parser)
+    parser.add_argument("--coordinates", type=int, default=2)
+    parser.add_argument("--directions", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
+    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    args = parser.parse_args(argv)
+    header(args)
+    modes = ["sequential"]
+    if "evaluation" in inspect.signature(gradwatch.check).parameters:
+        modes.append("batched")
+    print(f"# per tensor: {args.coordinates} coordinates + {args.directions} directions; "
+          f"median of {args.repeats} checks")
+    print(f"{'model':12} {'method':34} {'probes':>6} {'evals':>6} {'s/check':>8} {'ms/probe':>9} {'ms/eval':>8} "
+          f"{'vs seed loop':>12}")
+    for name in args.models:
+        model = build(name, args.device)
+        batch = batches(name, 1, args.device)[0]
+        torch.manual_seed(1)
+        classification_loss(model, batch).backward()
+        rows = []
+        for kinks in (True, False):
+            for mode in modes:
+                kwargs = {"evaluation": mode} if len(modes) > 1 else {}
+                times, report = [], None
+                for r in range(args.repeats + 1):
+                    report = gradwatch.check(model, classification_loss, batch, grads="existing", seed=r,
+                                             coordinates=args.coordinates, directions=args.directions,
+                                             kinks=kinks, **kwargs)
+                    if r:
+                        times.append(report.seconds)
+                probes = sum(len(t.probes) for t in report.tensors.values())
+                used = getattr(report, "evaluation", mode)
+                rows.append((f"gradwatch {used}, kinks={kinks}", probes, 2 + 4 * probes, statistics.median(times)))
+        coords = [(n, i) for n, p in model.named_parameters()
+                  for i in range(min(p.numel(), args.coordinates + args.directions))]
+        loop = statistics.median(seed_article_loop(model, batch, coords, 1e-6, args.device) for _ in range(args.repeats))
+        seed_per_probe = loop / len(coords)
+        rows.append(("seed article loop (float64, .item())", len(coords), 2 * len(coords), loop))
+        for method, probes, evals, seconds in rows:
+            print(f"{name:12} {method:34} {probes:6d} {evals:6d} {seconds:8.3f} {1e3 * seconds / probes:9.2f} "
+                  f"{1e3 * seconds / evals:8.2f} {seconds / probes / seed_per_probe:12.2f}")
+    print("# vs seed loop = (seconds per probe) / (seed loop seconds per probe); below 1 is faster")
+
+
+if __name__ == "__main__":
+    main()
