@@ -4,6 +4,10 @@ Example:
     >>> import gradwatch
     >>> report = gradwatch.check(model, loss_fn, batch)  # doctest: +SKIP
     >>> watch = gradwatch.GradWatch(model, loss_fn, every_n_steps=100, logdir="runs")  # doctest: +SKIP
+    >>> callback = gradwatch.GradWatchCallback(every_n_steps=100)  # doctest: +SKIP
+
+``GradWatchCallback`` (from :mod:`gradwatch.lightning`) is imported on first access, so
+``import gradwatch`` does not import Lightning.
 """
 
 from gradwatch.engine import check
@@ -25,6 +29,7 @@ from gradwatch.sinks import KinkWarnings, LoggingSink, TensorBoardSink
 
 __all__ = [
     "GradWatch",
+    "GradWatchCallback",
     "GradientCheckError",
     "GradientCheckWarning",
     "KinkEvent",
@@ -44,3 +49,11 @@ __all__ = [
 ]
 
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    if name == "GradWatchCallback":  # lazy: importing Lightning is slow and optional for plain loops
+        from gradwatch.lightning import GradWatchCallback
+
+        return GradWatchCallback
+    raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")

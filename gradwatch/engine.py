@@ -75,6 +75,14 @@ RTOL = {
 _ATOL_RATIO = 0.5
 #: Multiple of the numerical error bar added to the tolerance.
 _ERROR_BAR_MULT = 3.0
+#: Multiple of ``|<g - g_ref, v>|`` (autocast gradient minus the same code's gradient
+#: without autocast) added to a probe's tolerance; 1 would suffice by the triangle
+#: inequality, 2 keeps ``error / tolerance`` of a probe whose error is that gap at 0.5.
+_GAP_MULT = 2.0
+#: A tensor fails when its relative autocast gap (see :func:`_judge_gap`) exceeds this.
+#: Correct zoo models reach 0.08 (bf16) and 0.05 (fp16); a backward that ignores the
+#: GradScaler's scaling reaches 1.
+_GAP_LIMIT = {"float16": 0.25, "bfloat16": 0.5}
 #: Relative rounding of a float64 loss evaluation assumed in the error bar.
 _LOSS_ROUNDING = 64 * torch.finfo(torch.float64).eps
 #: Native replay vs training loss: relative and absolute slack (nondeterministic kernels).
@@ -104,6 +112,7 @@ def check(
     replay: ReplayState | None = None,
     train_loss: Tensor | float | None = None,
     names: Collection[str] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
 ) -> Report:
     """Compare the gradient of ``loss_fn(model, batch)`` with central differences.
 
@@ -141,6 +150,14 @@ def check(
         names: ``named_parameters()`` names of the tensors to check; the others are
             reported ``skipped``. ``None`` checks every tensor with a gradient. The
             adapters use it to spread checks over steps within an overhead budget.
+        reduce: For data-parallel training: averages a 1-D float64 device tensor
+            across processes (every process must call ``check`` with the same
+            ``seed`` and probe options, on its local batch). It is applied once per
+            host transfer to every value the check collects (losses, directional
+            derivatives, kink flags and margins), so each process judges the mean loss
+            against the mean gradient, which is what data-parallel ``.grad`` holds, and
+            all processes take the same kink resampling decisions and return the same
+            verdicts.
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
@@ -167,6 +184,8 @@ def check(
     _probe_options(coordinates, directions, kinks)
     _kink_options(kink_resamples, near_kink_margin)
     _positive_float("step", step)
+    if reduce is not None:
+        _callable("reduce", reduce)
     if isinstance(grads, str):
         _one_of("grads", grads, _GRADS)
     elif not isinstance(grads, Mapping):
@@ -185,7 +204,7 @@ def check(
     params = dict(model.named_parameters())
     if names is not None:
         names = _names(names, params)
-    host = _HostValues()
+    host = _HostValues(reduce)
     with _isolated(model):
         if grads == "autograd":
             replay = capture(model)
@@ -213,15 +232,22 @@ def check(
         if names is None:
             scale = _gradient_rms(grad_map, host)
             plan = _plan(grad_map, seed, coordinates, directions)
+        first_grad = next(iter(grad_map.values()))
+        precision = _grad_precision(first_grad, replay, model)
+        reference = _grad_precision(first_grad, replay, model, autocast=False)
+        # under autocast, measure the gap to the same code's gradient without autocast (see _autocast_gaps)
+        gaps = _autocast_gaps(model, loss_fn, batch, replay, grad_map, reduce) if precision != reference else {}
+        gap_norms = {name: _gap_norms(grad_map[name], gap, host) for name, gap in gaps.items()}
         evaluation = _Evaluation(model, loss_fn, batch, replay, kinks)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
         loss0, signature = evaluation.float64(evaluation.shadow)
         probe = evaluation.loss_dtype == torch.float64  # else unreliable: no point in probing
         kink_log: dict[str, list] = {name: [] for name in grad_map}
-        rows = {name: _probe_tensor(evaluation, name, grad_map[name], plan[name], step, signature, host, kink_log[name])
+        rows = {name: _probe_tensor(evaluation, name, grad_map[name], plan[name], step, signature, host, kink_log[name],
+                                    gap=gaps.get(name))
                 for name in grad_map if probe}
         if probe and signature is not None and kink_resamples:
-            _resample(evaluation, grad_map, rows, kink_log, seed, kink_resamples, step, signature, host)
+            _resample(evaluation, grad_map, rows, kink_log, seed, kink_resamples, step, signature, host, gaps)
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
         i_loss0 = host.add(loss0)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
@@ -234,8 +260,6 @@ def check(
     for label, value in (("train_loss", train), ("loss_fn", replayed)):
         if value is not None and not math.isfinite(value):
             raise ValueError(f"`{label}` must be finite, got {value!r}: fix the NaN/Inf in the loss before checking gradients")
-    first_grad = next(iter(grad_map.values()))
-    precision = _grad_precision(first_grad, replay, model)
     reason = _replay_problem(train, native, replayed, _SHADOW_RTOL[precision], grads == "autograd")
     if reason is None and evaluation.loss_dtype != torch.float64:
         reason = (
@@ -251,7 +275,11 @@ def check(
         elif reason is not None:
             tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
         else:
-            tensors[name] = _judge(name, shape, rows[name], gstats[name], values, scale, RTOL[precision])
+            tensors[name] = _judge(name, shape, rows[name], gstats[name], values, scale, RTOL[reference])
+            if name in gap_norms:
+                gap, ref_norm = (values[i] for i in gap_norms[name])
+                floor = values[scale] * math.sqrt(p.numel())
+                tensors[name] = _judge_gap(tensors[name], gap, ref_norm + floor, precision)
             tensors[name] = _attach_kinks(tensors[name], kink_log[name], signature, values, near_kink_margin)
     return Report(
         tensors=tensors,
@@ -268,12 +296,17 @@ def check(
 
 
 class _HostValues:
-    """Collects device scalars and brings them to the host in one transfer per device."""
+    """Collects device scalars and brings them to the host in one transfer per device.
 
-    def __init__(self) -> None:
+    With ``reduce`` (a cross-process mean of a 1-D float64 tensor), all values are
+    stacked on one device, reduced in one call, then transferred once.
+    """
+
+    def __init__(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         self._values: list[Tensor] = []
         self._starts: list[int] = []
         self._size = 0
+        self.reduce = reduce
 
     def add(self, value: Tensor | float | bool) -> int:
         if not isinstance(value, Tensor):
@@ -290,6 +323,16 @@ class _HostValues:
 
     def fetch(self) -> list[float]:
         out: list[float] = [0.0] * self._size
+        if self.reduce is not None:
+            device = next((v.device for v in self._values if v.device.type != "cpu"), torch.device("cpu"))
+            stacked = torch.cat([v.to(device) for v in self._values])
+            reduced = self.reduce(stacked)
+            if not isinstance(reduced, Tensor) or reduced.shape != stacked.shape:
+                raise TypeError(
+                    f"`reduce` must return a tensor of shape {tuple(stacked.shape)}, got {type(reduced).__name__} "
+                    f"{tuple(getattr(reduced, 'shape', ()))}"
+                )
+            return reduced.to(torch.float64).cpu().tolist()
         by_device: dict[torch.device, list[int]] = {}
         for i, v in enumerate(self._values):
             by_device.setdefault(v.device, []).append(i)
@@ -357,12 +400,15 @@ class _Evaluation:
         return loss.to(torch.float64), signature
 
 
-def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool) -> Tensor:
-    """Replay ``loss_fn`` with the model's own parameters, on clones of the captured buffers."""
+def _native_loss(
+    wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool, autocast: bool = True
+) -> Tensor:
+    """Replay ``loss_fn`` with the model's own parameters, on clones of the captured buffers
+    (under the captured autocast state, or with autocast off)."""
     _restore_attrs(replay.attrs)
     _restore_rng(replay.rng)
     buffers = {f"model.{n}": b.clone() for n, b in replay.buffers.items()}
-    with torch.set_grad_enabled(grad), _autocast(replay.autocast):
+    with torch.set_grad_enabled(grad), _autocast(replay.autocast if autocast else None):
         return _loss_tensor(functional_call(wrapper, buffers, (batch,), strict=False))
 
 
@@ -405,6 +451,65 @@ def _autograd_gradients(
         raise ValueError("`loss_fn` returned a loss that does not require grad: no parameter reaches it")
     grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
     return loss.detach(), {n: g for n, g in zip(trainable, grads) if g is not None}
+
+
+def _autocast_gaps(
+    model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, grad_map: dict[str, Tensor],
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> dict[str, Tensor]:
+    """``grad - reference`` per tensor, where ``reference`` is autograd's gradient of the same
+    replayed loss with autocast off (the same code in the parameters' own precision).
+
+    A gradient computed under fp16/bf16 autocast differs from the exact one by rounding
+    that cancellation in batch sums makes large for small elements. Each probe's
+    tolerance gets ``|<gap, v>|``: the verdict then holds the gradient to the precision
+    of the reference, which carries any bug in the backward code just as the autocast
+    gradient does, so bugs stay visible while rounding does not raise alarms. The gap
+    itself is judged per tensor (:func:`_judge_gap`), which catches a backward that only
+    misbehaves in low precision. With ``reduce`` the gaps are averaged across processes
+    (one collective of the gradient's size), as the gradient under test is.
+    """
+    params = dict(model.named_parameters())
+    names = list(grad_map)
+    loss = _native_loss(_LossModule(model, loss_fn), batch, replay, grad=True, autocast=False)
+    if not loss.requires_grad:
+        return {}
+    with _autocast(None):  # on CPU the backward runs under the caller's autocast state
+        reference = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
+    gaps = {
+        n: grad_map[n].detach().to(torch.float64) - (0.0 if r is None else r.detach().to(torch.float64))
+        for n, r in zip(names, reference)
+    }
+    if reduce is not None:
+        flat = reduce(torch.cat([g.reshape(-1) for g in gaps.values()]))
+        gaps = {n: part.view_as(g) for (n, g), part in zip(gaps.items(), flat.split([g.numel() for g in gaps.values()]))}
+    return gaps
+
+
+def _gap_norms(grad: Tensor, gap: Tensor, host: _HostValues) -> tuple[int, int]:
+    """Host indices of ``||gap||`` and ``||reference||``."""
+    return host.add(gap.norm()), host.add((grad.detach().to(torch.float64) - gap).norm())
+
+
+def _judge_gap(t: TensorCheck, gap: float, scale: float, precision: str) -> TensorCheck:
+    """Record the autocast gap ``gap / scale`` of a tensor; fail it when rounding cannot explain it.
+
+    ``scale`` is ``||g_ref||`` plus the model's gradient RMS times ``sqrt(numel)``, so that
+    a tensor whose true gradient is 0 (pure rounding noise in both) is not judged on
+    noise.
+    """
+    ratio = gap / scale if scale > 0 else (0.0 if gap == 0 else math.inf)
+    limit = _GAP_LIMIT[precision]
+    if t.verdict != "pass" or not ratio > limit:
+        return dataclasses.replace(t, precision_gap=ratio)
+    reason = (
+        f"the gradient computed under {precision} autocast differs from the same code's gradient without "
+        f"autocast by {ratio:.2g} (relative), more than {precision} rounding explains (limit {limit:.2g}): a "
+        "backward that misbehaves in low precision (such as a custom Function that ignores the GradScaler's "
+        "scaling of grad_output, or a low-precision-only kernel)"
+    )
+    return dataclasses.replace(t, verdict="fail", reason=reason, precision_gap=ratio,
+                               error_ratio=max(t.error_ratio, ratio / limit))
 
 
 def _given_gradients(grads: str | Mapping[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
@@ -471,7 +576,7 @@ class _KinkRow(NamedTuple):
 
 def _resample(
     ev: _Evaluation, grad_map: dict[str, Tensor], rows: dict[str, list], kink_log: dict[str, list], seed: int,
-    budget: int, step: float, ref: _Reference, host: _HostValues,
+    budget: int, step: float, ref: _Reference, host: _HostValues, gaps: Mapping[str, Tensor] | None = None,
 ) -> None:
     """Replace coordinate probes that crossed a kink by fresh coordinates, up to ``budget``
     per tensor, drawn from a generator seeded by ``seed`` (deterministic given the seed).
@@ -487,7 +592,7 @@ def _resample(
         name: [k for (kind, _, _), k in zip(rows[name], kink_log[name]) if kind == "coordinate"] for name in rows
     }
     while any(pending.values()):
-        round_host = _HostValues()
+        round_host = _HostValues(host.reduce)  # under data parallelism every process takes the same decisions
         flags = {name: [round_host.add(k.kinks.any_crossed()) for k in ks] for name, ks in pending.items()}
         values = round_host.fetch()
         pending = {}
@@ -500,7 +605,7 @@ def _resample(
             left[name] -= n
             start = len(kink_log[name])
             rows[name] += _probe_tensor(ev, name, grad_map[name], [("coordinate", i) for i in fresh], step, ref,
-                                        host, kink_log[name], replacement=True)
+                                        host, kink_log[name], replacement=True, gap=(gaps or {}).get(name))
             pending[name] = kink_log[name][start:]
 
 
@@ -541,11 +646,13 @@ def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
 
 def _probe_tensor(
     ev: _Evaluation, name: str, grad: Tensor, specs: list, step: float, ref: _Reference | None, host: _HostValues,
-    kink_log: list | None = None, replacement: bool = False,
+    kink_log: list | None = None, replacement: bool = False, gap: Tensor | None = None,
 ) -> list:
     """Evaluate every probe of one tensor at ±h and ±2h; returns host indices of the results.
 
     With a kink reference, one :class:`_KinkRow` per probe is appended to ``kink_log``.
+    ``gap``: the autocast gradient minus the reference gradient (see :func:`_autocast_gaps`);
+    its signed projection ``<gap, v>`` is recorded per probe.
     """
     key = f"model.{name}"
     theta = ev.shadow[key]
@@ -562,6 +669,7 @@ def _probe_tensor(
 
             a = grad.detach().reshape(-1)[value].to(torch.float64)
             s_abs, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=a.device)
+            gap_v = gap.reshape(-1)[value] if gap is not None else torch.zeros_like(a)
         else:
             gen = torch.Generator(device=theta.device).manual_seed(value)
             v = torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
@@ -572,6 +680,7 @@ def _probe_tensor(
 
             gv = grad.detach().to(torch.float64) * v
             a, s_abs, vnorm = gv.sum(), gv.abs().sum(), v.norm()
+            gap_v = (gap * v).sum() if gap is not None else torch.zeros_like(a)
             del gv
         losses = []
         kinks = _ProbeKinks(ref, theta.device) if ref is not None else None
@@ -589,7 +698,7 @@ def _probe_tensor(
         n1 = (losses[0] - losses[1]) / d1
         n2 = (losses[2] - losses[3]) / d2
         lmax = torch.stack([x.abs() for x in losses]).max()
-        rows.append((kind, value, [host.add(x) for x in (a, n1, n2, s_abs, vnorm, lmax, h, kink)]))
+        rows.append((kind, value, [host.add(x) for x in (a, n1, n2, s_abs, vnorm, lmax, h, kink, gap_v)]))
     return rows
 
 
@@ -631,13 +740,14 @@ def _replay_problem(
     return None
 
 
-def _grad_precision(grad: Tensor, replay: ReplayState, model: nn.Module) -> str:
-    """The precision the gradient was computed in: its dtype, autocast, or TF32."""
+def _grad_precision(grad: Tensor, replay: ReplayState, model: nn.Module, *, autocast: bool = True) -> str:
+    """The precision the gradient was computed in: its dtype, autocast (unless ``autocast``
+    is False: the precision without it), or TF32."""
     dtype = grad.dtype
     if dtype in (torch.float16, torch.bfloat16):
         return str(dtype).replace("torch.", "")
     enabled, autocast_dtype = replay.autocast.get(grad.device.type, (False, None))
-    if enabled:
+    if enabled and autocast:
         return "bfloat16" if autocast_dtype == torch.bfloat16 else "float16"
     if dtype == torch.float32 and grad.device.type == "cuda":
         has_conv = any("Conv" in type(m).__name__ for m in model.modules())
@@ -655,11 +765,11 @@ def _judge(
     atol = _ATOL_RATIO * rtol * values[scale_idx]
     nonfinite_probe = None
     for kind, value, idx in rows:
-        a, n1, n2, s_abs, vnorm, lmax, h, kink = (values[i] for i in idx)
+        a, n1, n2, s_abs, vnorm, lmax, h, kink, gap_v = (values[i] for i in idx)
         index = tuple(int(i) for i in np.unravel_index(value, shape)) if kind == "coordinate" else None
         error = abs(n1 - a)
         error_bar = abs(n1 - n2) / 3.0 + _LOSS_ROUNDING * lmax / h
-        tolerance = rtol * max(s_abs, abs(n1)) + atol * vnorm + _ERROR_BAR_MULT * error_bar
+        tolerance = rtol * max(s_abs, abs(n1)) + atol * vnorm + _ERROR_BAR_MULT * error_bar + _GAP_MULT * abs(gap_v)
         probe = Probe(
             kind=kind,
             index=index,

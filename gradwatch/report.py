@@ -206,6 +206,11 @@ class TensorCheck:
         kink_events: Every non-smooth op call a probe of this tensor moved.
         resampled: Replacement coordinates drawn because coordinate probes crossed
             a kink (``check(kink_resamples=...)`` bounds it).
+        precision_gap: For a gradient computed under fp16/bf16 autocast,
+            ``||g - g_ref|| / (||g_ref|| + G·sqrt(numel))`` with ``g_ref`` the same
+            code's gradient without autocast and ``G`` the RMS of the model's gradient:
+            the rounding the low precision added (probe tolerances include it; above
+            0.25 for fp16, 0.5 for bf16 the tensor fails). NaN otherwise.
     """
 
     name: str
@@ -218,6 +223,7 @@ class TensorCheck:
     reason: str | None = None
     kink_events: tuple[KinkEvent, ...] = ()
     resampled: int = 0
+    precision_gap: float = math.nan
 
     @property
     def kink_count(self) -> int:
@@ -261,7 +267,7 @@ class Report:
         replay_loss: The same loss replayed by gradwatch in float64.
         reliable: False when the replay did not reproduce the training forward;
             then no tensor is judged and ``reason`` says why.
-        reason: Why the check is unreliable, else ``None``.
+        reason: Why the check is unreliable or was skipped, else ``None``.
         seconds: Wall time of the check.
         step: Training step the check belongs to, when an adapter sets it.
     """
@@ -364,13 +370,19 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        """``"fail"``, ``"unreliable"``, ``"nonfinite"`` or ``"pass"`` for the whole check."""
+        """``"fail"``, ``"unreliable"``, ``"nonfinite"``, ``"skipped"`` or ``"pass"`` for the whole check.
+
+        ``"skipped"``: an adapter decided not to check this step (``reason`` says why,
+        such as a GradScaler skipping the optimizer step); every tensor is skipped.
+        """
         if self.failures:
             return "fail"
         if not self.reliable:
             return "unreliable"
         if any(t.verdict == "nonfinite" for t in self.tensors.values()):
             return "nonfinite"
+        if self.tensors and all(t.verdict == "skipped" for t in self.tensors.values()):
+            return "skipped"
         return "pass"
 
     def summary(self) -> str:
@@ -384,7 +396,7 @@ class Report:
             f"gradwatch {step}{self.verdict.upper()} ({parts}; "
             f"max rel_error {_fmt(self.rel_error_max)}; {self.seconds:.2f}s)"
         )
-        if not self.reliable:
+        if self.reason:
             line += f" - {self.reason}"
         return line
 
@@ -500,6 +512,8 @@ def failure_message(tensor: TensorCheck) -> str:
         raise TypeError(f"`tensor` must be a gradwatch.TensorCheck, got {type(tensor).__name__}")
     if tensor.verdict != "fail" or tensor.worst is None:
         return ""
+    if tensor.reason and not any(p.failed for p in tensor.probes):  # failed as a whole, not at a probe
+        return f"'{tensor.name}': {tensor.reason}"
     w = tensor.worst
     tol_rel = _safe_ratio(w.tolerance, abs(w.numerical) + abs(w.autograd))
     return (
@@ -523,6 +537,8 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/rel_error/<param>   E_rel over the non-kinked probes of that tensor
         <prefix>/rel_error_max       worst tensor
         <prefix>/error_bar/<param>   numerical error of that check, same units
+        <prefix>/precision_gap/<param>  autocast gradients only: relative gap to the
+                                     same code's gradient without autocast
         <prefix>/kink_fraction       probes that crossed a kink / all probes
         <prefix>/kink_margin_min     closest approach to a kink (KinkEvent.margin)
         <prefix>/failures            tensors with verdict "fail"
@@ -550,6 +566,8 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
             out[f"{prefix}/rel_error/{name}"] = t.rel_error
         if not math.isnan(t.error_bar):
             out[f"{prefix}/error_bar/{name}"] = t.error_bar
+        if not math.isnan(t.precision_gap):
+            out[f"{prefix}/precision_gap/{name}"] = t.precision_gap
     if not math.isnan(report.rel_error_max):
         out[f"{prefix}/rel_error_max"] = report.rel_error_max
     out[f"{prefix}/kink_fraction"] = report.kink_fraction

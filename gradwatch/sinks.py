@@ -68,7 +68,7 @@ class TensorBoardSink:
 
 
 class LoggingSink:
-    """One line per check on the ``gradwatch`` logger: INFO when clean, WARNING otherwise.
+    """One line per check on the ``gradwatch`` logger: INFO when clean or skipped, WARNING otherwise.
 
     Example:
         >>> LoggingSink().write(report, step=0)  # doctest: +SKIP
@@ -78,7 +78,7 @@ class LoggingSink:
         """Log the report's summary line; ``step`` is validated, the summary carries it."""
         _check_report(report)
         _non_negative_int("step", step)
-        level = logging.INFO if report.verdict == "pass" else logging.WARNING
+        level = logging.INFO if report.verdict in ("pass", "skipped") else logging.WARNING
         _log.log(level, "%s", report.summary())
 
 

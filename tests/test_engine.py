@@ -449,3 +449,85 @@ def test_names_selects_the_checked_tensors_and_keeps_the_whole_model_scale() -> 
         check(case.model, case.loss_fn, case.batch, names=["nope"])
     with pytest.raises(ValueError, match="`names` must be None or a collection"):
         check(case.model, case.loss_fn, case.batch, names="fc1.bias")
+# ------------------------------------------------------------------------- data parallel
+def test_reduce_judges_the_mean_loss_against_the_mean_gradient() -> None:
+    """Two "ranks" in one process: each holds half the batch; the gradient under test is
+    the mean of both halves' gradients, as DDP's averaged .grad. With ``reduce`` both
+    ranks judge the same numbers and pass; without it each compares its local
+    differences with the mean gradient and fails."""
+    case = CORRECT["layernorm_gelu"](0)
+    x, y = case.batch
+    halves = [(x[:16], y[:16]), (x[16:], y[16:])]
+    params = dict(case.model.named_parameters())
+    local = [torch.autograd.grad(case.loss_fn(case.model, b), list(params.values())) for b in halves]
+    mean = {n: (a + b) / 2 for n, a, b in zip(params, *local)}
+    seen = {}
+
+    def record(t):  # "rank 1" runs first and leaves its values for "rank 0"
+        seen["rank1"] = t.clone()
+        return t
+
+    check(case.model, case.loss_fn, halves[1], grads=mean, seed=3, reduce=record)
+    calls = []
+
+    def mean_of_ranks(t):
+        calls.append(t.shape)
+        return (t + seen["rank1"]) / 2
+
+    report = check(case.model, case.loss_fn, halves[0], grads=mean, seed=3, reduce=mean_of_ranks)
+    assert len(calls) == 1 and len(calls[0]) == 1  # one call per check, on a 1-D vector
+    assert report.ok and report.reliable, str(report)
+    local_only = check(case.model, case.loss_fn, halves[0], grads=mean, seed=3)
+    assert not local_only.ok
+
+
+def test_reduce_is_validated() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    with pytest.raises(TypeError, match="`reduce` must be callable"):
+        check(case.model, case.loss_fn, case.batch, reduce=3)
+    with pytest.raises(TypeError, match="`reduce` must return a tensor of shape"):
+        check(case.model, case.loss_fn, case.batch, reduce=lambda t: t.sum())
+
+
+# ------------------------------------------------------------------------- autocast gap
+def _autocast_check(case, dtype, scale=1.0, seed=0):
+    with torch.autocast("cpu", dtype=dtype):
+        state = gradwatch.capture(case.model)  # records the autocast state the loss runs in
+        loss = case.loss_fn(case.model, case.batch)
+    params = dict(case.model.named_parameters())
+    grads = torch.autograd.grad(loss * scale, list(params.values()))
+    grads = {n: g / scale for n, g in zip(params, grads)}
+    return check(case.model, case.loss_fn, case.batch, grads=grads, replay=state, train_loss=loss, seed=seed)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("model", ["mlp_relu_dropout", "cnn_bn_pool", "clamp_abs_maximum"])
+def test_autocast_gradients_are_judged_against_their_measured_precision_gap(model, dtype) -> None:
+    for seed in range(3):
+        report = _autocast_check(CORRECT[model](seed), dtype, seed=seed)
+        assert report.ok and report.reliable, str(report)
+        assert report.grad_precision == str(dtype)[6:]
+        gaps = [t.precision_gap for t in report.tensors.values()]
+        assert all(0 <= g < 0.25 for g in gaps) and max(gaps) > 0, gaps
+        assert "gradwatch/precision_gap/" + next(iter(report.tensors)) in gradwatch.metrics(report)
+    assert math.isnan(check(CORRECT[model](0).model, classification_loss, CORRECT[model](0).batch,
+                            seed=0).tensors[next(iter(report.tensors))].precision_gap)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_autocast_gradients_still_show_planted_bugs(dtype) -> None:
+    for bug in sorted(BUGS):
+        case = BUGS[bug](0)
+        report = _autocast_check(case, dtype)
+        assert {t.name for t in report.failures} == case.wrong, (bug, str(report))
+
+
+def test_backward_that_ignores_loss_scaling_fails_on_its_precision_gap() -> None:
+    """A backward that ignores grad_output is not scaled by a GradScaler: its gradient
+    shrinks by the scale, unlike the same code's gradient without autocast."""
+    case = BUGS["ignores_grad_output"](0)
+    report = _autocast_check(case, torch.float16, scale=2.0**16)
+    assert {t.name for t in report.failures} == case.wrong, str(report)
+    t = report.tensors["fc1.weight"]
+    assert t.precision_gap > 0.9 and t.error_ratio > 1
+    assert t.message.startswith("'fc1.weight': the gradient computed under float16 autocast differs")

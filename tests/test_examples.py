@@ -38,3 +38,27 @@ def test_planted_bug_example_with_the_fix_passes(tmp_path, capsys) -> None:
     watch = example.main(["--steps", "41", "--every", "20", "--fixed", "--logdir", str(tmp_path / "runs")])
     assert capsys.readouterr().out.startswith("gradwatch: PASS in all 3 checks")
     assert all(r.ok for _, r in watch.reports)
+
+
+def test_lightning_example_catches_the_bug_and_logs_it_to_lightning_logs(tmp_path, capsys) -> None:
+    example = _load("lightning_custom_layer")
+    callback = example.main(["--steps", "41", "--every", "20", "--root", str(tmp_path)])
+    out = capsys.readouterr().out
+    assert out.startswith("gradwatch: FAIL in 3 of 3 checks - 'body.0.")
+    assert f"tensorboard --logdir {tmp_path / 'lightning_logs'}" in out
+    assert [s for s, _ in callback.reports] == [0, 20, 40]
+    # the layer before the norm gets the wrong gradient; the norm's own weight is right
+    assert all({t.name for t in r.failures} <= {"body.0.weight", "body.0.bias"} and r.failures
+               for _, r in callback.reports)
+    acc = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
+    acc.Reload()
+    assert [e.step for e in acc.Scalars("gradwatch/failures")] == [0, 20, 40]
+    assert all(e.value >= 1.0 for e in acc.Scalars("gradwatch/failures"))
+    assert "train/loss" in acc.Tags()["scalars"]
+
+
+def test_lightning_example_with_the_fix_passes(tmp_path, capsys) -> None:
+    example = _load("lightning_custom_layer")
+    callback = example.main(["--steps", "41", "--every", "20", "--fixed", "--root", str(tmp_path)])
+    assert capsys.readouterr().out.startswith("gradwatch: PASS in all 3 checks")
+    assert all(r.ok for _, r in callback.reports)

@@ -1,0 +1,104 @@
+"""GradWatchCallback under ``strategy="ddp"`` with 2 CPU processes (gloo).
+
+Run by ``tests/test_lightning.py::test_ddp_two_cpu_processes`` as a script, because
+Lightning's DDP launcher starts rank 1 by re-running this script::
+
+    PYTHONPATH=.:tests python tests/lightning_ddp.py OUTDIR
+
+Each rank writes ``OUTDIR/rank<r>.json`` with what it saw: verdicts, failing tensors,
+every probe's numbers, its local training losses, and what reached its logger.
+"""
+
+from __future__ import annotations
+
+import json
+import pathlib
+import sys
+from typing import Any
+
+
+def main(out: pathlib.Path) -> None:
+    import logging
+    import warnings
+
+    import pytorch_lightning as pl
+    import torch
+    from pytorch_lightning.loggers import Logger
+
+    from gradwatch import GradientCheckError
+    from gradwatch.lightning import GradWatchCallback
+    from lightning_zoo import ZooModule, loader
+    from zoo import BUGS, CORRECT
+
+    warnings.simplefilter("ignore")
+    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    torch.set_num_threads(1)
+
+    class RecordingLogger(Logger):
+        """Records, on whichever rank it is called, the steps of gradwatch metrics."""
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.steps: list[int] = []
+
+        @property
+        def name(self) -> str:
+            return "recording"
+
+        @property
+        def version(self) -> int:
+            return 0
+
+        def log_hyperparams(self, params: Any, *args: Any, **kwargs: Any) -> None:
+            pass
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if any(k.startswith("gradwatch/") for k in metrics):
+                self.steps.append(step)
+
+    class LocalLosses(pl.Callback):
+        def __init__(self) -> None:
+            self.losses: list[float] = []
+
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+            self.losses.append(float(outputs["loss"]))
+
+    def fit(build, on_failure, logger=None, extra=()):
+        module = ZooModule(build(0))
+        callback = GradWatchCallback(every_n_steps=1, on_failure=on_failure)  # seed drawn per rank, broadcast
+        trainer = pl.Trainer(
+            strategy="ddp", accelerator="cpu", devices=2, max_steps=2, logger=logger or False,
+            callbacks=[callback, *extra], enable_progress_bar=False, enable_model_summary=False,
+            enable_checkpointing=False,
+        )
+        trainer.fit(module, loader(module.case, batches=8))
+        return trainer, callback
+
+    def summary(callback) -> dict[str, Any]:
+        return {
+            "verdicts": [r.verdict for _, r in callback.reports],
+            "failing": [sorted(t.name for t in r.failures) for _, r in callback.reports],
+            "numbers": [[(p.autograd, p.numerical, p.kink) for p in r.probes] for _, r in callback.reports],
+            "seeds": [r.seed for _, r in callback.reports],
+        }
+
+    logger, losses = RecordingLogger(), LocalLosses()
+    trainer, correct = fit(CORRECT["mlp_relu_dropout"], "raise", logger=logger, extra=[losses])
+    rank = trainer.global_rank
+    result: dict[str, Any] = {"correct": summary(correct), "logged_steps": logger.steps, "local_losses": losses.losses}
+    _, bug = fit(BUGS["wrong_sign"], lambda report: None)
+    result["bug"] = summary(bug)
+    try:
+        fit(BUGS["wrong_sign"], "raise")
+        result["raise"] = None
+    except GradientCheckError as err:
+        result["raise"] = type(err).__name__
+    (out / f"rank{rank}.json").write_text(json.dumps(result))
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.barrier()
+
+
+if __name__ == "__main__":
+    target = pathlib.Path(sys.argv[1])
+    target.mkdir(parents=True, exist_ok=True)
+    main(target)

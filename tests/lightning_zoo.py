@@ -1,0 +1,76 @@
+"""LightningModule wrappers around the zoo in ``zoo.py``, for the callback tests.
+
+Example:
+    >>> from zoo import CORRECT
+    >>> module = ZooModule(CORRECT["layernorm_gelu"](0))
+    >>> len(loader(module.case, batches=2, seed=0))
+    2
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytorch_lightning as pl
+import torch
+from torch.utils.data import DataLoader, TensorDataset
+
+from zoo import Case
+
+__all__ = ["ZooModule", "loader", "trainer_kwargs"]
+
+
+class ZooModule(pl.LightningModule):
+    """Trains ``case.model`` on ``case.loss_fn``; logs its loss like a typical module does.
+
+    Parameter names get the prefix ``net.``; :attr:`wrong` holds the planted-bug tensors
+    under those names.
+    """
+
+    def __init__(self, case: Case, *, lr: float = 1e-2, returns: str = "tensor") -> None:
+        super().__init__()
+        self.case = case
+        self.net = case.model
+        self.lr = lr
+        self.returns = returns
+        self.wrong = {f"net.{n}" for n in case.wrong}
+
+    def loss(self, module: pl.LightningModule, batch: Any) -> torch.Tensor:
+        return self.case.loss_fn(module.net, batch)
+
+    def training_step(self, batch: Any, batch_idx: int) -> Any:
+        loss = self.case.loss_fn(self.net, batch)
+        self.log("train_loss", loss, prog_bar=True)
+        self.log_dict({"batch_idx": float(batch_idx)})
+        return {"loss": loss, "extra": loss.detach()} if self.returns == "dict" else loss
+
+    def configure_optimizers(self) -> torch.optim.Optimizer:
+        return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+def loader(case: Case, *, batches: int, seed: int = 0) -> DataLoader:
+    """``batches`` different batches shaped like ``case.batch`` (floats ~ N(0, 1), integers in range)."""
+    g = torch.Generator().manual_seed(seed)
+    columns = []
+    for t in case.batch:
+        shape = (batches * t.shape[0], *t.shape[1:])
+        if t.is_floating_point():
+            columns.append(torch.randn(shape, generator=g, dtype=t.dtype))
+        else:
+            columns.append(torch.randint(0, int(t.max()) + 1, shape, generator=g, dtype=t.dtype))
+    return DataLoader(TensorDataset(*columns), batch_size=case.batch[0].shape[0], shuffle=False)
+
+
+def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
+    """Quiet, CPU, few-step Trainer arguments."""
+    kwargs: dict[str, Any] = dict(
+        accelerator="cpu",
+        devices=1,
+        max_steps=3,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        logger=False,
+    )
+    kwargs.update(overrides)
+    return kwargs
