@@ -461,21 +461,21 @@ def test_reduce_judges_the_mean_loss_against_the_mean_gradient() -> None:
     params = dict(case.model.named_parameters())
     local = [torch.autograd.grad(case.loss_fn(case.model, b), list(params.values())) for b in halves]
     mean = {n: (a + b) / 2 for n, a, b in zip(params, *local)}
-    seen = {}
+    seen = []
 
     def record(t):  # "rank 1" runs first and leaves its values for "rank 0"
-        seen["rank1"] = t.clone()
+        seen.append(t.clone())
         return t
 
     check(case.model, case.loss_fn, halves[1], grads=mean, seed=3, reduce=record)
     calls = []
 
-    def mean_of_ranks(t):
+    def mean_of_ranks(t):  # one call per host transfer, in the same order on every rank
         calls.append(t.shape)
-        return (t + seen["rank1"]) / 2
+        return (t + seen[len(calls) - 1]) / 2
 
     report = check(case.model, case.loss_fn, halves[0], grads=mean, seed=3, reduce=mean_of_ranks)
-    assert len(calls) == 1 and len(calls[0]) == 1  # one call per check, on a 1-D vector
+    assert len(calls) == len(seen) >= 1 and all(len(shape) == 1 for shape in calls)
     assert report.ok and report.reliable, str(report)
     local_only = check(case.model, case.loss_fn, halves[0], grads=mean, seed=3)
     assert not local_only.ok
