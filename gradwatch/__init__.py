@@ -57,3 +57,7 @@ def __getattr__(name: str):
 
         return GradWatchCallback
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | {"GradWatchCallback"})

@@ -98,6 +98,8 @@ class GradWatchCallback(Callback):
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every rank.
+        seed: The base seed in use (rank zero's, broadcast at setup; restored from a
+            checkpoint on resume).
 
     Example:
         >>> trainer = pl.Trainer(callbacks=[GradWatchCallback(every_n_steps=50)])  # doctest: +SKIP
@@ -353,6 +355,11 @@ def _divided(loss_fn: Callable[[nn.Module, Any], Tensor], n: int, module: nn.Mod
     return loss_fn(module, batch) / n
 
 
+_MISSING = object()
+#: Non-state attributes of a torchmetrics Metric that ``update``/``forward`` change.
+_METRIC_FLAGS = ("_update_count", "_computed", "_forward_cache")
+
+
 def _noop(*args: Any, **kwargs: Any) -> None:
     return None
 
@@ -371,9 +378,6 @@ def _logging_disabled(module: nn.Module) -> Iterator[None]:
                 module.__dict__.pop(name, None)
             else:
                 module.__dict__[name] = value
-
-
-_MISSING = object()
 
 
 @contextmanager
@@ -401,10 +405,6 @@ def _metric_states_kept(pl_module: nn.Module) -> Iterator[None]:
                     setattr(m, key, value)
 
 
-#: Non-state attributes of a torchmetrics Metric that ``update``/``forward`` change.
-_METRIC_FLAGS = ("_update_count", "_computed", "_forward_cache")
-
-
 def _all_finite(grads: Any, reduce: Callable[[Tensor], Tensor] | None) -> bool:
     """Whether every gradient is finite (one host sync; across ranks when ``reduce`` is given)."""
     grads = list(grads)
@@ -418,6 +418,7 @@ def _all_finite(grads: Any, reduce: Callable[[Tensor], Tensor] | None) -> bool:
 
 
 def _skipped_report(pl_module: nn.Module, seed: int, step: int, reason: str) -> Report:
+    """A report for a step that is not checked: every tensor ``skipped`` with ``reason``."""
     tensors = {
         n: TensorCheck(n, tuple(p.shape), "skipped", reason=reason)
         for n, p in pl_module.named_parameters()
