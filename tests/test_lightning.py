@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 import math
 import os
 import pathlib
@@ -323,9 +324,11 @@ def test_gradscaler_skipped_step_is_not_checked_and_reported_skipped(caplog) -> 
     module = ZooModule(CORRECT["layernorm_gelu"](0))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)
     callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure="raise")
-    with warnings.catch_warnings():
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="gradwatch"):
         warnings.simplefilter("error", gradwatch.UnreliableCheckWarning)
         _fit(module, callback, max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+    skipped_lines = [r for r in caplog.records if r.name == "gradwatch" and "SKIPPED" in r.getMessage()]
+    assert [r.levelno for r in skipped_lines] == [logging.INFO]  # a skipped step is no warning
     verdicts = [r.verdict for _, r in callback.reports]
     assert verdicts[0] == "skipped" and "pass" in verdicts[1:], verdicts
     skipped = callback.reports[0][1]
