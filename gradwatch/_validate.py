@@ -56,10 +56,19 @@ def _module(name: str, value: Any) -> Any:
     return value
 
 
-def _probe_options(coordinates: Any, directions: Any, kinks: Any) -> None:
-    """Validate the probe arguments shared by ``check`` and the adapters."""
+def _probe_options(coordinates: Any, directions: Any, kinks: Any, *, min_directions: int = 1) -> None:
+    """Validate the probe arguments shared by ``check`` and the adapters.
+
+    The adapters keep at least one random direction per tensor: it is what catches
+    errors confined to a few elements. ``check`` itself allows 0 (targeted tests).
+    """
     _non_negative_int("coordinates", coordinates)
     _non_negative_int("directions", directions)
+    if directions < min_directions:
+        raise ValueError(
+            "`directions` must be at least 1: a random direction over the whole tensor is what catches "
+            f"errors confined to a few elements, got {directions!r}"
+        )
     if coordinates + directions == 0:
         raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
     if not isinstance(kinks, bool):

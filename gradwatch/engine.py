@@ -1,4 +1,4 @@
-"""The check engine: central differences in float64 against autograd's gradient.
+"""The check engine: central differences against autograd's gradient.
 
 :func:`check` knows nothing about training loops, Lightning or TensorBoard. Adapters
 decide when to call it and which gradient to compare; it returns a frozen
@@ -6,31 +6,52 @@ decide when to call it and which gradient to compare; it returns a frozen
 
 Numerics (see ``shared/design.md`` §3 and the README):
 
-* Every perturbed loss is evaluated on a float64 copy of the parameters, buffers and
-  floating inputs (``torch.func.functional_call``), from the RNG state and buffers
-  the training forward started from, so dropout masks and batch statistics match.
-* Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``; the value is the
-  central difference at ``h`` and its error bar is ``|D(h) - D(2h)| / 3`` (the
-  Richardson truncation estimate) plus the rounding of the loss evaluations.
-* A probe passes when ``|numerical - autograd| <= rtol·S + atol·‖v‖ + 3·error_bar``
-  where ``S = Σ|g_i·v_i|`` (so directions whose terms cancel are not over-judged),
-  ``rtol`` depends on the precision the gradient was computed in (:data:`RTOL`:
-  2.4e-4 for float32, looser under TF32 and bf16/fp16 autocast), and
-  ``atol = rtol·G/2`` with ``G`` the root-mean-square of the whole model's gradient:
-  float32 rounding noise in a tensor whose true gradient is 0 (a conv bias before
-  BatchNorm) stays below it.
+* ``precision="float64"`` evaluates every perturbed loss on a float64 copy of the
+  parameters, buffers and floating inputs (``torch.func.functional_call``), from the
+  RNG state and buffers the training forward started from, so dropout masks and batch
+  statistics match. ``"native"`` evaluates in the model's own dtype with a step scaled
+  to it; ``"auto"`` takes float64 when the copy fits ``max_shadow_bytes`` and the model
+  runs in float64, native otherwise.
+* Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``. The numerical value
+  is the central difference ``D(h)`` in float64 and the five-point value
+  ``(4·D(h) - D(2h)) / 3`` natively. Its error bar adds the truncation estimate
+  ``|D(h) - D(2h)| / 3`` and the rounding of the loss, measured from the fourth
+  difference of the same evaluations (whose smooth part cancels).
+* In float64 the engine also takes autograd's gradient of the float64 copy, the
+  *reference*: the same backward code (custom Functions, module hooks) run without
+  low-precision rounding. Two tests follow, and a tensor fails if either does:
+
+  - the code test, per probe: ``|numerical - autograd| <= 3·error_bar +
+    1e-6·(‖g_ref∘v‖ + G_ref·‖v‖) + |autograd - reference|``: a wrong backward formula
+    is wrong in float64 too, so it is judged at float64 accuracy, while the measured
+    precision gap ``|autograd - reference|`` is never mistaken for a bug;
+  - the precision test, per tensor: ``‖g - g_ref‖ <= rtol·‖g_ref‖ + rtol/2·G_ref·√n``,
+    with ``rtol`` from :data:`RTOL` for the precision the gradient was computed in
+    (1e-4 for float32, looser under TF32 and bf16/fp16 autocast). It catches what only
+    the training gradient has: tensor hooks, code that edits ``.grad``, a kernel
+    wrong only in low precision.
+
+  Without a reference (native precision, or a backward that fails in float64) the
+  code test uses ``rtol·‖g∘v‖ + rtol/2·G·‖v‖`` instead. ``‖g∘v‖`` (the root sum of
+  squares of the terms of ``<g, v>``) never cancels, so a direction whose terms cancel
+  raises no false alarm, and ``G`` (the RMS of the model's gradient) is the floor for a
+  tensor whose true gradient is 0, such as a conv bias before BatchNorm.
 * Probes whose perturbed passes took another branch of a non-smooth op than the
   unperturbed pass are marked as kinks and never count towards a failure. Crossed
   coordinates are replaced by fresh ones (``kink_resamples`` per tensor), and every
   non-smooth op a probe moved is reported with its module and margin
   (:mod:`gradwatch.kinks`).
+* A failing tensor is localised: a failing coordinate names its element, a precision
+  gap its largest element, and a failing direction is bisected over the flat index
+  (rows first, then columns) and confirmed by a coordinate probe.
 
 All probe arithmetic stays on the model's device; results reach the host in one
-transfer per check.
+transfer per check (plus one per bisection level when a direction fails).
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import math
 import secrets
@@ -43,7 +64,16 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradwatch._validate import _callable, _kink_options, _module, _one_of, _positive_float, _probe_options, _seed
+from gradwatch._validate import (
+    _callable,
+    _kink_options,
+    _module,
+    _one_of,
+    _positive_float,
+    _positive_int,
+    _probe_options,
+    _seed,
+)
 from gradwatch.kinks import _BranchRecorder, _ProbeKinks, _Reference
 from gradwatch.replay import (
     ReplayState,
@@ -58,37 +88,38 @@ from gradwatch.replay import (
 )
 from gradwatch.report import KinkEvent, Probe, Report, TensorCheck
 
-__all__ = ["check", "DEFAULT_STEP", "RTOL"]
+__all__ = ["check", "DEFAULT_STEP", "DEFAULT_SHADOW_BYTES", "PRECISIONS", "RTOL"]
 
 #: Base step for float64 central differences, ``≈ eps64^(1/3)``; scaled by ``max(1, |θ|)``.
+#: Native evaluation uses ``eps^(1/3)`` of the parameter's dtype.
 DEFAULT_STEP = 6e-6
-#: Relative tolerance by the precision the gradient was computed in. Float32 is 2000
-#: machine epsilons; TF32 and autocast follow their ~10-bit and 8-bit mantissas.
+#: Largest float64 copy of parameters and buffers ``precision="auto"`` makes (2 GiB).
+DEFAULT_SHADOW_BYTES = 2 * 2**30
+#: Where perturbed losses are evaluated.
+PRECISIONS = ("float64", "native", "auto")
+#: Relative tolerance by the precision the gradient was computed in (precision test,
+#: and the code test when there is no float64 reference).
 RTOL = {
-    "float64": 2000 * torch.finfo(torch.float64).eps,
-    "float32": 2000 * torch.finfo(torch.float32).eps,
+    "float64": 1e-7,
+    "float32": 1e-4,
     "tf32": 1e-2,
-    "float16": 2e-2,
-    "bfloat16": 1e-1,
+    "float16": 0.15,
+    "bfloat16": 0.3,
 }
-#: Absolute tolerance as a fraction of ``rtol`` times the model's gradient RMS.
+#: Code-test tolerance against the float64 reference, relative and absolute (× G_ref).
+_REF_RTOL = 1e-6
+#: Absolute tolerance as a fraction of ``rtol`` times the gradient RMS.
 _ATOL_RATIO = 0.5
 #: Multiple of the numerical error bar added to the tolerance.
 _ERROR_BAR_MULT = 3.0
-#: Multiple of ``|<g - g_ref, v>|`` (autocast gradient minus the same code's gradient
-#: without autocast) added to a probe's tolerance; 1 would suffice by the triangle
-#: inequality, 2 keeps ``error / tolerance`` of a probe whose error is that gap at 0.5.
-_GAP_MULT = 2.0
-#: A tensor fails when its relative autocast gap (see :func:`_judge_gap`) exceeds this.
-#: Correct zoo models reach 0.08 (bf16) and 0.05 (fp16); a backward that ignores the
-#: GradScaler's scaling reaches 1.
-_GAP_LIMIT = {"float16": 0.25, "bfloat16": 0.5}
-#: Relative rounding of a float64 loss evaluation assumed in the error bar.
-_LOSS_ROUNDING = 64 * torch.finfo(torch.float64).eps
-#: Native replay vs training loss: relative and absolute slack (nondeterministic kernels).
+#: Smallest loss rounding assumed, in units of the evaluation dtype's eps × |L|.
+_ROUNDING_FLOOR = 8.0
+#: Native replay vs training loss: relative slack (nondeterministic kernels).
 _REPLAY_RTOL = 1e-5
 #: Float64 replay vs native loss, relative slack per training precision.
 _SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2, "bfloat16": 5e-2}
+#: Noise of the fourth difference L(2h)+L(-2h)-4L(h)-4L(-h)+6L(0) in units of the loss noise.
+_FOURTH_DIFF_NOISE = math.sqrt(70.0)
 
 _GRADS = ("autograd", "existing")
 _NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
@@ -105,10 +136,13 @@ def check(
     grads: str | Mapping[str, Tensor] = "autograd",
     coordinates: int = 4,
     directions: int = 1,
-    step: float = DEFAULT_STEP,
+    step: float | None = None,
+    precision: str = "auto",
+    max_shadow_bytes: int = DEFAULT_SHADOW_BYTES,
     kinks: bool = True,
     kink_resamples: int = 4,
     near_kink_margin: float = 10.0,
+    localize: bool = True,
     replay: ReplayState | None = None,
     train_loss: Tensor | float | None = None,
     names: Collection[str] | None = None,
@@ -121,7 +155,7 @@ def check(
             as they are.
         loss_fn: ``loss_fn(model, batch)`` returning a scalar loss tensor.
         batch: Anything ``loss_fn`` accepts; floating tensors inside tuples, lists,
-            dicts and namedtuples are cast to float64 for the perturbed passes.
+            dicts and namedtuples are cast to float64 for float64 evaluation.
         seed: Seed of the probe sampler (coordinates and directions). ``None`` draws
             one at random; the report records it, so passing it again reproduces the
             check.
@@ -130,8 +164,13 @@ def check(
             from parameter name to tensor: compare with those tensors.
         coordinates: Random elements probed per tensor, drawn without replacement.
         directions: Random Gaussian directions over the whole tensor probed per
-            tensor; they catch errors confined to a few elements.
-        step: Base step ``h`` of the float64 central differences.
+            tensor; they catch errors confined to a few elements. Keep at least 1
+            (0 only for targeted tests of single coordinates; the adapters require 1).
+        step: Base step ``h``; ``None`` takes 6e-6 in float64 and ``eps^(1/3)`` of
+            the parameter dtype natively. It is scaled by ``max(1, |θ|)``.
+        precision: ``"float64"``, ``"native"`` or ``"auto"`` (see the module notes).
+        max_shadow_bytes: Largest float64 copy of parameters and buffers ``"auto"``
+            makes before it evaluates natively.
         kinks: Record branches of non-smooth ops and exclude probes that cross one;
             the report lists every op a probe moved as a
             :class:`~gradwatch.report.KinkEvent` with its module and margin.
@@ -140,13 +179,13 @@ def check(
             replacements). 0 disables resampling.
         near_kink_margin: A kink event with a margin below this is "near" (the
             margin is the distance to the kink in units of the ``±2h`` move).
+        localize: Narrow a failing tensor down to an element (extra evaluations, only
+            when something fails).
         replay: State captured with :func:`gradwatch.capture` right before the
             training forward. With ``grads="autograd"`` it must be ``None``; otherwise
             ``None`` means "replay from the current state".
         train_loss: Loss of the training forward, compared with the replayed loss
-            before the check is trusted. Only with ``grads`` other than "autograd";
-            without it the replay cannot be verified against the training step (the
-            float64 copy is still compared with the model in its own precision).
+            before the check is trusted. Only with ``grads`` other than "autograd".
         names: ``named_parameters()`` names of the tensors to check; the others are
             reported ``skipped``. ``None`` checks every tensor with a gradient. The
             adapters use it to spread checks over steps within an overhead budget.
@@ -154,21 +193,21 @@ def check(
             across processes (every process must call ``check`` with the same
             ``seed`` and probe options, on its local batch). It is applied once per
             host transfer to every value the check collects (losses, directional
-            derivatives, kink flags and margins), so each process judges the mean loss
+            derivatives, kink flags and margins; the float64 reference gradient too), so each process judges the mean loss
             against the mean gradient, which is what data-parallel ``.grad`` holds, and
             all processes take the same kink resampling decisions and return the same
             verdicts.
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
-        failed; a replay that does not reproduce ``train_loss`` gives an unreliable
-        report with no verdicts rather than a failure.
+        failed or held non-finite values; a replay that does not reproduce
+        ``train_loss`` gives an unreliable report with no verdicts.
 
     Raises:
         TypeError: ``model`` is no module, ``loss_fn`` is not callable or returns no
             tensor, or a ``grads`` mapping holds something else than tensors.
-        ValueError: Bad argument values, a non-scalar or non-finite loss, or no
-            parameter with a gradient to check.
+        ValueError: Bad argument values, a non-scalar loss, or no parameter with a
+            gradient to check.
 
     Example:
         >>> model = torch.nn.Linear(3, 1)
@@ -181,11 +220,16 @@ def check(
     _module("model", model)
     _callable("loss_fn", loss_fn)
     seed = _seed("seed", seed)
-    _probe_options(coordinates, directions, kinks)
+    _probe_options(coordinates, directions, kinks, min_directions=0)
     _kink_options(kink_resamples, near_kink_margin)
-    _positive_float("step", step)
     if reduce is not None:
         _callable("reduce", reduce)
+    if step is not None:
+        _positive_float("step", step)
+    _one_of("precision", precision, PRECISIONS)
+    _positive_int("max_shadow_bytes", max_shadow_bytes)
+    if not isinstance(localize, bool):
+        raise ValueError(f"`localize` must be a bool, got {localize!r}")
     if isinstance(grads, str):
         _one_of("grads", grads, _GRADS)
     elif not isinstance(grads, Mapping):
@@ -216,12 +260,10 @@ def check(
             if train_loss is not None:
                 train_loss = _loss_value("train_loss", train_loss)
         skipped = _skip_reasons(params, grad_map)
-        grad_map = {n: g for n, g in grad_map.items() if n not in skipped}
-        if names is not None and grad_map:  # the same probes and tolerances as a check of every tensor
-            scale = _gradient_rms(grad_map, host)
-            plan = _plan(grad_map, seed, coordinates, directions)
+        every = {n: g for n, g in grad_map.items() if n not in skipped}  # sets the probes and tolerances
+        if names is not None:
             skipped.update({n: _NOT_SELECTED for n in params if n not in names and n not in skipped})
-            grad_map = {n: g for n, g in grad_map.items() if n in names}
+        grad_map = {n: g for n, g in every.items() if n not in skipped}
         if not grad_map:
             raise ValueError(
                 "`model` has no parameter with a gradient to check: "
@@ -229,70 +271,119 @@ def check(
                 if skipped
                 else "`model` has no parameters"
             )
-        if names is None:
-            scale = _gradient_rms(grad_map, host)
-            plan = _plan(grad_map, seed, coordinates, directions)
         first_grad = next(iter(grad_map.values()))
-        precision = _grad_precision(first_grad, replay, model)
-        reference = _grad_precision(first_grad, replay, model, autocast=False)
-        # under autocast, measure the gap to the same code's gradient without autocast (see _autocast_gaps)
-        gaps = _autocast_gaps(model, loss_fn, batch, replay, grad_map, reduce) if precision != reference else {}
-        gap_norms = {name: _gap_norms(grad_map[name], gap, host) for name, gap in gaps.items()}
-        evaluation = _Evaluation(model, loss_fn, batch, replay, kinks)
+        grad_precision = _grad_precision(first_grad, replay, model)
+        mode, mode_reason = _choose_precision(precision, model, replay, max_shadow_bytes)
+        evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode)
+        try:
+            loss0, signature, reference = evaluation.base(every)
+        except Exception as err:
+            if precision != "auto" or mode != "float64":
+                raise
+            mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
+            evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode)
+            loss0, signature, reference = evaluation.base(every)
+        if reference is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
+            reference = _reduced(reference, reduce)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
-        loss0, signature = evaluation.float64(evaluation.shadow)
-        probe = evaluation.loss_dtype == torch.float64  # else unreliable: no point in probing
+        plan = _plan(every, seed, coordinates, directions)
+        probe = not evaluation.lossy  # else unreliable: no point in probing
         kink_log: dict[str, list] = {name: [] for name in grad_map}
-        rows = {name: _probe_tensor(evaluation, name, grad_map[name], plan[name], step, signature, host, kink_log[name],
-                                    gap=gaps.get(name))
-                for name in grad_map if probe}
+        refs = {name: reference.get(name) if reference is not None else None for name in grad_map}
+        rows = {
+            name: _probe_tensor(evaluation, name, grad_map[name], refs[name], plan[name], step, signature, loss0,
+                                host, kink_log[name])
+            for name in grad_map if probe
+        }
         if probe and signature is not None and kink_resamples:
-            _resample(evaluation, grad_map, rows, kink_log, seed, kink_resamples, step, signature, host, gaps)
+            _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host)
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
+        gaps = {name: _gap(grad_map[name], reference[name], host) for name in grad_map} if reference else {}
+        scale = _gradient_rms(every, host)
+        ref_scale = _gradient_rms(reference, host) if reference else None
         i_loss0 = host.add(loss0)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
         i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
         values = host.fetch()
 
-    train = values[i_train] if i_train is not None else train_loss
-    native = values[i_native] if i_native is not None else None
-    replayed = values[i_loss0]
-    for label, value in (("train_loss", train), ("loss_fn", replayed)):
-        if value is not None and not math.isfinite(value):
-            raise ValueError(f"`{label}` must be finite, got {value!r}: fix the NaN/Inf in the loss before checking gradients")
-    reason = _replay_problem(train, native, replayed, _SHADOW_RTOL[precision], grads == "autograd")
-    if reason is None and evaluation.loss_dtype != torch.float64:
-        reason = (
-            f"`loss_fn` returned a {str(evaluation.loss_dtype).replace('torch.', '')} loss on the float64 copy of the model: "
-            "something casts to a lower precision (such as .float()), so central differences would measure "
-            "rounding noise; keep the loss in the dtype of its inputs"
+        train = values[i_train] if i_train is not None else train_loss
+        native = values[i_native] if i_native is not None else None
+        replayed = values[i_loss0]
+        reason = None
+        nonfinite = _nonfinite_loss(train, replayed)
+        if nonfinite is None:
+            reason = _replay_problem(train, native, replayed, _SHADOW_RTOL[grad_precision], grads == "autograd", mode)
+            if reason is None and evaluation.lossy:
+                reason = (
+                    f"`loss_fn` returned a {_dtype_name(evaluation.loss_dtype)} loss on the float64 copy of the "
+                    "model: something casts to a lower precision "
+                    "(such as .float()), so central differences would measure rounding noise; keep the loss in "
+                    "the dtype of its inputs"
+                )
+        noise = _loss_noise(rows, values, evaluation, replayed)
+        judge = _Judge(
+            reduce=reduce,
+            values=values,
+            noise=noise,
+            rtol=RTOL[grad_precision],
+            scale=values[scale],
+            ref_scale=values[ref_scale] if ref_scale is not None else None,
+            native=mode == "native",
         )
-    tensors: dict[str, TensorCheck] = {}
-    for name, p in params.items():
-        shape = tuple(p.shape)
-        if name in skipped:
-            tensors[name] = TensorCheck(name, shape, "skipped", reason=skipped[name])
-        elif reason is not None:
-            tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
-        else:
-            tensors[name] = _judge(name, shape, rows[name], gstats[name], values, scale, RTOL[reference])
-            if name in gap_norms:
-                gap, ref_norm = (values[i] for i in gap_norms[name])
-                floor = values[scale] * math.sqrt(p.numel())
-                tensors[name] = _judge_gap(tensors[name], gap, ref_norm + floor, precision)
-            tensors[name] = _attach_kinks(tensors[name], kink_log[name], signature, values, near_kink_margin)
+        tensors: dict[str, TensorCheck] = {}
+        for name, p in params.items():
+            shape = tuple(p.shape)
+            if name in skipped:
+                tensors[name] = TensorCheck(name, shape, "skipped", reason=skipped[name])
+            elif nonfinite is not None:
+                tensors[name] = TensorCheck(name, shape, "nonfinite", reason=nonfinite)
+            elif reason is not None:
+                tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
+            else:
+                tensors[name] = judge.tensor(name, shape, rows[name], gstats[name], gaps.get(name))
+                tensors[name] = _attach_kinks(tensors[name], kink_log[name], signature, values, near_kink_margin)
+                if localize and tensors[name].verdict == "fail":
+                    located = _locate(evaluation, judge, tensors[name], grad_map[name], refs[name], step, signature, loss0)
+                    if located is not None:
+                        tensors[name] = dataclasses.replace(tensors[name], located=located)
     return Report(
         tensors=tensors,
         seed=seed,
-        precision="float64",
-        grad_dtype=str(first_grad.dtype).replace("torch.", ""),
-        grad_precision=precision,
+        precision=mode,
+        precision_reason=mode_reason,
+        reference=reference is not None,
+        grad_dtype=_dtype_name(first_grad.dtype),
+        grad_precision=grad_precision,
         train_loss=train,
         replay_loss=replayed,
         reliable=reason is None,
         reason=reason,
         seconds=time.perf_counter() - started,
     )
+
+
+def _reduced(tensors: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Apply ``reduce`` to every tensor of ``tensors`` in one call (one collective)."""
+    flat = reduce(torch.cat([t.reshape(-1) for t in tensors.values()]))
+    parts = flat.split([t.numel() for t in tensors.values()])
+    return {n: part.view_as(t) for (n, t), part in zip(tensors.items(), parts)}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _choose_precision(precision: str, model: nn.Module, replay: ReplayState, budget: int) -> tuple[str, str]:
+    """The evaluation precision and why."""
+    if precision == "float64":
+        return "float64", "requested"
+    if precision == "native":
+        return "native", "requested"
+    tensors = [p for p in model.parameters()] + list(replay.buffers.values())
+    size = sum(t.numel() * 8 for t in tensors if t.is_floating_point())
+    if size > budget:
+        return "native", f"the float64 copy would take {size / 2**20:.0f} MiB > max_shadow_bytes {budget / 2**20:.0f} MiB"
+    return "float64", f"the float64 copy takes {size / 2**20:.2f} MiB <= max_shadow_bytes {budget / 2**20:.0f} MiB"
 
 
 class _HostValues:
@@ -347,68 +438,108 @@ class _HostValues:
 
 
 class _Evaluation:
-    """Runs ``loss_fn`` on replayed state, natively or on the float64 shadow."""
+    """Runs ``loss_fn`` on replayed state, in float64 or in the model's own precision."""
 
-    def __init__(self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool) -> None:
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool, mode: str
+    ) -> None:
         self.wrapper = _LossModule(model, loss_fn)
         self.batch = batch
         self.replay = replay
-        names = {id(m): n for n, m in model.named_modules()}
-        self.recorder = _BranchRecorder(names) if kinks else None
-        self.loss_dtype = torch.float64
+        self.mode = mode
+        self.recorder = _BranchRecorder({id(m): n for n, m in model.named_modules()}) if kinks else None
+        self.float64 = mode == "float64"
+        self.loss_dtype: torch.dtype | None = None
         with torch.no_grad():
-            self.shadow = {
-                f"model.{n}": p.detach().to(torch.float64).contiguous() if p.is_floating_point() else p.detach()
-                for n, p in model.named_parameters()
-            }
-            self.buffers64 = {
-                f"model.{n}": b.to(torch.float64) if b.is_floating_point() else b
-                for n, b in replay.buffers.items()
-            }
-        self.batch64 = _cast_floats(batch, torch.float64)
+            if self.float64:
+                self.shadow = {
+                    f"model.{n}": p.detach().to(torch.float64).contiguous() if p.is_floating_point() else p.detach()
+                    for n, p in model.named_parameters()
+                }
+                self.buffers = {
+                    f"model.{n}": b.to(torch.float64) if b.is_floating_point() else b
+                    for n, b in replay.buffers.items()
+                }
+                self.inputs = _cast_floats(batch, torch.float64)
+            else:  # the parameters themselves: perturbed points are always new tensors
+                self.shadow = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+                self.buffers = {f"model.{n}": b for n, b in replay.buffers.items()}
+                self.inputs = batch
 
-    def _reset(self) -> None:
-        _restore_attrs(self.replay.attrs)
-        _restore_rng(self.replay.rng)
+    @property
+    def lossy(self) -> bool:
+        """True when the float64 evaluation returned a loss below float64."""
+        return self.float64 and self.loss_dtype not in (None, torch.float64)
+
+    def step(self, dtype: torch.dtype) -> float:
+        """Default base step: 6e-6 in float64, ``eps^(1/3)`` of ``dtype`` natively."""
+        return DEFAULT_STEP if self.float64 else float(torch.finfo(dtype).eps) ** (1 / 3)
 
     def native(self) -> Tensor:
         """The unperturbed loss in the model's own dtype, replayed (no graph)."""
         return _native_loss(self.wrapper, self.batch, self.replay, grad=False).detach()
 
-    def float64(
-        self, params: Mapping[str, Tensor], kinks: _ProbeKinks | None = None
+    def _context(self):
+        if self.float64:
+            return _default_dtype(torch.float64), _autocast(None)
+        return nullcontext(), _autocast(self.replay.autocast)
+
+    def __call__(
+        self, params: Mapping[str, Tensor], *, kinks: _ProbeKinks | None = None, grad: bool = False,
+        record: bool = True,
     ) -> tuple[Tensor, _Reference | None]:
-        """The loss at ``params`` (float64). Without ``kinks`` it also records the
-        reference branches (or None when kinks are off); with ``kinks`` the branches
-        are compared with its reference and folded into it."""
-        self._reset()
+        """The loss at ``params``. Without ``kinks`` it also records the reference
+        branches (None when kinks are off or ``record`` is False); with ``kinks`` the
+        branches are compared with its reference and folded into it."""
+        _restore_attrs(self.replay.attrs)
+        _restore_rng(self.replay.rng)
         state = dict(params)
-        state.update({k: v.clone() for k, v in self.buffers64.items()})
-        recorder = nullcontext() if self.recorder is None else self.recorder.compare_into(kinks)
+        state.update({k: v.clone() for k, v in self.buffers.items()})
+        dtype_ctx, autocast_ctx = self._context()
+        recording = self.recorder is not None and (record or kinks is not None)
+        recorder = self.recorder.compare_into(kinks) if recording else nullcontext()
         try:
-            with torch.no_grad(), _default_dtype(torch.float64), _autocast(None), recorder:
-                out = functional_call(self.wrapper, state, (self.batch64,), strict=False)
+            with torch.set_grad_enabled(grad), dtype_ctx, autocast_ctx, recorder:
+                out = functional_call(self.wrapper, state, (self.inputs,), strict=False)
         except Exception as err:
+            where = "on the float64 copy of the model" if self.float64 else "in the model's own precision"
             err.add_note(
-                "gradwatch: raised while evaluating `loss_fn` on the float64 copy of the model; "
+                f"gradwatch: raised while evaluating `loss_fn` {where}; "
                 "the model, its buffers, .grad and the RNG stream were restored."
             )
             raise
-        signature = self.recorder.take_reference() if self.recorder is not None and kinks is None else None
+        signature = self.recorder.take_reference() if recording and kinks is None else None
         loss = _loss_tensor(out)
         self.loss_dtype = loss.dtype
-        return loss.to(torch.float64), signature
+        return loss, signature
+
+    def base(self, grad_map: Mapping[str, Tensor]) -> tuple[Tensor, Any, dict[str, Tensor] | None]:
+        """Unperturbed loss, its signature, and in float64 the reference gradient."""
+        if not self.float64:
+            loss, signature = self(self.shadow)
+            return loss.detach().to(torch.float64), signature, None
+        leaves = {f"model.{n}": self.shadow[f"model.{n}"].detach().requires_grad_(True) for n in grad_map}
+        loss, signature = self({**self.shadow, **leaves}, grad=True)
+        reference = None
+        if loss.requires_grad and loss.dtype == torch.float64:
+            try:
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            except RuntimeError:  # a backward without float64 support: judge against the gradient itself
+                grads = None
+            if grads is not None:
+                reference = {
+                    n: torch.zeros_like(leaves[f"model.{n}"]) if g is None else g.detach()
+                    for n, g in zip(grad_map, grads)
+                }
+        return loss.detach().to(torch.float64), signature, reference
 
 
-def _native_loss(
-    wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool, autocast: bool = True
-) -> Tensor:
-    """Replay ``loss_fn`` with the model's own parameters, on clones of the captured buffers
-    (under the captured autocast state, or with autocast off)."""
+def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool) -> Tensor:
+    """Replay ``loss_fn`` with the model's own parameters, on clones of the captured buffers."""
     _restore_attrs(replay.attrs)
     _restore_rng(replay.rng)
     buffers = {f"model.{n}": b.clone() for n, b in replay.buffers.items()}
-    with torch.set_grad_enabled(grad), _autocast(replay.autocast if autocast else None):
+    with torch.set_grad_enabled(grad), _autocast(replay.autocast):
         return _loss_tensor(functional_call(wrapper, buffers, (batch,), strict=False))
 
 
@@ -445,71 +576,10 @@ def _autograd_gradients(
             f"`model` has no parameter with requires_grad=True to check ({len(params)} parameters, all frozen)"
         )
     loss = _native_loss(_LossModule(model, loss_fn), batch, replay, grad=True)
-    if not bool(torch.isfinite(loss.detach())):
-        raise ValueError(f"`loss_fn` must return a finite loss, got {loss.item()!r}")
     if not loss.requires_grad:
         raise ValueError("`loss_fn` returned a loss that does not require grad: no parameter reaches it")
     grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
     return loss.detach(), {n: g for n, g in zip(trainable, grads) if g is not None}
-
-
-def _autocast_gaps(
-    model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, grad_map: dict[str, Tensor],
-    reduce: Callable[[Tensor], Tensor] | None,
-) -> dict[str, Tensor]:
-    """``grad - reference`` per tensor, where ``reference`` is autograd's gradient of the same
-    replayed loss with autocast off (the same code in the parameters' own precision).
-
-    A gradient computed under fp16/bf16 autocast differs from the exact one by rounding
-    that cancellation in batch sums makes large for small elements. Each probe's
-    tolerance gets ``|<gap, v>|``: the verdict then holds the gradient to the precision
-    of the reference, which carries any bug in the backward code just as the autocast
-    gradient does, so bugs stay visible while rounding does not raise alarms. The gap
-    itself is judged per tensor (:func:`_judge_gap`), which catches a backward that only
-    misbehaves in low precision. With ``reduce`` the gaps are averaged across processes
-    (one collective of the gradient's size), as the gradient under test is.
-    """
-    params = dict(model.named_parameters())
-    names = list(grad_map)
-    loss = _native_loss(_LossModule(model, loss_fn), batch, replay, grad=True, autocast=False)
-    if not loss.requires_grad:
-        return {}
-    with _autocast(None):  # on CPU the backward runs under the caller's autocast state
-        reference = torch.autograd.grad(loss, [params[n] for n in names], allow_unused=True)
-    gaps = {
-        n: grad_map[n].detach().to(torch.float64) - (0.0 if r is None else r.detach().to(torch.float64))
-        for n, r in zip(names, reference)
-    }
-    if reduce is not None:
-        flat = reduce(torch.cat([g.reshape(-1) for g in gaps.values()]))
-        gaps = {n: part.view_as(g) for (n, g), part in zip(gaps.items(), flat.split([g.numel() for g in gaps.values()]))}
-    return gaps
-
-
-def _gap_norms(grad: Tensor, gap: Tensor, host: _HostValues) -> tuple[int, int]:
-    """Host indices of ``||gap||`` and ``||reference||``."""
-    return host.add(gap.norm()), host.add((grad.detach().to(torch.float64) - gap).norm())
-
-
-def _judge_gap(t: TensorCheck, gap: float, scale: float, precision: str) -> TensorCheck:
-    """Record the autocast gap ``gap / scale`` of a tensor; fail it when rounding cannot explain it.
-
-    ``scale`` is ``||g_ref||`` plus the model's gradient RMS times ``sqrt(numel)``, so that
-    a tensor whose true gradient is 0 (pure rounding noise in both) is not judged on
-    noise.
-    """
-    ratio = gap / scale if scale > 0 else (0.0 if gap == 0 else math.inf)
-    limit = _GAP_LIMIT[precision]
-    if t.verdict != "pass" or not ratio > limit:
-        return dataclasses.replace(t, precision_gap=ratio)
-    reason = (
-        f"the gradient computed under {precision} autocast differs from the same code's gradient without "
-        f"autocast by {ratio:.2g} (relative), more than {precision} rounding explains (limit {limit:.2g}): a "
-        "backward that misbehaves in low precision (such as a custom Function that ignores the GradScaler's "
-        "scaling of grad_output, or a low-precision-only kernel)"
-    )
-    return dataclasses.replace(t, verdict="fail", reason=reason, precision_gap=ratio,
-                               error_ratio=max(t.error_ratio, ratio / limit))
 
 
 def _given_gradients(grads: str | Mapping[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
@@ -575,8 +645,9 @@ class _KinkRow(NamedTuple):
 
 
 def _resample(
-    ev: _Evaluation, grad_map: dict[str, Tensor], rows: dict[str, list], kink_log: dict[str, list], seed: int,
-    budget: int, step: float, ref: _Reference, host: _HostValues, gaps: Mapping[str, Tensor] | None = None,
+    ev: _Evaluation, grad_map: dict[str, Tensor], refs: Mapping[str, Tensor | None], rows: dict[str, list],
+    kink_log: dict[str, list], seed: int, budget: int, step: float | None, ref: _Reference, loss0: Tensor,
+    host: _HostValues,
 ) -> None:
     """Replace coordinate probes that crossed a kink by fresh coordinates, up to ``budget``
     per tensor, drawn from a generator seeded by ``seed`` (deterministic given the seed).
@@ -604,8 +675,8 @@ def _resample(
             fresh = _sample_excluding(numel, n, gen, taken[name])
             left[name] -= n
             start = len(kink_log[name])
-            rows[name] += _probe_tensor(ev, name, grad_map[name], [("coordinate", i) for i in fresh], step, ref,
-                                        host, kink_log[name], replacement=True, gap=(gaps or {}).get(name))
+            rows[name] += _probe_tensor(ev, name, grad_map[name], refs[name], [("coordinate", i) for i in fresh], step,
+                                        ref, loss0, host, kink_log[name], replacement=True)
             pending[name] = kink_log[name][start:]
 
 
@@ -644,62 +715,112 @@ def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
     return chosen
 
 
+def _direction(theta: Tensor, seed: int) -> Tensor:
+    """The Gaussian direction of a direction probe, in float64 on the parameter's device."""
+    gen = torch.Generator(device=theta.device).manual_seed(seed)
+    return torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
+
+
+class _Line:
+    """Points ``θ + s·h·v`` of one probe, as the evaluation dtype can hold them."""
+
+    def __init__(self, theta: Tensor, kind: str, value: Any, base_step: float) -> None:
+        self.theta = theta
+        if kind == "coordinate":
+            self.index = value
+            self.orig = theta.reshape(-1)[value].to(torch.float64)
+            self.h = base_step * torch.clamp(self.orig.abs(), min=1.0)
+            self.v = None
+        else:
+            self.v = value
+            self.theta64 = theta.to(torch.float64)  # no copy in float64 evaluation
+            self.h = base_step * torch.clamp(self.theta64.pow(2).mean().sqrt(), min=1.0)
+
+    def point(self, s: float) -> Tensor:
+        if self.v is None:
+            out = self.theta.clone()
+            out.view(-1)[self.index] = (self.orig + s * self.h).to(self.theta.dtype)
+            return out
+        return (self.theta64 + (s * self.h) * self.v).to(self.theta.dtype)
+
+    def run(self, ev: _Evaluation, key: str, s: float, kinks: _ProbeKinks | None) -> tuple[Tensor, Tensor]:
+        point = self.point(s)
+        pass_kinks = kinks.next_pass(margins=abs(s) == 2.0) if kinks is not None else None
+        loss, _ = ev({**ev.shadow, key: point}, kinks=pass_kinks, record=False)
+        return loss.to(torch.float64), point
+
+
 def _probe_tensor(
-    ev: _Evaluation, name: str, grad: Tensor, specs: list, step: float, ref: _Reference | None, host: _HostValues,
-    kink_log: list | None = None, replacement: bool = False, gap: Tensor | None = None,
+    ev: _Evaluation, name: str, grad: Tensor, g_ref: Tensor | None, specs: list, step: float | None,
+    ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
+    replacement: bool = False,
 ) -> list:
-    """Evaluate every probe of one tensor at ±h and ±2h; returns host indices of the results.
+    """Evaluate every probe of one tensor; returns ``(kind, value, host indices)`` per probe.
 
     With a kink reference, one :class:`_KinkRow` per probe is appended to ``kink_log``.
-    ``gap``: the autocast gradient minus the reference gradient (see :func:`_autocast_gaps`);
-    its signed projection ``<gap, v>`` is recorded per probe.
     """
+    return [_probe(ev, name, grad, g_ref, spec, step, ref, loss0, host, kink_log, replacement) for spec in specs]
+
+
+def _probe(
+    ev: _Evaluation, name: str, grad: Tensor, g_ref: Tensor | None, spec: tuple[str, int], step: float | None,
+    ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
+    replacement: bool = False,
+) -> tuple[str, int, dict[str, int]]:
+    """Evaluate one probe at ±h and ±2h; returns host indices of its device scalars."""
+    kind, value = spec
     key = f"model.{name}"
     theta = ev.shadow[key]
-    rows = []
-    for kind, value in specs:
-        if kind == "coordinate":
-            flat = theta.view(-1)
-            orig = flat[value].clone()
-            h = step * torch.clamp(orig.abs(), min=1.0)
-
-            def perturbed(s: float) -> Mapping[str, Tensor]:
-                flat[value] = orig + s * h
-                return ev.shadow
-
-            a = grad.detach().reshape(-1)[value].to(torch.float64)
-            s_abs, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=a.device)
-            gap_v = gap.reshape(-1)[value] if gap is not None else torch.zeros_like(a)
+    base_step = step if step is not None else ev.step(theta.dtype)
+    v = _direction(theta, value) if kind == "direction" else None
+    line = _Line(theta, kind, v if v is not None else value, base_step)
+    if v is None:
+        g = None
+        a = grad.detach().reshape(-1)[value].to(device=theta.device, dtype=torch.float64)
+        rss, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=theta.device)
+        a_ref = g_ref.reshape(-1)[value].to(torch.float64) if g_ref is not None else None
+        rss_ref = a_ref.abs() if a_ref is not None else None
+    else:
+        g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
+        gv = g * v
+        a, rss, vnorm = gv.sum(), gv.norm(), v.norm()
+        if g_ref is not None:
+            rv = g_ref.to(torch.float64) * v
+            a_ref, rss_ref = rv.sum(), rv.norm()
+            del rv
         else:
-            gen = torch.Generator(device=theta.device).manual_seed(value)
-            v = torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
-            h = step * torch.clamp(theta.pow(2).mean().sqrt(), min=1.0)
+            a_ref = rss_ref = None
+        del gv
+    losses, points = {}, {}
+    kinks = _ProbeKinks(ref, theta.device) if ref is not None else None
+    for s in (1.0, -1.0, 2.0, -2.0):
+        losses[s], points[s] = line.run(ev, key, s, kinks)
+    kink = kinks.any_crossed() if kinks is not None else False
+    if kinks is not None and kink_log is not None:
+        kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
+    n1 = _difference(line, losses, points, 1.0, g, a)
+    n2 = _difference(line, losses, points, 2.0, g, a)
+    lmax = torch.stack([x.abs() for x in losses.values()]).max()
+    fourth = losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * loss0
+    out = {"a": a, "rss": rss, "vnorm": vnorm, "n1": n1, "n2": n2, "lmax": lmax, "h": line.h, "kink": kink,
+           "fourth": fourth}
+    if a_ref is not None:
+        out["a_ref"], out["rss_ref"] = a_ref, rss_ref
+    return kind, value, {k: host.add(x) for k, x in out.items()}
 
-            def perturbed(s: float) -> Mapping[str, Tensor]:
-                return {**ev.shadow, key: theta + (s * h) * v}
 
-            gv = grad.detach().to(torch.float64) * v
-            a, s_abs, vnorm = gv.sum(), gv.abs().sum(), v.norm()
-            gap_v = (gap * v).sum() if gap is not None else torch.zeros_like(a)
-            del gv
-        losses = []
-        kinks = _ProbeKinks(ref, theta.device) if ref is not None else None
-        for s in (1.0, -1.0, 2.0, -2.0):
-            loss, _ = ev.float64(perturbed(s), kinks and kinks.next_pass(margins=abs(s) == 2.0))
-            losses.append(loss)
-        kink = kinks.any_crossed() if kinks is not None else False
-        if kinks is not None and kink_log is not None:
-            kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
-        if kind == "coordinate":
-            flat[value] = orig
-            d1, d2 = (orig + h) - (orig - h), (orig + 2 * h) - (orig - 2 * h)  # the steps float64 really took
-        else:
-            d1, d2 = 2 * h, 4 * h
-        n1 = (losses[0] - losses[1]) / d1
-        n2 = (losses[2] - losses[3]) / d2
-        lmax = torch.stack([x.abs() for x in losses]).max()
-        rows.append((kind, value, [host.add(x) for x in (a, n1, n2, s_abs, vnorm, lmax, h, kink, gap_v)]))
-    return rows
+def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | None, a: Tensor) -> Tensor:
+    """``D(s·h)``: the central difference at ``±s·h`` along the probe's nominal direction."""
+    up, down = losses[s], losses[-s]
+    if line.v is None:  # the step the dtype really took
+        i = line.index
+        return (up - down) / (points[s].reshape(-1)[i].to(torch.float64) - points[-s].reshape(-1)[i].to(torch.float64))
+    width = 2 * s * line.h
+    nominal = (up - down) / width
+    if line.theta.dtype == torch.float64:
+        return nominal
+    taken = (points[s].to(torch.float64) - points[-s].to(torch.float64)) / width
+    return nominal + (a - (g * taken).sum())  # remove the part of the difference the rounded points add
 
 
 def _grad_stats(g: Tensor, host: _HostValues) -> tuple[int, int]:
@@ -707,7 +828,21 @@ def _grad_stats(g: Tensor, host: _HostValues) -> tuple[int, int]:
     return host.add(bad.any()), host.add(bad.to(torch.uint8).argmax())
 
 
-def _gradient_rms(grad_map: dict[str, Tensor], host: _HostValues) -> int:
+def _gap(g: Tensor, g_ref: Tensor, host: _HostValues) -> dict[str, int]:
+    """Distance of the gradient under test from the float64 reference, and where it is largest."""
+    g = g.detach().to(device=g_ref.device, dtype=torch.float64).reshape(g_ref.shape)
+    diff = (g - g_ref).reshape(-1)
+    worst = diff.abs().argmax()
+    out = {
+        "gap": diff.norm(),
+        "ref_norm": g_ref.norm(),
+        "worst": worst,
+        "ref_bad": (~torch.isfinite(g_ref)).any(),
+    }
+    return {k: host.add(v) for k, v in out.items()}
+
+
+def _gradient_rms(grad_map: Mapping[str, Tensor], host: _HostValues) -> int:
     total = None
     count = 0
     for g in grad_map.values():
@@ -718,8 +853,17 @@ def _gradient_rms(grad_map: dict[str, Tensor], host: _HostValues) -> int:
     return host.add((total / max(count, 1)).sqrt())
 
 
+def _nonfinite_loss(train: float | None, replayed: float) -> str | None:
+    """Why the unperturbed loss is unusable (NaN/Inf), naming where it appeared, or None."""
+    if train is not None and not math.isfinite(train):
+        return f"the training loss is {train!r}: fix the NaN/Inf in the forward before checking gradients"
+    if not math.isfinite(replayed):
+        return f"the replayed loss is {replayed!r}: `loss_fn` gives a NaN/Inf loss at the unperturbed parameters"
+    return None
+
+
 def _replay_problem(
-    train: float | None, native: float | None, replayed: float, shadow_rtol: float, own: bool
+    train: float | None, native: float | None, replayed: float, shadow_rtol: float, own: bool, mode: str
 ) -> str | None:
     """Why the replay cannot be trusted, or None."""
     if train is not None and native is not None and not own:
@@ -732,22 +876,22 @@ def _replay_problem(
     reference = native if native is not None else train
     if reference is None:
         return None
-    if abs(replayed - reference) > shadow_rtol * max(abs(reference), abs(replayed)) + 1e-12:
+    rtol = shadow_rtol if mode == "float64" else _REPLAY_RTOL
+    if abs(replayed - reference) > rtol * max(abs(reference), abs(replayed)) + 1e-12:
         return (
-            f"float64 replay gives loss {replayed!r} but the model in its own precision gives {reference!r} "
-            f"(relative tolerance {shadow_rtol:g}): the model does not behave the same on a float64 copy"
+            f"{mode} replay gives loss {replayed!r} but the model in its own precision gives {reference!r} "
+            f"(relative tolerance {rtol:g}): the model does not behave the same on the {mode} evaluation"
         )
     return None
 
 
-def _grad_precision(grad: Tensor, replay: ReplayState, model: nn.Module, *, autocast: bool = True) -> str:
-    """The precision the gradient was computed in: its dtype, autocast (unless ``autocast``
-    is False: the precision without it), or TF32."""
+def _grad_precision(grad: Tensor, replay: ReplayState, model: nn.Module) -> str:
+    """The precision the gradient was computed in: its dtype, autocast, or TF32."""
     dtype = grad.dtype
     if dtype in (torch.float16, torch.bfloat16):
-        return str(dtype).replace("torch.", "")
+        return _dtype_name(dtype)
     enabled, autocast_dtype = replay.autocast.get(grad.device.type, (False, None))
-    if enabled and autocast:
+    if enabled:
         return "bfloat16" if autocast_dtype == torch.bfloat16 else "float16"
     if dtype == torch.float32 and grad.device.type == "cuda":
         has_conv = any("Conv" in type(m).__name__ for m in model.modules())
@@ -756,56 +900,173 @@ def _grad_precision(grad: Tensor, replay: ReplayState, model: nn.Module, *, auto
     return "float64" if dtype == torch.float64 else "float32"
 
 
-def _judge(
-    name: str, shape: tuple[int, ...], rows: list, gstats: tuple[int, int], values: list[float], scale_idx: int,
-    rtol: float,
-) -> TensorCheck:
-    any_bad, first_bad = (values[i] for i in gstats)
-    probes = []
-    atol = _ATOL_RATIO * rtol * values[scale_idx]
-    nonfinite_probe = None
-    for kind, value, idx in rows:
-        a, n1, n2, s_abs, vnorm, lmax, h, kink, gap_v = (values[i] for i in idx)
-        index = tuple(int(i) for i in np.unravel_index(value, shape)) if kind == "coordinate" else None
-        error = abs(n1 - a)
-        error_bar = abs(n1 - n2) / 3.0 + _LOSS_ROUNDING * lmax / h
-        tolerance = rtol * max(s_abs, abs(n1)) + atol * vnorm + _ERROR_BAR_MULT * error_bar + _GAP_MULT * abs(gap_v)
-        probe = Probe(
+def _loss_noise(rows: Mapping[str, list], values: list[float], ev: _Evaluation, loss0: float) -> float:
+    """Rounding noise of one loss evaluation, measured from the probes' fourth differences.
+
+    ``L(2h) + L(-2h) - 4L(h) - 4L(-h) + 6L(0)`` cancels the smooth part of the loss up to
+    ``O(h^4)`` and leaves ``sqrt(70)`` times the evaluation noise; kinked probes are left out.
+    It is floored at a few units in the last place of the loss.
+    """
+    dtype = ev.loss_dtype if ev.loss_dtype is not None else torch.float64
+    floor = _ROUNDING_FLOOR * float(torch.finfo(dtype).eps) * abs(loss0) if math.isfinite(loss0) else 0.0
+    fourth = [
+        values[idx["fourth"]] for probes in rows.values() for _, _, idx in probes if not values[idx["kink"]]
+    ]
+    fourth = [f for f in fourth if math.isfinite(f)]
+    measured = math.sqrt(sum(f * f for f in fourth) / len(fourth)) / _FOURTH_DIFF_NOISE if fourth else 0.0
+    return max(measured, floor)
+
+
+class _Judge:
+    """Turns fetched probe values into :class:`Probe` and :class:`TensorCheck` verdicts."""
+
+    def __init__(
+        self, *, reduce: Callable[[Tensor], Tensor] | None, values: list[float], noise: float, rtol: float,
+        scale: float, ref_scale: float | None, native: bool,
+    ) -> None:
+        self.reduce = reduce
+        self.values = values
+        self.noise = noise
+        self.rtol = rtol
+        self.atol = _ATOL_RATIO * rtol * scale
+        self.ref_atol = _REF_RTOL * ref_scale if ref_scale is not None else None
+        self.ref_scale = ref_scale
+        self.native = native
+
+    def probe(self, kind: str, value: int, idx: Mapping[str, int], shape: tuple[int, ...], *, gap: bool = True) -> Probe:
+        """One probe. ``gap=False`` judges against the precision tolerance alone (a located gap)."""
+        v = {k: self.values[i] for k, i in idx.items()}
+        n1, n2, h = v["n1"], v["n2"], v["h"]
+        numerical = (4 * n1 - n2) / 3 if self.native else n1
+        rounding = self.noise * (0.95 if self.native else math.sqrt(0.5)) / h if h > 0 else math.inf
+        error_bar = abs(n1 - n2) / 3.0 + rounding
+        a, a_ref = v["a"], v.get("a_ref")
+        if a_ref is not None and gap:  # the code test: against the float64 reference
+            error = abs(numerical - a_ref)
+            tolerance = _ERROR_BAR_MULT * error_bar + _REF_RTOL * v["rss_ref"] + self.ref_atol * v["vnorm"]
+        else:
+            error = abs(numerical - a)
+            tolerance = _ERROR_BAR_MULT * error_bar + self.rtol * v["rss"] + self.atol * v["vnorm"]
+        return Probe(
             kind=kind,
-            index=index,
+            index=tuple(int(i) for i in np.unravel_index(value, shape)) if kind == "coordinate" else None,
             direction_seed=None if kind == "coordinate" else value,
             autograd=a,
-            numerical=n1,
+            numerical=numerical,
             error=error,
             error_bar=error_bar,
             tolerance=tolerance,
             step=h,
-            kink=bool(kink),
+            kink=bool(v["kink"]),
+            reference=a_ref,
         )
-        probes.append(probe)
-        if nonfinite_probe is None and not all(math.isfinite(x) for x in (a, n1, n2)):
-            nonfinite_probe = probe
-    if any_bad:
-        where = "[" + ", ".join(str(int(i)) for i in np.unravel_index(int(first_bad), shape)) + "]"
-        return TensorCheck(name, shape, "nonfinite", probes=tuple(probes),
-                           reason=f"non-finite gradient, first at '{name}'{where}")
-    if nonfinite_probe is not None:
-        return TensorCheck(name, shape, "nonfinite", probes=tuple(probes),
-                           reason=f"non-finite perturbed loss at '{name}'{nonfinite_probe.where}")
-    judged = [p for p in probes if not p.kink]
-    if not judged:
-        return TensorCheck(name, shape, "kink", probes=tuple(probes),
-                           reason="every probe crossed a kink of a non-smooth op")
-    num = np.array([p.numerical for p in judged])
-    ana = np.array([p.autograd for p in judged])
-    bars = np.array([p.error_bar for p in judged])
-    denom = float(np.linalg.norm(num) + np.linalg.norm(ana))
-    rel = float(np.linalg.norm(num - ana)) / denom if denom > 0 else 0.0
-    bar = float(np.linalg.norm(bars)) / denom if denom > 0 else 0.0
-    ratio = max(p.error / p.tolerance if p.tolerance > 0 else (math.inf if p.error > 0 else 0.0) for p in judged)
-    verdict = "fail" if any(p.failed for p in judged) else "pass"
-    return TensorCheck(name, shape, verdict, rel_error=rel, error_bar=bar, error_ratio=float(ratio),
-                       probes=tuple(probes))
+
+    def tensor(
+        self, name: str, shape: tuple[int, ...], rows: list, gstats: tuple[int, int], gap: Mapping[str, int] | None
+    ) -> TensorCheck:
+        values = self.values
+        any_bad, first_bad = (values[i] for i in gstats)
+        probes = tuple(self.probe(kind, value, idx, shape) for kind, value, idx in rows)
+        if any_bad:
+            return TensorCheck(name, shape, "nonfinite", probes=probes,
+                               reason=f"non-finite gradient, first at '{name}'{_where(int(first_bad), shape)}")
+        if gap is not None and values[gap["ref_bad"]]:
+            return TensorCheck(name, shape, "nonfinite", probes=probes,
+                               reason=f"non-finite float64 autograd gradient of '{name}' at a finite loss")
+        for p in probes:
+            if not all(math.isfinite(x) for x in (p.autograd, p.numerical, p.error_bar)):
+                return TensorCheck(name, shape, "nonfinite", probes=probes,
+                                   reason=f"non-finite perturbed loss at '{name}'{p.where}")
+        gap_fields: dict[str, Any] = {}
+        ratios = []
+        if gap is not None:
+            numel = int(np.prod(shape)) if shape else 1
+            ref_norm = values[gap["ref_norm"]]
+            limit = self.rtol * ref_norm + _ATOL_RATIO * self.rtol * self.ref_scale * math.sqrt(numel)
+            gap_ratio = _ratio(values[gap["gap"]], limit)
+            ratios.append(gap_ratio)
+            gap_fields = {
+                "precision_gap": _ratio(values[gap["gap"]], limit / self.rtol),
+                "gap_ratio": gap_ratio,
+                "gap_index": tuple(int(i) for i in np.unravel_index(int(values[gap["worst"]]), shape)),
+            }
+        judged = [p for p in probes if not p.kink]
+        ratios += [_ratio(p.error, p.tolerance) for p in judged]
+        failed = any(p.failed for p in judged) or gap_fields.get("gap_ratio", 0.0) > 1.0
+        if not judged and not failed:
+            return TensorCheck(name, shape, "kink", probes=probes,
+                               reason="every probe crossed a kink of a non-smooth op", **gap_fields)
+        rel = bar = math.nan
+        if judged:
+            num = np.array([p.numerical for p in judged])
+            ana = np.array([p.autograd for p in judged])
+            denom = float(np.linalg.norm(num) + np.linalg.norm(ana))
+            rel = _ratio(float(np.linalg.norm(num - ana)), denom)
+            bar = _ratio(float(np.linalg.norm([p.error_bar for p in judged])), denom)
+        return TensorCheck(name, shape, "fail" if failed else "pass", rel_error=rel, error_bar=bar,
+                           error_ratio=float(max(ratios)), probes=probes, **gap_fields)
+
+
+def _ratio(num: float, den: float) -> float:
+    if den > 0:
+        return num / den
+    return 0.0 if num == 0 else math.inf
+
+
+def _where(flat: int, shape: tuple[int, ...]) -> str:
+    return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat, shape)) + "]"
+
+
+def _locate(
+    ev: _Evaluation, judge: _Judge, tc: TensorCheck, grad: Tensor, g_ref: Tensor | None, step: float | None,
+    signature: Any, loss0: Tensor,
+) -> Probe | None:
+    """The element responsible for a failure, confirmed by a coordinate probe; None if already named.
+
+    A precision gap is located where ``|g - g_ref|`` is largest. A failing direction is
+    bisected over the flat index (row-major, so rows first, then columns): each level
+    evaluates the direction restricted to the first half and follows the half with the
+    larger disagreement, one host transfer per level.
+    """
+    judged = [p for p in tc.probes if not p.kink]
+    if any(p.failed and p.kind == "coordinate" for p in judged):
+        return None
+    key = f"model.{tc.name}"
+    theta = ev.shadow[key]
+    numel = theta.numel()
+    if tc.gap_ratio > 1.0 and tc.gap_index is not None:
+        flat = int(np.ravel_multi_index(tc.gap_index, tc.shape)) if tc.shape else 0
+        gap = True
+    else:
+        failing = [p for p in judged if p.failed and p.kind == "direction"]
+        if not failing:
+            return None
+        worst = max(failing, key=lambda p: _ratio(p.error, p.tolerance))
+        cmp = (g_ref if g_ref is not None else grad).detach().to(device=theta.device, dtype=torch.float64)
+        cmp = cmp.reshape(-1)
+        v = _direction(theta, worst.direction_seed).reshape(-1)
+        base_step = step if step is not None else ev.step(theta.dtype)
+        h = base_step * torch.clamp(theta.to(torch.float64).pow(2).mean().sqrt(), min=1.0)
+        theta64 = theta.to(torch.float64).reshape(-1)
+        err = worst.numerical - (worst.reference if worst.reference is not None else worst.autograd)
+        lo, hi = 0, numel
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            part = torch.zeros_like(v)
+            part[lo:mid] = v[lo:mid]
+            up, _ = ev({**ev.shadow, key: (theta64 + h * part).to(theta.dtype).reshape(theta.shape)})
+            down, _ = ev({**ev.shadow, key: (theta64 - h * part).to(theta.dtype).reshape(theta.shape)})
+            level = _HostValues(judge.reduce)  # one transfer per level; the same decision on every rank
+            i = level.add((up.to(torch.float64) - down.to(torch.float64)) / (2 * h) - (cmp * part).sum())
+            left = level.fetch()[i]
+            right = err - left
+            lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
+        flat, gap = lo, False
+    host = _HostValues(judge.reduce)
+    kind, value, idx = _probe(ev, tc.name, grad, g_ref, ("coordinate", flat), step, signature, loss0, host)
+    local = copy.copy(judge)  # same tolerances, this probe's own values
+    local.values = host.fetch()
+    return local.probe(kind, value, idx, tc.shape, gap=not gap)
 
 
 def _attach_kinks(

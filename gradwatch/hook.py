@@ -24,9 +24,18 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
 from gradwatch._schedule import _Schedule
-from gradwatch._validate import _callable, _fraction_or_none, _kink_options, _module, _positive_int, _probe_options, _seed
-from gradwatch.engine import check
-from gradwatch.replay import capture
+from gradwatch._validate import (
+    _callable,
+    _fraction_or_none,
+    _kink_options,
+    _module,
+    _one_of,
+    _positive_int,
+    _probe_options,
+    _seed,
+)
+from gradwatch.engine import PRECISIONS, check
+from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
 
@@ -73,6 +82,8 @@ class GradWatch:
         kink_resamples: Replacement coordinates drawn per tensor, at most, for
             coordinate probes that crossed a kink.
         near_kink_margin: Margin below which a kink counts as near.
+        precision: Where perturbed losses are evaluated: ``"float64"``, ``"native"``
+            or ``"auto"`` (see :func:`gradwatch.check`).
 
     Attributes:
         reports: ``(step, Report)`` for each check.
@@ -99,6 +110,7 @@ class GradWatch:
         kinks: bool = True,
         kink_resamples: int = 4,
         near_kink_margin: float = 10.0,
+        precision: str = "auto",
     ) -> None:
         _module("model", model)
         _callable("loss_fn", loss_fn)
@@ -109,6 +121,7 @@ class GradWatch:
         seed = _seed("seed", seed)
         _probe_options(coordinates, directions, kinks)
         _kink_options(kink_resamples, near_kink_margin)
+        _one_of("precision", precision, PRECISIONS)
         if writer is not None and logdir is not None:
             raise ValueError(f"pass `writer` or `logdir`, not both; got writer={writer!r}, logdir={logdir!r}")
         if not any(p.requires_grad for p in model.parameters()):
@@ -132,6 +145,7 @@ class GradWatch:
             self.sinks.append(TensorBoardSink(writer, prefix=prefix))
         self._kinks = kinks
         self._kink_kwargs = {"kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin}
+        self._precision = precision
         self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self.reports: list[tuple[int, Report]] = []
         self._step = 0
@@ -193,6 +207,8 @@ class GradWatch:
                 f"no parameter of `model` received a gradient inside `watch.step(batch)` at step {step}: "
                 "call loss.backward() inside the with-block"
             )
+        if roots.autocast is not None:  # autocast entered inside the block: replay the forward under it
+            state = dataclasses.replace(state, autocast=roots.autocast)
         names, coordinates, directions = self._schedule.plan(
             [n for n, _ in self.model.named_parameters() if n in captured]
         )
@@ -208,6 +224,7 @@ class GradWatch:
             directions=directions,
             kinks=self._kinks,
             **self._kink_kwargs,
+            precision=self._precision,
             names=names,
         )
         del captured, state
@@ -243,14 +260,18 @@ def _derive_seed(base: int, step: int) -> int:
 
 
 class _BackwardRoots(TorchFunctionMode):
-    """Records the tensors ``backward()`` is called on (the training loss)."""
+    """Records the tensors ``backward()`` is called on (the training loss), and the
+    autocast state of the forward when autocast is entered inside the block."""
 
     def __init__(self) -> None:
         super().__init__()
         self.roots: list[Tensor] = []
+        self.autocast: dict[str, tuple[bool, torch.dtype]] | None = None
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
+        if self.autocast is None and any(torch.is_autocast_enabled(d) for d in _DEVICE_TYPES):
+            self.autocast = _capture_autocast()
         if func is Tensor.backward:
             self.roots.append(args[0].detach())
         elif func is torch.autograd.backward:

@@ -141,7 +141,8 @@ class Probe:
         direction_seed: Seed of the direction for direction probes, else ``None``.
         autograd: ``<grad, v>`` from the gradient under test.
         numerical: Central difference ``(L(θ+hv) - L(θ-hv)) / 2h`` in float64.
-        error: ``|numerical - autograd|``.
+        error: ``|numerical - reference|`` when there is a float64 reference (the code
+            test; the precision gap is judged per tensor), else ``|numerical - autograd|``.
         error_bar: Estimated error of ``numerical`` (truncation from a second step
             size, plus rounding of the loss evaluations).
         tolerance: Largest ``error`` that counts as agreement (see the README).
@@ -152,6 +153,8 @@ class Probe:
             no non-smooth op; see :class:`KinkEvent`).
         at_kink: An element of an op it moved sat exactly at the kink.
         replacement: Drawn to replace a coordinate probe that crossed a kink.
+        reference: ``<g_ref, v>`` from autograd on the float64 copy of the model (the
+            same backward code without low-precision rounding), or ``None``.
     """
 
     kind: str
@@ -167,11 +170,13 @@ class Probe:
     kink_margin: float = math.inf
     at_kink: bool = False
     replacement: bool = False
+    reference: float | None = None
 
     @property
     def rel_error(self) -> float:
-        """``error / (|numerical| + |autograd|)``, 0 when both are 0."""
-        return _safe_ratio(self.error, abs(self.numerical) + abs(self.autograd))
+        """``error / (|numerical| + |compared value|)``, 0 when both are 0."""
+        compared = self.autograd if self.reference is None else self.reference
+        return _safe_ratio(self.error, abs(self.numerical) + abs(compared))
 
     @property
     def failed(self) -> bool:
@@ -182,7 +187,7 @@ class Probe:
     def where(self) -> str:
         """``[3, 7]`` for a coordinate, ``<direction seed=...>`` for a direction."""
         if self.index is not None:
-            return "[" + ", ".join(str(i) for i in self.index) + "]"
+            return _index(self.index)
         return f"<random direction, seed={self.direction_seed}>"
 
 
@@ -200,17 +205,23 @@ class TensorCheck:
         rel_error: Seed-article relative error over the probes that crossed no kink,
             ``||n - a|| / (||n|| + ||a||)``; NaN when there is none.
         error_bar: Numerical error of the check in the same relative units.
-        error_ratio: Largest ``error / tolerance`` over those probes; above 1 fails.
+        error_ratio: Largest ``error / tolerance`` over those probes and of the
+            precision gap; above 1 fails.
         probes: Every probe, kinked ones and replacements included.
         reason: Why the verdict is not a plain pass/fail, or ``None``.
         kink_events: Every non-smooth op call a probe of this tensor moved.
         resampled: Replacement coordinates drawn because coordinate probes crossed
             a kink (``check(kink_resamples=...)`` bounds it).
-        precision_gap: For a gradient computed under fp16/bf16 autocast,
-            ``||g - g_ref|| / (||g_ref|| + G·sqrt(numel))`` with ``g_ref`` the same
-            code's gradient without autocast and ``G`` the RMS of the model's gradient:
-            the rounding the low precision added (probe tolerances include it; above
-            0.25 for fp16, 0.5 for bf16 the tensor fails). NaN otherwise.
+        precision_gap: ``||g - g_ref|| / (||g_ref|| + G_ref·sqrt(numel)/2)`` between
+            the gradient under test ``g`` and autograd's gradient ``g_ref`` of the same
+            code on the float64 copy (``G_ref``: RMS of the model's ``g_ref``): what the
+            training precision (float32, TF32, fp16/bf16 autocast) added. The tensor
+            fails when it exceeds ``gradwatch.engine.RTOL`` of that precision. NaN
+            without a float64 reference.
+        gap_ratio: ``precision_gap`` over that limit.
+        gap_index: Element where ``|g - g_ref|`` is largest, or ``None``.
+        located: For a failing tensor, the coordinate probe at the element the failure
+            was narrowed down to, or ``None`` (a failing coordinate already names one).
     """
 
     name: str
@@ -224,6 +235,9 @@ class TensorCheck:
     kink_events: tuple[KinkEvent, ...] = ()
     resampled: int = 0
     precision_gap: float = math.nan
+    gap_ratio: float = math.nan
+    gap_index: tuple[int, ...] | None = None
+    located: Probe | None = None
 
     @property
     def kink_count(self) -> int:
@@ -232,11 +246,14 @@ class TensorCheck:
 
     @property
     def worst(self) -> Probe | None:
-        """The non-kinked probe with the largest ``error / tolerance``.
+        """The probe that best shows the failure: the located one, else the non-kinked
+        probe with the largest ``error / tolerance``.
 
         A failing coordinate is preferred over a failing direction, since it names
         an element.
         """
+        if self.located is not None:
+            return self.located
         valid = [p for p in self.probes if not p.kink]
         if not valid:
             return None
@@ -258,7 +275,12 @@ class Report:
         tensors: Parameter name to :class:`TensorCheck`, in ``named_parameters()``
             order. Treat as read-only.
         seed: Seed of the probe sampler; passing it again reproduces the probes.
-        precision: Dtype the perturbed losses were evaluated in (``"float64"``).
+        precision: Where the perturbed losses were evaluated: ``"float64"`` (a float64
+            copy) or ``"native"`` (the model's own dtype).
+        precision_reason: Why that precision was used (``"requested"``, or what
+            ``precision="auto"`` measured).
+        reference: True when the probes were also compared with autograd's gradient
+            of the float64 copy (float64 evaluation with a float64-capable backward).
         grad_dtype: Dtype of the gradient under test.
         grad_precision: Precision that gradient was computed in, which sets the
             tolerance: its dtype, ``"tf32"`` on CUDA with TF32 enabled, or the
@@ -275,6 +297,8 @@ class Report:
     tensors: Mapping[str, TensorCheck]
     seed: int
     precision: str = "float64"
+    precision_reason: str = ""
+    reference: bool = False
     grad_dtype: str = "float32"
     grad_precision: str = "float32"
     train_loss: float | None = None
@@ -286,13 +310,13 @@ class Report:
 
     @property
     def ok(self) -> bool:
-        """False exactly when some tensor's verdict is ``"fail"``."""
+        """False exactly when some tensor's verdict is ``"fail"`` or ``"nonfinite"``."""
         return not self.failures
 
     @property
     def failures(self) -> list[TensorCheck]:
-        """TensorChecks whose verdict is ``"fail"``."""
-        return [t for t in self.tensors.values() if t.verdict == "fail"]
+        """TensorChecks whose verdict is ``"fail"`` or ``"nonfinite"``."""
+        return [t for t in self.tensors.values() if t.verdict in ("fail", "nonfinite")]
 
     @property
     def probes(self) -> list[Probe]:
@@ -375,12 +399,13 @@ class Report:
         ``"skipped"``: an adapter decided not to check this step (``reason`` says why,
         such as a GradScaler skipping the optimizer step); every tensor is skipped.
         """
-        if self.failures:
+        verdicts = {t.verdict for t in self.tensors.values()}
+        if "fail" in verdicts:
             return "fail"
+        if "nonfinite" in verdicts:
+            return "nonfinite"
         if not self.reliable:
             return "unreliable"
-        if any(t.verdict == "nonfinite" for t in self.tensors.values()):
-            return "nonfinite"
         if self.tensors and all(t.verdict == "skipped" for t in self.tensors.values()):
             return "skipped"
         return "pass"
@@ -505,23 +530,36 @@ def failure_message(tensor: TensorCheck) -> str:
     """The one-line failure message of a tensor, or ``""`` when it did not fail.
 
     Example:
-        ``'enc.0.weight'[3, 7]: autograd=1.2e-03 numerical=9.8e-04 rel_err=0.22 >
-        tolerance 1.1e-05; <hint>``
+        ``'enc.0.weight'[3, 7]: autograd=1.2e-03 numerical=9.8e-04 rel_err=0.22
+        (tolerance 1.1e-05); <what to look at>``
     """
     if not isinstance(tensor, TensorCheck):
         raise TypeError(f"`tensor` must be a gradwatch.TensorCheck, got {type(tensor).__name__}")
-    if tensor.verdict != "fail" or tensor.worst is None:
-        return ""
-    if tensor.reason and not any(p.failed for p in tensor.probes):  # failed as a whole, not at a probe
+    if tensor.verdict == "nonfinite":
         return f"'{tensor.name}': {tensor.reason}"
+    if tensor.verdict != "fail":
+        return ""
+    gap = tensor.gap_ratio > 1.0
+    hint = (
+        f"it differs from autograd's gradient of the same code in float64 by {_fmt(tensor.precision_gap)} "
+        f"({_fmt(tensor.gap_ratio)} times the tolerance of its precision): look at tensor hooks, code that "
+        "edits .grad, and kernels that are wrong only in low precision"
+        if gap
+        else _FIX_HINT
+    )
     w = tensor.worst
+    if w is None:
+        return f"'{tensor.name}'{_index(tensor.gap_index)}: {hint}"
     tol_rel = _safe_ratio(w.tolerance, abs(w.numerical) + abs(w.autograd))
     return (
         f"'{tensor.name}'{w.where}: autograd={_fmt(w.autograd)} numerical={_fmt(w.numerical)} "
-        f"rel_err={_fmt(w.rel_error)} > tolerance {_fmt(tol_rel)} "
-        f"(tensor rel_error {_fmt(tensor.rel_error)} over {len(tensor.probes)} probes); "
-        f"{_FIX_HINT}"
+        f"rel_err={_fmt(w.rel_error)} (tolerance {_fmt(tol_rel)}; tensor rel_error {_fmt(tensor.rel_error)} "
+        f"over {len(tensor.probes)} probes); {hint}"
     )
+
+
+def _index(index: tuple[int, ...] | None) -> str:
+    return "" if index is None else "[" + ", ".join(str(i) for i in index) + "]"
 
 
 def _report_failure_text(report: Report) -> str:
@@ -537,8 +575,8 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/rel_error/<param>   E_rel over the non-kinked probes of that tensor
         <prefix>/rel_error_max       worst tensor
         <prefix>/error_bar/<param>   numerical error of that check, same units
-        <prefix>/precision_gap/<param>  autocast gradients only: relative gap to the
-                                     same code's gradient without autocast
+        <prefix>/precision_gap/<param>  relative gap to the same code's float64
+                                     gradient (float64 evaluation only)
         <prefix>/kink_fraction       probes that crossed a kink / all probes
         <prefix>/kink_margin_min     closest approach to a kink (KinkEvent.margin)
         <prefix>/failures            tensors with verdict "fail"

@@ -75,7 +75,7 @@ def test_check_step_leaves_state_as_without_hook_even_when_the_check_raises() ->
 
     torch.manual_seed(0)
     watched = DropoutBN()
-    watch = GradWatch(watched, loss_fn, every_n_steps=1, max_overhead=None, seed=0)
+    watch = GradWatch(watched, loss_fn, every_n_steps=1, max_overhead=None, seed=0, precision="float64")
     with pytest.raises(RuntimeError, match="no float64 kernel"):
         with watch.step(batch):
             loss_fn(watched, batch).backward()
@@ -194,8 +194,9 @@ def test_nan_in_a_gradient_is_its_own_verdict_not_a_nan_error() -> None:
 
     case.model[0].weight.register_hook(poison)
     watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure="raise", seed=0)
-    with watch.step(case.batch):
-        case.loss_fn(case.model, case.batch).backward()
+    with pytest.raises(GradientCheckError, match=r"'0.weight': non-finite gradient, first at '0.weight'\[1, 2\]"):
+        with watch.step(case.batch):
+            case.loss_fn(case.model, case.batch).backward()
     tc = watch.last_report.tensors["0.weight"]
     assert tc.verdict == "nonfinite" and "'0.weight'[1, 2]" in tc.reason
     assert watch.last_report.verdict == "nonfinite"
@@ -334,3 +335,31 @@ def test_budget_spreads_the_first_check_over_tensors_in_turn() -> None:
         case.loss_fn(case.model, case.batch).backward()
     assert all(len(t.probes) == 4 for t in watch.last_report.tensors.values())
 
+
+
+def test_every_check_keeps_a_random_direction() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    with pytest.raises(ValueError, match="`directions` must be at least 1: a random direction .* got 0"):
+        GradWatch(case.model, case.loss_fn, directions=0)
+    with pytest.raises(ValueError, match="`precision` must be one of 'float64', 'native', 'auto', got 'fp32'"):
+        GradWatch(case.model, case.loss_fn, precision="fp32")
+
+
+@pytest.mark.parametrize(
+    ("zoo", "name", "seed"),
+    [("correct", n, s) for n in ("cnn_bn_pool", "mlp_relu_dropout", "transformer") for s in range(2)]
+    + [("bug", n, 0) for n in ("wrong_sign", "hook_rescale", "bias_mean")],
+)
+def test_autocast_entered_inside_the_block_is_replayed(zoo: str, name: str, seed: int) -> None:
+    """The usual AMP pattern: autocast around the forward only, backward outside it."""
+    case = (CORRECT if zoo == "correct" else BUGS)[name](seed)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, on_failure=lambda r: None,
+                      seed=seed)
+    with watch.step(case.batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = case.loss_fn(case.model, case.batch)
+        loss.backward()
+    report = watch.last_report
+    assert report.reliable, report.reason
+    assert report.grad_precision == "bfloat16" and report.reference
+    assert {t.name for t in report.failures} == case.wrong, str(report)

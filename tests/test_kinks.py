@@ -86,7 +86,7 @@ def test_same_ops_away_from_the_kink_are_judged_normally(case: str) -> None:
 
 def test_without_kink_recording_a_crossing_looks_like_a_bug() -> None:
     model = Scalar(CASES["clamp"])
-    report = check(model, _loss, None, seed=0, coordinates=1, directions=0, kinks=False)
+    report = check(model, _loss, None, seed=0, coordinates=1, directions=1, kinks=False)
     assert report.tensors["w"].verdict == "fail"
 
 

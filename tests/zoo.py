@@ -64,6 +64,13 @@ class LinearFn(torch.autograd.Function):
         elif bug == "wrong_row":
             grad_w = grad_w.clone()
             grad_w[2] = grad_w[3]
+        elif bug == "wrong_column":
+            grad_w = grad_w.clone()
+            grad_w[:, 1] = -grad_w[:, 1]
+        elif bug == "block_2pct":  # 2% too large on 1/64 of the weight
+            grad_w = grad_w.clone()
+            rows, cols = grad_w.shape
+            grad_w[: rows // 8, : cols // 8] *= 1.02
         return grad_x, grad_w, grad_b, None, None
 
 
@@ -190,6 +197,8 @@ BUGS: dict[str, Callable[[int], Case]] = {
 #: random direction does (design notes §3).
 SPARSE_BUGS: dict[str, Callable[[int], Case]] = {
     "wrong_row": _custom_linear_bug("wrong_row", {"fc1.weight"}),
+    "wrong_column": _custom_linear_bug("wrong_column", {"fc1.weight"}, n_in=32, n_hidden=64),
+    "block_2pct": _custom_linear_bug("block_2pct", {"fc1.weight"}, n_in=64, n_hidden=64),
 }
 
 
