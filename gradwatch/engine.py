@@ -103,8 +103,8 @@ RTOL = {
     "float64": 1e-7,
     "float32": 1e-4,
     "tf32": 1e-2,
-    "float16": 0.15,
-    "bfloat16": 0.3,
+    "float16": 0.1,
+    "bfloat16": 0.2,
 }
 #: Code-test tolerance against the float64 reference, relative and absolute (× G_ref).
 _REF_RTOL = 1e-6
@@ -364,9 +364,19 @@ def check(
 
 def _reduced(tensors: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
     """Apply ``reduce`` to every tensor of ``tensors`` in one call (one collective)."""
-    flat = reduce(torch.cat([t.reshape(-1) for t in tensors.values()]))
+    flat = _apply_reduce(reduce, torch.cat([t.reshape(-1) for t in tensors.values()]))
     parts = flat.split([t.numel() for t in tensors.values()])
     return {n: part.view_as(t) for (n, t), part in zip(tensors.items(), parts)}
+
+
+def _apply_reduce(reduce: Callable[[Tensor], Tensor], stacked: Tensor) -> Tensor:
+    reduced = reduce(stacked)
+    if not isinstance(reduced, Tensor) or reduced.shape != stacked.shape:
+        raise TypeError(
+            f"`reduce` must return a tensor of shape {tuple(stacked.shape)}, got {type(reduced).__name__} "
+            f"{tuple(getattr(reduced, 'shape', ()))}"
+        )
+    return reduced
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -417,12 +427,7 @@ class _HostValues:
         if self.reduce is not None:
             device = next((v.device for v in self._values if v.device.type != "cpu"), torch.device("cpu"))
             stacked = torch.cat([v.to(device) for v in self._values])
-            reduced = self.reduce(stacked)
-            if not isinstance(reduced, Tensor) or reduced.shape != stacked.shape:
-                raise TypeError(
-                    f"`reduce` must return a tensor of shape {tuple(stacked.shape)}, got {type(reduced).__name__} "
-                    f"{tuple(getattr(reduced, 'shape', ()))}"
-                )
+            reduced = _apply_reduce(self.reduce, stacked)
             return reduced.to(torch.float64).cpu().tolist()
         by_device: dict[torch.device, list[int]] = {}
         for i, v in enumerate(self._values):
