@@ -31,8 +31,16 @@ from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from typing_extensions import override
 
-from gradwatch._validate import _callable, _non_negative_int, _positive_int, _probe_options, _seed
-from gradwatch.engine import check
+from gradwatch._validate import (
+    _callable,
+    _kink_options,
+    _non_negative_int,
+    _one_of,
+    _positive_int,
+    _probe_options,
+    _seed,
+)
+from gradwatch.engine import PRECISIONS, check
 from gradwatch.hook import _derive_seed
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
@@ -45,7 +53,7 @@ from gradwatch.report import (
     _handle,
     metrics,
 )
-from gradwatch.sinks import LoggingSink, Sink, TensorBoardSink
+from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
 
 __all__ = ["GradWatchCallback", "LightningLoggerSink"]
 
@@ -94,7 +102,14 @@ class GradWatchCallback(Callback):
         prefix: First component of the logged keys.
         coordinates: Random elements probed per tensor.
         directions: Random directions probed per tensor.
-        kinks: Exclude probes that cross a kink of a non-smooth op.
+        kinks: Exclude probes that cross a kink of a non-smooth op, and warn (a
+            :class:`~gradwatch.KinkWarning`, once per module and op) when probes come
+            near one.
+        kink_resamples: Replacement coordinates drawn per tensor, at most, for
+            coordinate probes that crossed a kink.
+        near_kink_margin: Margin below which a kink counts as near.
+        precision: Where perturbed losses are evaluated: ``"float64"``, ``"native"``
+            or ``"auto"`` (see :func:`gradwatch.check`).
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every rank.
@@ -116,6 +131,9 @@ class GradWatchCallback(Callback):
         coordinates: int = 4,
         directions: int = 1,
         kinks: bool = True,
+        kink_resamples: int = 4,
+        near_kink_margin: float = 10.0,
+        precision: str = "auto",
     ) -> None:
         super().__init__()
         _positive_int("every_n_steps", every_n_steps)
@@ -125,13 +143,18 @@ class GradWatchCallback(Callback):
         seed = _seed("seed", seed)
         _check_prefix(prefix)
         _probe_options(coordinates, directions, kinks)
+        _kink_options(kink_resamples, near_kink_margin)
+        _one_of("precision", precision, PRECISIONS)
         self.every_n_steps = every_n_steps
         self.loss_fn = loss_fn
         self.on_failure = on_failure
         self.prefix = prefix
         self.seed: int = secrets.randbits(62) if seed is None else seed
         self.reports: list[tuple[int, Report]] = []
-        self._check_kwargs = {"coordinates": coordinates, "directions": directions, "kinks": kinks}
+        self._check_kwargs = {
+            "coordinates": coordinates, "directions": directions, "kinks": kinks, "kink_resamples": kink_resamples,
+            "near_kink_margin": near_kink_margin, "precision": precision,
+        }
         self._checks = 0
         self._enabled = True
         self._warned_sharded = False
@@ -276,7 +299,7 @@ class GradWatchCallback(Callback):
         if not trainer.is_global_zero:
             return
         if self._sinks is None:
-            self._sinks = [LoggingSink()] + [_sink_for(logger, self.prefix) for logger in trainer.loggers]
+            self._sinks = [LoggingSink(), KinkWarnings()] + [_sink_for(logger, self.prefix) for logger in trainer.loggers]
         for sink in self._sinks:
             sink.write(report, report.step)
 

@@ -545,6 +545,10 @@ def test_import_gradwatch_does_not_import_lightning() -> None:
         ({"coordinates": -1}, ValueError, "`coordinates`"),
         ({"coordinates": 0, "directions": 0}, ValueError, "at least 1"),
         ({"kinks": "yes"}, ValueError, "`kinks`"),
+        ({"directions": 0}, ValueError, "`directions` must be at least 1"),
+        ({"precision": "fp32"}, ValueError, "`precision` must be one of 'float64', 'native', 'auto', got 'fp32'"),
+        ({"kink_resamples": -1}, ValueError, "`kink_resamples`"),
+        ({"near_kink_margin": 0}, ValueError, "`near_kink_margin`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match) -> None:
@@ -555,3 +559,12 @@ def test_bad_arguments(kwargs, error, match) -> None:
 def test_configuration_is_keyword_only() -> None:
     with pytest.raises(TypeError):
         GradWatchCallback(10)  # type: ignore[misc]
+
+
+def test_precision_and_kink_options_reach_the_engine() -> None:
+    module = ZooModule(CORRECT["mlp_relu_dropout"](0))
+    callback = GradWatchCallback(every_n_steps=1, seed=0, precision="native", kink_resamples=0, on_failure=_collect)
+    _fit(module, callback, max_steps=2)
+    for _, report in callback.reports:
+        assert report.precision == "native" and report.precision_reason == "requested", str(report)
+        assert report.ok and all(t.resampled == 0 for t in report.tensors.values())
