@@ -125,7 +125,7 @@ def main(argv: list[str] | None = None) -> gradwatch.GradWatch:
     if failures:
         first = failures[0].failures[0]
         print(
-            f"gradwatch: FAIL in {len(failures)} of {checks} checks - {first.message.split('; ')[0]} "
+            f"gradwatch: FAIL in {len(failures)} of {checks} checks - {first.message.split(' (tolerance')[0]} "
             f"(final loss {loss.item():.3f}, accuracy {accuracy:.1%})"
         )
     else:
