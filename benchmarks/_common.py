@@ -43,6 +43,11 @@ class SmallTransformer(nn.Module):
         return self.head(self.encoder(self.embed(x)).mean(1))
 
 
+def _small_mlp() -> nn.Module:
+    """A small MLP (32 -> 64 -> 64 -> 10, GELU, LayerNorm), 7.1k parameters in 8 tensors: Python overhead dominates."""
+    return nn.Sequential(nn.Linear(32, 64), nn.GELU(), nn.LayerNorm(64), nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 10))
+
+
 def classification_loss(model: nn.Module, batch) -> torch.Tensor:
     x, y = batch
     return F.cross_entropy(model(x), y)
@@ -56,8 +61,14 @@ def _transformer_batch(g: torch.Generator, device: str):
     return torch.randint(0, 100, (16, 32), generator=g).to(device), torch.randint(0, 10, (16,), generator=g).to(device)
 
 
-#: name -> (model class, batch maker); batch: CNN 32 images 3x32x32, transformer 16 sequences of 32 tokens
-MODELS = {"cnn": (SmallCNN, _cnn_batch), "transformer": (SmallTransformer, _transformer_batch)}
+def _mlp_batch(g: torch.Generator, device: str):
+    return torch.randn(64, 32, generator=g).to(device), torch.randint(0, 10, (64,), generator=g).to(device)
+
+
+#: name -> (model class, batch maker); batch: CNN 32 images 3x32x32, transformer 16 sequences of 32 tokens,
+#: MLP 64 vectors of 32
+MODELS = {"cnn": (SmallCNN, _cnn_batch), "transformer": (SmallTransformer, _transformer_batch),
+          "mlp": (_small_mlp, _mlp_batch)}
 
 
 def batches(name: str, n: int, device: str, seed: int = 0) -> list:

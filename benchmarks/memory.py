@@ -6,8 +6,13 @@ buffers (the shadow, 2x the float32 bytes) plus, transiently, a few float64 tens
 the size of the tensor being probed; the shadow is freed when the check returns.
 
 CPU: each measurement runs in a fresh subprocess and reads its peak resident set size
-(VmHWM in /proc/self/status), so allocations of the other measurement cannot hide in it.
+(VmHWM in /proc/self/status), so allocations of the other measurement cannot hide in it;
+the subprocess runs with MALLOC_MMAP_THRESHOLD_=65536 so that glibc returns freed tensor
+memory to the system at once and the resident size follows the live tensors. "held
+after" is the resident size after the check minus before it.
 CUDA: torch.cuda.max_memory_allocated() around the training step, then around the check.
+Rows: the default check (kinks recorded, so sequential evaluation) and kinks=False
+(batched evaluation, which stacks up to gradwatch.engine.BATCH_BYTES of perturbed copies).
 
 Run:  python benchmarks/memory.py
       python benchmarks/memory.py --device cuda
@@ -16,6 +21,7 @@ Run:  python benchmarks/memory.py
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 
@@ -46,19 +52,25 @@ def _vm(key: str) -> float:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")) / MIB
 
 
+CHECKS = {"default (sequential)": {}, "kinks=False (batched)": {"kinks": False}}
+
+
 def child(mode: str, device: str) -> None:
     model, batch = _model_and_batch(device)
     before = _vm("VmRSS")
     loss_fn(model, batch).backward()
-    if mode == "check":
-        gradwatch.check(model, loss_fn, batch, grads="existing", seed=0)
-    print(f"{_vm('VmHWM') - before:.1f}")
+    trained = _vm("VmRSS")
+    evaluation = "-"
+    if mode != "train":
+        report = gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, **CHECKS[mode])
+        evaluation = report.evaluation
+    print(f"{_vm('VmHWM') - before:.1f} {_vm('VmRSS') - trained:.1f} {evaluation}")
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
-    parser.add_argument("--child", choices=["train", "check"], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["train", *CHECKS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         torch.set_num_threads(args.threads)
@@ -67,30 +79,37 @@ def main(argv: list[str] | None = None) -> None:
     model, batch = _model_and_batch(args.device)
     n = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
+    copy64 = 8 * n / MIB
     print(f"# MLP 4 x Linear(2048, 2048): {n / 1e6:.1f}M parameters, {4 * n / MIB:.0f} MiB float32, "
-          f"float64 copy {8 * n / MIB:.0f} MiB, largest tensor in float64 {8 * largest / MIB:.0f} MiB")
+          f"float64 copy {copy64:.0f} MiB, largest tensor in float64 {8 * largest / MIB:.0f} MiB")
+    rows = {}
     if args.device.startswith("cuda"):
+        print("# torch.cuda.max_memory_allocated, MiB above the model and batch")
         torch.cuda.reset_peak_memory_stats()
         base = torch.cuda.memory_allocated()
         loss_fn(model, batch).backward()
-        train = (torch.cuda.max_memory_allocated() - base) / MIB
-        torch.cuda.reset_peak_memory_stats()
-        base2 = torch.cuda.memory_allocated()
-        gradwatch.check(model, loss_fn, batch, grads="existing", seed=0)
-        check_peak = (torch.cuda.max_memory_allocated() - base2) / MIB + (base2 - base) / MIB
-        after = (torch.cuda.memory_allocated() - base2) / MIB
-        how = "torch.cuda.max_memory_allocated, MiB above the model and batch"
+        rows["train"] = ((torch.cuda.max_memory_allocated() - base) / MIB, float("nan"), "-")
+        for mode, kwargs in CHECKS.items():
+            torch.cuda.reset_peak_memory_stats()
+            before = torch.cuda.memory_allocated()
+            report = gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, **kwargs)
+            peak = (torch.cuda.max_memory_allocated() - base) / MIB
+            rows[mode] = (peak, (torch.cuda.memory_allocated() - before) / MIB, report.evaluation)
     else:
-        out = {}
-        for mode in ("train", "check"):
+        print("# peak RSS (VmHWM) of a fresh process, MiB above its RSS after building the model and batch")
+        env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+        for mode in ("train", *CHECKS):
             cmd = [sys.executable, __file__, "--child", mode, "--device", args.device, "--threads", str(args.threads)]
-            out[mode] = float(subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.split()[-1])
-        train, check_peak, after = out["train"], out["check"], float("nan")
-        how = "peak RSS (VmHWM) in a fresh process, MiB above the RSS after building the model and batch"
-    print(f"# {how}")
-    print(f"{'training step':>14} {'step + check':>13} {'check adds':>11} {'/ float64 copy':>15} {'held after':>11}")
-    extra = check_peak - train
-    print(f"{train:14.1f} {check_peak:13.1f} {extra:11.1f} {extra / (8 * n / MIB):15.2f} {after:11.1f}")
+            out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.split()
+            rows[mode] = (float(out[-3]), float(out[-2]), out[-1])
+    train = rows["train"][0]
+    print(f"{'':24} {'peak':>8} {'check adds':>11} {'/ float64 copy':>15} {'held after':>11}  evaluation")
+    for mode, (peak, held, evaluation) in rows.items():
+        label = "training step" if mode == "train" else f"step + check {mode}"
+        extra = peak - train
+        print(f"{label:24} {peak:8.1f} {extra:11.1f} {extra / copy64:15.2f} {held:11.1f}  {evaluation}")
+    print("# 'check adds' = peak with the check - peak of the training step alone; 'held after' = what the check "
+          "left allocated (the shadow is freed)")
 
 
 if __name__ == "__main__":

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(parser)
     parser.add_argument("--steps", type=int, default=300)
     parser.add_argument("--pairs", type=int, default=7)
-    parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--models", nargs="+", default=["cnn", "transformer"], choices=list(MODELS))
     args = parser.parse_args(argv)
     header(args)
     print(f"# {args.steps} steps per run, {args.pairs} interleaved pairs; gradwatch at defaults "

@@ -56,6 +56,7 @@ import dataclasses
 import math
 import secrets
 import time
+import warnings
 from contextlib import nullcontext
 from typing import Any, Callable, Collection, Mapping, NamedTuple
 
@@ -122,6 +123,9 @@ _SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2,
 _FOURTH_DIFF_NOISE = math.sqrt(70.0)
 
 _GRADS = ("autograd", "existing")
+_EVALUATIONS = ("auto", "batched", "sequential")
+#: Batched and sequential unperturbed losses must agree to this relative tolerance.
+_BATCH_RTOL = 64 * torch.finfo(torch.float64).eps
 _NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
 #: Mixed into the seed of the replacement-coordinate generator (independent of the plan's).
 _RESAMPLE_SALT = 0x5DEECE66D
@@ -147,6 +151,7 @@ def check(
     train_loss: Tensor | float | None = None,
     names: Collection[str] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
+    evaluation: str = "auto",
 ) -> Report:
     """Compare the gradient of ``loss_fn(model, batch)`` with central differences.
 
@@ -197,6 +202,19 @@ def check(
             against the mean gradient, which is what data-parallel ``.grad`` holds, and
             all processes take the same kink resampling decisions and return the same
             verdicts.
+        evaluation: How the perturbed losses are evaluated. ``"batched"``: the 4
+            evaluations of a probe in one call, ``torch.func.vmap`` over the stacked
+            perturbed copies of the tensor (``randomness="same"``, so dropout masks
+            match). The first batched call also evaluates the unperturbed tensor and
+            must reproduce the sequential loss within 64 eps; models that cannot be
+            vmapped (BatchNorm updating its running statistics, a custom
+            ``autograd.Function`` without a vmap rule, data-dependent control flow) or
+            do not reproduce fall back to ``"sequential"`` automatically. Kink
+            recording needs one pass per evaluation, every process must run the same
+            forwards with ``reduce``, and native precision keeps its rounded points,
+            so batching needs ``kinks=False``, ``reduce=None`` and float64 evaluation.
+            ``"auto"``: batched when those hold, else sequential.
+            ``report.evaluation`` says which path ran and ``report.evaluation_reason`` why.
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
@@ -224,6 +242,13 @@ def check(
     _kink_options(kink_resamples, near_kink_margin)
     if reduce is not None:
         _callable("reduce", reduce)
+    _one_of("evaluation", evaluation, _EVALUATIONS)
+    if evaluation == "batched" and (kinks or reduce is not None):
+        raise ValueError(
+            "`evaluation='batched'` cannot record kinks (one pass per evaluation is needed) nor run with `reduce` "
+            f"(every process must run the same forwards); pass kinks=False and reduce=None or evaluation='auto', "
+            f"got evaluation={evaluation!r}, kinks={kinks!r}, reduce={reduce!r}"
+        )
     if step is not None:
         _positive_float("step", step)
     _one_of("precision", precision, PRECISIONS)
@@ -274,15 +299,17 @@ def check(
         first_grad = next(iter(grad_map.values()))
         grad_precision = _grad_precision(first_grad, replay, model)
         mode, mode_reason = _choose_precision(precision, model, replay, max_shadow_bytes)
-        evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode)
+        how = evaluation
+        evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None)
         try:
             loss0, signature, reference = evaluation.base(every)
         except Exception as err:
             if precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
-            evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode)
+            evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None)
             loss0, signature, reference = evaluation.base(every)
+        evaluation.loss0 = loss0
         if reference is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
             reference = _reduced(reference, reduce)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
@@ -359,6 +386,8 @@ def check(
         reliable=reason is None,
         reason=reason,
         seconds=time.perf_counter() - started,
+        evaluation="batched" if evaluation.batched else "sequential",
+        evaluation_reason=evaluation.batch_reason,
     )
 
 
@@ -446,9 +475,23 @@ class _Evaluation:
     """Runs ``loss_fn`` on replayed state, in float64 or in the model's own precision."""
 
     def __init__(
-        self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool, mode: str
+        self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool, mode: str,
+        how: str = "sequential", reduced: bool = False,
     ) -> None:
         self.wrapper = _LossModule(model, loss_fn)
+        # batched: None until the first batched call succeeds (True) or fails (False)
+        self.batched: bool | None = False
+        if how == "sequential":
+            self.batch_reason: str | None = "requested (evaluation='sequential')"
+        elif kinks:
+            self.batch_reason = "kink recording needs one forward pass per evaluation (kinks=True)"
+        elif reduced:
+            self.batch_reason = "data-parallel check (reduce): every process runs the same sequential forwards"
+        elif mode != "float64":
+            self.batch_reason = "native precision evaluates sequentially"
+        else:
+            self.batched, self.batch_reason = None, None
+        self.loss0: Tensor | None = None  # the sequential unperturbed loss, set by check()
         self.batch = batch
         self.replay = replay
         self.mode = mode
@@ -537,6 +580,55 @@ class _Evaluation:
                     for n, g in zip(grad_map, grads)
                 }
         return loss.detach().to(torch.float64), signature, reference
+
+    def losses_batched(self, key: str, points: list[Tensor]) -> Tensor | None:
+        """The losses at ``points`` (values of ``self.shadow[key]``) from one vmapped call,
+        or None when batched evaluation is off or this model cannot be vmapped: the
+        first call decides, and its error or mismatch becomes :attr:`batch_reason`."""
+        if self.batched is False:
+            return None
+        theta = self.shadow[key]
+        verify = self.batched is None  # the first call also evaluates θ, to compare with loss0
+        stacked = torch.stack([*points, theta] if verify else points)
+        try:
+            out = self._vmapped(key, stacked)
+        except Exception as err:
+            if self.batched:  # it worked before: a real error of loss_fn
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            return self._fall_back(f"vmap failed: {type(err).__name__}: {first[:160]}")
+        del stacked
+        if verify:
+            out, unperturbed = out[:-1], out[-1]
+            gap = float((unperturbed - self.loss0).abs())  # one host transfer per check
+            if not gap <= _BATCH_RTOL * float(self.loss0.abs()):
+                return self._fall_back(
+                    f"the vmapped loss at the unperturbed parameters differs from the sequential one by {gap:.3g} "
+                    "(randomness or state that vmap does not replay)"
+                )
+            self.batched = True
+        return out
+
+    def _fall_back(self, reason: str) -> None:
+        self.batched = False
+        self.batch_reason = reason + "; evaluated sequentially"
+        return None
+
+    def _vmapped(self, key: str, stacked: Tensor) -> Tensor:
+        _restore_attrs(self.replay.attrs)
+        _restore_rng(self.replay.rng)
+        base = dict(self.shadow)
+        base.update({k: v.clone() for k, v in self.buffers.items()})
+
+        def one(theta: Tensor) -> Tensor:
+            state = dict(base)
+            state[key] = theta
+            return _loss_tensor(functional_call(self.wrapper, state, (self.inputs,), strict=False)).to(torch.float64)
+
+        dtype_ctx, autocast_ctx = self._context()
+        with torch.no_grad(), dtype_ctx, autocast_ctx, warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            return torch.func.vmap(one, randomness="same")(stacked)
 
 
 def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool) -> Tensor:
@@ -798,8 +890,15 @@ def _probe(
         del gv
     losses, points = {}, {}
     kinks = _ProbeKinks(ref, theta.device) if ref is not None else None
-    for s in (1.0, -1.0, 2.0, -2.0):
-        losses[s], points[s] = line.run(ev, key, s, kinks)
+    batched = None
+    if kinks is None and ev.batched is not False:
+        points = {s: line.point(s) for s in _SIGNS}
+        batched = ev.losses_batched(key, [points[s] for s in _SIGNS])
+    if batched is not None:
+        losses = dict(zip(_SIGNS, batched))
+    else:
+        for s in _SIGNS:
+            losses[s], points[s] = line.run(ev, key, s, kinks)
     kink = kinks.any_crossed() if kinks is not None else False
     if kinks is not None and kink_log is not None:
         kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
@@ -812,6 +911,10 @@ def _probe(
     if a_ref is not None:
         out["a_ref"], out["rss_ref"] = a_ref, rss_ref
     return kind, value, {k: host.add(x) for k, x in out.items()}
+
+
+#: The points of one probe, in evaluation order: θ + h·v, θ - h·v, θ + 2h·v, θ - 2h·v.
+_SIGNS = (1.0, -1.0, 2.0, -2.0)
 
 
 def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | None, a: Tensor) -> Tensor:

@@ -292,6 +292,9 @@ class Report:
         reason: Why the check is unreliable or was skipped, else ``None``.
         seconds: Wall time of the check.
         step: Training step the check belongs to, when an adapter sets it.
+        evaluation: How the perturbed losses were evaluated: ``"batched"`` (vmapped
+            over many probes per call) or ``"sequential"`` (one call per evaluation).
+        evaluation_reason: Why the evaluation was sequential, else ``None``.
     """
 
     tensors: Mapping[str, TensorCheck]
@@ -307,6 +310,8 @@ class Report:
     reason: str | None = None
     seconds: float = 0.0
     step: int | None = None
+    evaluation: str = "sequential"
+    evaluation_reason: str | None = None
 
     @property
     def ok(self) -> bool:

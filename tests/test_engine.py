@@ -726,3 +726,101 @@ def test_nan_in_a_perturbed_loss_is_its_own_verdict_naming_the_probe() -> None:
     tc = report.tensors["weight"]
     assert tc.verdict == "nonfinite" and "non-finite perturbed loss at 'weight'" in tc.reason, str(report)
     assert report.tensors["bias"].verdict == "pass" and not report.ok
+
+
+# ------------------------------------------------------------------------ batched evaluation
+_VMAPPABLE = ("mlp_relu_dropout", "layernorm_gelu", "clamp_abs_maximum")
+
+
+def _same_numbers(a, b) -> None:
+    """Same probes, same verdicts, numerical values equal within the rounding of the loss evaluations."""
+    assert [t.verdict for t in a.tensors.values()] == [t.verdict for t in b.tensors.values()]
+    rounding = 64 * torch.finfo(torch.float64).eps * abs(a.replay_loss)
+    for p, q in zip(a.probes, b.probes, strict=True):
+        assert (p.kind, p.index, p.direction_seed, p.autograd, p.step) == (q.kind, q.index, q.direction_seed,
+                                                                           q.autograd, q.step)
+        assert abs(p.numerical - q.numerical) <= 4 * rounding / p.step, (p, q)
+
+
+@pytest.mark.parametrize("name", _VMAPPABLE + ("accidental_detach", "hook_rescale"))
+def test_batched_evaluation_gives_the_sequential_numbers(name) -> None:
+    case = (CORRECT.get(name) or BUGS[name])(0)
+    state = training_state(case.model)
+    seq = check(case.model, case.loss_fn, case.batch, seed=3, kinks=False, evaluation="sequential")
+    bat = check(case.model, case.loss_fn, case.batch, seed=3, kinks=False)
+    assert (seq.evaluation, bat.evaluation, bat.evaluation_reason) == ("sequential", "batched", None)
+    assert "requested" in seq.evaluation_reason
+    _same_numbers(seq, bat)
+    assert {t.name for t in bat.failures} == case.wrong
+    assert_same_state(state, training_state(case.model))
+
+
+class _DataDependent(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.fc = nn.Linear(8, 3)
+
+    def forward(self, x):
+        out = self.fc(x)
+        return out * 2 if out.sum() > 0 else out  # Python control flow on a tensor value
+
+
+@pytest.mark.parametrize(
+    ("build", "reason"),
+    [
+        (lambda: CORRECT["cnn_bn_pool"](0), "vmap failed: RuntimeError: Batch norm"),  # updates running stats
+        (lambda: CORRECT["custom_function"](0), "vmap failed: RuntimeError: In order to use an autograd.Function"),
+        (lambda: CORRECT["lstm"](0), "vmap failed"),
+        (lambda: _case(_DataDependent()), "vmap failed"),
+        (lambda: CORRECT["transformer"](0), "differs from the sequential one"),  # its dropout under vmap
+    ],
+)
+def test_models_that_cannot_be_vmapped_fall_back_to_sequential(build, reason) -> None:
+    case = build()
+    state = training_state(case.model)
+    seq = check(case.model, case.loss_fn, case.batch, seed=0, kinks=False, evaluation="sequential")
+    auto = check(case.model, case.loss_fn, case.batch, seed=0, kinks=False)
+    assert auto.evaluation == "sequential" and reason in auto.evaluation_reason, auto.evaluation_reason
+    assert auto.evaluation_reason.endswith("evaluated sequentially")
+    assert auto.probes == seq.probes and auto.reliable
+    assert_same_state(state, training_state(case.model))
+
+
+def _case(model):
+    g = torch.Generator().manual_seed(0)
+    torch.manual_seed(0)
+    return type("C", (), {"model": model, "loss_fn": staticmethod(classification_loss),
+                          "batch": (torch.randn(16, 8, generator=g), torch.randint(0, 3, (16,), generator=g))})()
+
+
+def test_kink_recording_evaluates_sequentially_and_batched_rejects_it() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    assert report.evaluation == "sequential" and "kink recording" in report.evaluation_reason
+    with pytest.raises(ValueError, match="`evaluation='batched'` cannot record kinks .* nor run with `reduce`"):
+        check(case.model, case.loss_fn, case.batch, evaluation="batched")
+    with pytest.raises(ValueError, match="`evaluation` must be one of 'auto', 'batched', 'sequential', got 'fast'"):
+        check(case.model, case.loss_fn, case.batch, evaluation="fast")
+
+
+@pytest.mark.parametrize("evaluation", ["sequential", "batched"])
+def test_no_autograd_graph_during_the_perturbed_evaluations(evaluation) -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    case.loss_fn(case.model, case.batch).backward()
+    seen = []
+
+    def loss_fn(model, batch):
+        loss = classification_loss(model, batch)
+        seen.append((torch.is_grad_enabled(), loss.requires_grad))
+        return loss
+
+    check(case.model, loss_fn, case.batch, grads="existing", seed=0, kinks=False, evaluation=evaluation)
+    # only the unperturbed float64 pass builds a graph (for the float64 reference gradient), freed after it
+    assert seen[0] == (True, True) and len(seen) >= 3
+    assert not any(enabled or graph for enabled, graph in seen[1:])
+
+
+def test_data_parallel_checks_evaluate_sequentially() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0, kinks=False, reduce=lambda t: t)
+    assert report.evaluation == "sequential" and "data-parallel" in report.evaluation_reason
