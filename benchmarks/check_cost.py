@@ -91,7 +91,9 @@ def main(argv: list[str] | None = None) -> None:
                 print(f"# {name}: {report.evaluation_reason}")
         coords = [(n, i) for n, p in model.named_parameters()
                   for i in range(min(p.numel(), args.coordinates + args.directions))]
-        loop = statistics.median(seed_article_loop(model, batch, coords, 1e-6, args.device) for _ in range(args.repeats))
+        loop = statistics.median(
+            seed_article_loop(model, batch, coords, 1e-6, args.device) for _ in range(args.repeats)
+        )
         seed_per_probe = loop / len(coords)
         rows.append(("seed article loop (float64, .item())", len(coords), 2 * len(coords), loop))
         for method, probes, evals, seconds in rows:

@@ -119,7 +119,11 @@ def main(argv: list[str] | None = None) -> GradWatchCallback:
     pl.seed_everything(args.seed, verbose=False)
     data = spirals(3000, 3, args.seed)
     failures: list[Report] = []
-    callback = GradWatchCallback(every_n_steps=args.every, seed=args.seed, on_failure=failures.append)
+    # max_overhead=None: a demonstration, so every check probes every tensor; in real
+    # training keep the default budget (2% of the training time, spent in turn over the tensors)
+    callback = GradWatchCallback(
+        every_n_steps=args.every, max_overhead=None, seed=args.seed, on_failure=failures.append
+    )
     logger = TensorBoardLogger(args.root, name="lightning_logs")
     trainer = pl.Trainer(
         max_steps=args.steps, accelerator="cpu", devices=1, logger=logger, callbacks=[callback],

@@ -60,8 +60,13 @@ class _Schedule:
         self._cursor = 0  # rotation over tensors
 
     # --------------------------------------------------------------------- hot path
-    def begin(self, step: int) -> bool:
-        """Start of training step ``step``: whether it is checked. No tensor work."""
+    def begin(self, step: int, *, defer: bool = True) -> bool:
+        """Start of training step ``step``: whether it is checked. No tensor work.
+
+        ``defer=False`` decides from :attr:`next_step` alone (set by :meth:`done`), so
+        that processes which share ``next_step`` take the same decision without
+        comparing their clocks (data-parallel training).
+        """
         now = time.perf_counter()
         if self._mark is not None:
             self.train_seconds += now - self._mark
@@ -69,7 +74,7 @@ class _Schedule:
         self._mark = now
         if step < self.next_step:
             return False
-        if self.checks == 0 or self.max_overhead is None or self._smallest_cost() <= self._credit():
+        if self.checks == 0 or self.max_overhead is None or not defer or self._smallest_cost() <= self._credit():
             self.next_step = step + self.every_n_steps  # also when the step raises before its check
             return True
         missing = self._smallest_cost() - self._credit()
@@ -115,6 +120,11 @@ class _Schedule:
         self.check_seconds += seconds
         self.seconds_per_eval = seconds / (_FIXED_EVALS + _EVALS_PER_PROBE * max(probes, 1))
         self.next_step = step + self.every_n_steps
+        if self.max_overhead is not None:  # the steps the budget needs to afford the smallest check again
+            missing = self._smallest_cost() - self._credit()
+            per_step = self.max_overhead * self._step_seconds()
+            if missing > 0 and per_step > 0:
+                self.next_step = max(self.next_step, step + math.ceil(missing / per_step))
         self._mark = time.perf_counter()
 
     def is_planned(self, step: int) -> bool:

@@ -31,8 +31,10 @@ from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signatu
 from torch import Tensor, nn
 from typing_extensions import override
 
+from gradwatch._schedule import _Schedule
 from gradwatch._validate import (
     _callable,
+    _fraction_or_none,
     _kink_options,
     _non_negative_int,
     _one_of,
@@ -88,7 +90,16 @@ class GradWatchCallback(Callback):
     parallel) are not supported yet: the callback warns once and does not check.
 
     Args:
-        every_n_steps: Check optimizer steps ``0, n, 2n, ...`` (``trainer.global_step``).
+        every_n_steps: Check optimizer steps ``0, n, 2n, ...`` (``trainer.global_step``);
+            with ``max_overhead``, the smallest gap between two checks.
+        max_overhead: Largest fraction of the training time spent checking, such as
+            ``0.02`` (the default): checks move further apart and probe fewer
+            coordinates, directions and tensors (in turn) when a check costs more
+            than the budget holds; the first check runs at step 0. Training time is
+            the wall time between optimizer steps, read without device
+            synchronisation. Under DDP, rank zero's measurements decide for all
+            ranks (shared at check steps only). ``None``: every check probes every
+            tensor on steps ``0, n, 2n, ...``.
         loss_fn: ``loss_fn(pl_module, batch)`` returning the loss ``training_step``
             returns for that batch (before Lightning's division by
             ``accumulate_grad_batches``). ``None``: re-run
@@ -100,8 +111,8 @@ class GradWatchCallback(Callback):
         seed: Base seed of the probe sampler; each check uses a seed derived from it
             and the step. ``None`` draws one on rank zero.
         prefix: First component of the logged keys.
-        coordinates: Random elements probed per tensor.
-        directions: Random directions probed per tensor.
+        coordinates: Random elements probed per tensor (at most, under a budget).
+        directions: Random directions probed per tensor (at most, under a budget).
         kinks: Exclude probes that cross a kink of a non-smooth op, and warn (a
             :class:`~gradwatch.KinkWarning`, once per module and op) when probes come
             near one.
@@ -124,6 +135,7 @@ class GradWatchCallback(Callback):
         self,
         *,
         every_n_steps: int = 100,
+        max_overhead: float | None = 0.02,
         loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
         on_failure: OnFailure = "warn",
         seed: int | None = None,
@@ -137,6 +149,7 @@ class GradWatchCallback(Callback):
     ) -> None:
         super().__init__()
         _positive_int("every_n_steps", every_n_steps)
+        max_overhead = _fraction_or_none("max_overhead", max_overhead)
         if loss_fn is not None:
             _callable("loss_fn", loss_fn)
         _check_on_failure(on_failure)
@@ -146,15 +159,17 @@ class GradWatchCallback(Callback):
         _kink_options(kink_resamples, near_kink_margin)
         _one_of("precision", precision, PRECISIONS)
         self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
         self.loss_fn = loss_fn
         self.on_failure = on_failure
         self.prefix = prefix
         self.seed: int = secrets.randbits(62) if seed is None else seed
         self.reports: list[tuple[int, Report]] = []
         self._check_kwargs = {
-            "coordinates": coordinates, "directions": directions, "kinks": kinks, "kink_resamples": kink_resamples,
-            "near_kink_margin": near_kink_margin, "precision": precision,
+            "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin, "precision": precision,
         }
+        self._kinks = kinks
+        self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self._checks = 0
         self._enabled = True
         self._warned_sharded = False
@@ -170,11 +185,6 @@ class GradWatchCallback(Callback):
     @override
     def state_key(self) -> str:
         return self._generate_state_key(prefix=self.prefix)
-
-    # ------------------------------------------------------------------ scheduling
-    def _is_check_step(self, step: int) -> bool:
-        """Whether optimizer step ``step`` is checked (the one scheduling rule)."""
-        return step % self.every_n_steps == 0
 
     # ------------------------------------------------------------------ hooks
     @override
@@ -211,7 +221,7 @@ class GradWatchCallback(Callback):
             not self._enabled
             or trainer.sanity_checking
             or batch_idx % accumulate  # not the first micro-batch of a window
-            or not self._is_check_step(trainer.global_step)
+            or not self._schedule.begin(trainer.global_step, defer=trainer.world_size == 1)  # reads the clock
         ):
             return
         with trainer.precision_plugin.train_step_context():  # record the autocast state training_step runs in
@@ -277,6 +287,11 @@ class GradWatchCallback(Callback):
         loss_fn = self.loss_fn or _training_step_loss(pl_module, pending.batch_idx)
         if pending.accumulate > 1:
             loss_fn = partial(_divided, loss_fn, pending.accumulate)
+        names, coordinates, directions = self._schedule.plan(
+            [n for n, _ in pl_module.named_parameters() if n in grads]
+        )
+        if reduce is not None:  # every rank checks the same tensors with the same probes
+            names, coordinates, directions = trainer.strategy.broadcast((names, coordinates, directions), src=0)
         with _metric_states_kept(pl_module):
             report = check(
                 pl_module,
@@ -287,9 +302,16 @@ class GradWatchCallback(Callback):
                 train_loss=train_loss,
                 seed=seed,
                 reduce=reduce,
+                coordinates=coordinates,
+                directions=directions,
+                kinks=self._kinks,
+                names=names,
                 **self._check_kwargs,
             )
         del grads, pending
+        self._schedule.done(step, report.seconds, len(report.probes))
+        if reduce is not None:
+            self._schedule.next_step = int(trainer.strategy.broadcast(self._schedule.next_step, src=0))
         self._record(trainer, dataclasses.replace(report, step=step))
         _handle(self.last_report, self.on_failure)
 

@@ -65,7 +65,7 @@ def main(out: pathlib.Path) -> None:
 
     def fit(build, on_failure, logger=None, extra=()):
         module = ZooModule(build(0))
-        callback = GradWatchCallback(every_n_steps=1, on_failure=on_failure)  # seed drawn per rank, broadcast
+        callback = GradWatchCallback(every_n_steps=1, max_overhead=None, on_failure=on_failure)  # seed drawn per rank, broadcast
         trainer = pl.Trainer(
             strategy="ddp", accelerator="cpu", devices=2, max_steps=2, logger=logger or False,
             callbacks=[callback, *extra], enable_progress_bar=False, enable_model_summary=False,

@@ -62,7 +62,7 @@ def _failing(report: Report) -> set[str]:
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_planted_bugs_are_caught_in_fit(bug: str) -> None:
     module = ZooModule(BUGS[bug](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure=_collect)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=2)
     assert [s for s, _ in callback.reports] == [0, 1]
     for _, report in callback.reports:
@@ -73,7 +73,7 @@ def test_planted_bugs_are_caught_in_fit(bug: str) -> None:
 @pytest.mark.parametrize("name", sorted(CORRECT))
 def test_correct_models_pass_in_fit(name: str) -> None:
     module = ZooModule(CORRECT[name](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure="raise")
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     _fit(module, callback, max_steps=3)
     assert [s for s, _ in callback.reports] == [0, 1, 2]
     assert all(r.verdict == "pass" and r.grad_precision == "float32" for _, r in callback.reports), \
@@ -86,7 +86,7 @@ def test_gradient_clipping_gives_no_false_alarm(name: str) -> None:
     """The callback compares the gradient before clipping: with clipping at 1e-3 every
     clipped gradient would disagree with the loss by orders of magnitude."""
     module = ZooModule(CORRECT[name](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure="raise")
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     _fit(module, callback, max_steps=3, gradient_clip_val=1e-3)
     norms = [math.sqrt(sum(p.autograd**2 for p in r.probes if p.kind == "coordinate")) for _, r in callback.reports]
     assert min(norms) > 1e-2  # the gradients really were clipped
@@ -95,7 +95,7 @@ def test_gradient_clipping_gives_no_false_alarm(name: str) -> None:
 
 def test_planted_bug_is_caught_under_gradient_clipping() -> None:
     module = ZooModule(BUGS["wrong_sign"](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure=_collect)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=2, gradient_clip_val=1e-3)
     assert all(_failing(r) == {"net.fc1.weight"} for _, r in callback.reports)
 
@@ -105,7 +105,7 @@ def test_schedule_follows_global_step_and_non_check_steps_capture_nothing(monkey
     real_capture = gwl.capture
     monkeypatch.setattr(gwl, "capture", lambda m: captures.append(1) or real_capture(m))
     module = ZooModule(CORRECT["layernorm_gelu"](0))
-    callback = GradWatchCallback(every_n_steps=3, seed=0)
+    callback = GradWatchCallback(every_n_steps=3, max_overhead=None, seed=0)
     _fit(module, callback, max_steps=7)
     assert [s for s, _ in callback.reports] == [0, 3, 6]
     assert len(captures) == 3
@@ -115,14 +115,14 @@ def test_schedule_follows_global_step_and_non_check_steps_capture_nothing(monkey
 def test_on_failure_raise_propagates_out_of_fit() -> None:
     module = ZooModule(BUGS["bias_mean"](0))
     with pytest.raises(GradientCheckError, match="net.fc1.bias") as info:
-        _fit(module, GradWatchCallback(every_n_steps=1, seed=0, on_failure="raise"), max_steps=2)
+        _fit(module, GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise"), max_steps=2)
     assert info.value.report.step == 0
 
 
 def test_on_failure_warn_warns_with_the_failure_message() -> None:
     module = ZooModule(BUGS["wrong_sign"](0))
     with pytest.warns(GradientCheckWarning, match=r"'net.fc1.weight'\["):
-        _fit(module, GradWatchCallback(every_n_steps=1, seed=0), max_steps=1)
+        _fit(module, GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0), max_steps=1)
 
 
 # ----------------------------------------------------------------------------- 2. the loss
@@ -141,7 +141,7 @@ def test_user_loss_fn_is_used_with_the_module_and_batch() -> None:
             return super().training_step(batch, batch_idx)
 
     module = Counting(CORRECT["mlp_relu_dropout"](0))
-    callback = GradWatchCallback(every_n_steps=2, seed=0, loss_fn=loss_fn, on_failure="raise")
+    callback = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=0, loss_fn=loss_fn, on_failure="raise")
     _fit(module, callback, max_steps=3)
     assert [s for s, _ in callback.reports] == [0, 2]
     assert Counting.steps == 3  # only Lightning ran training_step
@@ -151,7 +151,7 @@ def test_user_loss_fn_is_used_with_the_module_and_batch() -> None:
 
 def test_user_loss_fn_catches_a_planted_bug() -> None:
     module = ZooModule(BUGS["missing_factor"](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, loss_fn=module.loss, on_failure=_collect)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, loss_fn=module.loss, on_failure=_collect)
     _fit(module, callback, max_steps=1)
     assert _failing(callback.last_report) == {"net.fc1.weight"}
 
@@ -159,7 +159,7 @@ def test_user_loss_fn_catches_a_planted_bug() -> None:
 @pytest.mark.parametrize("case", [CORRECT["layernorm_gelu"], BUGS["bias_mean"]])
 def test_training_step_returning_a_dict(case) -> None:
     module = ZooModule(case(0), returns="dict")
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure=_collect)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=2)
     assert all(_failing(r) == module.wrong and r.reliable for _, r in callback.reports)
 
@@ -200,7 +200,7 @@ def _metric_values(trainer: pl.Trainer) -> dict[str, dict[str, float]]:
 
 def test_rerun_training_step_changes_no_logged_metric_and_no_metric_state(tmp_path) -> None:
     results = []
-    for callback in (None, GradWatchCallback(every_n_steps=1, seed=0, on_failure="raise")):
+    for callback in (None, GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")):
         torch.manual_seed(0)
         module = MetricModule(CORRECT["mlp_relu_dropout"](0))
         logger = CSVLogger(str(tmp_path), name="with" if callback else "without")
@@ -239,7 +239,7 @@ def test_manual_optimization_without_loss_fn_fails_at_setup_saying_what_to_pass(
 @pytest.mark.parametrize("case", [CORRECT["mlp_relu_dropout"], BUGS["wrong_sign"]])
 def test_manual_optimization_with_loss_fn(case) -> None:
     module = ManualModule(case(0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, loss_fn=module.loss, on_failure=_collect)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, loss_fn=module.loss, on_failure=_collect)
     _fit(module, callback, max_steps=2)
     assert [s for s, _ in callback.reports] == [0, 1]
     assert all(r.reliable and _failing(r) == module.wrong for _, r in callback.reports)
@@ -250,7 +250,7 @@ def test_manual_optimization_with_loss_fn(case) -> None:
                                   BUGS["bias_mean"], BUGS["hook_rescale"]])
 def test_accumulation_checks_the_first_micro_batch_of_a_window(case) -> None:
     module = ZooModule(case(0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure=_collect)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
     data = loader(module.case, batches=9, seed=0)
     _fit(module, callback, batches=9, max_steps=3, accumulate_grad_batches=3)
     assert [s for s, _ in callback.reports] == [0, 1, 2]
@@ -269,7 +269,7 @@ def test_accumulation_short_last_window_of_an_epoch() -> None:
     """5 batches per epoch with N=2: windows (0,1), (2,3), (4) - the last window is one
     micro-batch, still divided by 2 by Lightning."""
     module = ZooModule(CORRECT["layernorm_gelu"](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure="raise")
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     _fit(module, callback, batches=5, max_steps=-1, max_epochs=2, accumulate_grad_batches=2)
     assert [s for s, _ in callback.reports] == [0, 1, 2, 3, 4, 5]
     assert all(r.verdict == "pass" for _, r in callback.reports)
@@ -293,7 +293,7 @@ def test_mixed_precision_gives_no_false_alarm(mode: str, accumulate: int) -> Non
     names = AMP_CORRECT if accumulate == 1 else ["mlp_relu_dropout", "cnn_bn_pool"]
     for name in names:
         module = ZooModule(CORRECT[name](0))
-        callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure=_collect)
+        callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
         _fit(module, callback, max_steps=2, accumulate_grad_batches=accumulate, **_amp(mode))
         for _, r in callback.reports:
             assert r.verdict == "pass" and r.grad_precision == expected, (name, str(r))
@@ -305,14 +305,14 @@ def test_mixed_precision_gives_no_false_alarm(mode: str, accumulate: int) -> Non
 def test_mixed_precision_catches_planted_bugs(mode: str) -> None:
     for bug in sorted(BUGS):
         module = ZooModule(BUGS[bug](0))
-        callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure=_collect)
+        callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
         _fit(module, callback, max_steps=1, **_amp(mode))
         assert _failing(callback.last_report) == module.wrong, (bug, str(callback.last_report))
 
 
 def test_16_mixed_compares_unscaled_gradients_and_loss() -> None:
     module = ZooModule(CORRECT["layernorm_gelu"](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure="raise")
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     trainer = _fit(module, callback, max_steps=2, **_amp("16-mixed"))
     assert trainer.precision_plugin.scaler.get_scale() >= 2.0**15
     for _, r in callback.reports:
@@ -323,7 +323,7 @@ def test_16_mixed_compares_unscaled_gradients_and_loss() -> None:
 def test_gradscaler_skipped_step_is_not_checked_and_reported_skipped(caplog) -> None:
     module = ZooModule(CORRECT["layernorm_gelu"](0))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)
-    callback = GradWatchCallback(every_n_steps=1, seed=0, on_failure="raise")
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="gradwatch"):
         warnings.simplefilter("error", gradwatch.UnreliableCheckWarning)
         _fit(module, callback, max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
@@ -347,7 +347,7 @@ def _events(logdir) -> EventAccumulator:
 def test_tensorboard_logger_gets_the_key_scheme_at_global_step(tmp_path) -> None:
     module = ZooModule(BUGS["wrong_sign"](0))
     logger = TensorBoardLogger(str(tmp_path), name="tb")
-    callback = GradWatchCallback(every_n_steps=2, seed=0, on_failure=_collect)
+    callback = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=5, logger=logger, log_every_n_steps=1)
     acc = _events(logger.log_dir)
     report = callback.last_report
@@ -365,7 +365,7 @@ def test_tensorboard_logger_gets_the_key_scheme_at_global_step(tmp_path) -> None
 def test_csv_logger_gets_the_scalars_through_log_metrics(tmp_path) -> None:
     module = ZooModule(CORRECT["layernorm_gelu"](0))
     logger = CSVLogger(str(tmp_path), name="csv", prefix="")
-    callback = GradWatchCallback(every_n_steps=2, seed=0, prefix="gw", on_failure="raise")
+    callback = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=0, prefix="gw", on_failure="raise")
     _fit(module, callback, max_steps=5, logger=logger)
     with open(pathlib.Path(logger.log_dir) / "metrics.csv") as f:
         rows = list(csv.DictReader(f))
@@ -376,7 +376,7 @@ def test_csv_logger_gets_the_scalars_through_log_metrics(tmp_path) -> None:
 
 def test_no_logger_keeps_only_the_reports(tmp_path) -> None:
     module = ZooModule(CORRECT["layernorm_gelu"](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0)
     _fit(module, callback, max_steps=2, default_root_dir=str(tmp_path))
     assert len(callback.reports) == 2 and not any(tmp_path.iterdir())
 
@@ -400,7 +400,7 @@ class ValModule(ZooModule):
 
 def test_sanity_checking_is_skipped() -> None:
     module = ValModule(CORRECT["layernorm_gelu"](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0)
     trainer = pl.Trainer(callbacks=[callback], num_sanity_val_steps=2, **trainer_kwargs(max_steps=2))
     trainer.fit(module, loader(module.case, batches=4), loader(module.case, batches=2, seed=1))
     assert [s for s, _ in callback.reports] == [0, 1]
@@ -421,11 +421,11 @@ def test_resume_samples_as_an_uninterrupted_run(tmp_path) -> None:
         return [(s, r.seed, [(t.name, p.where) for t in r.tensors.values() for p in t.probes])
                 for s, r in callback.reports]
 
-    uninterrupted = run(GradWatchCallback(every_n_steps=2, seed=123), 8)
-    first = GradWatchCallback(every_n_steps=2, seed=123)
+    uninterrupted = run(GradWatchCallback(every_n_steps=2, max_overhead=None, seed=123), 8)
+    first = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=123)
     checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, save_top_k=-1)
     before = run(first, 4, checkpoint=checkpoint)
-    resumed_cb = GradWatchCallback(every_n_steps=2)  # a fresh random seed, replaced by the checkpoint's
+    resumed_cb = GradWatchCallback(every_n_steps=2, max_overhead=None)  # a fresh random seed, replaced by the checkpoint's
     assert resumed_cb.seed != 123
     after = run(resumed_cb, 8, ckpt_path=str(tmp_path / "ckpt" / "epoch=0-step=4.ckpt"))
     assert resumed_cb.seed == 123 and resumed_cb.state_dict() == {"seed": 123, "checks": 4}
@@ -466,7 +466,7 @@ def test_fit_with_the_callback_is_bit_identical_to_fit_without(overrides) -> Non
     for with_callback in (False, True):
         pl.seed_everything(0, verbose=False)
         module = DropoutBNModule()
-        callback = GradWatchCallback(every_n_steps=2, seed=0, on_failure="raise") if with_callback else None
+        callback = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=0, on_failure="raise") if with_callback else None
         kwargs = dict(overrides)
         if "plugins" in kwargs:
             kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu")]
@@ -504,7 +504,7 @@ def test_ddp_two_cpu_processes(tmp_path) -> None:
 def test_sharded_strategy_warns_once_and_does_not_check() -> None:
     from pytorch_lightning.strategies import FSDPStrategy
 
-    callback = GradWatchCallback(every_n_steps=1)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None)
     module = ZooModule(CORRECT["layernorm_gelu"](0))
     trainer = SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True, sanity_checking=False,
                               accumulate_grad_batches=1, global_step=0)
@@ -549,6 +549,8 @@ def test_import_gradwatch_does_not_import_lightning() -> None:
         ({"precision": "fp32"}, ValueError, "`precision` must be one of 'float64', 'native', 'auto', got 'fp32'"),
         ({"kink_resamples": -1}, ValueError, "`kink_resamples`"),
         ({"near_kink_margin": 0}, ValueError, "`near_kink_margin`"),
+        ({"max_overhead": 0}, ValueError, r"`max_overhead` must be None or a fraction in \(0, 1\].*got 0"),
+        ({"max_overhead": 1.5}, ValueError, "`max_overhead`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match) -> None:
@@ -563,8 +565,27 @@ def test_configuration_is_keyword_only() -> None:
 
 def test_precision_and_kink_options_reach_the_engine() -> None:
     module = ZooModule(CORRECT["mlp_relu_dropout"](0))
-    callback = GradWatchCallback(every_n_steps=1, seed=0, precision="native", kink_resamples=0, on_failure=_collect)
+    callback = GradWatchCallback(
+        every_n_steps=1, max_overhead=None, seed=0, precision="native", kink_resamples=0, on_failure=_collect
+    )
     _fit(module, callback, max_steps=2)
     for _, report in callback.reports:
         assert report.precision == "native" and report.precision_reason == "requested", str(report)
         assert report.ok and all(t.resampled == 0 for t in report.tensors.values())
+
+
+def test_default_budget_checks_step_zero_then_spends_within_the_budget(monkeypatch) -> None:
+    """The schedule shared with GradWatch: step 0 is checked, sized before anything is measured
+    (2% of 100 steps: less than one probe, so one direction on the first tensor)."""
+    calls = []
+    original = gwl.check
+    monkeypatch.setattr(gwl, "check", lambda *a, **k: calls.append(k["names"]) or original(*a, **k))
+    module = ZooModule(CORRECT["layernorm_gelu"](0))
+    callback = GradWatchCallback(seed=0, on_failure="raise")
+    assert callback.max_overhead == 0.02
+    _fit(module, callback, max_steps=6)
+    names = [n for n, _ in module.named_parameters()]
+    assert [s for s, _ in callback.reports] == [0] and calls == [names[:1]]  # the next check is >= 100 steps away
+    report = callback.last_report
+    assert [p.kind for p in report.tensors[names[0]].probes] == ["direction"]
+    assert all("not selected" in report.tensors[n].reason for n in names[1:])
