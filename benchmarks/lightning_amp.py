@@ -40,7 +40,7 @@ NO_FP16 = {"lstm"}  # oneDNN has no fp16 LSTM on CPU
 
 def run(name: str, build, mode: str, accumulate: int, seed: int, steps: int) -> list:
     module = ZooModule(build(seed))
-    callback = GradWatchCallback(every_n_steps=1, seed=seed, on_failure=lambda report: None)
+    callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=seed, on_failure=lambda report: None)
     kwargs = {k: (v() if callable(v) else v) for k, v in MODES[mode].items()}
     trainer = pl.Trainer(callbacks=[callback], **trainer_kwargs(max_steps=steps, accumulate_grad_batches=accumulate,
                                                                 **kwargs))
