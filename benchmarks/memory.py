@@ -12,7 +12,8 @@ memory to the system at once and the resident size follows the live tensors. "he
 after" is the resident size after the check minus before it.
 CUDA: torch.cuda.max_memory_allocated() around the training step, then around the check.
 Rows: the default check (kinks recorded, so sequential evaluation) and kinks=False
-(batched evaluation, which stacks up to gradwatch.engine.BATCH_BYTES of perturbed copies).
+(batched evaluation, which stacks the 4 perturbed copies of the probed tensor, plus the
+unperturbed one on the first call).
 
 Run:  python benchmarks/memory.py
       python benchmarks/memory.py --device cuda
