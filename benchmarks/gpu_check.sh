@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # (e) The speed and memory benchmarks on a CUDA GPU: (a) training overhead, (b) check cost,
-# (d) peak memory. Prints the device name first. About 5 minutes on an idle GPU.
+# (d) peak memory. Prints the device name first. Not run on a GPU yet; its CPU path
+# (--device cpu, PAIRS=1) took 81 s on a 2-core VM.
 #
 # Run from the repository root:  bash benchmarks/gpu_check.sh            (default --device cuda)
 #                                bash benchmarks/gpu_check.sh --device cpu   (the same on CPU)
