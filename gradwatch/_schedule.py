@@ -36,8 +36,10 @@ from gradwatch._validate import _non_negative_int
 
 __all__: list[str] = []
 
-#: Loss evaluations per check besides the probes (native replay, unperturbed float64 loss).
-_FIXED_EVALS = 2
+#: Loss evaluations per check besides the probes, roughly: the native replay, the unperturbed
+#: float64 loss and its backward (the float64 reference gradient). Only an estimate: the
+#: seconds per evaluation are re-measured at every check.
+_FIXED_EVALS = 4
 #: Loss evaluations per probe (θ ± h·v and θ ± 2h·v).
 _EVALS_PER_PROBE = 4
 
@@ -74,13 +76,12 @@ class _Schedule:
         self._mark = now
         if step < self.next_step:
             return False
-        if self.checks == 0 or self.max_overhead is None or not defer or self._smallest_cost() <= self._credit():
-            self.next_step = step + self.every_n_steps  # also when the step raises before its check
-            return True
-        missing = self._smallest_cost() - self._credit()
-        per_step = self.max_overhead * self.train_seconds / max(self.train_steps, 1)
-        self.next_step = step + max(1, math.ceil(missing / per_step)) if per_step > 0 else step + self.every_n_steps
-        return False
+        wait = self._steps_to_afford() if self.checks and defer else 0
+        if wait:
+            self.next_step = step + wait
+            return False
+        self.next_step = step + self.every_n_steps  # also when the step raises before its check
+        return True
 
     # ------------------------------------------------------------------ check steps
     def plan(self, names: Sequence[str]) -> tuple[list[str], int, int]:
@@ -119,12 +120,7 @@ class _Schedule:
         self.checks += 1
         self.check_seconds += seconds
         self.seconds_per_eval = seconds / (_FIXED_EVALS + _EVALS_PER_PROBE * max(probes, 1))
-        self.next_step = step + self.every_n_steps
-        if self.max_overhead is not None:  # the steps the budget needs to afford the smallest check again
-            missing = self._smallest_cost() - self._credit()
-            per_step = self.max_overhead * self._step_seconds()
-            if missing > 0 and per_step > 0:
-                self.next_step = max(self.next_step, step + math.ceil(missing / per_step))
+        self.next_step = step + max(self.every_n_steps, self._steps_to_afford())
         self._mark = time.perf_counter()
 
     def is_planned(self, step: int) -> bool:
@@ -135,6 +131,16 @@ class _Schedule:
         return step == self.next_step
 
     # -------------------------------------------------------------------- estimates
+    def _steps_to_afford(self) -> int:
+        """Training steps until the budget holds the smallest check (0: it does now)."""
+        if self.max_overhead is None:
+            return 0
+        missing = self._smallest_cost() - self._credit()
+        per_step = self.max_overhead * self._step_seconds()
+        if missing <= 0 or per_step <= 0:
+            return 0
+        return math.ceil(missing / per_step)
+
     def _credit(self) -> float:
         return self.max_overhead * self.train_seconds - self.check_seconds
 
