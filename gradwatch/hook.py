@@ -114,14 +114,11 @@ class GradWatch:
     ) -> None:
         _module("model", model)
         _callable("loss_fn", loss_fn)
-        _positive_int("every_n_steps", every_n_steps)
-        max_overhead = _fraction_or_none("max_overhead", max_overhead)
-        _check_on_failure(on_failure)
-        _check_prefix(prefix)
-        seed = _seed("seed", seed)
-        _probe_options(coordinates, directions, kinks)
-        _kink_options(kink_resamples, near_kink_margin)
-        _one_of("precision", precision, PRECISIONS)
+        self._check_kwargs = _adapter_options(
+            every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
+            coordinates=coordinates, directions=directions, kinks=kinks, kink_resamples=kink_resamples,
+            near_kink_margin=near_kink_margin, precision=precision,
+        )
         if writer is not None and logdir is not None:
             raise ValueError(f"pass `writer` or `logdir`, not both; got writer={writer!r}, logdir={logdir!r}")
         if not any(p.requires_grad for p in model.parameters()):
@@ -143,9 +140,6 @@ class GradWatch:
         self.sinks: list[Sink] = [LoggingSink(), KinkWarnings()]
         if writer is not None:
             self.sinks.append(TensorBoardSink(writer, prefix=prefix))
-        self._kinks = kinks
-        self._kink_kwargs = {"kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin}
-        self._precision = precision
         self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self.reports: list[tuple[int, Report]] = []
         self._step = 0
@@ -222,10 +216,8 @@ class GradWatch:
             seed=_derive_seed(self.seed, step),
             coordinates=coordinates,
             directions=directions,
-            kinks=self._kinks,
-            **self._kink_kwargs,
-            precision=self._precision,
             names=names,
+            **self._check_kwargs,
         )
         del captured, state
         self._schedule.done(step, report.seconds, sum(len(t.probes) for t in report.tensors.values()))
@@ -252,6 +244,24 @@ def _capture_grad(captured: dict[str, Tensor], name: str, grad: Tensor) -> None:
     """Tensor hook: keep the gradient this backward sends to the parameter."""
     previous = captured.get(name)
     captured[name] = grad.detach() if previous is None else previous + grad.detach()
+
+
+def _adapter_options(
+    *, every_n_steps: Any, max_overhead: Any, on_failure: Any, seed: Any, prefix: Any, coordinates: Any,
+    directions: Any, kinks: Any, kink_resamples: Any, near_kink_margin: Any, precision: Any,
+) -> dict[str, Any]:
+    """Validate the options :class:`GradWatch` and the Lightning callback share; returns the
+    per-check engine options (coordinates and directions are the schedule's)."""
+    _positive_int("every_n_steps", every_n_steps)
+    _fraction_or_none("max_overhead", max_overhead)
+    _check_on_failure(on_failure)
+    _seed("seed", seed)
+    _check_prefix(prefix)
+    _probe_options(coordinates, directions, kinks)
+    _kink_options(kink_resamples, near_kink_margin)
+    _one_of("precision", precision, PRECISIONS)
+    return {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
+            "precision": precision}
 
 
 def _derive_seed(base: int, step: int) -> int:

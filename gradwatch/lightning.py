@@ -32,24 +32,14 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from gradwatch._schedule import _Schedule
-from gradwatch._validate import (
-    _callable,
-    _fraction_or_none,
-    _kink_options,
-    _non_negative_int,
-    _one_of,
-    _positive_int,
-    _probe_options,
-    _seed,
-)
-from gradwatch.engine import PRECISIONS, check
-from gradwatch.hook import _derive_seed
+from gradwatch._validate import _callable, _non_negative_int, _seed
+from gradwatch.engine import check
+from gradwatch.hook import _adapter_options, _derive_seed
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,
     Report,
     TensorCheck,
-    _check_on_failure,
     _check_prefix,
     _check_report,
     _handle,
@@ -148,16 +138,13 @@ class GradWatchCallback(Callback):
         precision: str = "auto",
     ) -> None:
         super().__init__()
-        _positive_int("every_n_steps", every_n_steps)
-        max_overhead = _fraction_or_none("max_overhead", max_overhead)
+        self._check_kwargs = _adapter_options(
+            every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
+            coordinates=coordinates, directions=directions, kinks=kinks, kink_resamples=kink_resamples,
+            near_kink_margin=near_kink_margin, precision=precision,
+        )
         if loss_fn is not None:
             _callable("loss_fn", loss_fn)
-        _check_on_failure(on_failure)
-        seed = _seed("seed", seed)
-        _check_prefix(prefix)
-        _probe_options(coordinates, directions, kinks)
-        _kink_options(kink_resamples, near_kink_margin)
-        _one_of("precision", precision, PRECISIONS)
         self.every_n_steps = every_n_steps
         self.max_overhead = max_overhead
         self.loss_fn = loss_fn
@@ -165,10 +152,6 @@ class GradWatchCallback(Callback):
         self.prefix = prefix
         self.seed: int = secrets.randbits(62) if seed is None else seed
         self.reports: list[tuple[int, Report]] = []
-        self._check_kwargs = {
-            "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin, "precision": precision,
-        }
-        self._kinks = kinks
         self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self._checks = 0
         self._enabled = True
@@ -304,7 +287,6 @@ class GradWatchCallback(Callback):
                 reduce=reduce,
                 coordinates=coordinates,
                 directions=directions,
-                kinks=self._kinks,
                 names=names,
                 **self._check_kwargs,
             )
