@@ -21,9 +21,11 @@ Budget accounting (``max_overhead`` = check seconds / training seconds):
 * The check then spends what the budget holds: all tensors with the configured
   coordinates and directions when that fits; otherwise fewer coordinates, then
   fewer directions (at least one probe per tensor), then fewer tensors, taken in
-  rotation so that every tensor is checked in turn. Costs are predicted from the
-  seconds per loss evaluation measured at the previous check (before the first
-  check: the duration of the training step itself).
+  rotation so that every tensor is checked in turn. When even one probe with its
+  ``±2h`` Richardson passes does not fit, that one probe runs at ``±h`` only
+  (:attr:`_Schedule.richardson` is False; ``check(richardson=False)``). Costs are
+  predicted from the seconds per loss evaluation measured at the previous check
+  (before the first check: the duration of the training step itself).
 """
 
 from __future__ import annotations
@@ -40,8 +42,9 @@ __all__: list[str] = []
 #: float64 loss and its backward (the float64 reference gradient). Only an estimate: the
 #: seconds per evaluation are re-measured at every check.
 _FIXED_EVALS = 4
-#: Loss evaluations per probe (θ ± h·v and θ ± 2h·v).
+#: Loss evaluations per probe (θ ± h·v and θ ± 2h·v), and without the ±2h passes.
 _EVALS_PER_PROBE = 4
+_EVALS_PER_SHORT_PROBE = 2
 
 
 class _Schedule:
@@ -60,6 +63,7 @@ class _Schedule:
         self.seconds_per_eval: float | None = None
         self._mark: float | None = None  # perf_counter at the start of the running step
         self._cursor = 0  # rotation over tensors
+        self.richardson = True  # whether the planned check's probes take the ±2h passes
 
     # --------------------------------------------------------------------- hot path
     def begin(self, step: int, *, defer: bool = True) -> bool:
@@ -95,6 +99,7 @@ class _Schedule:
             self._mark = None
         names = list(names)
         per_tensor = self.coordinates + self.directions
+        self.richardson = True
         if self.max_overhead is None or not names:
             return names, self.coordinates, self.directions
         per_eval = self._seconds_per_eval()
@@ -109,6 +114,7 @@ class _Schedule:
             each = probes // len(names)
             directions = min(self.directions, each)
             return names, min(self.coordinates, each - directions), directions
+        self.richardson = probes > 0  # not even one full probe fits: one at ±h only
         count = max(probes, 1)  # one probe on as many tensors as fit, in rotation
         start = self._cursor % len(names)
         self._cursor = start + count
@@ -119,7 +125,8 @@ class _Schedule:
         """After the check of ``step``: it took ``seconds`` for ``probes`` probes."""
         self.checks += 1
         self.check_seconds += seconds
-        self.seconds_per_eval = seconds / (_FIXED_EVALS + _EVALS_PER_PROBE * max(probes, 1))
+        per_probe = _EVALS_PER_PROBE if self.richardson else _EVALS_PER_SHORT_PROBE
+        self.seconds_per_eval = seconds / (_FIXED_EVALS + per_probe * max(probes, 1))
         self.next_step = step + max(self.every_n_steps, self._steps_to_afford())
         self._mark = time.perf_counter()
 
@@ -153,4 +160,4 @@ class _Schedule:
         return max(self._step_seconds(), 1e-6)  # a float64 forward costs about a training step
 
     def _smallest_cost(self) -> float:
-        return (_FIXED_EVALS + _EVALS_PER_PROBE) * self._seconds_per_eval()
+        return (_FIXED_EVALS + _EVALS_PER_SHORT_PROBE) * self._seconds_per_eval()

@@ -147,6 +147,7 @@ def check(
     kink_resamples: int = 4,
     near_kink_margin: float = 10.0,
     localize: bool = True,
+    richardson: bool = True,
     replay: ReplayState | None = None,
     train_loss: Tensor | float | None = None,
     names: Collection[str] | None = None,
@@ -186,6 +187,11 @@ def check(
             margin is the distance to the kink in units of the ``±2h`` move).
         localize: Narrow a failing tensor down to an element (extra evaluations, only
             when something fails).
+        richardson: Evaluate every probe at ``±2h`` too: the truncation estimate of the
+            error bar and the measured rounding noise come from those passes. False
+            halves the evaluations per probe (the adapters' smallest budgeted check);
+            the error bar is then the rounding floor alone, which float64's tiny step
+            keeps honest, and kinks are recorded as crossings without margins.
         replay: State captured with :func:`gradwatch.capture` right before the
             training forward. With ``grads="autograd"`` it must be ``None``; otherwise
             ``None`` means "replay from the current state".
@@ -255,6 +261,8 @@ def check(
     _positive_int("max_shadow_bytes", max_shadow_bytes)
     if not isinstance(localize, bool):
         raise ValueError(f"`localize` must be a bool, got {localize!r}")
+    if not isinstance(richardson, bool):
+        raise ValueError(f"`richardson` must be a bool, got {richardson!r}")
     if isinstance(grads, str):
         _one_of("grads", grads, _GRADS)
     elif not isinstance(grads, Mapping):
@@ -300,14 +308,14 @@ def check(
         grad_precision = _grad_precision(first_grad, replay, model)
         mode, mode_reason = _choose_precision(precision, model, replay, max_shadow_bytes)
         how = evaluation
-        evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None)
+        evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
         try:
             loss0, signature, reference = evaluation.base(every)
         except Exception as err:
             if precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
-            evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None)
+            evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
             loss0, signature, reference = evaluation.base(every)
         evaluation.loss0 = loss0
         if reference is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
@@ -476,9 +484,10 @@ class _Evaluation:
 
     def __init__(
         self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool, mode: str,
-        how: str = "sequential", reduced: bool = False,
+        how: str = "sequential", reduced: bool = False, richardson: bool = True,
     ) -> None:
         self.wrapper = _LossModule(model, loss_fn)
+        self.signs = _SIGNS if richardson else _SIGNS[:2]  # the points of every probe
         # batched: None until the first batched call succeeds (True) or fails (False)
         self.batched: bool | None = False
         if how == "sequential":
@@ -495,7 +504,9 @@ class _Evaluation:
         self.batch = batch
         self.replay = replay
         self.mode = mode
-        self.recorder = _BranchRecorder({id(m): n for n, m in model.named_modules()}) if kinks else None
+        # without Richardson passes (the smallest budgeted check) crossings are recorded, margins are not
+        names = {id(m): n for n, m in model.named_modules()}
+        self.recorder = _BranchRecorder(names, margins=richardson) if kinks else None
         self.float64 = mode == "float64"
         self.loss_dtype: torch.dtype | None = None
         with torch.no_grad():
@@ -842,6 +853,7 @@ class _Line:
 
     def run(self, ev: _Evaluation, key: str, s: float, kinks: _ProbeKinks | None) -> tuple[Tensor, Tensor]:
         point = self.point(s)
+        # margins in the ±2h passes (those that move furthest towards a kink); none without them
         pass_kinks = kinks.next_pass(margins=abs(s) == 2.0) if kinks is not None else None
         loss, _ = ev({**ev.shadow, key: point}, kinks=pass_kinks, record=False)
         return loss.to(torch.float64), point
@@ -864,7 +876,8 @@ def _probe(
     ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
     replacement: bool = False,
 ) -> tuple[str, int, dict[str, int]]:
-    """Evaluate one probe at ±h and ±2h; returns host indices of its device scalars."""
+    """Evaluate one probe at ±h and ±2h (±h only without Richardson); returns host
+    indices of its device scalars."""
     kind, value = spec
     key = f"model.{name}"
     theta = ev.shadow[key]
@@ -892,22 +905,22 @@ def _probe(
     kinks = _ProbeKinks(ref, theta.device) if ref is not None else None
     batched = None
     if kinks is None and ev.batched is not False:
-        points = {s: line.point(s) for s in _SIGNS}
-        batched = ev.losses_batched(key, [points[s] for s in _SIGNS])
+        points = {s: line.point(s) for s in ev.signs}
+        batched = ev.losses_batched(key, [points[s] for s in ev.signs])
     if batched is not None:
-        losses = dict(zip(_SIGNS, batched))
+        losses = dict(zip(ev.signs, batched))
     else:
-        for s in _SIGNS:
+        for s in ev.signs:
             losses[s], points[s] = line.run(ev, key, s, kinks)
     kink = kinks.any_crossed() if kinks is not None else False
     if kinks is not None and kink_log is not None:
         kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
     n1 = _difference(line, losses, points, 1.0, g, a)
-    n2 = _difference(line, losses, points, 2.0, g, a)
     lmax = torch.stack([x.abs() for x in losses.values()]).max()
-    fourth = losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * loss0
-    out = {"a": a, "rss": rss, "vnorm": vnorm, "n1": n1, "n2": n2, "lmax": lmax, "h": line.h, "kink": kink,
-           "fourth": fourth}
+    out = {"a": a, "rss": rss, "vnorm": vnorm, "n1": n1, "n2": n1, "lmax": lmax, "h": line.h, "kink": kink}
+    if 2.0 in losses:
+        out["n2"] = _difference(line, losses, points, 2.0, g, a)
+        out["fourth"] = losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * loss0
     if a_ref is not None:
         out["a_ref"], out["rss_ref"] = a_ref, rss_ref
     return kind, value, {k: host.add(x) for k, x in out.items()}
@@ -1018,7 +1031,8 @@ def _loss_noise(rows: Mapping[str, list], values: list[float], ev: _Evaluation, 
     dtype = ev.loss_dtype if ev.loss_dtype is not None else torch.float64
     floor = _ROUNDING_FLOOR * float(torch.finfo(dtype).eps) * abs(loss0) if math.isfinite(loss0) else 0.0
     fourth = [
-        values[idx["fourth"]] for probes in rows.values() for _, _, idx in probes if not values[idx["kink"]]
+        values[idx["fourth"]] for probes in rows.values() for _, _, idx in probes
+        if "fourth" in idx and not values[idx["kink"]]
     ]
     fourth = [f for f in fourth if math.isfinite(f)]
     measured = math.sqrt(sum(f * f for f in fourth) / len(fourth)) / _FOURTH_DIFF_NOISE if fourth else 0.0

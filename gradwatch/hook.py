@@ -217,6 +217,7 @@ class GradWatch:
             coordinates=coordinates,
             directions=directions,
             names=names,
+            richardson=self._schedule.richardson,
             **self._check_kwargs,
         )
         del captured, state

@@ -495,6 +495,15 @@ DISCONTINUOUS_OPS = frozenset(n for names, _, _, kind in _TABLE if kind == "disc
 _RULE_CACHE: dict[Any, "_Rule | None"] = {}
 
 
+#: max_pool{1,2,3}d without indices -> the same op with indices: the recorder runs the latter
+#: once (its values are the former's output) instead of pooling twice.
+_POOL_INDICES: dict[Any, Any] = {
+    getattr(aten, f"max_pool{nd}d").default: getattr(aten, f"max_pool{nd}d_with_indices").default
+    for nd in (1, 2, 3)
+    if hasattr(aten, f"max_pool{nd}d")
+}
+
+
 def _rule(func: Any) -> _Rule | None:
     try:
         return _RULE_CACHE[func]
@@ -626,11 +635,14 @@ class _BranchRecorder(TorchDispatchMode):
     Args:
         module_names: ``id(module) -> qualified name`` for attribution (from
             ``named_modules()``); ops called while no listed module runs get ``None``.
+        margins: Keep switching inputs and compute margins; False records crossings
+            (checksums) only, for the cheapest checks.
     """
 
-    def __init__(self, module_names: dict[int, str] | None = None) -> None:
+    def __init__(self, module_names: dict[int, str] | None = None, *, margins: bool = True) -> None:
         super().__init__()
         self.module_names = module_names or {}
+        self.margins = margins  # False: crossings only (no switching inputs kept or compared)
         self._target: _ProbeKinks | None = None
         self._ref = _Reference()
         self._stack: list[str | None] = []
@@ -703,14 +715,20 @@ class _BranchRecorder(TorchDispatchMode):
             if self._masks:
                 self._note_selection(func, args)
             return out
-        with_z = self._target is None or self._target.with_margins
+        with_z = self.margins and (self._target is None or self._target.with_margins)
         if rule[1]:
             found = _branch(func, args, kwargs, before=True, with_z=with_z)
             if found is not None:
                 self._on_branch(func, *found, None)
             return func(*args, **kwargs)
-        out = func(*args, **kwargs)
-        found = _branch(func, args, kwargs, out, before=False, with_z=with_z)
+        with_indices = _POOL_INDICES.get(func)
+        if with_indices is not None:  # pool once, with indices, instead of again in the rule
+            full = with_indices(*args, **kwargs)
+            found = _branch(func, args, kwargs, full, before=False, with_z=with_z)
+            out = full[0]
+        else:
+            out = func(*args, **kwargs)
+            found = _branch(func, args, kwargs, out, before=False, with_z=with_z)
         if found is not None:
             self._on_branch(func, *found, out)
         return out

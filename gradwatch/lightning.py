@@ -273,8 +273,12 @@ class GradWatchCallback(Callback):
         names, coordinates, directions = self._schedule.plan(
             [n for n, _ in pl_module.named_parameters() if n in grads]
         )
+        richardson = self._schedule.richardson
         if reduce is not None:  # every rank checks the same tensors with the same probes
-            names, coordinates, directions = trainer.strategy.broadcast((names, coordinates, directions), src=0)
+            names, coordinates, directions, richardson = trainer.strategy.broadcast(
+                (names, coordinates, directions, richardson), src=0
+            )
+            self._schedule.richardson = richardson
         with _metric_states_kept(pl_module):
             report = check(
                 pl_module,
@@ -288,6 +292,7 @@ class GradWatchCallback(Callback):
                 coordinates=coordinates,
                 directions=directions,
                 names=names,
+                richardson=richardson,
                 **self._check_kwargs,
             )
         del grads, pending

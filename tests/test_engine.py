@@ -824,3 +824,28 @@ def test_data_parallel_checks_evaluate_sequentially() -> None:
     case = CORRECT["layernorm_gelu"](0)
     report = check(case.model, case.loss_fn, case.batch, seed=0, kinks=False, reduce=lambda t: t)
     assert report.evaluation == "sequential" and "data-parallel" in report.evaluation_reason
+
+
+def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> None:
+    """The smallest budgeted check: ±h only, crossings recorded without margins."""
+    calls = []
+
+    def counting(model, batch):
+        calls.append(1)
+        return classification_loss(model, batch)
+
+    for name, zoo in (("layernorm_gelu", CORRECT), ("wrong_sign", BUGS), ("mlp_relu_dropout", CORRECT)):
+        case = zoo[name](0)
+        calls.clear()
+        full = check(case.model, counting, case.batch, seed=0, coordinates=0, directions=1, localize=False)
+        n_full = len(calls)
+        calls.clear()
+        short = check(case.model, counting, case.batch, seed=0, coordinates=0, directions=1, localize=False,
+                      richardson=False)
+        probes = len(short.probes)
+        assert n_full - len(calls) == 2 * probes  # two evaluations fewer per probe
+        assert {t.name for t in short.failures} == case.wrong, str(short)
+        assert all(0 < p.error_bar < math.inf for p in short.probes)
+        assert all(math.isnan(e.margin) for e in short.kink_events)  # crossings only
+    with pytest.raises(ValueError, match="`richardson` must be a bool, got 'no'"):
+        check(case.model, case.loss_fn, case.batch, richardson="no")

@@ -7,7 +7,7 @@ import types
 import pytest
 
 from gradwatch import _schedule
-from gradwatch._schedule import _EVALS_PER_PROBE, _FIXED_EVALS, _Schedule
+from gradwatch._schedule import _EVALS_PER_PROBE, _EVALS_PER_SHORT_PROBE, _FIXED_EVALS, _Schedule
 
 NAMES = [f"layer{i}.weight" for i in range(6)]
 
@@ -24,7 +24,8 @@ def _simulate(monkeypatch, *, steps, every, budget, step_s, eval_s, coordinates=
         if due:
             chosen, c, d = sched.plan(NAMES)
             probes = len(chosen) * (c + d)
-            cost = eval_s * (_FIXED_EVALS + _EVALS_PER_PROBE * probes)
+            per_probe = _EVALS_PER_PROBE if sched.richardson else _EVALS_PER_SHORT_PROBE
+            cost = eval_s * (_FIXED_EVALS + per_probe * probes)
             now[0] += cost
             check_s += cost
             sched.done(step, cost, probes)
@@ -69,6 +70,20 @@ def test_probes_shrink_coordinates_first_then_tensors_in_rotation(monkeypatch) -
     assert all(d == 1 and c == 0 and len(chosen) < len(NAMES) for _, chosen, c, d in rotating)
     covered = [name for _, chosen, _, _ in rotating[:6] for name in chosen]
     assert set(covered) == set(NAMES)
+
+
+def test_a_single_probe_drops_its_richardson_passes_only_when_nothing_else_fits(monkeypatch) -> None:
+    sched = _Schedule(100, 0.02, 4, 1)
+    now = [0.0]
+    monkeypatch.setattr(_schedule, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    sched.begin(0)
+    now[0] += 1.0
+    assert sched.plan(NAMES) == (NAMES[:1], 0, 1) and not sched.richardson  # 2 evaluations < 4 + 4
+    roomy = _Schedule(100, 0.2, 4, 1)
+    roomy.begin(0)
+    now[0] += 1.0
+    assert roomy.plan(NAMES) == (NAMES[:4], 0, 1) and roomy.richardson  # 20 evaluations: 4 full probes
+    assert _Schedule(100, None, 4, 1).plan(NAMES) == (NAMES, 4, 1)
 
 
 def test_first_check_gets_one_interval_of_budget(monkeypatch) -> None:
