@@ -22,8 +22,9 @@ Budget accounting (``max_overhead`` = check seconds / training seconds):
   coordinates and directions when that fits; otherwise fewer coordinates, then
   fewer directions (at least one probe per tensor), then fewer tensors, taken in
   rotation so that every tensor is checked in turn. When even one probe with its
-  ``±2h`` Richardson passes does not fit, that one probe runs at ``±h`` only
-  (:attr:`_Schedule.richardson` is False; ``check(richardson=False)``). Costs are
+  ``±2h`` Richardson passes does not fit, the check is the smallest one: that one
+  probe at ``±h`` only and no float64 reference gradient (:attr:`_Schedule.richardson`
+  is False; ``check(richardson=False, reference=False)``). Costs are
   predicted from the seconds per loss evaluation measured at the previous check
   (before the first check: the duration of the training step itself).
 """
@@ -39,9 +40,10 @@ from gradwatch._validate import _non_negative_int
 __all__: list[str] = []
 
 #: Loss evaluations per check besides the probes, roughly: the native replay, the unperturbed
-#: float64 loss and its backward (the float64 reference gradient). Only an estimate: the
-#: seconds per evaluation are re-measured at every check.
+#: float64 loss and its backward (the float64 reference gradient); the smallest check has
+#: no backward. Only an estimate: the seconds per evaluation are re-measured at every check.
 _FIXED_EVALS = 4
+_FIXED_EVALS_SMALLEST = 2
 #: Loss evaluations per probe (θ ± h·v and θ ± 2h·v), and without the ±2h passes.
 _EVALS_PER_PROBE = 4
 _EVALS_PER_SHORT_PROBE = 2
@@ -125,8 +127,11 @@ class _Schedule:
         """After the check of ``step``: it took ``seconds`` for ``probes`` probes."""
         self.checks += 1
         self.check_seconds += seconds
-        per_probe = _EVALS_PER_PROBE if self.richardson else _EVALS_PER_SHORT_PROBE
-        self.seconds_per_eval = seconds / (_FIXED_EVALS + per_probe * max(probes, 1))
+        if self.richardson:
+            evals = _FIXED_EVALS + _EVALS_PER_PROBE * max(probes, 1)
+        else:
+            evals = _FIXED_EVALS_SMALLEST + _EVALS_PER_SHORT_PROBE * max(probes, 1)
+        self.seconds_per_eval = seconds / evals
         self.next_step = step + max(self.every_n_steps, self._steps_to_afford())
         self._mark = time.perf_counter()
 
@@ -160,4 +165,4 @@ class _Schedule:
         return max(self._step_seconds(), 1e-6)  # a float64 forward costs about a training step
 
     def _smallest_cost(self) -> float:
-        return (_FIXED_EVALS + _EVALS_PER_SHORT_PROBE) * self._seconds_per_eval()
+        return (_FIXED_EVALS_SMALLEST + _EVALS_PER_SHORT_PROBE) * self._seconds_per_eval()

@@ -148,6 +148,7 @@ def check(
     near_kink_margin: float = 10.0,
     localize: bool = True,
     richardson: bool = True,
+    reference: bool = True,
     replay: ReplayState | None = None,
     train_loss: Tensor | float | None = None,
     names: Collection[str] | None = None,
@@ -192,6 +193,10 @@ def check(
             halves the evaluations per probe (the adapters' smallest budgeted check);
             the error bar is then the rounding floor alone, which float64's tiny step
             keeps honest, and kinks are recorded as crossings without margins.
+        reference: In float64 evaluation, also take autograd's gradient of the float64
+            copy (the code test and the precision test, see above). False saves that
+            backward (the adapters' smallest budgeted check): probes are then judged
+            against the gradient itself with the tolerance of its precision.
         replay: State captured with :func:`gradwatch.capture` right before the
             training forward. With ``grads="autograd"`` it must be ``None``; otherwise
             ``None`` means "replay from the current state".
@@ -263,6 +268,8 @@ def check(
         raise ValueError(f"`localize` must be a bool, got {localize!r}")
     if not isinstance(richardson, bool):
         raise ValueError(f"`richardson` must be a bool, got {richardson!r}")
+    if not isinstance(reference, bool):
+        raise ValueError(f"`reference` must be a bool, got {reference!r}")
     if isinstance(grads, str):
         _one_of("grads", grads, _GRADS)
     elif not isinstance(grads, Mapping):
@@ -310,14 +317,15 @@ def check(
         how = evaluation
         evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
         try:
-            loss0, signature, reference = evaluation.base(every)
+            loss0, signature, g_reference = evaluation.base(every, reference)
         except Exception as err:
             if precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
             evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
-            loss0, signature, reference = evaluation.base(every)
+            loss0, signature, g_reference = evaluation.base(every, reference)
         evaluation.loss0 = loss0
+        reference = g_reference  # from here on: the float64 reference gradient, or None
         if reference is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
             reference = _reduced(reference, reduce)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
@@ -572,9 +580,12 @@ class _Evaluation:
         self.loss_dtype = loss.dtype
         return loss, signature
 
-    def base(self, grad_map: Mapping[str, Tensor]) -> tuple[Tensor, Any, dict[str, Tensor] | None]:
-        """Unperturbed loss, its signature, and in float64 the reference gradient."""
-        if not self.float64:
+    def base(
+        self, grad_map: Mapping[str, Tensor], reference: bool = True
+    ) -> tuple[Tensor, Any, dict[str, Tensor] | None]:
+        """Unperturbed loss, its signature, and in float64 (with ``reference``) the
+        reference gradient."""
+        if not (self.float64 and reference):
             loss, signature = self(self.shadow)
             return loss.detach().to(torch.float64), signature, None
         leaves = {f"model.{n}": self.shadow[f"model.{n}"].detach().requires_grad_(True) for n in grad_map}

@@ -218,6 +218,7 @@ class GradWatch:
             directions=directions,
             names=names,
             richardson=self._schedule.richardson,
+            reference=self._schedule.richardson,  # the smallest check has neither
             **self._check_kwargs,
         )
         del captured, state

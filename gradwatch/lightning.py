@@ -293,6 +293,7 @@ class GradWatchCallback(Callback):
                 directions=directions,
                 names=names,
                 richardson=richardson,
+                reference=richardson,  # the smallest check has neither
                 **self._check_kwargs,
             )
         del grads, pending

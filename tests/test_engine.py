@@ -849,3 +849,15 @@ def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> 
         assert all(math.isnan(e.margin) for e in short.kink_events)  # crossings only
     with pytest.raises(ValueError, match="`richardson` must be a bool, got 'no'"):
         check(case.model, case.loss_fn, case.batch, richardson="no")
+
+
+def test_without_reference_the_probes_are_judged_against_the_gradient_at_its_precision() -> None:
+    for name, zoo in (("cnn_bn_pool", CORRECT), ("wrong_sign", BUGS), ("bias_mean", BUGS)):
+        case = zoo[name](0)
+        report = check(case.model, case.loss_fn, case.batch, seed=0, reference=False, richardson=False)
+        assert report.precision == "float64" and not report.reference
+        assert all(p.reference is None for p in report.probes)
+        assert all(math.isnan(t.precision_gap) for t in report.tensors.values())
+        assert {t.name for t in report.failures} == case.wrong, str(report)
+    with pytest.raises(ValueError, match="`reference` must be a bool, got 0"):
+        check(case.model, case.loss_fn, case.batch, reference=0)

@@ -7,7 +7,13 @@ import types
 import pytest
 
 from gradwatch import _schedule
-from gradwatch._schedule import _EVALS_PER_PROBE, _EVALS_PER_SHORT_PROBE, _FIXED_EVALS, _Schedule
+from gradwatch._schedule import (
+    _EVALS_PER_PROBE,
+    _EVALS_PER_SHORT_PROBE,
+    _FIXED_EVALS,
+    _FIXED_EVALS_SMALLEST,
+    _Schedule,
+)
 
 NAMES = [f"layer{i}.weight" for i in range(6)]
 
@@ -24,8 +30,10 @@ def _simulate(monkeypatch, *, steps, every, budget, step_s, eval_s, coordinates=
         if due:
             chosen, c, d = sched.plan(NAMES)
             probes = len(chosen) * (c + d)
-            per_probe = _EVALS_PER_PROBE if sched.richardson else _EVALS_PER_SHORT_PROBE
-            cost = eval_s * (_FIXED_EVALS + per_probe * probes)
+            if sched.richardson:
+                cost = eval_s * (_FIXED_EVALS + _EVALS_PER_PROBE * probes)
+            else:
+                cost = eval_s * (_FIXED_EVALS_SMALLEST + _EVALS_PER_SHORT_PROBE * probes)
             now[0] += cost
             check_s += cost
             sched.done(step, cost, probes)
@@ -78,7 +86,7 @@ def test_a_single_probe_drops_its_richardson_passes_only_when_nothing_else_fits(
     monkeypatch.setattr(_schedule, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     sched.begin(0)
     now[0] += 1.0
-    assert sched.plan(NAMES) == (NAMES[:1], 0, 1) and not sched.richardson  # 2 evaluations < 4 + 4
+    assert sched.plan(NAMES) == (NAMES[:1], 0, 1) and not sched.richardson  # 2 evaluations < 4 + 4: the smallest
     roomy = _Schedule(100, 0.2, 4, 1)
     roomy.begin(0)
     now[0] += 1.0
