@@ -51,7 +51,6 @@ transfer per check (plus one per bisection level when a direction fails).
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import math
 import secrets
@@ -317,22 +316,21 @@ def check(
         how = evaluation
         evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
         try:
-            loss0, signature, g_reference = evaluation.base(every, reference)
+            loss0, signature, ref_grads = evaluation.base(every, reference)
         except Exception as err:
             if precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
             evaluation = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
-            loss0, signature, g_reference = evaluation.base(every, reference)
+            loss0, signature, ref_grads = evaluation.base(every, reference)
         evaluation.loss0 = loss0
-        reference = g_reference  # from here on: the float64 reference gradient, or None
-        if reference is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
-            reference = _reduced(reference, reduce)
+        if ref_grads is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
+            ref_grads = _reduced(ref_grads, reduce)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
         plan = _plan(every, seed, coordinates, directions)
         probe = not evaluation.lossy  # else unreliable: no point in probing
         kink_log: dict[str, list] = {name: [] for name in grad_map}
-        refs = {name: reference.get(name) if reference is not None else None for name in grad_map}
+        refs = {name: ref_grads.get(name) if ref_grads is not None else None for name in grad_map}
         rows = {
             name: _probe_tensor(evaluation, name, grad_map[name], refs[name], plan[name], step, signature, loss0,
                                 host, kink_log[name])
@@ -341,9 +339,9 @@ def check(
         if probe and signature is not None and kink_resamples:
             _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host)
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
-        gaps = {name: _gap(grad_map[name], reference[name], host) for name in grad_map} if reference else {}
+        gaps = {name: _gap(grad_map[name], ref_grads[name], host) for name in grad_map} if ref_grads else {}
         scale = _gradient_rms(every, host)
-        ref_scale = _gradient_rms(reference, host) if reference else None
+        ref_scale = _gradient_rms(ref_grads, host) if ref_grads else None
         i_loss0 = host.add(loss0)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
         i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
@@ -394,7 +392,7 @@ def check(
         seed=seed,
         precision=mode,
         precision_reason=mode_reason,
-        reference=reference is not None,
+        reference=ref_grads is not None,
         grad_dtype=_dtype_name(first_grad.dtype),
         grad_precision=grad_precision,
         train_loss=train,
@@ -1066,9 +1064,14 @@ class _Judge:
         self.ref_scale = ref_scale
         self.native = native
 
-    def probe(self, kind: str, value: int, idx: Mapping[str, int], shape: tuple[int, ...], *, gap: bool = True) -> Probe:
-        """One probe. ``gap=False`` judges against the precision tolerance alone (a located gap)."""
-        v = {k: self.values[i] for k, i in idx.items()}
+    def probe(
+        self, kind: str, value: int, idx: Mapping[str, int], shape: tuple[int, ...], *, gap: bool = True,
+        values: list[float] | None = None,
+    ) -> Probe:
+        """One probe. ``gap=False`` judges against the precision tolerance alone (a located
+        gap); ``values``: fetched by a later transfer than the check's (localisation)."""
+        values = self.values if values is None else values
+        v = {k: values[i] for k, i in idx.items()}
         n1, n2, h = v["n1"], v["n2"], v["h"]
         numerical = (4 * n1 - n2) / 3 if self.native else n1
         rounding = self.noise * (0.95 if self.native else math.sqrt(0.5)) / h if h > 0 else math.inf
@@ -1197,9 +1200,7 @@ def _locate(
         flat, gap = lo, False
     host = _HostValues(judge.reduce)
     kind, value, idx = _probe(ev, tc.name, grad, g_ref, ("coordinate", flat), step, signature, loss0, host)
-    local = copy.copy(judge)  # same tolerances, this probe's own values
-    local.values = host.fetch()
-    return local.probe(kind, value, idx, tc.shape, gap=not gap)
+    return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch())
 
 
 def _attach_kinks(

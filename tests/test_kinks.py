@@ -525,3 +525,19 @@ def test_data_dependent_control_flow_is_a_discontinuity_and_earlier_ops_keep_the
     assert (gt.op, gt.call, gt.crossed) == ("gt", 0, True) and gt.margin < 1
     assert (changed.op, changed.call, changed.kind) == ("abs (op sequence changed)", 1, "discontinuity")
     assert changed.crossed and math.isnan(changed.margin) and report.tensors["w"].verdict == "kink"
+
+
+def test_boolean_branch_checksum_is_exact_and_sees_every_single_flip() -> None:
+    """The float64 dot product used for boolean codes equals the int64 weighted sum and
+    changes when any one element flips (checked at both ends and in the middle)."""
+    from gradwatch.kinks import _BranchRecorder, _checksum
+
+    recorder = _BranchRecorder()
+    g = torch.Generator().manual_seed(0)
+    code = torch.rand(1 << 20, generator=g) > 0.5
+    base = recorder._sum(code)
+    assert base.dtype == torch.float64 and float(base) == float(_checksum(code))  # exact: below 2**53
+    for i in (0, 1, 12345, (1 << 19) + 7, (1 << 20) - 1):
+        flipped = code.clone()
+        flipped[i] = ~flipped[i]
+        assert recorder._sum(flipped) != base, i
