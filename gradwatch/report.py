@@ -580,6 +580,13 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/rel_error/<param>   E_rel over the non-kinked probes of that tensor
         <prefix>/rel_error_max       worst tensor
         <prefix>/error_bar/<param>   numerical error of that check, same units
+        <prefix>/error_ratio/<param> largest error / tolerance of that tensor's probes
+                                     and precision gap; above 1 fails
+        <prefix>/error_ratio_max     worst tensor
+        <prefix>/fail_threshold      1.0, the error_ratio above which a tensor fails
+                                     (a reference line for the dashboard)
+        <prefix>/failed/<param>      1 when that tensor's verdict is "fail", else 0
+        <prefix>/kinks/<param>       probes of that tensor that crossed a kink
         <prefix>/precision_gap/<param>  relative gap to the same code's float64
                                      gradient (float64 evaluation only)
         <prefix>/kink_fraction       probes that crossed a kink / all probes
@@ -587,8 +594,10 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/failures            tensors with verdict "fail"
         <prefix>/check_seconds       wall time of the check
 
-    Tensors without a judged probe (skipped, all-kink) have no per-tensor keys; a check
-    that moved no non-smooth op has no ``kink_margin_min``; NaN is never logged.
+    Skipped tensors (frozen, no gradient, unreliable check) have no per-tensor keys;
+    tensors without a judged probe (all probes kinked) have only ``failed`` and
+    ``kinks``; a check that moved no non-smooth op has no ``kink_margin_min``; NaN is
+    never logged.
 
     Args:
         report: The report to flatten.
@@ -611,8 +620,17 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
             out[f"{prefix}/error_bar/{name}"] = t.error_bar
         if not math.isnan(t.precision_gap):
             out[f"{prefix}/precision_gap/{name}"] = t.precision_gap
+        if not math.isnan(t.error_ratio):
+            out[f"{prefix}/error_ratio/{name}"] = t.error_ratio
+        if t.verdict != "skipped":
+            out[f"{prefix}/failed/{name}"] = float(t.verdict == "fail")
+            out[f"{prefix}/kinks/{name}"] = float(t.kink_count)
     if not math.isnan(report.rel_error_max):
         out[f"{prefix}/rel_error_max"] = report.rel_error_max
+    ratios = [t.error_ratio for t in report.tensors.values() if not math.isnan(t.error_ratio)]
+    if ratios:
+        out[f"{prefix}/error_ratio_max"] = max(ratios)
+    out[f"{prefix}/fail_threshold"] = 1.0
     out[f"{prefix}/kink_fraction"] = report.kink_fraction
     if not math.isnan(report.kink_margin_min):
         out[f"{prefix}/kink_margin_min"] = report.kink_margin_min

@@ -861,3 +861,17 @@ def test_without_reference_the_probes_are_judged_against_the_gradient_at_its_pre
         assert {t.name for t in report.failures} == case.wrong, str(report)
     with pytest.raises(ValueError, match="`reference` must be a bool, got 0"):
         check(case.model, case.loss_fn, case.batch, reference=0)
+
+
+def test_metrics_carry_per_tensor_verdict_ratio_and_kink_keys() -> None:
+    case = BUGS["wrong_sign"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    keys = report.metrics()
+    failing = {t.name for t in report.failures}
+    assert failing == case.wrong
+    for name, t in report.tensors.items():
+        assert keys[f"gradwatch/failed/{name}"] == float(name in failing)
+        assert keys[f"gradwatch/kinks/{name}"] == float(t.kink_count)
+        assert keys[f"gradwatch/error_ratio/{name}"] == t.error_ratio
+    assert keys["gradwatch/error_ratio_max"] == max(t.error_ratio for t in report.tensors.values())
+    assert keys["gradwatch/error_ratio_max"] > keys["gradwatch/fail_threshold"] == 1.0
