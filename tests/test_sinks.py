@@ -75,7 +75,9 @@ def test_metrics_scheme_and_prefix() -> None:
     assert m["x/y/failures"] == 0.0
     assert m["x/y/rel_error_max"] == max(t.rel_error for t in report.tensors.values())
     assert m["x/y/kink_fraction"] == report.kink_fraction
-    assert {k.split("/")[2] for k in m if k.count("/") == 3} == {"rel_error", "error_bar", "precision_gap"}
+    assert {k.split("/")[2] for k in m if k.count("/") == 3} == {
+        "rel_error", "error_bar", "precision_gap", "error_ratio", "failed", "kinks"}
+    assert m["x/y/fail_threshold"] == 1.0
     with pytest.raises(ValueError, match="`prefix` must be a non-empty str not ending in '/', got 'a/'"):
         report.metrics(prefix="a/")
 
