@@ -529,9 +529,18 @@ def _branch(
 
 
 def _hash_weights(n: int, device: torch.device) -> Tensor:
-    """Position weights of :func:`_checksum`: pseudo-random, nonzero, below 2**31."""
-    weights = torch.arange(1, n + 1, device=device, dtype=torch.int64)
-    return (weights * 2654435761) % 2147483629 + 1
+    """Position weights of :func:`_checksum`: pseudo-random, nonzero, below 2**31.
+
+    Xor-shift rounds between the modular multiplications: a weight that is a polynomial
+    in the position (``i·c mod p`` is linear between wrap-arounds) lets several flips
+    cancel, such as the signs ``(-1, 1, 1, -1)`` of four adjacent elements moving across
+    ``abs`` at 0. Every product stays below 2**62.
+    """
+    p = 2147483629
+    x = torch.arange(1, n + 1, device=device, dtype=torch.int64) * 2654435761 % p
+    x = (x ^ (x >> 15)) * 2246822519 % p
+    x = (x ^ (x >> 13)) * 3266489917 % p
+    return (x ^ (x >> 16)) % p + 1
 
 
 def _checksum(code: Tensor, weights: Tensor | None = None) -> Tensor:

@@ -541,3 +541,19 @@ def test_boolean_branch_checksum_is_exact_and_sees_every_single_flip() -> None:
         flipped = code.clone()
         flipped[i] = ~flipped[i]
         assert recorder._sum(flipped) != base, i
+
+
+def test_branch_checksum_sees_flips_that_cancel_under_linear_weights() -> None:
+    """No pattern of element changes by -1/0/+1 over 12 positions sums to 0 with the
+    checksum weights, such as the sign codes (-1, 1, 1, -1) of four adjacent elements
+    at ``abs``'s kink moving along a random direction (linear weights give 0 there)."""
+    import itertools
+
+    from gradwatch.kinks import _checksum, _hash_weights
+
+    sign = torch.tensor([-1, 1, 1, -1], dtype=torch.int8)
+    assert _checksum(sign) != _checksum(torch.zeros_like(sign))
+    weights = _hash_weights(12, torch.device("cpu"))
+    assert bool((weights > 0).all() and (weights < 2**31).all())
+    patterns = torch.tensor(list(itertools.product((-1, 0, 1), repeat=12)), dtype=torch.int64)
+    assert int(((patterns @ weights) == 0).sum()) == 1  # only the all-zero pattern
