@@ -3,6 +3,7 @@
 Example:
     >>> import gradwatch
     >>> report = gradwatch.check(model, loss_fn, batch)  # doctest: +SKIP
+    >>> gradwatch.assert_gradients(layer, loss_fn, batch)  # in a unit test  # doctest: +SKIP
     >>> watch = gradwatch.GradWatch(model, loss_fn, every_n_steps=100, logdir="runs")  # doctest: +SKIP
     >>> callback = gradwatch.GradWatchCallback(every_n_steps=100)  # doctest: +SKIP
 
@@ -26,6 +27,7 @@ from gradwatch.report import (
     metrics,
 )
 from gradwatch.sinks import KinkWarnings, LoggingSink, TensorBoardSink
+from gradwatch.testing import assert_gradients
 
 __all__ = [
     "GradWatch",
@@ -43,6 +45,7 @@ __all__ = [
     "TensorBoardSink",
     "TensorCheck",
     "UnreliableCheckWarning",
+    "assert_gradients",
     "capture",
     "check",
     "metrics",
