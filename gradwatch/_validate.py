@@ -85,3 +85,29 @@ def _kink_options(kink_resamples: Any, near_kink_margin: Any) -> None:
     """Validate the kink arguments shared by ``check`` and the adapters."""
     _non_negative_int("kink_resamples", kink_resamples)
     _positive_float("near_kink_margin", near_kink_margin)
+
+
+def _argparse_type(check: Any, convert: Any = str) -> Any:
+    """An argparse ``type=`` from a validator: ``convert`` the text (kept as text when
+    that fails, so the error shows what was typed), then ``check`` it; a validation error
+    becomes argparse's usage error (exit status 2) with the validator's message.
+
+    Example:
+        >>> import functools
+        >>> _argparse_type(functools.partial(_positive_int, "steps"), int)("3")
+        3
+    """
+    import argparse
+
+    def parse(text: str) -> Any:
+        try:
+            value = convert(text)
+        except ValueError:
+            value = text
+        try:
+            return check(value)
+        except (TypeError, ValueError) as error:
+            raise argparse.ArgumentTypeError(str(error)) from None
+
+    parse.__name__ = getattr(check, "__name__", "value")
+    return parse

@@ -1,19 +1,28 @@
-"""Train a small classifier whose custom autograd.Function hides a backward bug.
+"""The planted-bug demo: a small classifier whose custom autograd.Function hides a backward bug.
 
 The model's first layer is a hand-written "fused" linear op, in the style of a CUDA or
 Triton kernel wrapper: ``forward`` computes ``x @ W.T + b`` and ``backward`` returns
 hand-derived gradients. The planted bug reduces the bias gradient with ``mean`` instead
 of ``sum`` over the batch, a bug that still trains, only worse. The GradWatch hook
-checks every ``--every`` steps and logs to TensorBoard under ``--logdir``: relative
-errors per tensor, failures, and the kink curves ``gradwatch/kink_fraction`` (probes
-whose ±h passes crossed a ReLU kink) and ``gradwatch/kink_margin_min`` (closest
-approach to one), with a ``gradwatch/kinks`` text entry naming the ReLU modules near
-kinks; a dead-ReLU build-up shows as a rising kink_fraction curve.
+checks every ``every`` steps and logs to TensorBoard under ``logdir``: relative errors
+per tensor, failures, and the kink curves ``gradwatch/kink_fraction`` (probes whose ±h
+passes crossed a ReLU kink) and ``gradwatch/kink_margin_min`` (closest approach to one),
+with a ``gradwatch/kinks`` text entry naming the ReLU modules near kinks; a dead-ReLU
+build-up shows as a rising kink_fraction curve.
 
-Run:
-    python examples/train_planted_bug.py            # catches the planted bug
-    python examples/train_planted_bug.py --fixed    # the correct backward passes
+It ships with the package, so it runs from an installed gradwatch:
+
+    gradwatch demo                       # catches the planted bug, logs to runs/planted_bug
+    gradwatch demo --fixed               # the correct backward passes (runs/planted_bug_fixed)
+    gradwatch report runs                # the per-tensor table of both runs
     tensorboard --logdir runs
+
+Example:
+    >>> from gradwatch import demo
+    >>> watch = demo.run(steps=60, every=20, logdir="runs/planted_bug")  # doctest: +SKIP
+    gradwatch: FAIL in 3 of 3 checks - '0.bias'[...
+    >>> [t.name for t in watch.last_report.failures]  # doctest: +SKIP
+    ['0.bias']
 """
 
 from __future__ import annotations
@@ -21,17 +30,23 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+from functools import partial
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-import gradwatch
+from gradwatch._validate import _argparse_type, _non_negative_int, _positive_int
+from gradwatch.hook import GradWatch
+from gradwatch.report import Report
+
+__all__ = ["FusedLinear", "FusedLinearLayer", "build_model", "loss_fn", "main", "run", "spirals"]
 
 
 class FusedLinear(torch.autograd.Function):
-    """``x @ weight.T + bias`` with a hand-written backward."""
+    """``x @ weight.T + bias`` with a hand-written backward (planted bug: bias mean vs sum)."""
 
     @staticmethod
     def forward(ctx, x, weight, bias, planted_bug):
@@ -50,6 +65,8 @@ class FusedLinear(torch.autograd.Function):
 
 
 class FusedLinearLayer(nn.Module):
+    """An ``nn.Linear`` computed by :class:`FusedLinear`."""
+
     def __init__(self, n_in: int, n_out: int, planted_bug: bool) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.randn(n_out, n_in) * math.sqrt(2.0 / n_in))
@@ -72,6 +89,7 @@ def spirals(n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_model(planted_bug: bool) -> nn.Module:
+    """The demo MLP; its first layer ``0`` is a :class:`FusedLinearLayer`."""
     return nn.Sequential(
         FusedLinearLayer(2, 64, planted_bug),
         nn.ReLU(),
@@ -83,33 +101,62 @@ def build_model(planted_bug: bool) -> nn.Module:
 
 
 def loss_fn(model: nn.Module, batch: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """Cross-entropy of ``model`` on ``batch = (x, y)``."""
     x, y = batch
     return F.cross_entropy(model(x), y)
 
 
-def main(argv: list[str] | None = None) -> gradwatch.GradWatch:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", type=int, default=300, help="training steps (default 300)")
-    parser.add_argument("--every", type=int, default=50, help="check every N steps (default 50)")
-    parser.add_argument("--logdir", default="runs/planted_bug", help="TensorBoard directory (default runs/planted_bug)")
-    parser.add_argument("--fixed", action="store_true", help="use the correct backward")
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def run(
+    *,
+    steps: int = 300,
+    every: int = 50,
+    logdir: str | None = None,
+    fixed: bool = False,
+    seed: int = 0,
+    out: Callable[[str], Any] = print,
+) -> GradWatch:
+    """Train the demo model with a GradWatch hook and print the verdict and where to look.
 
-    torch.manual_seed(args.seed)
-    x, y = spirals(2048, args.seed)
-    model = build_model(planted_bug=not args.fixed)
+    Args:
+        steps: Training steps.
+        every: Check every ``every`` steps (every tensor, all probes: ``max_overhead=None``).
+        logdir: TensorBoard directory; default ``runs/planted_bug`` (``runs/planted_bug_fixed``
+            with ``fixed``).
+        fixed: Train with the correct backward instead of the planted bug.
+        seed: Seed of the data, the model and the probes.
+        out: Where the final lines go.
+
+    Returns:
+        The (closed) hook: ``watch.reports`` holds ``(step, Report)`` per check.
+
+    Example:
+        >>> run(steps=41, every=20, fixed=True, logdir="runs/fixed").last_report.ok  # doctest: +SKIP
+        True
+    """
+    _positive_int("steps", steps)
+    _positive_int("every", every)
+    _non_negative_int("seed", seed)
+    if not isinstance(fixed, bool):
+        raise ValueError(f"`fixed` must be a bool, got {fixed!r}")
+    if logdir is None:
+        logdir = "runs/planted_bug_fixed" if fixed else "runs/planted_bug"
+    elif not isinstance(logdir, str) or not logdir:
+        raise ValueError(f"`logdir` must be None or a non-empty str, got {logdir!r}")
+
+    torch.manual_seed(seed)
+    x, y = spirals(2048, seed)
+    model = build_model(planted_bug=not fixed)
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
-    failures: list[gradwatch.Report] = []
+    failures: list[Report] = []
     # max_overhead=None: a demonstration, so every check probes every tensor; in real
     # training keep the default budget (2% of the training time, spent in turn over the tensors)
-    watch = gradwatch.GradWatch(
-        model, loss_fn, every_n_steps=args.every, max_overhead=None, logdir=args.logdir,
-        on_failure=failures.append, seed=args.seed,
+    watch = GradWatch(
+        model, loss_fn, every_n_steps=every, max_overhead=None, logdir=logdir,
+        on_failure=failures.append, seed=seed,
     )
-    gen = torch.Generator().manual_seed(args.seed)
+    gen = torch.Generator().manual_seed(seed)
     with watch:
-        for _ in range(args.steps):
+        for _ in range(steps):
             idx = torch.randint(0, len(x), (128,), generator=gen)
             batch = (x[idx], y[idx])
             optimizer.zero_grad()
@@ -124,14 +171,39 @@ def main(argv: list[str] | None = None) -> gradwatch.GradWatch:
     checks = len(watch.reports)
     if failures:
         first = failures[0].failures[0]
-        print(
+        out(
             f"gradwatch: FAIL in {len(failures)} of {checks} checks - {first.message.split(' (tolerance')[0]} "
             f"(final loss {loss.item():.3f}, accuracy {accuracy:.1%})"
         )
     else:
-        print(f"gradwatch: PASS in all {checks} checks (final loss {loss.item():.3f}, accuracy {accuracy:.1%})")
-    print(f"view the logs: tensorboard --logdir {args.logdir.split('/')[0] or args.logdir}")
+        out(f"gradwatch: PASS in all {checks} checks (final loss {loss.item():.3f}, accuracy {accuracy:.1%})")
+    out(f"view the logs: tensorboard --logdir {logdir}")
+    out(f"per-tensor table: gradwatch report {logdir}")
     return watch
+
+
+def _add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The demo's options, shared by ``python -m gradwatch.demo`` and ``gradwatch demo``."""
+    parser.add_argument("--steps", type=_argparse_type(partial(_positive_int, "steps"), int), default=300,
+                        help="training steps (default 300)")
+    parser.add_argument("--every", type=_argparse_type(partial(_positive_int, "every"), int), default=50,
+                        help="check every N steps (default 50)")
+    parser.add_argument("--logdir", default=None,
+                        help="TensorBoard directory (default runs/planted_bug, or runs/planted_bug_fixed with --fixed)")
+    parser.add_argument("--fixed", action="store_true", help="train with the correct backward instead of the planted bug")
+    parser.add_argument("--seed", type=_argparse_type(partial(_non_negative_int, "seed"), int), default=0,
+                        help="seed of the data, the model and the probes (default 0)")
+
+
+def main(argv: list[str] | None = None) -> GradWatch:
+    """Parse ``argv`` (default ``sys.argv[1:]``) and :func:`run` the demo.
+
+    Example:
+        >>> main(["--steps", "60", "--every", "20", "--logdir", "runs/demo"])  # doctest: +SKIP
+    """
+    parser = argparse.ArgumentParser(prog="python -m gradwatch.demo", description=__doc__.splitlines()[0])
+    _add_arguments(parser)
+    return run(**vars(parser.parse_args(argv)))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,437 @@
+"""The ``gradwatch`` command: read gradwatch's TensorBoard logs, run the demo.
+
+``gradwatch report LOGDIR`` reads every TensorBoard run under ``LOGDIR`` (each directory
+holding event files, searched recursively, every scalar point kept), finds the keys
+:func:`gradwatch.metrics` logged under ``--prefix`` and prints one table per run: per
+tensor the checks, failing checks, first failing step (``<prefix>/failed/<param>``),
+worst relative error and worst error/tolerance with their steps, and the kink crossings
+(sum of ``<prefix>/kinks/<param>``), then the run's checks and failing checks. The exit
+status gates CI: 0 when no check failed, 1 when a check failed (a ``<prefix>/failures``
+point above 0), 2 on a usage error, a missing ``LOGDIR`` or one without gradwatch scalars.
+``--plot out.png`` (needs matplotlib: ``pip install 'gradwatch[plot]'``) draws relative
+error and error/tolerance over the steps per tensor, log scale, with the fail threshold.
+
+``gradwatch demo`` trains the planted-bug model of :mod:`gradwatch.demo`.
+
+``--json`` prints one object (values that were never logged are ``null``)::
+
+    {"logdir": str, "prefix": str,
+     "failed": bool,                 # any check of any run failed (exit status 1)
+     "checks": int, "failing_checks": int,          # over all runs
+     "runs": [{"run": str,           # directory relative to LOGDIR ("." for LOGDIR itself)
+               "path": str,          # the directory as found under LOGDIR
+               "checks": int,        # points of <prefix>/failures, one per check
+               "failing_checks": int, "first_failing_step": int | null,
+               "steps": [int],       # the checked steps
+               "fail_threshold": float,   # <prefix>/fail_threshold (error/tolerance above it fails)
+               "duplicate_steps": int,    # steps logged more than once (the last point is kept)
+               "tensors": [{"tensor": str,    # named_parameters() name, in logging order
+                            "checks": int,    # checks that judged or kinked this tensor
+                            "failing_checks": int, "first_failing_step": int | null,
+                            "worst_rel_error": float | null, "worst_rel_error_step": int | null,
+                            "worst_error_ratio": float | null, "worst_error_ratio_step": int | null,
+                            "kinks": int}]}]}   # probes that crossed a kink, all checks
+
+Example:
+    >>> main(["report", "runs"])  # doctest: +SKIP
+    run planted_bug: 6 checks, 6 failing (first at step 0)
+    ...
+    >>> [r.failing_checks for r in summarize("runs")]  # doctest: +SKIP
+    [6]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from dataclasses import dataclass
+from typing import Any, Sequence, TextIO
+
+from gradwatch import demo
+from gradwatch._validate import _argparse_type
+from gradwatch.report import _check_prefix, _fmt
+
+__all__ = ["RunSummary", "TensorSummary", "main", "summarize"]
+
+# The scalars read here, as gradwatch.report.metrics (the one key scheme) names them;
+# tests/test_cli.py checks that metrics() writes every one of them.
+_FAILURES = "failures"  # <prefix>/failures: one point per check
+_FAIL_THRESHOLD = "fail_threshold"
+_FAILED, _REL_ERROR, _ERROR_RATIO, _KINKS = "failed", "rel_error", "error_ratio", "kinks"  # <prefix>/<kind>/<param>
+
+_PLOT_MISSING = "`--plot` needs matplotlib: pip install 'gradwatch[plot]'"
+
+Series = tuple[tuple[int, float], ...]
+
+
+@dataclass(frozen=True)
+class TensorSummary:
+    """One tensor over the checks of one run.
+
+    Attributes:
+        name: The ``named_parameters()`` name.
+        checks: Checks that judged this tensor (points of ``<prefix>/failed/<name>``;
+            skipped tensors log nothing).
+        failing_steps: Steps at which its verdict was "fail".
+        rel_error: ``(step, rel_error)`` points (checks with a judged probe).
+        error_ratio: ``(step, error / tolerance)`` points; above the run's
+            ``fail_threshold`` the tensor failed.
+        kinks: Probes that crossed a kink, summed over the checks.
+    """
+
+    name: str
+    checks: int
+    failing_steps: tuple[int, ...]
+    rel_error: Series
+    error_ratio: Series
+    kinks: int
+
+    @property
+    def first_failing_step(self) -> int | None:
+        return self.failing_steps[0] if self.failing_steps else None
+
+    @property
+    def worst_rel_error(self) -> tuple[int, float] | None:
+        """``(step, value)`` of the largest relative error, None if never judged."""
+        return max(self.rel_error, key=lambda p: p[1], default=None)
+
+    @property
+    def worst_error_ratio(self) -> tuple[int, float] | None:
+        """``(step, value)`` of the largest error / tolerance, None if never judged."""
+        return max(self.error_ratio, key=lambda p: p[1], default=None)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (see the module docstring)."""
+        rel, ratio = self.worst_rel_error, self.worst_error_ratio
+        return {
+            "tensor": self.name,
+            "checks": self.checks,
+            "failing_checks": len(self.failing_steps),
+            "first_failing_step": self.first_failing_step,
+            "worst_rel_error": None if rel is None else rel[1],
+            "worst_rel_error_step": None if rel is None else rel[0],
+            "worst_error_ratio": None if ratio is None else ratio[1],
+            "worst_error_ratio_step": None if ratio is None else ratio[0],
+            "kinks": self.kinks,
+        }
+
+
+@dataclass(frozen=True)
+class RunSummary:
+    """The gradwatch scalars of one TensorBoard run (one directory of event files).
+
+    Attributes:
+        run: The directory relative to ``LOGDIR`` (``"."`` for ``LOGDIR`` itself).
+        path: The directory.
+        steps: The checked steps (points of ``<prefix>/failures``).
+        failing_steps: Steps whose check had a failing tensor.
+        fail_threshold: The logged ``<prefix>/fail_threshold`` (1.0).
+        tensors: One summary per tensor, in logging (``named_parameters()``) order.
+        duplicate_steps: Steps logged more than once, e.g. two trainings written to
+            the same directory; the last point of each step is kept.
+    """
+
+    run: str
+    path: str
+    steps: tuple[int, ...]
+    failing_steps: tuple[int, ...]
+    fail_threshold: float
+    tensors: tuple[TensorSummary, ...]
+    duplicate_steps: int = 0
+
+    @property
+    def failed(self) -> bool:
+        return bool(self.failing_steps)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The JSON form (see the module docstring)."""
+        return {
+            "run": self.run,
+            "path": self.path,
+            "checks": len(self.steps),
+            "failing_checks": len(self.failing_steps),
+            "first_failing_step": self.failing_steps[0] if self.failing_steps else None,
+            "steps": list(self.steps),
+            "fail_threshold": self.fail_threshold,
+            "duplicate_steps": self.duplicate_steps,
+            "tensors": [t.to_dict() for t in self.tensors],
+        }
+
+
+def summarize(logdir: str | os.PathLike[str], *, prefix: str = "gradwatch") -> list[RunSummary]:
+    """Read the gradwatch scalars of every TensorBoard run under ``logdir``.
+
+    Args:
+        logdir: A directory; every directory below it (itself included) that holds
+            event files is a run.
+        prefix: The key prefix the run was logged with.
+
+    Returns:
+        One :class:`RunSummary` per run holding ``<prefix>/failures``, sorted by directory.
+
+    Raises:
+        FileNotFoundError: ``logdir`` does not exist.
+        NotADirectoryError: ``logdir`` is not a directory.
+        ValueError: No run under ``logdir`` holds gradwatch scalars with this prefix.
+
+    Example:
+        >>> runs = summarize("runs/planted_bug")  # doctest: +SKIP
+        >>> runs[0].tensors[0].name, runs[0].tensors[0].first_failing_step  # doctest: +SKIP
+        ('0.weight', None)
+    """
+    if not isinstance(logdir, (str, os.PathLike)) or not os.fspath(logdir):
+        raise TypeError(f"`logdir` must be a path, got {logdir!r}")
+    _check_prefix(prefix)
+    logdir = os.fspath(logdir)
+    if not os.path.exists(logdir):
+        raise FileNotFoundError(f"`logdir` {logdir!r} does not exist")
+    if not os.path.isdir(logdir):
+        raise NotADirectoryError(f"`logdir` {logdir!r} is not a directory")
+
+    from tensorboard.backend.event_processing import event_accumulator, io_wrapper
+
+    # 0 = keep every point of that kind; the other kinds are not read
+    guidance = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 1, event_accumulator.HISTOGRAMS: 1,
+                event_accumulator.COMPRESSED_HISTOGRAMS: 1, event_accumulator.IMAGES: 1, event_accumulator.AUDIO: 1}
+    runs, other_prefixes, event_dirs = [], set(), 0
+    for path in sorted(io_wrapper.GetLogdirSubdirectories(logdir)):
+        event_dirs += 1
+        accumulator = event_accumulator.EventAccumulator(path, size_guidance=guidance)
+        accumulator.Reload()
+        tags = accumulator.Tags()["scalars"]
+        if f"{prefix}/{_FAILURES}" not in tags:
+            other_prefixes.update(t[: -len(_FAILURES) - 1] for t in tags if t.endswith(f"/{_FAILURES}"))
+            continue
+        runs.append(_run_summary(accumulator, tags, os.path.relpath(path, logdir), path, prefix))
+    if not runs:
+        found = f"{event_dirs} director{'y' if event_dirs == 1 else 'ies'} with event files" if event_dirs else "no event files"
+        hint = "".join(f"; found prefix {p!r} (try --prefix {p})" for p in sorted(other_prefixes))
+        raise ValueError(f"no gradwatch scalars ('{prefix}/{_FAILURES}') under {logdir!r}: {found}{hint}")
+    return runs
+
+
+def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, prefix: str) -> RunSummary:
+    def series(tag: str) -> Series:
+        points: dict[int, float] = {}
+        for event in accumulator.Scalars(tag):  # file order: a later point of a step wins
+            points[event.step] = event.value
+        return tuple(sorted(points.items()))
+
+    failures = series(f"{prefix}/{_FAILURES}")
+    threshold = series(f"{prefix}/{_FAIL_THRESHOLD}") if f"{prefix}/{_FAIL_THRESHOLD}" in tags else ()
+    failed_tag = f"{prefix}/{_FAILED}/"
+    tensors = []
+    for tag in tags:  # Tags() keeps the order tags were first logged: the model's parameter order
+        if not tag.startswith(failed_tag):
+            continue
+        name = tag[len(failed_tag):]
+        failed = series(tag)
+
+        def optional(kind: str) -> Series:
+            key = f"{prefix}/{kind}/{name}"
+            return series(key) if key in tags else ()
+
+        tensors.append(TensorSummary(
+            name=name,
+            checks=len(failed),
+            failing_steps=tuple(step for step, value in failed if value > 0),
+            rel_error=optional(_REL_ERROR),
+            error_ratio=optional(_ERROR_RATIO),
+            kinks=round(sum(value for _, value in optional(_KINKS))),
+        ))
+    return RunSummary(
+        run=run,
+        path=path,
+        steps=tuple(step for step, _ in failures),
+        failing_steps=tuple(step for step, value in failures if value > 0),
+        fail_threshold=threshold[-1][1] if threshold else 1.0,
+        tensors=tuple(tensors),
+        duplicate_steps=len(accumulator.Scalars(f"{prefix}/{_FAILURES}")) - len(failures),
+    )
+
+
+def _table(runs: Sequence[RunSummary], out: TextIO) -> None:
+    header = ("", "tensor", "checks", "failing", "first failing step", "worst rel_error", "at step",
+              "worst error/tol", "at step", "kinks")
+    for i, run in enumerate(runs):
+        first = f" (first at step {run.failing_steps[0]})" if run.failed else ""
+        out.write(f"{'' if i == 0 else chr(10)}run {run.run}: {len(run.steps)} checks, "
+                  f"{len(run.failing_steps)} failing{first}\n")
+        if run.duplicate_steps:
+            out.write(f"  note: {run.duplicate_steps} steps were logged more than once in {run.path!r} "
+                      "(several trainings in one directory?); the last point of each step is kept\n")
+        rows = [header]
+        for t in run.tensors:
+            rel, ratio = t.worst_rel_error, t.worst_error_ratio
+            rows.append((
+                "FAIL" if t.failing_steps else "ok", t.name, str(t.checks), str(len(t.failing_steps)),
+                "-" if t.first_failing_step is None else str(t.first_failing_step),
+                _fmt(None if rel is None else rel[1]), "-" if rel is None else str(rel[0]),
+                _fmt(None if ratio is None else ratio[1]), "-" if ratio is None else str(ratio[0]),
+                str(t.kinks),
+            ))
+        widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
+        for row in rows:
+            cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
+            cells += [cell.rjust(w) for cell, w in zip(row[2:], widths[2:])]
+            out.write("  " + "  ".join(cells).rstrip() + "\n")
+    checks = sum(len(r.steps) for r in runs)
+    failing = sum(len(r.failing_steps) for r in runs)
+    failed_runs = sum(r.failed for r in runs)
+    verdict = (f"FAIL: {failing} of {checks} checks failed ({failed_runs} of {len(runs)} runs)" if failing
+               else f"PASS: no failing check ({checks} checks in {len(runs)} run{'s' if len(runs) > 1 else ''})")
+    out.write(f"\n{verdict}\n")
+
+
+def _json(runs: Sequence[RunSummary], logdir: str, prefix: str) -> str:
+    return json.dumps({
+        "logdir": logdir,
+        "prefix": prefix,
+        "failed": any(r.failed for r in runs),
+        "checks": sum(len(r.steps) for r in runs),
+        "failing_checks": sum(len(r.failing_steps) for r in runs),
+        "runs": [r.to_dict() for r in runs],
+    }, indent=2, allow_nan=False)
+
+
+def _plot(runs: Sequence[RunSummary], path: str) -> None:
+    from matplotlib.figure import Figure  # the object API: no pyplot, no GUI backend
+
+    fig = Figure(figsize=(10, 7), layout="constrained")
+    top, bottom = fig.subplots(2, 1, sharex=True)
+    several = len(runs) > 1
+    for i, run in enumerate(runs):
+        style = ("-", "--", ":", "-.")[i % 4]  # one line style per run, colours per tensor
+        for j, t in enumerate(run.tensors):
+            label = f"{run.run}: {t.name}" if several else t.name
+            for ax, points in ((top, t.rel_error), (bottom, t.error_ratio)):
+                if points:
+                    ax.plot(*zip(*points), color=f"C{j % 10}", linestyle=style, marker="o", markersize=3, label=label)
+            above = [(s, v) for s, v in t.error_ratio if v > run.fail_threshold]
+            if above:
+                bottom.scatter(*zip(*above), marker="x", color="red", zorder=3)
+    for threshold in sorted({r.fail_threshold for r in runs}):
+        bottom.axhline(threshold, color="red", linestyle="--", linewidth=1, label=f"fail threshold {_fmt(threshold)}")
+    top.set(yscale="log", ylabel="relative error", title="gradwatch: relative error per tensor")
+    bottom.set(yscale="log", ylabel="error / tolerance", xlabel="step",
+               title="error / tolerance per tensor (a tensor fails above the threshold; x = failing check)")
+    for ax in (top, bottom):
+        ax.grid(True, which="major", alpha=0.3)
+    handles, labels = bottom.get_legend_handles_labels()
+    if len(labels) <= 30:
+        bottom.legend(handles, labels, fontsize="small", loc="center left", bbox_to_anchor=(1.01, 0.5))
+    fig.savefig(path, dpi=100)
+
+
+def _parser() -> argparse.ArgumentParser:
+    from gradwatch import __version__
+
+    formatter = argparse.RawDescriptionHelpFormatter
+    parser = argparse.ArgumentParser(
+        prog="gradwatch",
+        description="Check, during real PyTorch training, that the gradients are the gradients of the loss.\n"
+                    "Training code uses the library (gradwatch.GradWatch, gradwatch.GradWatchCallback); this "
+                    "command\nreads what it logged to TensorBoard and runs the demo.",
+        epilog="examples:\n"
+               "  gradwatch demo                          train the planted-bug model, log to runs/planted_bug\n"
+               "  gradwatch report runs                   per-tensor table of every run under runs/\n"
+               "  gradwatch report runs --json            the same as JSON\n"
+               "  gradwatch report runs --plot g.png      relative error and error/tolerance over steps\n"
+               "  gradwatch report runs || exit 1         gate CI: exit status 1 when a check failed\n\n"
+               "'gradwatch COMMAND --help' describes each command.",
+        formatter_class=formatter,
+    )
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    report = commands.add_parser(
+        "report", formatter_class=formatter,
+        help="per-tensor table of the gradwatch checks logged to TensorBoard (exit 1 on failures)",
+        description="Read the TensorBoard event files under LOGDIR (every run directory, recursively, every\n"
+                    "point) and print, per run and tensor, the checks, failing checks, first failing step,\n"
+                    "worst relative error and worst error/tolerance (above 1 fails) with their steps, and\n"
+                    "kink crossings.\n\n"
+                    "exit status: 0 no check failed, 1 a check failed, 2 usage error or no gradwatch data.",
+        epilog="examples:\n"
+               "  gradwatch report runs\n"
+               "  gradwatch report lightning_logs/version_3 --prefix gradwatch\n"
+               "  gradwatch report runs --json > gradwatch.json\n"
+               "  gradwatch report runs --plot gradwatch.png   (pip install 'gradwatch[plot]')\n\n"
+               "The JSON schema is in the README (section CLI) and in gradwatch/cli.py.",
+    )
+    report.add_argument("logdir", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
+    report.add_argument("--prefix", default="gradwatch", type=_argparse_type(_check_prefix),
+                        help="key prefix the runs were logged with (default: gradwatch)")
+    report.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    report.add_argument("--plot", metavar="PNG",
+                        help="also save a figure of relative error and error/tolerance over steps (needs matplotlib)")
+
+    demo_parser = commands.add_parser(
+        "demo", formatter_class=formatter,
+        help="train a small model with a planted backward bug and watch gradwatch catch it",
+        description="Train a small classifier whose custom autograd.Function has a planted backward bug\n"
+                    "(bias gradient: mean instead of sum over the batch), with gradwatch checking every\n"
+                    "--every steps and logging to TensorBoard; print the verdict and how to look at it.\n\n"
+                    "exit status: 0 when gradwatch caught the planted bug (with --fixed: passed every\n"
+                    "check), 1 otherwise, 2 usage error.",
+        epilog="examples:\n"
+               "  gradwatch demo                       then: gradwatch report runs/planted_bug\n"
+               "  gradwatch demo --fixed               the correct backward: every check passes\n"
+               "  gradwatch demo --steps 100 --every 20 --logdir /tmp/gw",
+    )
+    demo._add_arguments(demo_parser)
+    return parser
+
+
+def _report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    if args.plot is not None:
+        try:
+            import matplotlib  # noqa: F401  (fail before reading the logs)
+        except ImportError:
+            err.write(f"gradwatch report: error: {_PLOT_MISSING}\n")
+            return 2
+    try:
+        runs = summarize(args.logdir, prefix=args.prefix)
+    except (OSError, ValueError) as error:
+        err.write(f"gradwatch report: error: {error}\n")
+        return 2
+    if args.json:
+        out.write(_json(runs, args.logdir, args.prefix) + "\n")
+    else:
+        _table(runs, out)
+    if args.plot is not None:
+        _plot(runs, args.plot)
+        err.write(f"gradwatch report: wrote {args.plot}\n")
+    return 1 if any(r.failed for r in runs) else 0
+
+
+def _demo(args: argparse.Namespace) -> int:
+    watch = demo.run(steps=args.steps, every=args.every, logdir=args.logdir, fixed=args.fixed, seed=args.seed)
+    ok = [report.ok for _, report in watch.reports]
+    as_expected = (bool(ok) and all(ok)) if args.fixed else not all(ok)
+    return 0 if as_expected else 1
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the ``gradwatch`` command with ``argv`` (default ``sys.argv[1:]``).
+
+    Args:
+        argv: The arguments after the program name.
+
+    Returns:
+        The exit status: ``report`` 0 when no check failed, 1 when one did, 2 when
+        ``LOGDIR`` is missing or holds no gradwatch scalars; ``demo`` 0 when the
+        planted bug was caught (with ``--fixed``: every check passed). Usage errors
+        exit with status 2 (``SystemExit``, from argparse), ``--help`` with 0.
+
+    Example:
+        >>> main(["report", "runs", "--json"])  # doctest: +SKIP
+        1
+    """
+    args = _parser().parse_args(argv)
+    if args.command == "report":
+        return _report(args, sys.stdout, sys.stderr)
+    return _demo(args)
