@@ -258,7 +258,8 @@ def _table(runs: Sequence[RunSummary], out: TextIO) -> None:
               "worst error/tol", "at step", "kinks")
     for i, run in enumerate(runs):
         first = f" (first at step {run.failing_steps[0]})" if run.failed else ""
-        out.write(f"{'' if i == 0 else chr(10)}run {run.run}: {len(run.steps)} checks, "
+        name = run.path if run.run == "." else run.run
+        out.write(f"{'' if i == 0 else chr(10)}run {name}: {len(run.steps)} checks, "
                   f"{len(run.failing_steps)} failing{first}\n")
         if run.duplicate_steps:
             out.write(f"  note: {run.duplicate_steps} steps were logged more than once in {run.path!r} "

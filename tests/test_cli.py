@@ -81,7 +81,7 @@ def test_report_of_a_clean_log_exits_0(tmp_path, reports, capsys) -> None:
     _write(tmp_path, [(0, reports["clean"]), (5, reports["pass"])])
     assert cli.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
-    assert out.startswith("run .: 2 checks, 0 failing\n")
+    assert out.startswith(f"run {tmp_path}: 2 checks, 0 failing\n")
     assert out.rstrip().endswith("PASS: no failing check (2 checks in 1 run)")
     assert "FAIL" not in out
 
@@ -121,7 +121,7 @@ def test_report_notes_steps_logged_twice_and_keeps_the_last(tmp_path, reports, c
     assert cli.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "note: 2 steps were logged more than once" in out
-    assert "run .: 2 checks, 0 failing" in out
+    assert f"run {tmp_path}: 2 checks, 0 failing" in out
 
 
 def test_report_prefix_option_and_its_hint(tmp_path, reports, capsys) -> None:
@@ -212,8 +212,8 @@ def test_demo_catches_the_planted_bug_and_says_how_to_look(tmp_path, capsys) -> 
     assert f"tensorboard --logdir {logdir}\n" in out and f"gradwatch report {logdir}\n" in out
     assert cli.main(["report", logdir]) == 1
     rows = _rows(capsys.readouterr().out)
-    assert [name for name, cells in rows.items() if cells[0] == "FAIL"] == ["./0.bias"]
-    assert rows["./0.bias"][2:5] == ["3", "3", "0"]
+    assert [name for name, cells in rows.items() if cells[0] == "FAIL"] == [f"{logdir}/0.bias"]
+    assert rows[f"{logdir}/0.bias"][2:5] == ["3", "3", "0"]
 
 
 def test_demo_fixed_passes_and_its_log_reports_clean(tmp_path, capsys) -> None:
