@@ -56,8 +56,8 @@ import math
 import secrets
 import time
 import warnings
-from contextlib import nullcontext
-from typing import Any, Callable, Collection, Mapping, NamedTuple
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Collection, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -646,9 +646,26 @@ class _Evaluation:
             return _loss_tensor(functional_call(self.wrapper, state, (self.inputs,), strict=False)).to(torch.float64)
 
         dtype_ctx, autocast_ctx = self._context()
-        with torch.no_grad(), dtype_ctx, autocast_ctx, warnings.catch_warnings():
+        with torch.no_grad(), dtype_ctx, autocast_ctx, warnings.catch_warnings(), _quiet_vmap_fallback():
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
             return torch.func.vmap(one, randomness="same")(stacked)
+
+
+@contextmanager
+def _quiet_vmap_fallback() -> Iterator[None]:
+    """Silence vmap's fallback warning for ops without a batching rule (such as
+    ``torch.library.custom_op`` ops, which vmap evaluates one sample at a time): called
+    from inside a custom op's dispatch it is printed by C++ to stderr on every call, where
+    the ``warnings`` filter cannot catch it. Re-enabled afterwards (torch's default)."""
+    toggle = getattr(torch._C._functorch, "_set_vmap_fallback_warning_enabled", None)
+    if toggle is None:
+        yield
+        return
+    toggle(False)
+    try:
+        yield
+    finally:
+        toggle(True)
 
 
 def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool) -> Tensor:

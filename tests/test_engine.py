@@ -755,6 +755,61 @@ def test_batched_evaluation_gives_the_sequential_numbers(name) -> None:
     assert_same_state(state, training_state(case.model))
 
 
+@torch.library.custom_op("gradwatch_tests::scaled_softplus", mutates_args=())
+def _scaled_softplus(x: torch.Tensor, scale: torch.Tensor, bug: bool) -> torch.Tensor:
+    """A ``torch.library`` custom op (no vmap rule) with a hand-written backward."""
+    return F.softplus(x) * scale
+
+
+@_scaled_softplus.register_fake
+def _(x, scale, bug):
+    return torch.empty_like(x)
+
+
+def _softplus_setup(ctx, inputs, output) -> None:
+    ctx.save_for_backward(inputs[0], inputs[1])
+    ctx.bug = inputs[2]
+
+
+def _softplus_backward(ctx, grad):
+    x, scale = ctx.saved_tensors
+    grad_x = grad * torch.sigmoid(x) * (1.0 if ctx.bug else scale)  # the bug forgets `scale`
+    return grad_x, (grad * F.softplus(x)).reshape(-1, x.shape[-1]).sum(0), None
+
+
+_scaled_softplus.register_autograd(_softplus_backward, setup_context=_softplus_setup)
+
+
+class _CustomOpMlp(nn.Module):
+    def __init__(self, bug: bool) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(8, 16)
+        self.scale = nn.Parameter(torch.linspace(0.5, 2.0, 16))
+        self.fc2 = nn.Linear(16, 3)
+        self.bug = bug
+
+    def forward(self, x):
+        return self.fc2(_scaled_softplus(self.fc1(x), self.scale, self.bug))
+
+
+@pytest.mark.parametrize("bug", [False, True])
+def test_custom_op_without_a_vmap_rule_is_batched_quietly_with_the_sequential_numbers(bug, capfd) -> None:
+    """vmap evaluates a torch.library op without a batching rule one sample at a time:
+    batched evaluation still works, and its per-call C++ fallback warning stays silent."""
+    case = _case(_CustomOpMlp(bug))
+    state = training_state(case.model)
+    seq = check(case.model, case.loss_fn, case.batch, seed=3, kinks=False, evaluation="sequential")
+    capfd.readouterr()
+    bat = check(case.model, case.loss_fn, case.batch, seed=3, kinks=False)
+    assert (bat.evaluation, bat.evaluation_reason) == ("batched", None)
+    assert "performance drop" not in capfd.readouterr().err
+    _same_numbers(seq, bat)
+    assert {t.name for t in bat.failures} == ({"fc1.weight", "fc1.bias"} if bug else set())
+    kinks = check(case.model, case.loss_fn, case.batch, seed=3)  # kink recording and replay through the op
+    assert {t.name for t in kinks.failures} == {t.name for t in bat.failures} and kinks.reliable
+    assert_same_state(state, training_state(case.model))
+
+
 class _DataDependent(nn.Module):
     def __init__(self) -> None:
         super().__init__()
