@@ -5,7 +5,11 @@ from __future__ import annotations
 import importlib.util
 import pathlib
 
+import pytest
+import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from gradwatch import GradientCheckError
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -62,3 +66,48 @@ def test_lightning_example_with_the_fix_passes(tmp_path, capsys) -> None:
     callback = example.main(["--steps", "41", "--every", "20", "--fixed", "--root", str(tmp_path)])
     assert capsys.readouterr().out.startswith("gradwatch: PASS in all 3 checks")
     assert all(r.ok for _, r in callback.reports)
+
+
+@pytest.fixture(scope="module")
+def custom_op_example():
+    """Loaded once: importing it registers its torch.library ops, which can happen once per process."""
+    return _load("custom_op_kernel")
+
+
+_FUSED_WRONG = {"0.weight", "1.bias", "2.weight", "3.bias"}  # the fused layers' biases and the weights before them
+
+
+def test_custom_op_example_catches_the_bug_in_the_unit_test_and_in_training(custom_op_example, tmp_path,
+                                                                           capsys) -> None:
+    unit, watch = custom_op_example.main(["--steps", "41", "--every", "20", "--logdir", str(tmp_path / "runs")])
+    first, second, third = capsys.readouterr().out.splitlines()
+    assert first.startswith("unit test (gradwatch.assert_gradients): FAIL - 'x'[")
+    assert isinstance(unit, GradientCheckError) and isinstance(unit, AssertionError)
+    assert {t.name for t in unit.report.failures} == {"x", "bias"}
+    assert second.startswith("training (gradwatch.GradWatch): FAIL in 3 of 3 checks - '")
+    assert third.startswith("view the logs: tensorboard --logdir")
+    assert [s for s, _ in watch.reports] == [0, 20, 40]
+    assert all({t.name for t in r.failures} == _FUSED_WRONG for _, r in watch.reports)
+    acc = EventAccumulator(str(tmp_path / "runs"))
+    acc.Reload()
+    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [4.0, 4.0, 4.0]
+
+
+def test_custom_op_example_with_the_fix_passes_both(custom_op_example, tmp_path, capsys) -> None:
+    unit, watch = custom_op_example.main(["--steps", "41", "--every", "20", "--fixed", "--logdir", str(tmp_path)])
+    first, second, _ = capsys.readouterr().out.splitlines()
+    assert first.startswith("unit test (gradwatch.assert_gradients): PASS")
+    assert second.startswith("training (gradwatch.GradWatch): PASS in all 3 checks")
+    assert unit.verdict == "pass" and all(r.ok for _, r in watch.reports)
+
+
+@pytest.mark.parametrize("planted_bug", [False, True])
+def test_custom_op_example_is_a_real_custom_op_and_gradcheck_agrees(custom_op_example, planted_bug) -> None:
+    op = torch.ops.gradwatch_examples.fused_bias_gelu
+    meta = op(torch.empty(4, 3, device="meta"), torch.empty(3, device="meta"), planted_bug)  # register_fake
+    assert meta.shape == (4, 3) and meta.device.type == "meta"
+    g = torch.Generator().manual_seed(0)
+    x, bias = 2 * torch.randn(4, 3, generator=g, dtype=torch.float64), torch.randn(3, generator=g, dtype=torch.float64)
+    inputs = (x.requires_grad_(True), bias.requires_grad_(True))
+    ok = torch.autograd.gradcheck(lambda a, b: op(a, b, planted_bug), inputs, raise_exception=False)
+    assert ok == (not planted_bug)
