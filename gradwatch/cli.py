@@ -64,7 +64,7 @@ _FAILED, _REL_ERROR, _ERROR_RATIO, _KINKS = "failed", "rel_error", "error_ratio"
 
 _PLOT_MISSING = "`--plot` needs matplotlib: pip install 'gradwatch[plot]'"
 
-Series = tuple[tuple[int, float], ...]
+_Series = tuple[tuple[int, float], ...]
 
 
 @dataclass(frozen=True)
@@ -85,8 +85,8 @@ class TensorSummary:
     name: str
     checks: int
     failing_steps: tuple[int, ...]
-    rel_error: Series
-    error_ratio: Series
+    rel_error: _Series
+    error_ratio: _Series
     kinks: int
 
     @property
@@ -146,6 +146,10 @@ class RunSummary:
     def failed(self) -> bool:
         return bool(self.failing_steps)
 
+    @property
+    def first_failing_step(self) -> int | None:
+        return self.failing_steps[0] if self.failing_steps else None
+
     def to_dict(self) -> dict[str, Any]:
         """The JSON form (see the module docstring)."""
         return {
@@ -153,7 +157,7 @@ class RunSummary:
             "path": self.path,
             "checks": len(self.steps),
             "failing_checks": len(self.failing_steps),
-            "first_failing_step": self.failing_steps[0] if self.failing_steps else None,
+            "first_failing_step": self.first_failing_step,
             "steps": list(self.steps),
             "fail_threshold": self.fail_threshold,
             "duplicate_steps": self.duplicate_steps,
@@ -182,10 +186,12 @@ def summarize(logdir: str | os.PathLike[str], *, prefix: str = "gradwatch") -> l
         >>> runs[0].tensors[0].name, runs[0].tensors[0].first_failing_step  # doctest: +SKIP
         ('0.weight', None)
     """
-    if not isinstance(logdir, (str, os.PathLike)) or not os.fspath(logdir):
-        raise TypeError(f"`logdir` must be a path, got {logdir!r}")
+    if not isinstance(logdir, (str, os.PathLike)):
+        raise TypeError(f"`logdir` must be a str or os.PathLike, got {type(logdir).__name__} {logdir!r}")
     _check_prefix(prefix)
     logdir = os.fspath(logdir)
+    if not logdir:
+        raise ValueError(f"`logdir` must be a non-empty path, got {logdir!r}")
     if not os.path.exists(logdir):
         raise FileNotFoundError(f"`logdir` {logdir!r} does not exist")
     if not os.path.isdir(logdir):
@@ -207,40 +213,37 @@ def summarize(logdir: str | os.PathLike[str], *, prefix: str = "gradwatch") -> l
             continue
         runs.append(_run_summary(accumulator, tags, os.path.relpath(path, logdir), path, prefix))
     if not runs:
-        found = f"{event_dirs} director{'y' if event_dirs == 1 else 'ies'} with event files" if event_dirs else "no event files"
+        found = "no event files" if not event_dirs else (
+            f"{event_dirs} director{'y' if event_dirs == 1 else 'ies'} with event files")
         hint = "".join(f"; found prefix {p!r} (try --prefix {p})" for p in sorted(other_prefixes))
         raise ValueError(f"no gradwatch scalars ('{prefix}/{_FAILURES}') under {logdir!r}: {found}{hint}")
     return runs
 
 
 def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, prefix: str) -> RunSummary:
-    def series(tag: str) -> Series:
-        points: dict[int, float] = {}
-        for event in accumulator.Scalars(tag):  # file order: a later point of a step wins
-            points[event.step] = event.value
+    logged = set(tags)
+
+    def series(tag: str) -> _Series:
+        """``(step, value)`` points of a scalar tag (none if never logged), one per step: in
+        file order, a later point of a step replaces an earlier one."""
+        points = {event.step: event.value for event in accumulator.Scalars(tag)} if tag in logged else {}
         return tuple(sorted(points.items()))
 
     failures = series(f"{prefix}/{_FAILURES}")
-    threshold = series(f"{prefix}/{_FAIL_THRESHOLD}") if f"{prefix}/{_FAIL_THRESHOLD}" in tags else ()
+    threshold = series(f"{prefix}/{_FAIL_THRESHOLD}")
     failed_tag = f"{prefix}/{_FAILED}/"
+    # Tags() lists tags in the order they were first logged: the model's parameter order
+    names = [tag[len(failed_tag):] for tag in tags if tag.startswith(failed_tag)]
     tensors = []
-    for tag in tags:  # Tags() keeps the order tags were first logged: the model's parameter order
-        if not tag.startswith(failed_tag):
-            continue
-        name = tag[len(failed_tag):]
-        failed = series(tag)
-
-        def optional(kind: str) -> Series:
-            key = f"{prefix}/{kind}/{name}"
-            return series(key) if key in tags else ()
-
+    for name in names:
+        failed = series(f"{failed_tag}{name}")
         tensors.append(TensorSummary(
             name=name,
             checks=len(failed),
             failing_steps=tuple(step for step, value in failed if value > 0),
-            rel_error=optional(_REL_ERROR),
-            error_ratio=optional(_ERROR_RATIO),
-            kinks=round(sum(value for _, value in optional(_KINKS))),
+            rel_error=series(f"{prefix}/{_REL_ERROR}/{name}"),
+            error_ratio=series(f"{prefix}/{_ERROR_RATIO}/{name}"),
+            kinks=round(sum(value for _, value in series(f"{prefix}/{_KINKS}/{name}"))),
         ))
     return RunSummary(
         run=run,
@@ -257,10 +260,11 @@ def _table(runs: Sequence[RunSummary], out: TextIO) -> None:
     header = ("", "tensor", "checks", "failing", "first failing step", "worst rel_error", "at step",
               "worst error/tol", "at step", "kinks")
     for i, run in enumerate(runs):
-        first = f" (first at step {run.failing_steps[0]})" if run.failed else ""
+        if i:
+            out.write("\n")
+        first = "" if run.first_failing_step is None else f" (first at step {run.first_failing_step})"
         name = run.path if run.run == "." else run.run
-        out.write(f"{'' if i == 0 else chr(10)}run {name}: {len(run.steps)} checks, "
-                  f"{len(run.failing_steps)} failing{first}\n")
+        out.write(f"run {name}: {len(run.steps)} checks, {len(run.failing_steps)} failing{first}\n")
         if run.duplicate_steps:
             out.write(f"  note: {run.duplicate_steps} steps were logged more than once in {run.path!r} "
                       "(several trainings in one directory?); the last point of each step is kept\n")

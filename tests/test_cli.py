@@ -153,6 +153,15 @@ def test_report_without_gradwatch_data_exits_2_naming_the_path(tmp_path, capsys,
     assert expected in captured.err
 
 
+def test_summarize_validates_its_arguments(tmp_path) -> None:
+    with pytest.raises(TypeError, match="`logdir` must be a str or os.PathLike, got int 3"):
+        cli.summarize(3)
+    with pytest.raises(ValueError, match="`logdir` must be a non-empty path, got ''"):
+        cli.summarize("")
+    with pytest.raises(ValueError, match="`prefix` must be a non-empty str not ending in '/', got ''"):
+        cli.summarize(tmp_path, prefix="")
+
+
 def test_usage_errors_exit_2_naming_the_argument(capsys) -> None:
     for argv, message in [
         (["report", "runs", "--prefix", "gw/"], "`prefix` must be a non-empty str not ending in '/', got 'gw/'"),

@@ -9,7 +9,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from gradwatch import GradientCheckError
+from gradwatch import GradientCheckError, cli
 
 EXAMPLES = pathlib.Path(__file__).resolve().parent.parent / "examples"
 
@@ -59,6 +59,12 @@ def test_lightning_example_catches_the_bug_and_logs_it_to_lightning_logs(tmp_pat
     assert [e.step for e in acc.Scalars("gradwatch/failures")] == [0, 20, 40]
     assert all(e.value >= 1.0 for e in acc.Scalars("gradwatch/failures"))
     assert "train/loss" in acc.Tags()["scalars"]
+    # `gradwatch report` reads Lightning's log directory and exits 1
+    assert cli.main(["report", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    assert "run lightning_logs/version_0: 3 checks, 3 failing (first at step 0)" in out
+    failing = {line.split()[1] for line in out.splitlines() if line.startswith("  FAIL ")}
+    assert failing and failing <= {"body.0.weight", "body.0.bias"}
 
 
 def test_lightning_example_with_the_fix_passes(tmp_path, capsys) -> None:
