@@ -431,17 +431,53 @@ class Report:
         return line
 
     def markdown(self) -> str:
-        """A markdown table of the tensors that failed or were not clean passes."""
-        rows = ["| tensor | verdict | rel_error | where | autograd | numerical |", "|---|---|---|---|---|---|"]
-        for t in self.tensors.values():
-            if t.verdict == "pass":
-                continue
-            w = t.worst
-            cells = [t.name, t.verdict, _fmt(t.rel_error)]
-            cells += [w.where, _fmt(w.autograd), _fmt(w.numerical)] if w else [t.reason or "", "", ""]
+        """The summary line and a markdown table of every tensor, failing ones first.
+
+        Columns: tensor, verdict (``fail`` and ``nonfinite`` in bold), ``rel_error``,
+        the index of the tensor's :attr:`TensorCheck.worst` probe, and that probe's
+        autograd and numerical values. A tensor without a judged probe (kink,
+        nonfinite, skipped) shows its reason instead of an index.
+
+        Example:
+            >>> print(report.markdown())  # doctest: +SKIP
+            gradwatch step 0: FAIL (5 pass, 1 fail; max rel_error 0.98; 0.30s)
+            <BLANKLINE>
+            | tensor | verdict | rel_error | worst index | autograd | numerical |
+            |---|---|---|---|---|---|
+            | `0.bias` | **fail** | 0.98 | `[48]` | 1.2e-05 | 1.5e-03 |
+            | `0.weight` | pass | 3.1e-08 | `[3, 1]` | -0.17 | -0.17 |
+        """
+        bad = ("fail", "nonfinite")
+        rows = ["| tensor | verdict | rel_error | worst index | autograd | numerical |", "|---|---|---|---|---|---|"]
+        for t in sorted(self.tensors.values(), key=lambda t: t.verdict not in bad):  # stable: failing first
+            w = t.worst if t.verdict in ("pass", "fail") else None
+            cells = [f"`{t.name}`", f"**{t.verdict}**" if t.verdict in bad else t.verdict, _fmt(t.rel_error)]
+            cells += [f"`{w.where}`", _fmt(w.autograd), _fmt(w.numerical)] if w else [t.reason or "", "-", "-"]
             rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         head = self.summary()
         return head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
+
+    @property
+    def probe_rel_errors(self) -> list[float]:
+        """Per-probe relative errors ``|n - a| / (|n| + |a|)`` (0 when both are 0).
+
+        ``n`` is a probe's numerical derivative and ``a`` its autograd value, over the
+        probes that crossed no kink of the judged tensors (verdict ``pass`` or
+        ``fail``): the one-probe case of :attr:`TensorCheck.rel_error`, which pools the
+        same probes per tensor. (:attr:`Probe.rel_error` compares with the float64
+        reference instead, when there is one.)
+
+        Example:
+            >>> max(report.probe_rel_errors)  # doctest: +SKIP
+            0.98
+        """
+        return [
+            _safe_ratio(abs(p.numerical - p.autograd), abs(p.numerical) + abs(p.autograd))
+            for t in self.tensors.values()
+            if t.verdict in ("pass", "fail")
+            for p in t.probes
+            if not p.kink
+        ]
 
     def metrics(self, prefix: str = "gradwatch") -> dict[str, float]:
         """The scalars to log, keyed by the one documented scheme; see :func:`metrics`."""
@@ -593,6 +629,13 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/kink_margin_min     closest approach to a kink (KinkEvent.margin)
         <prefix>/failures            tensors with verdict "fail"
         <prefix>/check_seconds       wall time of the check
+
+    :class:`~gradwatch.TensorBoardSink` also writes, per check, two entries that are
+    not scalars and so are not returned here: the histogram
+    ``<prefix>/probe_rel_error`` (:attr:`Report.probe_rel_errors`) and the markdown
+    text ``<prefix>/report`` (:meth:`Report.markdown`), plus ``<prefix>/kinks``
+    (:meth:`Report.kink_markdown`) when probes came near kinks, and once per writer
+    a custom-scalars layout (the ``Custom Scalars`` dashboard) charting these keys.
 
     Skipped tensors (frozen, no gradient, unreliable check) have no per-tensor keys;
     tensors without a judged probe (all probes kinked) have only ``failed`` and

@@ -12,8 +12,14 @@ Example:
 from __future__ import annotations
 
 import logging
+import math
+import re
 import warnings
+import weakref
 from typing import Any, Protocol
+
+import numpy as np
+import torch.distributed as dist
 
 from gradwatch._validate import _non_negative_int
 from gradwatch.report import KinkWarning, Report, _check_prefix, _check_report, _fmt, metrics
@@ -30,13 +36,28 @@ class Sink(Protocol):
 
 
 class TensorBoardSink:
-    """Writes a report's scalars, a markdown text entry when the check is not clean,
-    and a kink-proximity text entry (``<prefix>/kinks``) naming the modules and ops
-    that probes came near.
+    """Writes each report to TensorBoard, and lays out a dashboard for it.
+
+    Per check, at the training step: the scalars of :func:`~gradwatch.metrics`, a
+    histogram ``<prefix>/probe_rel_error`` of the per-probe relative errors
+    (:attr:`~gradwatch.Report.probe_rel_errors`), a markdown table ``<prefix>/report``
+    of every tensor (:meth:`~gradwatch.Report.markdown`) and, when probes came near
+    kinks, ``<prefix>/kinks`` naming the modules and ops
+    (:meth:`~gradwatch.Report.kink_markdown`).
+
+    At its first check the sink also writes a custom-scalars layout (TensorBoard's
+    ``Custom Scalars`` tab): a category named after the prefix with one chart per
+    concern (worst error / tolerance against the fail threshold, error / tolerance
+    per tensor, relative errors, precision gaps, failures, kink fraction, kink
+    margin, kinks per tensor) and a category with one chart per tensor of its relative error against
+    its error bar. The layout is written once per writer and prefix (two sinks on
+    one writer do not repeat it; a second prefix rewrites it with both), and only
+    on rank zero when ``torch.distributed`` is initialized: TensorBoard merges the
+    layouts of all runs under a logdir, so one is enough.
 
     Args:
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (anything with
-            ``add_scalar``, ``add_text`` and ``flush``).
+            ``add_scalar``, ``add_text``, ``add_histogram`` and ``add_custom_scalars``).
         prefix: First component of every key.
 
     Example:
@@ -44,27 +65,86 @@ class TensorBoardSink:
     """
 
     def __init__(self, writer: Any, *, prefix: str = "gradwatch") -> None:
-        for attr in ("add_scalar", "add_text"):
+        for attr in ("add_scalar", "add_text", "add_histogram", "add_custom_scalars"):
             if not callable(getattr(writer, attr, None)):
                 raise TypeError(f"`writer` must be a SummaryWriter (needs .{attr}), got {type(writer).__name__}")
         _check_prefix(prefix)
         self.writer = writer
         self.prefix = prefix
+        self._laid_out = False
 
     def write(self, report: Report, step: int) -> None:
-        """Log the report at ``step``: the scalars of the key scheme, plus a text entry
-        naming each failing tensor's worst coordinate when the check is not a pass."""
+        """Log the report at ``step``: the scalars of the key scheme, the per-probe
+        histogram, the table of every tensor, the kink table when probes came near
+        kinks, and the dashboard layout on the first call."""
+        _check_report(report)
         _non_negative_int("step", step)
+        if not self._laid_out:
+            self._lay_out(report)
         for key, value in metrics(report, prefix=self.prefix).items():
             self.writer.add_scalar(key, value, step)
-        if report.verdict != "pass":
-            self.writer.add_text(f"{self.prefix}/report", report.markdown(), step)
+        errors = [e for e in report.probe_rel_errors if math.isfinite(e)]
+        if errors:
+            self.writer.add_histogram(f"{self.prefix}/probe_rel_error", np.asarray(errors, dtype=np.float64), step)
+        self.writer.add_text(f"{self.prefix}/report", report.markdown(), step)
         kinks = report.kink_markdown()
         if kinks:
             self.writer.add_text(f"{self.prefix}/kinks", kinks, step)
         flush = getattr(self.writer, "flush", None)
         if callable(flush):
             flush()
+
+    def _lay_out(self, report: Report) -> None:
+        """Write the custom-scalars layout unless this writer already has this prefix's."""
+        self._laid_out = True
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return
+        try:
+            laid_out = _LAID_OUT.setdefault(self.writer, {})
+        except TypeError:  # a writer that cannot be weakly referenced: once per sink
+            laid_out = {}
+        if self.prefix in laid_out:
+            return
+        laid_out[self.prefix] = tuple(report.tensors)
+        layout: dict[str, dict[str, list]] = {}
+        for prefix, names in laid_out.items():  # one layout per run is read: it holds every prefix
+            layout.update(_layout(prefix, names))
+        self.writer.add_custom_scalars(layout)
+
+
+# writer -> {prefix: tensor names} of the layouts written to it
+_LAID_OUT: "weakref.WeakKeyDictionary[Any, dict[str, tuple[str, ...]]]" = weakref.WeakKeyDictionary()
+
+
+def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
+    """The custom-scalars layout of one prefix, in ``SummaryWriter.add_custom_scalars`` form.
+
+    Charts are ``Multiline`` charts of anchored regexes over the keys of
+    :func:`~gradwatch.metrics`. Relative error against error bar is a multiline chart
+    per tensor rather than a ``Margin`` chart: a margin band needs lower and upper
+    series (``rel_error ± error_bar``, not logged keys), and on a correct model
+    ``rel_error - error_bar`` is negative, which a log axis cannot draw.
+    """
+    p = re.escape(prefix)
+
+    def chart(*regexes: str) -> list:
+        return ["Multiline", [f"^{p}/{r}$" for r in regexes]]
+
+    main = {
+        "error/tolerance: worst tensor vs fail threshold": chart("(error_ratio_max|fail_threshold)"),
+        "error/tolerance per tensor vs fail threshold": chart("(error_ratio/.*|fail_threshold)"),
+        "rel_error: worst tensor": chart("rel_error_max"),
+        "rel_error per tensor": chart("rel_error/.*"),
+        "precision_gap per tensor": chart("precision_gap/.*"),
+        "failures and failed per tensor": chart("(failures|failed/.*)"),
+        "kink_fraction (probes that crossed a kink)": chart("kink_fraction"),
+        "kink_margin_min (below 1: crossed)": chart("kink_margin_min"),
+        "kinks per tensor (probes that crossed)": chart("kinks/.*"),
+    }
+    per_tensor = {
+        f"{name}: rel_error vs error_bar": chart(f"(rel_error|error_bar)/{re.escape(name)}") for name in names
+    }
+    return {prefix: main, f"{prefix}: rel_error vs error_bar per tensor": per_tensor}
 
 
 class LoggingSink:

@@ -2,14 +2,27 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
+import math
+import queue
+import re
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+import urllib.request
+from typing import Any, Callable, Iterator
 
 import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from gradwatch import GradWatch, LoggingSink, TensorBoardSink, check
+from gradwatch import GradWatch, LoggingSink, Probe, Report, TensorBoardSink, TensorCheck, check, metrics
+from gradwatch.report import _fmt
 from zoo import BUGS, CORRECT
 
 
@@ -17,6 +30,10 @@ def _events(logdir) -> EventAccumulator:
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()
     return acc
+
+
+def _text(event) -> str:
+    return event.tensor_proto.string_val[0].decode()
 
 
 def _run(case, watch, steps: int) -> None:
@@ -57,7 +74,7 @@ def test_hook_logdir_writes_the_key_scheme_at_the_training_step(tmp_path) -> Non
     assert f"{worst.autograd:.2g}" in text and f"{worst.numerical:.2g}" in text
 
 
-def test_passing_checks_write_scalars_and_no_text(tmp_path) -> None:
+def test_passing_checks_write_scalars_and_the_table_of_every_tensor(tmp_path) -> None:
     case = CORRECT["layernorm_gelu"](0)
     writer = SummaryWriter(str(tmp_path))
     watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, writer=writer, prefix="gw", seed=0)
@@ -65,7 +82,12 @@ def test_passing_checks_write_scalars_and_no_text(tmp_path) -> None:
     writer.close()
     acc = _events(tmp_path)
     assert [e.value for e in acc.Scalars("gw/failures")] == [0.0, 0.0]
-    assert not [t for t in acc.Tags()["tensors"] if t.startswith("gw/report")]
+    texts = [_text(e) for e in acc.Tensors("gw/report/text_summary")]
+    assert [e.step for e in acc.Tensors("gw/report/text_summary")] == [0, 1]
+    for text, (_, report) in zip(texts, watch.reports):
+        assert text == report.markdown()
+        for name, t in report.tensors.items():
+            assert f"| `{name}` | pass | {_fmt(t.rel_error)} | `{t.worst.where}` |" in text
 
 
 def test_metrics_scheme_and_prefix() -> None:
@@ -124,3 +146,221 @@ def test_close_only_closes_the_writer_the_hook_created(tmp_path) -> None:
         owned = watch.writer
         assert owned.file_writer is not None
     assert owned.file_writer is None
+
+
+# ------------------------------------------------------------------ the dashboard
+_LAYOUT_TAG = "custom_scalars__config__"
+
+
+def _layouts(logdir) -> list:
+    """Every custom-scalars layout written to ``logdir``, parsed."""
+    from tensorboard.plugins.custom_scalar import layout_pb2
+
+    acc = _events(logdir)
+    if _LAYOUT_TAG not in acc.Tags()["tensors"]:
+        return []
+    out = []
+    for event in acc.Tensors(_LAYOUT_TAG):
+        layout = layout_pb2.Layout()
+        layout.ParseFromString(event.tensor_proto.string_val[0])
+        out.append(layout)
+    return out
+
+
+def _charts(layout) -> dict[str, dict[str, list[str]]]:
+    return {c.title: {ch.title: list(ch.multiline.tag) for ch in c.chart} for c in layout.category}
+
+
+@contextlib.contextmanager
+def _tensorboard(logdir, timeout: float = 60.0) -> Iterator[Callable[[str], Any]]:
+    """Serve ``logdir`` with a real TensorBoard on loopback; yield a JSON getter.
+
+    ``--reload_task blocking`` loads the event files before the server answers, so
+    the first answer already holds every event. Proxies are bypassed (loopback only).
+    """
+    cmd = [
+        sys.executable, "-m", "tensorboard.main", "--logdir", str(logdir), "--host", "127.0.0.1", "--port", "0",
+        "--load_fast", "false", "--reload_interval", "0", "--reload_task", "blocking",
+    ]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    lines: queue.Queue[str] = queue.Queue()
+    seen: list[str] = []
+    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+    try:
+        deadline = time.monotonic() + timeout
+        url = None
+        while url is None:
+            try:
+                line = lines.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                pytest.fail(f"TensorBoard printed no URL within {timeout:.0f} s: {' '.join(cmd)}\n{''.join(seen)}")
+            seen.append(line)
+            match = re.search(r"(http://127\.0\.0\.1:\d+)/", line)
+            url = match.group(1) if match else None
+            if proc.poll() is not None and lines.empty() and url is None:
+                pytest.fail(f"TensorBoard exited with {proc.returncode}: {' '.join(cmd)}\n{''.join(seen)}")
+
+        def get(path: str) -> Any:
+            try:
+                with opener.open(url + path, timeout=max(1.0, deadline - time.monotonic())) as response:
+                    return json.loads(response.read())
+            except (OSError, ValueError) as e:
+                pytest.fail(f"TensorBoard at {url} did not answer {path}: {e!r}\n{''.join(seen)}")
+
+        yield get
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(timeout=10)
+
+
+def test_tensorboard_serves_the_dashboard_layout_scalars_histogram_and_table(tmp_path) -> None:
+    case = BUGS["wrong_sign"](0)  # fc1.weight's gradient has the wrong sign
+    watch = GradWatch(
+        case.model, case.loss_fn, every_n_steps=2, max_overhead=None, logdir=str(tmp_path / "run"),
+        on_failure=lambda r: None, seed=0,
+    )
+    _run(case, watch, 5)
+    watch.close()
+    reports = dict(watch.reports)
+    assert sorted(reports) == [0, 2, 4]
+    names = list(case.model.state_dict())
+    q = urllib.parse.quote
+    with _tensorboard(tmp_path) as get:
+        # the layout: one category of charts per concern, one of per-tensor charts
+        categories = get("/data/plugin/custom_scalars/layout")["category"]
+        charts = {c["title"]: {ch["title"]: ch["multiline"]["tag"] for ch in c["chart"]} for c in categories}
+        assert list(charts) == ["gradwatch", "gradwatch: rel_error vs error_bar per tensor"]
+        tags = set(get("/data/plugin/scalars/tags")["run"])
+        assert tags == set(metrics_keys := metrics(reports[0]))
+        expected = {
+            "error/tolerance: worst tensor vs fail threshold":
+                {"gradwatch/error_ratio_max", "gradwatch/fail_threshold"},
+            "error/tolerance per tensor vs fail threshold":
+                {f"gradwatch/error_ratio/{n}" for n in names} | {"gradwatch/fail_threshold"},
+            "rel_error: worst tensor": {"gradwatch/rel_error_max"},
+            "rel_error per tensor": {f"gradwatch/rel_error/{n}" for n in names},
+            "precision_gap per tensor": {f"gradwatch/precision_gap/{n}" for n in names},
+            "failures and failed per tensor":
+                {f"gradwatch/failed/{n}" for n in names} | {"gradwatch/failures"},
+            "kink_fraction (probes that crossed a kink)": {"gradwatch/kink_fraction"},
+            "kink_margin_min (below 1: crossed)": set(),  # no non-smooth op here
+            "kinks per tensor (probes that crossed)": {f"gradwatch/kinks/{n}" for n in names},
+        }
+        expected |= {
+            f"{n}: rel_error vs error_bar": {f"gradwatch/rel_error/{n}", f"gradwatch/error_bar/{n}"} for n in names
+        }
+        matched = {
+            title: {t for t in tags if any(re.match(rx, t) for rx in regexes)}
+            for category in charts.values() for title, regexes in category.items()
+        }
+        assert matched == expected
+        assert charts["gradwatch"]["kink_margin_min (below 1: crossed)"] == [
+            "^gradwatch/kink_margin_min$"]
+        # TensorBoard's own regex matching serves the chart's series
+        (regex,) = charts["gradwatch: rel_error vs error_bar per tensor"]["fc1.weight: rel_error vs error_bar"]
+        served = get(f"/data/plugin/custom_scalars/scalars?run=run&tag={q(regex)}")
+        assert set(served["tag_to_events"]) == {"gradwatch/rel_error/fc1.weight", "gradwatch/error_bar/fc1.weight"}
+
+        # every scalar at every checked step is what the Report said
+        for key in metrics_keys:
+            points = get(f"/data/plugin/scalars/scalars?run=run&tag={q(key)}")
+            assert [p[1] for p in points] == [0, 2, 4], key
+            for _, step, value in points:
+                assert value == pytest.approx(metrics(reports[step])[key], rel=1e-6), (key, step)
+        assert [p[2] for p in get(f"/data/plugin/scalars/scalars?run=run&tag={q('gradwatch/failed/fc1.weight')}")] \
+            == [1.0, 1.0, 1.0]
+
+        # the histogram holds every non-kinked probe; the wrong-sign ones at rel_error 1
+        histograms = get(f"/data/plugin/histograms/histograms?run=run&tag={q('gradwatch/probe_rel_error')}")
+        assert [h[1] for h in histograms] == [0, 2, 4]
+        for _, step, buckets in histograms:
+            errors = reports[step].probe_rel_errors
+            assert sum(c for _, _, c in buckets) == len(errors) > 0
+            wrong = sum(c for left, right, c in buckets if right > 0.5)
+            assert wrong == sum(e > 0.5 for e in errors) == len(reports[step].tensors["fc1.weight"].probes)
+
+        # the table lists every tensor at every check, the failing one first and in bold
+        texts = get(f"/data/plugin/text/text?run=run&tag={q('gradwatch/report/text_summary')}")
+        assert [t["step"] for t in texts] == [0, 2, 4]
+        for entry in texts:
+            html = entry["text"]
+            rows = [html.index(f"<td><code>{n}</code></td>") for n in names]
+            assert rows[0] == min(rows)  # fc1.weight first
+            assert html.count("<strong>fail</strong>") == 1
+            worst = reports[entry["step"]].tensors["fc1.weight"].worst
+            assert f"<code>{worst.where}</code>" in html
+
+
+def test_layout_is_written_once_per_writer_and_prefix(tmp_path) -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    writer = SummaryWriter(str(tmp_path / "a"))
+    first, second = TensorBoardSink(writer), TensorBoardSink(writer)
+    for step in (0, 1):
+        first.write(report, step)
+        second.write(report, step)
+    writer.flush()
+    (layout,) = _layouts(tmp_path / "a")
+    assert list(_charts(layout)) == ["gradwatch", "gradwatch: rel_error vs error_bar per tensor"]
+    # another prefix on the same writer: one more layout, holding both (TensorBoard reads a run's last)
+    TensorBoardSink(writer, prefix="gw.2").write(report, 2)
+    writer.close()
+    layouts = _layouts(tmp_path / "a")
+    assert len(layouts) == 2
+    charts = _charts(layouts[-1])
+    assert list(charts) == [
+        "gradwatch", "gradwatch: rel_error vs error_bar per tensor", "gw.2", "gw.2: rel_error vs error_bar per tensor"]
+    assert charts["gw.2"]["rel_error per tensor"] == [r"^gw\.2/rel_error/.*$"]
+    assert charts["gw.2: rel_error vs error_bar per tensor"]["0.weight: rel_error vs error_bar"] == [
+        r"^gw\.2/(rel_error|error_bar)/0\.weight$"]
+    # another writer gets its own
+    other = SummaryWriter(str(tmp_path / "b"))
+    TensorBoardSink(other).write(report, 0)
+    other.close()
+    assert len(_layouts(tmp_path / "b")) == 1
+
+
+@pytest.mark.parametrize("rank", [0, 1])
+def test_layout_only_on_rank_zero_under_torch_distributed(tmp_path, monkeypatch, rank) -> None:
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_rank", lambda group=None: rank)
+    case = CORRECT["layernorm_gelu"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0)
+    writer = SummaryWriter(str(tmp_path))
+    TensorBoardSink(writer).write(report, 0)
+    writer.close()
+    assert len(_layouts(tmp_path)) == (1 if rank == 0 else 0)
+    assert _events(tmp_path).Scalars("gradwatch/failures")[0].value == 0.0  # scalars on every rank
+
+
+def _probe(numerical: float, autograd: float, *, kink: bool = False) -> Probe:
+    return Probe("coordinate", (0,), None, autograd, numerical, abs(numerical - autograd), 0.0, 1e-9, 1e-6, kink)
+
+
+def test_probe_rel_errors_are_per_probe_e_rel_of_judged_non_kinked_probes() -> None:
+    tensors = {
+        "a": TensorCheck("a", (3,), "fail", probes=(_probe(1.0, 3.0), _probe(2.0, 2.0), _probe(0.0, 0.0),
+                                                     _probe(5.0, -5.0, kink=True))),
+        "b": TensorCheck("b", (2,), "pass", rel_error=0.2, probes=(_probe(-1.0, -1.5),)),
+        "c": TensorCheck("c", (2,), "nonfinite", probes=(_probe(math.nan, 1.0),), reason="non-finite gradient"),
+        "d": TensorCheck("d", (2,), "kink", probes=(_probe(1.0, 2.0, kink=True),), reason="every probe crossed"),
+        "e": TensorCheck("e", (2,), "skipped", reason="frozen"),
+    }
+    report = Report(tensors, seed=0)
+    assert report.probe_rel_errors == [0.5, 0.0, 0.0, 0.2]
+    # a one-probe tensor: the same number as the tensor's rel_error (seed-article E_rel)
+    case = CORRECT["layernorm_gelu"](0)
+    single = check(case.model, case.loss_fn, case.batch, seed=0, coordinates=1, directions=0, kinks=False)
+    assert single.probe_rel_errors == pytest.approx([t.rel_error for t in single.tensors.values()], rel=1e-12)
+    # the table: every tensor, failing first in bold, reasons where nothing was judged
+    table = report.markdown().splitlines()[2:]
+    assert table[2].startswith("| `a` | **fail** |") and table[3].startswith("| `c` | **nonfinite** |")
+    assert table[4].startswith("| `b` | pass | 0.2 | `[0]` | -1.5 | -1 |")
+    assert table[5] == "| `d` | kink | - | every probe crossed | - | - |"
+    assert table[6] == "| `e` | skipped | - | frozen | - | - |"
