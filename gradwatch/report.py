@@ -416,19 +416,36 @@ class Report:
         return "pass"
 
     def summary(self) -> str:
-        """One line: verdict, counts, worst relative error, time."""
+        """One line, the log line of a check: step, verdict, counts, worst tensor, time.
+
+        The worst tensor is the failing one (else the passing one) with the largest
+        ``error_ratio``, shown with its ``rel_error``; an unreliable or skipped check
+        ends with its reason.
+
+        Example:
+            ``gradwatch step 200: FAIL (1 fail, 5 pass; worst '0.bias' rel_error 0.94, err/tol 7.2e+05; 0.30s)``
+        """
         counts: dict[str, int] = {}
         for t in self.tensors.values():
             counts[t.verdict] = counts.get(t.verdict, 0) + 1
         parts = ", ".join(f"{n} {v}" for v, n in counts.items())
         step = "" if self.step is None else f"step {self.step}: "
-        line = (
-            f"gradwatch {step}{self.verdict.upper()} ({parts}; "
-            f"max rel_error {_fmt(self.rel_error_max)}; {self.seconds:.2f}s)"
-        )
+        line = f"gradwatch {step}{self.verdict.upper()} ({parts}; {self._worst()}; {self.seconds:.2f}s)"
         if self.reason:
             line += f" - {self.reason}"
         return line
+
+    def _worst(self) -> str:
+        """``worst '<name>' rel_error ..., err/tol ...`` for :meth:`summary`."""
+        by_verdict = {v: [t for t in self.tensors.values() if t.verdict == v] for v in ("fail", "nonfinite")}
+        if not by_verdict["fail"] and by_verdict["nonfinite"]:
+            return f"worst {by_verdict['nonfinite'][0].name!r} nonfinite"
+        pool = by_verdict["fail"] or [t for t in self.tensors.values() if t.verdict == "pass"]
+        pool = [t for t in pool if not math.isnan(t.error_ratio)]
+        if not pool:
+            return "no tensor judged"
+        worst = max(pool, key=lambda t: t.error_ratio)
+        return f"worst {worst.name!r} rel_error {_fmt(worst.rel_error)}, err/tol {_fmt(worst.error_ratio)}"
 
     def markdown(self) -> str:
         """The summary line and a markdown table of every tensor, failing ones first.

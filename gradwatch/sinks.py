@@ -150,8 +150,15 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
 class LoggingSink:
     """One line per check on the ``gradwatch`` logger: INFO when clean or skipped, WARNING otherwise.
 
+    The line is :meth:`Report.summary <gradwatch.Report.summary>`: step, verdict, tensor
+    counts, the worst tensor with its rel_error and error/tolerance, and the seconds the
+    check took. At Python's default WARNING level a clean check prints nothing; a failing
+    or unreliable one prints its line. There is no progress bar: a check's time is
+    budgeted (``max_overhead``) and reported on this line.
+
     Example:
-        >>> LoggingSink().write(report, step=0)  # doctest: +SKIP
+        >>> LoggingSink().write(report, step=200)  # doctest: +SKIP
+        gradwatch step 200: PASS (6 pass; worst '2.weight' rel_error 3.1e-08, err/tol 0.034; 0.19s)
     """
 
     def write(self, report: Report, step: int) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import warnings
 
 import pytest
@@ -12,7 +13,7 @@ import torch
 from torch import nn
 
 from gradwatch import GradientCheckError, GradientCheckWarning, GradWatch, UnreliableCheckWarning
-from zoo import BUGS, CORRECT, assert_same_state, classification_loss, training_state
+from zoo import BUGS, CORRECT, assert_log_lines, assert_same_state, classification_loss, training_state
 
 
 class DropoutBN(nn.Module):
@@ -363,3 +364,20 @@ def test_autocast_entered_inside_the_block_is_replayed(zoo: str, name: str, seed
     assert report.reliable, report.reason
     assert report.grad_precision == "bfloat16" and report.reference
     assert {t.name for t in report.failures} == case.wrong, str(report)
+
+
+@pytest.mark.parametrize("name", ["layernorm_gelu", "bias_mean"])
+def test_one_concise_log_line_per_check_and_nothing_at_warning_when_clean(name: str, caplog) -> None:
+    case = (CORRECT.get(name) or BUGS[name])(0)
+    verdict = "fail" if case.wrong else "pass"
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=2, max_overhead=None, seed=0,
+                          on_failure=lambda report: None)
+        _train(case.model, [case.batch] * 5, watch)
+    assert_log_lines(caplog.records, [0, 2, 4], verdict, case.wrong)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=2, max_overhead=None, seed=0,
+                          on_failure=lambda report: None)
+        _train(case.model, [case.batch] * 5, watch)
+    assert len(caplog.records) == (3 if case.wrong else 0)

@@ -29,7 +29,7 @@ import gradwatch.lightning as gwl
 from gradwatch import GradientCheckError, GradientCheckWarning, Report
 from gradwatch.lightning import GradWatchCallback, LightningLoggerSink
 from lightning_zoo import ZooModule, loader, trainer_kwargs
-from zoo import BUGS, CORRECT, assert_same_state, training_state
+from zoo import BUGS, CORRECT, assert_log_lines, assert_same_state, training_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -338,6 +338,21 @@ def test_gradscaler_skipped_step_is_not_checked_and_reported_skipped(caplog) -> 
 
 
 # ----------------------------------------------------------------------------- 6. logging
+@pytest.mark.parametrize("name", ["layernorm_gelu", "bias_mean"])
+def test_one_concise_log_line_per_check_and_nothing_at_warning_when_clean(name: str, caplog) -> None:
+    case = (CORRECT.get(name) or BUGS[name])(0)
+    verdict = "fail" if case.wrong else "pass"
+    with caplog.at_level(logging.INFO, logger="gradwatch"):
+        _fit(ZooModule(case), GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect),
+             max_steps=3)
+    assert_log_lines(caplog.records, [0, 1, 2], verdict, {f"net.{n}" for n in case.wrong})
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="gradwatch"):
+        _fit(ZooModule(case), GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect),
+             max_steps=3)
+    assert len([r for r in caplog.records if r.name == "gradwatch"]) == (3 if case.wrong else 0)
+
+
 def _events(logdir) -> EventAccumulator:
     acc = EventAccumulator(str(logdir), size_guidance={"scalars": 0, "tensors": 0})
     acc.Reload()

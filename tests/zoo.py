@@ -7,6 +7,7 @@ names whose gradient is wrong.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -14,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BUGS", "CORRECT", "SPARSE_BUGS", "Case", "classification_loss"]
+__all__ = ["BUGS", "CORRECT", "SPARSE_BUGS", "Case", "assert_log_lines", "classification_loss"]
 
 
 @dataclass
@@ -334,3 +335,26 @@ def assert_same_state(a: dict[str, Any], b: dict[str, Any]) -> None:
             assert (x == y).all(), key
         else:
             assert x == y, key
+
+
+_LOG_LINE = re.compile(
+    r"gradwatch step (?P<step>\d+): (?P<verdict>[A-Z]+) \((?:\d+ [a-z]+, )*\d+ [a-z]+; "
+    r"worst '(?P<worst>[^']+)' rel_error \S+, err/tol \S+; \d+\.\d\ds\)"
+)
+
+
+def assert_log_lines(records: list, steps: list[int], verdict: str, wrong: set[str]) -> None:
+    """The ``gradwatch`` logger's records are exactly one concise line per check step:
+    step, verdict, the worst tensor (one of ``wrong`` on failure) with its rel_error and
+    err/tol, and seconds; INFO for a pass, WARNING for a failure."""
+    import logging
+
+    records = [r for r in records if r.name == "gradwatch"]
+    lines = [r.getMessage() for r in records]
+    matches = [_LOG_LINE.fullmatch(line) for line in lines]
+    assert all(matches), lines
+    assert [int(m["step"]) for m in matches] == steps, lines
+    assert all(m["verdict"] == verdict.upper() and len(line) < 200 for m, line in zip(matches, lines)), lines
+    assert all(m["worst"] in wrong for m in matches) if wrong else True, lines
+    level = logging.INFO if verdict == "pass" else logging.WARNING
+    assert [r.levelno for r in records] == [level] * len(steps)
