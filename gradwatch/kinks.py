@@ -7,9 +7,8 @@ an average of two one-sided slopes, not the gradient. A
 forward runs, from modules and functional calls alike. For each op call it computes a
 :class:`_Branch` (plain functions of the op's inputs and outputs, in :data:`_TABLE`):
 
-* ``code``: the branch each element took; one device checksum of it is compared
-  between a perturbed pass and the unperturbed (reference) pass, which decides
-  *crossed* exactly;
+* ``code``: the branch each element took; a perturbed pass compares it elementwise
+  with the unperturbed (reference) pass's code, which decides *crossed* exactly;
 * ``z``: the op's switching input, zero at the kink (``x`` for a ReLU, ``a - b`` for
   ``maximum``, the gap between the winner and the runner-up of a max-pool window).
 
@@ -20,9 +19,10 @@ widest), so a margin below 1 means the linear estimate says a pass crossed; a ma
 of exactly 0 means an element sat *at* the kink (``z₀ == 0`` and the perturbation
 moved it), where the derivative autograd uses is a convention.
 
-Memory: the reference pass keeps, per op call, a float32 copy of ``z₀`` (and, for
-selections, the winner indices ``z`` is signed by); a perturbed pass compares each op
-call as it runs and keeps two device scalars of it. No host synchronisation happens.
+Memory: the reference pass keeps, per op call, its code (one byte per element for most
+ops; the winner indices of selections), and with margins a float32 copy of ``z₀``; a
+perturbed pass compares each op call as it runs and keeps two device scalars of it. No
+host synchronisation happens.
 ``z`` is only computed in the passes that need it (reference and ``±2h``).
 
 A comparison (``x > 0``) is a discontinuity unless its mask goes straight into
@@ -56,8 +56,6 @@ aten = torch.ops.aten
 
 #: dtype of the reference switching inputs kept for margins (margins need ~3 digits).
 _Z_DTYPE = torch.float32
-#: Checksum weights are cached per device up to this many elements (32 MiB of int64).
-_WEIGHTS_CACHED = 1 << 22
 
 
 class _Branch(NamedTuple):
@@ -528,35 +526,6 @@ def _branch(
     return branch, branch.kind or rule[2]
 
 
-def _hash_weights(n: int, device: torch.device) -> Tensor:
-    """Position weights of :func:`_checksum`: pseudo-random, nonzero, below 2**31.
-
-    Xor-shift rounds between the modular multiplications: a weight that is a polynomial
-    in the position (``i·c mod p`` is linear between wrap-arounds) lets several flips
-    cancel, such as the signs ``(-1, 1, 1, -1)`` of four adjacent elements moving across
-    ``abs`` at 0. Every product stays below 2**62.
-    """
-    p = 2147483629
-    x = torch.arange(1, n + 1, device=device, dtype=torch.int64) * 2654435761 % p
-    x = (x ^ (x >> 15)) * 2246822519 % p
-    x = (x ^ (x >> 13)) * 3266489917 % p
-    return (x ^ (x >> 16)) % p + 1
-
-
-def _checksum(code: Tensor, weights: Tensor | None = None) -> Tensor:
-    """A device scalar that changes whenever any element of ``code`` changes.
-
-    ``weights``: :func:`_hash_weights` of at least ``code.numel()`` on its device (cached
-    by the recorder), else computed here.
-    """
-    flat = code.reshape(-1)
-    n = flat.numel()
-    weights = _hash_weights(n, flat.device) if weights is None else weights[:n]
-    if flat.is_floating_point():
-        return (flat.to(torch.float64) * weights.to(torch.float64)).sum()
-    return (flat.to(torch.int64) * weights).sum()
-
-
 def _margin(z0: Tensor, zcode0: Tensor | None, branch: _Branch) -> Tensor:
     """``min |z₀| / |z - z₀|`` over the elements this pass moved (inf when none moved).
 
@@ -582,7 +551,7 @@ class _Reference:
     names: list[str] = field(default_factory=list)
     modules: list[str | None] = field(default_factory=list)
     kinds: list[str] = field(default_factory=list)
-    sums: list[Tensor] = field(default_factory=list)
+    codes: list[Tensor] = field(default_factory=list)
     z: list[Tensor | None] = field(default_factory=list)
     zcode: list[Tensor | None] = field(default_factory=list)
 
@@ -591,9 +560,9 @@ class _Reference:
 
     @property
     def nbytes(self) -> int:
-        """Bytes the reference keeps alive (switching inputs, winner indices, checksums)."""
-        kept = [t for t in (*self.z, *self.zcode, *self.sums) if t is not None]
-        return sum(t.numel() * t.element_size() for t in kept)
+        """Bytes the reference keeps alive (codes, switching inputs, winner indices)."""
+        kept = {id(t): t for t in (*self.z, *self.zcode, *self.codes) if t is not None}
+        return sum(t.numel() * t.element_size() for t in kept.values())
 
 
 class _ProbeKinks:
@@ -645,7 +614,7 @@ class _BranchRecorder(TorchDispatchMode):
         module_names: ``id(module) -> qualified name`` for attribution (from
             ``named_modules()``); ops called while no listed module runs get ``None``.
         margins: Keep switching inputs and compute margins; False records crossings
-            (checksums) only, for the cheapest checks.
+            (codes) only, for the cheapest checks.
     """
 
     def __init__(self, module_names: dict[int, str] | None = None, *, margins: bool = True) -> None:
@@ -661,8 +630,6 @@ class _BranchRecorder(TorchDispatchMode):
         self._margins: list[Tensor] = []
         self._count = 0
         self._inf: Tensor | None = None
-        self._weights: dict[torch.device, Tensor] = {}
-        self._weights64: dict[torch.device, Tensor] = {}  # the same weights as float64
 
     def compare_into(self, target: _ProbeKinks | None) -> "_BranchRecorder":
         """Compare the next pass with ``target.reference`` (``None``: record a reference)."""
@@ -743,20 +710,6 @@ class _BranchRecorder(TorchDispatchMode):
             self._on_branch(func, *found, out)
         return out
 
-    def _sum(self, code: Tensor) -> Tensor:
-        n, device = code.numel(), code.device
-        if n > _WEIGHTS_CACHED:
-            return _checksum(code)
-        weights = self._weights.get(device)
-        if weights is None or weights.numel() < n:
-            weights = self._weights[device] = _hash_weights(n, device)
-            self._weights64[device] = weights.to(torch.float64)
-        if code.dtype == torch.bool:
-            # a float64 dot product (BLAS, ~4x faster than the int64 sum) is exact here: 0/1
-            # times integers below 2**31, over at most 2**22 elements, stays below 2**53
-            return torch.dot(code.reshape(-1).to(torch.float64), self._weights64[device][:n])
-        return _checksum(code, weights)
-
     def _on_branch(self, func: Any, branch: _Branch, kind: str, out: Any) -> None:
         name = func.overloadpacket.__name__
         k = self._count
@@ -771,10 +724,16 @@ class _BranchRecorder(TorchDispatchMode):
         ref.names.append(name)
         ref.modules.append(self._module())
         ref.kinds.append(kind)
-        ref.sums.append(self._sum(branch.code))
-        z = branch.z
+        code = branch.code
+        if _is_output(code, out):  # the caller holds it and may change it in place
+            code = code.clone()
+        ref.codes.append(code)
+        z = branch.z if self.margins else None  # some rules give z even when not asked
         ref.z.append(None if z is None else z.detach().to(_Z_DTYPE, copy=True))
-        ref.zcode.append(None if branch.zcode is None or z is None else branch.zcode.clone())
+        if branch.zcode is None or z is None:
+            ref.zcode.append(None)
+        else:  # the winner indices: often the code itself
+            ref.zcode.append(code if branch.zcode is branch.code else branch.zcode.clone())
         if kind == "discontinuity" and isinstance(out, Tensor) and out.dtype == torch.bool:
             self._masks[id(out)] = (weakref.ref(out), len(ref) - 1)
 
@@ -794,13 +753,26 @@ class _BranchRecorder(TorchDispatchMode):
         if k >= len(ref) or ref.names[k] != name:
             self._target._diverge(k, name)
             return
-        self._crossed.append(self._sum(branch.code) != ref.sums[k])
+        self._crossed.append(_changed(branch.code, ref.codes[k]))
         if self._target.with_margins:
             z0 = ref.z[k]
             if z0 is None or branch.z is None or branch.z.shape != z0.shape:
                 if self._inf is None:
-                    self._inf = torch.full((), math.inf, dtype=torch.float64, device=ref.sums[k].device)
+                    self._inf = torch.full((), math.inf, dtype=torch.float64, device=ref.codes[k].device)
                 self._margins.append(self._inf)
             else:
                 self._margins.append(_margin(z0, ref.zcode[k], branch))
 
+
+
+def _is_output(code: Tensor, out: Any) -> bool:
+    """Whether ``code`` is (a part of) the op's output."""
+    outs = out if isinstance(out, (tuple, list)) else (out,)
+    return any(isinstance(o, Tensor) and o is code for o in outs)
+
+
+def _changed(code: Tensor, reference: Tensor) -> Tensor:
+    """Device bool: some element took another branch than in the reference pass."""
+    if code.shape != reference.shape or code.device != reference.device:
+        return torch.ones((), dtype=torch.bool, device=reference.device)
+    return torch.ne(code, reference).any()

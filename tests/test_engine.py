@@ -906,6 +906,66 @@ def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> 
         check(case.model, case.loss_fn, case.batch, richardson="no")
 
 
+def test_the_smallest_check_skips_the_unperturbed_pass() -> None:
+    """Without Richardson passes and reference gradient, a probe's +h pass is the kink
+    reference of its -h pass and their midpoint stands for the unperturbed loss: two
+    evaluations per probe and none more, with the same verdicts."""
+    calls = []
+
+    def counting(model, batch):
+        calls.append(1)
+        return classification_loss(model, batch)
+
+    for seed in (0, 1):
+        for name, zoo in (("cnn_bn_pool", CORRECT), ("mlp_relu_dropout", CORRECT), ("wrong_sign", BUGS),
+                          ("bias_mean", BUGS)):
+            case = zoo[name](seed)
+            calls.clear()
+            short = check(case.model, counting, case.batch, seed=seed, coordinates=1, directions=1,
+                          richardson=False, reference=False, localize=False)
+            assert len(calls) == 1 + 2 * len(short.probes), name  # the training forward, then ±h per probe
+            assert short.reliable and {t.name for t in short.failures} == case.wrong, str(short)
+            assert short.replay_loss == pytest.approx(short.train_loss, rel=1e-5)
+            with_base = check(case.model, case.loss_fn, case.batch, seed=seed, coordinates=1, directions=1,
+                              richardson=False, reference=True, localize=False)
+            assert [p.kink for p in short.probes] == [p.kink for p in with_base.probes], name
+
+
+def test_the_smallest_check_sees_a_crossing_between_its_two_passes() -> None:
+    model = nn.Sequential(nn.Linear(2, 3), nn.ReLU(), nn.Linear(3, 1))
+    with torch.no_grad():
+        model[0].weight[1].zero_()
+        model[0].bias[1] = 0.0  # unit 1 sits exactly at the ReLU kink: +h turns it on, -h leaves it off
+    x = torch.randn(4, 2)
+
+    def loss_fn(m, batch):
+        return m(batch).pow(2).mean()
+
+    short = check(model, loss_fn, x, seed=0, coordinates=3, directions=0, names=["0.bias"], richardson=False,
+                  reference=False, kink_resamples=0)
+    bias = short.tensors["0.bias"]
+    crossed = [p for p in bias.probes if p.kink]
+    assert [p.index for p in crossed] == [(1,)], str(short)
+    assert [(e.module, e.op, e.crossed) for e in bias.kink_events] == [("1", "relu", True)]
+    assert all(not p.kink for p in bias.probes if p.index != (1,)) and short.ok
+
+
+def test_the_smallest_check_falls_back_to_native_when_float64_raises_in_a_probe() -> None:
+    case = CORRECT["mlp_relu_dropout"](0)
+
+    def no_float64(model, batch):
+        loss = classification_loss(model, batch)
+        if loss.dtype == torch.float64:
+            raise RuntimeError("kernel has no float64 version")
+        return loss
+
+    before = training_state(case.model)
+    report = check(case.model, no_float64, case.batch, seed=0, richardson=False, reference=False)
+    assert report.precision == "native" and "kernel has no float64 version" in report.precision_reason
+    assert report.ok and report.reliable, str(report)
+    assert_same_state(before, training_state(case.model))
+
+
 def test_without_reference_the_probes_are_judged_against_the_gradient_at_its_precision() -> None:
     for name, zoo in (("cnn_bn_pool", CORRECT), ("wrong_sign", BUGS), ("bias_mean", BUGS)):
         case = zoo[name](0)
