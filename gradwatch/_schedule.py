@@ -22,9 +22,12 @@ Budget accounting (``max_overhead`` = check seconds / training seconds):
   coordinates and directions when that fits; otherwise fewer coordinates, then
   fewer directions (at least one probe per tensor), then fewer tensors, taken in
   rotation so that every tensor is checked in turn. When even one probe with its
-  ``±2h`` Richardson passes does not fit, the check is the smallest one: that one
-  probe at ``±h`` only and no float64 reference gradient (:attr:`_Schedule.richardson`
-  is False; ``check(richardson=False, reference=False)``). Costs are
+  ``±2h`` Richardson passes does not fit, the check is the smallest one: one
+  coordinate (a direction when no coordinates are configured) at ``±h`` only, with
+  no unperturbed pass and no float64 reference gradient (:attr:`_Schedule.richardson`
+  is False; ``check(richardson=False, reference=False)``). A coordinate, because a
+  direction over a whole ReLU/max-pool tensor nearly always crosses some kink and then
+  verifies nothing. Costs are
   predicted from the seconds per loss evaluation measured at the previous check
   (before the first check: the duration of the training step itself).
 """
@@ -41,9 +44,10 @@ __all__: list[str] = []
 
 #: Loss evaluations per check besides the probes, roughly: the native replay, the unperturbed
 #: float64 loss and its backward (the float64 reference gradient); the smallest check has
-#: no backward. Only an estimate: the seconds per evaluation are re-measured at every check.
+#: only the native replay. Only an estimate: the seconds per evaluation are re-measured at
+#: every check.
 _FIXED_EVALS = 4
-_FIXED_EVALS_SMALLEST = 2
+_FIXED_EVALS_SMALLEST = 1
 #: Loss evaluations per probe (θ ± h·v and θ ± 2h·v), and without the ±2h passes.
 _EVALS_PER_PROBE = 4
 _EVALS_PER_SHORT_PROBE = 2
@@ -121,6 +125,11 @@ class _Schedule:
         start = self._cursor % len(names)
         self._cursor = start + count
         chosen = [names[(start + i) % len(names)] for i in range(count)]
+        if not self.richardson and self.coordinates:
+            # the smallest check: a coordinate, since a direction over a ReLU/max-pool tensor
+            # nearly always crosses some kink and then verifies nothing (coordinates that
+            # cross are redrawn)
+            return chosen, 1, 0
         return chosen, (0 if self.directions else 1), min(self.directions, 1)
 
     def done(self, step: int, seconds: float, probes: int) -> None:

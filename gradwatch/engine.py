@@ -195,7 +195,12 @@ def check(
         reference: In float64 evaluation, also take autograd's gradient of the float64
             copy (the code test and the precision test, see above). False saves that
             backward (the adapters' smallest budgeted check): probes are then judged
-            against the gradient itself with the tolerance of its precision.
+            against the gradient itself with the tolerance of its precision. With
+            ``richardson`` also False and sequential evaluation, the unperturbed float64
+            pass is skipped too: each probe's ``+h`` pass is the kink reference of its
+            ``-h`` pass, and the midpoint of the first probe's two losses is the replayed
+            loss (``O(h²)`` from it; not compared with the training loss when that probe
+            crossed a kink).
         replay: State captured with :func:`gradwatch.capture` right before the
             training forward. With ``grads="autograd"`` it must be ``None``; otherwise
             ``None`` means "replay from the current state".

@@ -321,13 +321,13 @@ def test_budget_spreads_the_first_check_over_tensors_in_turn() -> None:
     """Before any measurement a check is assumed to cost one training step per loss evaluation."""
     case = CORRECT["layernorm_gelu"](0)
     names = [n for n, _ in case.model.named_parameters()]
-    # 2% of 100 steps: 2 evaluations, less than the smallest check: one direction on one tensor
+    # 2% of 100 steps: 2 evaluations, less than the smallest check: one coordinate on one tensor
     watch = GradWatch(case.model, case.loss_fn, seed=0, on_failure="raise")
     with watch.step(case.batch):
         case.loss_fn(case.model, case.batch).backward()
     report = watch.last_report
     checked = [n for n, t in report.tensors.items() if t.verdict != "skipped"]
-    assert checked == names[:1] and [p.kind for p in report.tensors[names[0]].probes] == ["direction"]
+    assert checked == names[:1] and [p.kind for p in report.tensors[names[0]].probes] == ["coordinate"]
     assert all("not selected" in report.tensors[n].reason for n in names[1:])
     assert watch.max_overhead == 0.02
     # 100% of 100 steps: 100 evaluations, 24 probes: every tensor, 3 coordinates and 1 direction each

@@ -591,7 +591,7 @@ def test_precision_and_kink_options_reach_the_engine() -> None:
 
 def test_default_budget_checks_step_zero_then_spends_within_the_budget(monkeypatch) -> None:
     """The schedule shared with GradWatch: step 0 is checked, sized before anything is measured
-    (2% of 100 steps: less than one probe, so one direction on the first tensor)."""
+    (2% of 100 steps: less than one probe, so the smallest check: one coordinate of the first tensor)."""
     calls = []
     original = gwl.check
     monkeypatch.setattr(gwl, "check", lambda *a, **k: calls.append(k["names"]) or original(*a, **k))
@@ -602,5 +602,5 @@ def test_default_budget_checks_step_zero_then_spends_within_the_budget(monkeypat
     names = [n for n, _ in module.named_parameters()]
     assert [s for s, _ in callback.reports] == [0] and calls == [names[:1]]  # the next check is >= 100 steps away
     report = callback.last_report
-    assert [p.kind for p in report.tensors[names[0]].probes] == ["direction"]
+    assert [p.kind for p in report.tensors[names[0]].probes] == ["coordinate"]
     assert all("not selected" in report.tensors[n].reason for n in names[1:])

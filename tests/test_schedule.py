@@ -75,7 +75,10 @@ def test_probes_shrink_coordinates_first_then_tensors_in_rotation(monkeypatch) -
     assert all(chosen == NAMES and d == 1 and c < 4 for _, chosen, c, d in fewer[1:])
     # 2 s / 0.2 = 10 evaluations: 2 probes, one direction on two tensors at a time, in turn
     rotating, _, _ = _simulate(monkeypatch, steps=3000, every=100, budget=0.02, step_s=1.0, eval_s=0.2)
-    assert all(d == 1 and c == 0 and len(chosen) < len(NAMES) for _, chosen, c, d in rotating)
+    # (the smallest check, one coordinate at ±h, where even one full probe does not fit: step 0,
+    # before any measurement, and step 100, after paying for it)
+    assert [c[1:] for c in rotating[:2]] == [(NAMES[:1], 1, 0), (NAMES[1:2], 1, 0)]
+    assert all(d == 1 and c == 0 and len(chosen) < len(NAMES) for _, chosen, c, d in rotating[2:])
     covered = [name for _, chosen, _, _ in rotating[:6] for name in chosen]
     assert set(covered) == set(NAMES)
 
@@ -86,7 +89,7 @@ def test_a_single_probe_drops_its_richardson_passes_only_when_nothing_else_fits(
     monkeypatch.setattr(_schedule, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     sched.begin(0)
     now[0] += 1.0
-    assert sched.plan(NAMES) == (NAMES[:1], 0, 1) and not sched.richardson  # 2 evaluations < 4 + 4: the smallest
+    assert sched.plan(NAMES) == (NAMES[:1], 1, 0) and not sched.richardson  # 2 evaluations < 4 + 4: the smallest
     roomy = _Schedule(100, 0.2, 4, 1)
     roomy.begin(0)
     now[0] += 1.0
@@ -97,7 +100,10 @@ def test_a_single_probe_drops_its_richardson_passes_only_when_nothing_else_fits(
 def test_first_check_gets_one_interval_of_budget(monkeypatch) -> None:
     # before any check, one evaluation is assumed to cost one training step: 0.02 * 100 = 2 evaluations
     checks, _, _ = _simulate(monkeypatch, steps=1, every=100, budget=0.02, step_s=1.0, eval_s=1.0)
-    assert checks == [(0, NAMES[:1], 0, 1)]
+    assert checks == [(0, NAMES[:1], 1, 0)]  # the smallest check: one coordinate
+    checks, _, _ = _simulate(monkeypatch, steps=1, every=100, budget=0.02, step_s=1.0, eval_s=1.0, directions=2,
+                             coordinates=0)
+    assert checks == [(0, NAMES[:1], 0, 1)]  # a direction when no coordinates are configured
     checks, _, _ = _simulate(monkeypatch, steps=1, every=100, budget=1.0, step_s=1.0, eval_s=1.0)
     assert checks == [(0, NAMES, 3, 1)]  # 100 evaluations: 24 probes, 4 per tensor
 
