@@ -49,8 +49,8 @@ class TensorBoardSink:
     ``Custom Scalars`` tab): a category named after the prefix with one chart per
     concern (worst error / tolerance against the fail threshold, error / tolerance
     per tensor, relative errors, precision gaps, failures, kink fraction, kink
-    margin, kinks per tensor) and a category with one chart per tensor of its relative error against
-    its error bar. The layout is written once per writer and prefix (two sinks on
+    margin, kinks per tensor) and a category with one chart per tensor of its
+    relative error against its error bar. The layout is written once per writer and prefix (two sinks on
     one writer do not repeat it; a second prefix rewrites it with both), and only
     on rank zero when ``torch.distributed`` is initialized: TensorBoard merges the
     layouts of all runs under a logdir, so one is enough.
