@@ -166,7 +166,7 @@ def main(argv: list[str] | None = None) -> Outcome:
         print(f"unit test (gradwatch.assert_gradients): PASS - {unit.summary()}")
     except gradwatch.GradientCheckError as err:
         unit = err
-        print(f"unit test (gradwatch.assert_gradients): FAIL - {_first_failure(err.report)}")
+        print(f"unit test (gradwatch.assert_gradients): FAIL - {_largest_error([err.report])[1]}")
 
     # 2. the op in a training loop
     torch.manual_seed(args.seed)
@@ -191,9 +191,10 @@ def main(argv: list[str] | None = None) -> Outcome:
             optimizer.step()
     checks = len(watch.reports)
     if failures:
+        step, where = _largest_error(failures)
         print(
-            f"training (gradwatch.GradWatch): FAIL in {len(failures)} of {checks} checks - "
-            f"{_first_failure(failures[0])} (final loss {loss.item():.4f})"
+            f"training (gradwatch.GradWatch): FAIL in {len(failures)} of {checks} checks; largest error at step "
+            f"{step}: {where} (final loss {loss.item():.4f})"
         )
     else:
         print(f"training (gradwatch.GradWatch): PASS in all {checks} checks (final loss {loss.item():.4f})")
@@ -201,9 +202,12 @@ def main(argv: list[str] | None = None) -> Outcome:
     return Outcome(unit, watch)
 
 
-def _first_failure(report: gradwatch.Report) -> str:
-    """The located part of the first failing tensor's message."""
-    return report.failures[0].message.split(" (tolerance")[0]
+def _largest_error(reports: list[gradwatch.Report]) -> tuple[int | None, str]:
+    """The step and the located part of the failure message whose probe has the largest rel_err."""
+    report, tensor = max(
+        ((r, t) for r in reports for t in r.failures if t.worst is not None), key=lambda rt: rt[1].worst.rel_error
+    )
+    return report.step, tensor.message.split(" (tolerance")[0]
 
 
 if __name__ == "__main__":

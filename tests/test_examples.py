@@ -90,7 +90,8 @@ def test_custom_op_example_catches_the_bug_in_the_unit_test_and_in_training(cust
     assert first.startswith("unit test (gradwatch.assert_gradients): FAIL - 'x'[")
     assert isinstance(unit, GradientCheckError) and isinstance(unit, AssertionError)
     assert {t.name for t in unit.report.failures} == {"x", "bias"}
-    assert second.startswith("training (gradwatch.GradWatch): FAIL in 3 of 3 checks - '")
+    assert second.startswith("training (gradwatch.GradWatch): FAIL in 3 of 3 checks; largest error at step ")
+    assert any(f": '{name}'[" in second for name in _FUSED_WRONG)
     assert third.startswith("view the logs: tensorboard --logdir")
     assert [s for s, _ in watch.reports] == [0, 20, 40]
     assert all({t.name for t in r.failures} == _FUSED_WRONG for _, r in watch.reports)
