@@ -457,7 +457,7 @@ class Report:
 
         Example:
             >>> print(report.markdown())  # doctest: +SKIP
-            gradwatch step 0: FAIL (5 pass, 1 fail; max rel_error 0.98; 0.30s)
+            gradwatch step 0: FAIL (5 pass, 1 fail; worst '0.bias' rel_error 0.98, err/tol 3.1e+05; 0.30s)
             <BLANKLINE>
             | tensor | verdict | rel_error | worst index | autograd | numerical |
             |---|---|---|---|---|---|
