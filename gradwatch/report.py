@@ -457,12 +457,12 @@ class Report:
 
         Example:
             >>> print(report.markdown())  # doctest: +SKIP
-            gradwatch step 0: FAIL (5 pass, 1 fail; worst '0.bias' rel_error 0.98, err/tol 3.1e+05; 0.30s)
+            gradwatch FAIL (1 pass, 1 fail; worst 'fc1.bias' rel_error 0.94, err/tol 7.3e+05; 0.95s)
             <BLANKLINE>
             | tensor | verdict | rel_error | worst index | autograd | numerical |
             |---|---|---|---|---|---|
-            | `0.bias` | **fail** | 0.98 | `[48]` | 1.2e-05 | 1.5e-03 |
-            | `0.weight` | pass | 3.1e-08 | `[3, 1]` | -0.17 | -0.17 |
+            | `fc1.bias` | **fail** | 0.94 | `[14]` | -7.9e-04 | -0.025 |
+            | `fc1.weight` | pass | 3.2e-07 | `[11, 6]` | -3.2e-03 | -3.2e-03 |
         """
         bad = ("fail", "nonfinite")
         rows = ["| tensor | verdict | rel_error | worst index | autograd | numerical |", "|---|---|---|---|---|---|"]
