@@ -24,12 +24,12 @@ Budget accounting (``max_overhead`` = check seconds / training seconds):
   rotation so that every tensor is checked in turn. When even one probe with its
   ``±2h`` Richardson passes does not fit, the check is the smallest one: one
   coordinate (a direction when no coordinates are configured) at ``±h`` only, with
-  no unperturbed pass and no float64 reference gradient (:attr:`_Schedule.richardson`
-  is False; ``check(richardson=False, reference=False)``). A coordinate, because a
-  direction over a whole ReLU/max-pool tensor nearly always crosses some kink and then
-  verifies nothing. Costs are
-  predicted from the seconds per loss evaluation measured at the previous check
-  (before the first check: the duration of the training step itself).
+  no unperturbed pass, no float64 reference gradient and no redrawn coordinates
+  (:attr:`_Schedule.richardson` is False; :meth:`_Schedule.check_options`). A
+  coordinate, because a direction over a whole ReLU/max-pool tensor nearly always
+  crosses some kink and then verifies nothing. Costs are predicted from the seconds
+  per loss evaluation measured at the previous check (before the first check: the
+  duration of the training step itself).
 """
 
 from __future__ import annotations
@@ -131,6 +131,15 @@ class _Schedule:
             # cross are redrawn)
             return chosen, 1, 0
         return chosen, (0 if self.directions else 1), min(self.directions, 1)
+
+    def check_options(self) -> dict[str, bool | int]:
+        """Keyword arguments of ``check`` that the planned check overrides: the smallest
+        check takes neither the ``±2h`` passes nor the float64 reference gradient, and
+        redraws no coordinate that crossed a kink (a redraw is one more probe, and not
+        even one full probe fits)."""
+        if self.richardson:
+            return {}
+        return {"richardson": False, "reference": False, "kink_resamples": 0}
 
     def done(self, step: int, seconds: float, probes: int) -> None:
         """After the check of ``step``: it took ``seconds`` for ``probes`` probes."""

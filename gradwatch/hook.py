@@ -217,9 +217,7 @@ class GradWatch:
             coordinates=coordinates,
             directions=directions,
             names=names,
-            richardson=self._schedule.richardson,
-            reference=self._schedule.richardson,  # the smallest check has neither
-            **self._check_kwargs,
+            **{**self._check_kwargs, **self._schedule.check_options()},
         )
         del captured, state
         self._schedule.done(step, report.seconds, sum(len(t.probes) for t in report.tensors.values()))

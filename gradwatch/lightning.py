@@ -292,9 +292,7 @@ class GradWatchCallback(Callback):
                 coordinates=coordinates,
                 directions=directions,
                 names=names,
-                richardson=richardson,
-                reference=richardson,  # the smallest check has neither
-                **self._check_kwargs,
+                **{**self._check_kwargs, **self._schedule.check_options()},
             )
         del grads, pending
         self._schedule.done(step, report.seconds, len(report.probes))

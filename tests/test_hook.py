@@ -12,7 +12,7 @@ import gradwatch.hook
 import torch
 from torch import nn
 
-from gradwatch import GradientCheckError, GradientCheckWarning, GradWatch, UnreliableCheckWarning
+from gradwatch import GradientCheckError, GradientCheckWarning, GradWatch, KinkWarning, UnreliableCheckWarning
 from zoo import BUGS, CORRECT, assert_log_lines, assert_same_state, classification_loss, training_state
 
 
@@ -336,6 +336,29 @@ def test_budget_spreads_the_first_check_over_tensors_in_turn() -> None:
         case.loss_fn(case.model, case.batch).backward()
     assert all(len(t.probes) == 4 for t in watch.last_report.tensors.values())
 
+
+
+def test_the_smallest_check_redraws_no_kinked_coordinate_and_a_full_check_does() -> None:
+    """A layer whose every pre-activation sits at the ReLU kink: any coordinate of its
+    weight crosses. The budgeted first check (the smallest) keeps its one probe, kinked;
+    an unbudgeted check redraws coordinates (kink_resamples=4)."""
+    model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
+    with torch.no_grad():
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    batch = torch.randn(8, 3)
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    for budget, probes, redrawn in ((0.02, 1, 0), (None, 4 + 1 + 4, 4)):
+        watch = GradWatch(model, loss_fn, seed=0, max_overhead=budget, on_failure="raise")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KinkWarning)
+            with watch.step(batch):
+                loss_fn(model, batch).backward()
+        weight = watch.last_report.tensors["0.weight"]
+        assert (len(weight.probes), weight.resampled, weight.verdict) == (probes, redrawn, "kink"), str(weight)
 
 
 def test_every_check_keeps_a_random_direction() -> None:

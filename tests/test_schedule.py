@@ -95,6 +95,10 @@ def test_a_single_probe_drops_its_richardson_passes_only_when_nothing_else_fits(
     now[0] += 1.0
     assert roomy.plan(NAMES) == (NAMES[:4], 0, 1) and roomy.richardson  # 20 evaluations: 4 full probes
     assert _Schedule(100, None, 4, 1).plan(NAMES) == (NAMES, 4, 1)
+    # what the planned check overrides: nothing, or for the smallest check the ±2h passes,
+    # the reference gradient and the redrawing of kinked coordinates
+    assert roomy.check_options() == {}
+    assert sched.check_options() == {"richardson": False, "reference": False, "kink_resamples": 0}
 
 
 def test_first_check_gets_one_interval_of_budget(monkeypatch) -> None:
