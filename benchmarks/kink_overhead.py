@@ -5,7 +5,7 @@ Prints, per model, the median wall time of ``gradwatch.check`` with ``kinks=Fals
 with kink recording but no resampling (``kink_resamples=0``), and at defaults
 (recording + resampling), interleaved so that load changes hit all three alike; the
 ratios to ``kinks=False``; and the bytes the reference pass keeps for margins
-(float32 switching inputs, winner indices, checksums) next to the float64 copy of
+(branch codes, float32 switching inputs, winner indices) next to the float64 copy of
 the parameters the check holds anyway, and what the same switching inputs take as
 float64 activations.
 """

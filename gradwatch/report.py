@@ -380,7 +380,7 @@ class Report:
             return ""
         rows = [
             f"gradwatch: probes came near kinks at {len(sites)} op(s); kink_fraction "
-            f"{_fmt(self.kink_fraction)}, {self.kink_resamples} replacement coordinate(s) drawn",
+            f"{self.kink_fraction:.3g}, {self.kink_resamples} replacement coordinate(s) drawn",
             "",
             "| module | op | kind | near | crossed | at kink | min margin |",
             "|---|---|---|---|---|---|---|",
