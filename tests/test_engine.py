@@ -16,6 +16,14 @@ from gradwatch.engine import check
 from zoo import BUGS, CORRECT, SPARSE_BUGS, CustomLinear, Mlp, assert_same_state, classification_loss, training_state
 
 
+def _no_float64_loss(model: nn.Module, batch) -> torch.Tensor:
+    """The classification loss of a model whose kernel has no float64 version."""
+    loss = classification_loss(model, batch)
+    if loss.dtype == torch.float64:
+        raise RuntimeError("kernel has no float64 version")
+    return loss
+
+
 # ------------------------------------------------------------------------------- zoos
 @pytest.mark.parametrize("seed", [0, 1, 2])
 @pytest.mark.parametrize("bug", sorted(BUGS))
@@ -399,16 +407,9 @@ def test_check_leaves_model_buffers_grads_and_rng_exactly_as_found() -> None:
 
 def test_state_is_restored_when_loss_fn_raises_on_the_float64_copy() -> None:
     case = CORRECT["cnn_bn_pool"](0)
-
-    def loss_fn(model, batch):
-        loss = classification_loss(model, batch)
-        if loss.dtype == torch.float64:
-            raise RuntimeError("my kernel has no float64 version")
-        return loss
-
     before = training_state(case.model)
     with pytest.raises(RuntimeError, match="no float64 version") as info:
-        check(case.model, loss_fn, case.batch, seed=0, precision="float64")
+        check(case.model, _no_float64_loss, case.batch, seed=0, precision="float64")
     assert any("float64 copy" in note for note in info.value.__notes__)
     assert_same_state(before, training_state(case.model))
 
@@ -689,14 +690,8 @@ def test_auto_precision_says_which_precision_it_used_and_why() -> None:
     big = check(case.model, case.loss_fn, case.batch, seed=0, max_shadow_bytes=1024)
     assert big.precision == "native" and "> max_shadow_bytes" in big.precision_reason and big.ok
 
-    def no_float64(model, batch):
-        loss = classification_loss(model, batch)
-        if loss.dtype == torch.float64:
-            raise RuntimeError("kernel has no float64 version")
-        return loss
-
     before = training_state(case.model)
-    fallback = check(case.model, no_float64, case.batch, seed=0)
+    fallback = check(case.model, _no_float64_loss, case.batch, seed=0)
     assert fallback.precision == "native" and "kernel has no float64 version" in fallback.precision_reason
     assert fallback.ok, str(fallback)
     assert_same_state(before, training_state(case.model))
@@ -952,15 +947,8 @@ def test_the_smallest_check_sees_a_crossing_between_its_two_passes() -> None:
 
 def test_the_smallest_check_falls_back_to_native_when_float64_raises_in_a_probe() -> None:
     case = CORRECT["mlp_relu_dropout"](0)
-
-    def no_float64(model, batch):
-        loss = classification_loss(model, batch)
-        if loss.dtype == torch.float64:
-            raise RuntimeError("kernel has no float64 version")
-        return loss
-
     before = training_state(case.model)
-    report = check(case.model, no_float64, case.batch, seed=0, richardson=False, reference=False)
+    report = check(case.model, _no_float64_loss, case.batch, seed=0, richardson=False, reference=False)
     assert report.precision == "native" and "kernel has no float64 version" in report.precision_reason
     assert report.ok and report.reliable, str(report)
     assert_same_state(before, training_state(case.model))
