@@ -13,6 +13,7 @@ Example:
 
 from gradwatch.engine import check
 from gradwatch.hook import GradWatch
+from gradwatch.kinks import register_kink
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     GradientCheckError,
@@ -49,6 +50,7 @@ __all__ = [
     "capture",
     "check",
     "metrics",
+    "register_kink",
 ]
 
 __version__ = "0.1.0"

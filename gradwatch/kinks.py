@@ -50,7 +50,7 @@ from torch import Tensor, nn
 from torch.nn.modules.module import register_module_forward_hook, register_module_forward_pre_hook
 from torch.utils._python_dispatch import TorchDispatchMode
 
-__all__ = ["DISCONTINUOUS_OPS", "KINK_OPS"]
+__all__ = ["DISCONTINUOUS_OPS", "KINK_OPS", "register_kink"]
 
 aten = torch.ops.aten
 
@@ -508,6 +508,65 @@ def _rule(func: Any) -> _Rule | None:
     except KeyError:
         rule = _RULE_CACHE[func] = _OVERLOAD.get(func) or _RULES.get(func.overloadpacket)
         return rule
+
+
+def register_kink(op: Any, switching_input: Callable[..., Tensor], *, kind: str = "kink") -> None:
+    """Tell gradwatch where an opaque op is non-smooth.
+
+    The kink recorder sees a ``torch.library`` custom op (a CUDA/Triton kernel wrapper)
+    as one call, not the ``relu``/``clamp`` inside its kernel, so a probe that crosses
+    such a kink would be judged and could fail on a correct backward. Registering the
+    op's *switching input* ``z`` (zero at the kink, of one sign on each branch) makes
+    every call of the op a recorded kink: an element whose sign of ``z`` changes between
+    a probe's passes is a crossing (the probe is excluded and a coordinate redrawn), and
+    ``|z|`` gives the margin, as for the built-in ops.
+
+    Args:
+        op: The op: what ``@torch.library.custom_op`` returned, ``torch.ops.<ns>.<name>``
+            or one of its overloads (``.default``).
+        switching_input: Called with the op's arguments, as the op receives them
+            (``switching_input(*args, **kwargs)``), inside the recorder and without
+            autograd; returns a floating tensor ``z`` (any shape).
+        kind: ``"kink"`` (the derivative jumps where ``z`` changes sign) or
+            ``"discontinuity"`` (the value jumps).
+
+    Raises:
+        TypeError: ``op`` is not an op, or ``switching_input`` is not callable.
+        ValueError: ``kind`` is neither "kink" nor "discontinuity".
+
+    Example:
+        >>> @torch.library.custom_op("mylib::bias_relu", mutates_args=())  # doctest: +SKIP
+        ... def bias_relu(x: Tensor, bias: Tensor) -> Tensor: ...
+        >>> gradwatch.register_kink(bias_relu, lambda x, bias: x + bias)  # doctest: +SKIP
+    """
+    if not callable(switching_input):
+        raise TypeError(f"`switching_input` must be callable, got {type(switching_input).__name__}")
+    if kind not in ("kink", "discontinuity"):
+        raise ValueError(f"`kind` must be 'kink' or 'discontinuity', got {kind!r}")
+    target = getattr(op, "_opoverload", op)  # a CustomOpDef wraps its OpOverload
+    if isinstance(target, torch._ops.OpOverload):
+        table: dict[Any, _Rule] = _OVERLOAD
+    elif isinstance(target, torch._ops.OpOverloadPacket):
+        table = _RULES
+    else:
+        raise TypeError(
+            "`op` must be a torch.library custom op, torch.ops.<namespace>.<name> or one of its overloads, "
+            f"got {type(op).__name__} {op!r}"
+        )
+    name = str(target)
+
+    def code(args: tuple, kwargs: dict, out: Any, with_z: bool) -> _Branch:
+        z = switching_input(*args, **kwargs)
+        if not isinstance(z, Tensor) or not z.is_floating_point():
+            raise TypeError(
+                f"the switching input registered for {name} must return a floating tensor, "
+                f"got {type(z).__name__} {getattr(z, 'dtype', '')}".rstrip()
+            )
+        z = z.detach()
+        return _Branch(z > 0, z if with_z else None)
+
+    table[target] = (code, True, kind)
+    _RULE_CACHE.clear()
 
 
 def _branch(

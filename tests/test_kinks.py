@@ -565,3 +565,102 @@ def test_reference_code_is_not_changed_by_in_place_use_of_the_op_output() -> Non
         idx.zero_()
     ref = rec.take_reference()
     assert not bool(_compare(rec, ref, lambda: F.max_pool1d(x, 2, return_indices=True)).any_crossed())
+
+
+# ------------------------------------------------------------ opaque ops: register_kink
+@torch.library.custom_op("gradwatch_tests::bias_relu", mutates_args=())
+def _bias_relu(x: torch.Tensor, bias: torch.Tensor, wrong: bool) -> torch.Tensor:
+    """relu(x + bias) as one opaque op: the kink recorder cannot see the relu inside."""
+    return torch.relu(x + bias)
+
+
+@_bias_relu.register_fake
+def _(x, bias, wrong):
+    return torch.empty_like(x)
+
+
+def _bias_relu_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(output)
+    ctx.wrong = inputs[2]
+
+
+def _bias_relu_backward(ctx, grad):
+    (out,) = ctx.saved_tensors
+    g = grad * (out > 0).to(grad.dtype)
+    grad_bias = g.reshape(-1, g.shape[-1]).sum(0)
+    return g, (grad_bias * 1.5 if ctx.wrong else grad_bias), None
+
+
+_bias_relu.register_autograd(_bias_relu_backward, setup_context=_bias_relu_context)
+
+
+class _BiasRelu(nn.Module):
+    def __init__(self, n: int, wrong: bool = False) -> None:
+        super().__init__()
+        self.bias = nn.Parameter(torch.zeros(n))
+        self.wrong = wrong
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _bias_relu(x, self.bias, self.wrong)
+
+
+def _opaque_relu_net(seed: int, wrong: bool = False):
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(10, 64, bias=False), _BiasRelu(64), nn.Linear(64, 64, bias=False),
+                          _BiasRelu(64, wrong), nn.Linear(64, 4))
+    batch = torch.randn(128, 10), torch.randint(0, 4, (128,))
+    return model, batch
+
+
+def _cross_entropy(model, batch):
+    return F.cross_entropy(model(batch[0]), batch[1])
+
+
+def test_register_kink_makes_an_opaque_ops_kinks_visible() -> None:
+    """A correct custom bias+ReLU op: unregistered, probes that cross its hidden kink are
+    judged and fail; registered with its switching input ``x + bias``, they are recorded as
+    crossings of that op (attributed to its module), redrawn, and nothing fails."""
+    seeds = range(10)
+
+    def checks():
+        reports = []
+        for seed in seeds:
+            model, batch = _opaque_relu_net(seed)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                reports.append(check(model, _cross_entropy, batch, seed=seed))
+        return reports
+
+    unregistered = checks()
+    assert sum(not r.ok for r in unregistered) >= 1, [r.summary() for r in unregistered]
+    assert not any(e.op.endswith("bias_relu") for r in unregistered for e in r.kink_events)
+    gradwatch.register_kink(_bias_relu, lambda x, bias, wrong: x + bias)
+    registered = checks()
+    assert all(r.ok for r in registered), [str(r) for r in registered if not r.ok]
+    ops = {(e.module, e.op) for r in registered for e in r.kink_events}
+    assert {("1", "bias_relu"), ("3", "bias_relu")} <= ops, ops
+    # a wrong backward of the same registered op is still caught, on the right tensor
+    model, batch = _opaque_relu_net(0, wrong=True)
+    report = check(model, _cross_entropy, batch, seed=0)
+    assert {t.name for t in report.failures} == {"3.bias"}, str(report)
+
+
+def test_register_kink_validates_its_arguments() -> None:
+    with pytest.raises(TypeError, match="`op` must be a torch.library custom op, .* got str 'relu'"):
+        gradwatch.register_kink("relu", lambda x: x)
+    with pytest.raises(TypeError, match="`switching_input` must be callable, got int"):
+        gradwatch.register_kink(_bias_relu, 3)
+    with pytest.raises(ValueError, match="`kind` must be 'kink' or 'discontinuity', got 'jump'"):
+        gradwatch.register_kink(_bias_relu, lambda x, b, w: x, kind="jump")
+
+
+def test_a_switching_input_that_returns_no_tensor_names_the_op() -> None:
+    @torch.library.custom_op("gradwatch_tests::scaled", mutates_args=())
+    def scaled(x: torch.Tensor) -> torch.Tensor:
+        return 2 * x
+
+    scaled.register_autograd(lambda ctx, g: 2 * g)
+    gradwatch.register_kink(torch.ops.gradwatch_tests.scaled.default, lambda x: 1.0)
+    model = nn.Linear(3, 1)
+    with pytest.raises(TypeError, match="registered for gradwatch_tests.scaled.default must return a floating tensor, got float"):
+        check(model, lambda m, x: scaled(m(x)).sum(), torch.randn(2, 3), seed=0)
