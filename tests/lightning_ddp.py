@@ -63,11 +63,12 @@ def main(out: pathlib.Path) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(float(outputs["loss"]))
 
-    def fit(build, on_failure, logger=None, extra=()):
+    def fit(build, on_failure, logger=None, extra=(), max_overhead=None, every_n_steps=1, max_steps=2):
         module = ZooModule(build(0))
-        callback = GradWatchCallback(every_n_steps=1, max_overhead=None, on_failure=on_failure)  # seed drawn per rank, broadcast
+        callback = GradWatchCallback(every_n_steps=every_n_steps, max_overhead=max_overhead,
+                                     on_failure=on_failure)  # seed drawn per rank, broadcast
         trainer = pl.Trainer(
-            strategy="ddp", accelerator="cpu", devices=2, max_steps=2, logger=logger or False,
+            strategy="ddp", accelerator="cpu", devices=2, max_steps=max_steps, logger=logger or False,
             callbacks=[callback, *extra], enable_progress_bar=False, enable_model_summary=False,
             enable_checkpointing=False,
         )
@@ -88,6 +89,16 @@ def main(out: pathlib.Path) -> None:
     result: dict[str, Any] = {"correct": summary(correct), "logged_steps": logger.steps, "local_losses": losses.losses}
     _, bug = fit(BUGS["wrong_sign"], lambda report: None)
     result["bug"] = summary(bug)
+    # a budget: rank zero's plan (tensors, probes, the smallest check's options, the
+    # next check step) is broadcast, so both ranks check the same steps with the same probes
+    _, budgeted = fit(BUGS["wrong_sign"], lambda report: None, max_overhead=0.3, every_n_steps=1, max_steps=12)
+    result["budgeted"] = {
+        **summary(budgeted),
+        "steps": [step for step, _ in budgeted.reports],
+        "checked": [[n for n, t in r.tensors.items() if t.verdict != "skipped"] for _, r in budgeted.reports],
+        "kinds": [[p.kind for p in r.probes] for _, r in budgeted.reports],
+        "reference": [r.reference for _, r in budgeted.reports],
+    }
     try:
         fit(BUGS["wrong_sign"], "raise")
         result["raise"] = None

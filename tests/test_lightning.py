@@ -514,6 +514,12 @@ def test_ddp_two_cpu_processes(tmp_path) -> None:
     assert results[0]["local_losses"] != results[1]["local_losses"]
     # only rank zero wrote to the logger
     assert results[0]["logged_steps"] == [0, 1] and results[1]["logged_steps"] == []
+    # under a budget both ranks check the same steps (rank zero's deferrals), tensors and probes;
+    # step 0 is the smallest check (one coordinate at ±h, no float64 reference gradient)
+    budgeted = [results[rank]["budgeted"] for rank in (0, 1)]
+    assert budgeted[0] == budgeted[1]
+    assert budgeted[0]["steps"][0] == 0 and budgeted[0]["kinds"][0] == ["coordinate"]
+    assert budgeted[0]["reference"][0] is False and len(budgeted[0]["checked"][0]) == 1
 
 
 def test_sharded_strategy_warns_once_and_does_not_check() -> None:
