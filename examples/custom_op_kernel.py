@@ -207,7 +207,7 @@ def _largest_error(reports: list[gradwatch.Report]) -> tuple[int | None, str]:
     report, tensor = max(
         ((r, t) for r in reports for t in r.failures if t.worst is not None), key=lambda rt: rt[1].worst.rel_error
     )
-    return report.step, tensor.message.split(" (tolerance")[0]
+    return report.step, tensor.short_message
 
 
 if __name__ == "__main__":

@@ -139,7 +139,7 @@ def main(argv: list[str] | None = None) -> GradWatchCallback:
     checks = len(callback.reports)
     if failures:
         print(
-            f"gradwatch: FAIL in {len(failures)} of {checks} checks - {failures[0].failures[0].message.split(' (tolerance')[0]} "
+            f"gradwatch: FAIL in {len(failures)} of {checks} checks - {failures[0].failures[0].short_message} "
             f"(accuracy {accuracy:.1%})"
         )
     else:

@@ -365,7 +365,7 @@ def _parser() -> argparse.ArgumentParser:
                "  gradwatch report lightning_logs/version_3 --prefix gradwatch\n"
                "  gradwatch report runs --json > gradwatch.json\n"
                "  gradwatch report runs --plot gradwatch.png   (pip install 'gradwatch[plot]')\n\n"
-               "The JSON schema is in the README (section CLI) and in gradwatch/cli.py.",
+               "The JSON schema is in docs/how-it-works.md (section Command line) and in gradwatch/cli.py.",
     )
     report.add_argument("logdir", metavar="LOGDIR", help="TensorBoard log directory (searched recursively)")
     report.add_argument("--prefix", default="gradwatch", type=_argparse_type(_check_prefix),

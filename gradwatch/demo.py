@@ -172,7 +172,7 @@ def run(
     if failures:
         first = failures[0].failures[0]
         out(
-            f"gradwatch: FAIL in {len(failures)} of {checks} checks - {first.message.split(' (tolerance')[0]} "
+            f"gradwatch: FAIL in {len(failures)} of {checks} checks - {first.short_message} "
             f"(final loss {loss.item():.3f}, accuracy {accuracy:.1%})"
         )
     else:

@@ -274,10 +274,7 @@ def check(
         raise ValueError(f"`richardson` must be a bool, got {richardson!r}")
     if not isinstance(reference, bool):
         raise ValueError(f"`reference` must be a bool, got {reference!r}")
-    if isinstance(grads, str):
-        _one_of("grads", grads, _GRADS)
-    elif not isinstance(grads, Mapping):
-        raise ValueError(f"`grads` must be 'autograd', 'existing' or a mapping name -> Tensor, got {grads!r}")
+    _grads_option(grads)
     if replay is not None and not isinstance(replay, ReplayState):
         raise TypeError(f"`replay` must be a gradwatch.ReplayState from gradwatch.capture(), got {type(replay).__name__}")
     if grads == "autograd" and (replay is not None or train_loss is not None):
@@ -740,6 +737,15 @@ def _autograd_gradients(
         raise ValueError("`loss_fn` returned a loss that does not require grad: no parameter reaches it")
     grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
     return loss.detach(), {n: g for n, g in zip(trainable, grads) if g is not None}
+
+
+def _grads_option(grads: Any) -> str | Mapping[str, Tensor]:
+    """Validate a ``grads`` argument: "autograd", "existing" or a mapping name -> Tensor."""
+    if isinstance(grads, str):
+        return _one_of("grads", grads, _GRADS)
+    if not isinstance(grads, Mapping):
+        raise ValueError(f"`grads` must be 'autograd', 'existing' or a mapping name -> Tensor, got {grads!r}")
+    return grads
 
 
 def _given_gradients(grads: str | Mapping[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:

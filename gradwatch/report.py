@@ -266,6 +266,12 @@ class TensorCheck:
         """One line saying where, how much and what to do; empty unless failing."""
         return failure_message(self)
 
+    @property
+    def short_message(self) -> str:
+        """The start of :attr:`message`: where and how much (``'fc1.weight'[3, 7]:
+        autograd=... numerical=... rel_err=...``), without tolerance and hint."""
+        return failure_message(self, short=True)
+
 
 @dataclass(frozen=True)
 class Report:
@@ -395,6 +401,12 @@ class Report:
     def rel_error_max(self) -> float:
         """Largest ``rel_error`` over the judged tensors (NaN when none)."""
         values = [t.rel_error for t in self.tensors.values() if not math.isnan(t.rel_error)]
+        return max(values) if values else math.nan
+
+    @property
+    def error_ratio_max(self) -> float:
+        """Largest ``error_ratio`` over the judged tensors (NaN when none); above 1 fails."""
+        values = [t.error_ratio for t in self.tensors.values() if not math.isnan(t.error_ratio)]
         return max(values) if values else math.nan
 
     @property
@@ -584,8 +596,11 @@ def _handle(report: Report, on_failure: OnFailure) -> None:
         on_failure(report)  # type: ignore[operator]
 
 
-def failure_message(tensor: TensorCheck) -> str:
+def failure_message(tensor: TensorCheck, *, short: bool = False) -> str:
     """The one-line failure message of a tensor, or ``""`` when it did not fail.
+
+    ``short`` stops after the values of the worst probe (no tolerance, no hint); a
+    message without a probe (a precision gap alone, non-finite values) is whole either way.
 
     Example:
         ``'enc.0.weight'[3, 7]: autograd=1.2e-03 numerical=9.8e-04 rel_err=0.22
@@ -593,6 +608,8 @@ def failure_message(tensor: TensorCheck) -> str:
     """
     if not isinstance(tensor, TensorCheck):
         raise TypeError(f"`tensor` must be a gradwatch.TensorCheck, got {type(tensor).__name__}")
+    if not isinstance(short, bool):
+        raise ValueError(f"`short` must be a bool, got {short!r}")
     if tensor.verdict == "nonfinite":
         return f"'{tensor.name}': {tensor.reason}"
     if tensor.verdict != "fail":
@@ -608,10 +625,15 @@ def failure_message(tensor: TensorCheck) -> str:
     w = tensor.worst
     if w is None:
         return f"'{tensor.name}'{_index(tensor.gap_index)}: {hint}"
+    head = (
+        f"'{tensor.name}'{w.where}: autograd={_fmt(w.autograd)} numerical={_fmt(w.numerical)} "
+        f"rel_err={_fmt(w.rel_error)}"
+    )
+    if short:
+        return head
     tol_rel = _safe_ratio(w.tolerance, abs(w.numerical) + abs(w.autograd))
     return (
-        f"'{tensor.name}'{w.where}: autograd={_fmt(w.autograd)} numerical={_fmt(w.numerical)} "
-        f"rel_err={_fmt(w.rel_error)} (tolerance {_fmt(tol_rel)}; tensor rel_error {_fmt(tensor.rel_error)} "
+        f"{head} (tolerance {_fmt(tol_rel)}; tensor rel_error {_fmt(tensor.rel_error)} "
         f"over {len(tensor.probes)} probes); {hint}"
     )
 
@@ -687,9 +709,8 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
             out[f"{prefix}/kinks/{name}"] = float(t.kink_count)
     if not math.isnan(report.rel_error_max):
         out[f"{prefix}/rel_error_max"] = report.rel_error_max
-    ratios = [t.error_ratio for t in report.tensors.values() if not math.isnan(t.error_ratio)]
-    if ratios:
-        out[f"{prefix}/error_ratio_max"] = max(ratios)
+    if not math.isnan(report.error_ratio_max):
+        out[f"{prefix}/error_ratio_max"] = report.error_ratio_max
     out[f"{prefix}/fail_threshold"] = 1.0
     out[f"{prefix}/kink_fraction"] = report.kink_fraction
     if not math.isnan(report.kink_margin_min):

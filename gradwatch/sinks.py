@@ -50,10 +50,10 @@ class TensorBoardSink:
     concern (worst error / tolerance against the fail threshold, error / tolerance
     per tensor, relative errors, precision gaps, failures, kink fraction, kink
     margin, kinks per tensor) and a category with one chart per tensor of its
-    relative error against its error bar. The layout is written once per writer and prefix (two sinks on
-    one writer do not repeat it; a second prefix rewrites it with both), and only
-    on rank zero when ``torch.distributed`` is initialized: TensorBoard merges the
-    layouts of all runs under a logdir, so one is enough.
+    relative error against its error bar. The layout is written once per writer and
+    prefix (two sinks on one writer do not repeat it; a second prefix rewrites it with
+    both), and only on rank zero when ``torch.distributed`` is initialized: TensorBoard
+    merges the layouts of all runs under a logdir, so one is enough.
 
     Args:
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (anything with

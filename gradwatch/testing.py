@@ -23,13 +23,12 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch._validate import _callable, _kink_options, _module, _one_of, _probe_options, _seed
-from gradwatch.engine import PRECISIONS, _autograd_gradients, check
+from gradwatch.engine import PRECISIONS, _autograd_gradients, _given_gradients, _grads_option, check
 from gradwatch.replay import _isolated, capture
 from gradwatch.report import Report, _handle
 
 __all__ = ["assert_gradients"]
 
-_GRADS = ("autograd", "existing")
 
 
 def assert_gradients(
@@ -130,10 +129,7 @@ def assert_gradients(
     """
     _module("model", model)
     _callable("loss_fn", loss_fn)
-    if isinstance(grads, str):
-        _one_of("grads", grads, _GRADS)
-    elif not isinstance(grads, Mapping):
-        raise ValueError(f"`grads` must be 'autograd', 'existing' or a mapping name -> Tensor, got {grads!r}")
+    _grads_option(grads)
     _probe_options(coordinates, directions, kinks, min_directions=0)
     _kink_options(kink_resamples, near_kink_margin)
     _one_of("precision", precision, PRECISIONS)
@@ -149,7 +145,7 @@ def assert_gradients(
                 replay = capture(model)
                 train_loss, grad_map = _autograd_gradients(model, loss_fn, batch, replay, params)
         else:
-            grad_map = {n: p.grad.detach() for n, p in params.items() if p.requires_grad and p.grad is not None}
+            grad_map = _given_gradients("existing", params)
             if not grad_map:
                 raise ValueError(
                     "`grads='existing'` needs a populated .grad, but no parameter of `model` has one: call "

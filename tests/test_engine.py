@@ -39,6 +39,7 @@ def test_planted_bug_is_detected_and_localised(bug: str, seed: int) -> None:
         assert tc.rel_error > 1e-3
         assert tc.error_ratio > 1.0
         assert tc.message.startswith(f"'{name}'")
+        assert tc.message.startswith(tc.short_message + " (tolerance ") and "rel_err=" in tc.short_message
 
 
 @pytest.mark.parametrize("seed", range(5))

@@ -565,6 +565,8 @@ def test_reference_code_is_not_changed_by_in_place_use_of_the_op_output() -> Non
         idx.zero_()
     ref = rec.take_reference()
     assert not bool(_compare(rec, ref, lambda: F.max_pool1d(x, 2, return_indices=True)).any_crossed())
+    # the winner indices are the code and sign the margin's gap: one copy, counted once
+    assert ref.zcode[0] is ref.codes[0] and ref.nbytes == 4 * 32 + 8 * 32
 
 
 # ------------------------------------------------------------ opaque ops: register_kink
