@@ -103,9 +103,10 @@ class GradWatchCallback(Callback):
         prefix: First component of the logged keys.
         coordinates: Random elements probed per tensor (at most, under a budget).
         directions: Random directions probed per tensor (at most, under a budget).
-        kinks: Exclude probes that cross a kink of a non-smooth op, and warn (a
-            :class:`~gradwatch.KinkWarning`, once per module and op) when probes come
-            near one.
+        kinks: Exclude probes that cross a kink of a non-smooth op; proximity is
+            logged at INFO (once per module and op), and a
+            :class:`~gradwatch.KinkWarning` says when kinks keep a tensor from being
+            verified (:class:`~gradwatch.KinkWarnings`).
         kink_resamples: Replacement coordinates drawn per tensor, at most, for
             coordinate probes that crossed a kink.
         near_kink_margin: Margin below which a kink counts as near.

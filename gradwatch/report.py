@@ -427,37 +427,56 @@ class Report:
             return "skipped"
         return "pass"
 
-    def summary(self) -> str:
+    def summary(self, *, max_chars: int | None = None) -> str:
         """One line, the log line of a check: step, verdict, counts, worst tensor, time.
 
         The worst tensor is the failing one (else the passing one) with the largest
         ``error_ratio``, shown with its ``rel_error``; an unreliable or skipped check
         ends with its reason.
 
+        Args:
+            max_chars: Longest line (at least 40): a longer one has its reason cut
+                (``...``; :attr:`reason` keeps it whole), then the middle of the worst
+                tensor's name. ``None``: no limit.
+
         Example:
             ``gradwatch step 200: FAIL (1 fail, 5 pass; worst '0.bias' rel_error 0.94, err/tol 7.2e+05; 0.30s)``
         """
+        if max_chars is not None and (isinstance(max_chars, bool) or not isinstance(max_chars, int) or max_chars < 40):
+            raise ValueError(f"`max_chars` must be an int of at least 40 or None, got {max_chars!r}")
         counts: dict[str, int] = {}
         for t in self.tensors.values():
             counts[t.verdict] = counts.get(t.verdict, 0) + 1
         parts = ", ".join(f"{n} {v}" for v, n in counts.items())
         step = "" if self.step is None else f"step {self.step}: "
-        line = f"gradwatch {step}{self.verdict.upper()} ({parts}; {self._worst()}; {self.seconds:.2f}s)"
-        if self.reason:
-            line += f" - {self.reason}"
-        return line
 
-    def _worst(self) -> str:
-        """``worst '<name>' rel_error ..., err/tol ...`` for :meth:`summary`."""
+        def line(worst: str) -> str:
+            return f"gradwatch {step}{self.verdict.upper()} ({parts}; {worst}; {self.seconds:.2f}s)"
+
+        text = line(self._worst())
+        reason = f" - {self.reason}" if self.reason else ""
+        if max_chars is not None:  # a very long tensor name: cut its middle, leaving the reason 30 chars
+            room = max_chars - min(len(reason), 30)
+            if len(text) > room:
+                text = line(self._worst(cut=len(text) - room))
+        text += reason
+        if max_chars is not None and len(text) > max_chars:
+            text = text[: max_chars - 3].rstrip() + "..."
+        return text
+
+    def _worst(self, cut: int = 0) -> str:
+        """``worst '<name>' rel_error ..., err/tol ...`` for :meth:`summary`, with
+        ``cut`` more characters than ``...`` taken out of the middle of the name (it keeps 8)."""
         by_verdict = {v: [t for t in self.tensors.values() if t.verdict == v] for v in ("fail", "nonfinite")}
         if not by_verdict["fail"] and by_verdict["nonfinite"]:
-            return f"worst {by_verdict['nonfinite'][0].name!r} nonfinite"
+            return f"worst {_cut_middle(by_verdict['nonfinite'][0].name, cut)!r} nonfinite"
         pool = by_verdict["fail"] or [t for t in self.tensors.values() if t.verdict == "pass"]
         pool = [t for t in pool if not math.isnan(t.error_ratio)]
         if not pool:
             return "no tensor judged"
         worst = max(pool, key=lambda t: t.error_ratio)
-        return f"worst {worst.name!r} rel_error {_fmt(worst.rel_error)}, err/tol {_fmt(worst.error_ratio)}"
+        name = _cut_middle(worst.name, cut)
+        return f"worst {name!r} rel_error {_fmt(worst.rel_error)}, err/tol {_fmt(worst.error_ratio)}"
 
     def markdown(self) -> str:
         """The summary line and a markdown table of every tensor, failing ones first.
@@ -564,7 +583,8 @@ class UnreliableCheckWarning(UserWarning):
 
 
 class KinkWarning(UserWarning):
-    """Category of the kink-proximity warnings, issued once per (module, op)."""
+    """Category of the warning that kinks kept a tensor from being verified, once per tensor
+    (:class:`~gradwatch.KinkWarnings`); mere proximity to a kink is logged at INFO."""
 
 
 OnFailure = Union[str, Callable[[Report], object]]
@@ -730,6 +750,16 @@ def _check_prefix(prefix: object) -> str:
     if not isinstance(prefix, str) or not prefix or prefix.endswith("/"):
         raise ValueError(f"`prefix` must be a non-empty str not ending in '/', got {prefix!r}")
     return prefix
+
+
+def _cut_middle(name: str, cut: int) -> str:
+    """``name`` with ``cut + 3`` characters of its middle replaced by ``...`` (8 kept at least)."""
+    if cut <= 0:
+        return name
+    keep = max(len(name) - cut - 3, 8)
+    if keep >= len(name):
+        return name
+    return name[: keep - keep // 2] + "..." + name[len(name) - keep // 2:]
 
 
 def _safe_ratio(num: float, den: float) -> float:

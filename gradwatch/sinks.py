@@ -22,7 +22,7 @@ import numpy as np
 import torch.distributed as dist
 
 from gradwatch._validate import _non_negative_int
-from gradwatch.report import KinkWarning, Report, _check_prefix, _check_report, _fmt, metrics
+from gradwatch.report import KinkSite, KinkWarning, Report, _check_prefix, _check_report, _fmt, metrics
 
 __all__ = ["KinkWarnings", "LoggingSink", "Sink", "TensorBoardSink"]
 
@@ -150,11 +150,13 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
 class LoggingSink:
     """One line per check on the ``gradwatch`` logger: INFO when clean or skipped, WARNING otherwise.
 
-    The line is :meth:`Report.summary <gradwatch.Report.summary>`: step, verdict, tensor
-    counts, the worst tensor with its rel_error and error/tolerance, and the seconds the
-    check took. At Python's default WARNING level a clean check prints nothing; a failing
-    or unreliable one prints its line. There is no progress bar: a check's time is
-    budgeted (``max_overhead``) and reported on this line.
+    The line is :meth:`Report.summary <gradwatch.Report.summary>` cut to
+    159 characters: step, verdict, tensor counts, the worst tensor with
+    its rel_error and error/tolerance, and the seconds the check took; a long reason is cut
+    in the line and kept whole in :attr:`Report.reason <gradwatch.Report.reason>`. At
+    Python's default WARNING level a clean check prints nothing; a failing or unreliable
+    one prints its line. There is no progress bar: a check's time is budgeted
+    (``max_overhead``) and reported on this line.
 
     Example:
         >>> LoggingSink().write(report, step=200)  # doctest: +SKIP
@@ -166,15 +168,38 @@ class LoggingSink:
         _check_report(report)
         _non_negative_int("step", step)
         level = logging.INFO if report.verdict in ("pass", "skipped") else logging.WARNING
-        _log.log(level, "%s", report.summary())
+        _log.log(level, "%s", report.summary(max_chars=_LOG_LINE_CHARS))
+
+
+#: Longest log line of a check (:class:`LoggingSink`); a longer summary is cut.
+_LOG_LINE_CHARS = 159
+
+#: A tensor is reported as kept from verification when, over the run, fewer than half of
+#: the probes it was meant to get were judged (kinked probes whose redraws crossed too,
+#: every probe of a ``"kink"`` verdict), once it was meant to get at least this many.
+_STUCK_MIN_PROBES = 4
 
 
 class KinkWarnings:
-    """Kink-proximity warnings: one :class:`~gradwatch.KinkWarning` the first time a
-    ``(module, op)`` comes near a kink, never again for it (however many steps).
+    """Kinks: proximity to the INFO log, a :class:`~gradwatch.KinkWarning` only when kinks
+    keep a tensor from being verified.
+
+    Probes that cross a kink of a non-smooth op (ReLU at 0, max-pool ties, clamp
+    boundaries) are not judged and crossed coordinates are redrawn, so coming near a
+    kink is normal on correct models: the first time a ``(module, op)`` comes near one,
+    one INFO line on the ``gradwatch`` logger says so (the dashboard charts
+    ``kink_fraction``, ``kink_margin_min`` and ``kinks/<param>`` at every check).
+
+    A warning is issued once per tensor when kinks kept it from being verified: over the
+    run, fewer than half of the probes it was meant to get (at least 4: a default check
+    means 5) were judged, redraws included, so it was never verified or only by a
+    minority of its probes. The warning names the ops whose kinks its probes crossed and
+    what to do: a smaller step, more coordinates and redraws, and for a custom op, its
+    :func:`gradwatch.register_kink` switching input.
 
     Attributes:
-        seen: The ``(module, op)`` pairs already warned about.
+        seen: The ``(module, op)`` pairs already logged as near a kink.
+        warned: The tensors already warned about.
 
     Example:
         >>> sink = KinkWarnings()
@@ -183,9 +208,14 @@ class KinkWarnings:
 
     def __init__(self) -> None:
         self.seen: set[tuple[str | None, str]] = set()
+        self.warned: set[str] = set()
+        self._meant: dict[str, int] = {}  # tensor -> probes meant (redraws not counted), all checks
+        self._judged: dict[str, int] = {}  # tensor -> probes judged (crossed no kink), all checks
+        self._crossed: dict[str, dict[str, int]] = {}  # tensor -> op site -> crossing probes, all checks
 
     def write(self, report: Report, step: int) -> None:
-        """Warn about each near ``(module, op)`` of ``report`` not warned about before."""
+        """Log each near ``(module, op)`` of ``report`` not logged before, and warn about
+        each tensor that kinks kept from being verified so far (once per tensor)."""
         _check_report(report)
         _non_negative_int("step", step)
         for site in report.kink_sites(near_only=True):
@@ -194,12 +224,33 @@ class KinkWarnings:
                 continue
             self.seen.add(key)
             what = "a discontinuity" if site.kind == "discontinuity" else "the kink"
+            _log.info(
+                "gradwatch step %d: probes came near %s of %s (margin %s; %d near, %d crossed of %d probe/op pairs)",
+                step, what, site.where, _fmt(site.margin_min), site.near, site.crossed, site.events,
+            )
+        for name, t in report.tensors.items():
+            if t.verdict in ("skipped", "nonfinite") or not t.probes:
+                continue
+            self._meant[name] = self._meant.get(name, 0) + len(t.probes) - t.resampled
+            self._judged[name] = self._judged.get(name, 0) + len(t.probes) - t.kink_count
+            crossed = {e.probe: e for e in t.kink_events if e.crossed}
+            sites = self._crossed.setdefault(name, {})
+            for e in crossed.values():
+                where = KinkSite(e.module, e.op, e.kind, 0, 0, 0, 0, math.nan).where
+                sites[where] = sites.get(where, 0) + 1
+            meant, judged = self._meant[name], self._judged[name]
+            if name in self.warned or meant < _STUCK_MIN_PROBES or 2 * judged >= meant:
+                continue
+            self.warned.add(name)
+            ops = sorted(sites.items(), key=lambda kv: -kv[1])
+            named = "; ".join(f"{where}: {n} probe{'s' if n > 1 else ''}" for where, n in ops[:3]) or "unknown ops"
             warnings.warn(
-                f"gradwatch step {step}: probes came near {what} of {site.where} (margin {_fmt(site.margin_min)}; "
-                f"{site.near} near, {site.crossed} crossed, {site.at_kink} exactly at it, of {site.events} probe/op "
-                "pairs). Probes that cross are not judged and coordinates are redrawn (kink_resamples); "
-                "gradwatch/kink_fraction and gradwatch/kink_margin_min track this over training. "
-                "Not repeated for this module and op.",
+                f"gradwatch step {step}: kinks kept {name!r} from being verified: {judged} of the {meant} probes "
+                f"it was meant to get so far were judged, the others crossed a kink of a non-smooth op "
+                f"({named}{'; ...' if len(ops) > 3 else ''}). To verify it: a smaller finite-difference step "
+                "(`step=` of gradwatch.check / assert_gradients), more coordinates and redraws (`coordinates=`, "
+                "`kink_resamples=`); if that op is a custom op you registered with gradwatch.register_kink, "
+                "check that its switching input is zero only at the kink. Not repeated for this tensor.",
                 KinkWarning,
                 stacklevel=2,
             )

@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import math
+import os
 import queue
 import re
 import subprocess
@@ -14,6 +15,8 @@ import threading
 import time
 import urllib.parse
 import urllib.request
+import warnings
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import pytest
@@ -21,7 +24,7 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from gradwatch import GradWatch, LoggingSink, Probe, Report, TensorBoardSink, TensorCheck, check, metrics
+from gradwatch import GradWatch, KinkWarning, LoggingSink, Probe, Report, TensorBoardSink, TensorCheck, check, metrics
 from gradwatch.report import _fmt
 from zoo import BUGS, CORRECT
 
@@ -364,3 +367,81 @@ def test_probe_rel_errors_are_per_probe_e_rel_of_judged_non_kinked_probes() -> N
     assert table[4].startswith("| `b` | pass | 0.2 | `[0]` | -1.5 | -1 |")
     assert table[5] == "| `d` | kink | - | every probe crossed | - | - |"
     assert table[6] == "| `e` | skipped | - | frozen | - | - |"
+
+
+# ------------------------------------------------------------------ quiet by default
+_ROOT = Path(__file__).resolve().parent.parent
+# Lightning's own deprecation under torch 2.13 (pytorch_lightning/utilities/_pytree.py), not gradwatch's
+_LIGHTNING_PYTREE = r"ignore:`isinstance(treespec, LeafSpec)` is deprecated:FutureWarning"
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "gradwatch", "demo", "--fixed", "--logdir", "{tmp}/runs"],
+    ["-W", _LIGHTNING_PYTREE, str(_ROOT / "examples" / "lightning_custom_layer.py"), "--fixed", "--root", "{tmp}"],
+], ids=["demo", "lightning_example"])
+def test_correct_models_at_default_settings_warn_nothing(tmp_path, argv) -> None:
+    """`python -W error`: any warning (a KinkWarning about probes near a ReLU included) ends the run."""
+    argv = [a.replace("{tmp}", str(tmp_path)) for a in argv]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(_ROOT), os.environ.get("PYTHONPATH", "")])}
+    done = subprocess.run([sys.executable, "-W", "error", *argv], capture_output=True, text=True, timeout=600,
+                          cwd=tmp_path, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "PASS in all" in done.stdout and "Warning" not in done.stderr, done.stderr[-3000:]
+
+
+def test_near_kinks_on_correct_zoo_models_log_info_and_warn_nothing(caplog) -> None:
+    near = 0
+    for name in ("mlp_relu_dropout", "cnn_bn_pool", "clamp_abs_maximum"):
+        for seed in (0, 1):
+            case = CORRECT[name](seed)
+            watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=seed)
+            with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="gradwatch"):
+                warnings.simplefilter("error")
+                _run(case, watch, 2)
+            near += sum(bool(r.kink_sites(near_only=True)) for _, r in watch.reports)
+    lines = [r for r in caplog.records if "came near" in r.getMessage()]
+    assert near and lines and {r.levelno for r in lines} == {logging.INFO}
+
+
+def test_a_tensor_kinks_keep_from_being_verified_is_warned_once_with_what_to_do(caplog) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.ReLU(), torch.nn.Linear(4, 2))
+    with torch.no_grad():  # every pre-activation of the first layer sits at the ReLU kink
+        model[0].weight.zero_()
+        model[0].bias.zero_()
+    batch = torch.randn(8, 3)
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    watch = GradWatch(model, loss_fn, every_n_steps=1, max_overhead=None, seed=0)
+    with pytest.warns(KinkWarning) as caught:
+        for _ in range(3):
+            model.zero_grad()
+            with watch.step(batch):
+                loss_fn(model, batch).backward()
+    assert {r.tensors["0.weight"].verdict for _, r in watch.reports} == {"kink"}
+    messages = [str(w.message) for w in caught if issubclass(w.category, KinkWarning)]
+    assert [m.split("'")[1] for m in messages] == ["0.weight", "0.bias"]  # once per tensor, at step 0
+    first = messages[0]
+    assert first.startswith("gradwatch step 0: kinks kept '0.weight' from being verified: 0 of the 5 probes ")
+    for what in ("relu in module '1'", "`step=`", "`coordinates=`", "`kink_resamples=`", "gradwatch.register_kink"):
+        assert what in first, (what, first)
+    assert "'2.weight'" not in " ".join(messages)  # the layer after the ReLU is verified
+
+
+def test_the_log_line_is_cut_to_159_characters_and_the_report_keeps_the_reason(caplog) -> None:
+    name = "model.layers.11.self_attn.a_very_long_projection_name_that_goes_on_and_on_and_on.weight"
+    reason = "the replayed loss differs from the training loss by more than its precision allows; " * 3
+    tensors = {name: TensorCheck(name, (2,), "pass", rel_error=1e-8, error_ratio=0.03)}
+    for report in (Report(tensors, seed=0, step=123456), Report(tensors, seed=0, step=123456, reason=reason)):
+        with caplog.at_level(logging.INFO, logger="gradwatch"):
+            LoggingSink().write(report, step=123456)
+        line = caplog.records[-1].getMessage()
+        assert len(line) <= 159 < len(report.summary()), line
+        assert line.startswith("gradwatch step 123456: PASS (1 pass; worst 'model.layers.11.")
+        assert "weight' rel_error 1.0e-08, err/tol 0.03; 0.00s)" in line
+    assert line.endswith("...") and " - the replayed loss" in line and report.reason == reason
+    assert report.summary().endswith(reason)
+    with pytest.raises(ValueError, match="`max_chars` must be an int of at least 40 or None, got 10"):
+        report.summary(max_chars=10)
