@@ -34,6 +34,9 @@ __all__ = [
 
 VERDICTS = ("pass", "fail", "kink", "nonfinite", "skipped")
 
+#: Ranks of the worst-tensors chart: ``<prefix>/worst/0`` .. ``<prefix>/worst/9``.
+_WORST_TENSORS = 10
+
 _FIX_HINT = (
     "the gradient autograd produced for this tensor is not the derivative of the loss: "
     "check the backward of custom autograd.Functions, kernels and gradient hooks on the "
@@ -505,6 +508,52 @@ class Report:
         head = self.summary()
         return head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
 
+    def worst_tensors(self, n: int = _WORST_TENSORS) -> list[TensorCheck]:
+        """The ``n`` judged tensors with the largest ``error_ratio``, largest first.
+
+        Judged: a finite ``error_ratio`` (verdict ``pass`` or ``fail`` with a probe that
+        crossed no kink). Rank ``k`` of this list is the logged ``<prefix>/worst/<k>``.
+
+        Example:
+            >>> [t.name for t in report.worst_tensors(3)]  # doctest: +SKIP
+            ['0.bias', '3.weight', '0.weight']
+        """
+        if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+            raise ValueError(f"`n` must be a non-negative int, got {n!r}")
+        judged = [t for t in self.tensors.values() if not math.isnan(t.error_ratio)]
+        return sorted(judged, key=lambda t: -t.error_ratio)[:n]  # stable: model order among ties
+
+    def worst_markdown(self) -> str:
+        """A markdown table naming the series of the worst-tensors chart ("" when no tensor was judged).
+
+        One row per rank ``k`` of :meth:`worst_tensors` (the logged ``<prefix>/worst/<k>``):
+        the tensor, its verdict (``fail`` in bold), error / tolerance and ``rel_error``.
+
+        Example:
+            >>> print(report.worst_markdown())  # doctest: +SKIP
+            gradwatch step 200: the 10 tensors with the largest error/tolerance (chart series worst/0..9)
+            <BLANKLINE>
+            | rank | tensor | verdict | error/tol | rel_error |
+            |---|---|---|---|---|
+            | 0 | `0.bias` | **fail** | 1.2e+07 | 0.98 |
+        """
+        worst = self.worst_tensors()
+        if not worst:
+            return ""
+        step = "" if self.step is None else f" step {self.step}"
+        rows = [
+            f"gradwatch{step}: the {len(worst)} tensors with the largest error/tolerance (chart series "
+            f"worst/0..{len(worst) - 1}; above 1 fails)",
+            "",
+            "| rank | tensor | verdict | error/tol | rel_error |",
+            "|---|---|---|---|---|",
+        ]
+        for k, t in enumerate(worst):
+            verdict = f"**{t.verdict}**" if t.verdict == "fail" else t.verdict
+            cells = [str(k), f"`{t.name}`", verdict, _fmt(t.error_ratio), _fmt(t.rel_error)]
+            rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+        return "\n".join(rows)
+
     @property
     def probe_rel_errors(self) -> list[float]:
         """Per-probe relative errors ``|n - a| / (|n| + |a|)`` (0 when both are 0).
@@ -688,6 +737,9 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/kink_margin_min     closest approach to a kink (KinkEvent.margin)
         <prefix>/failures            tensors with verdict "fail"
         <prefix>/check_seconds       wall time of the check
+        <prefix>/worst/<k>           error_ratio of the k-th worst judged tensor,
+                                     k = 0..9 (Report.worst_tensors; which tensor
+                                     each rank is: Report.worst_markdown)
 
     :class:`~gradwatch.TensorBoardSink` also writes, per check, two entries that are
     not scalars and so are not returned here: the histogram
@@ -737,6 +789,8 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         out[f"{prefix}/kink_margin_min"] = report.kink_margin_min
     out[f"{prefix}/failures"] = float(len(report.failures))
     out[f"{prefix}/check_seconds"] = report.seconds
+    for k, t in enumerate(report.worst_tensors()):
+        out[f"{prefix}/worst/{k}"] = t.error_ratio
     return out
 
 

@@ -22,7 +22,9 @@ import numpy as np
 import torch.distributed as dist
 
 from gradwatch._validate import _non_negative_int
-from gradwatch.report import KinkSite, KinkWarning, Report, _check_prefix, _check_report, _fmt, metrics
+from gradwatch.report import (
+    _WORST_TENSORS, KinkSite, KinkWarning, Report, _check_prefix, _check_report, _fmt, metrics,
+)
 
 __all__ = ["KinkWarnings", "LoggingSink", "Sink", "TensorBoardSink"]
 
@@ -41,19 +43,23 @@ class TensorBoardSink:
     Per check, at the training step: the scalars of :func:`~gradwatch.metrics`, a
     histogram ``<prefix>/probe_rel_error`` of the per-probe relative errors
     (:attr:`~gradwatch.Report.probe_rel_errors`), a markdown table ``<prefix>/report``
-    of every tensor (:meth:`~gradwatch.Report.markdown`) and, when probes came near
-    kinks, ``<prefix>/kinks`` naming the modules and ops
-    (:meth:`~gradwatch.Report.kink_markdown`).
+    of every tensor (:meth:`~gradwatch.Report.markdown`), a markdown table
+    ``<prefix>/worst_tensors`` naming the tensor of each rank of the worst-tensors chart
+    (:meth:`~gradwatch.Report.worst_markdown`) and, when probes came near kinks,
+    ``<prefix>/kinks`` naming the modules and ops (:meth:`~gradwatch.Report.kink_markdown`).
 
-    At its first check the sink also writes a custom-scalars layout (TensorBoard's
-    ``Custom Scalars`` tab): a category named after the prefix with one chart per
-    concern (worst error / tolerance against the fail threshold, error / tolerance
-    per tensor, relative errors, precision gaps, failures, kink fraction, kink
-    margin, kinks per tensor) and a category with one chart per tensor of its
-    relative error against its error bar. The layout is written once per writer and
-    prefix (two sinks on one writer do not repeat it; a second prefix rewrites it with
-    both), and only on rank zero when ``torch.distributed`` is initialized: TensorBoard
-    merges the layouts of all runs under a logdir, so one is enough.
+    The sink also writes a custom-scalars layout (TensorBoard's ``Custom Scalars`` tab):
+    a category named after the prefix with one chart per concern (the 10 worst tensors'
+    error / tolerance by rank, worst error / tolerance against the fail threshold, error /
+    tolerance per tensor, relative errors, precision gaps, failures, kink fraction, kink
+    margin, kinks per tensor), then one category per module group (:func:`_module_group`:
+    ``layers.3`` for ``layers.3.attn.q.weight``, the top-level module otherwise) with the
+    error / tolerance, relative error and error bar of its tensors. The layout is written
+    at the first check and rewritten when a check names a tensor it does not hold yet
+    (TensorBoard reads a run's last layout), once per writer and prefix (two sinks on
+    one writer do not repeat it; a second prefix rewrites it with both), and only on
+    rank zero when ``torch.distributed`` is initialized: TensorBoard merges the layouts
+    of all runs under a logdir, so one is enough.
 
     Args:
         writer: A ``torch.utils.tensorboard.SummaryWriter`` (anything with
@@ -71,22 +77,24 @@ class TensorBoardSink:
         _check_prefix(prefix)
         self.writer = writer
         self.prefix = prefix
-        self._laid_out = False
+        self._own_layouts: dict[str, tuple[str, ...]] = {}  # for a writer that cannot be weakly referenced
 
     def write(self, report: Report, step: int) -> None:
         """Log the report at ``step``: the scalars of the key scheme, the per-probe
-        histogram, the table of every tensor, the kink table when probes came near
-        kinks, and the dashboard layout on the first call."""
+        histogram, the table of every tensor, the worst-tensors table, the kink table when
+        probes came near kinks, and the dashboard layout when it lacks a tensor."""
         _check_report(report)
         _non_negative_int("step", step)
-        if not self._laid_out:
-            self._lay_out(report)
+        self._lay_out(report)
         for key, value in metrics(report, prefix=self.prefix).items():
             self.writer.add_scalar(key, value, step)
         errors = [e for e in report.probe_rel_errors if math.isfinite(e)]
         if errors:
             self.writer.add_histogram(f"{self.prefix}/probe_rel_error", np.asarray(errors, dtype=np.float64), step)
         self.writer.add_text(f"{self.prefix}/report", report.markdown(), step)
+        worst = report.worst_markdown()
+        if worst:
+            self.writer.add_text(f"{self.prefix}/worst_tensors", worst, step)
         kinks = report.kink_markdown()
         if kinks:
             self.writer.add_text(f"{self.prefix}/kinks", kinks, step)
@@ -95,17 +103,18 @@ class TensorBoardSink:
             flush()
 
     def _lay_out(self, report: Report) -> None:
-        """Write the custom-scalars layout unless this writer already has this prefix's."""
-        self._laid_out = True
+        """Write the custom-scalars layout unless this writer's already holds every tensor of ``report``."""
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return
         try:
             laid_out = _LAID_OUT.setdefault(self.writer, {})
-        except TypeError:  # a writer that cannot be weakly referenced: once per sink
-            laid_out = {}
-        if self.prefix in laid_out:
+        except TypeError:  # a writer that cannot be weakly referenced: per sink
+            laid_out = self._own_layouts
+        known = laid_out.get(self.prefix)
+        if known is not None and all(name in known for name in report.tensors):
             return
-        laid_out[self.prefix] = tuple(report.tensors)
+        known = known or ()
+        laid_out[self.prefix] = known + tuple(n for n in report.tensors if n not in known)
         layout: dict[str, dict[str, list]] = {}
         for prefix, names in laid_out.items():  # one layout per run is read: it holds every prefix
             layout.update(_layout(prefix, names))
@@ -116,14 +125,29 @@ class TensorBoardSink:
 _LAID_OUT: "weakref.WeakKeyDictionary[Any, dict[str, tuple[str, ...]]]" = weakref.WeakKeyDictionary()
 
 
+def _module_group(name: str) -> str:
+    """The dashboard group of a parameter: its module path up to the first numeric
+    component (``layers.3`` for ``layers.3.attn.q.weight``, ``0`` for ``0.weight`` of a
+    ``Sequential``), else its top-level module (``fc1``), or ``(model)`` for a
+    parameter of the model itself."""
+    path = name.split(".")[:-1]
+    if not path:
+        return "(model)"
+    for i, part in enumerate(path):
+        if part.isdigit():
+            return ".".join(path[: i + 1])
+    return path[0]
+
+
 def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
     """The custom-scalars layout of one prefix, in ``SummaryWriter.add_custom_scalars`` form.
 
     Charts are ``Multiline`` charts of anchored regexes over the keys of
-    :func:`~gradwatch.metrics`. Relative error against error bar is a multiline chart
-    per tensor rather than a ``Margin`` chart: a margin band needs lower and upper
-    series (``rel_error ± error_bar``, not logged keys), and on a correct model
-    ``rel_error - error_bar`` is negative, which a log axis cannot draw.
+    :func:`~gradwatch.metrics`. The module-group charts name their tensors
+    (``(a|b|c)``), so a group never shows another group's tensors. Relative error and
+    error bar are multiline charts rather than ``Margin`` charts: a margin band needs
+    lower and upper series (``rel_error ± error_bar``, not logged keys), and on a
+    correct model ``rel_error - error_bar`` is negative, which a log axis cannot draw.
     """
     p = re.escape(prefix)
 
@@ -131,6 +155,8 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
         return ["Multiline", [f"^{p}/{r}$" for r in regexes]]
 
     main = {
+        f"worst {_WORST_TENSORS} tensors by rank: error/tolerance vs fail threshold (names: text worst_tensors)":
+            chart("(worst/[0-9]+|fail_threshold)"),
         "error/tolerance: worst tensor vs fail threshold": chart("(error_ratio_max|fail_threshold)"),
         "error/tolerance per tensor vs fail threshold": chart("(error_ratio/.*|fail_threshold)"),
         "rel_error: worst tensor": chart("rel_error_max"),
@@ -141,10 +167,18 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
         "kink_margin_min (below 1: crossed)": chart("kink_margin_min"),
         "kinks per tensor (probes that crossed)": chart("kinks/.*"),
     }
-    per_tensor = {
-        f"{name}: rel_error vs error_bar": chart(f"(rel_error|error_bar)/{re.escape(name)}") for name in names
-    }
-    return {prefix: main, f"{prefix}: rel_error vs error_bar per tensor": per_tensor}
+    layout = {prefix: main}
+    groups: dict[str, list[str]] = {}
+    for name in names:
+        groups.setdefault(_module_group(name), []).append(name)
+    for group, members in groups.items():
+        alt = "(" + "|".join(re.escape(n) for n in members) + ")"
+        layout[f"{prefix}: module {group}"] = {
+            f"{group}: error/tolerance vs fail threshold": chart(f"(error_ratio/{alt}|fail_threshold)"),
+            f"{group}: rel_error": chart(f"rel_error/{alt}"),
+            f"{group}: error_bar": chart(f"error_bar/{alt}"),
+        }
+    return layout
 
 
 class LoggingSink:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -101,7 +102,14 @@ def test_metrics_scheme_and_prefix() -> None:
     assert m["x/y/rel_error_max"] == max(t.rel_error for t in report.tensors.values())
     assert m["x/y/kink_fraction"] == report.kink_fraction
     assert {k.split("/")[2] for k in m if k.count("/") == 3} == {
-        "rel_error", "error_bar", "precision_gap", "error_ratio", "failed", "kinks"}
+        "rel_error", "error_bar", "precision_gap", "error_ratio", "failed", "kinks", "worst"}
+    # worst/<k>: the error_ratio of every judged tensor, largest first, 10 at most
+    ratios = sorted((t.error_ratio for t in report.tensors.values() if not math.isnan(t.error_ratio)), reverse=True)
+    assert len(ratios) == 10 and [m[f"x/y/worst/{k}"] for k in range(10)] == ratios and "x/y/worst/10" not in m
+    assert [t.error_ratio for t in report.worst_tensors()] == ratios and m["x/y/worst/0"] == m["x/y/error_ratio_max"]
+    assert [t.error_ratio for t in report.worst_tensors(3)] == ratios[:3]
+    with pytest.raises(ValueError, match="`n` must be a non-negative int, got -1"):
+        report.worst_tensors(-1)
     assert m["x/y/fail_threshold"] == 1.0
     with pytest.raises(ValueError, match="`prefix` must be a non-empty str not ending in '/', got 'a/'"):
         report.metrics(prefix="a/")
@@ -237,10 +245,12 @@ def test_tensorboard_serves_the_dashboard_layout_scalars_histogram_and_table(tmp
         # the layout: one category of charts per concern, one of per-tensor charts
         categories = get("/data/plugin/custom_scalars/layout")["category"]
         charts = {c["title"]: {ch["title"]: ch["multiline"]["tag"] for ch in c["chart"]} for c in categories}
-        assert list(charts) == ["gradwatch", "gradwatch: rel_error vs error_bar per tensor"]
+        assert list(charts) == ["gradwatch", "gradwatch: module fc1", "gradwatch: module fc2"]
         tags = set(get("/data/plugin/scalars/tags")["run"])
         assert tags == set(metrics_keys := metrics(reports[0]))
         expected = {
+            "worst 10 tensors by rank: error/tolerance vs fail threshold (names: text worst_tensors)":
+                {f"gradwatch/worst/{k}" for k in range(4)} | {"gradwatch/fail_threshold"},
             "error/tolerance: worst tensor vs fail threshold":
                 {"gradwatch/error_ratio_max", "gradwatch/fail_threshold"},
             "error/tolerance per tensor vs fail threshold":
@@ -254,9 +264,12 @@ def test_tensorboard_serves_the_dashboard_layout_scalars_histogram_and_table(tmp
             "kink_margin_min (below 1: crossed)": set(),  # no non-smooth op here
             "kinks per tensor (probes that crossed)": {f"gradwatch/kinks/{n}" for n in names},
         }
-        expected |= {
-            f"{n}: rel_error vs error_bar": {f"gradwatch/rel_error/{n}", f"gradwatch/error_bar/{n}"} for n in names
-        }
+        for module in ("fc1", "fc2"):  # one category per module: its tensors only
+            mine = [n for n in names if n.startswith(module + ".")]
+            expected[f"{module}: error/tolerance vs fail threshold"] = {
+                f"gradwatch/error_ratio/{n}" for n in mine} | {"gradwatch/fail_threshold"}
+            expected[f"{module}: rel_error"] = {f"gradwatch/rel_error/{n}" for n in mine}
+            expected[f"{module}: error_bar"] = {f"gradwatch/error_bar/{n}" for n in mine}
         matched = {
             title: {t for t in tags if any(re.match(rx, t) for rx in regexes)}
             for category in charts.values() for title, regexes in category.items()
@@ -265,9 +278,17 @@ def test_tensorboard_serves_the_dashboard_layout_scalars_histogram_and_table(tmp
         assert charts["gradwatch"]["kink_margin_min (below 1: crossed)"] == [
             "^gradwatch/kink_margin_min$"]
         # TensorBoard's own regex matching serves the chart's series
-        (regex,) = charts["gradwatch: rel_error vs error_bar per tensor"]["fc1.weight: rel_error vs error_bar"]
+        (regex,) = charts["gradwatch: module fc1"]["fc1: rel_error"]
         served = get(f"/data/plugin/custom_scalars/scalars?run=run&tag={q(regex)}")
-        assert set(served["tag_to_events"]) == {"gradwatch/rel_error/fc1.weight", "gradwatch/error_bar/fc1.weight"}
+        assert set(served["tag_to_events"]) == {"gradwatch/rel_error/fc1.weight", "gradwatch/rel_error/fc1.bias"}
+        # the worst-tensors chart: rank 0 is the wrong-sign weight at every check, named in its text
+        worst = get(f"/data/plugin/scalars/scalars?run=run&tag={q('gradwatch/worst/0')}")
+        assert [(p[1], p[2]) for p in worst] == [
+            (s, pytest.approx(reports[s].tensors["fc1.weight"].error_ratio, rel=1e-6)) for s in (0, 2, 4)]
+        named = get(f"/data/plugin/text/text?run=run&tag={q('gradwatch/worst_tensors/text_summary')}")
+        assert [t["step"] for t in named] == [0, 2, 4]
+        assert all("<td>0</td>\n<td><code>fc1.weight</code></td>\n<td><strong>fail</strong></td>" in t["text"]
+                   for t in named), named[0]["text"]
 
         # every scalar at every checked step is what the Report said
         for key in metrics_keys:
@@ -309,23 +330,99 @@ def test_layout_is_written_once_per_writer_and_prefix(tmp_path) -> None:
         second.write(report, step)
     writer.flush()
     (layout,) = _layouts(tmp_path / "a")
-    assert list(_charts(layout)) == ["gradwatch", "gradwatch: rel_error vs error_bar per tensor"]
+    groups = ["0", "1", "3"]  # Sequential(Linear, LayerNorm, GELU, Linear): one category per module
+    assert list(_charts(layout)) == ["gradwatch"] + [f"gradwatch: module {g}" for g in groups]
     # another prefix on the same writer: one more layout, holding both (TensorBoard reads a run's last)
     TensorBoardSink(writer, prefix="gw.2").write(report, 2)
     writer.close()
     layouts = _layouts(tmp_path / "a")
     assert len(layouts) == 2
     charts = _charts(layouts[-1])
-    assert list(charts) == [
-        "gradwatch", "gradwatch: rel_error vs error_bar per tensor", "gw.2", "gw.2: rel_error vs error_bar per tensor"]
+    assert list(charts) == ["gradwatch"] + [f"gradwatch: module {g}" for g in groups] + ["gw.2"] + [
+        f"gw.2: module {g}" for g in groups]
     assert charts["gw.2"]["rel_error per tensor"] == [r"^gw\.2/rel_error/.*$"]
-    assert charts["gw.2: rel_error vs error_bar per tensor"]["0.weight: rel_error vs error_bar"] == [
-        r"^gw\.2/(rel_error|error_bar)/0\.weight$"]
+    assert charts["gw.2: module 0"]["0: rel_error"] == [r"^gw\.2/rel_error/(0\.weight|0\.bias)$"]
     # another writer gets its own
     other = SummaryWriter(str(tmp_path / "b"))
     TensorBoardSink(other).write(report, 0)
     other.close()
     assert len(_layouts(tmp_path / "b")) == 1
+
+
+class _Layers(torch.nn.Module):
+    """A 12-layer stack (Linear + LayerNorm per layer: 48 tensors) and a head; ``late``
+    adds a module after the first check, as a model that grows during training does."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.layers = torch.nn.ModuleList(
+            torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4), torch.nn.Tanh()) for _ in range(12))
+        self.head = torch.nn.Linear(4, 1)
+
+    def forward(self, x):
+        for layer in self.layers:
+            x = layer(x)
+        out = self.head(x)
+        return out + self.late(x) if hasattr(self, "late") else out
+
+
+def test_dashboard_of_a_deep_model_groups_by_layer_ranks_the_worst_and_charts_late_tensors(tmp_path) -> None:
+    torch.manual_seed(0)
+    model, batch = _Layers(), torch.randn(16, 4)
+
+    def loss_fn(m, x):
+        return m(x).pow(2).mean()
+
+    def report(step):
+        return dataclasses.replace(
+            check(model, loss_fn, batch, seed=step, coordinates=1, directions=1, kinks=False), step=step)
+
+    writer = SummaryWriter(str(tmp_path / "run"))
+    sink = TensorBoardSink(writer)
+    first = report(0)
+    sink.write(first, 0)
+    model.late = torch.nn.Linear(4, 1)  # two tensors that were not there at the first check
+    later = report(10)
+    sink.write(later, 10)
+    sink.write(later, 20)  # nothing new: no third layout
+    writer.close()
+    assert len(first.tensors) == 50 and len(later.tensors) == 52
+    assert len(_layouts(tmp_path / "run")) == 2
+    q = urllib.parse.quote
+    with _tensorboard(tmp_path) as get:
+        categories = get("/data/plugin/custom_scalars/layout")["category"]  # the last layout written
+        charts = {c["title"]: {ch["title"]: ch["multiline"]["tag"] for ch in c["chart"]} for c in categories}
+        assert list(charts) == ["gradwatch"] + [f"gradwatch: module layers.{i}" for i in range(12)] + [
+            "gradwatch: module head", "gradwatch: module late"]
+        assert sum(map(len, charts.values())) == 10 + 14 * 3  # not one chart per tensor
+
+        def served(regex: str) -> dict[str, list]:
+            return get(f"/data/plugin/custom_scalars/scalars?run=run&tag={q(regex)}")["tag_to_events"]
+
+        (regex,) = charts["gradwatch: module layers.1"]["layers.1: rel_error"]
+        assert set(served(regex)) == {f"gradwatch/rel_error/layers.1.{n}" for n in
+                                      ("0.weight", "0.bias", "1.weight", "1.bias")}  # not layers.10, layers.11
+        (regex,) = charts["gradwatch: module late"]["late: error/tolerance vs fail threshold"]
+        late = served(regex)
+        assert set(late) == {"gradwatch/error_ratio/late.weight", "gradwatch/error_ratio/late.bias",
+                             "gradwatch/fail_threshold"}
+        assert [e[1] for e in late["gradwatch/error_ratio/late.weight"]] == [10, 20]
+        # the worst-tensors chart: 10 series, the 10 largest error/tolerance of each check, named in the text
+        (regex,) = charts["gradwatch"]["worst 10 tensors by rank: error/tolerance vs fail threshold (names: text "
+                                       "worst_tensors)"]
+        worst = served(regex)
+        assert set(worst) == {f"gradwatch/worst/{k}" for k in range(10)} | {"gradwatch/fail_threshold"}
+        for k in range(10):
+            expected = [first.worst_tensors()[k].error_ratio, later.worst_tensors()[k].error_ratio]
+            assert [e[2] for e in worst[f"gradwatch/worst/{k}"]][:2] == pytest.approx(expected, rel=1e-6)
+        for i in range(3):  # at every check, rank k is at least rank k + 1
+            ranks = [worst[f"gradwatch/worst/{k}"][i][2] for k in range(10)]
+            assert ranks == sorted(ranks, reverse=True)
+        texts = get(f"/data/plugin/text/text?run=run&tag={q('gradwatch/worst_tensors/text_summary')}")
+        html = texts[0]["text"]
+        names = [t.name for t in first.worst_tensors()]
+        assert [html.index(f"<td><code>{n}</code></td>") for n in names] == sorted(
+            html.index(f"<td><code>{n}</code></td>") for n in names)
 
 
 @pytest.mark.parametrize("rank", [0, 1])
