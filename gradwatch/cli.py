@@ -5,7 +5,11 @@ holding event files, searched recursively, every scalar point kept), finds the k
 :func:`gradwatch.metrics` logged under ``--prefix`` and prints one table per run: per
 tensor the checks, failing checks, first failing step (``<prefix>/failed/<param>``),
 worst relative error and worst error/tolerance with their steps, and the kink crossings
-(sum of ``<prefix>/kinks/<param>``), then the run's checks and failing checks. The exit
+(sum of ``<prefix>/kinks/<param>``), the tensors with the largest error/tolerance at the
+run's last check (``<prefix>/worst/<k>``, named by the ``error_ratio`` of that step), then
+the run's checks and failing checks; ``--top N`` keeps the table to the N tensors with the
+largest worst error/tolerance (failing tensors always shown), for models with hundreds of
+tensors. The exit
 status gates CI: 0 when no check failed, 1 when a check failed (a ``<prefix>/failures``
 point above 0), 2 on a usage error, a missing ``LOGDIR`` or one without gradwatch scalars.
 ``--plot out.png`` (needs matplotlib: ``pip install 'gradwatch[plot]'``) draws relative
@@ -25,6 +29,9 @@ error and error/tolerance over the steps per tensor, log scale, with the fail th
                "steps": [int],       # the checked steps
                "fail_threshold": float,   # <prefix>/fail_threshold (error/tolerance above it fails)
                "duplicate_steps": int,    # steps logged more than once (the last point is kept)
+               "worst_step": int | null,  # the last check with <prefix>/worst/<k> points
+               "worst": [{"tensor": str | null,    # rank k at worst_step: <prefix>/worst/<k>, named by the
+                          "error_ratio": float}],  # tensor whose error_ratio matches (null: none logged)
                "tensors": [{"tensor": str,    # named_parameters() name, in logging order
                             "checks": int,    # checks that judged or kinked this tensor
                             "failing_checks": int, "first_failing_step": int | null,
@@ -43,6 +50,7 @@ Example:
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -51,7 +59,7 @@ from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
 
 from gradwatch import demo
-from gradwatch._validate import _argparse_type
+from gradwatch._validate import _argparse_type, _positive_int
 from gradwatch.report import _check_prefix, _fmt
 
 __all__ = ["RunSummary", "TensorSummary", "main", "summarize"]
@@ -61,6 +69,8 @@ __all__ = ["RunSummary", "TensorSummary", "main", "summarize"]
 _FAILURES = "failures"  # <prefix>/failures: one point per check
 _FAIL_THRESHOLD = "fail_threshold"
 _FAILED, _REL_ERROR, _ERROR_RATIO, _KINKS = "failed", "rel_error", "error_ratio", "kinks"  # <prefix>/<kind>/<param>
+_WORST = "worst"  # <prefix>/worst/<k>: error_ratio of the k-th worst tensor
+_WORST_SHOWN = 5  # ranks on the table's "worst at the last check" line (--json has all)
 
 _PLOT_MISSING = "`--plot` needs matplotlib: pip install 'gradwatch[plot]'"
 
@@ -132,6 +142,10 @@ class RunSummary:
         tensors: One summary per tensor, in logging (``named_parameters()``) order.
         duplicate_steps: Steps logged more than once, e.g. two trainings written to
             the same directory; the last point of each step is kept.
+        worst_step: The last step with ``<prefix>/worst/<k>`` points, or None.
+        worst: ``(tensor, error_ratio)`` by rank at ``worst_step``: the points of
+            ``<prefix>/worst/<k>``, each named by a tensor whose ``error_ratio`` point of
+            that step has the same value (None when none has).
     """
 
     run: str
@@ -141,6 +155,8 @@ class RunSummary:
     fail_threshold: float
     tensors: tuple[TensorSummary, ...]
     duplicate_steps: int = 0
+    worst_step: int | None = None
+    worst: tuple[tuple[str | None, float], ...] = ()
 
     @property
     def failed(self) -> bool:
@@ -161,6 +177,8 @@ class RunSummary:
             "steps": list(self.steps),
             "fail_threshold": self.fail_threshold,
             "duplicate_steps": self.duplicate_steps,
+            "worst_step": self.worst_step,
+            "worst": [{"tensor": name, "error_ratio": value} for name, value in self.worst],
             "tensors": [t.to_dict() for t in self.tensors],
         }
 
@@ -245,6 +263,21 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
             error_ratio=series(f"{prefix}/{_ERROR_RATIO}/{name}"),
             kinks=round(sum(value for _, value in series(f"{prefix}/{_KINKS}/{name}"))),
         ))
+    worst_tag = f"{prefix}/{_WORST}/"
+    ranks = sorted((int(tag[len(worst_tag):]), tag) for tag in tags
+                   if tag.startswith(worst_tag) and tag[len(worst_tag):].isdigit())
+    by_rank = [dict(series(tag)) for _, tag in ranks]
+    worst_step = max((step for points in by_rank for step in points), default=None)
+    worst: list[tuple[str | None, float]] = []
+    if worst_step is not None:
+        ratios = {t.name: dict(t.error_ratio).get(worst_step) for t in tensors}
+        for points in by_rank:
+            if worst_step not in points:
+                continue
+            value = points[worst_step]  # the same float32 as the tensor's error_ratio point
+            name = next((n for n, v in ratios.items() if v == value), None)
+            ratios.pop(name, None)
+            worst.append((name, value))
     return RunSummary(
         run=run,
         path=path,
@@ -253,10 +286,12 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
         fail_threshold=threshold[-1][1] if threshold else 1.0,
         tensors=tuple(tensors),
         duplicate_steps=len(accumulator.Scalars(f"{prefix}/{_FAILURES}")) - len(failures),
+        worst_step=worst_step,
+        worst=tuple(worst),
     )
 
 
-def _table(runs: Sequence[RunSummary], out: TextIO) -> None:
+def _table(runs: Sequence[RunSummary], out: TextIO, top: int | None = None) -> None:
     header = ("", "tensor", "checks", "failing", "first failing step", "worst rel_error", "at step",
               "worst error/tol", "at step", "kinks")
     for i, run in enumerate(runs):
@@ -268,8 +303,22 @@ def _table(runs: Sequence[RunSummary], out: TextIO) -> None:
         if run.duplicate_steps:
             out.write(f"  note: {run.duplicate_steps} steps were logged more than once in {run.path!r} "
                       "(several trainings in one directory?); the last point of each step is kept\n")
+        if run.worst:
+            shown = ", ".join(f"{'?' if n is None else repr(n)} {_fmt(v)}" for n, v in run.worst[:_WORST_SHOWN])
+            more = f", ... ({len(run.worst)} ranked)" if len(run.worst) > _WORST_SHOWN else ""
+            out.write(f"  worst error/tol at the last check (step {run.worst_step}): {shown}{more}\n")
+        tensors = run.tensors
+        if top is not None and len(tensors) > top:
+            def worst_ratio(t: TensorSummary) -> float:
+                return -math.inf if t.worst_error_ratio is None else t.worst_error_ratio[1]
+
+            kept = {t.name for t in sorted(tensors, key=worst_ratio, reverse=True)[:top]}
+            kept |= {t.name for t in tensors if t.failing_steps}
+            tensors = tuple(t for t in tensors if t.name in kept)
+            out.write(f"  {len(tensors)} of {len(run.tensors)} tensors: the {top} with the largest worst error/tol"
+                      " and every failing one (--top)\n")
         rows = [header]
-        for t in run.tensors:
+        for t in tensors:
             rel, ratio = t.worst_rel_error, t.worst_error_ratio
             rows.append((
                 "FAIL" if t.failing_steps else "ok", t.name, str(t.checks), str(len(t.failing_steps)),
@@ -364,6 +413,7 @@ def _parser() -> argparse.ArgumentParser:
                "  gradwatch report runs\n"
                "  gradwatch report lightning_logs/version_3 --prefix gradwatch\n"
                "  gradwatch report runs --json > gradwatch.json\n"
+               "  gradwatch report runs --top 20              the 20 worst tensors of a large model\n"
                "  gradwatch report runs --plot gradwatch.png   (pip install 'gradwatch[plot]')\n\n"
                "The JSON schema is in docs/how-it-works.md (section Command line) and in gradwatch/cli.py.",
     )
@@ -371,6 +421,9 @@ def _parser() -> argparse.ArgumentParser:
     report.add_argument("--prefix", default="gradwatch", type=_argparse_type(_check_prefix),
                         help="key prefix the runs were logged with (default: gradwatch)")
     report.add_argument("--json", action="store_true", help="print JSON instead of the table")
+    report.add_argument("--top", metavar="N", type=_argparse_type(functools.partial(_positive_int, "top"), int),
+                        help="table only the N tensors with the largest worst error/tolerance, and every failing "
+                             "one (for models with many tensors; --json keeps all)")
     report.add_argument("--plot", metavar="PNG",
                         help="also save a figure of relative error and error/tolerance over steps (needs matplotlib)")
 
@@ -406,7 +459,7 @@ def _report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
     if args.json:
         out.write(_json(runs, args.logdir, args.prefix) + "\n")
     else:
-        _table(runs, out)
+        _table(runs, out, args.top)
     if args.plot is not None:
         _plot(runs, args.plot)
         err.write(f"gradwatch report: wrote {args.plot}\n")

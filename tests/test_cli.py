@@ -77,6 +77,26 @@ def test_report_flags_the_failing_tensor_at_its_first_failing_step_and_exits_1(l
         n for n, t in reports["clean"].tensors.items() if t.verdict != "skipped"}
 
 
+def test_report_names_the_worst_tensors_of_the_last_check_and_top_keeps_the_table_short(logs, reports, capsys) -> None:
+    assert cli.main(["report", str(logs)]) == 1
+    out = capsys.readouterr().out
+    ranked = reports["fail"].worst_tensors()  # the bug run's last check (step 20)
+    shown = ", ".join(f"{t.name!r} {_fmt(t.error_ratio)}" for t in ranked)
+    assert f"run bug: 3 checks, 2 failing (first at step 10)\n  worst error/tol at the last check (step 20): {shown}\n" \
+        in out
+    assert cli.main(["report", str(logs), "--json"]) == 1
+    bug = json.loads(capsys.readouterr().out)["runs"][0]
+    assert bug["worst_step"] == 20
+    assert [w["tensor"] for w in bug["worst"]] == [t.name for t in ranked]
+    assert [w["error_ratio"] for w in bug["worst"]] == pytest.approx([t.error_ratio for t in ranked], rel=1e-6)
+    # --top 1: the clean run's one worst tensor; the bug run's failing tensor (also its worst)
+    assert cli.main(["report", str(logs), "--top", "1"]) == 1
+    rows = _rows(capsys.readouterr().out)
+    clean = max(((n, t.error_ratio) for n, t in reports["clean"].tensors.items() if t.verdict != "skipped"),
+                key=lambda kv: kv[1])[0]
+    assert sorted(rows) == sorted(["bug/fc1.bias", f"clean/{clean}"])
+
+
 def test_report_of_a_clean_log_exits_0(tmp_path, reports, capsys) -> None:
     _write(tmp_path, [(0, reports["clean"]), (5, reports["pass"])])
     assert cli.main(["report", str(tmp_path)]) == 0
@@ -166,6 +186,7 @@ def test_usage_errors_exit_2_naming_the_argument(capsys) -> None:
     for argv, message in [
         (["report", "runs", "--prefix", "gw/"], "`prefix` must be a non-empty str not ending in '/', got 'gw/'"),
         (["demo", "--steps", "0"], "`steps` must be a positive int, got 0"),
+        (["report", "runs", "--top", "0"], "`top` must be a positive int, got 0"),
         (["demo", "--every", "x"], "`every` must be a positive int, got 'x'"),
         (["report"], "LOGDIR"),
         ([], "COMMAND"),
@@ -178,7 +199,7 @@ def test_usage_errors_exit_2_naming_the_argument(capsys) -> None:
 
 @pytest.mark.parametrize("argv, names", [
     ([], ["report", "demo", "--version", "examples:", "gradwatch report runs --json"]),
-    (["report"], ["LOGDIR", "--prefix", "--json", "--plot", "exit status", "examples:"]),
+    (["report"], ["LOGDIR", "--prefix", "--json", "--top", "--plot", "exit status", "examples:"]),
     (["demo"], ["--steps", "--every", "--logdir", "--fixed", "--seed", "exit status", "examples:"]),
 ])
 def test_help_at_every_level_exits_0_and_names_the_options(capsys, argv, names) -> None:
@@ -211,6 +232,8 @@ def test_key_scheme_holds_every_key_the_report_reads(reports) -> None:
     assert {f"p/{cli._FAILURES}", f"p/{cli._FAIL_THRESHOLD}"} <= keys.keys()
     for kind in (cli._FAILED, cli._REL_ERROR, cli._ERROR_RATIO, cli._KINKS):
         assert f"p/{kind}/fc1.bias" in keys
+    ranked = reports["fail"].worst_tensors()
+    assert [keys[f"p/{cli._WORST}/{k}"] for k in range(len(ranked))] == [t.error_ratio for t in ranked]
 
 
 def test_demo_catches_the_planted_bug_and_says_how_to_look(tmp_path, capsys) -> None:
