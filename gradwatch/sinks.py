@@ -49,12 +49,13 @@ class TensorBoardSink:
     ``<prefix>/kinks`` naming the modules and ops (:meth:`~gradwatch.Report.kink_markdown`).
 
     The sink also writes a custom-scalars layout (TensorBoard's ``Custom Scalars`` tab):
-    a category named after the prefix with one chart per concern (the 10 worst tensors'
-    error / tolerance by rank, worst error / tolerance against the fail threshold, error /
-    tolerance per tensor, relative errors, precision gaps, failures, kink fraction, kink
-    margin, kinks per tensor), then one category per module group (:func:`_module_group`:
-    ``layers.3`` for ``layers.3.attn.q.weight``, the top-level module otherwise) with the
-    error / tolerance, relative error and error bar of its tensors. The layout is written
+    a category named after the prefix with the charts of the whole check (the 10 worst
+    tensors' error / tolerance by rank and the worst against the fail threshold, the
+    worst relative error, failures, kink fraction, kink margin, and the 0/1 ``failed`` and
+    kink counts per tensor, flat unless something happens), then one category per module
+    group (:func:`_module_group`: ``layers.3`` for ``layers.3.attn.q.weight``, the
+    top-level module otherwise) with the error / tolerance, relative error, error bar and
+    precision gap of its tensors, so a deep model's charts stay a few lines each. The layout is written
     at the first check and rewritten when a check names a tensor it does not hold yet
     (TensorBoard reads a run's last layout), once per writer and prefix (two sinks on
     one writer do not repeat it; a second prefix rewrites it with both), and only on
@@ -158,10 +159,7 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
         f"worst {_WORST_TENSORS} tensors by rank: error/tolerance vs fail threshold (names: text worst_tensors)":
             chart("(worst/[0-9]+|fail_threshold)"),
         "error/tolerance: worst tensor vs fail threshold": chart("(error_ratio_max|fail_threshold)"),
-        "error/tolerance per tensor vs fail threshold": chart("(error_ratio/.*|fail_threshold)"),
         "rel_error: worst tensor": chart("rel_error_max"),
-        "rel_error per tensor": chart("rel_error/.*"),
-        "precision_gap per tensor": chart("precision_gap/.*"),
         "failures and failed per tensor": chart("(failures|failed/.*)"),
         "kink_fraction (probes that crossed a kink)": chart("kink_fraction"),
         "kink_margin_min (below 1: crossed)": chart("kink_margin_min"),
@@ -177,6 +175,7 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
             f"{group}: error/tolerance vs fail threshold": chart(f"(error_ratio/{alt}|fail_threshold)"),
             f"{group}: rel_error": chart(f"rel_error/{alt}"),
             f"{group}: error_bar": chart(f"error_bar/{alt}"),
+            f"{group}: precision_gap": chart(f"precision_gap/{alt}"),
         }
     return layout
 
@@ -208,10 +207,13 @@ class LoggingSink:
 #: Longest log line of a check (:class:`LoggingSink`); a longer summary is cut.
 _LOG_LINE_CHARS = 159
 
-#: A tensor is reported as kept from verification when, over the run, fewer than half of
-#: the probes it was meant to get were judged (kinked probes whose redraws crossed too,
-#: every probe of a ``"kink"`` verdict), once it was meant to get at least this many.
+#: A tensor is reported as kept from verification when a check with at least
+#: ``_STUCK_MIN_PROBES`` meant probes judged none of them (verdict ``"kink"``: the redraws
+#: crossed too), or when over the run fewer than half of the probes it was meant to get
+#: were judged, once it was meant to get at least ``_STUCK_MIN_RUN_PROBES`` (a ReLU network
+#: loses most direction probes and some coordinates to kinks by chance at every check).
 _STUCK_MIN_PROBES = 4
+_STUCK_MIN_RUN_PROBES = 8
 
 
 class KinkWarnings:
@@ -224,11 +226,12 @@ class KinkWarnings:
     one INFO line on the ``gradwatch`` logger says so (the dashboard charts
     ``kink_fraction``, ``kink_margin_min`` and ``kinks/<param>`` at every check).
 
-    A warning is issued once per tensor when kinks kept it from being verified: over the
-    run, fewer than half of the probes it was meant to get (at least 4: a default check
-    means 5) were judged, redraws included, so it was never verified or only by a
-    minority of its probes. The warning names the ops whose kinks its probes crossed and
-    what to do: a smaller step, more coordinates and redraws, and for a custom op, its
+    A warning is issued once per tensor when kinks kept it from being verified: a check
+    judged none of its probes (verdict ``"kink"``) although it was meant to get at least
+    4 (a default check means 5) and redrew crossed coordinates, or over the run fewer
+    than half of the probes it was meant to get (at least 8) were judged, redraws
+    included. The warning names the ops whose kinks its probes crossed and what to do: a
+    smaller step, more coordinates and redraws, and for a custom op, its
     :func:`gradwatch.register_kink` switching input.
 
     Attributes:
@@ -265,7 +268,8 @@ class KinkWarnings:
         for name, t in report.tensors.items():
             if t.verdict in ("skipped", "nonfinite") or not t.probes:
                 continue
-            self._meant[name] = self._meant.get(name, 0) + len(t.probes) - t.resampled
+            meant_now = len(t.probes) - t.resampled
+            self._meant[name] = self._meant.get(name, 0) + meant_now
             self._judged[name] = self._judged.get(name, 0) + len(t.probes) - t.kink_count
             crossed = {e.probe: e for e in t.kink_events if e.crossed}
             sites = self._crossed.setdefault(name, {})
@@ -273,11 +277,12 @@ class KinkWarnings:
                 where = KinkSite(e.module, e.op, e.kind, 0, 0, 0, 0, math.nan).where
                 sites[where] = sites.get(where, 0) + 1
             meant, judged = self._meant[name], self._judged[name]
-            if name in self.warned or meant < _STUCK_MIN_PROBES or 2 * judged >= meant:
+            none_judged = t.verdict == "kink" and meant_now >= _STUCK_MIN_PROBES
+            if name in self.warned or not (none_judged or (meant >= _STUCK_MIN_RUN_PROBES and 2 * judged < meant)):
                 continue
             self.warned.add(name)
             ops = sorted(sites.items(), key=lambda kv: -kv[1])
-            named = "; ".join(f"{where}: {n} probe{'s' if n > 1 else ''}" for where, n in ops[:3]) or "unknown ops"
+            named = "; ".join(f"{where}: {n} crossing{'s' if n > 1 else ''}" for where, n in ops[:3]) or "unknown ops"
             warnings.warn(
                 f"gradwatch step {step}: kinks kept {name!r} from being verified: {judged} of the {meant} probes "
                 f"it was meant to get so far were judged, the others crossed a kink of a non-smooth op "
