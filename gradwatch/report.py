@@ -741,12 +741,14 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
                                      k = 0..9 (Report.worst_tensors; which tensor
                                      each rank is: Report.worst_markdown)
 
-    :class:`~gradwatch.TensorBoardSink` also writes, per check, two entries that are
+    :class:`~gradwatch.TensorBoardSink` also writes, per check, entries that are
     not scalars and so are not returned here: the histogram
-    ``<prefix>/probe_rel_error`` (:attr:`Report.probe_rel_errors`) and the markdown
-    text ``<prefix>/report`` (:meth:`Report.markdown`), plus ``<prefix>/kinks``
-    (:meth:`Report.kink_markdown`) when probes came near kinks, and once per writer
-    a custom-scalars layout (the ``Custom Scalars`` dashboard) charting these keys.
+    ``<prefix>/probe_rel_error`` (:attr:`Report.probe_rel_errors`), the markdown
+    texts ``<prefix>/report`` (:meth:`Report.markdown`) and ``<prefix>/worst_tensors``
+    (:meth:`Report.worst_markdown`, the tensor of each ``worst/<k>`` rank), plus
+    ``<prefix>/kinks`` (:meth:`Report.kink_markdown`) when probes came near kinks, and
+    a custom-scalars layout (the ``Custom Scalars`` dashboard) charting these keys, at
+    the first check and again when a check names a new tensor.
 
     Skipped tensors (frozen, no gradient, unreliable check) have no per-tensor keys;
     tensors without a judged probe (all probes kinked) have only ``failed`` and
