@@ -531,7 +531,7 @@ class Report:
 
         Example:
             >>> print(report.worst_markdown())  # doctest: +SKIP
-            gradwatch step 200: the 10 tensors with the largest error/tolerance (chart series worst/0..9)
+            gradwatch step 200: the 10 tensors with the largest error/tolerance (chart series worst/0..9; above 1 fails)
             <BLANKLINE>
             | rank | tensor | verdict | error/tol | rel_error |
             |---|---|---|---|---|

@@ -196,7 +196,8 @@ def _tensorboard(logdir, timeout: float = 60.0) -> Iterator[Callable[[str], Any]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     lines: queue.Queue[str] = queue.Queue()
     seen: list[str] = []
-    threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True).start()
+    reader = threading.Thread(target=lambda: [lines.put(line) for line in proc.stdout], daemon=True)
+    reader.start()
     opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
         deadline = time.monotonic() + timeout
@@ -227,6 +228,8 @@ def _tensorboard(logdir, timeout: float = 60.0) -> Iterator[Callable[[str], Any]
         except subprocess.TimeoutExpired:
             proc.kill()
             proc.wait(timeout=10)
+        reader.join(timeout=10)  # the pipe is at its end once the process is gone
+        proc.stdout.close()
 
 
 def test_tensorboard_serves_the_dashboard_layout_scalars_histogram_and_table(tmp_path) -> None:
