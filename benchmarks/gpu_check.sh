@@ -1,20 +1,74 @@
 #!/usr/bin/env bash
-# (e) The speed and memory benchmarks on a CUDA GPU: (a) training overhead, (b) check cost,
-# (d) peak memory. Prints the device name first. Not run on a GPU yet; its CPU path
-# (--device cpu, PAIRS=1) took 81 s on a 2-core VM.
+# The GPU check (issue 16): one short script, no download, every figure printed.
+#   1. the calibration zoo (tests/zoo.py: correct models, planted and sparse bugs) in fp32
+#      (float32 gradients, precision="auto"), bf16 autocast, and fp16 autocast with a
+#      GradScaler (GradWatch(..., scaler=scaler));
+#   2. (a) the training-overhead benchmark;  3. (b) the check-cost benchmark;
+#   4. (d) the peak-memory benchmark;
+#   5. a tiny transformer with SDPA attention dropout (dropout_p=0.1, control 0.0) checked by
+#      GradWatch under bf16 and fp16 autocast: each report's verdict, reliability and reason.
+# It prints the device name first and the seconds of each part; a failing part is reported
+# and the others still run (the exit status is then 1). Needs torch, pytorch-lightning and
+# tensorboard (no transformers); about 5-8 minutes on one GPU (estimate: not yet run on a GPU).
 #
-# Run from the repository root:  bash benchmarks/gpu_check.sh            (default --device cuda)
-#                                bash benchmarks/gpu_check.sh --device cpu   (the same on CPU)
-set -euo pipefail
+# Run from the repository root:  bash benchmarks/gpu_check.sh                  (cuda, full sizes)
+#                                bash benchmarks/gpu_check.sh --device cpu     (the same on CPU)
+#                                bash benchmarks/gpu_check.sh --device cpu --quick
+#                                   (tiny sizes: checks that every part runs, about 1.5 minutes on 2 cores)
+# PYTHON=/path/to/python overrides the interpreter.
+set -uo pipefail
 cd "$(dirname "$0")/.."
 DEVICE=cuda
-if [[ "${1:-}" == "--device" ]]; then DEVICE="$2"; fi
+QUICK=${QUICK:-0}
+while [[ $# -gt 0 ]]; do
+  case "$1" in
+    --device) DEVICE="$2"; shift 2 ;;
+    --quick) QUICK=1; shift ;;
+    *) echo "usage: bash benchmarks/gpu_check.sh [--device cuda|cpu] [--quick]" >&2; exit 2 ;;
+  esac
+done
+PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+if [[ "$QUICK" == 1 ]]; then
+  SEEDS=1; PAIRS=1; STEPS=20; REPEATS=1; SDPA_STEPS=1; COST_MODELS="mlp"; WIDTH=512
+else
+  SEEDS=3; PAIRS=5; STEPS=300; REPEATS=2; SDPA_STEPS=3; COST_MODELS="cnn transformer mlp"; WIDTH=2048
+fi
+
+echo "## device: $DEVICE (quick=$QUICK)"
 if [[ "$DEVICE" == cuda* ]]; then
   nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
-  python -c "import torch; assert torch.cuda.is_available(), 'no CUDA device'; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"
 fi
-set -x
-python benchmarks/overhead.py --device "$DEVICE" --pairs "${PAIRS:-5}"
-python benchmarks/check_cost.py --device "$DEVICE"
-python benchmarks/memory.py --device "$DEVICE"
+"$PY" - "$DEVICE" <<'PYEOF' || exit 1
+import sys, torch
+device = sys.argv[1]
+if device.startswith("cuda"):
+    assert torch.cuda.is_available(), "no CUDA device"
+    print("torch", torch.__version__, "CUDA", torch.version.cuda, "device", torch.cuda.get_device_name(device),
+          "capability", torch.cuda.get_device_capability(device))
+    print("cudnn.allow_tf32", torch.backends.cudnn.allow_tf32, "matmul.allow_tf32",
+          torch.backends.cuda.matmul.allow_tf32, "cudnn.benchmark", torch.backends.cudnn.benchmark)
+else:
+    print("torch", torch.__version__, "CPU")
+PYEOF
+
+FAILED=()
+TOTAL=$SECONDS
+part() {  # part NAME COMMAND...: run one part, print its seconds, remember a failure
+  local name="$1"; shift
+  echo
+  echo "## $name: $*"
+  local start=$SECONDS
+  if "$@"; then echo "# $name: ok, $((SECONDS - start)) s"; else echo "# $name: FAILED (exit $?), $((SECONDS - start)) s"; FAILED+=("$name"); fi
+}
+
+part calibration "$PY" benchmarks/calibration.py --device "$DEVICE" --seeds "$SEEDS" \
+  --modes auto bf16-autocast fp16-gradscaler
+part overhead "$PY" benchmarks/overhead.py --device "$DEVICE" --pairs "$PAIRS" --steps "$STEPS"
+part check_cost "$PY" benchmarks/check_cost.py --device "$DEVICE" --repeats "$REPEATS" --models $COST_MODELS
+part memory "$PY" benchmarks/memory.py --device "$DEVICE" --width "$WIDTH"
+part sdpa_dropout "$PY" benchmarks/sdpa_dropout.py --device "$DEVICE" --steps "$SDPA_STEPS" --dtypes bfloat16 float16
+
+echo
+echo "## total $((SECONDS - TOTAL)) s; failed parts: ${FAILED[*]:-none}"
+[[ ${#FAILED[@]} -eq 0 ]]

@@ -17,6 +17,7 @@ unperturbed one on the first call).
 
 Run:  python benchmarks/memory.py
       python benchmarks/memory.py --device cuda
+      python benchmarks/memory.py --width 512      (quick: 4 x Linear(512, 512))
 """
 
 from __future__ import annotations
@@ -36,10 +37,10 @@ from _common import add_common_args, header
 MIB = 2**20
 
 
-def _model_and_batch(device: str):
+def _model_and_batch(device: str, width: int = 2048):
     torch.manual_seed(0)
-    model = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(2048, 2048), nn.Tanh()))).to(device)
-    batch = (torch.randn(64, 2048, device=device), torch.randn(64, 2048, device=device))
+    model = nn.Sequential(*(m for _ in range(4) for m in (nn.Linear(width, width), nn.Tanh()))).to(device)
+    batch = (torch.randn(64, width, device=device), torch.randn(64, width, device=device))
     return model, batch
 
 
@@ -56,8 +57,8 @@ def _vm(key: str) -> float:
 CHECKS = {"default (sequential)": {}, "kinks=False (batched)": {"kinks": False}}
 
 
-def child(mode: str, device: str) -> None:
-    model, batch = _model_and_batch(device)
+def child(mode: str, device: str, width: int) -> None:
+    model, batch = _model_and_batch(device, width)
     before = _vm("VmRSS")
     loss_fn(model, batch).backward()
     trained = _vm("VmRSS")
@@ -71,17 +72,18 @@ def child(mode: str, device: str) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
+    parser.add_argument("--width", type=int, default=2048, help="width of the 4 Linear layers (default 2048)")
     parser.add_argument("--child", choices=["train", *CHECKS], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.child:
         torch.set_num_threads(args.threads)
-        return child(args.child, args.device)
+        return child(args.child, args.device, args.width)
     header(args)
-    model, batch = _model_and_batch(args.device)
+    model, batch = _model_and_batch(args.device, args.width)
     n = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
     copy64 = 8 * n / MIB
-    print(f"# MLP 4 x Linear(2048, 2048): {n / 1e6:.1f}M parameters, {4 * n / MIB:.0f} MiB float32, "
+    print(f"# MLP 4 x Linear({args.width}, {args.width}): {n / 1e6:.1f}M parameters, {4 * n / MIB:.0f} MiB float32, "
           f"float64 copy {copy64:.0f} MiB, largest tensor in float64 {8 * largest / MIB:.0f} MiB")
     rows = {}
     if args.device.startswith("cuda"):
@@ -100,7 +102,8 @@ def main(argv: list[str] | None = None) -> None:
         print("# peak RSS (VmHWM) of a fresh process, MiB above its RSS after building the model and batch")
         env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
         for mode in ("train", *CHECKS):
-            cmd = [sys.executable, __file__, "--child", mode, "--device", args.device, "--threads", str(args.threads)]
+            cmd = [sys.executable, __file__, "--child", mode, "--device", args.device, "--threads", str(args.threads),
+                   "--width", str(args.width)]
             out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.split()
             rows[mode] = (float(out[-3]), float(out[-2]), out[-1])
     train = rows["train"][0]

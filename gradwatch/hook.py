@@ -8,6 +8,15 @@ Example:
     ...         loss = loss_fn(model, batch)
     ...         loss.backward()
     ...     optimizer.step()
+
+With a ``torch.amp.GradScaler`` pass it as ``scaler=`` and keep ``loss_fn`` unscaled:
+
+    >>> watch = GradWatch(model, loss_fn, scaler=scaler)                  # doctest: +SKIP
+    >>> with watch.step(batch):                                            # doctest: +SKIP
+    ...     with torch.autocast("cuda", dtype=torch.float16):
+    ...         loss = loss_fn(model, batch)
+    ...     scaler.scale(loss).backward()
+    >>> scaler.step(optimizer); scaler.update()                            # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -36,7 +45,7 @@ from gradwatch._validate import (
 )
 from gradwatch.engine import PRECISIONS, check
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
-from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
+from gradwatch.report import OnFailure, Report, TensorCheck, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
 
 __all__ = ["GradWatch"]
@@ -57,10 +66,21 @@ class GradWatch:
     further apart, or with fewer probes or fewer tensors (taken in turn), when a
     check costs more than the budget holds. The first check always runs at step 0.
 
+    With ``scaler`` (the AMP recipe ``scaler.scale(loss).backward()`` inside the
+    block), the recorded gradients and backpropagated loss are divided by
+    ``scaler.get_scale()``, read when the block ends (the scale of that backward:
+    call ``scaler.update()`` after the block, as the recipe does), so unscaled
+    gradients are compared with the unscaled ``loss_fn``. When the scaled gradients
+    are not finite the scaler skips that optimizer step: the report's verdict is then
+    ``"skipped"`` with the reason, and nothing is probed. Without ``scaler`` a
+    scaled backward makes the check unreliable (the replayed loss differs from the
+    backpropagated one).
+
     Args:
         model: The module being trained.
         loss_fn: ``loss_fn(model, batch)`` returning the scalar loss you
-            backpropagate inside the block (the same value, scaling included).
+            backpropagate inside the block (the same value, scaling included; with
+            ``scaler``, the loss before ``scaler.scale``).
         every_n_steps: Check on steps ``0, n, 2n, ...`` (counted in :meth:`step`
             calls); with ``max_overhead``, the smallest gap between two checks.
         max_overhead: Largest fraction of the training time spent checking, such as
@@ -85,6 +105,8 @@ class GradWatch:
         near_kink_margin: Margin below which a kink counts as near.
         precision: Where perturbed losses are evaluated: ``"float64"``, ``"native"``
             or ``"auto"`` (see :func:`gradwatch.check`).
+        scaler: The ``torch.amp.GradScaler`` whose ``scale(loss)`` you backpropagate
+            inside the block, or ``None``. A disabled scaler counts as ``None``.
 
     Attributes:
         reports: ``(step, Report)`` for each check.
@@ -112,9 +134,11 @@ class GradWatch:
         kink_resamples: int = 4,
         near_kink_margin: float = 10.0,
         precision: str = "auto",
+        scaler: Any = None,
     ) -> None:
         _module("model", model)
         _callable("loss_fn", loss_fn)
+        _scaler("scaler", scaler)
         self._check_kwargs = _adapter_options(
             every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
             coordinates=coordinates, directions=directions, kinks=kinks, kink_resamples=kink_resamples,
@@ -138,6 +162,7 @@ class GradWatch:
         self.on_failure = on_failure
         self.seed = secrets.randbits(62) if seed is None else seed
         self.writer = writer
+        self.scaler = scaler
         self.sinks: list[Sink] = [LoggingSink(), KinkWarnings()]
         if writer is not None:
             self.sinks.append(TensorBoardSink(writer, prefix=prefix))
@@ -204,6 +229,19 @@ class GradWatch:
             )
         if roots.autocast is not None:  # autocast entered inside the block: replay the forward under it
             state = dataclasses.replace(state, autocast=roots.autocast)
+        seed = _derive_seed(self.seed, step)
+        train_loss = roots.loss()
+        if self.scaler is not None and self.scaler.is_enabled():
+            scale = self.scaler.get_scale()  # the scale of this backward; update() runs after the block
+            captured = {n: g / scale for n, g in captured.items()}
+            train_loss = None if train_loss is None else train_loss / scale
+            if not _all_finite(captured.values(), None):
+                reason = (
+                    f"GradScaler skips this optimizer step: the gradients scaled by {scale:g} are not finite "
+                    "(fp16 overflow); the scale is lowered and no gradient of this step reaches the optimizer"
+                )
+                self._record(_skipped_report(self.model, seed, step, reason), step)
+                return
         names, coordinates, directions = self._schedule.plan(
             [n for n, _ in self.model.named_parameters() if n in captured]
         )
@@ -213,8 +251,8 @@ class GradWatch:
             batch,
             grads=captured,
             replay=state,
-            train_loss=roots.loss(),
-            seed=_derive_seed(self.seed, step),
+            train_loss=train_loss,
+            seed=seed,
             coordinates=coordinates,
             directions=directions,
             names=names,
@@ -222,7 +260,9 @@ class GradWatch:
         )
         del captured, state
         self._schedule.done(step, report.seconds, sum(len(t.probes) for t in report.tensors.values()))
-        report = dataclasses.replace(report, step=step)
+        self._record(dataclasses.replace(report, step=step), step)
+
+    def _record(self, report: Report, step: int) -> None:
         self.reports.append((step, report))
         for sink in self.sinks:
             sink.write(report, step)
@@ -263,6 +303,34 @@ def _adapter_options(
     _one_of("precision", precision, PRECISIONS)
     return {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
             "precision": precision}
+
+
+def _scaler(name: str, value: Any) -> Any:
+    """``None`` or a GradScaler-like object (``scale``, ``get_scale``, ``is_enabled``)."""
+    if value is not None and not all(callable(getattr(value, m, None)) for m in ("scale", "get_scale", "is_enabled")):
+        raise TypeError(f"`{name}` must be None or a torch.amp.GradScaler, got {type(value).__name__}")
+    return value
+
+
+def _all_finite(grads: Any, reduce: Callable[[Tensor], Tensor] | None) -> bool:
+    """Whether every gradient is finite (one host sync; across ranks when ``reduce`` is given)."""
+    grads = list(grads)
+    if not grads:
+        return True
+    device = grads[0].device
+    bad = torch.stack([(~torch.isfinite(g)).any().to(device) for g in grads]).any().to(torch.float64).reshape(1)
+    if reduce is not None:
+        bad = reduce(bad)
+    return not bool(bad.item() > 0)
+
+
+def _skipped_report(model: nn.Module, seed: int, step: int, reason: str) -> Report:
+    """A report for a step that is not checked: every tensor ``skipped`` with ``reason``."""
+    tensors = {
+        n: TensorCheck(n, tuple(p.shape), "skipped", reason=reason)
+        for n, p in model.named_parameters()
+    }
+    return Report(tensors=tensors, seed=seed, reason=reason, step=step)
 
 
 def _derive_seed(base: int, step: int) -> int:

@@ -34,12 +34,11 @@ from typing_extensions import override
 from gradwatch._schedule import _Schedule
 from gradwatch._validate import _callable, _non_negative_int, _seed
 from gradwatch.engine import check
-from gradwatch.hook import _adapter_options, _derive_seed
+from gradwatch.hook import _adapter_options, _all_finite, _derive_seed, _skipped_report
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,
     Report,
-    TensorCheck,
     _check_prefix,
     _check_report,
     _handle,
@@ -436,23 +435,3 @@ def _metric_states_kept(pl_module: nn.Module) -> Iterator[None]:
                 else:
                     setattr(m, key, value)
 
-
-def _all_finite(grads: Any, reduce: Callable[[Tensor], Tensor] | None) -> bool:
-    """Whether every gradient is finite (one host sync; across ranks when ``reduce`` is given)."""
-    grads = list(grads)
-    if not grads:
-        return True
-    device = grads[0].device
-    bad = torch.stack([(~torch.isfinite(g)).any().to(device) for g in grads]).any().to(torch.float64).reshape(1)
-    if reduce is not None:
-        bad = reduce(bad)
-    return not bool(bad.item() > 0)
-
-
-def _skipped_report(pl_module: nn.Module, seed: int, step: int, reason: str) -> Report:
-    """A report for a step that is not checked: every tensor ``skipped`` with ``reason``."""
-    tensors = {
-        n: TensorCheck(n, tuple(p.shape), "skipped", reason=reason)
-        for n, p in pl_module.named_parameters()
-    }
-    return Report(tensors=tensors, seed=seed, reason=reason, step=step)

@@ -545,6 +545,28 @@ def test_backward_that_ignores_loss_scaling_fails_on_its_precision_gap() -> None
     assert t.message.startswith("'fc1.weight'[") and "same code in float64" in t.message
 
 
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16-autocast", "fp16-gradscaler"])
+def test_edited_grad_is_caught_in_every_precision(mode: str) -> None:
+    """Code that edits ``.grad`` after backward (times 1.5 on one weight) is caught by comparing
+    ``.grad`` with the float64 reference, in fp32 and under bf16 / fp16+GradScaler autocast."""
+    dtype = {"fp32": torch.float32, "bf16-autocast": torch.bfloat16, "fp16-gradscaler": torch.float16}[mode]
+    for seed in range(3):
+        case = CORRECT["layernorm_gelu"](seed)
+        scaler = torch.amp.GradScaler("cpu") if mode == "fp16-gradscaler" else None
+        optimizer = torch.optim.SGD(case.model.parameters(), lr=0.1)
+        with torch.autocast("cpu", dtype=dtype, enabled=mode != "fp32"):
+            state = gradwatch.capture(case.model)
+            loss = case.loss_fn(case.model, case.batch)
+        (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.unscale_(optimizer)
+        case.model[0].weight.grad.mul_(1.5)  # the planted bug
+        report = check(case.model, case.loss_fn, case.batch, grads="existing", replay=state, train_loss=loss,
+                       seed=seed)
+        assert report.reliable and report.grad_precision == str(dtype)[6:], report.reason
+        assert {t.name for t in report.failures} == {"0.weight"}, (seed, str(report))
+
 # ------------------------------------------------- trustworthy verdicts (issue 5)
 #: Where each sparse bug sits: a predicate on the localised index.
 _SPARSE_WHERE = {

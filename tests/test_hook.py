@@ -13,7 +13,15 @@ import torch
 from torch import nn
 
 from gradwatch import GradientCheckError, GradientCheckWarning, GradWatch, KinkWarning, UnreliableCheckWarning
-from zoo import BUGS, CORRECT, assert_log_lines, assert_same_state, classification_loss, training_state
+from zoo import (
+    BUGS,
+    CORRECT,
+    TRAINING_ONLY_BUGS,
+    assert_log_lines,
+    assert_same_state,
+    classification_loss,
+    training_state,
+)
 
 
 class DropoutBN(nn.Module):
@@ -248,6 +256,7 @@ def test_errors_in_the_block_propagate_without_a_check() -> None:
         ({"max_overhead": 1.5}, ValueError, "got 1.5"),
         ({"max_overhead": "2%"}, ValueError, "got '2%'"),
         ({"max_overhead": True}, ValueError, "got True"),
+        ({"scaler": object()}, TypeError, "`scaler` must be None or a torch.amp.GradScaler, got object"),
     ],
 )
 def test_bad_arguments(kwargs, error, match, tmp_path) -> None:
@@ -404,3 +413,125 @@ def test_one_concise_log_line_per_check_and_nothing_at_warning_when_clean(name: 
                           on_failure=lambda report: None)
         _train(case.model, [case.batch] * 5, watch)
     assert len(caplog.records) == (3 if case.wrong else 0)
+
+
+# ------------------------------------------------------------------ GradScaler (fp16 AMP recipe)
+def _amp_step(watch, model, loss_fn, batch, scaler, dtype=torch.float16):
+    """One step of the PyTorch AMP recipe inside ``watch.step``; the optimizer step is the caller's."""
+    with watch.step(batch):
+        with torch.autocast("cpu", dtype=dtype):
+            loss = loss_fn(model, batch)
+        scaler.scale(loss).backward()
+
+
+def _amp_train(model, batches, scaler, watch=None):
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for batch in batches:
+        opt.zero_grad()
+        if watch is None:
+            with torch.autocast("cpu", dtype=torch.float16):
+                loss = classification_loss(model, batch)
+            scaler.scale(loss).backward()
+        else:
+            _amp_step(watch, model, classification_loss, batch, scaler)
+        scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        scaler.step(opt)
+        scaler.update()
+    return opt
+
+
+def _scaler_state(scaler) -> dict:
+    return {f"scaler/{k}": v for k, v in scaler.state_dict().items()}
+
+
+def test_gradscaler_training_is_bit_identical_and_checks_unscaled_gradients() -> None:
+    """fp16 autocast + GradScaler: step 0 overflows (huge initial scale) and is skipped by the
+    scaler, the later check steps compare unscaled gradients; training ends exactly as without."""
+    batches = _batches(6)
+    make_scaler = lambda: torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)  # noqa: E731
+    torch.manual_seed(0)
+    plain, plain_scaler = DropoutBN(), make_scaler()
+    opt_plain = _amp_train(plain, batches, plain_scaler)
+    expected = {**training_state(plain, opt_plain), **_scaler_state(plain_scaler)}
+
+    torch.manual_seed(0)
+    watched, scaler = DropoutBN(), make_scaler()
+    watch = GradWatch(watched, classification_loss, every_n_steps=2, max_overhead=None, seed=0, scaler=scaler,
+                      on_failure="raise")
+    opt_watched = _amp_train(watched, batches, scaler, watch)
+    assert_same_state(expected, {**training_state(watched, opt_watched), **_scaler_state(scaler)})
+    assert scaler.get_scale() < 2.0**20  # the overflow really happened and the scale backed off
+    verdicts = [r.verdict for _, r in watch.reports]
+    assert [s for s, _ in watch.reports] == [0, 2, 4] and verdicts == ["skipped", "pass", "pass"], verdicts
+    for _, report in watch.reports[1:]:
+        assert report.reliable and report.grad_precision == "float16", report.reason
+        assert report.train_loss < 10 and report.train_loss == pytest.approx(report.replay_loss, rel=5e-2)
+
+
+def test_gradscaler_overflow_step_is_skipped_with_the_reason(caplog) -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=0, scaler=scaler,
+                      on_failure="raise")
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="gradwatch"):
+        warnings.simplefilter("error")
+        _amp_step(watch, case.model, case.loss_fn, case.batch, scaler)
+    report = watch.last_report
+    assert report.verdict == "skipped" and report.ok and report.step == 0
+    assert "GradScaler skips this optimizer step" in report.reason and "not finite" in report.reason
+    assert all(t.verdict == "skipped" and not t.probes and t.reason == report.reason
+               for t in report.tensors.values())
+    lines = [r for r in caplog.records if r.name == "gradwatch"]
+    assert [r.levelno for r in lines] == [logging.INFO] and "SKIPPED" in lines[0].getMessage()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_gradscaler_catches_planted_bugs_and_stays_quiet_on_correct_models(dtype) -> None:
+    for name in ("mlp_relu_dropout", "cnn_bn_pool", "transformer", "layernorm_gelu", *sorted(BUGS)):
+        case = (CORRECT.get(name) or BUGS[name])(0)
+        scaler = torch.amp.GradScaler("cpu")
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=0, scaler=scaler,
+                          on_failure=lambda report: None)
+        _amp_step(watch, case.model, case.loss_fn, case.batch, scaler, dtype)
+        report = watch.last_report
+        assert report.reliable and report.grad_precision == str(dtype)[6:], (name, report.reason)
+        assert {t.name for t in report.failures} == case.wrong, (name, str(report))
+
+
+def test_scaled_backward_without_the_scaler_is_unreliable_and_a_disabled_scaler_changes_nothing() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    scaler = torch.amp.GradScaler("cpu")
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=0,
+                      on_failure=lambda report: None)
+    with pytest.warns(UnreliableCheckWarning, match="differs from the training loss"):
+        _amp_step(watch, case.model, case.loss_fn, case.batch, scaler)
+    assert not watch.last_report.reliable
+    disabled = torch.amp.GradScaler("cpu", enabled=False)
+    watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=0, scaler=disabled,
+                      on_failure="raise")
+    _amp_step(watch, case.model, case.loss_fn, case.batch, disabled)
+    assert watch.last_report.reliable and watch.last_report.verdict == "pass"
+
+
+# ------------------------------------------- what only the training gradient has (issue 12)
+@pytest.mark.parametrize("mode", ["fp32", "bf16-autocast", "fp16-gradscaler"])
+@pytest.mark.parametrize("bug", sorted(TRAINING_ONLY_BUGS))
+def test_training_only_bugs_are_caught_in_every_precision(bug: str, mode: str) -> None:
+    """A tensor hook that rescales a gradient by 1.5 and a kernel wrong only below float64:
+    the float64 reference does not have them, the training gradient does, in fp32 and
+    under bf16 / fp16 autocast alike (the precision test's guard)."""
+    for seed in range(3):
+        case = TRAINING_ONLY_BUGS[bug](seed)
+        scaler = torch.amp.GradScaler("cpu") if mode == "fp16-gradscaler" else None
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=seed, scaler=scaler,
+                          on_failure=lambda report: None)
+        with watch.step(case.batch):
+            dtype = torch.float16 if scaler is not None else torch.bfloat16
+            with torch.autocast("cpu", dtype=dtype, enabled=mode != "fp32"):
+                loss = case.loss_fn(case.model, case.batch)
+            (loss if scaler is None else scaler.scale(loss)).backward()
+        report = watch.last_report
+        expected = {"fp32": "float32", "bf16-autocast": "bfloat16", "fp16-gradscaler": "float16"}[mode]
+        assert report.reliable and report.grad_precision == expected, report.reason
+        assert {t.name for t in report.failures} == case.wrong, (seed, str(report))

@@ -29,7 +29,7 @@ import gradwatch.lightning as gwl
 from gradwatch import GradientCheckError, GradientCheckWarning, Report
 from gradwatch.lightning import GradWatchCallback, LightningLoggerSink
 from lightning_zoo import ZooModule, loader, trainer_kwargs
-from zoo import BUGS, CORRECT, assert_log_lines, assert_same_state, training_state
+from zoo import BUGS, CORRECT, TRAINING_ONLY_BUGS, assert_log_lines, assert_same_state, training_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
@@ -336,6 +336,33 @@ def test_gradscaler_skipped_step_is_not_checked_and_reported_skipped(caplog) -> 
     assert all(t.verdict == "skipped" and not t.probes for t in skipped.tensors.values())
     assert "SKIPPED" in skipped.summary() and "GradScaler" in skipped.summary()
 
+
+
+class _EditsGrad(ZooModule):
+    """Code that edits ``.grad`` after backward (the planted bug): the first layer's weight times 1.5."""
+
+    def on_after_backward(self) -> None:
+        self.net[0].weight.grad.mul_(1.5)
+
+
+@pytest.mark.parametrize("mode", ["fp32", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("bug", [*sorted(TRAINING_ONLY_BUGS), "edited_grad"])
+def test_training_only_bugs_are_caught_in_every_precision(bug: str, mode: str) -> None:
+    """What the float64 reference cannot have (a tensor hook rescaling a gradient by 1.5, a
+    kernel wrong only below float64, code that edits .grad) is caught in fp32, bf16-mixed and
+    16-mixed (fp16 autocast and a real GradScaler on CPU)."""
+    expected = {"fp32": "float32", "bf16-mixed": "bfloat16", "16-mixed": "float16"}[mode]
+    for seed in range(2):
+        if bug == "edited_grad":
+            module = _EditsGrad(CORRECT["layernorm_gelu"](seed))
+            module.wrong = {"net.0.weight"}
+        else:
+            module = ZooModule(TRAINING_ONLY_BUGS[bug](seed))
+        callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=seed, on_failure=_collect)
+        _fit(module, callback, max_steps=1, data_seed=seed, **({} if mode == "fp32" else _amp(mode)))
+        report = callback.last_report
+        assert report.reliable and report.grad_precision == expected, report.reason
+        assert _failing(report) == module.wrong, (seed, str(report))
 
 # ----------------------------------------------------------------------------- 6. logging
 @pytest.mark.parametrize("name", ["layernorm_gelu", "bias_mean"])

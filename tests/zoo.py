@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BUGS", "CORRECT", "SPARSE_BUGS", "Case", "assert_log_lines", "classification_loss"]
+__all__ = ["BUGS", "CORRECT", "SPARSE_BUGS", "TRAINING_ONLY_BUGS", "Case", "assert_log_lines", "classification_loss"]
 
 
 @dataclass
@@ -183,6 +183,41 @@ def _hook_rescale(seed: int) -> Case:
     return Case("hook_rescale", model, classification_loss, _data(seed, 32, (8,), 3), {"fc1.weight"})
 
 
+class FastPathLinearFn(torch.autograd.Function):
+    """y = x @ W.T + b whose backward takes a "fast path" below float64 that sums the
+    weight gradient over the first tile of samples only (a tiling bug that loses the
+    second half of the batch): wrong in float32, bf16 and fp16, right in the float64
+    reference."""
+
+    @staticmethod
+    def forward(ctx, x, weight, bias):
+        ctx.save_for_backward(x, weight)
+        return x @ weight.t() + bias
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight = ctx.saved_tensors
+        grad = grad.to(weight.dtype)
+        x = x.to(weight.dtype)
+        if grad.dtype == torch.float64:
+            grad_w = grad.t() @ x
+        else:
+            tile = grad.shape[0] // 2
+            grad_w = grad[:tile].t() @ x[:tile]  # the planted bug: the low-precision path loses the last tile
+        return grad @ weight, grad_w, grad.sum(0)
+
+
+class _FastPathLinear(CustomLinear):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return FastPathLinearFn.apply(x, self.weight, self.bias)
+
+
+def _low_precision_kernel(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = Mlp(_FastPathLinear(8, 16), torch.tanh, 16)
+    return Case("low_precision_kernel", model, classification_loss, _data(seed, 32, (8,), 3), {"fc1.weight"})
+
+
 BUGS: dict[str, Callable[[int], Case]] = {
     "wrong_sign": _custom_linear_bug("wrong_sign", {"fc1.weight"}),
     "missing_factor": _custom_linear_bug("missing_factor", {"fc1.weight"}, scale=2.0),
@@ -192,6 +227,13 @@ BUGS: dict[str, Callable[[int], Case]] = {
     "wrong_index": _wrong_index,
     "accidental_detach": _accidental_detach,
     "hook_rescale": _hook_rescale,
+}
+
+#: Bugs only the training gradient has, not the float64 reference run of the same code:
+#: the precision test's cases (with code that edits ``.grad``, which is no model).
+TRAINING_ONLY_BUGS: dict[str, Callable[[int], Case]] = {
+    "hook_rescale": _hook_rescale,
+    "low_precision_kernel": _low_precision_kernel,
 }
 
 #: Bugs confined to a small part of a tensor: coordinates rarely see them, only the

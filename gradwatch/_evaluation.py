@@ -1,0 +1,336 @@
+"""Evaluation: runs ``loss_fn`` on replayed state, in float64 or the model's own precision.
+
+One room of the engine (see :mod:`gradwatch.engine`): :class:`_Evaluation` evaluates the
+loss at given parameter values from the captured RNG state and buffers (sequentially, or
+batched with ``torch.func.vmap``), and :class:`_HostValues` gathers the device scalars a
+check produces so they reach the host in one transfer.
+"""
+
+from __future__ import annotations
+
+import warnings
+from contextlib import contextmanager, nullcontext
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from torch import Tensor, nn
+from torch.func import functional_call
+
+from gradwatch.kinks import _BranchRecorder, _ProbeKinks, _Reference
+from gradwatch.replay import (
+    ReplayState,
+    _autocast,
+    _cast_floats,
+    _default_dtype,
+    _LossModule,
+    _restore_attrs,
+    _restore_rng,
+)
+
+__all__: list[str] = []
+
+#: Base step for float64 central differences, ``≈ eps64^(1/3)``; scaled by ``max(1, |θ|)``.
+#: Native evaluation uses ``eps^(1/3)`` of the parameter's dtype.
+DEFAULT_STEP = 6e-6
+#: Batched and sequential unperturbed losses must agree to this relative tolerance.
+_BATCH_RTOL = 64 * torch.finfo(torch.float64).eps
+#: The points of one probe, in evaluation order: θ + h·v, θ - h·v, θ + 2h·v, θ - 2h·v.
+_SIGNS = (1.0, -1.0, 2.0, -2.0)
+
+
+def _reduced(tensors: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
+    """Apply ``reduce`` to every tensor of ``tensors`` in one call (one collective)."""
+    flat = _apply_reduce(reduce, torch.cat([t.reshape(-1) for t in tensors.values()]))
+    parts = flat.split([t.numel() for t in tensors.values()])
+    return {n: part.view_as(t) for (n, t), part in zip(tensors.items(), parts)}
+
+
+def _apply_reduce(reduce: Callable[[Tensor], Tensor], stacked: Tensor) -> Tensor:
+    reduced = reduce(stacked)
+    if not isinstance(reduced, Tensor) or reduced.shape != stacked.shape:
+        raise TypeError(
+            f"`reduce` must return a tensor of shape {tuple(stacked.shape)}, got {type(reduced).__name__} "
+            f"{tuple(getattr(reduced, 'shape', ()))}"
+        )
+    return reduced
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
+
+
+def _choose_precision(precision: str, model: nn.Module, replay: ReplayState, budget: int) -> tuple[str, str]:
+    """The evaluation precision and why."""
+    if precision == "float64":
+        return "float64", "requested"
+    if precision == "native":
+        return "native", "requested"
+    tensors = [p for p in model.parameters()] + list(replay.buffers.values())
+    size = sum(t.numel() * 8 for t in tensors if t.is_floating_point())
+    if size > budget:
+        return "native", f"the float64 copy would take {size / 2**20:.0f} MiB > max_shadow_bytes {budget / 2**20:.0f} MiB"
+    return "float64", f"the float64 copy takes {size / 2**20:.2f} MiB <= max_shadow_bytes {budget / 2**20:.0f} MiB"
+
+
+class _HostValues:
+    """Collects device scalars and brings them to the host in one transfer per device.
+
+    With ``reduce`` (a cross-process mean of a 1-D float64 tensor), all values are
+    stacked on one device, reduced in one call, then transferred once.
+    """
+
+    def __init__(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
+        self._values: list[Tensor] = []
+        self._starts: list[int] = []
+        self._size = 0
+        self.reduce = reduce
+
+    def add(self, value: Tensor | float | bool) -> int:
+        if not isinstance(value, Tensor):
+            value = torch.tensor(float(value), dtype=torch.float64)
+        return self.extend(value.detach().reshape(1))[0]
+
+    def extend(self, values: Tensor) -> range:
+        """Add every element of ``values``; returns their indices."""
+        values = values.detach().reshape(-1).to(torch.float64)
+        self._values.append(values)
+        self._starts.append(self._size)
+        self._size += values.numel()
+        return range(self._size - values.numel(), self._size)
+
+    def fetch(self) -> list[float]:
+        out: list[float] = [0.0] * self._size
+        if self.reduce is not None:
+            device = next((v.device for v in self._values if v.device.type != "cpu"), torch.device("cpu"))
+            stacked = torch.cat([v.to(device) for v in self._values])
+            reduced = _apply_reduce(self.reduce, stacked)
+            return reduced.to(torch.float64).cpu().tolist()
+        by_device: dict[torch.device, list[int]] = {}
+        for i, v in enumerate(self._values):
+            by_device.setdefault(v.device, []).append(i)
+        for idx in by_device.values():
+            host = torch.cat([self._values[i] for i in idx]).cpu().tolist()
+            pos = 0
+            for i in idx:
+                n = self._values[i].numel()
+                out[self._starts[i] : self._starts[i] + n] = host[pos : pos + n]
+                pos += n
+        return out
+
+
+class _Evaluation:
+    """Runs ``loss_fn`` on replayed state, in float64 or in the model's own precision."""
+
+    def __init__(
+        self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool, mode: str,
+        how: str = "sequential", reduced: bool = False, richardson: bool = True,
+    ) -> None:
+        self.wrapper = _LossModule(model, loss_fn)
+        self.signs = _SIGNS if richardson else _SIGNS[:2]  # the points of every probe
+        # batched: None until the first batched call succeeds (True) or fails (False)
+        self.batched: bool | None = False
+        if how == "sequential":
+            self.batch_reason: str | None = "requested (evaluation='sequential')"
+        elif kinks:
+            self.batch_reason = "kink recording needs one forward pass per evaluation (kinks=True)"
+        elif reduced:
+            self.batch_reason = "data-parallel check (reduce): every process runs the same sequential forwards"
+        elif mode != "float64":
+            self.batch_reason = "native precision evaluates sequentially"
+        else:
+            self.batched, self.batch_reason = None, None
+        self.loss0: Tensor | None = None  # the sequential unperturbed loss, set by check()
+        self.own_reference = False  # no unperturbed pass: each probe's +h pass is its kink reference
+        self.batch = batch
+        self.replay = replay
+        self.mode = mode
+        # without Richardson passes (the smallest budgeted check) crossings are recorded, margins are not
+        names = {id(m): n for n, m in model.named_modules()}
+        self.recorder = _BranchRecorder(names, margins=richardson) if kinks else None
+        self.float64 = mode == "float64"
+        self.loss_dtype: torch.dtype | None = None
+        with torch.no_grad():
+            if self.float64:
+                self.shadow = {
+                    f"model.{n}": p.detach().to(torch.float64).contiguous() if p.is_floating_point() else p.detach()
+                    for n, p in model.named_parameters()
+                }
+                self.buffers = {
+                    f"model.{n}": b.to(torch.float64) if b.is_floating_point() else b
+                    for n, b in replay.buffers.items()
+                }
+                self.inputs = _cast_floats(batch, torch.float64)
+            else:  # the parameters themselves: perturbed points are always new tensors
+                self.shadow = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+                self.buffers = {f"model.{n}": b for n, b in replay.buffers.items()}
+                self.inputs = batch
+
+    @property
+    def lossy(self) -> bool:
+        """True when the float64 evaluation returned a loss below float64."""
+        return self.float64 and self.loss_dtype not in (None, torch.float64)
+
+    def step(self, dtype: torch.dtype) -> float:
+        """Default base step: 6e-6 in float64, ``eps^(1/3)`` of ``dtype`` natively."""
+        return DEFAULT_STEP if self.float64 else float(torch.finfo(dtype).eps) ** (1 / 3)
+
+    def native(self) -> Tensor:
+        """The unperturbed loss in the model's own dtype, replayed (no graph)."""
+        return _native_loss(self.wrapper, self.batch, self.replay, grad=False).detach()
+
+    def _context(self):
+        if self.float64:
+            return _default_dtype(torch.float64), _autocast(None)
+        return nullcontext(), _autocast(self.replay.autocast)
+
+    def __call__(
+        self, params: Mapping[str, Tensor], *, kinks: _ProbeKinks | None = None, grad: bool = False,
+        record: bool = True,
+    ) -> tuple[Tensor, _Reference | None]:
+        """The loss at ``params``. Without ``kinks`` it also records the reference
+        branches (None when kinks are off or ``record`` is False); with ``kinks`` the
+        branches are compared with its reference and folded into it."""
+        _restore_attrs(self.replay.attrs)
+        _restore_rng(self.replay.rng)
+        state = dict(params)
+        state.update({k: v.clone() for k, v in self.buffers.items()})
+        dtype_ctx, autocast_ctx = self._context()
+        recording = self.recorder is not None and (record or kinks is not None)
+        recorder = self.recorder.compare_into(kinks) if recording else nullcontext()
+        try:
+            with torch.set_grad_enabled(grad), dtype_ctx, autocast_ctx, recorder:
+                out = functional_call(self.wrapper, state, (self.inputs,), strict=False)
+        except Exception as err:
+            where = "on the float64 copy of the model" if self.float64 else "in the model's own precision"
+            err.add_note(
+                f"gradwatch: raised while evaluating `loss_fn` {where}; "
+                "the model, its buffers, .grad and the RNG stream were restored."
+            )
+            raise
+        signature = self.recorder.take_reference() if recording and kinks is None else None
+        loss = _loss_tensor(out)
+        self.loss_dtype = loss.dtype
+        return loss, signature
+
+    def base(
+        self, grad_map: Mapping[str, Tensor], reference: bool = True
+    ) -> tuple[Tensor, Any, dict[str, Tensor] | None]:
+        """Unperturbed loss, its signature, and in float64 (with ``reference``) the
+        reference gradient."""
+        if self.own_reference:
+            return None, None, None
+        if not (self.float64 and reference):
+            loss, signature = self(self.shadow)
+            return loss.detach().to(torch.float64), signature, None
+        leaves = {f"model.{n}": self.shadow[f"model.{n}"].detach().requires_grad_(True) for n in grad_map}
+        loss, signature = self({**self.shadow, **leaves}, grad=True)
+        reference = None
+        if loss.requires_grad and loss.dtype == torch.float64:
+            try:
+                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+            except RuntimeError:  # a backward without float64 support: judge against the gradient itself
+                grads = None
+            if grads is not None:
+                reference = {
+                    n: torch.zeros_like(leaves[f"model.{n}"]) if g is None else g.detach()
+                    for n, g in zip(grad_map, grads)
+                }
+        return loss.detach().to(torch.float64), signature, reference
+
+    def losses_batched(self, key: str, points: list[Tensor]) -> Tensor | None:
+        """The losses at ``points`` (values of ``self.shadow[key]``) from one vmapped call,
+        or None when batched evaluation is off or this model cannot be vmapped: the
+        first call decides, and its error or mismatch becomes :attr:`batch_reason`."""
+        if self.batched is False:
+            return None
+        theta = self.shadow[key]
+        verify = self.batched is None  # the first call also evaluates θ, to compare with loss0
+        stacked = torch.stack([*points, theta] if verify else points)
+        try:
+            out = self._vmapped(key, stacked)
+        except Exception as err:
+            if self.batched:  # it worked before: a real error of loss_fn
+                raise
+            first = (str(err).strip().splitlines() or [""])[0]
+            return self._fall_back(f"vmap failed: {type(err).__name__}: {first[:160]}")
+        del stacked
+        if verify:
+            out, unperturbed = out[:-1], out[-1]
+            gap = float((unperturbed - self.loss0).abs())  # one host transfer per check
+            if not gap <= _BATCH_RTOL * float(self.loss0.abs()):
+                return self._fall_back(
+                    f"the vmapped loss at the unperturbed parameters differs from the sequential one by {gap:.3g} "
+                    "(randomness or state that vmap does not replay)"
+                )
+            self.batched = True
+        return out
+
+    def _fall_back(self, reason: str) -> None:
+        self.batched = False
+        self.batch_reason = reason + "; evaluated sequentially"
+        return None
+
+    def _vmapped(self, key: str, stacked: Tensor) -> Tensor:
+        _restore_attrs(self.replay.attrs)
+        _restore_rng(self.replay.rng)
+        base = dict(self.shadow)
+        base.update({k: v.clone() for k, v in self.buffers.items()})
+
+        def one(theta: Tensor) -> Tensor:
+            state = dict(base)
+            state[key] = theta
+            return _loss_tensor(functional_call(self.wrapper, state, (self.inputs,), strict=False)).to(torch.float64)
+
+        dtype_ctx, autocast_ctx = self._context()
+        with torch.no_grad(), dtype_ctx, autocast_ctx, warnings.catch_warnings(), _quiet_vmap_fallback():
+            warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
+            return torch.func.vmap(one, randomness="same")(stacked)
+
+
+@contextmanager
+def _quiet_vmap_fallback() -> Iterator[None]:
+    """Silence vmap's fallback warning for ops without a batching rule (such as
+    ``torch.library.custom_op`` ops, which vmap evaluates one sample at a time): called
+    from inside a custom op's dispatch it is printed by C++ to stderr on every call, where
+    the ``warnings`` filter cannot catch it. Re-enabled afterwards (torch's default)."""
+    toggle = getattr(torch._C._functorch, "_set_vmap_fallback_warning_enabled", None)
+    if toggle is None:
+        yield
+        return
+    toggle(False)
+    try:
+        yield
+    finally:
+        toggle(True)
+
+
+def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool) -> Tensor:
+    """Replay ``loss_fn`` with the model's own parameters, on clones of the captured buffers."""
+    _restore_attrs(replay.attrs)
+    _restore_rng(replay.rng)
+    buffers = {f"model.{n}": b.clone() for n, b in replay.buffers.items()}
+    with torch.set_grad_enabled(grad), _autocast(replay.autocast):
+        return _loss_tensor(functional_call(wrapper, buffers, (batch,), strict=False))
+
+
+def _loss_tensor(out: Any, name: str = "loss_fn") -> Tensor:
+    if not isinstance(out, Tensor):
+        raise TypeError(f"`{name}` must return a scalar loss Tensor, got {type(out).__name__} {_short(out)}")
+    if out.numel() != 1:
+        raise ValueError(f"`{name}` must return a scalar loss, got a tensor of shape {tuple(out.shape)}")
+    if not out.is_floating_point():
+        raise ValueError(f"`{name}` must return a floating-point loss, got dtype {out.dtype}")
+    return out.reshape(())
+
+
+def _loss_value(name: str, value: Any) -> Tensor | float:
+    if isinstance(value, Tensor):
+        return _loss_tensor(value, name).detach()
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"`{name}` must be a scalar Tensor or a float, got {type(value).__name__} {_short(value)}")
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
