@@ -226,13 +226,14 @@ class KinkWarnings:
     one INFO line on the ``gradwatch`` logger says so (the dashboard charts
     ``kink_fraction``, ``kink_margin_min`` and ``kinks/<param>`` at every check).
 
-    A warning is issued once per tensor when kinks kept it from being verified: a check
-    judged none of its probes (verdict ``"kink"``) although it was meant to get at least
-    4 (a default check means 5) and redrew crossed coordinates, or over the run fewer
-    than half of the probes it was meant to get (at least 8) were judged, redraws
-    included. The warning names the ops whose kinks its probes crossed and what to do: a
-    smaller step, more coordinates and redraws, and for a custom op, its
-    :func:`gradwatch.register_kink` switching input.
+    A warning is kept for when kinks kept a tensor from being verified: a check judged
+    none of its probes (verdict ``"kink"``: its redraws crossed too) although it was
+    meant to get at least 4 (a default check means 5), or over the run fewer than half
+    of the probes it was meant to get (at least 8) were judged, redraws included. One
+    warning per check names the tensors newly in that state (each is named once per
+    run), the ops whose kinks their probes crossed, and what to do: a smaller step, more
+    coordinates and redraws, and for a custom op, its :func:`gradwatch.register_kink`
+    switching input.
 
     Attributes:
         seen: The ``(module, op)`` pairs already logged as near a kink.
@@ -251,8 +252,8 @@ class KinkWarnings:
         self._crossed: dict[str, dict[str, int]] = {}  # tensor -> op site -> crossing probes, all checks
 
     def write(self, report: Report, step: int) -> None:
-        """Log each near ``(module, op)`` of ``report`` not logged before, and warn about
-        each tensor that kinks kept from being verified so far (once per tensor)."""
+        """Log each near ``(module, op)`` of ``report`` not logged before, and warn (once)
+        naming the tensors that kinks newly kept from being verified."""
         _check_report(report)
         _non_negative_int("step", step)
         for site in report.kink_sites(near_only=True):
@@ -265,31 +266,40 @@ class KinkWarnings:
                 "gradwatch step %d: probes came near %s of %s (margin %s; %d near, %d crossed of %d probe/op pairs)",
                 step, what, site.where, _fmt(site.margin_min), site.near, site.crossed, site.events,
             )
+        stuck: list[str] = []
         for name, t in report.tensors.items():
             if t.verdict in ("skipped", "nonfinite") or not t.probes:
                 continue
             meant_now = len(t.probes) - t.resampled
             self._meant[name] = self._meant.get(name, 0) + meant_now
             self._judged[name] = self._judged.get(name, 0) + len(t.probes) - t.kink_count
-            crossed = {e.probe: e for e in t.kink_events if e.crossed}
             sites = self._crossed.setdefault(name, {})
-            for e in crossed.values():
+            for e in {e.probe: e for e in t.kink_events if e.crossed}.values():  # one op per crossing probe
                 where = KinkSite(e.module, e.op, e.kind, 0, 0, 0, 0, math.nan).where
                 sites[where] = sites.get(where, 0) + 1
             meant, judged = self._meant[name], self._judged[name]
             none_judged = t.verdict == "kink" and meant_now >= _STUCK_MIN_PROBES
-            if name in self.warned or not (none_judged or (meant >= _STUCK_MIN_RUN_PROBES and 2 * judged < meant)):
-                continue
-            self.warned.add(name)
-            ops = sorted(sites.items(), key=lambda kv: -kv[1])
-            named = "; ".join(f"{where}: {n} crossing{'s' if n > 1 else ''}" for where, n in ops[:3]) or "unknown ops"
-            warnings.warn(
-                f"gradwatch step {step}: kinks kept {name!r} from being verified: {judged} of the {meant} probes "
-                f"it was meant to get so far were judged, the others crossed a kink of a non-smooth op "
-                f"({named}{'; ...' if len(ops) > 3 else ''}). To verify it: a smaller finite-difference step "
-                "(`step=` of gradwatch.check / assert_gradients), more coordinates and redraws (`coordinates=`, "
-                "`kink_resamples=`); if that op is a custom op you registered with gradwatch.register_kink, "
-                "check that its switching input is zero only at the kink. Not repeated for this tensor.",
-                KinkWarning,
-                stacklevel=2,
-            )
+            if name not in self.warned and (none_judged or (meant >= _STUCK_MIN_RUN_PROBES and 2 * judged < meant)):
+                stuck.append(name)
+        if not stuck:
+            return
+        self.warned.update(stuck)
+        tensors = ", ".join(f"{n!r} ({self._judged[n]} of {self._meant[n]} probes judged)" for n in stuck[:5])
+        more = f" and {len(stuck) - 5} more" if len(stuck) > 5 else ""
+        crossings: dict[str, int] = {}
+        for n in stuck:
+            for where, count in self._crossed[n].items():
+                crossings[where] = crossings.get(where, 0) + count
+        ops = sorted(crossings.items(), key=lambda kv: -kv[1])
+        named = "; ".join(f"{where} ({c} crossing{'s' if c > 1 else ''})" for where, c in ops[:3])
+        warnings.warn(
+            f"gradwatch step {step}: kinks kept {len(stuck)} tensor{'s' if len(stuck) > 1 else ''} from being "
+            f"verified so far: {tensors}{more}. The other probes crossed kinks of non-smooth ops: "
+            f"{named or 'unknown'}{'; ...' if len(ops) > 3 else ''}. To verify them: a smaller "
+            "finite-difference step (`step=` of gradwatch.check / assert_gradients), more coordinates and "
+            "redraws (`coordinates=`, `kink_resamples=`); if that op is a custom op you registered with "
+            "gradwatch.register_kink, check that its switching input is zero only at the kink. "
+            "Not repeated for these tensors.",
+            KinkWarning,
+            stacklevel=2,
+        )

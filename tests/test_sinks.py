@@ -25,7 +25,9 @@ import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch.utils.tensorboard import SummaryWriter
 
-from gradwatch import GradWatch, KinkWarning, LoggingSink, Probe, Report, TensorBoardSink, TensorCheck, check, metrics
+from gradwatch import (
+    GradWatch, KinkWarning, KinkWarnings, LoggingSink, Probe, Report, TensorBoardSink, TensorCheck, check, metrics,
+)
 from gradwatch.report import _fmt
 from zoo import BUGS, CORRECT
 
@@ -521,10 +523,11 @@ def test_a_tensor_kinks_keep_from_being_verified_is_warned_once_with_what_to_do(
                 loss_fn(model, batch).backward()
     assert {r.tensors["0.weight"].verdict for _, r in watch.reports} == {"kink"}
     messages = [str(w.message) for w in caught if issubclass(w.category, KinkWarning)]
-    assert [m.split("'")[1] for m in messages] == ["0.weight", "0.bias"]  # once per tensor, at step 0
+    assert len(messages) == 1, messages  # one warning for the check; not repeated at steps 1 and 2
     first = messages[0]
-    assert first.startswith("gradwatch step 0: kinks kept '0.weight' from being verified: 0 of the 5 probes ")
-    for what in ("relu in module '1'", "`step=`", "`coordinates=`", "`kink_resamples=`", "gradwatch.register_kink"):
+    assert first.startswith("gradwatch step 0: kinks kept 2 tensors from being verified so far: '0.weight' (0 of 5 "
+                            "probes judged), '0.bias' (0 of 5 probes judged). "), first
+    for what in ("relu in module '1' (", "`step=`", "`coordinates=`", "`kink_resamples=`", "gradwatch.register_kink"):
         assert what in first, (what, first)
     assert "'2.weight'" not in " ".join(messages)  # the layer after the ReLU is verified
 
@@ -544,3 +547,35 @@ def test_the_log_line_is_cut_to_159_characters_and_the_report_keeps_the_reason(c
     assert report.summary().endswith(reason)
     with pytest.raises(ValueError, match="`max_chars` must be an int of at least 40 or None, got 10"):
         report.summary(max_chars=10)
+
+
+def test_kink_warning_counts_the_probes_meant_over_the_run_redraws_not_meant() -> None:
+    """'a' judges 1 of the 4 probes it was meant to get at each check (a coordinate redrawn
+    once, crossing again): warned at the second check, when 8 were meant and 2 judged; 'b'
+    judges 2 of 4 (half: not "most" lost) and is never warned; a "kink" verdict with fewer
+    than 4 meant probes (the budget's one-coordinate check) is not warned at once."""
+
+    def tensor(name: str, judged: int, kinked: int, resampled: int, verdict: str = "pass") -> TensorCheck:
+        probes = tuple(_probe(1.0, 1.0) for _ in range(judged)) + tuple(_probe(1.0, 1.0, kink=True)
+                                                                      for _ in range(kinked))
+        return TensorCheck(name, (9,), verdict, rel_error=0.0, error_ratio=0.0, probes=probes, resampled=resampled)
+
+    def report(step: int) -> Report:
+        return Report({"a": tensor("a", 1, 4, 1), "b": tensor("b", 2, 2, 0),
+                       "c": tensor("c", 0, 1, 0, verdict="kink")}, seed=0, step=step)
+
+    sink = KinkWarnings()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        sink.write(report(0), 0)
+        assert not caught
+        sink.write(report(1), 1)
+        for step in (2, 3, 4, 5, 6, 7):
+            sink.write(report(step), step)
+    messages = [str(w.message) for w in caught]
+    assert messages[0].startswith("gradwatch step 1: kinks kept 1 tensor from being verified so far: 'a' (2 of 8 "
+                                  "probes judged). ")
+    # 'c' lost its one probe at every check: 8 meant, none judged, warned then; 'b' never
+    assert len(messages) == 2 and messages[1].startswith("gradwatch step 7: kinks kept 1 tensor from being verified "
+                                                         "so far: 'c' (0 of 8 probes judged). ")
+    assert sink.warned == {"a", "c"}
