@@ -632,8 +632,8 @@ class UnreliableCheckWarning(UserWarning):
 
 
 class KinkWarning(UserWarning):
-    """Category of the warning that kinks kept a tensor from being verified, once per tensor
-    (:class:`~gradwatch.KinkWarnings`); mere proximity to a kink is logged at INFO."""
+    """Category of the warning that kinks kept tensors from being verified (each tensor once
+    per run, :class:`~gradwatch.KinkWarnings`); mere proximity to a kink is logged at INFO."""
 
 
 OnFailure = Union[str, Callable[[Report], object]]
