@@ -1,9 +1,10 @@
 """GradWatchCallback under ``strategy="ddp"`` with 2 CPU processes (gloo).
 
 Run by ``tests/test_lightning.py::test_ddp_two_cpu_processes`` as a script, because
-Lightning's DDP launcher starts rank 1 by re-running this script::
+Lightning's DDP launcher starts rank 1 by re-running this script, in one Lightning
+namespace (``pytorch_lightning``, the default, or ``lightning.pytorch``)::
 
-    PYTHONPATH=.:tests python tests/lightning_ddp.py OUTDIR
+    PYTHONPATH=.:tests python tests/lightning_ddp.py OUTDIR [NAMESPACE]
 
 Each rank writes ``OUTDIR/rank<r>.json`` with what it saw: verdicts, failing tensors,
 every probe's numbers, its local training losses, and what reached its logger.
@@ -17,21 +18,21 @@ import sys
 from typing import Any
 
 
-def main(out: pathlib.Path) -> None:
+def main(out: pathlib.Path, namespace: str) -> None:
     import logging
     import warnings
 
-    import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.loggers import Logger
 
     from gradwatch import GradientCheckError
     from gradwatch.lightning import GradWatchCallback
-    from lightning_zoo import ZooModule, loader
+    from lightning_zoo import api, loader
     from zoo import BUGS, CORRECT
 
+    lit = api(namespace)
+    pl, ZooModule, Logger = lit.pl, lit.ZooModule, lit.loggers.Logger
     warnings.simplefilter("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger(namespace.split(".")[0]).setLevel(logging.ERROR)
     torch.set_num_threads(1)
 
     class RecordingLogger(Logger):
@@ -86,7 +87,8 @@ def main(out: pathlib.Path) -> None:
     logger, losses = RecordingLogger(), LocalLosses()
     trainer, correct = fit(CORRECT["mlp_relu_dropout"], "raise", logger=logger, extra=[losses])
     rank = trainer.global_rank
-    result: dict[str, Any] = {"correct": summary(correct), "logged_steps": logger.steps, "local_losses": losses.losses}
+    result: dict[str, Any] = {"correct": summary(correct), "logged_steps": logger.steps, "local_losses": losses.losses,
+                              "is_callback": isinstance(correct, pl.Callback)}
     _, bug = fit(BUGS["wrong_sign"], lambda report: None)
     result["bug"] = summary(bug)
     # a budget: rank zero's plan (tensors, probes, the smallest check's options, the
@@ -104,6 +106,7 @@ def main(out: pathlib.Path) -> None:
         result["raise"] = None
     except GradientCheckError as err:
         result["raise"] = type(err).__name__
+    result["namespaces"] = [ns for ns in ("pytorch_lightning", "lightning.pytorch") if ns in sys.modules]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -112,4 +115,4 @@ def main(out: pathlib.Path) -> None:
 if __name__ == "__main__":
     target = pathlib.Path(sys.argv[1])
     target.mkdir(parents=True, exist_ok=True)
-    main(target)
+    main(target, sys.argv[2] if len(sys.argv) > 2 else "pytorch_lightning")
