@@ -173,8 +173,8 @@ class GradWatchTrainerCallback:
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Find the Trainer, refuse sharded training, and share the main process's seed."""
         trainer = _calling_trainer()
+        self._disarm()  # a capture left armed by an interrupted train()
         self._trainer = trainer
-        self._pending = None
         self._sinks = None
         sharded = _sharding(trainer)
         self._enabled = sharded is None
