@@ -153,6 +153,27 @@ def test_correct_model_with_dropout_stays_quiet(overrides, tmp_path) -> None:
         assert report.replay_loss == pytest.approx(report.train_loss, rel=1e-5 if expected == "float32" else 5e-2)
 
 
+def test_dropout_masks_are_replayed_from_the_state_captured_right_before_the_forward(tmp_path) -> None:
+    """With learning_rate=0 the weights stay as they were: the trained micro-batch's loss under other
+    dropout masks differs by more than the 1e-5 the replay matched it to (typically by ~1e-3)."""
+    seen = []
+
+    def recording_loss(model, inputs):
+        seen.append(inputs)
+        return causal_lm_loss(model, inputs)
+
+    callback = watch(loss_fn=recording_loss, on_failure="raise")
+    model = gpt2()
+    train(model, callback, tmp_path, steps=1, learning_rate=0.0)
+    report = callback.last_report
+    assert report.reliable and report.replay_loss == pytest.approx(report.train_loss, rel=1e-5)
+    model.train()
+    with torch.no_grad():
+        others = [causal_lm_loss(model, seen[0]).item() for _ in range(16)]  # fresh dropout masks
+    gaps = sorted(abs(loss - report.train_loss) / report.train_loss for loss in others)
+    assert gaps[0] > 1e-5 and gaps[len(gaps) // 2] > 1e-3, gaps  # no other mask replays it
+
+
 def test_clipped_gradients_are_compared_before_clipping(tmp_path) -> None:
     """max_grad_norm=1e-3 scales the gradient the optimizer uses by ~1e-3: compared after clipping,
     every tensor would fail by orders of magnitude."""
