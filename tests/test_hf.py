@@ -289,6 +289,8 @@ def test_import_gradwatch_hf_does_not_import_transformers() -> None:
         "callback = GradWatchTrainerCallback()\n"
         "from transformers import TrainerCallback\n"
         "assert isinstance(callback, TrainerCallback) and isinstance(callback, GradWatchTrainerCallback)\n"
+        "import copy, pickle\n"
+        "assert all(type(c) is type(callback) for c in (copy.deepcopy(callback), pickle.loads(pickle.dumps(callback))))\n"
         "print('ok')\n"
     )
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
