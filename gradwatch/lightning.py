@@ -38,6 +38,7 @@ from typing_extensions import override
 from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
 from gradwatch._validate import _callable, _non_negative_int, _seed
+from gradwatch.engine import _reduced
 from gradwatch.hook import _adapter_options, _derive_seed
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
@@ -91,8 +92,10 @@ class GradWatchCallback:
     A step whose gradient a GradScaler finds non-finite (so it skips the optimizer
     step) is not checked; its report has verdict ``"skipped"`` and says why. Under
     DDP every rank evaluates the same probes on its local batch and the results are
-    averaged across ranks before judging, so all ranks report the same verdicts;
-    only rank zero writes to loggers. Sharded strategies (FSDP, DeepSpeed, model
+    averaged across ranks before judging, so all ranks report the same verdicts (with
+    accumulation, the first micro-batch's gradients, which Lightning computes without
+    DDP's all-reduce, are averaged across ranks first, as DDP does at the window's
+    end); only rank zero writes to loggers. Sharded strategies (FSDP, DeepSpeed, model
     parallel) are not supported yet: the callback warns once and does not check.
 
     Args:
@@ -292,6 +295,10 @@ class GradWatchCallback:
                 )
                 self._record(trainer, _skipped_report(pl_module, seed, step, reason))
                 return
+        if reduce is not None and scaled and grads:
+            # accumulation: Lightning runs this backward without DDP's all-reduce, so .grad is this
+            # rank's; the optimizer gets the mean over ranks (the window's last backward syncs)
+            grads = _reduced(grads, reduce)
         loss_fn = self.loss_fn or _training_step_loss(pl_module, pending.batch_idx, _namespace(trainer))
         if pending.accumulate > 1:
             loss_fn = partial(_divided, loss_fn, pending.accumulate)

@@ -64,14 +64,14 @@ def main(out: pathlib.Path, namespace: str) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(float(outputs["loss"]))
 
-    def fit(build, on_failure, logger=None, extra=(), max_overhead=None, every_n_steps=1, max_steps=2):
+    def fit(build, on_failure, logger=None, extra=(), max_overhead=None, every_n_steps=1, max_steps=2, accumulate=1):
         module = ZooModule(build(0))
         callback = GradWatchCallback(every_n_steps=every_n_steps, max_overhead=max_overhead,
                                      on_failure=on_failure)  # seed drawn per rank, broadcast
         trainer = pl.Trainer(
             strategy="ddp", accelerator="cpu", devices=2, max_steps=max_steps, logger=logger or False,
             callbacks=[callback, *extra], enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False,
+            enable_checkpointing=False, accumulate_grad_batches=accumulate,
         )
         trainer.fit(module, loader(module.case, batches=8))
         return trainer, callback
@@ -91,6 +91,9 @@ def main(out: pathlib.Path, namespace: str) -> None:
                               "is_callback": isinstance(correct, pl.Callback)}
     _, bug = fit(BUGS["wrong_sign"], lambda report: None)
     result["bug"] = summary(bug)
+    # accumulation: the first micro-batch's backward runs without DDP's all-reduce (local .grad)
+    _, accumulated = fit(CORRECT["mlp_relu_dropout"], lambda report: None, accumulate=2)
+    result["accumulated"] = summary(accumulated)
     # a budget: rank zero's plan (tensors, probes, the smallest check's options, the
     # next check step) is broadcast, so both ranks check the same steps with the same probes
     _, budgeted = fit(BUGS["wrong_sign"], lambda report: None, max_overhead=0.3, every_n_steps=1, max_steps=12)

@@ -544,6 +544,10 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
     # every rank judged the same probes on the cross-rank mean: identical numbers
     assert results[0]["bug"]["numbers"] == results[1]["bug"]["numbers"]
     assert results[0]["correct"]["numbers"] == results[1]["correct"]["numbers"]
+    # accumulation: the first micro-batch's local gradients are averaged over ranks as DDP does at the
+    # window's end (compared unaveraged, every tensor of this correct model failed)
+    assert results[0]["accumulated"]["verdicts"] == ["pass", "pass"], results[0]["accumulated"]
+    assert results[0]["accumulated"] == results[1]["accumulated"]
     # each rank's local batch differs, and the check verified the replay of the mean training loss
     assert results[0]["local_losses"] != results[1]["local_losses"]
     # only rank zero wrote to the logger
