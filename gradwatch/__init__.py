@@ -6,9 +6,12 @@ Example:
     >>> gradwatch.assert_gradients(layer, loss_fn, batch)  # in a unit test  # doctest: +SKIP
     >>> watch = gradwatch.GradWatch(model, loss_fn, every_n_steps=100, logdir="runs")  # doctest: +SKIP
     >>> callback = gradwatch.GradWatchCallback(every_n_steps=100)  # doctest: +SKIP
+    >>> hf_callback = gradwatch.GradWatchTrainerCallback()  # doctest: +SKIP
 
-``GradWatchCallback`` (from :mod:`gradwatch.lightning`) is imported on first access, so
-``import gradwatch`` does not import Lightning.
+``GradWatchCallback`` (from :mod:`gradwatch.lightning`, for ``lightning.pytorch`` and
+``pytorch_lightning``) and ``GradWatchTrainerCallback`` (from :mod:`gradwatch.hf`, for
+``transformers.Trainer``) are imported on first access, and import neither Lightning nor
+transformers until a callback is used, so ``import gradwatch`` imports none of them.
 """
 
 from gradwatch.engine import check
@@ -33,6 +36,7 @@ from gradwatch.testing import assert_gradients
 __all__ = [
     "GradWatch",
     "GradWatchCallback",
+    "GradWatchTrainerCallback",
     "GradientCheckError",
     "GradientCheckWarning",
     "KinkEvent",
@@ -61,8 +65,12 @@ def __getattr__(name: str):
         from gradwatch.lightning import GradWatchCallback
 
         return GradWatchCallback
+    if name == "GradWatchTrainerCallback":
+        from gradwatch.hf import GradWatchTrainerCallback
+
+        return GradWatchTrainerCallback
     raise AttributeError(f"module 'gradwatch' has no attribute {name!r}")
 
 
 def __dir__() -> list[str]:
-    return sorted(set(globals()) | {"GradWatchCallback"})
+    return sorted(set(globals()) | {"GradWatchCallback", "GradWatchTrainerCallback"})

@@ -32,6 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from gradwatch._callbacks import _all_finite, _skipped_report
 from gradwatch._schedule import _Schedule
 from gradwatch._validate import (
     _callable,
@@ -45,7 +46,7 @@ from gradwatch._validate import (
 )
 from gradwatch.engine import PRECISIONS, check
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
-from gradwatch.report import OnFailure, Report, TensorCheck, _check_on_failure, _check_prefix, _handle
+from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
 
 __all__ = ["GradWatch"]
@@ -310,27 +311,6 @@ def _scaler(name: str, value: Any) -> Any:
     if value is not None and not all(callable(getattr(value, m, None)) for m in ("scale", "get_scale", "is_enabled")):
         raise TypeError(f"`{name}` must be None or a torch.amp.GradScaler, got {type(value).__name__}")
     return value
-
-
-def _all_finite(grads: Any, reduce: Callable[[Tensor], Tensor] | None) -> bool:
-    """Whether every gradient is finite (one host sync; across ranks when ``reduce`` is given)."""
-    grads = list(grads)
-    if not grads:
-        return True
-    device = grads[0].device
-    bad = torch.stack([(~torch.isfinite(g)).any().to(device) for g in grads]).any().to(torch.float64).reshape(1)
-    if reduce is not None:
-        bad = reduce(bad)
-    return not bool(bad.item() > 0)
-
-
-def _skipped_report(model: nn.Module, seed: int, step: int, reason: str) -> Report:
-    """A report for a step that is not checked: every tensor ``skipped`` with ``reason``."""
-    tensors = {
-        n: TensorCheck(n, tuple(p.shape), "skipped", reason=reason)
-        for n, p in model.named_parameters()
-    }
-    return Report(tensors=tensors, seed=seed, reason=reason, step=step)
 
 
 def _derive_seed(base: int, step: int) -> int:

@@ -1,40 +1,45 @@
-"""PyTorch Lightning adapter: check gradients inside ``Trainer.fit``.
+"""Lightning adapter: check gradients inside ``Trainer.fit``.
 
 The callback decides *when* to check and *which gradient* to compare, calls
 :func:`gradwatch.check` and hands the :class:`~gradwatch.Report` to sinks. It adds
 nothing numerical of its own.
 
+One callback serves both namespaces Lightning ships under, ``lightning.pytorch``
+(``import lightning as L``) and ``pytorch_lightning``, and imports neither: it is a
+``Callback`` of the namespaces already imported when it is created, and of its
+Trainer's namespace from ``setup`` on (see :class:`GradWatchCallback`). Strategies,
+precision plugins and loggers are recognised by class name, in either namespace.
+
 Example:
-    >>> from pytorch_lightning import Trainer
-    >>> from gradwatch.lightning import GradWatchCallback
-    >>> trainer = Trainer(callbacks=[GradWatchCallback()])  # doctest: +SKIP
-    >>> trainer.fit(model, datamodule)                       # doctest: +SKIP
+    >>> import lightning as L                                  # or: import pytorch_lightning as L
+    >>> from gradwatch import GradWatchCallback
+    >>> trainer = L.Trainer(callbacks=[GradWatchCallback()])  # doctest: +SKIP
+    >>> trainer.fit(model, datamodule)                         # doctest: +SKIP
 """
 
 from __future__ import annotations
 
 import copy
-import dataclasses
+import functools
+import importlib
 import secrets
+import sys
 import warnings
 from collections.abc import Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator
 
-import pytorch_lightning as pl
 import torch
-from pytorch_lightning.callbacks import Callback
-from pytorch_lightning.loggers import TensorBoardLogger
-from pytorch_lightning.utilities.signature_utils import is_param_in_hook_signature
 from torch import Tensor, nn
 from typing_extensions import override
 
+from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
 from gradwatch._validate import _callable, _non_negative_int, _seed
-from gradwatch.engine import check
-from gradwatch.hook import _adapter_options, _all_finite, _derive_seed, _skipped_report
+from gradwatch.engine import _reduced
+from gradwatch.hook import _adapter_options, _derive_seed
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,
@@ -46,15 +51,28 @@ from gradwatch.report import (
 )
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
 
+if TYPE_CHECKING:  # either namespace; nothing is imported at run time
+    import pytorch_lightning as pl
+
 __all__ = ["GradWatchCallback", "LightningLoggerSink"]
+
+#: The namespaces Lightning ships under (``lightning.pytorch`` is ``import lightning as L``).
+_NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
 #: Strategies whose parameters are sharded (by class name, so that subclasses and the
 #: ``lightning.pytorch`` namespace are recognised too): not checked yet.
 _SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
 
 
-class GradWatchCallback(Callback):
+class GradWatchCallback:
     """Checks, every ``every_n_steps`` optimizer steps, the gradient the optimizer uses.
+
+    A callback for ``lightning.pytorch.Trainer`` and for ``pytorch_lightning.Trainer``.
+    Lightning's two namespaces have distinct ``Callback`` classes, and importing one
+    does not import the other; so an instance's class is built on first use from
+    ``GradWatchCallback`` and the ``Callback`` of each namespace already imported when
+    it is created (``isinstance(callback, L.Callback)`` holds), and from ``setup`` on
+    also of its Trainer's namespace. Nothing here imports a namespace.
 
     On a check step the callback captures the RNG states and buffers right before
     ``training_step``, then compares the gradient with float64 central differences of
@@ -74,8 +92,10 @@ class GradWatchCallback(Callback):
     A step whose gradient a GradScaler finds non-finite (so it skips the optimizer
     step) is not checked; its report has verdict ``"skipped"`` and says why. Under
     DDP every rank evaluates the same probes on its local batch and the results are
-    averaged across ranks before judging, so all ranks report the same verdicts;
-    only rank zero writes to loggers. Sharded strategies (FSDP, DeepSpeed, model
+    averaged across ranks before judging, so all ranks report the same verdicts (with
+    accumulation, the first micro-batch's gradients, which Lightning computes without
+    DDP's all-reduce, are averaged across ranks first, as DDP does at the window's
+    end); only rank zero writes to loggers. Sharded strategies (FSDP, DeepSpeed, model
     parallel) are not supported yet: the callback warns once and does not check.
 
     Args:
@@ -118,8 +138,14 @@ class GradWatchCallback(Callback):
             checkpoint on resume).
 
     Example:
-        >>> trainer = pl.Trainer(callbacks=[GradWatchCallback(every_n_steps=50)])  # doctest: +SKIP
+        >>> trainer = L.Trainer(callbacks=[GradWatchCallback(every_n_steps=50)])  # doctest: +SKIP
     """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "GradWatchCallback":
+        return super().__new__(_with_callbacks(_plain(cls), _loaded_namespaces()))
+
+    def __reduce__(self) -> tuple:  # pickle/deepcopy: the built class is rebuilt where it is loaded
+        return _rebuild, (_plain(type(self)), _namespaces_of(type(self))), self.__dict__
 
     def __init__(
         self,
@@ -165,13 +191,16 @@ class GradWatchCallback(Callback):
         return self.reports[-1][1] if self.reports else None
 
     @property
-    @override
     def state_key(self) -> str:
-        return self._generate_state_key(prefix=self.prefix)
+        """Key of the callback's state in checkpoints: the same in both namespaces."""
+        return f"{_plain(type(self)).__qualname__}{repr({'prefix': self.prefix})}"  # as Callback._generate_state_key
 
     # ------------------------------------------------------------------ hooks
     @override
     def setup(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        namespace = _namespace(trainer)
+        if namespace is not None and namespace not in _namespaces_of(type(self)):  # a Callback of its Trainer's
+            self.__class__ = _with_callbacks(_plain(type(self)), _namespaces_of(type(self)) + (namespace,))
         if stage != "fit":
             return
         if not pl_module.automatic_optimization and self.loss_fn is None:
@@ -180,12 +209,12 @@ class GradWatchCallback(Callback):
                 "GradWatchCallback cannot re-run its training_step (it steps the optimizer): pass "
                 "`loss_fn=lambda module, batch: <the loss you call manual_backward on>` to GradWatchCallback"
             )
-        sharded = [c.__name__ for c in type(trainer.strategy).__mro__ if c.__name__ in _SHARDED]
+        sharded = _is_a(trainer.strategy, *_SHARDED)
         self._enabled = not sharded
         if sharded:
             if not self._warned_sharded and trainer.is_global_zero:
                 warnings.warn(
-                    f"GradWatchCallback does not check gradients under {sharded[0]} yet: its parameters are "
+                    f"GradWatchCallback does not check gradients under {sharded} yet: its parameters are "
                     "sharded across processes. Training continues unchecked; use strategy='ddp' (or a single "
                     "device) for gradient checks.",
                     UserWarning,
@@ -267,39 +296,23 @@ class GradWatchCallback(Callback):
                 )
                 self._record(trainer, _skipped_report(pl_module, seed, step, reason))
                 return
-        loss_fn = self.loss_fn or _training_step_loss(pl_module, pending.batch_idx)
+        if reduce is not None and scaled and grads:
+            # accumulation: Lightning runs this backward without DDP's all-reduce, so .grad is this
+            # rank's; the optimizer gets the mean over ranks (the window's last backward syncs)
+            grads = _reduced(grads, reduce)
+        loss_fn = self.loss_fn or _training_step_loss(pl_module, pending.batch_idx, _namespace(trainer))
         if pending.accumulate > 1:
             loss_fn = partial(_divided, loss_fn, pending.accumulate)
-        names, coordinates, directions = self._schedule.plan(
-            [n for n, _ in pl_module.named_parameters() if n in grads]
-        )
-        richardson = self._schedule.richardson
-        if reduce is not None:  # every rank checks the same tensors with the same probes
-            names, coordinates, directions, richardson = trainer.strategy.broadcast(
-                (names, coordinates, directions, richardson), src=0
-            )
-            self._schedule.richardson = richardson
+        broadcast = partial(trainer.strategy.broadcast, src=0) if reduce is not None else None
         with _metric_states_kept(pl_module):
-            report = check(
-                pl_module,
-                loss_fn,
-                pending.batch,
-                grads=grads,
-                replay=pending.replay,
-                train_loss=train_loss,
-                seed=seed,
-                reduce=reduce,
-                coordinates=coordinates,
-                directions=directions,
-                names=names,
-                **{**self._check_kwargs, **self._schedule.check_options()},
+            report = _budgeted_check(
+                self._schedule, pl_module, loss_fn, pending.batch, step=step, seed=seed, grads=grads,
+                replay=pending.replay, train_loss=train_loss, reduce=reduce, broadcast=broadcast,
+                options=self._check_kwargs,
             )
         del grads, pending
-        self._schedule.done(step, report.seconds, len(report.probes))
-        if reduce is not None:
-            self._schedule.next_step = int(trainer.strategy.broadcast(self._schedule.next_step, src=0))
-        self._record(trainer, dataclasses.replace(report, step=step))
-        _handle(self.last_report, self.on_failure)
+        self._record(trainer, report)
+        _handle(report, self.on_failure)
 
     def _record(self, trainer: pl.Trainer, report: Report) -> None:
         self.reports.append((report.step, report))
@@ -354,15 +367,66 @@ class _Pending:
     loss: Tensor | None = None
 
 
+def _loaded_namespaces() -> tuple[str, ...]:
+    """The Lightning namespaces imported so far."""
+    return tuple(ns for ns in _NAMESPACES if ns in sys.modules)
+
+
+def _namespace_of_module(module: str) -> str | None:
+    return next((ns for ns in _NAMESPACES if module == ns or module.startswith(ns + ".")), None)
+
+
+def _namespace(obj: Any) -> str | None:
+    """The Lightning namespace ``obj``'s class (or a base of it) comes from, or None."""
+    return next((ns for c in type(obj).__mro__ if (ns := _namespace_of_module(c.__module__))), None)
+
+
+def _is_a(obj: Any, *names: str) -> str | None:
+    """The first of ``names`` that is the name of a Lightning class ``obj`` is an instance of (either namespace)."""
+    return next((c.__name__ for c in type(obj).__mro__ if c.__name__ in names and _namespace_of_module(c.__module__)),
+                None)
+
+
+def _plain(cls: type) -> type:
+    """The class a built callback class was built from (``cls`` itself otherwise)."""
+    return vars(cls).get("_gradwatch_plain", cls)
+
+
+def _namespaces_of(cls: type) -> tuple[str, ...]:
+    return vars(cls).get("_gradwatch_namespaces", ())
+
+
+@functools.cache
+def _with_callbacks(cls: type, namespaces: tuple[str, ...]) -> type:
+    """``cls`` mixed with the ``Callback`` class of each namespace (which must be imported already)."""
+    namespaces = tuple(ns for ns in _NAMESPACES if ns in namespaces)  # one order: one class per set
+    if not namespaces:
+        return cls
+    bases = tuple(sys.modules[ns].Callback for ns in namespaces)
+    return type(cls.__name__, (cls, *bases), {
+        "__module__": cls.__module__, "__qualname__": cls.__qualname__, "__doc__": cls.__doc__,
+        "_gradwatch_plain": cls, "_gradwatch_namespaces": namespaces,
+    })
+
+
+def _rebuild(cls: type, namespaces: tuple[str, ...]) -> GradWatchCallback:
+    for ns in namespaces:
+        importlib.import_module(ns)
+    return object.__new__(_with_callbacks(cls, namespaces))
+
+
 def _sink_for(logger: Any, prefix: str) -> Sink:
-    if isinstance(logger, TensorBoardLogger):
+    if _is_a(logger, "TensorBoardLogger"):
         return TensorBoardSink(logger.experiment, prefix=prefix)
     return LightningLoggerSink(logger, prefix=prefix)
 
 
-def _training_step_loss(pl_module: pl.LightningModule, batch_idx: int) -> Callable[[nn.Module, Any], Tensor]:
+def _training_step_loss(
+    pl_module: pl.LightningModule, batch_idx: int, namespace: str | None
+) -> Callable[[nn.Module, Any], Tensor]:
     """``loss_fn`` that re-runs ``training_step`` with logging disabled."""
-    with_idx = is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
+    signature_utils = importlib.import_module(f"{namespace or 'pytorch_lightning'}.utilities.signature_utils")
+    with_idx = signature_utils.is_param_in_hook_signature(pl_module.training_step, "batch_idx", min_args=2)
 
     def loss_fn(module: nn.Module, batch: Any) -> Tensor:
         with _logging_disabled(module):
@@ -434,4 +498,3 @@ def _metric_states_kept(pl_module: nn.Module) -> Iterator[None]:
                         current.copy_(value)
                 else:
                     setattr(m, key, value)
-

@@ -1,9 +1,10 @@
 """GradWatchCallback under ``strategy="ddp"`` with 2 CPU processes (gloo).
 
 Run by ``tests/test_lightning.py::test_ddp_two_cpu_processes`` as a script, because
-Lightning's DDP launcher starts rank 1 by re-running this script::
+Lightning's DDP launcher starts rank 1 by re-running this script, in one Lightning
+namespace (``pytorch_lightning``, the default, or ``lightning.pytorch``)::
 
-    PYTHONPATH=.:tests python tests/lightning_ddp.py OUTDIR
+    PYTHONPATH=.:tests python tests/lightning_ddp.py OUTDIR [NAMESPACE]
 
 Each rank writes ``OUTDIR/rank<r>.json`` with what it saw: verdicts, failing tensors,
 every probe's numbers, its local training losses, and what reached its logger.
@@ -17,21 +18,21 @@ import sys
 from typing import Any
 
 
-def main(out: pathlib.Path) -> None:
+def main(out: pathlib.Path, namespace: str) -> None:
     import logging
     import warnings
 
-    import pytorch_lightning as pl
     import torch
-    from pytorch_lightning.loggers import Logger
 
     from gradwatch import GradientCheckError
     from gradwatch.lightning import GradWatchCallback
-    from lightning_zoo import ZooModule, loader
+    from lightning_zoo import api, loader
     from zoo import BUGS, CORRECT
 
+    lit = api(namespace)
+    pl, ZooModule, Logger = lit.pl, lit.ZooModule, lit.loggers.Logger
     warnings.simplefilter("ignore")
-    logging.getLogger("pytorch_lightning").setLevel(logging.ERROR)
+    logging.getLogger(namespace.split(".")[0]).setLevel(logging.ERROR)
     torch.set_num_threads(1)
 
     class RecordingLogger(Logger):
@@ -63,14 +64,14 @@ def main(out: pathlib.Path) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(float(outputs["loss"]))
 
-    def fit(build, on_failure, logger=None, extra=(), max_overhead=None, every_n_steps=1, max_steps=2):
+    def fit(build, on_failure, logger=None, extra=(), max_overhead=None, every_n_steps=1, max_steps=2, accumulate=1):
         module = ZooModule(build(0))
         callback = GradWatchCallback(every_n_steps=every_n_steps, max_overhead=max_overhead,
                                      on_failure=on_failure)  # seed drawn per rank, broadcast
         trainer = pl.Trainer(
             strategy="ddp", accelerator="cpu", devices=2, max_steps=max_steps, logger=logger or False,
             callbacks=[callback, *extra], enable_progress_bar=False, enable_model_summary=False,
-            enable_checkpointing=False,
+            enable_checkpointing=False, accumulate_grad_batches=accumulate,
         )
         trainer.fit(module, loader(module.case, batches=8))
         return trainer, callback
@@ -86,9 +87,13 @@ def main(out: pathlib.Path) -> None:
     logger, losses = RecordingLogger(), LocalLosses()
     trainer, correct = fit(CORRECT["mlp_relu_dropout"], "raise", logger=logger, extra=[losses])
     rank = trainer.global_rank
-    result: dict[str, Any] = {"correct": summary(correct), "logged_steps": logger.steps, "local_losses": losses.losses}
+    result: dict[str, Any] = {"correct": summary(correct), "logged_steps": logger.steps, "local_losses": losses.losses,
+                              "is_callback": isinstance(correct, pl.Callback)}
     _, bug = fit(BUGS["wrong_sign"], lambda report: None)
     result["bug"] = summary(bug)
+    # accumulation: the first micro-batch's backward runs without DDP's all-reduce (local .grad)
+    _, accumulated = fit(CORRECT["mlp_relu_dropout"], lambda report: None, accumulate=2)
+    result["accumulated"] = summary(accumulated)
     # a budget: rank zero's plan (tensors, probes, the smallest check's options, the
     # next check step) is broadcast, so both ranks check the same steps with the same probes
     _, budgeted = fit(BUGS["wrong_sign"], lambda report: None, max_overhead=0.3, every_n_steps=1, max_steps=12)
@@ -104,6 +109,7 @@ def main(out: pathlib.Path) -> None:
         result["raise"] = None
     except GradientCheckError as err:
         result["raise"] = type(err).__name__
+    result["namespaces"] = [ns for ns in ("pytorch_lightning", "lightning.pytorch") if ns in sys.modules]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
@@ -112,4 +118,4 @@ def main(out: pathlib.Path) -> None:
 if __name__ == "__main__":
     target = pathlib.Path(sys.argv[1])
     target.mkdir(parents=True, exist_ok=True)
-    main(target)
+    main(target, sys.argv[2] if len(sys.argv) > 2 else "pytorch_lightning")

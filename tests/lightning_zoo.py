@@ -1,30 +1,39 @@
-"""LightningModule wrappers around the zoo in ``zoo.py``, for the callback tests.
+"""LightningModule wrappers around the zoo in ``zoo.py``, for the callback tests, in
+either Lightning namespace (``pytorch_lightning`` or ``lightning.pytorch``).
 
 Example:
     >>> from zoo import CORRECT
-    >>> module = ZooModule(CORRECT["layernorm_gelu"](0))
+    >>> module = ZooModule(CORRECT["layernorm_gelu"](0))  # the pytorch_lightning one
     >>> len(loader(module.case, batches=2, seed=0))
     2
+    >>> lit = api("lightning.pytorch")
+    >>> isinstance(lit.ZooModule(CORRECT["layernorm_gelu"](0)), lit.pl.LightningModule)
+    True
 """
 
 from __future__ import annotations
 
+import functools
+import importlib
+from types import SimpleNamespace
 from typing import Any
 
-import pytorch_lightning as pl
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
 from zoo import Case
 
-__all__ = ["ZooModule", "loader", "trainer_kwargs"]
+__all__ = ["NAMESPACES", "ZooModule", "api", "loader", "trainer_kwargs"]
+
+#: The two namespaces Lightning ships under.
+NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
 
 
-class ZooModule(pl.LightningModule):
+class _ZooMethods:
     """Trains ``case.model`` on ``case.loss_fn``; logs its loss like a typical module does.
 
     Parameter names get the prefix ``net.``; :attr:`wrong` holds the planted-bug tensors
-    under those names.
+    under those names. Mixed with a namespace's ``LightningModule`` by :func:`api`.
     """
 
     def __init__(self, case: Case, *, lr: float = 1e-2, returns: str = "tensor") -> None:
@@ -35,7 +44,7 @@ class ZooModule(pl.LightningModule):
         self.returns = returns
         self.wrong = {f"net.{n}" for n in case.wrong}
 
-    def loss(self, module: pl.LightningModule, batch: Any) -> torch.Tensor:
+    def loss(self, module: Any, batch: Any) -> torch.Tensor:
         return self.case.loss_fn(module.net, batch)
 
     def training_step(self, batch: Any, batch_idx: int) -> Any:
@@ -46,6 +55,32 @@ class ZooModule(pl.LightningModule):
 
     def configure_optimizers(self) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.parameters(), lr=self.lr)
+
+
+@functools.cache
+def api(namespace: str = "pytorch_lightning") -> SimpleNamespace:
+    """A namespace's classes the tests use, and :class:`ZooModule` built on its ``LightningModule``.
+
+    ``lit.mixin(Cls)`` builds a test's own module class (a mixin over ``ZooModule``) in it.
+    """
+    pl = importlib.import_module(namespace)
+    zoo_module = type("ZooModule", (_ZooMethods, pl.LightningModule), {"__module__": __name__,
+                                                                       "__doc__": _ZooMethods.__doc__})
+    return SimpleNamespace(
+        name=namespace,
+        pl=pl,
+        ZooModule=zoo_module,
+        mixin=functools.cache(lambda cls, base=None: type(cls.__name__, (cls, base or zoo_module), {})),
+        Trainer=pl.Trainer,
+        Callback=pl.Callback,
+        loggers=importlib.import_module(f"{namespace}.loggers"),
+        plugins=importlib.import_module(f"{namespace}.plugins"),
+        callbacks=importlib.import_module(f"{namespace}.callbacks"),
+        strategies=importlib.import_module(f"{namespace}.strategies"),
+    )
+
+
+ZooModule = api("pytorch_lightning").ZooModule
 
 
 def loader(case: Case, *, batches: int, seed: int = 0) -> DataLoader:

@@ -118,3 +118,31 @@ def test_custom_op_example_is_a_real_custom_op_and_gradcheck_agrees(custom_op_ex
     inputs = (x.requires_grad_(True), bias.requires_grad_(True))
     ok = torch.autograd.gradcheck(lambda a, b: op(a, b, planted_bug), inputs, raise_exception=False)
     assert ok == (not planted_bug)
+
+
+_HF_DOWNSTREAM = {"transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.ln_f.weight",
+                  "transformer.ln_f.bias"}  # after the last patched activation: their gradients stay right
+
+
+def test_hf_trainer_example_catches_the_patched_kernel_bug_and_logs_it(tmp_path, capsys) -> None:
+    example = _load("hf_trainer")
+    callback = example.main(["--steps", "21", "--every", "20", "--output", str(tmp_path)])
+    out = capsys.readouterr().out.splitlines()
+    assert out[-2].startswith("gradwatch: FAIL in 2 of 2 checks, 24 tensors - 'transformer."), out
+    assert out[-1] == f"view the logs: tensorboard --logdir {tmp_path}/runs"
+    assert [s for s, _ in callback.reports] == [0, 20]
+    for _, report in callback.reports:
+        failing = {t.name for t in report.failures}
+        assert "transformer.h.1.mlp.c_fc.weight" in failing and not failing & _HF_DOWNSTREAM, failing
+    (run,) = (tmp_path / "runs").iterdir()
+    acc = EventAccumulator(str(run))
+    acc.Reload()
+    assert [(e.step, e.value) for e in acc.Scalars("gradwatch/failures")] == [(0, 24.0), (20, 24.0)]
+    assert "train/loss" in acc.Tags()["scalars"]
+
+
+def test_hf_trainer_example_with_the_fix_passes(tmp_path, capsys) -> None:
+    example = _load("hf_trainer")
+    callback = example.main(["--steps", "1", "--every", "20", "--fixed", "--output", str(tmp_path)])
+    assert capsys.readouterr().out.splitlines()[-2].startswith("gradwatch: PASS in all 1 checks")
+    assert all(r.ok for _, r in callback.reports)

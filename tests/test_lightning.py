@@ -1,53 +1,75 @@
 """The Lightning callback inside Trainer.fit: which gradient, the loss, accumulation,
-mixed precision, DDP, logging, checkpoints and no side effects."""
+mixed precision, DDP, logging, checkpoints and no side effects, under both Lightning
+namespaces (``pytorch_lightning`` and ``lightning.pytorch``, the ``lit`` fixture).
+
+Tests over the whole zoo alternate the namespace case by case (each namespace sees half
+of the cases); the others run under both."""
 
 from __future__ import annotations
 
+import copy
 import csv
 import json
 import logging
 import math
 import os
 import pathlib
+import pickle
 import subprocess
 import sys
 import warnings
 from types import SimpleNamespace
+from typing import Any
 
 import pytest
-import pytorch_lightning as pl
 import torch
 import torch.nn.functional as F
-from pytorch_lightning.callbacks import ModelCheckpoint
-from pytorch_lightning.loggers import CSVLogger, TensorBoardLogger
-from pytorch_lightning.plugins import MixedPrecision
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 from torch import nn
 
 import gradwatch
+import gradwatch._callbacks
 import gradwatch.lightning as gwl
 from gradwatch import GradientCheckError, GradientCheckWarning, Report
 from gradwatch.lightning import GradWatchCallback, LightningLoggerSink
-from lightning_zoo import ZooModule, loader, trainer_kwargs
+from lightning_zoo import NAMESPACES, api, loader, trainer_kwargs
 from zoo import BUGS, CORRECT, TRAINING_ONLY_BUGS, assert_log_lines, assert_same_state, training_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::UserWarning:pytorch_lightning.*"),
+    pytest.mark.filterwarnings("ignore::UserWarning:lightning.*"),
     pytest.mark.filterwarnings("ignore::UserWarning:lightning_fabric.*"),
     pytest.mark.filterwarnings("ignore:.*does not have many workers.*"),
     pytest.mark.filterwarnings("ignore:.*isinstance\\(treespec, LeafSpec\\).*"),
 ]
 
 
-def _fit(module: pl.LightningModule, callback: GradWatchCallback | None, *, batches: int = 8, data_seed: int = 0,
-         **overrides) -> pl.Trainer:
+@pytest.fixture(params=NAMESPACES)
+def lit(request) -> Any:
+    """The test under each Lightning namespace (see ``lightning_zoo.api``)."""
+    return api(request.param)
+
+
+def _alternating(names) -> list:
+    """``(name, lit)`` pairs, the namespace alternating over the sorted names."""
+    return [pytest.param(name, NAMESPACES[i % 2], id=f"{name}-{NAMESPACES[i % 2]}")
+            for i, name in enumerate(sorted(names))]
+
+
+def _fit(module: Any, callback: GradWatchCallback | None, *, batches: int = 8, data_seed: int = 0,
+         **overrides) -> Any:
+    """Fit ``module`` with a Trainer of its own namespace."""
     callbacks = [callback] if callback is not None else []
     callbacks += overrides.pop("callbacks", [])
-    trainer = pl.Trainer(callbacks=callbacks, **trainer_kwargs(**overrides))
+    trainer = _lit(module).Trainer(callbacks=callbacks, **trainer_kwargs(**overrides))
     trainer.fit(module, loader(module.case, batches=batches, seed=data_seed))
     return trainer
+
+
+def _lit(module: Any) -> Any:
+    return api(next(ns for ns in NAMESPACES if isinstance(module, api(ns).pl.LightningModule)))
 
 
 def _collect(report: Report) -> None:
@@ -59,9 +81,9 @@ def _failing(report: Report) -> set[str]:
 
 
 # ----------------------------------------------------------------------------- 1. which gradient
-@pytest.mark.parametrize("bug", sorted(BUGS))
-def test_planted_bugs_are_caught_in_fit(bug: str) -> None:
-    module = ZooModule(BUGS[bug](0))
+@pytest.mark.parametrize("bug, namespace", _alternating(BUGS))
+def test_planted_bugs_are_caught_in_fit(bug: str, namespace: str) -> None:
+    module = api(namespace).ZooModule(BUGS[bug](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=2)
     assert [s for s, _ in callback.reports] == [0, 1]
@@ -70,9 +92,9 @@ def test_planted_bugs_are_caught_in_fit(bug: str) -> None:
         assert _failing(report) and _failing(report) <= module.wrong, (_failing(report), module.wrong)
 
 
-@pytest.mark.parametrize("name", sorted(CORRECT))
-def test_correct_models_pass_in_fit(name: str) -> None:
-    module = ZooModule(CORRECT[name](0))
+@pytest.mark.parametrize("name, namespace", _alternating(CORRECT))
+def test_correct_models_pass_in_fit(name: str, namespace: str) -> None:
+    module = api(namespace).ZooModule(CORRECT[name](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     _fit(module, callback, max_steps=3)
     assert [s for s, _ in callback.reports] == [0, 1, 2]
@@ -81,11 +103,13 @@ def test_correct_models_pass_in_fit(name: str) -> None:
     assert callback.last_report is callback.reports[-1][1]
 
 
-@pytest.mark.parametrize("name", ["mlp_relu_dropout", "cnn_bn_pool", "layernorm_gelu"])
-def test_gradient_clipping_gives_no_false_alarm(name: str) -> None:
+@pytest.mark.parametrize("name, namespace", _alternating(["mlp_relu_dropout", "cnn_bn_pool", "layernorm_gelu"]) + [
+    pytest.param("cnn_bn_pool", NAMESPACES[1], id=f"cnn_bn_pool-{NAMESPACES[1]}")])
+def test_gradient_clipping_gives_no_false_alarm(name: str, namespace: str) -> None:
+    lit = api(namespace)
     """The callback compares the gradient before clipping: with clipping at 1e-3 every
     clipped gradient would disagree with the loss by orders of magnitude."""
-    module = ZooModule(CORRECT[name](0))
+    module = lit.ZooModule(CORRECT[name](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     _fit(module, callback, max_steps=3, gradient_clip_val=1e-3)
     norms = [math.sqrt(sum(p.autograd**2 for p in r.probes if p.kind == "coordinate")) for _, r in callback.reports]
@@ -93,18 +117,18 @@ def test_gradient_clipping_gives_no_false_alarm(name: str) -> None:
     assert all(r.verdict == "pass" for _, r in callback.reports)
 
 
-def test_planted_bug_is_caught_under_gradient_clipping() -> None:
-    module = ZooModule(BUGS["wrong_sign"](0))
+def test_planted_bug_is_caught_under_gradient_clipping(lit) -> None:
+    module = lit.ZooModule(BUGS["wrong_sign"](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=2, gradient_clip_val=1e-3)
     assert all(_failing(r) == {"net.fc1.weight"} for _, r in callback.reports)
 
 
-def test_schedule_follows_global_step_and_non_check_steps_capture_nothing(monkeypatch) -> None:
+def test_schedule_follows_global_step_and_non_check_steps_capture_nothing(monkeypatch, lit) -> None:
     captures = []
     real_capture = gwl.capture
     monkeypatch.setattr(gwl, "capture", lambda m: captures.append(1) or real_capture(m))
-    module = ZooModule(CORRECT["layernorm_gelu"](0))
+    module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
     callback = GradWatchCallback(every_n_steps=3, max_overhead=None, seed=0)
     _fit(module, callback, max_steps=7)
     assert [s for s, _ in callback.reports] == [0, 3, 6]
@@ -112,35 +136,35 @@ def test_schedule_follows_global_step_and_non_check_steps_capture_nothing(monkey
     assert [r.seed for _, r in callback.reports] == [gwl._derive_seed(0, s) for s in (0, 3, 6)]
 
 
-def test_on_failure_raise_propagates_out_of_fit() -> None:
-    module = ZooModule(BUGS["bias_mean"](0))
+def test_on_failure_raise_propagates_out_of_fit(lit) -> None:
+    module = lit.ZooModule(BUGS["bias_mean"](0))
     with pytest.raises(GradientCheckError, match="net.fc1.bias") as info:
         _fit(module, GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise"), max_steps=2)
     assert info.value.report.step == 0
 
 
-def test_on_failure_warn_warns_with_the_failure_message() -> None:
-    module = ZooModule(BUGS["wrong_sign"](0))
+def test_on_failure_warn_warns_with_the_failure_message(lit) -> None:
+    module = lit.ZooModule(BUGS["wrong_sign"](0))
     with pytest.warns(GradientCheckWarning, match=r"'net.fc1.weight'\["):
         _fit(module, GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0), max_steps=1)
 
 
 # ----------------------------------------------------------------------------- 2. the loss
-def test_user_loss_fn_is_used_with_the_module_and_batch() -> None:
+def test_user_loss_fn_is_used_with_the_module_and_batch(lit) -> None:
     calls = []
 
     def loss_fn(module, batch):
         calls.append(module)
         return F.cross_entropy(module.net(batch[0]), batch[1])
 
-    class Counting(ZooModule):
+    class Counting:
         steps = 0
 
         def training_step(self, batch, batch_idx):
             Counting.steps += 1
             return super().training_step(batch, batch_idx)
 
-    module = Counting(CORRECT["mlp_relu_dropout"](0))
+    module = lit.mixin(Counting)(CORRECT["mlp_relu_dropout"](0))
     callback = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=0, loss_fn=loss_fn, on_failure="raise")
     _fit(module, callback, max_steps=3)
     assert [s for s, _ in callback.reports] == [0, 2]
@@ -149,23 +173,23 @@ def test_user_loss_fn_is_used_with_the_module_and_batch() -> None:
     assert all(r.verdict == "pass" for _, r in callback.reports)
 
 
-def test_user_loss_fn_catches_a_planted_bug() -> None:
-    module = ZooModule(BUGS["missing_factor"](0))
+def test_user_loss_fn_catches_a_planted_bug(lit) -> None:
+    module = lit.ZooModule(BUGS["missing_factor"](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, loss_fn=module.loss, on_failure=_collect)
     _fit(module, callback, max_steps=1)
     assert _failing(callback.last_report) == {"net.fc1.weight"}
 
 
 @pytest.mark.parametrize("case", [CORRECT["layernorm_gelu"], BUGS["bias_mean"]])
-def test_training_step_returning_a_dict(case) -> None:
-    module = ZooModule(case(0), returns="dict")
+def test_training_step_returning_a_dict(case, lit) -> None:
+    module = lit.ZooModule(case(0), returns="dict")
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=2)
     assert all(_failing(r) == module.wrong and r.reliable for _, r in callback.reports)
 
 
-class MetricModule(ZooModule):
-    """Logs through self.log / log_dict every step and a torchmetrics metric per epoch."""
+class MetricModule:
+    """(Mixed into ZooModule.) Logs through self.log / log_dict every step and a torchmetrics metric per epoch."""
 
     def __init__(self, case) -> None:
         super().__init__(case)
@@ -190,7 +214,7 @@ class MetricModule(ZooModule):
         self.mean_loss.reset()
 
 
-def _metric_values(trainer: pl.Trainer) -> dict[str, dict[str, float]]:
+def _metric_values(trainer: Any) -> dict[str, dict[str, float]]:
     def plain(d):
         return {k: float(v) for k, v in d.items()}
 
@@ -198,12 +222,12 @@ def _metric_values(trainer: pl.Trainer) -> dict[str, dict[str, float]]:
             "progress_bar": plain(trainer.progress_bar_metrics)}
 
 
-def test_rerun_training_step_changes_no_logged_metric_and_no_metric_state(tmp_path) -> None:
+def test_rerun_training_step_changes_no_logged_metric_and_no_metric_state(tmp_path, lit) -> None:
     results = []
     for callback in (None, GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")):
         torch.manual_seed(0)
-        module = MetricModule(CORRECT["mlp_relu_dropout"](0))
-        logger = CSVLogger(str(tmp_path), name="with" if callback else "without")
+        module = lit.mixin(MetricModule)(CORRECT["mlp_relu_dropout"](0))
+        logger = lit.loggers.CSVLogger(str(tmp_path), name="with" if callback else "without")
         trainer = _fit(module, callback, max_epochs=2, max_steps=-1, batches=3, logger=logger)
         with open(pathlib.Path(logger.log_dir) / "metrics.csv") as f:
             rows = [{k: v for k, v in row.items() if not k.startswith("gradwatch/")} for row in csv.DictReader(f)]
@@ -216,7 +240,9 @@ def test_rerun_training_step_changes_no_logged_metric_and_no_metric_state(tmp_pa
     assert torch.equal(plain_tp, watched_tp)
 
 
-class ManualModule(ZooModule):
+class ManualModule:
+    """(Mixed into ZooModule.)"""
+
     def __init__(self, case) -> None:
         super().__init__(case)
         self.automatic_optimization = False
@@ -230,15 +256,15 @@ class ManualModule(ZooModule):
         return loss
 
 
-def test_manual_optimization_without_loss_fn_fails_at_setup_saying_what_to_pass() -> None:
-    module = ManualModule(CORRECT["layernorm_gelu"](0))
+def test_manual_optimization_without_loss_fn_fails_at_setup_saying_what_to_pass(lit) -> None:
+    module = lit.mixin(ManualModule)(CORRECT["layernorm_gelu"](0))
     with pytest.raises(ValueError, match=r"manual optimization.*pass `loss_fn=lambda module, batch:"):
         _fit(module, GradWatchCallback(), max_steps=1)
 
 
 @pytest.mark.parametrize("case", [CORRECT["mlp_relu_dropout"], BUGS["wrong_sign"]])
-def test_manual_optimization_with_loss_fn(case) -> None:
-    module = ManualModule(case(0))
+def test_manual_optimization_with_loss_fn(case, lit) -> None:
+    module = lit.mixin(ManualModule)(case(0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, loss_fn=module.loss, on_failure=_collect)
     _fit(module, callback, max_steps=2)
     assert [s for s, _ in callback.reports] == [0, 1]
@@ -248,8 +274,8 @@ def test_manual_optimization_with_loss_fn(case) -> None:
 # ----------------------------------------------------------------------------- 3. accumulation
 @pytest.mark.parametrize("case", [CORRECT["mlp_relu_dropout"], CORRECT["cnn_bn_pool"], BUGS["wrong_sign"],
                                   BUGS["bias_mean"], BUGS["hook_rescale"]])
-def test_accumulation_checks_the_first_micro_batch_of_a_window(case) -> None:
-    module = ZooModule(case(0))
+def test_accumulation_checks_the_first_micro_batch_of_a_window(case, lit) -> None:
+    module = lit.ZooModule(case(0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
     data = loader(module.case, batches=9, seed=0)
     _fit(module, callback, batches=9, max_steps=3, accumulate_grad_batches=3)
@@ -259,16 +285,16 @@ def test_accumulation_checks_the_first_micro_batch_of_a_window(case) -> None:
     # the compared loss is the window's first micro-batch divided by N, as Lightning backpropagates it
     first = next(iter(data))
     torch.manual_seed(0)
-    fresh = ZooModule(case(0))
+    fresh = lit.ZooModule(case(0))
     expected = fresh.case.loss_fn(fresh.net, first).item() / 3
     if not any(isinstance(m, nn.Dropout) for m in fresh.modules()):
         assert callback.reports[0][1].train_loss == pytest.approx(expected, rel=1e-6)
 
 
-def test_accumulation_short_last_window_of_an_epoch() -> None:
+def test_accumulation_short_last_window_of_an_epoch(lit) -> None:
     """5 batches per epoch with N=2: windows (0,1), (2,3), (4) - the last window is one
     micro-batch, still divided by 2 by Lightning."""
-    module = ZooModule(CORRECT["layernorm_gelu"](0))
+    module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     _fit(module, callback, batches=5, max_steps=-1, max_epochs=2, accumulate_grad_batches=2)
     assert [s for s, _ in callback.reports] == [0, 1, 2, 3, 4, 5]
@@ -280,53 +306,56 @@ AMP_CORRECT = ["mlp_relu_dropout", "cnn_bn_pool", "transformer", "custom_functio
                "layernorm_gelu"]  # no LSTM: oneDNN has no fp16 LSTM on CPU
 
 
-def _amp(mode: str) -> dict:
+def _amp(lit: Any, mode: str) -> dict:
     if mode == "bf16-mixed":
         return {"precision": "bf16-mixed"}
-    return {"plugins": [MixedPrecision("16-mixed", "cpu")]}  # Lightning maps precision="16-mixed" on CPU to bf16
+    return {"plugins": [lit.plugins.MixedPrecision("16-mixed", "cpu")]}  # Lightning maps precision="16-mixed" on CPU to bf16
 
 
-@pytest.mark.parametrize("mode", ["bf16-mixed", "16-mixed"])
-@pytest.mark.parametrize("accumulate", [1, 2])
-def test_mixed_precision_gives_no_false_alarm(mode: str, accumulate: int) -> None:
+@pytest.mark.parametrize("mode, accumulate, namespace", [("bf16-mixed", 1, NAMESPACES[0]), ("bf16-mixed", 2, NAMESPACES[1]),
+                                                       ("16-mixed", 1, NAMESPACES[1]), ("16-mixed", 2, NAMESPACES[0])])
+def test_mixed_precision_gives_no_false_alarm(mode: str, accumulate: int, namespace: str) -> None:
+    """Each namespace runs bf16-mixed and 16-mixed once, one with accumulation."""
+    lit = api(namespace)
     expected = "bfloat16" if mode == "bf16-mixed" else "float16"
     names = AMP_CORRECT if accumulate == 1 else ["mlp_relu_dropout", "cnn_bn_pool"]
     for name in names:
-        module = ZooModule(CORRECT[name](0))
+        module = lit.ZooModule(CORRECT[name](0))
         callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
-        _fit(module, callback, max_steps=2, accumulate_grad_batches=accumulate, **_amp(mode))
+        _fit(module, callback, max_steps=2, accumulate_grad_batches=accumulate, **_amp(lit, mode))
         for _, r in callback.reports:
             assert r.verdict == "pass" and r.grad_precision == expected, (name, str(r))
             gaps = [t.precision_gap for t in r.tensors.values()]
             assert all(t.gap_ratio < 1 for t in r.tensors.values()) and max(gaps) > 0, (name, gaps)  # measured
 
 
-@pytest.mark.parametrize("mode", ["bf16-mixed", "16-mixed"])
-def test_mixed_precision_catches_planted_bugs(mode: str) -> None:
+@pytest.mark.parametrize("mode, namespace", [("bf16-mixed", NAMESPACES[1]), ("16-mixed", NAMESPACES[0])])
+def test_mixed_precision_catches_planted_bugs(mode: str, namespace: str) -> None:
+    lit = api(namespace)
     for bug in sorted(BUGS):
-        module = ZooModule(BUGS[bug](0))
+        module = lit.ZooModule(BUGS[bug](0))
         callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect)
-        _fit(module, callback, max_steps=1, **_amp(mode))
+        _fit(module, callback, max_steps=1, **_amp(lit, mode))
         assert _failing(callback.last_report) == module.wrong, (bug, str(callback.last_report))
 
 
-def test_16_mixed_compares_unscaled_gradients_and_loss() -> None:
-    module = ZooModule(CORRECT["layernorm_gelu"](0))
+def test_16_mixed_compares_unscaled_gradients_and_loss(lit) -> None:
+    module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
-    trainer = _fit(module, callback, max_steps=2, **_amp("16-mixed"))
+    trainer = _fit(module, callback, max_steps=2, **_amp(lit, "16-mixed"))
     assert trainer.precision_plugin.scaler.get_scale() >= 2.0**15
     for _, r in callback.reports:
         assert r.reliable and r.train_loss == pytest.approx(r.replay_loss, rel=5e-2)
         assert r.train_loss < 10  # unscaled: the cross-entropy of 3 classes, not times 65536
 
 
-def test_gradscaler_skipped_step_is_not_checked_and_reported_skipped(caplog) -> None:
-    module = ZooModule(CORRECT["layernorm_gelu"](0))
+def test_gradscaler_skipped_step_is_not_checked_and_reported_skipped(caplog, lit) -> None:
+    module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0**100, backoff_factor=2.0**-90)
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
     with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="gradwatch"):
         warnings.simplefilter("error", gradwatch.UnreliableCheckWarning)
-        _fit(module, callback, max_steps=3, plugins=[MixedPrecision("16-mixed", "cpu", scaler=scaler)])
+        _fit(module, callback, max_steps=3, plugins=[lit.plugins.MixedPrecision("16-mixed", "cpu", scaler=scaler)])
     skipped_lines = [r for r in caplog.records if r.name == "gradwatch" and "SKIPPED" in r.getMessage()]
     assert [r.levelno for r in skipped_lines] == [logging.INFO]  # a skipped step is no warning
     verdicts = [r.verdict for _, r in callback.reports]
@@ -338,44 +367,47 @@ def test_gradscaler_skipped_step_is_not_checked_and_reported_skipped(caplog) -> 
 
 
 
-class _EditsGrad(ZooModule):
+class _EditsGrad:
     """Code that edits ``.grad`` after backward (the planted bug): the first layer's weight times 1.5."""
 
     def on_after_backward(self) -> None:
         self.net[0].weight.grad.mul_(1.5)
 
 
-@pytest.mark.parametrize("mode", ["fp32", "bf16-mixed", "16-mixed"])
+@pytest.mark.parametrize("mode, namespace", [("fp32", NAMESPACES[0]), ("bf16-mixed", NAMESPACES[1]),
+                                             ("16-mixed", NAMESPACES[0])])
 @pytest.mark.parametrize("bug", [*sorted(TRAINING_ONLY_BUGS), "edited_grad"])
-def test_training_only_bugs_are_caught_in_every_precision(bug: str, mode: str) -> None:
+def test_training_only_bugs_are_caught_in_every_precision(bug: str, mode: str, namespace: str) -> None:
     """What the float64 reference cannot have (a tensor hook rescaling a gradient by 1.5, a
     kernel wrong only below float64, code that edits .grad) is caught in fp32, bf16-mixed and
     16-mixed (fp16 autocast and a real GradScaler on CPU)."""
+    lit = api(namespace)
     expected = {"fp32": "float32", "bf16-mixed": "bfloat16", "16-mixed": "float16"}[mode]
     for seed in range(2):
         if bug == "edited_grad":
-            module = _EditsGrad(CORRECT["layernorm_gelu"](seed))
+            module = lit.mixin(_EditsGrad)(CORRECT["layernorm_gelu"](seed))
             module.wrong = {"net.0.weight"}
         else:
-            module = ZooModule(TRAINING_ONLY_BUGS[bug](seed))
+            module = lit.ZooModule(TRAINING_ONLY_BUGS[bug](seed))
         callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=seed, on_failure=_collect)
-        _fit(module, callback, max_steps=1, data_seed=seed, **({} if mode == "fp32" else _amp(mode)))
+        _fit(module, callback, max_steps=1, data_seed=seed, **({} if mode == "fp32" else _amp(lit, mode)))
         report = callback.last_report
         assert report.reliable and report.grad_precision == expected, report.reason
         assert _failing(report) == module.wrong, (seed, str(report))
 
+
 # ----------------------------------------------------------------------------- 6. logging
 @pytest.mark.parametrize("name", ["layernorm_gelu", "bias_mean"])
-def test_one_concise_log_line_per_check_and_nothing_at_warning_when_clean(name: str, caplog) -> None:
+def test_one_concise_log_line_per_check_and_nothing_at_warning_when_clean(name: str, caplog, lit) -> None:
     case = (CORRECT.get(name) or BUGS[name])(0)
     verdict = "fail" if case.wrong else "pass"
     with caplog.at_level(logging.INFO, logger="gradwatch"):
-        _fit(ZooModule(case), GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect),
+        _fit(lit.ZooModule(case), GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect),
              max_steps=3)
     assert_log_lines(caplog.records, [0, 1, 2], verdict, {f"net.{n}" for n in case.wrong})
     caplog.clear()
     with caplog.at_level(logging.WARNING, logger="gradwatch"):
-        _fit(ZooModule(case), GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect),
+        _fit(lit.ZooModule(case), GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=_collect),
              max_steps=3)
     assert len([r for r in caplog.records if r.name == "gradwatch"]) == (3 if case.wrong else 0)
 
@@ -386,9 +418,9 @@ def _events(logdir) -> EventAccumulator:
     return acc
 
 
-def test_tensorboard_logger_gets_the_key_scheme_at_global_step(tmp_path) -> None:
-    module = ZooModule(BUGS["wrong_sign"](0))
-    logger = TensorBoardLogger(str(tmp_path), name="tb")
+def test_tensorboard_logger_gets_the_key_scheme_at_global_step(tmp_path, lit) -> None:
+    module = lit.ZooModule(BUGS["wrong_sign"](0))
+    logger = lit.loggers.TensorBoardLogger(str(tmp_path), name="tb")
     callback = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=5, logger=logger, log_every_n_steps=1)
     acc = _events(logger.log_dir)
@@ -404,9 +436,9 @@ def test_tensorboard_logger_gets_the_key_scheme_at_global_step(tmp_path) -> None
     assert "train_loss" in acc.Tags()["scalars"]  # the user's own logging still arrives
 
 
-def test_csv_logger_gets_the_scalars_through_log_metrics(tmp_path) -> None:
-    module = ZooModule(CORRECT["layernorm_gelu"](0))
-    logger = CSVLogger(str(tmp_path), name="csv", prefix="")
+def test_csv_logger_gets_the_scalars_through_log_metrics(tmp_path, lit) -> None:
+    module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
+    logger = lit.loggers.CSVLogger(str(tmp_path), name="csv", prefix="")
     callback = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=0, prefix="gw", on_failure="raise")
     _fit(module, callback, max_steps=5, logger=logger)
     with open(pathlib.Path(logger.log_dir) / "metrics.csv") as f:
@@ -416,8 +448,8 @@ def test_csv_logger_gets_the_scalars_through_log_metrics(tmp_path) -> None:
     assert {"gw/rel_error/net.0.weight", "gw/rel_error_max", "gw/check_seconds"} <= set(rows[0])
 
 
-def test_no_logger_keeps_only_the_reports(tmp_path) -> None:
-    module = ZooModule(CORRECT["layernorm_gelu"](0))
+def test_no_logger_keeps_only_the_reports(tmp_path, lit) -> None:
+    module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0)
     _fit(module, callback, max_steps=2, default_root_dir=str(tmp_path))
     assert len(callback.reports) == 2 and not any(tmp_path.iterdir())
@@ -427,7 +459,7 @@ def test_lightning_logger_sink_validates() -> None:
     with pytest.raises(TypeError, match="`logger` must be a Lightning logger"):
         LightningLoggerSink(object())
     with pytest.raises(ValueError, match="`prefix`"):
-        LightningLoggerSink(CSVLogger("unused"), prefix="a/")
+        LightningLoggerSink(SimpleNamespace(log_metrics=lambda metrics, step: None), prefix="a/")
     sink = LightningLoggerSink(SimpleNamespace(log_metrics=lambda metrics, step: None))
     with pytest.raises(TypeError, match="`report`"):
         sink.write("report", 0)
@@ -435,15 +467,17 @@ def test_lightning_logger_sink_validates() -> None:
         sink.write(gradwatch.check(nn.Linear(2, 1), lambda m, b: m(b).sum(), torch.ones(1, 2), seed=0), -1)
 
 
-class ValModule(ZooModule):
+class ValModule:
+    """(Mixed into ZooModule.)"""
+
     def validation_step(self, batch, batch_idx):
         self.log("val_loss", self.case.loss_fn(self.net, batch))
 
 
-def test_sanity_checking_is_skipped() -> None:
-    module = ValModule(CORRECT["layernorm_gelu"](0))
+def test_sanity_checking_is_skipped(lit) -> None:
+    module = lit.mixin(ValModule)(CORRECT["layernorm_gelu"](0))
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0)
-    trainer = pl.Trainer(callbacks=[callback], num_sanity_val_steps=2, **trainer_kwargs(max_steps=2))
+    trainer = lit.Trainer(callbacks=[callback], num_sanity_val_steps=2, **trainer_kwargs(max_steps=2))
     trainer.fit(module, loader(module.case, batches=4), loader(module.case, batches=2, seed=1))
     assert [s for s, _ in callback.reports] == [0, 1]
     stub = SimpleNamespace(sanity_checking=True, accumulate_grad_batches=1, global_step=0)
@@ -452,11 +486,11 @@ def test_sanity_checking_is_skipped() -> None:
 
 
 # ----------------------------------------------------------------------------- 7. checkpoint
-def test_resume_samples_as_an_uninterrupted_run(tmp_path) -> None:
+def test_resume_samples_as_an_uninterrupted_run(tmp_path, lit) -> None:
     def run(callback, max_steps, ckpt_path=None, checkpoint=None):
         torch.manual_seed(0)
-        module = ZooModule(CORRECT["mlp_relu_dropout"](0))
-        trainer = pl.Trainer(callbacks=[callback] + ([checkpoint] if checkpoint else []),
+        module = lit.ZooModule(CORRECT["mlp_relu_dropout"](0))
+        trainer = lit.Trainer(callbacks=[callback] + ([checkpoint] if checkpoint else []),
                              **trainer_kwargs(max_steps=max_steps, enable_checkpointing=checkpoint is not None,
                                               default_root_dir=str(tmp_path)))
         trainer.fit(module, loader(module.case, batches=20), ckpt_path=ckpt_path)
@@ -465,7 +499,7 @@ def test_resume_samples_as_an_uninterrupted_run(tmp_path) -> None:
 
     uninterrupted = run(GradWatchCallback(every_n_steps=2, max_overhead=None, seed=123), 8)
     first = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=123)
-    checkpoint = ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, save_top_k=-1)
+    checkpoint = lit.callbacks.ModelCheckpoint(dirpath=str(tmp_path / "ckpt"), every_n_train_steps=4, save_top_k=-1)
     before = run(first, 4, checkpoint=checkpoint)
     resumed_cb = GradWatchCallback(every_n_steps=2, max_overhead=None)  # a fresh random seed, replaced by the checkpoint's
     assert resumed_cb.seed != 123
@@ -485,7 +519,9 @@ def test_state_dict_round_trip_and_validation() -> None:
 
 
 # ----------------------------------------------------------------------------- 8. no side effects
-class DropoutBNModule(pl.LightningModule):
+class DropoutBNModule:
+    """(Mixed into LightningModule.)"""
+
     def __init__(self) -> None:
         super().__init__()
         self.net = nn.Sequential(nn.Linear(6, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Dropout(0.3), nn.Linear(16, 3))
@@ -501,17 +537,17 @@ class DropoutBNModule(pl.LightningModule):
 
 
 @pytest.mark.parametrize("overrides", [{}, {"accumulate_grad_batches": 2}, {"precision": "bf16-mixed"},
-                                       {"plugins": [MixedPrecision("16-mixed", "cpu")], "gradient_clip_val": 0.5}],
+                                       {"plugins": ["16-mixed"], "gradient_clip_val": 0.5}],
                          ids=["fp32", "accumulate", "bf16", "fp16-clip"])
-def test_fit_with_the_callback_is_bit_identical_to_fit_without(overrides) -> None:
+def test_fit_with_the_callback_is_bit_identical_to_fit_without(overrides, lit) -> None:
     states = []
     for with_callback in (False, True):
-        pl.seed_everything(0, verbose=False)
-        module = DropoutBNModule()
+        lit.pl.seed_everything(0, verbose=False)
+        module = lit.mixin(DropoutBNModule, lit.pl.LightningModule)()
         callback = GradWatchCallback(every_n_steps=2, max_overhead=None, seed=0, on_failure="raise") if with_callback else None
         kwargs = dict(overrides)
         if "plugins" in kwargs:
-            kwargs["plugins"] = [MixedPrecision("16-mixed", "cpu")]
+            kwargs["plugins"] = [lit.plugins.MixedPrecision("16-mixed", "cpu")]
         trainer = _fit(module, callback, max_steps=6, **kwargs)
         states.append((training_state(module, trainer.optimizers[0]), _metric_values(trainer)))
         if callback is not None:
@@ -522,11 +558,12 @@ def test_fit_with_the_callback_is_bit_identical_to_fit_without(overrides) -> Non
 
 
 # ----------------------------------------------------------------------------- 5. DDP and sharding
-def test_ddp_two_cpu_processes(tmp_path) -> None:
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     env.pop("LOCAL_RANK", None)
     out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_ddp.py"), str(out)],
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_ddp.py"), str(out), namespace],
                           env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
     results = {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
@@ -537,6 +574,10 @@ def test_ddp_two_cpu_processes(tmp_path) -> None:
     # every rank judged the same probes on the cross-rank mean: identical numbers
     assert results[0]["bug"]["numbers"] == results[1]["bug"]["numbers"]
     assert results[0]["correct"]["numbers"] == results[1]["correct"]["numbers"]
+    # accumulation: the first micro-batch's local gradients are averaged over ranks as DDP does at the
+    # window's end (compared unaveraged, every tensor of this correct model failed)
+    assert results[0]["accumulated"]["verdicts"] == ["pass", "pass"], results[0]["accumulated"]
+    assert results[0]["accumulated"] == results[1]["accumulated"]
     # each rank's local batch differs, and the check verified the replay of the mean training loss
     assert results[0]["local_losses"] != results[1]["local_losses"]
     # only rank zero wrote to the logger
@@ -547,14 +588,15 @@ def test_ddp_two_cpu_processes(tmp_path) -> None:
     assert budgeted[0] == budgeted[1]
     assert budgeted[0]["steps"][0] == 0 and budgeted[0]["kinds"][0] == ["coordinate"]
     assert budgeted[0]["reference"][0] is False and len(budgeted[0]["checked"][0]) == 1
+    # the script ran in its namespace (the other one is imported by nothing but lightning_zoo's default),
+    # and the callback was a Callback of it
+    assert all(namespace in res["namespaces"] and res["is_callback"] for res in results.values()), results
 
 
-def test_sharded_strategy_warns_once_and_does_not_check() -> None:
-    from pytorch_lightning.strategies import FSDPStrategy
-
+def test_sharded_strategy_warns_once_and_does_not_check(lit) -> None:
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None)
-    module = ZooModule(CORRECT["layernorm_gelu"](0))
-    trainer = SimpleNamespace(strategy=FSDPStrategy(), is_global_zero=True, sanity_checking=False,
+    module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
+    trainer = SimpleNamespace(strategy=lit.strategies.FSDPStrategy(), is_global_zero=True, sanity_checking=False,
                               accumulate_grad_batches=1, global_step=0)
     with pytest.warns(UserWarning, match="does not check gradients under FSDPStrategy"):
         callback.setup(trainer, module, "fit")
@@ -566,16 +608,66 @@ def test_sharded_strategy_warns_once_and_does_not_check() -> None:
 
 
 # ----------------------------------------------------------------------------- API
-def test_import_gradwatch_does_not_import_lightning() -> None:
-    code = (
-        "import sys, gradwatch\n"
-        "assert not any(m.split('.')[0] in ('lightning', 'pytorch_lightning', 'lightning_fabric') for m in sys.modules)\n"
-        "cls = gradwatch.GradWatchCallback\n"
-        "assert 'pytorch_lightning' in sys.modules and cls.__module__ == 'gradwatch.lightning'\n"
-    )
+_ONE_NAMESPACE = """
+import sys, warnings
+warnings.simplefilter("ignore")
+
+def loaded():
+    return sorted({m.split('.')[0] for m in sys.modules} & {'lightning', 'pytorch_lightning', 'lightning_fabric'})
+
+import gradwatch
+assert loaded() == [], loaded()
+from gradwatch import GradWatchCallback   # the README's import line
+early = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
+assert loaded() == [] and GradWatchCallback.__module__ == 'gradwatch.lightning', loaded()
+
+import importlib, torch
+from torch.utils.data import DataLoader, TensorDataset
+L = importlib.import_module(NAMESPACE)
+late = GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure="raise")
+assert isinstance(late, L.Callback) and not isinstance(early, L.Callback)
+
+class Module(L.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.net = torch.nn.Sequential(torch.nn.Linear(3, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
+    def training_step(self, batch, batch_idx):
+        return torch.nn.functional.mse_loss(self.net(batch[0]), batch[1])
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+data = DataLoader(TensorDataset(torch.randn(16, 3), torch.randn(16, 1)), batch_size=4)
+kwargs = dict(max_steps=2, logger=False, enable_progress_bar=False, enable_checkpointing=False,
+              enable_model_summary=False, accelerator="cpu")
+L.Trainer(callbacks=late, **kwargs).fit(Module(), data)  # a single callback: Lightning checks isinstance
+L.Trainer(callbacks=[early], **kwargs).fit(Module(), data)
+assert isinstance(early, L.Callback)  # a Callback of its Trainer's namespace from setup on
+assert [r.verdict for _, r in late.reports] == ["pass", "pass"] == [r.verdict for _, r in early.reports]
+other = {'lightning.pytorch': 'pytorch_lightning', 'pytorch_lightning': 'lightning'}[NAMESPACE]
+assert other not in loaded(), loaded()
+print("ok")
+"""
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_import_gradwatch_imports_no_lightning_namespace_and_the_callback_serves_each(namespace: str) -> None:
+    """``import gradwatch`` and the README's ``from gradwatch import GradWatchCallback`` import no
+    namespace; the callback is a Callback of the one in use, and the other is never imported."""
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, proc.stderr
+    code = f"NAMESPACE = {namespace!r}\n" + _ONE_NAMESPACE
+    proc = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("ok"), proc.stdout[-2000:] + proc.stderr[-3000:]
+
+
+def test_callback_class_is_a_callback_of_each_loaded_namespace_and_survives_pickle_and_copy() -> None:
+    lits = [api(namespace) for namespace in NAMESPACES]  # both imported in this process
+    callback = GradWatchCallback(every_n_steps=3, seed=5)
+    for lit in lits:
+        assert isinstance(callback, lit.Callback) and isinstance(callback, GradWatchCallback)
+    assert callback.state_key == "GradWatchCallback{'prefix': 'gradwatch'}"  # as before, in both namespaces
+    for twin in (copy.deepcopy(callback), pickle.loads(pickle.dumps(callback))):
+        assert type(twin) is type(callback) and twin.seed == 5 and twin.every_n_steps == 3
+    assert type(GradWatchCallback(seed=1)) is type(callback)  # built once per set of namespaces
     assert gradwatch.GradWatchCallback is GradWatchCallback and "GradWatchCallback" in dir(gradwatch)
     with pytest.raises(AttributeError, match="no attribute 'Nope'"):
         gradwatch.Nope  # noqa: B018
@@ -611,8 +703,8 @@ def test_configuration_is_keyword_only() -> None:
         GradWatchCallback(10)  # type: ignore[misc]
 
 
-def test_precision_and_kink_options_reach_the_engine() -> None:
-    module = ZooModule(CORRECT["mlp_relu_dropout"](0))
+def test_precision_and_kink_options_reach_the_engine(lit) -> None:
+    module = lit.ZooModule(CORRECT["mlp_relu_dropout"](0))
     callback = GradWatchCallback(
         every_n_steps=1, max_overhead=None, seed=0, precision="native", kink_resamples=0, on_failure=_collect
     )
@@ -622,13 +714,13 @@ def test_precision_and_kink_options_reach_the_engine() -> None:
         assert report.ok and all(t.resampled == 0 for t in report.tensors.values())
 
 
-def test_default_budget_checks_step_zero_then_spends_within_the_budget(monkeypatch) -> None:
+def test_default_budget_checks_step_zero_then_spends_within_the_budget(monkeypatch, lit) -> None:
     """The schedule shared with GradWatch: step 0 is checked, sized before anything is measured
     (2% of 100 steps: less than one probe, so the smallest check: one coordinate of the first tensor)."""
     calls = []
-    original = gwl.check
-    monkeypatch.setattr(gwl, "check", lambda *a, **k: calls.append(k["names"]) or original(*a, **k))
-    module = ZooModule(CORRECT["layernorm_gelu"](0))
+    original = gradwatch._callbacks.check
+    monkeypatch.setattr(gradwatch._callbacks, "check", lambda *a, **k: calls.append(k["names"]) or original(*a, **k))
+    module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
     callback = GradWatchCallback(seed=0, on_failure="raise")
     assert callback.max_overhead == 0.02
     _fit(module, callback, max_steps=6)

@@ -1,0 +1,469 @@
+"""Hugging Face ``transformers.Trainer`` adapter: check gradients inside ``Trainer.train``.
+
+Like the Lightning callback, the Trainer callback decides *when* to check and *which
+gradient* to compare, calls :func:`gradwatch.check` and hands the
+:class:`~gradwatch.Report` to sinks. This module imports ``transformers`` only when a
+callback is created (``pip install "gradwatch[transformers]"``).
+
+Example:
+    >>> from transformers import Trainer
+    >>> from gradwatch.hf import GradWatchTrainerCallback
+    >>> trainer = Trainer(model, args, train_dataset=data,
+    ...                   callbacks=[GradWatchTrainerCallback()])  # doctest: +SKIP
+    >>> trainer.train()                                           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import secrets
+import sys
+import warnings
+from dataclasses import dataclass, field
+from functools import partial
+from typing import Any, Callable, Mapping
+
+from torch import Tensor, nn
+
+from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
+from gradwatch._schedule import _Schedule
+from gradwatch._validate import _callable
+from gradwatch.engine import _reduced
+from gradwatch.hook import _adapter_options, _BackwardRoots, _derive_seed
+from gradwatch.replay import ReplayState, capture
+from gradwatch.report import OnFailure, Report, _handle
+from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
+
+__all__ = ["GradWatchTrainerCallback"]
+
+#: How far up the stack ``on_train_begin`` looks for the Trainer that calls it.
+_TRAINER_FRAMES = 8
+
+
+class GradWatchTrainerCallback:
+    """Checks, every ``every_n_steps`` optimizer steps, the gradient ``transformers.Trainer`` uses.
+
+    A ``transformers.TrainerCallback`` (the class is built on first use, so that importing
+    :mod:`gradwatch.hf` does not import ``transformers``). On a check step it wraps the
+    Trainer's ``compute_loss`` for one call: right before it, the RNG states and buffers
+    are captured (dropout masks replay), and a forward hook keeps the inputs the Trainer
+    feeds to the model and the model's ``outputs.loss``. Tensor hooks then record the
+    gradient this micro-batch's backward sends to each parameter, and a hook on
+    ``outputs.loss`` records the factor the Trainer applied to it before backward (the
+    division by ``gradient_accumulation_steps`` unless the loss is already normalised
+    over the accumulated tokens, the product by the process count when tokens are
+    averaged across processes, and a GradScaler's scale, which is divided out). At the next callback event (``on_substep_end`` inside an accumulation
+    window, ``on_pre_optimizer_step`` otherwise) the hooks are removed and the gradient
+    is compared with float64 central differences (:func:`gradwatch.check`). Other steps
+    only read the clock.
+
+    Which gradient, with the Lightning callback's rules:
+
+    * the gradient of the check micro-batch's own backward, *before* ``max_grad_norm``
+      clipping (the Trainer clips before ``on_pre_optimizer_step``, so no callback event
+      sees unclipped gradients: the tensor hooks do);
+    * with ``gradient_accumulation_steps`` = N > 1, the window's first micro-batch: the
+      replayed loss carries the same factor as the backpropagated one;
+    * under bf16/fp16 autocast (``bf16=True``) the precision tolerances of the autocast
+      dtype apply; a step whose fp16 gradients a GradScaler finds non-finite is reported
+      ``skipped``;
+    * with several processes (DDP through accelerate), the local gradients are averaged
+      across processes (what DDP hands the optimizer), every process runs the same
+      probes on its local batch and the results are averaged before judging, so all
+      processes report the same verdicts; only the main process logs. Sharded training
+      (FSDP, DeepSpeed, tensor parallel) is not checked: the callback warns once.
+
+    Reports go to the ``gradwatch`` logger (one line per check), to
+    :class:`~gradwatch.KinkWarning`\\ s, and to the Trainer's TensorBoard
+    (``report_to="tensorboard"``) through :class:`~gradwatch.TensorBoardSink` with the
+    keys of :func:`gradwatch.metrics`, at ``state.global_step``.
+
+    The Trainer is found on the stack in ``on_train_begin`` (callbacks are not handed
+    it), so the callback expects ``Trainer.train`` to call it, with the Trainer's own
+    ``training_step`` calling ``compute_loss`` once per micro-batch.
+
+    Args:
+        every_n_steps: Check optimizer steps ``0, n, 2n, ...`` (``state.global_step``);
+            with ``max_overhead``, the smallest gap between two checks.
+        max_overhead: Largest fraction of the training time spent checking (default 2%);
+            ``None``: every check probes every tensor on steps ``0, n, 2n, ...``. Under
+            several processes, the main process's measurements decide for all.
+        loss_fn: ``loss_fn(model, inputs)`` returning the model's ``outputs.loss`` for
+            ``inputs``, the keyword arguments the Trainer called the model with
+            (``num_items_in_batch``, the label count of the accumulation window, among
+            them when the model takes it). ``None``: the model's own ``outputs.loss``.
+            When the model returns no loss (a ``compute_loss_func`` or label smoothing
+            computes it), ``inputs`` are those the Trainer passed to ``compute_loss``
+            (with ``num_items_in_batch`` added) and the loss is what ``compute_loss``
+            returns; ``None`` then replays the Trainer's ``compute_loss``.
+        on_failure: ``"warn"``, ``"raise"`` (:class:`~gradwatch.GradientCheckError` out
+            of ``Trainer.train``, on every process) or a callable receiving the Report.
+        seed: Base seed of the probe sampler; each check uses a seed derived from it and
+            the step. ``None`` draws one on the main process.
+        prefix: First component of the logged keys.
+        coordinates: Random elements probed per tensor (at most, under a budget).
+        directions: Random directions probed per tensor (at most, under a budget).
+        kinks: Exclude probes that cross a kink of a non-smooth op, and warn when probes
+            come near one.
+        kink_resamples: Replacement coordinates drawn per tensor, at most, for
+            coordinate probes that crossed a kink.
+        near_kink_margin: Margin below which a kink counts as near.
+        precision: Where perturbed losses are evaluated: ``"float64"``, ``"native"`` or
+            ``"auto"`` (see :func:`gradwatch.check`).
+
+    Attributes:
+        reports: ``(global_step, Report)`` for each check, on every process.
+        seed: The base seed in use (the main process's, broadcast at the start of training).
+
+    Example:
+        >>> trainer = Trainer(model, args, train_dataset=data,
+        ...                   callbacks=[GradWatchTrainerCallback(every_n_steps=50)])  # doctest: +SKIP
+    """
+
+    def __new__(cls, *args: Any, **kwargs: Any) -> "GradWatchTrainerCallback":
+        return super().__new__(_with_trainer_callback(cls))
+
+    def __reduce__(self) -> tuple:  # pickle/deepcopy: rebuilt on the TrainerCallback class where loaded
+        return _rebuild, (vars(type(self)).get("_gradwatch_plain", type(self)),), self.__dict__
+
+    def __init__(
+        self,
+        *,
+        every_n_steps: int = 100,
+        max_overhead: float | None = 0.02,
+        loss_fn: Callable[[nn.Module, Any], Tensor] | None = None,
+        on_failure: OnFailure = "warn",
+        seed: int | None = None,
+        prefix: str = "gradwatch",
+        coordinates: int = 4,
+        directions: int = 1,
+        kinks: bool = True,
+        kink_resamples: int = 4,
+        near_kink_margin: float = 10.0,
+        precision: str = "auto",
+    ) -> None:
+        self._check_kwargs = _adapter_options(
+            every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
+            coordinates=coordinates, directions=directions, kinks=kinks, kink_resamples=kink_resamples,
+            near_kink_margin=near_kink_margin, precision=precision,
+        )
+        if loss_fn is not None:
+            _callable("loss_fn", loss_fn)
+        self.every_n_steps = every_n_steps
+        self.max_overhead = max_overhead
+        self.loss_fn = loss_fn
+        self.on_failure = on_failure
+        self.prefix = prefix
+        self.seed: int = secrets.randbits(62) if seed is None else seed
+        self.reports: list[tuple[int, Report]] = []
+        self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
+        self._trainer: Any = None
+        self._enabled = True
+        self._warned_sharded = False
+        self._pending: _Pending | None = None
+        self._sinks: list[Sink] | None = None
+        self._tensorboard: TensorBoardSink | None = None
+
+    @property
+    def last_report(self) -> Report | None:
+        """The latest report, or ``None`` before the first check."""
+        return self.reports[-1][1] if self.reports else None
+
+    # ------------------------------------------------------------------ events
+    def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Find the Trainer, refuse sharded training, and share the main process's seed."""
+        trainer = _calling_trainer()
+        self._disarm()  # a capture left armed by an interrupted train()
+        self._trainer = trainer
+        self._sinks = None
+        sharded = _sharding(trainer)
+        self._enabled = sharded is None
+        if sharded is not None:
+            if not self._warned_sharded and state.is_world_process_zero:
+                warnings.warn(
+                    f"GradWatchTrainerCallback does not check gradients under {sharded} yet: its parameters are "
+                    "sharded across processes. Training continues unchecked; use DDP (or a single device) for "
+                    "gradient checks.",
+                    UserWarning,
+                    stacklevel=2,
+                )
+            self._warned_sharded = True
+            return
+        if trainer.accelerator.num_processes > 1:
+            self.seed = int(self._broadcast(self.seed))
+
+    def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Start of an optimizer step (its first micro-batch): arm the capture on a check step."""
+        self._disarm()
+        trainer = self._trainer
+        if (
+            not self._enabled
+            or trainer is None
+            or not self._schedule.begin(state.global_step, defer=trainer.accelerator.num_processes == 1)
+        ):
+            return
+        pending = self._pending = _Pending(state.global_step)
+        original = trainer.compute_loss  # the bound method, or an instance attribute someone set
+
+        def compute_loss(model: nn.Module, inputs: Any, *a: Any, **kw: Any) -> Any:
+            self._restore_compute_loss(pending)
+            module = trainer.model
+            pending.replay = capture(module)  # right before the forward: its dropout masks replay
+            inputs_copy = dict(inputs)  # compute_loss may pop the labels from its dict
+            num_items = kw.get("num_items_in_batch", a[1] if len(a) > 1 else None)
+            if num_items is not None:  # the Trainer's token count over the window (and processes)
+                inputs_copy[_NUM_ITEMS] = num_items
+            fed: dict[str, Any] = {}
+            hook = module.register_forward_hook(partial(_keep_forward, fed), with_kwargs=True)
+            roots = _BackwardRoots()  # records the autocast state the forward runs under
+            try:
+                with roots:
+                    out = original(model, inputs, *a, **kw)
+            finally:
+                hook.remove()
+            if roots.autocast is not None:
+                pending.replay = dataclasses.replace(pending.replay, autocast=roots.autocast)
+            model_loss = _output_loss(fed.get("output"))
+            if _scalar_with_grad(model_loss) and fed.get("inputs") is not None:  # the model's own outputs.loss
+                loss, pending.inputs, pending.default = model_loss, fed["inputs"], _model_loss
+            else:  # the model returns none (compute_loss_func, label smoothing): compute_loss's loss
+                loss, pending.inputs, pending.default = (out[0] if isinstance(out, tuple) else out), inputs_copy, None
+            if _scalar_with_grad(loss):
+                pending.loss = loss.detach()
+                pending.handles.append(loss.register_hook(partial(_keep_factor, pending)))
+                pending.handles += [
+                    p.register_hook(partial(_keep_grad, pending.grads, name))
+                    for name, p in module.named_parameters()
+                    if p.requires_grad
+                ]
+            return out
+
+        pending.restore = trainer.__dict__.get("compute_loss", _MISSING)
+        trainer.compute_loss = compute_loss
+
+    def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """End of a micro-batch inside an accumulation window: check the captured one."""
+        self._check_captured()
+
+    def on_pre_optimizer_step(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        """Before the optimizer step (after clipping): check the captured micro-batch."""
+        self._check_captured()
+
+    def on_step_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._disarm()
+
+    def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
+        self._disarm()
+        self._trainer = None
+        self._sinks = None
+
+    # ------------------------------------------------------------------ the check
+    def _check_captured(self) -> None:
+        if self._pending is None or self._pending.factor is None:  # not armed, or no backward through compute_loss yet
+            return
+        pending = self._disarm()
+        trainer = self._trainer
+        model = trainer.model
+        step = pending.step
+        seed = _derive_seed(self.seed, step)
+        multi = trainer.accelerator.num_processes > 1
+        reduce = partial(trainer.accelerator.reduce, reduction="mean") if multi else None
+        grads = dict(pending.grads)  # this micro-batch's local gradients, before clipping
+        factor = pending.factor
+        scaler = getattr(trainer.accelerator, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            scale = scaler.get_scale()  # of this backward; update() runs in the optimizer step
+            factor = factor / scale
+            grads = {n: g / scale for n, g in grads.items()}
+            if not _all_finite(grads.values(), reduce):
+                reason = (
+                    f"GradScaler skips this optimizer step: the gradients scaled by {scale:g} are not finite "
+                    "(fp16 overflow); the scale is lowered and no gradient of this step reaches the optimizer"
+                )
+                self._record(_skipped_report(model, seed, step, reason))
+                return
+        if multi and grads:  # what DDP hands the optimizer: the mean over processes
+            grads = _reduced(grads, reduce)
+        loss_fn = partial(_scaled, self.loss_fn or pending.default or _trainer_loss(trainer), factor)
+        report = _budgeted_check(
+            self._schedule, model, loss_fn, pending.inputs, step=step, seed=seed, grads=grads,
+            replay=pending.replay, train_loss=pending.loss * factor, reduce=reduce,
+            broadcast=self._broadcast if multi else None, options=self._check_kwargs,
+        )
+        del grads, pending
+        self._record(report)
+        _handle(report, self.on_failure)
+
+    def _record(self, report: Report) -> None:
+        self.reports.append((report.step, report))
+        trainer = self._trainer
+        if not trainer.is_world_process_zero():
+            return
+        if self._sinks is None:
+            self._sinks = [LoggingSink(), KinkWarnings()]
+        writer = _tensorboard_writer(trainer)  # the Trainer's writer is made in on_train_begin, closed at the end
+        if writer is not None and (self._tensorboard is None or self._tensorboard.writer is not writer):
+            self._tensorboard = TensorBoardSink(writer, prefix=self.prefix)
+        for sink in self._sinks + ([self._tensorboard] if writer is not None else []):
+            sink.write(report, report.step)
+
+    def _broadcast(self, obj: Any) -> Any:
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([obj], from_process=0)[0]
+
+    def _disarm(self) -> _Pending | None:
+        """Take the pending capture, if any: put ``compute_loss`` back and remove the hooks."""
+        pending, self._pending = self._pending, None
+        if pending is not None:
+            self._restore_compute_loss(pending)
+            for handle in pending.handles:
+                handle.remove()
+            pending.handles.clear()
+        return pending
+
+    def _restore_compute_loss(self, pending: _Pending) -> None:
+        trainer = self._trainer
+        if pending.restore is None or trainer is None:
+            return
+        if pending.restore is _MISSING:
+            trainer.__dict__.pop("compute_loss", None)
+        else:
+            trainer.compute_loss = pending.restore
+        pending.restore = None
+
+
+_MISSING = object()
+#: Key of the Trainer's ``num_items_in_batch`` in the inputs handed to ``loss_fn``.
+_NUM_ITEMS = "num_items_in_batch"
+
+
+@dataclass(eq=False)
+class _Pending:
+    """What a check step captured before its gradient is checked."""
+
+    step: int
+    restore: Any = None  # the Trainer's compute_loss binding to put back (_MISSING: none of its own)
+    replay: ReplayState | None = None
+    inputs: Any = None  # what loss_fn gets: the kwargs the model was called with (or compute_loss's inputs)
+    default: Callable[[nn.Module, Any], Tensor] | None = None  # the default loss_fn, when not compute_loss
+    loss: Tensor | None = None
+    factor: Tensor | None = None  # d(backpropagated loss)/d(the model's or compute_loss's loss)
+    grads: dict[str, Tensor] = field(default_factory=dict)
+    handles: list[Any] = field(default_factory=list)
+
+
+def _keep_factor(pending: _Pending, grad: Tensor) -> None:
+    """Hook on compute_loss's loss: the gradient reaching it is the factor applied before backward."""
+    pending.factor = grad.detach().reshape(())
+
+
+def _keep_forward(fed: dict[str, Any], module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    """Forward hook on the model: the inputs the Trainer fed it (keywords only) and its output."""
+    if "output" not in fed:
+        fed["inputs"] = None if args else dict(kwargs)
+        fed["output"] = output
+
+
+def _output_loss(output: Any) -> Any:
+    """``outputs.loss`` of a model output (a ``ModelOutput`` or a dict), or None."""
+    if isinstance(output, Mapping):
+        return output.get("loss")
+    return getattr(output, "loss", None)
+
+
+def _scalar_with_grad(loss: Any) -> bool:
+    return isinstance(loss, Tensor) and loss.requires_grad and loss.numel() == 1
+
+
+def _model_loss(model: nn.Module, inputs: Any) -> Tensor:
+    """The default ``loss_fn``: the model's own ``outputs.loss`` on the inputs the Trainer fed it."""
+    loss = _output_loss(model(**inputs))
+    if not isinstance(loss, Tensor):
+        raise TypeError(f"the model returned no `loss` when gradwatch re-ran it on the Trainer's inputs "
+                        f"({sorted(inputs)}): pass `loss_fn` to GradWatchTrainerCallback")
+    return loss
+
+
+def _keep_grad(captured: dict[str, Tensor], name: str, grad: Tensor) -> None:
+    """Tensor hook: a copy of the gradient this backward sends to the parameter (``.grad`` may
+    become this very tensor, which clipping then scales in place)."""
+    previous = captured.get(name)
+    captured[name] = grad.detach().clone() if previous is None else previous + grad.detach()
+
+
+def _scaled(loss_fn: Callable[[nn.Module, Any], Tensor], factor: Tensor, model: nn.Module, inputs: Any) -> Tensor:
+    """The loss as the Trainer backpropagated it: ``loss_fn``'s times the Trainer's factor."""
+    loss = loss_fn(model, inputs)
+    return loss * factor.to(device=loss.device, dtype=loss.dtype)
+
+
+def _trainer_loss(trainer: Any) -> Callable[[nn.Module, Any], Tensor]:
+    """The default ``loss_fn`` when the model returns no loss: the Trainer's own ``compute_loss``
+    (its ``compute_loss_func`` or label smoothing)."""
+
+    def loss_fn(model: nn.Module, inputs: Any) -> Tensor:
+        inputs = dict(inputs)
+        return trainer.compute_loss(model, inputs, num_items_in_batch=inputs.pop(_NUM_ITEMS, None))
+
+    return loss_fn
+
+
+def _calling_trainer() -> Any:
+    """The ``transformers.Trainer`` whose method is up the stack (callbacks are not handed it)."""
+    from transformers import Trainer
+
+    frame = sys._getframe(1)
+    for _ in range(_TRAINER_FRAMES):
+        if frame is None:
+            break
+        candidate = frame.f_locals.get("self")
+        if isinstance(candidate, Trainer):
+            return candidate
+        frame = frame.f_back
+    raise RuntimeError(
+        "GradWatchTrainerCallback found no transformers.Trainer calling on_train_begin: pass it in "
+        "`Trainer(..., callbacks=[GradWatchTrainerCallback()])` and train with `trainer.train()`"
+    )
+
+
+def _sharding(trainer: Any) -> str | None:
+    """What shards the parameters of this Trainer's training, or None."""
+    if getattr(trainer, "is_fsdp_enabled", False):
+        return "FSDP"
+    if getattr(trainer, "is_deepspeed_enabled", False):
+        return "DeepSpeed"
+    kind = str(getattr(trainer.accelerator, "distributed_type", ""))
+    for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
+        if name in kind:
+            return name
+    tp_size = getattr(trainer, "get_tp_size", lambda: 1)()
+    return f"tensor parallelism (tp_size={tp_size})" if tp_size > 1 else None
+
+
+def _tensorboard_writer(trainer: Any) -> Any:
+    """The ``SummaryWriter`` of the Trainer's TensorBoard callback (``report_to="tensorboard"``), or None."""
+    for callback in trainer.callback_handler.callbacks:
+        if type(callback).__name__ == "TensorBoardCallback":
+            return getattr(callback, "tb_writer", None)
+    return None
+
+
+_BUILT: dict[type, type] = {}
+
+
+def _with_trainer_callback(cls: type) -> type:
+    """``cls`` mixed with ``transformers.TrainerCallback`` (built once per class)."""
+    plain = vars(cls).get("_gradwatch_plain", cls)
+    if plain not in _BUILT:
+        from transformers import TrainerCallback
+
+        _BUILT[plain] = type(plain.__name__, (plain, TrainerCallback), {
+            "__module__": plain.__module__, "__qualname__": plain.__qualname__, "__doc__": plain.__doc__,
+            "_gradwatch_plain": plain,
+        })
+    return _BUILT[plain]
+
+
+def _rebuild(cls: type) -> GradWatchTrainerCallback:
+    return object.__new__(_with_trainer_callback(cls))
