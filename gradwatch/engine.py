@@ -90,8 +90,9 @@ from gradwatch._judging import (
     _loss_noise,
     _nonfinite_loss,
     _replay_problem,
+    _underflow,
 )
-from gradwatch._probing import _direction, _locate, _plan, _probe_tensor, _resample, _sample  # noqa: F401 (tests)
+from gradwatch._probing import _direction, _exclusions, _locate, _plan, _probe_tensor, _resample, _sample  # noqa: F401
 from gradwatch._validate import (
     _callable,
     _kink_options,
@@ -288,6 +289,9 @@ def check(
             if train_loss is not None:
                 train_loss = _loss_value("train_loss", train_loss)
         skipped = _skip_reasons(params, grad_map)
+        excluded = _exclusions({n: params[n] for n in grad_map if n not in skipped}, model)
+        skipped.update({n: f"every element is excluded ({ex.description})" for n, ex in excluded.items()
+                        if ex.count == params[n].numel()})
         every = {n: g for n, g in grad_map.items() if n not in skipped}  # sets the probes and tolerances
         if names is not None:
             skipped.update({n: _NOT_SELECTED for n in params if n not in names and n not in skipped})
@@ -307,7 +311,7 @@ def check(
         # unperturbed pass: each probe's +h pass is its own kink reference, and the
         # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
         own = not richardson and not reference and coordinates + directions > 0
-        plan = _plan(every, seed, coordinates, directions)
+        plan = _plan(every, seed, coordinates, directions, excluded)
 
         def evaluate(mode: str) -> tuple:
             ev = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
@@ -320,7 +324,7 @@ def check(
             refs = {name: ref_grads.get(name) if ref_grads is not None else None for name in grad_map}
             rows = {
                 name: _probe_tensor(ev, name, grad_map[name], refs[name], plan[name], step, signature, loss0,
-                                    host, kink_log[name])
+                                    host, kink_log[name], excluded=excluded.get(name))
                 for name in grad_map if not ev.lossy  # else unreliable: no point in probing
             }
             return ev, loss0, signature, ref_grads, kink_log, refs, rows
@@ -336,7 +340,8 @@ def check(
         native_loss = train_loss if grads == "autograd" else evaluation.native()
         probe = not evaluation.lossy
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
-            _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host)
+            _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host,
+                      excluded)
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
         gaps = {name: _gap(grad_map[name], ref_grads[name], host) for name in grad_map} if ref_grads else {}
         scale = _gradient_rms(every, host)
@@ -361,6 +366,9 @@ def check(
             across = i_mid_kink is not None and values[i_mid_kink] > 0
             reason = _replay_problem(train, native, None if across else replayed, _SHADOW_RTOL[grad_precision],
                                      grads == "autograd", mode)
+            if reason is None:
+                reason = _underflow(native if native is not None else train, None if across else replayed,
+                                    grad_precision, mode)
             if reason is None and evaluation.lossy:
                 reason = (
                     f"`loss_fn` returned a {_dtype_name(evaluation.loss_dtype)} loss on the float64 copy of the "
@@ -391,9 +399,13 @@ def check(
                 tensors[name] = judge.tensor(name, shape, rows[name], gstats[name], gaps.get(name))
                 tensors[name] = _attach_kinks(tensors[name], kink_log[name], values, near_kink_margin)
                 if localize and tensors[name].verdict == "fail":
-                    located = _locate(evaluation, judge, tensors[name], grad_map[name], refs[name], step, signature, loss0)
+                    located = _locate(evaluation, judge, tensors[name], grad_map[name], refs[name], step, signature,
+                                      loss0, excluded.get(name))
                     if located is not None:
                         tensors[name] = dataclasses.replace(tensors[name], located=located)
+            if name in excluded:
+                tensors[name] = dataclasses.replace(tensors[name], excluded=excluded[name].description,
+                                                    excluded_count=excluded[name].count)
     return Report(
         tensors=tensors,
         seed=seed,
@@ -475,6 +487,8 @@ def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) 
             reasons[name] = "no gradient in this step (unused by the loss, or .grad is None)"
         elif not grad_map[name].is_floating_point():
             reasons[name] = f"gradient is not floating-point ({grad_map[name].dtype})"
+        elif p.numel() == 0:
+            reasons[name] = f"empty tensor (shape {tuple(p.shape)}): no element to check"
     return reasons
 
 
