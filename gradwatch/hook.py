@@ -204,7 +204,7 @@ class GradWatch:
         if roots.autocast is not None:  # autocast entered inside the block: replay the forward under it
             state = dataclasses.replace(state, autocast=roots.autocast)
         names, coordinates, directions = self._schedule.plan(
-            [n for n, _ in self.model.named_parameters() if n in captured]
+            [n for n, p in self.model.named_parameters() if n in captured and p.numel()]  # empty: skipped
         )
         report = check(
             self.model,

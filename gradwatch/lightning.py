@@ -271,7 +271,7 @@ class GradWatchCallback(Callback):
         if pending.accumulate > 1:
             loss_fn = partial(_divided, loss_fn, pending.accumulate)
         names, coordinates, directions = self._schedule.plan(
-            [n for n, _ in pl_module.named_parameters() if n in grads]
+            [n for n, p in pl_module.named_parameters() if n in grads and p.numel()]  # empty: skipped
         )
         richardson = self._schedule.richardson
         if reduce is not None:  # every rank checks the same tensors with the same probes
