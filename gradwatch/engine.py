@@ -44,6 +44,12 @@ Numerics (see ``shared/design.md`` §3 and the README):
 * A failing tensor is localised: a failing coordinate names its element, a precision
   gap its largest element, and a failing direction is bisected over the flat index
   (rows first, then columns) and confirmed by a coordinate probe.
+* Elements that cannot be probed are left out once per check
+  (:func:`gradwatch._probing._exclusions`): the ``padding_idx`` row of ``nn.Embedding``
+  and ``nn.EmbeddingBag`` (PyTorch gives it no gradient by design) and non-finite
+  parameter values (masked ``-inf`` logits). Coordinates avoid them, directions are zero
+  there, and :attr:`~gradwatch.report.TensorCheck.excluded` says so. Empty tensors are
+  skipped, and a loss that underflows in the training precision makes the check unreliable.
 
 The engine has three rooms of its own; :func:`check` only wires them together:
 
@@ -54,7 +60,8 @@ The engine has three rooms of its own; :func:`check` only wires them together:
 * :mod:`gradwatch._judging`: tolerances, replay fidelity, loss noise and verdicts.
 
 All probe arithmetic stays on the model's device; results reach the host in one
-transfer per check (plus one per bisection level when a direction fails).
+transfer per check (plus one per bisection level when a direction fails, and one before
+probing: which parameters hold non-finite values).
 """
 
 from __future__ import annotations

@@ -784,6 +784,19 @@ def test_padding_idx_of_embedding_bag_is_excluded_and_bugs_elsewhere_are_still_c
     assert tc.verdict == "fail" and tc.located is not None and tc.located.index == (used, 2), str(report)
 
 
+def test_tensor_whose_every_element_is_excluded_is_skipped_saying_why() -> None:
+    model = nn.Module()
+    model.emb = nn.Embedding(1, 3, padding_idx=0)
+    model.w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    with torch.no_grad():
+        model.emb.weight.fill_(0.5)
+    report = check(model, lambda m, b: (m.emb(b) * m.w).sum() ** 2, torch.zeros(2, dtype=torch.long), seed=0)
+    emb = report.tensors["emb.weight"]
+    assert emb.verdict == "skipped" and emb.probes == () and emb.excluded_count == 3
+    assert emb.reason == "every element is excluded (row 0 excluded: padding_idx of nn.Embedding 'emb')"
+    assert report.tensors["w"].verdict == "pass" and report.verdict == "pass", str(report)
+
+
 def test_empty_parameters_are_skipped_and_the_others_checked() -> None:
     """12.8: a 0×8 weight and an empty bias crashed the check in _grad_stats and _gap."""
     case = CORRECT["empty_parameter"](0)
