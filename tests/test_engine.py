@@ -784,6 +784,28 @@ def test_padding_idx_of_embedding_bag_is_excluded_and_bugs_elsewhere_are_still_c
     assert tc.verdict == "fail" and tc.located is not None and tc.located.index == (used, 2), str(report)
 
 
+def test_replacement_coordinates_avoid_the_padding_row_too() -> None:
+    class AtKink(nn.Module):  # every embedding element sits at a ReLU kink: every probe that moves it crosses
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 2, padding_idx=0)
+            self.head = nn.Linear(2, 2)
+            self.register_buffer("at", self.emb.weight.detach().clone())
+
+        def forward(self, idx):
+            h = self.emb(idx)
+            return self.head((torch.relu(h - F.embedding(idx, self.at)) + h).mean(1))
+
+    torch.manual_seed(0)
+    batch = (torch.arange(6).repeat(2, 1), torch.tensor([0, 1]))
+    for seed in range(3):
+        report = check(AtKink(), classification_loss, batch, seed=seed, coordinates=4, kink_resamples=4)
+        tc = report.tensors["emb.weight"]
+        coords = [p for p in tc.probes if p.kind == "coordinate"]
+        assert tc.resampled == 4 and len(coords) == 8 and all(p.kink for p in coords), str(report)
+        assert len({p.index for p in coords}) == 8 and all(p.index[0] != 0 for p in coords)
+
+
 def test_tensor_whose_every_element_is_excluded_is_skipped_saying_why() -> None:
     model = nn.Module()
     model.emb = nn.Embedding(1, 3, padding_idx=0)
