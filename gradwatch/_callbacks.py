@@ -40,7 +40,9 @@ def _budgeted_check(
 ) -> Report:
     """Check ``step`` within the schedule's budget; ``broadcast(obj)`` returns rank zero's ``obj``
     (data-parallel training: every process checks the same tensors with the same probes)."""
-    names, coordinates, directions = schedule.plan([n for n, _ in model.named_parameters() if n in grads])
+    names, coordinates, directions = schedule.plan(
+        [n for n, p in model.named_parameters() if n in grads and p.numel()]  # empty tensors: skipped
+    )
     richardson = schedule.richardson
     if broadcast is not None:
         names, coordinates, directions, richardson = broadcast((names, coordinates, directions, richardson))

@@ -113,6 +113,27 @@ def _replay_problem(
     return None
 
 
+def _underflow(native: float | None, replayed: float | None, precision: str, mode: str) -> str | None:
+    """Why the loss in the training precision underflowed where the float64 replay did not, or None.
+
+    A loss below the smallest normal number of its precision (``1.7e-56`` replayed,
+    ``0.0`` in float32) has a gradient that is rounding, not the derivative: a precision
+    gap then says nothing about the backward. The ``+1e-12`` slack of
+    :func:`_replay_problem` lets such a loss through, so it is told apart here.
+    """
+    if mode != "float64" or native is None or replayed is None or replayed == 0 or precision == "float64":
+        return None
+    dtype = {"float16": torch.float16, "bfloat16": torch.bfloat16}.get(precision, torch.float32)
+    tiny = float(torch.finfo(dtype).tiny)
+    if abs(replayed) >= tiny or abs(native - replayed) <= _SHADOW_RTOL[precision] * abs(replayed):
+        return None
+    return (
+        f"the loss underflows in {_dtype_name(dtype)}: it is {native!r} where the float64 replay gives "
+        f"{replayed!r}, below {_dtype_name(dtype)}'s smallest normal number {tiny:.3g}, so the {precision} "
+        "gradient is rounding, not the derivative; scale the loss up or compute it in log space"
+    )
+
+
 def _grad_precision(grad: Tensor, replay: ReplayState, model: nn.Module) -> str:
     """The precision the gradient was computed in: its dtype, autocast, or TF32."""
     dtype = grad.dtype

@@ -1,17 +1,19 @@
 """Probing: which coordinates and directions are probed, and how one probe is evaluated.
 
-One room of the engine (see :mod:`gradwatch.engine`): the seeded probe plan, the points
-``θ ± s·h·v`` of a probe and their central differences, the replacement of coordinates
-that crossed a kink, and the bisection that localises a failing direction.
+One room of the engine (see :mod:`gradwatch.engine`): the elements of each tensor that
+are never probed (:func:`_exclusions`), the seeded probe plan, the points ``θ ± s·h·v``
+of a probe and their central differences, the replacement of coordinates that crossed a
+kink, and the bisection that localises a failing direction.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from gradwatch._evaluation import _Evaluation, _HostValues
 from gradwatch._judging import _Judge, _ratio
@@ -24,13 +26,108 @@ __all__: list[str] = []
 _RESAMPLE_SALT = 0x5DEECE66D
 
 
-def _plan(grad_map: dict[str, Tensor], seed: int, coordinates: int, directions: int) -> dict[str, list]:
-    """Probe specs per tensor, from one seeded host generator (no device RNG used)."""
+@dataclass(frozen=True)
+class _Excluded:
+    """The elements of one tensor that are never probed, found once per check.
+
+    Coordinates avoid them and directions are zero there (so is their share of a
+    direction's step scale): elements PyTorch defines to get no gradient (the
+    ``padding_idx`` row of ``nn.Embedding`` and ``nn.EmbeddingBag``) and non-finite
+    parameter values (masked logits held as ``-inf``), where ``θ ± h`` means nothing.
+
+    Attributes:
+        flat: Their flat indices, sorted (host).
+        mask: Bool tensor of the parameter's shape and device, True where an element
+            may be probed.
+        description: What is excluded and why, for the report.
+    """
+
+    flat: np.ndarray
+    mask: Tensor
+    description: str
+
+    @property
+    def count(self) -> int:
+        """Number of excluded elements."""
+        return len(self.flat)
+
+
+def _exclusions(params: Mapping[str, Tensor], model: nn.Module) -> dict[str, _Excluded]:
+    """The excluded elements of each tensor of ``params`` (parameters of ``model``) that has any.
+
+    One host transfer for all tensors (whether each holds a non-finite value), plus one
+    per tensor that does (its non-finite indices); ``padding_idx`` rows are known on the
+    host.
+    """
+    if not params:
+        return {}
+    rows = _padding_rows(model)
+    flags = [(~torch.isfinite(p.detach())).any() for p in params.values()]
+    device = flags[0].device
+    nonfinite = torch.stack([f.to(device) for f in flags]).tolist()
+    out = {}
+    for (name, p), bad in zip(params.items(), nonfinite):
+        padding = [(r, why) for r, why in rows.get(id(p), []) if 0 <= r < (p.shape[0] if p.dim() else 0)]
+        if not padding and not bad:
+            continue
+        mask = torch.isfinite(p.detach()) if bad else torch.ones(p.shape, dtype=torch.bool, device=p.device)
+        flat = torch.nonzero(~mask.reshape(-1)).reshape(-1).cpu().numpy() if bad else np.zeros(0, dtype=np.int64)
+        parts = [f"row {r} excluded: {why}" for r, why in padding]
+        if bad:
+            where = "[" + ", ".join(str(int(i)) for i in np.unravel_index(int(flat[0]), tuple(p.shape))) + "]"
+            parts.append(f"{len(flat)} non-finite element{'s' if len(flat) != 1 else ''} excluded (first at {where})")
+        for r, _ in padding:
+            mask[r] = False
+            width = p[0].numel()
+            flat = np.union1d(flat, np.arange(r * width, (r + 1) * width, dtype=np.int64))
+        out[name] = _Excluded(flat.astype(np.int64), mask, "; ".join(parts))
+    return out
+
+
+def _eligible(name: str, param: Tensor, model: nn.Module) -> tuple[Tensor | None, str | None]:
+    """The mask of the elements of ``param`` that may be probed and why the others may not;
+    ``(None, None)`` when every element may be. One tensor's :func:`_exclusions`."""
+    ex = _exclusions({name: param}, model).get(name)
+    return (ex.mask, ex.description) if ex is not None else (None, None)
+
+
+def _padding_rows(model: nn.Module) -> dict[int, list[tuple[int, str]]]:
+    """Per parameter (by id), the rows PyTorch gives no gradient by design, and why."""
+    rows: dict[int, list[tuple[int, str]]] = {}
+    for mname, m in model.named_modules():
+        if isinstance(m, (nn.Embedding, nn.EmbeddingBag)) and m.padding_idx is not None:
+            kind = "nn.EmbeddingBag" if isinstance(m, nn.EmbeddingBag) else "nn.Embedding"
+            why = f"padding_idx of {kind} {mname!r}"
+            rows.setdefault(id(m.weight), []).append((int(m.padding_idx), why))
+    return rows
+
+
+def _eligible_flat(excluded: np.ndarray, picks: list[int]) -> list[int]:
+    """Map indices among the eligible elements to flat indices (``excluded`` sorted)."""
+    if not picks:
+        return []
+    before = excluded - np.arange(len(excluded))  # eligible elements before each excluded one
+    js = np.asarray(picks, dtype=np.int64)
+    return (js + np.searchsorted(before, js, side="right")).tolist()
+
+
+def _plan(
+    grad_map: dict[str, Tensor], seed: int, coordinates: int, directions: int,
+    excluded: Mapping[str, _Excluded] | None = None,
+) -> dict[str, list]:
+    """Probe specs per tensor, from one seeded host generator (no device RNG used).
+
+    Coordinates are drawn among the elements ``excluded`` leaves eligible.
+    """
     gen = torch.Generator().manual_seed(seed)
     plan: dict[str, list] = {}
     for name, g in grad_map.items():
-        numel = g.numel()
-        specs: list[tuple[str, int]] = [("coordinate", i) for i in _sample(numel, min(coordinates, numel), gen)]
+        ex = excluded.get(name) if excluded else None
+        numel = g.numel() - (ex.count if ex is not None else 0)
+        picks = _sample(numel, min(coordinates, numel), gen)
+        if ex is not None:
+            picks = _eligible_flat(ex.flat, picks)
+        specs: list[tuple[str, int]] = [("coordinate", i) for i in picks]
         specs += [("direction", int(torch.randint(0, 2**62, (1,), generator=gen))) for _ in range(directions)]
         plan[name] = specs
     return plan
@@ -48,17 +145,21 @@ class _KinkRow(NamedTuple):
 def _resample(
     ev: _Evaluation, grad_map: dict[str, Tensor], refs: Mapping[str, Tensor | None], rows: dict[str, list],
     kink_log: dict[str, list], seed: int, budget: int, step: float | None, ref: _Reference, loss0: Tensor,
-    host: _HostValues,
+    host: _HostValues, excluded: Mapping[str, _Excluded] | None = None,
 ) -> None:
     """Replace coordinate probes that crossed a kink by fresh coordinates, up to ``budget``
     per tensor, drawn from a generator seeded by ``seed`` (deterministic given the seed).
 
     Each round costs one host transfer: the crossed flags of the previous round's
     coordinate probes, all tensors together; there are at most ``budget + 1`` rounds,
-    since every round but the last draws a replacement.
+    since every round but the last draws a replacement. Excluded elements are never drawn.
     """
     gen = torch.Generator().manual_seed(seed ^ _RESAMPLE_SALT)
+    excluded = excluded or {}
     taken = {name: {v for kind, v, _ in rs if kind == "coordinate"} for name, rs in rows.items()}
+    for name, ex in excluded.items():
+        if name in taken:
+            taken[name].update(ex.flat.tolist())
     left = dict.fromkeys(rows, budget)
     pending = {
         name: [k for (kind, _, _), k in zip(rows[name], kink_log[name]) if kind == "coordinate"] for name in rows
@@ -77,7 +178,8 @@ def _resample(
             left[name] -= n
             start = len(kink_log[name])
             rows[name] += _probe_tensor(ev, name, grad_map[name], refs[name], [("coordinate", i) for i in fresh], step,
-                                        ref, loss0, host, kink_log[name], replacement=True)
+                                        ref, loss0, host, kink_log[name], replacement=True,
+                                        excluded=excluded.get(name))
             pending[name] = kink_log[name][start:]
 
 
@@ -116,17 +218,30 @@ def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
     return chosen
 
 
-def _direction(theta: Tensor, seed: int) -> Tensor:
-    """The Gaussian direction of a direction probe, in float64 on the parameter's device."""
+def _direction(theta: Tensor, seed: int, mask: Tensor | None = None) -> Tensor:
+    """The Gaussian direction of a direction probe, in float64 on the parameter's device,
+    zero where ``mask`` (the eligible elements, :class:`_Excluded`) is False."""
     gen = torch.Generator(device=theta.device).manual_seed(seed)
-    return torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
+    v = torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
+    return v if mask is None else v.masked_fill_(~mask, 0.0)
+
+
+def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | None) -> Tensor:
+    """``h`` of a direction probe: ``base_step · max(1, RMS of θ)``, over the eligible elements."""
+    if excluded is None:
+        return base_step * torch.clamp(theta64.pow(2).mean().sqrt(), min=1.0)
+    eligible = max(theta64.numel() - excluded.count, 1)
+    rms = (torch.where(excluded.mask, theta64, 0.0).pow(2).sum() / eligible).sqrt()
+    return base_step * torch.clamp(rms, min=1.0)
 
 
 class _Line:
     """Points ``θ + s·h·v`` of one probe, as the evaluation dtype can hold them."""
 
-    def __init__(self, theta: Tensor, kind: str, value: Any, base_step: float) -> None:
+    def __init__(self, theta: Tensor, kind: str, value: Any, base_step: float,
+                 excluded: _Excluded | None = None) -> None:
         self.theta = theta
+        self.mask = excluded.mask if excluded is not None and kind != "coordinate" else None
         if kind == "coordinate":
             self.index = value
             self.orig = theta.reshape(-1)[value].to(torch.float64)
@@ -135,7 +250,7 @@ class _Line:
         else:
             self.v = value
             self.theta64 = theta.to(torch.float64)  # no copy in float64 evaluation
-            self.h = base_step * torch.clamp(self.theta64.pow(2).mean().sqrt(), min=1.0)
+            self.h = _direction_step(self.theta64, base_step, excluded)
 
     def point(self, s: float) -> Tensor:
         if self.v is None:
@@ -161,28 +276,29 @@ class _Line:
 def _probe_tensor(
     ev: _Evaluation, name: str, grad: Tensor, g_ref: Tensor | None, specs: list, step: float | None,
     ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
-    replacement: bool = False,
+    replacement: bool = False, excluded: _Excluded | None = None,
 ) -> list:
     """Evaluate every probe of one tensor; returns ``(kind, value, host indices)`` per probe.
 
     With a kink reference, one :class:`_KinkRow` per probe is appended to ``kink_log``.
     """
-    return [_probe(ev, name, grad, g_ref, spec, step, ref, loss0, host, kink_log, replacement) for spec in specs]
+    return [_probe(ev, name, grad, g_ref, spec, step, ref, loss0, host, kink_log, replacement, excluded)
+            for spec in specs]
 
 
 def _probe(
     ev: _Evaluation, name: str, grad: Tensor, g_ref: Tensor | None, spec: tuple[str, int], step: float | None,
     ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
-    replacement: bool = False,
+    replacement: bool = False, excluded: _Excluded | None = None,
 ) -> tuple[str, int, dict[str, int]]:
     """Evaluate one probe at ±h and ±2h (±h only without Richardson); returns host
-    indices of its device scalars."""
+    indices of its device scalars. A direction is zero on the ``excluded`` elements."""
     kind, value = spec
     key = f"model.{name}"
     theta = ev.shadow[key]
     base_step = step if step is not None else ev.step(theta.dtype)
-    v = _direction(theta, value) if kind == "direction" else None
-    line = _Line(theta, kind, v if v is not None else value, base_step)
+    v = _direction(theta, value, excluded.mask if excluded is not None else None) if kind == "direction" else None
+    line = _Line(theta, kind, v if v is not None else value, base_step, excluded)
     if v is None:
         g = None
         a = grad.detach().reshape(-1)[value].to(device=theta.device, dtype=torch.float64)
@@ -241,19 +357,22 @@ def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | N
     if line.theta.dtype == torch.float64:
         return nominal
     taken = (points[s].to(torch.float64) - points[-s].to(torch.float64)) / width
+    if line.mask is not None:  # inf - inf on non-finite elements, which did not move
+        taken = torch.where(line.mask, taken, 0.0)
     return nominal + (a - (g * taken).sum())  # remove the part of the difference the rounded points add
 
 
 def _locate(
     ev: _Evaluation, judge: _Judge, tc: TensorCheck, grad: Tensor, g_ref: Tensor | None, step: float | None,
-    signature: Any, loss0: Tensor,
+    signature: Any, loss0: Tensor, excluded: _Excluded | None = None,
 ) -> Probe | None:
     """The element responsible for a failure, confirmed by a coordinate probe; None if already named.
 
     A precision gap is located where ``|g - g_ref|`` is largest. A failing direction is
     bisected over the flat index (row-major, so rows first, then columns): each level
     evaluates the direction restricted to the first half and follows the half with the
-    larger disagreement, one host transfer per level.
+    larger disagreement, one host transfer per level. The direction is zero on the
+    ``excluded`` elements, and a bisection that ends on one names none.
     """
     judged = [p for p in tc.probes if not p.kink]
     if any(p.failed and p.kind == "coordinate" for p in judged):
@@ -271,9 +390,9 @@ def _locate(
         worst = max(failing, key=lambda p: _ratio(p.error, p.tolerance))
         cmp = (g_ref if g_ref is not None else grad).detach().to(device=theta.device, dtype=torch.float64)
         cmp = cmp.reshape(-1)
-        v = _direction(theta, worst.direction_seed).reshape(-1)
+        v = _direction(theta, worst.direction_seed, excluded.mask if excluded is not None else None).reshape(-1)
         base_step = step if step is not None else ev.step(theta.dtype)
-        h = base_step * torch.clamp(theta.to(torch.float64).pow(2).mean().sqrt(), min=1.0)
+        h = _direction_step(theta.to(torch.float64), base_step, excluded)
         theta64 = theta.to(torch.float64).reshape(-1)
         err = worst.numerical - (worst.reference if worst.reference is not None else worst.autograd)
         lo, hi = 0, numel
@@ -289,6 +408,8 @@ def _locate(
             right = err - left
             lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
         flat, gap = lo, False
+    if excluded is not None and bool(np.isin(flat, excluded.flat)):
+        return None
     host = _HostValues(judge.reduce)
     kind, value, idx = _probe(ev, tc.name, grad, g_ref, ("coordinate", flat), step, signature, loss0, host)
     return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch())

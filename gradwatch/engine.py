@@ -44,6 +44,12 @@ Numerics (see ``shared/design.md`` §3 and the README):
 * A failing tensor is localised: a failing coordinate names its element, a precision
   gap its largest element, and a failing direction is bisected over the flat index
   (rows first, then columns) and confirmed by a coordinate probe.
+* Elements that cannot be probed are left out once per check
+  (:func:`gradwatch._probing._exclusions`): the ``padding_idx`` row of ``nn.Embedding``
+  and ``nn.EmbeddingBag`` (PyTorch gives it no gradient by design) and non-finite
+  parameter values (masked ``-inf`` logits). Coordinates avoid them, directions are zero
+  there, and :attr:`~gradwatch.report.TensorCheck.excluded` says so. Empty tensors are
+  skipped, and a loss that underflows in the training precision makes the check unreliable.
 
 The engine has three rooms of its own; :func:`check` only wires them together:
 
@@ -54,7 +60,8 @@ The engine has three rooms of its own; :func:`check` only wires them together:
 * :mod:`gradwatch._judging`: tolerances, replay fidelity, loss noise and verdicts.
 
 All probe arithmetic stays on the model's device; results reach the host in one
-transfer per check (plus one per bisection level when a direction fails).
+transfer per check (plus one per bisection level when a direction fails, and one before
+probing: which parameters hold non-finite values).
 """
 
 from __future__ import annotations
@@ -90,8 +97,9 @@ from gradwatch._judging import (
     _loss_noise,
     _nonfinite_loss,
     _replay_problem,
+    _underflow,
 )
-from gradwatch._probing import _direction, _locate, _plan, _probe_tensor, _resample, _sample  # noqa: F401 (tests)
+from gradwatch._probing import _direction, _exclusions, _locate, _plan, _probe_tensor, _resample, _sample  # noqa: F401
 from gradwatch._validate import (
     _callable,
     _kink_options,
@@ -288,6 +296,9 @@ def check(
             if train_loss is not None:
                 train_loss = _loss_value("train_loss", train_loss)
         skipped = _skip_reasons(params, grad_map)
+        excluded = _exclusions({n: params[n] for n in grad_map if n not in skipped}, model)
+        skipped.update({n: f"every element is excluded ({ex.description})" for n, ex in excluded.items()
+                        if ex.count == params[n].numel()})
         every = {n: g for n, g in grad_map.items() if n not in skipped}  # sets the probes and tolerances
         if names is not None:
             skipped.update({n: _NOT_SELECTED for n in params if n not in names and n not in skipped})
@@ -307,7 +318,7 @@ def check(
         # unperturbed pass: each probe's +h pass is its own kink reference, and the
         # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
         own = not richardson and not reference and coordinates + directions > 0
-        plan = _plan(every, seed, coordinates, directions)
+        plan = _plan(every, seed, coordinates, directions, excluded)
 
         def evaluate(mode: str) -> tuple:
             ev = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
@@ -320,7 +331,7 @@ def check(
             refs = {name: ref_grads.get(name) if ref_grads is not None else None for name in grad_map}
             rows = {
                 name: _probe_tensor(ev, name, grad_map[name], refs[name], plan[name], step, signature, loss0,
-                                    host, kink_log[name])
+                                    host, kink_log[name], excluded=excluded.get(name))
                 for name in grad_map if not ev.lossy  # else unreliable: no point in probing
             }
             return ev, loss0, signature, ref_grads, kink_log, refs, rows
@@ -336,7 +347,8 @@ def check(
         native_loss = train_loss if grads == "autograd" else evaluation.native()
         probe = not evaluation.lossy
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
-            _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host)
+            _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host,
+                      excluded)
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
         gaps = {name: _gap(grad_map[name], ref_grads[name], host) for name in grad_map} if ref_grads else {}
         scale = _gradient_rms(every, host)
@@ -361,6 +373,9 @@ def check(
             across = i_mid_kink is not None and values[i_mid_kink] > 0
             reason = _replay_problem(train, native, None if across else replayed, _SHADOW_RTOL[grad_precision],
                                      grads == "autograd", mode)
+            if reason is None:
+                reason = _underflow(native if native is not None else train, None if across else replayed,
+                                    grad_precision, mode)
             if reason is None and evaluation.lossy:
                 reason = (
                     f"`loss_fn` returned a {_dtype_name(evaluation.loss_dtype)} loss on the float64 copy of the "
@@ -391,9 +406,13 @@ def check(
                 tensors[name] = judge.tensor(name, shape, rows[name], gstats[name], gaps.get(name))
                 tensors[name] = _attach_kinks(tensors[name], kink_log[name], values, near_kink_margin)
                 if localize and tensors[name].verdict == "fail":
-                    located = _locate(evaluation, judge, tensors[name], grad_map[name], refs[name], step, signature, loss0)
+                    located = _locate(evaluation, judge, tensors[name], grad_map[name], refs[name], step, signature,
+                                      loss0, excluded.get(name))
                     if located is not None:
                         tensors[name] = dataclasses.replace(tensors[name], located=located)
+            if name in excluded:
+                tensors[name] = dataclasses.replace(tensors[name], excluded=excluded[name].description,
+                                                    excluded_count=excluded[name].count)
     return Report(
         tensors=tensors,
         seed=seed,
@@ -475,6 +494,8 @@ def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) 
             reasons[name] = "no gradient in this step (unused by the loss, or .grad is None)"
         elif not grad_map[name].is_floating_point():
             reasons[name] = f"gradient is not floating-point ({grad_map[name].dtype})"
+        elif p.numel() == 0:
+            reasons[name] = f"empty tensor (shape {tuple(p.shape)}): no element to check"
     return reasons
 
 

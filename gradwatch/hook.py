@@ -244,7 +244,7 @@ class GradWatch:
                 self._record(_skipped_report(self.model, seed, step, reason), step)
                 return
         names, coordinates, directions = self._schedule.plan(
-            [n for n, _ in self.model.named_parameters() if n in captured]
+            [n for n, p in self.model.named_parameters() if n in captured and p.numel()]  # empty: skipped
         )
         report = check(
             self.model,

@@ -136,7 +136,8 @@ class Probe:
     A coordinate probe perturbs one element (``index`` is its tuple index); a
     direction probe perturbs the whole tensor along a random Gaussian direction that
     ``torch.randn(shape, generator=torch.Generator(device).manual_seed(direction_seed),
-    dtype=torch.float64)`` regenerates.
+    dtype=torch.float64)`` regenerates, zero on the tensor's excluded elements
+    (:attr:`TensorCheck.excluded`).
 
     Attributes:
         kind: ``"coordinate"`` or ``"direction"``.
@@ -225,6 +226,11 @@ class TensorCheck:
         gap_index: Element where ``|g - g_ref|`` is largest, or ``None``.
         located: For a failing tensor, the coordinate probe at the element the failure
             was narrowed down to, or ``None`` (a failing coordinate already names one).
+        excluded: Which elements were never probed and why, or ``None``: rows PyTorch
+            gives no gradient by design (``padding_idx`` of ``nn.Embedding`` and
+            ``nn.EmbeddingBag``) and non-finite parameter values (such as masked logits
+            held as ``-inf``). Coordinates avoid them and directions are zero there.
+        excluded_count: Number of those elements.
     """
 
     name: str
@@ -241,6 +247,8 @@ class TensorCheck:
     gap_ratio: float = math.nan
     gap_index: tuple[int, ...] | None = None
     located: Probe | None = None
+    excluded: str | None = None
+    excluded_count: int = 0
 
     @property
     def kink_count(self) -> int:
@@ -583,7 +591,7 @@ class Report:
     def __str__(self) -> str:
         lines = [self.summary()]
         if self.tensors:
-            width = max(len(n) for n in self.tensors) + 2
+            width = max(len("tensor"), *(len(n) for n in self.tensors)) + 2
             lines.append(
                 f"  {'tensor':<{width}}{'verdict':<11}{'rel_error':>11}{'error_bar':>11}"
                 f"{'err/tol':>9}{'probes':>8}{'kinks':>7}"
@@ -593,6 +601,7 @@ class Report:
                     f"  {t.name:<{width}}{t.verdict:<11}{_fmt(t.rel_error):>11}"
                     f"{_fmt(t.error_bar):>11}{_fmt(t.error_ratio):>9}{len(t.probes):>8}"
                     f"{t.kink_count:>7}" + (f"  ({t.reason})" if t.reason else "")
+                    + (f"  (not probed: {t.excluded})" if t.excluded and t.excluded not in (t.reason or "") else "")
                 )
         near = self.kink_sites(near_only=True)
         if near:

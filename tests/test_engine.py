@@ -49,8 +49,9 @@ def test_correct_model_never_fails(model: str, seed: int) -> None:
     report = check(case.model, case.loss_fn, case.batch, seed=seed)
     assert report.ok, str(report)
     assert report.reliable, report.reason
-    verdicts = {t.verdict for t in report.tensors.values()}
+    verdicts = {t.verdict for t in report.tensors.values() if math.prod(t.shape)}
     assert verdicts <= {"pass", "kink"}, str(report)
+    assert all(t.verdict == "skipped" for t in report.tensors.values() if not math.prod(t.shape))  # empty
     assert "pass" in verdicts
     # every probe that crossed no kink agrees well inside its tolerance
     assert max(t.error_ratio for t in report.tensors.values() if t.verdict == "pass") < 0.2
@@ -744,6 +745,175 @@ def test_nan_in_a_perturbed_loss_is_its_own_verdict_naming_the_probe() -> None:
     tc = report.tensors["weight"]
     assert tc.verdict == "nonfinite" and "non-finite perturbed loss at 'weight'" in tc.reason, str(report)
     assert report.tensors["bias"].verdict == "pass" and not report.ok
+
+
+# ----------------------------------------- elements, tensors and losses checks must leave alone (issue 12)
+def _autograd_map(model: nn.Module, loss_fn, batch) -> dict[str, torch.Tensor]:
+    names = [n for n, _ in model.named_parameters()]
+    return dict(zip(names, torch.autograd.grad(loss_fn(model, batch), list(model.parameters()))))
+
+
+def test_padding_idx_row_is_never_probed_and_the_report_says_so() -> None:
+    """12.6: a padded batch without attention mask; the padding row gets no gradient by design."""
+    case = CORRECT["embedding_padding"](0)
+    assert (case.batch[0] == 0).any()
+    for seed in range(3):
+        report = check(case.model, case.loss_fn, case.batch, seed=seed, coordinates=200, directions=2)
+        assert report.ok and report.reliable, str(report)
+        tc = report.tensors["emb.weight"]
+        assert tc.verdict == "pass" and tc.excluded_count == 8
+        assert tc.excluded == "row 0 excluded: padding_idx of nn.Embedding 'emb'"
+        coords = [p.index for p in tc.probes if p.kind == "coordinate"]
+        assert len(coords) == 19 * 8 and all(i[0] != 0 for i in coords)  # every other element, none of row 0
+        assert "(not probed: row 0 excluded: padding_idx of nn.Embedding 'emb')" in str(report)
+    # the direction is zero on the padding row, and so is its share of the step scale
+    theta = case.model.emb.weight.detach().double()
+    mask, description = gradwatch._probing._eligible("emb.weight", case.model.emb.weight, case.model)
+    v = gradwatch.engine._direction(theta, 7, mask)
+    assert description == tc.excluded and (v[0] == 0).all() and (v[1:] != 0).all()
+    with torch.no_grad():
+        case.model.emb.weight[0] = 1e3  # a huge padding row would otherwise set h
+        ex = gradwatch._probing._exclusions({"emb.weight": case.model.emb.weight}, case.model)["emb.weight"]
+        h = gradwatch._probing._direction_step(case.model.emb.weight.double(), 1.0, ex)
+        assert float(h) == pytest.approx(max(1.0, float(case.model.emb.weight[1:].double().pow(2).mean().sqrt())))
+
+
+def test_padding_idx_of_embedding_bag_is_excluded_and_bugs_elsewhere_are_still_caught() -> None:
+    class Bag(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.bag = nn.EmbeddingBag(12, 4, mode="sum", padding_idx=3)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, idx):
+            return self.head(torch.tanh(self.bag(idx)))
+
+    torch.manual_seed(0)
+    model = Bag()
+    idx = torch.randint(0, 12, (10, 5), generator=torch.Generator().manual_seed(0))
+    idx[:, 3:] = 3
+    batch = (idx, torch.arange(10) % 2)
+    report = check(model, classification_loss, batch, seed=0, coordinates=48)
+    tc = report.tensors["bag.weight"]
+    assert report.ok and tc.excluded == "row 3 excluded: padding_idx of nn.EmbeddingBag 'bag'", str(report)
+    assert all(p.index[0] != 3 for p in tc.probes if p.kind == "coordinate")
+    # a wrong gradient on one used element is still caught by the direction and located there
+    grads = _autograd_map(model, classification_loss, batch)
+    used = int(idx[0, 0]) if int(idx[0, 0]) != 3 else int(idx[0, 1])
+    grads["bag.weight"][used, 2] += 0.5 * grads["bag.weight"].abs().max()
+    report = check(model, classification_loss, batch, grads=grads, seed=0, coordinates=0, directions=1)
+    tc = report.tensors["bag.weight"]
+    assert tc.verdict == "fail" and tc.located is not None and tc.located.index == (used, 2), str(report)
+
+
+def test_replacement_coordinates_avoid_the_padding_row_too() -> None:
+    class AtKink(nn.Module):  # every embedding element sits at a ReLU kink: every probe that moves it crosses
+        def __init__(self) -> None:
+            super().__init__()
+            self.emb = nn.Embedding(6, 2, padding_idx=0)
+            self.head = nn.Linear(2, 2)
+            self.register_buffer("at", self.emb.weight.detach().clone())
+
+        def forward(self, idx):
+            h = self.emb(idx)
+            return self.head((torch.relu(h - F.embedding(idx, self.at)) + h).mean(1))
+
+    torch.manual_seed(0)
+    batch = (torch.arange(6).repeat(2, 1), torch.tensor([0, 1]))
+    for seed in range(3):
+        report = check(AtKink(), classification_loss, batch, seed=seed, coordinates=4, kink_resamples=4)
+        tc = report.tensors["emb.weight"]
+        coords = [p for p in tc.probes if p.kind == "coordinate"]
+        assert tc.resampled == 4 and len(coords) == 8 and all(p.kink for p in coords), str(report)
+        assert len({p.index for p in coords}) == 8 and all(p.index[0] != 0 for p in coords)
+
+
+def test_tensor_whose_every_element_is_excluded_is_skipped_saying_why() -> None:
+    model = nn.Module()
+    model.emb = nn.Embedding(1, 3, padding_idx=0)
+    model.w = nn.Parameter(torch.tensor([0.5, -1.0, 2.0]))
+    with torch.no_grad():
+        model.emb.weight.fill_(0.5)
+    report = check(model, lambda m, b: (m.emb(b) * m.w).sum() ** 2, torch.zeros(2, dtype=torch.long), seed=0)
+    emb = report.tensors["emb.weight"]
+    assert emb.verdict == "skipped" and emb.probes == () and emb.excluded_count == 3
+    assert emb.reason == "every element is excluded (row 0 excluded: padding_idx of nn.Embedding 'emb')"
+    assert report.tensors["w"].verdict == "pass" and report.verdict == "pass", str(report)
+
+
+def test_empty_parameters_are_skipped_and_the_others_checked() -> None:
+    """12.8: a 0×8 weight and an empty bias crashed the check in _grad_stats and _gap."""
+    case = CORRECT["empty_parameter"](0)
+    for kwargs in ({}, {"precision": "native"}, {"grads": "existing"}):
+        if kwargs.get("grads") == "existing":
+            case.model.zero_grad()
+            case.loss_fn(case.model, case.batch).backward()
+        report = check(case.model, case.loss_fn, case.batch, seed=0, **kwargs)
+        for name, shape in (("extra.weight", (0, 8)), ("extra.bias", (0,))):
+            tc = report.tensors[name]
+            assert tc.verdict == "skipped" and tc.shape == shape
+            assert tc.reason == f"empty tensor (shape {shape}): no element to check"
+        assert report.verdict == "pass" and report.reliable, str(report)
+        assert {t.verdict for n, t in report.tensors.items() if not n.startswith("extra")} == {"pass"}
+    assert gradwatch.assert_gradients(case.model, case.loss_fn, case.batch).verdict == "pass"
+
+
+def test_nonfinite_parameter_elements_are_never_probed() -> None:
+    """12.9: masked logits held as a parameter with -inf entries gave "nonfinite" at a finite loss."""
+    class MaskedLogits(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            w = torch.randn(4, 6, generator=torch.Generator().manual_seed(0))
+            w[:, 4:] = -math.inf
+            w[0, 1] = -math.inf
+            self.logits = nn.Parameter(w)
+
+        def forward(self, x):
+            return (F.softmax(self.logits, -1) * x).sum()
+
+    model = MaskedLogits()
+    x = torch.randn(4, 6, generator=torch.Generator().manual_seed(1))
+    loss_fn = lambda m, b: m(b)  # noqa: E731
+    finite = torch.isfinite(model.logits.detach())
+    for kwargs in ({}, {"precision": "native"}, {"kinks": False, "evaluation": "batched"}):
+        for seed in range(3):
+            report = check(model, loss_fn, x, seed=seed, coordinates=24, directions=2, **kwargs)
+            tc = report.tensors["logits"]
+            assert report.ok and tc.verdict == "pass", (kwargs, str(report))
+            assert tc.excluded_count == 9 and tc.excluded == "9 non-finite elements excluded (first at [0, 1])"
+            coords = [p.index for p in tc.probes if p.kind == "coordinate"]
+            assert len(coords) == 15 and all(finite[i] for i in coords)
+            assert all(math.isfinite(p.step) and math.isfinite(p.numerical) for p in tc.probes)
+    # a wrong gradient on a finite element is still caught
+    grads = {"logits": torch.autograd.grad(loss_fn(model, x), model.logits)[0].clone()}
+    grads["logits"][2, 3] *= 1.5
+    report = check(model, loss_fn, x, grads=grads, seed=0, coordinates=0, directions=1)
+    tc = report.tensors["logits"]
+    assert tc.verdict == "fail" and tc.located is not None and tc.located.index == (2, 3), str(report)
+
+
+def test_loss_that_underflows_in_float32_is_unreliable_naming_the_underflow() -> None:
+    """12.10: the float32 loss is 0.0 where float64 gives ~1e-56; it was blamed on the backward."""
+    class Underflow(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.w = nn.Parameter(torch.tensor([1.0, 2.0]))
+
+        def forward(self, x):
+            return torch.exp(-(self.w * x).sum())
+
+    model = Underflow()
+    x = torch.tensor([40.0, 44.5])
+    with torch.no_grad():
+        assert float(model(x)) == 0.0 and 0 < float(model.double()(x.double())) < 1e-50
+    model.float()
+    report = check(model, lambda m, b: m(b), x, seed=0)
+    assert report.verdict == "unreliable" and not report.reliable and report.ok, str(report)
+    assert report.reason.startswith("the loss underflows in float32: it is 0.0 where the float64 replay gives ")
+    assert report.tensors["w"].verdict == "skipped"
+    # the same loss where float32 holds it is judged as before
+    report = check(model, lambda m, b: m(b), x / 10, seed=0)
+    assert report.verdict == "pass" and report.reliable, str(report)
 
 
 # ------------------------------------------------------------------------ batched evaluation

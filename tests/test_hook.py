@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import warnings
 
 import pytest
@@ -100,6 +101,31 @@ def test_hook_catches_planted_bugs(bug: str) -> None:
         case.loss_fn(case.model, case.batch).backward()
     assert len(seen) == 1 and seen[0] is watch.last_report
     assert {t.name for t in watch.last_report.failures} == case.wrong
+
+
+@pytest.mark.parametrize("name", ["embedding_padding", "empty_parameter"])
+def test_hook_is_quiet_on_padding_rows_and_empty_parameters(name: str) -> None:
+    """Issue 12 items 6 and 8 through the hook: the padding row is not probed, empty tensors are skipped,
+    also under an overhead budget that checks a few tensors per step."""
+    for max_overhead in (None, 0.05):
+        case = CORRECT[name](0)
+        opt = torch.optim.Adam(case.model.parameters(), lr=1e-2)
+        watch = GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=max_overhead, on_failure="raise",
+                          seed=0)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UnreliableCheckWarning)
+            for _ in range(4):
+                opt.zero_grad()
+                with watch.step(case.batch):
+                    case.loss_fn(case.model, case.batch).backward()
+                opt.step()
+        assert watch.reports and all(r.verdict == "pass" for _, r in watch.reports), [str(r) for _, r in watch.reports]
+        for _, r in watch.reports:
+            for t in r.tensors.values():
+                if not math.prod(t.shape):
+                    assert t.verdict == "skipped" and t.reason.startswith("empty tensor")
+                if t.name == "emb.weight" and t.verdict == "pass":
+                    assert t.excluded.startswith("row 0 excluded") and all(p.index[0] != 0 for p in t.probes if p.index)
 
 
 def test_on_failure_raise_carries_the_report_after_restoring() -> None:

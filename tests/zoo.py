@@ -8,6 +8,7 @@ names whose gradient is wrong.
 from __future__ import annotations
 
 import re
+import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -328,6 +329,51 @@ def _layernorm_gelu(seed: int) -> Case:
     return Case("layernorm_gelu", model, classification_loss, _data(seed, 32, (8,), 3))
 
 
+class _PaddedEmbedding(nn.Module):
+    """Token ids padded with 0 and no attention mask (as a padded BERT batch): the
+    padding row gets no gradient by design (``padding_idx``) but moves the loss."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(20, 8, padding_idx=0)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(self.emb(idx)).mean(1))
+
+
+def _embedding_padding(seed: int) -> Case:
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    idx = torch.randint(1, 20, (16, 7), generator=g)
+    lengths = torch.randint(2, 8, (16,), generator=g)
+    idx[torch.arange(7) >= lengths[:, None]] = 0  # right padding
+    idx[0, 5:] = 0  # at least one padded sequence
+    y = torch.randint(0, 3, (16,), generator=g)
+    return Case("embedding_padding", _PaddedEmbedding(), classification_loss, (idx, y))
+
+
+class _EmptyBranch(nn.Module):
+    """A branch configured with 0 units: its weight (0×8) and bias (0,) are empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = nn.Linear(8, 16)
+        self.extra = nn.Linear(8, 0)
+        self.head = nn.Linear(16, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.tanh(torch.cat([self.a(x), self.extra(x)], 1)))
+
+
+def _empty_parameter(seed: int) -> Case:
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "Initializing zero-element tensors")
+        model = _EmptyBranch()
+    return Case("empty_parameter", model, classification_loss, _data(seed, 32, (8,), 3))
+
+
 CORRECT: dict[str, Callable[[int], Case]] = {
     "mlp_relu_dropout": _mlp_relu_dropout,
     "cnn_bn_pool": _cnn_bn_pool,
@@ -336,6 +382,8 @@ CORRECT: dict[str, Callable[[int], Case]] = {
     "custom_function": _custom_function,
     "clamp_abs_maximum": _clamp_abs_maximum,
     "layernorm_gelu": _layernorm_gelu,
+    "embedding_padding": _embedding_padding,
+    "empty_parameter": _empty_parameter,
 }
 
 
