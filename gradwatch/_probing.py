@@ -291,4 +291,4 @@ def _locate(
         flat, gap = lo, False
     host = _HostValues(judge.reduce)
     kind, value, idx = _probe(ev, tc.name, grad, g_ref, ("coordinate", flat), step, signature, loss0, host)
-    return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch())
+    return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch(), name=tc.name)

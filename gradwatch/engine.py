@@ -88,6 +88,7 @@ from gradwatch._judging import (
     _gradient_rms,
     _Judge,
     _loss_noise,
+    _measure_spread,
     _nonfinite_loss,
     _replay_problem,
 )
@@ -337,6 +338,11 @@ def check(
         probe = not evaluation.lossy
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
             _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host)
+        # checks that compute the reference also measure the rounding of the training precision
+        spread = (
+            _measure_spread(evaluation, params, list(grad_map), signature, seed, host)
+            if ref_grads is not None and probe else None
+        )
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
         gaps = {name: _gap(grad_map[name], ref_grads[name], host) for name in grad_map} if ref_grads else {}
         scale = _gradient_rms(every, host)
@@ -360,7 +366,8 @@ def check(
             # compared then (that probe is not judged anyway)
             across = i_mid_kink is not None and values[i_mid_kink] > 0
             reason = _replay_problem(train, native, None if across else replayed, _SHADOW_RTOL[grad_precision],
-                                     grads == "autograd", mode)
+                                     grads == "autograd", mode,
+                                     spread=values[spread.loss] if spread is not None else 0.0)
             if reason is None and evaluation.lossy:
                 reason = (
                     f"`loss_fn` returned a {_dtype_name(evaluation.loss_dtype)} loss on the float64 copy of the "
@@ -377,6 +384,11 @@ def check(
             scale=values[scale],
             ref_scale=values[ref_scale] if ref_scale is not None else None,
             native=mode == "native",
+            loss=replayed,
+            eps=float(torch.finfo(first_grad.dtype).eps),
+            gaps=gaps,
+            spread=spread,
+            low=grad_precision in ("tf32", "float16", "bfloat16"),
         )
         tensors: dict[str, TensorCheck] = {}
         for name, p in params.items():
