@@ -13,6 +13,9 @@ planted-bug zoo and the sparse-bug zoo (one wrong row, one wrong column, 2% on 1
 * the worst error/tolerance ratio on a correct model (must stay < 1) and the smallest on
   a wrong tensor (must stay > 1).
 
+Bugs marked ``native=False`` in the zoo (a tensor whose gradients are 1e-6 of the model's)
+are below what float32 central differences resolve and are left out of the native mode.
+
 Modes: ``float64``, ``native`` and ``auto`` evaluation of float32 gradients, and
 ``bf16-autocast``: gradients computed under CPU bfloat16 autocast (through
 :class:`gradwatch.GradWatch`), evaluated with ``precision="auto"``.
@@ -70,6 +73,8 @@ def main(argv: list[str] | None = None) -> None:
             for build in cases.values():
                 for seed in range(args.seeds):
                     case = build(seed)
+                    if mode == "native" and not case.native:  # below what float32 differences resolve
+                        continue
                     report = _report(mode, case, seed)
                     checks += 1
                     precisions.add(report.precision)

@@ -339,6 +339,7 @@ class _Judge:
             step=h,
             kink=bool(v["kink"]),
             reference=a_ref,
+            flat=bool(v.get("flat", 0.0)),
         )
 
     def tensor(
@@ -368,18 +369,23 @@ class _Judge:
             if self.branch_note is None:
                 ratios.append(gap_ratio)
             gap_fields = {
-                "precision_gap": _ratio(values[gap["gap"]], limit / self.rtol),
+                "precision_gap": _ratio(values[gap["gap"]], ref_norm + _ATOL_RATIO * self.ref_scale * math.sqrt(numel)),
                 "gap_ratio": gap_ratio,
                 "gap_index": tuple(int(i) for i in np.unravel_index(int(values[gap["worst"]]), shape)),
             }
-        judged = [p for p in probes if not p.kink]
+        judged = [p for p in probes if not p.kink and not p.flat]
         ratios += [_ratio(p.error, p.tolerance) for p in judged]
         gap_fails = self.branch_note is None and gap_fields.get("gap_ratio", 0.0) > 1.0
         failed = any(p.failed for p in judged) or gap_fails
+        flat = sum(p.flat for p in probes)
+        if not judged and not failed and flat:
+            return TensorCheck(name, shape, "skipped", probes=probes, reason=_FLAT + " (every probe)", **gap_fields)
         if not judged and not failed:
             return TensorCheck(name, shape, "kink", probes=probes,
                                reason="every probe crossed a kink of a non-smooth op", **gap_fields)
-        note = self.branch_note if gap is not None else None
+        notes = [self.branch_note] if gap is not None and self.branch_note else []
+        notes += [f"{_FLAT} ({flat} of {len(probes)} probes)"] if flat else []
+        note = "; ".join(notes) or None
         rel = bar = math.nan
         if judged:
             num = np.array([p.numerical for p in judged])
@@ -409,6 +415,12 @@ class _Judge:
         measured = (_SPREAD_MULT + _SPREAD_SMALL / sqrt_n) * self.values[self.spread.grads[name]]
         floor = (_ATOL_RATIO * self.rtol if self.low else self.eps) * self.ref_scale * sqrt_n
         return max(self.rtol * ref_norm, measured) + max(floor, loss_floor)
+
+
+_FLAT = (
+    "not judged: the perturbed losses were equal although the loss moves at a larger step; rounding to a lower "
+    "precision inside the forward (such as a bfloat16 round trip) flattened the loss at the probe's step"
+)
 
 
 def _ratio(num: float, den: float) -> float:

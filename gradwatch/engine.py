@@ -59,6 +59,7 @@ transfer per check (plus one per bisection level when a direction fails).
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import secrets
 import time
@@ -79,6 +80,7 @@ from gradwatch._evaluation import (
     _short,
 )
 from gradwatch._judging import (
+    _NOISE_ULPS as _NOISE_FLOOR,
     _SHADOW_RTOL,
     RTOL,
     _attach_kinks,
@@ -93,6 +95,7 @@ from gradwatch._judging import (
     _replay_problem,
 )
 from gradwatch._probing import _direction, _locate, _plan, _probe_tensor, _resample, _sample  # noqa: F401 (tests)
+from gradwatch._probing import _Line, _probe
 from gradwatch._validate import (
     _callable,
     _kink_options,
@@ -375,6 +378,8 @@ def check(
                     "(such as .float()), so central differences would measure rounding noise; keep the loss in "
                     "the dtype of its inputs"
                 )
+        if reason is None and nonfinite is None:
+            _flat_probes(evaluation, rows, values, reduce, float(torch.finfo(first_grad.dtype).eps), replayed)
         noise = _loss_noise(rows, values, evaluation, replayed)
         judge = _Judge(
             reduce=reduce,
@@ -401,6 +406,10 @@ def check(
                 tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
             else:
                 tensors[name] = judge.tensor(name, shape, rows[name], gstats[name], gaps.get(name))
+                if not richardson and tensors[name].verdict == "fail":  # noise not measured: measure it first
+                    ev2 = _Evaluation(model, loss_fn, batch, replay, kinks, mode, "sequential", reduce is not None)
+                    tensors[name] = _remeasure(ev2, judge, tensors[name], rows[name], grad_map[name], refs[name],
+                                               every, step, values, gstats[name], gaps.get(name))
                 tensors[name] = _attach_kinks(tensors[name], kink_log[name], values, near_kink_margin)
                 if localize and tensors[name].verdict == "fail":
                     located = _locate(evaluation, judge, tensors[name], grad_map[name], refs[name], step, signature, loss0)
@@ -490,3 +499,79 @@ def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) 
     return reasons
 
 
+
+
+#: Step (relative to ``max(1, |θ|)``) at which a probe whose perturbed losses were equal
+#: is evaluated again, to tell a loss that rounding flattened from one that does not move.
+_FLAT_STEP = 1e-2
+#: A loss change counts (predicted at ±h, or measured at ±_FLAT_STEP) above this many
+#: units in the last place of the loss.
+_FLAT_ULPS = 1e3
+
+
+def _flat_probes(
+    ev: _Evaluation, rows: Mapping[str, list], values: list[float], reduce: Callable | None, grad_eps: float,
+    loss: float,
+) -> None:
+    """Mark probes whose perturbed losses were all equal (numerical value exactly 0) where
+    autograd predicts a change well above the loss's rounding, and whose loss does move at
+    the step :data:`_FLAT_STEP`: rounding flattened the loss there, so 0 is no
+    measurement (``idx["flat"]``, judged by :class:`_Judge`). A loss that does not move at
+    the larger step either is judged as usual: 0 is then the derivative. Costs two
+    evaluations per such probe (rare: a tensor whose true gradient is 0 predicts no
+    change, and an ``|autograd|`` within the gradient's rounding noise of ``|L|`` is no
+    prediction), one transfer."""
+    eps = float(torch.finfo(ev.loss_dtype if ev.loss_dtype is not None else torch.float64).eps)
+    candidates = []
+    for name, probes in rows.items():
+        for kind, value, idx in probes:
+            if values[idx["kink"]] or values[idx["n1"]] != 0.0 or values[idx["n2"]] != 0.0:
+                continue
+            a = max(abs(values[idx["a"]]), abs(values[idx["a_ref"]]) if "a_ref" in idx else 0.0)
+            threshold = _FLAT_ULPS * eps * values[idx["lmax"]]
+            noise = _NOISE_FLOOR * grad_eps * abs(loss) * values[idx["vnorm"]]  # the gradient's own rounding
+            if not (2 * values[idx["h"]] * a > threshold and a > noise):
+                continue
+            candidates.append((name, kind, value, idx, threshold))
+    if not candidates:
+        return
+    host = _HostValues(reduce)
+    moved = []
+    for name, kind, value, idx, _ in candidates:
+        key = f"model.{name}"
+        theta = ev.shadow[key]
+        line = _Line(theta, kind, _direction(theta, value) if kind == "direction" else value, _FLAT_STEP)
+        up, _ = line.run(ev, key, 1.0, None)
+        down, _ = line.run(ev, key, -1.0, None)
+        moved.append(host.add((up - down).abs()))
+    fetched = host.fetch()
+    for (name, kind, value, idx, threshold), i in zip(candidates, moved):
+        if fetched[i] > threshold:
+            values.append(1.0)
+            idx["flat"] = len(values) - 1
+
+
+def _remeasure(
+    ev: _Evaluation, judge: _Judge, tc: TensorCheck, rows: list, grad: Tensor, g_ref: Tensor | None,
+    every: Mapping[str, Tensor], step: float | None, values: list[float], gstats: tuple[int, int],
+    gap: Mapping[str, int] | None,
+) -> TensorCheck:
+    """A failing tensor of a check that measured no noise (``richardson=False``): its
+    failing probes are evaluated again at ``±h`` and ``±2h`` from a recorded unperturbed
+    pass, so their error bars get the truncation estimate and the loss noise measured
+    from their own fourth differences, and the tensor is judged again. A fail verdict
+    stands only if it survives its measured noise. ``rows`` is updated in place."""
+    loss0, signature, _ = ev.base(every, reference=False)
+    ev.loss0 = loss0
+    host = _HostValues(judge.reduce)
+    failing = [i for i, p in enumerate(tc.probes) if p.failed]
+    fresh = {i: _probe(ev, tc.name, grad, g_ref, rows[i][:2], step, signature, loss0, host) for i in failing}
+    i_loss0 = host.add(loss0)
+    offset = len(values)
+    values.extend(host.fetch())
+    for i, (kind, value, idx) in fresh.items():
+        rows[i] = (kind, value, {k: j + offset for k, j in idx.items()})
+    measured = _loss_noise({tc.name: [rows[i] for i in failing]}, values, ev, values[i_loss0 + offset])
+    again = copy.copy(judge)
+    again.noise = max(judge.noise, measured)
+    return again.tensor(tc.name, tc.shape, rows, gstats, gap)

@@ -155,6 +155,9 @@ class Probe:
         replacement: Drawn to replace a coordinate probe that crossed a kink.
         reference: ``<g_ref, v>`` from autograd on the float64 copy of the model (the
             same backward code without low-precision rounding), or ``None``.
+        flat: The perturbed losses were all equal although the loss moves at a larger
+            step: rounding to a lower precision inside the forward flattened it, so
+            the numerical value 0 measures nothing; such probes are not judged.
     """
 
     kind: str
@@ -171,6 +174,7 @@ class Probe:
     at_kink: bool = False
     replacement: bool = False
     reference: float | None = None
+    flat: bool = False
 
     @property
     def rel_error(self) -> float:
@@ -180,8 +184,8 @@ class Probe:
 
     @property
     def failed(self) -> bool:
-        """True when the probe disagrees beyond its tolerance and crossed no kink."""
-        return (not self.kink) and not (self.error <= self.tolerance)
+        """True when the probe disagrees beyond its tolerance, crossed no kink and was not flat."""
+        return (not self.kink) and not self.flat and not (self.error <= self.tolerance)
 
     @property
     def where(self) -> str:
@@ -254,7 +258,7 @@ class TensorCheck:
         """
         if self.located is not None:
             return self.located
-        valid = [p for p in self.probes if not p.kink]
+        valid = [p for p in self.probes if not p.kink and not p.flat]
         if not valid:
             return None
         failing_coords = [p for p in valid if p.failed and p.kind == "coordinate"]
@@ -505,7 +509,7 @@ class Report:
             for t in self.tensors.values()
             if t.verdict in ("pass", "fail")
             for p in t.probes
-            if not p.kink
+            if not p.kink and not p.flat
         ]
 
     def metrics(self, prefix: str = "gradwatch") -> dict[str, float]:
