@@ -219,10 +219,12 @@ class TensorCheck:
         precision_gap: ``||g - g_ref|| / (||g_ref|| + G_ref·sqrt(numel)/2)`` between
             the gradient under test ``g`` and autograd's gradient ``g_ref`` of the same
             code on the float64 copy (``G_ref``: RMS of the model's ``g_ref``): what the
-            training precision (float32, TF32, fp16/bf16 autocast) added. The tensor
-            fails when it exceeds ``gradwatch.engine.RTOL`` of that precision. NaN
+            training precision (float32, TF32, fp16/bf16 autocast) added. NaN
             without a float64 reference.
-        gap_ratio: ``precision_gap`` over that limit.
+        gap_ratio: ``‖g - g_ref‖`` over the precision test's limit, which allows the
+            rounding spread gradwatch measured for this tensor (see
+            :mod:`gradwatch.engine`), at least ``gradwatch.engine.RTOL`` of that
+            precision; above 1 fails.
         gap_index: Element where ``|g - g_ref|`` is largest, or ``None``.
         located: For a failing tensor, the coordinate probe at the element the failure
             was narrowed down to, or ``None`` (a failing coordinate already names one).
