@@ -20,6 +20,9 @@ Modes: ``float64``, ``native`` and ``auto`` evaluation of float32 gradients,
 ``fp16-gradscaler``: float16 autocast with a ``torch.amp.GradScaler`` (the PyTorch AMP
 recipe, ``GradWatch(..., scaler=scaler)``; the LSTM is left out on CPU, where oneDNN has
 no fp16 LSTM). ``--device cuda`` moves every zoo model and batch to the GPU first.
+
+Bugs marked ``native=False`` in the zoo (a tensor whose gradients are 1e-6 of the model's)
+are below what float32 central differences resolve and are left out of the native mode.
 """
 
 from __future__ import annotations
@@ -92,6 +95,8 @@ def main(argv: list[str] | None = None) -> None:
                     continue  # oneDNN has no fp16 LSTM on CPU
                 for seed in range(args.seeds):
                     case = _to(build(seed), args.device)
+                    if mode == "native" and not case.native:  # below what float32 differences resolve
+                        continue
                     report = _report(mode, case, seed, args.device)
                     checks += 1
                     precisions.add(report.precision)

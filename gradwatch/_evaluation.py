@@ -313,6 +313,31 @@ def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad:
         return _loss_tensor(functional_call(wrapper, buffers, (batch,), strict=False))
 
 
+def _native_gradients(
+    wrapper: _LossModule, batch: Any, replay: ReplayState, params: Mapping[str, Tensor], names: list[str],
+    recorder: Any = None,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Replay ``loss_fn`` in the model's own precision at ``params`` (name -> value; the
+    others keep the model's) and take autograd's gradient of ``names``.
+
+    The values are fresh leaves, so tensor hooks on the parameters and code that edits
+    ``.grad`` play no part: this is the training computation itself, as its kernels
+    round it. ``recorder``: a kink recorder context active during the forward.
+    """
+    _restore_attrs(replay.attrs)
+    _restore_rng(replay.rng)
+    leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+    state = {f"model.{n}": v for n, v in params.items()}
+    state.update({f"model.{n}": v for n, v in leaves.items()})
+    state.update({f"model.{n}": b.clone() for n, b in replay.buffers.items()})
+    with torch.enable_grad(), _autocast(replay.autocast), recorder if recorder is not None else nullcontext():
+        loss = _loss_tensor(functional_call(wrapper, state, (batch,), strict=False))
+    if not loss.requires_grad:
+        return loss.detach(), {}
+    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    return loss.detach(), {n: g.detach() for n, g in zip(leaves, grads) if g is not None}
+
+
 def _loss_tensor(out: Any, name: str = "loss_fn") -> Tensor:
     if not isinstance(out, Tensor):
         raise TypeError(f"`{name}` must return a scalar loss Tensor, got {type(out).__name__} {_short(out)}")

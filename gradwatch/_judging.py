@@ -16,7 +16,8 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from gradwatch._evaluation import _dtype_name, _HostValues
+from gradwatch._evaluation import _dtype_name, _HostValues, _native_gradients
+from gradwatch.kinks import _ProbeKinks
 from gradwatch.replay import ReplayState
 from gradwatch.report import KinkEvent, Probe, TensorCheck
 
@@ -35,8 +36,29 @@ RTOL = {
     "float16": 0.1,
     "bfloat16": 0.2,
 }
-#: Code-test tolerance against the float64 reference, relative and absolute (× G_ref).
+#: Code-test tolerance against the float64 reference, relative and absolute (× the
+#: tensor's own reference RMS, so a tensor with small gradients is judged at its scale).
 _REF_RTOL = 1e-6
+#: Code-test absolute floor as a fraction of the whole model's reference RMS ``G_ref``:
+#: far above float64 rounding of a gradient that is truly 0, far below any real gradient.
+_REF_GLOBAL = 1e-9
+#: Without a reference: absolute floor in units of the gradient dtype's eps × |L|, which
+#: holds when every gradient is 0 or rounding noise (no other tensor sets a scale).
+_NOISE_ULPS = 8.0
+#: Measured spread (precision test, fidelity check): the native gradient is recomputed at
+#: the parameters and at the parameters moved by this many units in their last place
+#: (random signs), which re-randomises the rounding of every op; nondeterministic kernels
+#: add their own run-to-run spread.
+_SPREAD_ULPS = 4.0
+#: Multiple of the measured spread ``‖g(θ) - g(θ')‖`` allowed for ``‖g - g_ref‖``: a
+#: tensor of n elements gets ``_SPREAD_MULT + _SPREAD_SMALL/√n`` (few elements: few
+#: degrees of freedom, a heavier tail).
+_SPREAD_MULT = 4.0
+_SPREAD_SMALL = 30.0
+#: The fidelity check allows this multiple of the measured loss spread, at most
+#: ``_SPREAD_LOSS_CAP·|L|`` (randomness outside torch's RNG moves the loss far more).
+_SPREAD_LOSS_MULT = 8.0
+_SPREAD_LOSS_CAP = 1e-3
 #: Absolute tolerance as a fraction of ``rtol`` times the gradient RMS.
 _ATOL_RATIO = 0.5
 #: Multiple of the numerical error bar added to the tolerance.
@@ -64,6 +86,7 @@ def _gap(g: Tensor, g_ref: Tensor, host: _HostValues) -> dict[str, int]:
     out = {
         "gap": diff.norm(),
         "ref_norm": g_ref.norm(),
+        "ref_rms": g_ref.pow(2).mean().sqrt() if g_ref.numel() else g_ref.new_zeros(()),
         "worst": worst,
         "ref_bad": (~torch.isfinite(g_ref)).any(),
     }
@@ -91,11 +114,20 @@ def _nonfinite_loss(train: float | None, replayed: float) -> str | None:
 
 
 def _replay_problem(
-    train: float | None, native: float | None, replayed: float | None, shadow_rtol: float, own: bool, mode: str
+    train: float | None, native: float | None, replayed: float | None, shadow_rtol: float, own: bool, mode: str,
+    spread: float = 0.0,
 ) -> str | None:
-    """Why the replay cannot be trusted, or None (``replayed`` None: not compared)."""
+    """Why the replay cannot be trusted, or None (``replayed`` None: not compared).
+
+    ``spread``: the run-to-run spread of the native loss gradwatch measured (two native
+    replays, see :func:`_measure_spread`); the native replay may differ from the
+    training loss by a multiple of it (nondeterministic kernels), capped far below
+    what randomness outside torch's RNG or a scaled loss does."""
     if train is not None and native is not None and not own:
-        if not math.isfinite(native) or abs(native - train) > _REPLAY_RTOL * max(abs(train), abs(native)) + 1e-30:
+        slack = _REPLAY_RTOL * max(abs(train), abs(native)) + 1e-30
+        if math.isfinite(spread):
+            slack += min(_SPREAD_LOSS_MULT * spread, _SPREAD_LOSS_CAP * abs(train))
+        if not math.isfinite(native) or abs(native - train) > slack:
             return (
                 f"replayed loss {native!r} differs from the training loss {train!r}: the loss is not "
                 "reproducible from the captured RNG and buffers (randomness outside torch's RNG, "
@@ -167,28 +199,142 @@ def _loss_noise(rows: Mapping[str, list], values: list[float], ev: _Evaluation, 
     return max(measured, floor)
 
 
+@dataclasses.dataclass
+class _Spread:
+    """Host indices of what :func:`_measure_spread` measured (see :func:`_Judge.tensor`)."""
+
+    grads: dict[str, int]  # per tensor: ‖g(θ) - g(θ')‖ of two native replays
+    loss: int  # |L(θ) - L(θ')| of the same replays
+    crossed: range | None  # per op of the float64 pass: the native pass took another branch
+    reference: Any  # the float64 pass's kink reference (names and modules of those ops)
+    diverged: int | None  # where the native pass's sequence of non-smooth ops left the float64 one
+    diverged_flag: int  # host index: 1 when it did (the same decision on every process)
+
+
+def _measure_spread(
+    ev: _Evaluation, params: Mapping[str, Tensor], names: list[str], signature: Any, seed: int, host: _HostValues,
+) -> _Spread | None:
+    """Rounding the training precision incurs, measured: the native gradient replayed at
+    ``θ`` and at ``θ'`` (every floating parameter moved by :data:`_SPREAD_ULPS` units in
+    its last place, random signs), which differ by what rounding (and nondeterministic
+    kernels) contribute, amplified by the conditioning of the computation exactly as
+    the training gradient's own rounding is.
+
+    The replay at ``θ`` also records the branches of the non-smooth ops and compares
+    them with the float64 pass (``signature``): where they differ, the training
+    gradient and the float64 reference are gradients of different branches.
+
+    Returns None when a replay raises (the precision test then keeps its fixed
+    tolerance). Only checks that compute the float64 reference pay for it.
+    """
+    try:
+        kinks = None
+        if signature is not None and ev.recorder is not None and len(signature):
+            device = signature.codes[0].device
+            kinks = _ProbeKinks(signature, device).next_pass(margins=False)
+        recorder = ev.recorder.compare_into(kinks) if kinks is not None else None
+        loss0, g0 = _native_gradients(ev.wrapper, ev.batch, ev.replay, params, names, recorder)
+        moved = {}
+        for i, (n, p) in enumerate(params.items()):
+            if not p.is_floating_point() or p.numel() == 0:
+                moved[n] = p
+                continue
+            gen = torch.Generator(device=p.device).manual_seed((seed + 7919 * i) % 2**62)
+            sign = torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(torch.float64) * 2 - 1
+            p64 = p.detach().to(torch.float64)
+            step = _SPREAD_ULPS * float(torch.finfo(p.dtype).eps) * p64.abs()
+            moved[n] = (p64 + step * sign).to(p.dtype)
+        loss1, g1 = _native_gradients(ev.wrapper, ev.batch, ev.replay, moved, names)
+    except Exception:  # noqa: BLE001 (a replay that cannot run: keep the fixed tolerance)
+        return None
+    grads = {}
+    for n in names:
+        a, b = g0.get(n), g1.get(n)
+        if a is None or b is None:
+            grads[n] = host.add(0.0)
+        else:
+            d = (a.to(torch.float64) - b.to(torch.float64)).reshape(-1)
+            grads[n] = host.add(torch.where(torch.isfinite(d), d, torch.zeros_like(d)).norm())
+    return _Spread(
+        grads=grads,
+        loss=host.add((loss0.to(torch.float64) - loss1.to(torch.float64)).abs()),
+        crossed=host.extend(kinks.crossed) if kinks is not None else None,
+        reference=signature,
+        diverged=kinks.diverged if kinks is not None else None,
+        diverged_flag=host.add(float(kinks is not None and kinks.diverged is not None)),
+    )
+
+
+def _branch_note(spread: _Spread | None, values: list[float]) -> str | None:
+    """Why the precision test is off: the native pass took another branch than the float64
+    one (naming the first such op), or None."""
+    if spread is None or spread.crossed is None:
+        return None
+    ref = spread.reference
+    first = next((k for k, i in enumerate(spread.crossed) if values[i] > 0), None)
+    diverged = spread.diverged if values[spread.diverged_flag] > 0 else None
+    if first is None and diverged is None:
+        return None
+    if first is None or (diverged is not None and spread.diverged is not None and spread.diverged < first):
+        k, what = spread.diverged if spread.diverged is not None else 0, "ran another sequence of non-smooth ops than"
+    else:
+        k, what = first, "took another branch than"
+    op = ref.names[k] if k < len(ref) else "?"
+    module = ref.modules[k] if k < len(ref) else None
+    where = f"{op} in '{module}'" if module else op
+    return (
+        f"precision test not applied: the training-precision pass {what} the float64 pass at {where} "
+        "(an element within rounding of a kink), so the two gradients belong to different branches; "
+        "judged against the float64 reference only"
+    )
+
+
 class _Judge:
     """Turns fetched probe values into :class:`Probe` and :class:`TensorCheck` verdicts."""
 
     def __init__(
         self, *, reduce: Callable[[Tensor], Tensor] | None, values: list[float], noise: float, rtol: float,
-        scale: float, ref_scale: float | None, native: bool,
+        scale: float, ref_scale: float | None, native: bool, loss: float = 0.0, eps: float = 0.0,
+        gaps: Mapping[str, Mapping[str, int]] | None = None, spread: _Spread | None = None, low: bool = False,
     ) -> None:
+        """``loss``: the replayed loss and ``eps``: the gradient dtype's eps, for the absolute
+        floor without a reference; ``gaps``: :func:`_gap` per tensor (their reference RMS
+        sets each tensor's own code-test floor); ``spread``: :func:`_measure_spread`;
+        ``low``: the gradient was computed in a precision below float32 (TF32, fp16/bf16),
+        whose rounding a move by float32 ulps does not re-randomise."""
         self.reduce = reduce
         self.values = values
         self.noise = noise
         self.rtol = rtol
-        self.atol = _ATOL_RATIO * rtol * scale
-        self.ref_atol = _REF_RTOL * ref_scale if ref_scale is not None else None
+        loss_floor = _NOISE_ULPS * eps * abs(loss) if math.isfinite(loss) else 0.0
+        self.loss_floor = loss_floor
+        self.atol = max(_ATOL_RATIO * rtol * scale, loss_floor)
+        self.ref_atol = _REF_GLOBAL * ref_scale if ref_scale is not None else None
         self.ref_scale = ref_scale
         self.native = native
+        self.eps = eps
+        self.gaps = gaps or {}
+        self.spread = spread
+        self.low = low
+        self.branch_note = _branch_note(spread, values)
+        self._name: str | None = None  # the tensor last judged (its floor, for a later probe)
+
+    def _ref_atol(self, name: str | None) -> float | None:
+        """Code-test absolute tolerance per unit of ``‖v‖``: the tensor's own reference RMS
+        times ``_REF_RTOL``, plus a far smaller fraction of the model's."""
+        if self.ref_atol is None:
+            return None
+        gap = self.gaps.get(name if name is not None else self._name)
+        own = self.values[gap["ref_rms"]] if gap is not None and "ref_rms" in gap else self.ref_scale
+        return _REF_RTOL * own + self.ref_atol
 
     def probe(
         self, kind: str, value: int, idx: Mapping[str, int], shape: tuple[int, ...], *, gap: bool = True,
-        values: list[float] | None = None,
+        values: list[float] | None = None, name: str | None = None,
     ) -> Probe:
         """One probe. ``gap=False`` judges against the precision tolerance alone (a located
-        gap); ``values``: fetched by a later transfer than the check's (localisation)."""
+        gap); ``values``: fetched by a later transfer than the check's (localisation);
+        ``name``: the tensor (None: the one last judged)."""
         values = self.values if values is None else values
         v = {k: values[i] for k, i in idx.items()}
         n1, n2, h = v["n1"], v["n2"], v["h"]
@@ -198,7 +344,7 @@ class _Judge:
         a, a_ref = v["a"], v.get("a_ref")
         if a_ref is not None and gap:  # the code test: against the float64 reference
             error = abs(numerical - a_ref)
-            tolerance = _ERROR_BAR_MULT * error_bar + _REF_RTOL * v["rss_ref"] + self.ref_atol * v["vnorm"]
+            tolerance = _ERROR_BAR_MULT * error_bar + _REF_RTOL * v["rss_ref"] + self._ref_atol(name) * v["vnorm"]
         else:
             error = abs(numerical - a)
             tolerance = _ERROR_BAR_MULT * error_bar + self.rtol * v["rss"] + self.atol * v["vnorm"]
@@ -214,14 +360,16 @@ class _Judge:
             step=h,
             kink=bool(v["kink"]),
             reference=a_ref,
+            flat=bool(v.get("flat", 0.0)),
         )
 
     def tensor(
         self, name: str, shape: tuple[int, ...], rows: list, gstats: tuple[int, int], gap: Mapping[str, int] | None
     ) -> TensorCheck:
         values = self.values
+        self._name = name
         any_bad, first_bad = (values[i] for i in gstats)
-        probes = tuple(self.probe(kind, value, idx, shape) for kind, value, idx in rows)
+        probes = tuple(self.probe(kind, value, idx, shape, name=name) for kind, value, idx in rows)
         if any_bad:
             return TensorCheck(name, shape, "nonfinite", probes=probes,
                                reason=f"non-finite gradient, first at '{name}'{_where(int(first_bad), shape)}")
@@ -237,20 +385,28 @@ class _Judge:
         if gap is not None:
             numel = int(np.prod(shape)) if shape else 1
             ref_norm = values[gap["ref_norm"]]
-            limit = self.rtol * ref_norm + _ATOL_RATIO * self.rtol * self.ref_scale * math.sqrt(numel)
+            limit = self._gap_limit(name, ref_norm, numel)
             gap_ratio = _ratio(values[gap["gap"]], limit)
-            ratios.append(gap_ratio)
+            if self.branch_note is None:
+                ratios.append(gap_ratio)
             gap_fields = {
-                "precision_gap": _ratio(values[gap["gap"]], limit / self.rtol),
+                "precision_gap": _ratio(values[gap["gap"]], ref_norm + _ATOL_RATIO * self.ref_scale * math.sqrt(numel)),
                 "gap_ratio": gap_ratio,
                 "gap_index": tuple(int(i) for i in np.unravel_index(int(values[gap["worst"]]), shape)),
             }
-        judged = [p for p in probes if not p.kink]
+        judged = [p for p in probes if not p.kink and not p.flat]
         ratios += [_ratio(p.error, p.tolerance) for p in judged]
-        failed = any(p.failed for p in judged) or gap_fields.get("gap_ratio", 0.0) > 1.0
+        gap_fails = self.branch_note is None and gap_fields.get("gap_ratio", 0.0) > 1.0
+        failed = any(p.failed for p in judged) or gap_fails
+        flat = sum(p.flat for p in probes)
+        if not judged and not failed and flat:
+            return TensorCheck(name, shape, "skipped", probes=probes, reason=_FLAT + " (every probe)", **gap_fields)
         if not judged and not failed:
             return TensorCheck(name, shape, "kink", probes=probes,
                                reason="every probe crossed a kink of a non-smooth op", **gap_fields)
+        notes = [self.branch_note] if gap is not None and self.branch_note else []
+        notes += [f"{_FLAT} ({flat} of {len(probes)} probes)"] if flat else []
+        note = "; ".join(notes) or None
         rel = bar = math.nan
         if judged:
             num = np.array([p.numerical for p in judged])
@@ -259,7 +415,33 @@ class _Judge:
             rel = _ratio(float(np.linalg.norm(num - ana)), denom)
             bar = _ratio(float(np.linalg.norm([p.error_bar for p in judged])), denom)
         return TensorCheck(name, shape, "fail" if failed else "pass", rel_error=rel, error_bar=bar,
-                           error_ratio=float(max(ratios)), probes=probes, **gap_fields)
+                           error_ratio=float(max(ratios, default=math.nan)), probes=probes, reason=note,
+                           **gap_fields)
+
+    def _gap_limit(self, name: str, ref_norm: float, numel: int) -> float:
+        """The precision test's limit for ``‖g - g_ref‖``.
+
+        With a measured spread: ``max(rtol·‖g_ref‖, k_n·spread) + max(eps·G_ref, 8·eps·|L|)·√n``, the
+        rounding the training computation incurs on this tensor as measured, whatever the
+        conditioning; a hook or an edited ``.grad`` is not part of the replays and a
+        kernel wrong in low precision is wrong in both, so neither is excused. Without
+        (or below float32, whose rounding a move by float32 ulps does not re-randomise,
+        so the floor stays a fraction of the model's gradient):
+        ``rtol·‖g_ref‖ + max(rtol/2·G_ref, 8·eps·|L|)·√n``. The ``|L|`` floor holds when every
+        gradient is 0 or rounding noise, where no tensor sets a scale."""
+        sqrt_n = math.sqrt(numel)
+        loss_floor = self.loss_floor * sqrt_n  # holds when every gradient is 0 or rounding noise
+        if self.spread is None or name not in self.spread.grads:
+            return self.rtol * ref_norm + max(_ATOL_RATIO * self.rtol * self.ref_scale * sqrt_n, loss_floor)
+        measured = (_SPREAD_MULT + _SPREAD_SMALL / sqrt_n) * self.values[self.spread.grads[name]]
+        floor = (_ATOL_RATIO * self.rtol if self.low else self.eps) * self.ref_scale * sqrt_n
+        return max(self.rtol * ref_norm, measured) + max(floor, loss_floor)
+
+
+_FLAT = (
+    "not judged: the perturbed losses were equal although the loss moves at a larger step; rounding to a lower "
+    "precision inside the forward (such as a bfloat16 round trip) flattened the loss at the probe's step"
+)
 
 
 def _ratio(num: float, den: float) -> float:

@@ -8,15 +8,17 @@ kink, and the bisection that localises a failing direction.
 
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
-from typing import Any, Mapping, NamedTuple
+from typing import Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _Judge, _ratio
+
+from gradwatch._judging import _NOISE_ULPS, _Judge, _loss_noise, _ratio
 from gradwatch.kinks import _ProbeKinks, _Reference
 from gradwatch.report import Probe, TensorCheck
 
@@ -412,4 +414,82 @@ def _locate(
         return None
     host = _HostValues(judge.reduce)
     kind, value, idx = _probe(ev, tc.name, grad, g_ref, ("coordinate", flat), step, signature, loss0, host)
-    return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch())
+    return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch(), name=tc.name)
+
+
+#: Step (relative to ``max(1, |θ|)``) at which a probe whose perturbed losses were equal
+#: is evaluated again, to tell a loss that rounding flattened from one that does not move.
+_FLAT_STEP = 1e-2
+#: A loss change counts (predicted at ±h, or measured at ±_FLAT_STEP) above this many
+#: units in the last place of the loss.
+_FLAT_ULPS = 1e3
+
+
+def _flat_probes(
+    ev: _Evaluation, rows: Mapping[str, list], values: list[float], reduce: Callable | None, grad_eps: float,
+    loss: float, excluded: Mapping[str, _Excluded] | None = None,
+) -> None:
+    """Mark probes whose perturbed losses were all equal (numerical value exactly 0) where
+    autograd predicts a change well above the loss's rounding, and whose loss does move at
+    the step :data:`_FLAT_STEP`: rounding flattened the loss there, so 0 is no
+    measurement (``idx["flat"]``, judged by :class:`_Judge`). A loss that does not move at
+    the larger step either is judged as usual: 0 is then the derivative. Costs two
+    evaluations per such probe (rare: a tensor whose true gradient is 0 predicts no
+    change, and an ``|autograd|`` within the gradient's rounding noise of ``|L|`` is no
+    prediction), one transfer."""
+    eps = float(torch.finfo(ev.loss_dtype if ev.loss_dtype is not None else torch.float64).eps)
+    candidates = []
+    for name, probes in rows.items():
+        for kind, value, idx in probes:
+            if values[idx["kink"]] or values[idx["n1"]] != 0.0 or values[idx["n2"]] != 0.0:
+                continue
+            a = max(abs(values[idx["a"]]), abs(values[idx["a_ref"]]) if "a_ref" in idx else 0.0)
+            threshold = _FLAT_ULPS * eps * values[idx["lmax"]]
+            noise = _NOISE_ULPS * grad_eps * abs(loss) * values[idx["vnorm"]]  # the gradient's own rounding
+            if not (2 * values[idx["h"]] * a > threshold and a > noise):
+                continue
+            candidates.append((name, kind, value, idx, threshold))
+    if not candidates:
+        return
+    host = _HostValues(reduce)
+    moved = []
+    for name, kind, value, idx, _ in candidates:
+        key = f"model.{name}"
+        theta = ev.shadow[key]
+        mask = excluded[name] if excluded and name in excluded else None
+        v = _direction(theta, value, mask.mask if mask else None) if kind == "direction" else value
+        line = _Line(theta, kind, v, _FLAT_STEP, mask)
+        up, _ = line.run(ev, key, 1.0, None)
+        down, _ = line.run(ev, key, -1.0, None)
+        moved.append(host.add((up - down).abs()))
+    fetched = host.fetch()
+    for (name, kind, value, idx, threshold), i in zip(candidates, moved):
+        if fetched[i] > threshold:
+            values.append(1.0)
+            idx["flat"] = len(values) - 1
+
+
+def _remeasure(
+    ev: _Evaluation, judge: _Judge, tc: TensorCheck, rows: list, grad: Tensor, g_ref: Tensor | None,
+    every: Mapping[str, Tensor], step: float | None, values: list[float], gstats: tuple[int, int],
+    gap: Mapping[str, int] | None, excluded: _Excluded | None = None,
+) -> TensorCheck:
+    """A failing tensor of a check that measured no noise (``richardson=False``): its
+    failing probes are evaluated again at ``±h`` and ``±2h`` from a recorded unperturbed
+    pass, so their error bars get the truncation estimate and the loss noise measured
+    from their own fourth differences, and the tensor is judged again. A fail verdict
+    stands only if it survives its measured noise. ``rows`` is updated in place."""
+    loss0, signature, _ = ev.base(every, reference=False)
+    ev.loss0 = loss0
+    host = _HostValues(judge.reduce)
+    failing = [i for i, p in enumerate(tc.probes) if p.failed]
+    fresh = {i: _probe(ev, tc.name, grad, g_ref, rows[i][:2], step, signature, loss0, host, excluded=excluded) for i in failing}
+    i_loss0 = host.add(loss0)
+    offset = len(values)
+    values.extend(host.fetch())
+    for i, (kind, value, idx) in fresh.items():
+        rows[i] = (kind, value, {k: j + offset for k, j in idx.items()})
+    measured = _loss_noise({tc.name: [rows[i] for i in failing]}, values, ev, values[i_loss0 + offset])
+    again = copy.copy(judge)
+    again.noise = max(judge.noise, measured)
+    return again.tensor(tc.name, tc.shape, rows, gstats, gap)

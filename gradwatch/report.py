@@ -159,6 +159,9 @@ class Probe:
         replacement: Drawn to replace a coordinate probe that crossed a kink.
         reference: ``<g_ref, v>`` from autograd on the float64 copy of the model (the
             same backward code without low-precision rounding), or ``None``.
+        flat: The perturbed losses were all equal although the loss moves at a larger
+            step: rounding to a lower precision inside the forward flattened it, so
+            the numerical value 0 measures nothing; such probes are not judged.
     """
 
     kind: str
@@ -175,6 +178,7 @@ class Probe:
     at_kink: bool = False
     replacement: bool = False
     reference: float | None = None
+    flat: bool = False
 
     @property
     def rel_error(self) -> float:
@@ -184,8 +188,8 @@ class Probe:
 
     @property
     def failed(self) -> bool:
-        """True when the probe disagrees beyond its tolerance and crossed no kink."""
-        return (not self.kink) and not (self.error <= self.tolerance)
+        """True when the probe disagrees beyond its tolerance, crossed no kink and was not flat."""
+        return (not self.kink) and not self.flat and not (self.error <= self.tolerance)
 
     @property
     def where(self) -> str:
@@ -219,10 +223,12 @@ class TensorCheck:
         precision_gap: ``||g - g_ref|| / (||g_ref|| + G_ref·sqrt(numel)/2)`` between
             the gradient under test ``g`` and autograd's gradient ``g_ref`` of the same
             code on the float64 copy (``G_ref``: RMS of the model's ``g_ref``): what the
-            training precision (float32, TF32, fp16/bf16 autocast) added. The tensor
-            fails when it exceeds ``gradwatch.engine.RTOL`` of that precision. NaN
+            training precision (float32, TF32, fp16/bf16 autocast) added. NaN
             without a float64 reference.
-        gap_ratio: ``precision_gap`` over that limit.
+        gap_ratio: ``‖g - g_ref‖`` over the precision test's limit, which allows the
+            rounding spread gradwatch measured for this tensor (see
+            :mod:`gradwatch.engine`), at least ``gradwatch.engine.RTOL`` of that
+            precision; above 1 fails.
         gap_index: Element where ``|g - g_ref|`` is largest, or ``None``.
         located: For a failing tensor, the coordinate probe at the element the failure
             was narrowed down to, or ``None`` (a failing coordinate already names one).
@@ -265,7 +271,7 @@ class TensorCheck:
         """
         if self.located is not None:
             return self.located
-        valid = [p for p in self.probes if not p.kink]
+        valid = [p for p in self.probes if not p.kink and not p.flat]
         if not valid:
             return None
         failing_coords = [p for p in valid if p.failed and p.kind == "coordinate"]
@@ -581,7 +587,7 @@ class Report:
             for t in self.tensors.values()
             if t.verdict in ("pass", "fail")
             for p in t.probes
-            if not p.kink
+            if not p.kink and not p.flat
         ]
 
     def metrics(self, prefix: str = "gradwatch") -> dict[str, float]:

@@ -670,6 +670,8 @@ def test_native_float32_evaluation_raises_no_false_alarm(model: str) -> None:
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_native_float32_evaluation_catches_the_planted_bugs(bug: str) -> None:
     case = BUGS[bug](0)
+    if not case.native:
+        pytest.skip("a bug in gradients 1e-6 of the model's is below what float32 differences resolve")
     report = check(case.model, case.loss_fn, case.batch, seed=0, precision="native")
     assert {t.name for t in report.failures} == case.wrong, str(report)
 
@@ -1054,13 +1056,16 @@ def test_no_autograd_graph_during_the_perturbed_evaluations(evaluation) -> None:
 
     def loss_fn(model, batch):
         loss = classification_loss(model, batch)
-        seen.append((torch.is_grad_enabled(), loss.requires_grad))
+        seen.append((torch.is_grad_enabled(), loss.requires_grad, loss.dtype))
         return loss
 
     check(case.model, loss_fn, case.batch, grads="existing", seed=0, kinks=False, evaluation=evaluation)
-    # only the unperturbed float64 pass builds a graph (for the float64 reference gradient), freed after it
-    assert seen[0] == (True, True) and len(seen) >= 3
-    assert not any(enabled or graph for enabled, graph in seen[1:])
+    # only the unperturbed float64 pass builds a graph (for the float64 reference gradient), freed after it,
+    # and the two native replays that measure the rounding spread (float32, at θ and θ moved by a few ulps)
+    assert seen[0] == (True, True, torch.float64) and len(seen) >= 5
+    native = [s for s in seen[1:] if s[2] == torch.float32]
+    assert [s[:2] for s in native].count((True, True)) == 2
+    assert not any(enabled or graph for enabled, graph, dtype in seen[1:] if dtype == torch.float64)
 
 
 def test_data_parallel_checks_evaluate_sequentially() -> None:
@@ -1086,7 +1091,8 @@ def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> 
         short = check(case.model, counting, case.batch, seed=0, coordinates=0, directions=1, localize=False,
                       richardson=False)
         probes = len(short.probes)
-        assert n_full - len(calls) == 2 * probes  # two evaluations fewer per probe
+        failed = sum(p.failed for p in short.probes)  # re-measured at ±2h from an unperturbed pass
+        assert n_full - len(calls) == 2 * probes - (1 + 4 * failed if failed else 0)  # two fewer per probe
         assert {t.name for t in short.failures} == case.wrong, str(short)
         assert all(0 < p.error_bar < math.inf for p in short.probes)
         assert all(math.isnan(e.margin) for e in short.kink_events)  # crossings only
@@ -1111,7 +1117,10 @@ def test_the_smallest_check_skips_the_unperturbed_pass() -> None:
             calls.clear()
             short = check(case.model, counting, case.batch, seed=seed, coordinates=1, directions=1,
                           richardson=False, reference=False, localize=False)
-            assert len(calls) == 1 + 2 * len(short.probes), name  # the training forward, then ±h per probe
+            # the training forward, then ±h per probe (and a failing probe's re-measurement: an
+            # unperturbed pass and ±h, ±2h)
+            failed = sum(p.failed for p in short.probes)
+            assert len(calls) == 1 + 2 * len(short.probes) + (1 + 4 * failed if failed else 0), name
             assert short.reliable and {t.name for t in short.failures} == case.wrong, str(short)
             assert short.replay_loss == pytest.approx(short.train_loss, rel=1e-5)
             with_base = check(case.model, case.loss_fn, case.batch, seed=seed, coordinates=1, directions=1,

@@ -26,6 +26,9 @@ class Case:
     loss_fn: Callable[[nn.Module, Any], torch.Tensor]
     batch: Any
     wrong: set[str] = field(default_factory=set)
+    #: False for bugs below what float32 central differences resolve (native evaluation
+    #: cannot see them; every float64 evaluation must)
+    native: bool = True
 
 
 def classification_loss(model: nn.Module, batch: Any) -> torch.Tensor:
@@ -219,6 +222,24 @@ def _low_precision_kernel(seed: int) -> Case:
     return Case("low_precision_kernel", model, classification_loss, _data(seed, 32, (8,), 3), {"fc1.weight"})
 
 
+class _SmallBranch(nn.Module):
+    """A main head plus a branch scaled by 1e-6: the branch's gradients are 1e-6 of the model's."""
+
+    def __init__(self, bug: str | None) -> None:
+        super().__init__()
+        self.main = nn.Linear(8, 3)
+        self.small = CustomLinear(8, 3, bug=bug)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.main(x) + 1e-6 * self.small(x)
+
+
+def _small_gradient_bug(seed: int) -> Case:
+    torch.manual_seed(seed)
+    return Case("small_gradient", _SmallBranch("bias_mean"), classification_loss, _data(seed, 32, (8,), 3),
+                {"small.bias"}, native=False)
+
+
 BUGS: dict[str, Callable[[int], Case]] = {
     "wrong_sign": _custom_linear_bug("wrong_sign", {"fc1.weight"}),
     "missing_factor": _custom_linear_bug("missing_factor", {"fc1.weight"}, scale=2.0),
@@ -228,6 +249,7 @@ BUGS: dict[str, Callable[[int], Case]] = {
     "wrong_index": _wrong_index,
     "accidental_detach": _accidental_detach,
     "hook_rescale": _hook_rescale,
+    "small_gradient": _small_gradient_bug,
 }
 
 #: Bugs only the training gradient has, not the float64 reference run of the same code:
@@ -374,6 +396,46 @@ def _empty_parameter(seed: int) -> Case:
     return Case("empty_parameter", model, classification_loss, _data(seed, 32, (8,), 3))
 
 
+class _LayerScale(nn.Module):
+    """A ConvNeXt-style residual block whose branch is scaled by a layer-scale parameter initialised at 1e-6."""
+
+    def __init__(self, dim: int = 16) -> None:
+        super().__init__()
+        self.norm = nn.LayerNorm(dim)
+        self.fc = nn.Linear(dim, dim)
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-6))
+        self.head = nn.Linear(dim, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.gamma * self.fc(F.gelu(self.norm(x)))
+        return self.head(x.mean(1))
+
+
+def _layer_scale(seed: int) -> Case:
+    torch.manual_seed(seed)
+    return Case("layer_scale", _LayerScale(), classification_loss, _data(seed, 8, (12, 16), 3))
+
+
+class _ZeroGradient(nn.Module):
+    """Its only parameter has gradient 0: ``softmax(θ).sum()`` is 1 whatever θ."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.logits = nn.Parameter(torch.randn(10))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(self.logits, 0).sum() * x.pow(2).mean()
+
+
+def _first_input_loss(model: nn.Module, batch: Any) -> torch.Tensor:
+    return model(batch[0])
+
+
+def _zero_gradient(seed: int) -> Case:
+    torch.manual_seed(seed)
+    return Case("zero_gradient", _ZeroGradient(), _first_input_loss, _data(seed, 4, (3,), 2))
+
+
 CORRECT: dict[str, Callable[[int], Case]] = {
     "mlp_relu_dropout": _mlp_relu_dropout,
     "cnn_bn_pool": _cnn_bn_pool,
@@ -384,6 +446,8 @@ CORRECT: dict[str, Callable[[int], Case]] = {
     "layernorm_gelu": _layernorm_gelu,
     "embedding_padding": _embedding_padding,
     "empty_parameter": _empty_parameter,
+    "layer_scale": _layer_scale,
+    "zero_gradient": _zero_gradient,
 }
 
 
