@@ -321,7 +321,7 @@ def check(
             rows = {
                 name: _probe_tensor(ev, name, grad_map[name], refs[name], plan[name], step, signature, loss0,
                                     host, kink_log[name])
-                for name in grad_map if not ev.lossy  # else unreliable: no point in probing
+                for name in grad_map if not (ev.lossy or ev.unreplayable)  # else unreliable: no point in probing
             }
             return ev, loss0, signature, ref_grads, kink_log, refs, rows
 
@@ -334,7 +334,7 @@ def check(
             host = _HostValues(reduce)  # drop what the float64 attempt queued
             evaluation, loss0, signature, ref_grads, kink_log, refs, rows = evaluate(mode)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
-        probe = not evaluation.lossy
+        probe = not (evaluation.lossy or evaluation.unreplayable)
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
             _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host)
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
@@ -359,8 +359,9 @@ def check(
             # a midpoint across a kink is O(h·slope) from L(θ), not O(h²): only the native replay is
             # compared then (that probe is not judged anyway)
             across = i_mid_kink is not None and values[i_mid_kink] > 0
-            reason = _replay_problem(train, native, None if across else replayed, _SHADOW_RTOL[grad_precision],
-                                     grads == "autograd", mode)
+            reason = evaluation.unreplayable or _replay_problem(
+                train, native, None if across else replayed, _SHADOW_RTOL[grad_precision], grads == "autograd", mode
+            )
             if reason is None and evaluation.lossy:
                 reason = (
                     f"`loss_fn` returned a {_dtype_name(evaluation.loss_dtype)} loss on the float64 copy of the "
@@ -409,6 +410,8 @@ def check(
         seconds=time.perf_counter() - started,
         evaluation="batched" if evaluation.batched else "sequential",
         evaluation_reason=evaluation.batch_reason,
+        kept_casts=evaluation.kept_casts[0],
+        kept_cast_sites=evaluation.kept_casts[1],
     )
 
 
