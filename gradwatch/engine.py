@@ -9,7 +9,8 @@ Numerics (see ``shared/design.md`` §3 and the README):
 * ``precision="float64"`` evaluates every perturbed loss on a float64 copy of the
   parameters, buffers and floating inputs (``torch.func.functional_call``), from the
   RNG state and buffers the training forward started from, so dropout masks and batch
-  statistics match. ``"native"`` evaluates in the model's own dtype with a step scaled
+  statistics match. Inside it, casts to a lower precision keep float64 and random ops
+  draw in the native dtype (:mod:`gradwatch._float64`). ``"native"`` evaluates in the model's own dtype with a step scaled
   to it; ``"auto"`` takes float64 when the copy fits ``max_shadow_bytes`` and the model
   runs in float64, native otherwise.
 * Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``. The numerical value
