@@ -126,7 +126,7 @@ class _Float64Ops:
         kept: Casts of floating tensors to a lower precision kept in float64, in the first pass.
         sites: ``"module: op float64->float32"`` of the first few of them.
         draws: Random op calls drawn in a dtype below float64, in the first pass.
-        lowest: The lowest floating dtype an op of the evaluation returned.
+        lowest: The lowest floating dtype an op of the first pass returned.
         unreplayable: Why the float64 evaluation cannot reproduce the native forward's
             random draws, else ``None``.
         needed: False after a first pass with nothing to change (later passes skip the mode).
@@ -198,7 +198,8 @@ class _Float64Ops:
                 if func in _LIFT and isinstance(out, Tensor) and out.dtype in _KEEP:
                     self._keep(func, args, out.dtype)
                     out = out.to(_KEEP[out.dtype])
-        self._note(out)
+        if self._counting:  # an op that computes below float64 does so in every pass
+            self._note(out)
         return out
 
     def _up(self, t: Any) -> Any:
@@ -285,7 +286,7 @@ class _Float64Ops:
             target = args[0]
             if target.dtype != torch.float64:
                 return call(func, args, kwargs)
-            small = target.to(dtype)
+            small = torch.empty_like(target, dtype=dtype)  # in-place random ops overwrite every element
             call(func, (small, *_tree_map(down, args[1:])), new_kwargs)
             return target.copy_(small)
         return _tree_map(up, call(func, _tree_map(down, args), new_kwargs))
