@@ -191,10 +191,13 @@ class _Float64Ops:
             else:
                 try:
                     out = call(func, args, kwargs)
-                except RuntimeError:  # a lower-precision tensor from outside met float64 ones
+                except RuntimeError as err:  # a lower-precision tensor from outside met float64 ones
                     if not any(isinstance(a, Tensor) and a.dtype in _KEEP for a in args):
                         raise
-                    out = call(func, _tree_map(self._up, args), kwargs)
+                    try:
+                        out = call(func, _tree_map(self._up, args), kwargs)
+                    except Exception:
+                        raise err from None
                 if func in _LIFT and isinstance(out, Tensor) and out.dtype in _KEEP:
                     self._keep(func, args, out.dtype)
                     out = out.to(_KEEP[out.dtype])

@@ -87,6 +87,24 @@ def test_integer_and_bool_casts_are_untouched() -> None:
     assert ev.kept_casts[0] == 0  # bool -> float is no precision choice
 
 
+def test_a_float32_tensor_from_outside_meets_float64() -> None:
+    """A float32 table held as a plain attribute (not a buffer: not copied to float64)."""
+
+    class Table(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.fc = nn.Linear(4, 4)
+            self.table = torch.randn(4, 3)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.fc(x) @ self.table
+
+    torch.manual_seed(0)
+    report = check(Table(), classification_loss, (torch.randn(6, 4), torch.randint(0, 3, (6,))), seed=0)
+    assert report.reliable and report.ok, str(report)
+    assert report.precision == "float64"  # not the fallback after "expected m1 and m2 to have the same dtype"
+
+
 def test_rmsnorm_in_float32_is_computed_in_float64() -> None:
     """Before: the float32 statistics made the error bar grow by 5 orders of magnitude."""
     case = CORRECT["rmsnorm_float32"](0)
