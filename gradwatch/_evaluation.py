@@ -16,7 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradwatch._float64 import _EPS, _Float64Ops
+from gradwatch._float64 import _EPS, _Float64Ops, _NativeDraws
 from gradwatch.kinks import _BranchRecorder, _ProbeKinks, _Reference
 from gradwatch.replay import (
     ReplayState,
@@ -157,6 +157,13 @@ class _Evaluation:
                         replay.autocast)
             if self.float64 else None
         )
+        if self.ops is not None and any(enabled for enabled, _ in replay.autocast.values()):
+            # under autocast the native dtype of an activation is not the parameter dtype: one
+            # native replay records the dtype of every random draw (the replay restores all state)
+            recorder = _NativeDraws()
+            with recorder:
+                _native_loss(self.wrapper, batch, replay, grad=False)
+            self.ops.native_draws = recorder.dtypes
         with torch.no_grad():
             if self.float64:
                 self.shadow = {

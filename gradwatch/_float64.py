@@ -20,7 +20,9 @@ same random numbers as the training forward. Real model code breaks both:
   dtype). Every random op of :data:`RANDOM_OPS` therefore draws in the dtype the native
   forward used (the model's floating parameter dtype for float64 tensors and dtypes,
   an explicitly requested lower dtype as it is, the native default dtype for factories
-  without a dtype), from the same RNG state, and its floating outputs are cast up.
+  without a dtype; under autocast, where activations may be lower, the dtypes a native
+  replay recorded with :class:`_NativeDraws`), from the same RNG state, and its floating
+  outputs are cast up.
   Dropout keeps the drawn mask and computes ``input * mask * scale`` in float64.
 * **fused attention dropout**: ``F.scaled_dot_product_attention(..., dropout_p>0)``
   runs, in float16/bfloat16/float32 on CUDA, flash, memory-efficient or cuDNN kernels
@@ -147,6 +149,10 @@ class _Float64Ops:
         self.unreplayable: str | None = None
         self.needed = True
         self.passes = 0
+        # the dtype of every random op call of the native forward, in call order, when recorded
+        # (under autocast, where an activation's native dtype is not the parameter dtype)
+        self.native_draws: list[torch.dtype | None] | None = None
+        self._k = 0
         self._counting = False
         self._changed = False
 
@@ -157,6 +163,7 @@ class _Float64Ops:
         entered around the pass) when given, else in a :class:`_Float64Mode`."""
         first = self.passes == 0
         self.passes += 1
+        self._k = 0
         if not first and not self.needed:
             yield
             return
@@ -249,7 +256,12 @@ class _Float64Ops:
         return None
 
     def _random(self, func: Any, args: tuple, kwargs: dict, call: Callable) -> Any:
-        dtype = self._draw_dtype(func, args, kwargs)
+        k, self._k = self._k, self._k + 1
+        if self.native_draws is not None and k < len(self.native_draws):  # as recorded natively
+            dtype = self.native_draws[k]
+            dtype = dtype if dtype in _KEEP else None
+        else:
+            dtype = self._draw_dtype(func, args, kwargs)
         if dtype is None:
             return call(func, args, kwargs)
         self._changed = True
@@ -293,6 +305,25 @@ class _Float64Ops:
             call(func, (small, *_tree_map(down, args[1:])), new_kwargs)
             return target.copy_(small)
         return _tree_map(up, call(func, _tree_map(down, args), new_kwargs))
+
+
+class _NativeDraws(TorchDispatchMode):
+    """Records the dtype every random op call of a native forward draws in (None: no floating draw)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtypes: list[torch.dtype | None] = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in RANDOM_OPS:
+            dtype = kwargs.get("dtype")
+            if dtype is None and func in _DEFAULT_FLOAT and not any(isinstance(a, Tensor) for a in args):
+                dtype = torch.get_default_dtype()
+            if dtype is None:
+                dtype = next((a.dtype for a in args if isinstance(a, Tensor) and a.is_floating_point()), None)
+            self.dtypes.append(dtype)
+        return func(*args, **kwargs)
 
 
 class _Float64Mode(TorchDispatchMode):

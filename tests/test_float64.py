@@ -310,3 +310,24 @@ def test_sdpa_dropout_in_a_fused_kernel_is_unreliable_not_a_false_alarm(monkeypa
     model.eval()  # no dropout: nothing to replay, judged as usual
     report = check(model, classification_loss, batch, seed=0)
     assert report.reliable and report.ok and not asked[1:]
+
+
+def test_stochastic_depth_under_bf16_autocast_draws_in_the_recorded_dtypes() -> None:
+    """Under autocast the drop-path mask is drawn in bfloat16 (the activation's dtype), not in
+    the float32 parameter dtype: a native replay records the dtypes (was a false alarm at seed 0)."""
+    import gradwatch
+
+    case = CORRECT["stochastic_depth"](0)
+    watch = gradwatch.GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=0,
+                                on_failure=lambda r: None)
+    with watch.step(case.batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = case.loss_fn(case.model, case.batch)
+        loss.backward()
+    report = watch.last_report
+    assert report.reliable and report.ok, str(report)
+    assert abs(report.replay_loss - report.train_loss) < 1e-3 * report.train_loss  # was 1.3% (other masks)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        replay = capture(case.model)
+    ev = _Evaluation(case.model, case.loss_fn, case.batch, replay, False, "float64")
+    assert ev.ops.native_draws == [torch.bfloat16, torch.bfloat16]
