@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
+from gradwatch._float64 import _EPS, _Float64Ops, _NativeDraws
 from gradwatch.kinks import _BranchRecorder, _ProbeKinks, _Reference
 from gradwatch.replay import (
     ReplayState,
@@ -149,6 +150,20 @@ class _Evaluation:
         self.recorder = _BranchRecorder(names, margins=richardson) if kinks else None
         self.float64 = mode == "float64"
         self.loss_dtype: torch.dtype | None = None
+        # float64: casts to a lower precision keep float64, random ops draw in the native dtype
+        floating = [p.dtype for p in model.parameters() if p.is_floating_point()]
+        self.ops = (
+            _Float64Ops(floating[0] if floating else torch.get_default_dtype(), torch.get_default_dtype(), names,
+                        replay.autocast)
+            if self.float64 else None
+        )
+        if self.ops is not None and any(enabled for enabled, _ in replay.autocast.values()):
+            # under autocast the native dtype of an activation is not the parameter dtype: one
+            # native replay records the dtype of every random draw (the replay restores all state)
+            recorder = _NativeDraws()
+            with recorder:
+                _native_loss(self.wrapper, batch, replay, grad=False)
+            self.ops.native_draws = recorder.dtypes
         with torch.no_grad():
             if self.float64:
                 self.shadow = {
@@ -169,6 +184,26 @@ class _Evaluation:
     def lossy(self) -> bool:
         """True when the float64 evaluation returned a loss below float64."""
         return self.float64 and self.loss_dtype not in (None, torch.float64)
+
+    @property
+    def lowest_dtype(self) -> torch.dtype | None:
+        """The lowest floating precision the evaluation computed in: the loss dtype natively;
+        in float64, the lowest dtype an op returned (an op that returns float32 from float64
+        inputs even so, such as a custom kernel), which sets the loss's rounding floor."""
+        if self.ops is None or self.loss_dtype is None:
+            return self.loss_dtype
+        low = self.ops.lowest
+        return self.loss_dtype if _EPS.get(self.loss_dtype, 0.0) > _EPS[low] else low
+
+    @property
+    def unreplayable(self) -> str | None:
+        """Why the float64 evaluation cannot draw the training forward's random numbers, else None."""
+        return self.ops.unreplayable if self.ops is not None else None
+
+    @property
+    def kept_casts(self) -> tuple[int, tuple[str, ...]]:
+        """Casts to a lower precision kept in float64 per evaluation, and the first few sites."""
+        return (self.ops.kept, tuple(self.ops.sites)) if self.ops is not None else (0, ())
 
     def step(self, dtype: torch.dtype) -> float:
         """Default base step: 6e-6 in float64, ``eps^(1/3)`` of ``dtype`` natively."""
@@ -197,8 +232,9 @@ class _Evaluation:
         dtype_ctx, autocast_ctx = self._context()
         recording = self.recorder is not None and (record or kinks is not None)
         recorder = self.recorder.compare_into(kinks) if recording else nullcontext()
+        rules = self.ops.active(self.recorder if recording else None) if self.ops is not None else nullcontext()
         try:
-            with torch.set_grad_enabled(grad), dtype_ctx, autocast_ctx, recorder:
+            with torch.set_grad_enabled(grad), dtype_ctx, autocast_ctx, recorder, rules:
                 out = functional_call(self.wrapper, state, (self.inputs,), strict=False)
         except Exception as err:
             where = "on the float64 copy of the model" if self.float64 else "in the model's own precision"
@@ -282,7 +318,8 @@ class _Evaluation:
             return _loss_tensor(functional_call(self.wrapper, state, (self.inputs,), strict=False)).to(torch.float64)
 
         dtype_ctx, autocast_ctx = self._context()
-        with torch.no_grad(), dtype_ctx, autocast_ctx, warnings.catch_warnings(), _quiet_vmap_fallback():
+        rules = self.ops.active() if self.ops is not None else nullcontext()
+        with torch.no_grad(), dtype_ctx, autocast_ctx, warnings.catch_warnings(), _quiet_vmap_fallback(), rules:
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
             return torch.func.vmap(one, randomness="same")(stacked)
 

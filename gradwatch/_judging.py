@@ -188,7 +188,7 @@ def _loss_noise(rows: Mapping[str, list], values: list[float], ev: _Evaluation, 
     ``O(h^4)`` and leaves ``sqrt(70)`` times the evaluation noise; kinked probes are left out.
     It is floored at a few units in the last place of the loss.
     """
-    dtype = ev.loss_dtype if ev.loss_dtype is not None else torch.float64
+    dtype = ev.lowest_dtype if ev.lowest_dtype is not None else torch.float64  # the lowest precision computed in
     floor = _ROUNDING_FLOOR * float(torch.finfo(dtype).eps) * abs(loss0) if math.isfinite(loss0) else 0.0
     fourth = [
         values[idx["fourth"]] for probes in rows.values() for _, _, idx in probes

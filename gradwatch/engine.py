@@ -9,7 +9,8 @@ Numerics (see ``shared/design.md`` §3 and the README):
 * ``precision="float64"`` evaluates every perturbed loss on a float64 copy of the
   parameters, buffers and floating inputs (``torch.func.functional_call``), from the
   RNG state and buffers the training forward started from, so dropout masks and batch
-  statistics match. ``"native"`` evaluates in the model's own dtype with a step scaled
+  statistics match. Inside it, casts to a lower precision keep float64 and random ops
+  draw in the native dtype (:mod:`gradwatch._float64`). ``"native"`` evaluates in the model's own dtype with a step scaled
   to it; ``"auto"`` takes float64 when the copy fits ``max_shadow_bytes`` and the model
   runs in float64, native otherwise.
 * Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``. The numerical value
@@ -357,7 +358,7 @@ def check(
             rows = {
                 name: _probe_tensor(ev, name, grad_map[name], refs[name], plan[name], step, signature, loss0,
                                     host, kink_log[name], excluded=excluded.get(name))
-                for name in grad_map if not ev.lossy  # else unreliable: no point in probing
+                for name in grad_map if not (ev.lossy or ev.unreplayable)  # else unreliable: no point in probing
             }
             return ev, loss0, signature, ref_grads, kink_log, refs, rows
 
@@ -370,7 +371,7 @@ def check(
             host = _HostValues(reduce)  # drop what the float64 attempt queued
             evaluation, loss0, signature, ref_grads, kink_log, refs, rows = evaluate(mode)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
-        probe = not evaluation.lossy
+        probe = not (evaluation.lossy or evaluation.unreplayable)
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
             _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host,
                       excluded)
@@ -401,9 +402,10 @@ def check(
             # a midpoint across a kink is O(h·slope) from L(θ), not O(h²): only the native replay is
             # compared then (that probe is not judged anyway)
             across = i_mid_kink is not None and values[i_mid_kink] > 0
-            reason = _replay_problem(train, native, None if across else replayed, _SHADOW_RTOL[grad_precision],
-                                     grads == "autograd", mode,
-                                     spread=values[spread.loss] if spread is not None else 0.0)
+            reason = evaluation.unreplayable or _replay_problem(
+                train, native, None if across else replayed, _SHADOW_RTOL[grad_precision], grads == "autograd", mode,
+                spread=values[spread.loss] if spread is not None else 0.0,
+            )
             if reason is None:
                 reason = _underflow(native if native is not None else train, None if across else replayed,
                                     grad_precision, mode)
@@ -471,6 +473,8 @@ def check(
         seconds=time.perf_counter() - started,
         evaluation="batched" if evaluation.batched else "sequential",
         evaluation_reason=evaluation.batch_reason,
+        kept_casts=evaluation.kept_casts[0],
+        kept_cast_sites=evaluation.kept_casts[1],
     )
 
 

@@ -666,6 +666,48 @@ class _ProbeKinks:
                 )
 
 
+class _ModuleStack:
+    """The innermost listed module running now, tracked with global forward hooks.
+
+    Args:
+        names: ``id(module) -> qualified name`` (from ``named_modules()``); modules not
+            listed are passed through (their ops belong to the enclosing listed module).
+    """
+
+    def __init__(self, names: dict[int, str]) -> None:
+        self.names = names
+        self._stack: list[str | None] = []
+        self._hooks: list[Any] = []
+
+    def install(self) -> None:
+        """Start tracking (global hooks until :meth:`remove`)."""
+        self._stack = []
+        self._hooks = [
+            register_module_forward_pre_hook(self._push),
+            register_module_forward_hook(self._pop, always_call=True),
+        ]
+
+    def remove(self) -> None:
+        for handle in self._hooks:
+            handle.remove()
+        self._hooks = []
+        self._stack = []
+
+    def current(self) -> str | None:
+        """The innermost listed module running now (``None``: outside every listed module)."""
+        for name in reversed(self._stack):
+            if name is not None:
+                return name
+        return None
+
+    def _push(self, module: nn.Module, args: Any) -> None:
+        self._stack.append(self.names.get(id(module)))
+
+    def _pop(self, module: nn.Module, args: Any, out: Any) -> None:
+        if self._stack:
+            self._stack.pop()
+
+
 class _BranchRecorder(TorchDispatchMode):
     """Records (reference pass) or compares (perturbed pass) every non-smooth op call.
 
@@ -682,9 +724,9 @@ class _BranchRecorder(TorchDispatchMode):
         self.margins = margins  # False: crossings only (no switching inputs kept or compared)
         self._target: _ProbeKinks | None = None
         self._ref = _Reference()
-        self._stack: list[str | None] = []
+        self._modules = _ModuleStack(self.module_names)
+        self.float64: Any = None  # a gradwatch._float64._Float64Ops run inside this mode (one dispatch level)
         self._masks: dict[int, tuple[weakref.ref, int]] = {}
-        self._hooks: list[Any] = []
         self._crossed: list[Tensor] = []
         self._margins: list[Tensor] = []
         self._count = 0
@@ -704,36 +746,21 @@ class _BranchRecorder(TorchDispatchMode):
     def __enter__(self):
         self._reset_pass()
         if self._target is None and self.module_names:
-            self._hooks = [
-                register_module_forward_pre_hook(self._push),
-                register_module_forward_hook(self._pop, always_call=True),
-            ]
+            self._modules.install()
         return super().__enter__()
 
     def __exit__(self, *exc):
         try:
             return super().__exit__(*exc)
         finally:
-            for handle in self._hooks:
-                handle.remove()
-            self._hooks = []
+            self._modules.remove()
             self._finish()
 
-    def _push(self, module: nn.Module, args: Any) -> None:
-        self._stack.append(self.module_names.get(id(module)))
-
-    def _pop(self, module: nn.Module, args: Any, out: Any) -> None:
-        if self._stack:
-            self._stack.pop()
-
     def _module(self) -> str | None:
-        for name in reversed(self._stack):  # the innermost listed module
-            if name is not None:
-                return name
-        return None
+        return self._modules.current()
 
     def _reset_pass(self) -> None:
-        self._stack, self._masks, self._crossed, self._margins, self._count = [], {}, [], [], 0
+        self._masks, self._crossed, self._margins, self._count = {}, [], [], 0
         if self._target is None:
             self._ref = _Reference()
 
@@ -744,6 +771,11 @@ class _BranchRecorder(TorchDispatchMode):
 
     # -- the dispatch hook
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.float64 is not None:  # casts kept in float64, random draws in the native dtype
+            return self.float64.run(func, args, kwargs or {}, self._dispatch)
+        return self._dispatch(func, args, kwargs)
+
+    def _dispatch(self, func, args, kwargs):
         kwargs = kwargs or {}
         rule = _rule(func)
         if rule is None:

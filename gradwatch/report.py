@@ -318,6 +318,9 @@ class Report:
         evaluation: How the perturbed losses were evaluated: ``"batched"`` (vmapped
             over many probes per call) or ``"sequential"`` (one call per evaluation).
         evaluation_reason: Why the evaluation was sequential, else ``None``.
+        kept_casts: Casts to a lower floating precision (``.float()``, ``.to(torch.float32)``,
+            ``dtype=`` arguments) that the float64 evaluation kept in float64, per evaluation.
+        kept_cast_sites: ``"module: op float64->float32"`` of the first few of them.
     """
 
     tensors: Mapping[str, TensorCheck]
@@ -335,6 +338,8 @@ class Report:
     step: int | None = None
     evaluation: str = "sequential"
     evaluation_reason: str | None = None
+    kept_casts: int = 0
+    kept_cast_sites: tuple[str, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -616,6 +621,12 @@ class Report:
                 + "; ".join(f"{k.where} (margin {_fmt(k.margin_min)}, {k.crossed} crossed)" for k in near[:3])
                 + (f"; {len(near) - 3} more" if len(near) > 3 else "")
                 + (f"; {self.kink_resamples} coordinates redrawn" if self.kink_resamples else "")
+            )
+        if self.kept_casts:
+            lines.append(
+                f"  kept float64 through {self.kept_casts} cast(s) to a lower precision: "
+                + "; ".join(self.kept_cast_sites)
+                + ("; ..." if self.kept_casts > len(self.kept_cast_sites) else "")
             )
         lines += ["  " + t.message for t in self.failures]
         return "\n".join(lines)

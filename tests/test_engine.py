@@ -294,9 +294,27 @@ def test_model_that_behaves_differently_in_float64_is_unreliable() -> None:
     assert report.ok
 
 
-def test_loss_cast_to_float32_is_unreliable_not_judged() -> None:
+def test_loss_cast_to_float32_keeps_float64() -> None:
     model, batch = _tiny()
     report = check(model, lambda m, b: classification_loss(m, b).float(), batch, seed=0)
+    assert report.reliable and report.ok, report.reason
+    assert report.kept_cast_sites == ("(outside modules): _to_copy float64->float32",)
+
+
+@torch.library.custom_op("gradwatch_test::as_float32", mutates_args=())
+def _as_float32(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float32, copy=True)  # opaque to the float64 rules: one op, float32 out
+
+
+_as_float32.register_fake(lambda x: torch.empty_like(x, dtype=torch.float32))
+_as_float32.register_autograd(
+    lambda ctx, g: g.to(ctx.dtype), setup_context=lambda ctx, inputs, output: setattr(ctx, "dtype", inputs[0].dtype)
+)
+
+
+def test_loss_that_stays_float32_is_unreliable_not_judged() -> None:
+    model, batch = _tiny()
+    report = check(model, lambda m, b: _as_float32(classification_loss(m, b)), batch, seed=0)
     assert not report.reliable and "returned a float32 loss on the float64 copy" in report.reason
     assert {t.verdict for t in report.tensors.values()} == {"skipped"}
 

@@ -436,6 +436,70 @@ def _zero_gradient(seed: int) -> Case:
     return Case("zero_gradient", _ZeroGradient(), _first_input_loss, _data(seed, 4, (3,), 2))
 
 
+class _FloatLoss(nn.Module):
+    """Logits cast with ``.float()`` before the loss, as Hugging Face causal LMs do."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.body = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), nn.Linear(16, 3))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.body(x).float()
+
+
+def _float_loss(seed: int) -> Case:
+    torch.manual_seed(seed)
+    return Case("float_loss", _FloatLoss(), classification_loss, _data(seed, 32, (8,), 3))
+
+
+class RMSNorm(nn.Module):
+    """LlamaRMSNorm/T5LayerNorm: the statistics are computed in float32 whatever the input dtype."""
+
+    def __init__(self, n: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(1.0 + 0.1 * torch.randn(n))
+        self.eps = eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        dtype = x.dtype
+        x = x.to(torch.float32)
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def _rmsnorm_float32(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), RMSNorm(16), nn.SiLU(), nn.Linear(16, 3))
+    return Case("rmsnorm_float32", model, classification_loss, _data(seed, 32, (8,), 3))
+
+
+class StochasticDepth(nn.Module):
+    """ConvNeXt/timm drop path: a per-sample keep mask drawn with ``torch.rand(..., dtype=x.dtype)``."""
+
+    def __init__(self, body: nn.Module, p: float = 0.3) -> None:
+        super().__init__()
+        self.body, self.p = body, p
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.body(x)
+        if self.training and self.p > 0:
+            keep = 1.0 - self.p
+            mask = (keep + torch.rand((x.shape[0],) + (1,) * (x.dim() - 1), dtype=x.dtype, device=x.device)).floor()
+            out = out.div(keep) * mask
+        return x + out
+
+
+def _stochastic_depth(seed: int) -> Case:
+    torch.manual_seed(seed)
+    model = nn.Sequential(
+        nn.Linear(8, 16),
+        StochasticDepth(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU())),
+        StochasticDepth(nn.Sequential(nn.LayerNorm(16), nn.Linear(16, 16), nn.GELU())),
+        nn.Linear(16, 3),
+    )
+    return Case("stochastic_depth", model, classification_loss, _data(seed, 32, (8,), 3))
+
+
 CORRECT: dict[str, Callable[[int], Case]] = {
     "mlp_relu_dropout": _mlp_relu_dropout,
     "cnn_bn_pool": _cnn_bn_pool,
@@ -448,6 +512,9 @@ CORRECT: dict[str, Callable[[int], Case]] = {
     "empty_parameter": _empty_parameter,
     "layer_scale": _layer_scale,
     "zero_gradient": _zero_gradient,
+    "float_loss": _float_loss,
+    "rmsnorm_float32": _rmsnorm_float32,
+    "stochastic_depth": _stochastic_depth,
 }
 
 
