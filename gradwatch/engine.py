@@ -91,6 +91,7 @@ from gradwatch._judging import (
     _nonfinite_loss,
     _replay_problem,
 )
+from gradwatch._joint import _joint_probes, _joint_verdicts
 from gradwatch._probing import _direction, _locate, _plan, _probe_tensor, _resample, _sample  # noqa: F401 (tests)
 from gradwatch._validate import (
     _callable,
@@ -140,6 +141,7 @@ def check(
     names: Collection[str] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     evaluation: str = "auto",
+    joint: int = 1,
 ) -> Report:
     """Compare the gradient of ``loss_fn(model, batch)`` with central differences.
 
@@ -217,6 +219,15 @@ def check(
             so batching needs ``kinks=False``, ``reduce=None`` and float64 evaluation.
             ``"auto"``: batched when those hold, else sequential.
             ``report.evaluation`` says which path ran and ``report.evaluation_reason`` why.
+        joint: Joint probes per check: random directions over every checked tensor at
+            once, each tensor's term weighted alike (see :mod:`gradwatch._joint`), two
+            float64 passes each (four with ``richardson``), so one probe covers the
+            whole model. A failing joint probe is bisected over the tensors and the
+            tensor it names is localised to an element; a passing one verifies jointly
+            every tensor without a verdict of its own. They are reported in
+            ``report.joint`` (``Probe.kind == "joint"``). 0 disables them; with
+            ``joint`` > 0, ``coordinates`` and ``directions`` may both be 0 (only the
+            joint probes: the adapters' checks under a budget).
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
@@ -240,7 +251,7 @@ def check(
     _module("model", model)
     _callable("loss_fn", loss_fn)
     seed = _seed("seed", seed)
-    _probe_options(coordinates, directions, kinks, min_directions=0)
+    _probe_options(coordinates, directions, kinks, min_directions=0, joint=joint)
     _kink_options(kink_resamples, near_kink_margin)
     if reduce is not None:
         _callable("reduce", reduce)
@@ -306,7 +317,7 @@ def check(
         # The smallest check (±h only, no reference gradient, sequential) skips the
         # unperturbed pass: each probe's +h pass is its own kink reference, and the
         # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
-        own = not richardson and not reference and coordinates + directions > 0
+        own = not richardson and not reference and coordinates + directions + joint > 0
         plan = _plan(every, seed, coordinates, directions)
 
         def evaluate(mode: str) -> tuple:
@@ -323,16 +334,17 @@ def check(
                                     host, kink_log[name])
                 for name in grad_map if not ev.lossy  # else unreliable: no point in probing
             }
-            return ev, loss0, signature, ref_grads, kink_log, refs, rows
+            jrows = [] if ev.lossy else _joint_probes(ev, grad_map, refs, seed, joint, step, signature, loss0, host)
+            return ev, loss0, signature, ref_grads, kink_log, refs, rows, jrows
 
         try:
-            evaluation, loss0, signature, ref_grads, kink_log, refs, rows = evaluate(mode)
+            evaluation, loss0, signature, ref_grads, kink_log, refs, rows, jrows = evaluate(mode)
         except Exception as err:
             if precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
             host = _HostValues(reduce)  # drop what the float64 attempt queued
-            evaluation, loss0, signature, ref_grads, kink_log, refs, rows = evaluate(mode)
+            evaluation, loss0, signature, ref_grads, kink_log, refs, rows, jrows = evaluate(mode)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
         probe = not evaluation.lossy
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
@@ -342,7 +354,7 @@ def check(
         scale = _gradient_rms(every, host)
         ref_scale = _gradient_rms(ref_grads, host) if ref_grads else None
         if loss0 is None:  # own-reference probes: the first probe's midpoint stands for L(θ)
-            first = next(idx for rs in rows.values() for _, _, idx in rs)
+            first = next(idx for rs in [*rows.values(), [(None, None, r.idx) for r in jrows]] for _, _, idx in rs)
             i_loss0, i_mid_kink = first["mid"], first["kink"]
         else:
             i_loss0, i_mid_kink = host.add(loss0), None
@@ -368,7 +380,7 @@ def check(
                     "(such as .float()), so central differences would measure rounding noise; keep the loss in "
                     "the dtype of its inputs"
                 )
-        noise = _loss_noise(rows, values, evaluation, replayed)
+        noise = _loss_noise({**rows, "": [("joint", r.seed, r.idx) for r in jrows]}, values, evaluation, replayed)
         judge = _Judge(
             reduce=reduce,
             values=values,
@@ -394,6 +406,10 @@ def check(
                     located = _locate(evaluation, judge, tensors[name], grad_map[name], refs[name], step, signature, loss0)
                     if located is not None:
                         tensors[name] = dataclasses.replace(tensors[name], located=located)
+        joint_probes: tuple = ()
+        if jrows and nonfinite is None and reason is None:
+            joint_probes, tensors = _joint_verdicts(evaluation, judge, jrows, tensors, rows, grad_map, refs, step,
+                                                    signature, loss0, localize)
     return Report(
         tensors=tensors,
         seed=seed,
@@ -409,6 +425,7 @@ def check(
         seconds=time.perf_counter() - started,
         evaluation="batched" if evaluation.batched else "sequential",
         evaluation_reason=evaluation.batch_reason,
+        joint=joint_probes,
     )
 
 

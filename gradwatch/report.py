@@ -136,7 +136,8 @@ class Probe:
     dtype=torch.float64)`` regenerates.
 
     Attributes:
-        kind: ``"coordinate"`` or ``"direction"``.
+        kind: ``"coordinate"``, ``"direction"`` or ``"joint"`` (one direction over every
+            checked tensor at once; :attr:`Report.joint`).
         index: Element index for coordinate probes, else ``None``.
         direction_seed: Seed of the direction for direction probes, else ``None``.
         autograd: ``<grad, v>`` from the gradient under test.
@@ -301,6 +302,12 @@ class Report:
         evaluation: How the perturbed losses were evaluated: ``"batched"`` (vmapped
             over many probes per call) or ``"sequential"`` (one call per evaluation).
         evaluation_reason: Why the evaluation was sequential, else ``None``.
+        joint: The joint probes (``Probe.kind == "joint"``): one random direction over
+            every checked tensor at once, each tensor's term weighted alike
+            (``direction_seed`` is the joint seed). A passing one verifies jointly the
+            tensors without a verdict of their own (their ``reason`` says so); a
+            failing one is narrowed down to a tensor, which fails (see
+            ``check(joint=...)``). Not part of :attr:`probes` (which lists each tensor's own).
     """
 
     tensors: Mapping[str, TensorCheck]
@@ -318,6 +325,7 @@ class Report:
     step: int | None = None
     evaluation: str = "sequential"
     evaluation_reason: str | None = None
+    joint: tuple[Probe, ...] = ()
 
     @property
     def ok(self) -> bool:
