@@ -235,6 +235,17 @@ def _group(ev: _Evaluation, judge: _Judge, row: _JointRow, probe: Probe) -> str:
     return line.names[lo]
 
 
+def _summary(judged: list[Probe]) -> dict[str, float]:
+    """``rel_error`` and ``error_bar`` of a tensor over its judged probes (as :class:`_Judge` computes them)."""
+    if not judged:
+        return {"rel_error": math.nan, "error_bar": math.nan}
+    num = np.array([p.numerical for p in judged])
+    ana = np.array([p.autograd for p in judged])
+    denom = float(np.linalg.norm(num) + np.linalg.norm(ana))
+    return {"rel_error": _ratio(float(np.linalg.norm(num - ana)), denom),
+            "error_bar": _ratio(float(np.linalg.norm([p.error_bar for p in judged])), denom)}
+
+
 def _joint_verdicts(
     ev: _Evaluation, judge: _Judge, rows: list[_JointRow], tensors: dict[str, TensorCheck],
     own: Mapping[str, list], grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], step: float | None,
@@ -280,21 +291,31 @@ def _joint_verdicts(
             out[n] = dataclasses.replace(out[n], verdict="skipped", reason=(
                 f"not verified: the joint probe over {len(covered)} tensors failed and group testing named '{name}'"))
         i = row.names.index(name)
-        host = _HostValues(judge.reduce)
-        kind, value, idx = _probe(ev, name, grads[name], refs.get(name), ("direction", row.line.seeds[i]), step,
-                                  signature, loss0, host)
-        confirm = judge.probe(kind, value, idx, out[name].shape, values=host.fetch())
+        # confirmed along the same direction, from the step the joint probe ended at, shrunk on kinks
+        small = (step if step is not None else ev.step(ev.shadow[f"model.{name}"].dtype)) * _SHRINK ** (row.attempts - 1)
+        for attempt in range(_RETRIES + 1):
+            host = _HostValues(judge.reduce)
+            kind, value, idx = _probe(ev, name, grads[name], refs.get(name), ("direction", row.line.seeds[i]), small,
+                                      signature, loss0, host)
+            confirm = judge.probe(kind, value, idx, out[name].shape, values=host.fetch())
+            if not confirm.kink:
+                break
+            small *= _SHRINK
         tc = out[name]
         ratio = max(_ratio(worst.error, worst.tolerance), _ratio(confirm.error, confirm.tolerance))
-        tc = dataclasses.replace(
-            tc, verdict="fail", probes=tc.probes + (confirm,),
-            error_ratio=max(ratio, tc.error_ratio) if not math.isnan(tc.error_ratio) else ratio,
-            reason=None if confirm.failed else (
-                f"the joint probe failed and group testing named this tensor; its own direction probe along the same "
-                f"direction passed (err/tol {_ratio(confirm.error, confirm.tolerance):.3g})"),
-        )
+        if confirm.failed:
+            why = None
+        elif confirm.kink:
+            why = ("the joint probe failed and group testing named this tensor; its own direction probe along the "
+                   "same direction crossed a kink at every step tried")
+        else:
+            why = ("the joint probe failed and group testing named this tensor; its own direction probe along the "
+                   f"same direction passed (err/tol {_ratio(confirm.error, confirm.tolerance):.3g})")
+        tc = dataclasses.replace(tc, verdict="fail", probes=tc.probes + (confirm,), reason=why,
+                                 error_ratio=max(ratio, tc.error_ratio) if not math.isnan(tc.error_ratio) else ratio,
+                                 **_summary([p for p in tc.probes + (confirm,) if not p.kink]))
         if tc.located is None:
-            located = _locate(ev, judge, tc, grads[name], refs.get(name), step, signature, loss0)
+            located = _locate(ev, judge, tc, grads[name], refs.get(name), small, signature, loss0)
             if located is not None:
                 tc = dataclasses.replace(tc, located=located)
         out[name] = tc
