@@ -99,9 +99,9 @@ def test_every_check_covers_every_tensor_even_the_first_and_the_smallest(monkeyp
     assert roomier.plan(NAMES) == (NAMES, 0, 1) and roomier.richardson  # 50: joint + a direction per tensor
     assert _Schedule(100, None, 4, 1).plan(NAMES) == (NAMES, 4, 1)
     # what the planned check overrides: nothing, or for the smallest check the ±2h passes,
-    # the reference gradient and the redrawing of kinked coordinates
+    # and the redrawing of kinked coordinates (it keeps the float64 reference gradient)
     assert roomy.check_options() == {}
-    assert sched.check_options() == {"richardson": False, "reference": False, "kink_resamples": 0}
+    assert sched.check_options() == {"richardson": False, "kink_resamples": 0}
 
 
 def test_first_check_gets_one_interval_of_budget(monkeypatch) -> None:
