@@ -44,20 +44,23 @@ class _Bug(torch.autograd.Function):
         return g * scale.to(g.dtype), None
 
 
-def _plant(module: nn.Module, pname: str, scale: torch.Tensor) -> None:
-    """Route ``module.<pname>`` through :class:`_Bug` inside ``module``'s forward (also under
-    ``torch.func.functional_call``, which swaps the attribute)."""
-    forward = module.forward
+def _plant(model: nn.Module, name: str, scale: torch.Tensor) -> None:
+    """Route parameter ``name`` through :class:`_Bug` for the duration of ``model``'s forward
+    (also under ``torch.func.functional_call``, which swaps the attribute; and for tensors such
+    as ``out_proj.weight`` that their parent module reads without calling the owner's forward)."""
+    module_name, _, pname = name.rpartition(".")
+    owner = model.get_submodule(module_name)
+    forward = model.forward
 
     def planted(*args, **kwargs):
-        orig = getattr(module, pname)
-        module._parameters[pname] = _Bug.apply(orig, scale)
+        orig = getattr(owner, pname)
+        owner._parameters[pname] = _Bug.apply(orig, scale)
         try:
             return forward(*args, **kwargs)
         finally:
-            module._parameters[pname] = orig
+            owner._parameters[pname] = orig
 
-    module.forward = planted
+    model.forward = planted
 
 
 def _mlp() -> nn.Module:
@@ -125,8 +128,7 @@ def _run(model_name: str, where: str, seed: int, steps: int) -> dict:
     torch.manual_seed(seed)
     model = MODELS[model_name]()
     name, scale, rows = _target(model, where)
-    module_name, _, pname = name.rpartition(".")
-    _plant(model.get_submodule(module_name), pname, scale)
+    _plant(model, name, scale)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(100 + seed)
     watch = gradwatch.GradWatch(model, _loss, seed=seed, on_failure=lambda report: None)
@@ -154,8 +156,16 @@ def _run(model_name: str, where: str, seed: int, steps: int) -> dict:
     return out
 
 
-def _full_check_cost(model_name: str) -> tuple[float, float, int]:
-    """Seconds of one ``gradwatch.check`` at its defaults, of one training step, and the tensors."""
+#: The checks whose cost is measured: every one verifies every tensor.
+_COSTS = {
+    "defaults": {},
+    "joint only": {"coordinates": 0, "directions": 0},
+    "smallest": {"coordinates": 0, "directions": 0, "richardson": False, "kink_resamples": 0},
+}
+
+
+def _full_check_cost(model_name: str) -> tuple[dict[str, float], float, int]:
+    """Seconds of one ``gradwatch.check`` per kind of check, of one training step, and the tensors."""
     torch.manual_seed(0)
     model = MODELS[model_name]()
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
@@ -171,10 +181,40 @@ def _full_check_cost(model_name: str) -> tuple[float, float, int]:
         _loss(model, batch).backward()
         opt.step()
     step_s = (time.perf_counter() - t0) / 20
+    out = {}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        secs = [gradwatch.check(model, _loss, batch, seed=s).seconds for s in range(3)]
-    return statistics.median(secs), step_s, sum(1 for _ in model.parameters())
+        for kind, options in _COSTS.items():
+            out[kind] = statistics.median(gradwatch.check(model, _loss, batch, seed=s, **options).seconds
+                                          for s in range(3))
+    return out, step_s, sum(1 for _ in model.parameters())
+
+
+def _check_at_defaults(model_name: str, seeds: int) -> tuple[int, int, float]:
+    """``gradwatch.check`` at its defaults on a 2% error on 1/8 of the rows of each weight in turn:
+    (caught with the right tensor, runs, smallest err/tol of the joint probe)."""
+    caught = runs = 0
+    worst = float("inf")
+    torch.manual_seed(0)
+    weights = [n for n, p in MODELS[model_name]().named_parameters() if p.dim() >= 2]
+    for name in weights:
+        for seed in range(seeds):
+            torch.manual_seed(seed)
+            model = MODELS[model_name]()
+            p = dict(model.named_parameters())[name]
+            scale = torch.ones_like(p)
+            n = max(p.shape[0] // 8, 1)
+            scale[n : 2 * n] = 1.02
+            _plant(model, name, scale)
+            batch = _batch(model_name, torch.Generator().manual_seed(100 + seed))
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                report = gradwatch.check(model, _loss, batch, seed=seed)
+            runs += 1
+            caught += [t.name for t in report.failures] == [name]
+            if report.joint:
+                worst = min(worst, report.joint[0].error / report.joint[0].tolerance)
+    return caught, runs, worst
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -183,6 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=600)
     parser.add_argument("--models", default=",".join(MODELS))
     parser.add_argument("--bugs", default="first,middle,last,rows")
+    parser.add_argument("--check-seeds", type=int, default=2,
+                        help="seeds per weight for gradwatch.check at its defaults (0: skip)")
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
     print(f"# python benchmarks/time_to_detect.py --seeds {args.seeds} --steps {args.steps}   (torch {torch.__version__})")
@@ -199,10 +241,19 @@ def main(argv: list[str] | None = None) -> None:
                   f"{sum(r['tensor'] for r in runs):>5}/{len(runs):<3} {sum(r['element'] for r in runs):>6}/{len(runs):<3}",
                   flush=True)
     print()
-    print(f"{'model':12} {'tensors':>7} {'full check s':>12} {'train step s':>12} {'in steps':>8}")
+    print("cost of one check that verifies every tensor, in training steps (AdamW step, 1 thread)")
+    print(f"{'model':12} {'tensors':>7} {'train step s':>12} " + " ".join(f"{k:>11}" for k in _COSTS))
     for model_name in args.models.split(","):
-        check_s, step_s, count = _full_check_cost(model_name)
-        print(f"{model_name:12} {count:7d} {check_s:12.4f} {step_s:12.5f} {check_s / step_s:8.1f}", flush=True)
+        costs, step_s, count = _full_check_cost(model_name)
+        print(f"{model_name:12} {count:7d} {step_s:12.5f} " + " ".join(f"{costs[k] / step_s:11.1f}" for k in _COSTS),
+              flush=True)
+    if args.check_seeds:
+        print()
+        print(f"gradwatch.check at defaults, 2% error on 1/8 of the rows of each weight in turn, {args.check_seeds} seeds")
+        print(f"{'model':12} {'caught':>8} {'min joint err/tol':>17}")
+        for model_name in args.models.split(","):
+            caught, runs, worst = _check_at_defaults(model_name, args.check_seeds)
+            print(f"{model_name:12} {caught:>4}/{runs:<3} {worst:17.3g}", flush=True)
 
 
 if __name__ == "__main__":
