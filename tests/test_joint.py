@@ -178,3 +178,16 @@ def test_joint_option_validation_and_reproducibility() -> None:
     with pytest.raises(ValueError, match="`coordinates` \\+ `directions` must be at least 1"):
         check(case.model, case.loss_fn, case.batch, joint=0, **JOINT_ONLY)
     assert gradwatch.Report.__dataclass_fields__["joint"].default == ()
+
+
+def test_the_smallest_joint_check_takes_two_float64_passes_for_the_whole_model() -> None:
+    calls = []
+    case = CORRECT["layernorm_gelu"](0)
+
+    def counting(model, batch):
+        calls.append(1)
+        return case.loss_fn(model, batch)
+
+    report = check(case.model, counting, case.batch, seed=0, localize=False, **SMALLEST)
+    assert len(calls) == 1 + 2  # the training forward, then θ ± h·v over every tensor at once
+    assert not report.joint[0].kink and all(t.verdict == "pass" for t in report.tensors.values())
