@@ -19,7 +19,7 @@ the step. A tensor whose gradient holds NaN/Inf gets weight 0 (it is reported
 Kinks: a joint direction moves every ReLU/max-pool input of the model at once, so it
 starts at a step :data:`_FIRST` times the check's (crossings scale with the step; a
 CNN with BatchNorm, ReLU and max-pool crossed at the default step in 5 of 5 seeds, at
-1/32 of it in 3 of 5), and when the recorder says the probe crossed a kink it is redone
+1/32 of it in 3 of 5, at 1/256 in 0 of 5), and when the recorder says the probe crossed a kink it is redone
 with the step shrunk by :data:`_SHRINK`, up to :data:`_RETRIES` times; one small host
 transfer per retry. Float64 rounding stays far below the tolerances at these steps and
 is in the error bar. A probe that still crosses verifies nothing (``kink=True``).
@@ -55,7 +55,7 @@ _JOINT_SALT = 0x4A4F494E54
 _WEIGHT_FLOOR = 0.1
 #: Step of a joint probe relative to the check's, then the factor of each retry after a
 #: kink crossing, and the number of retries.
-_FIRST = 1.0 / 32.0
+_FIRST = 1.0 / 256.0
 _SHRINK = 1.0 / 32.0
 _RETRIES = 2
 
