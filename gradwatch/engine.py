@@ -41,6 +41,11 @@ Numerics (see ``shared/design.md`` §3 and the README):
   coordinates are replaced by fresh ones (``kink_resamples`` per tensor), and every
   non-smooth op a probe moved is reported with its module and margin
   (:mod:`gradwatch.kinks`).
+* Joint probes (``joint``, :mod:`gradwatch._joint`): one random direction over every
+  checked tensor at once, each tensor's term weighted alike, judged like a direction
+  probe; so one probe (two float64 passes) covers the whole model. A passing one
+  verifies the tensors without a verdict of their own; a failing one is bisected over
+  the tensors (group testing), and the tensor it names is confirmed and localised.
 * A failing tensor is localised: a failing coordinate names its element, a precision
   gap its largest element, and a failing direction is bisected over the flat index
   (rows first, then columns) and confirmed by a coordinate probe.
@@ -52,6 +57,8 @@ The engine has three rooms of its own; :func:`check` only wires them together:
 * :mod:`gradwatch._probing`: the probe plan, the points and central differences of a
   probe, kink resampling and the bisection that localises a failure;
 * :mod:`gradwatch._judging`: tolerances, replay fidelity, loss noise and verdicts.
+* :mod:`gradwatch._joint`: joint probes over every tensor, their kink retries at smaller
+  steps, group testing and the verdicts they give.
 
 All probe arithmetic stays on the model's device; results reach the host in one
 transfer per check (plus one per bisection level when a direction fails).
