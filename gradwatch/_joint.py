@@ -253,7 +253,7 @@ def _summary(judged: list[Probe]) -> dict[str, float]:
 
 def _joint_verdicts(
     ev: _Evaluation, judge: _Judge, rows: list[_JointRow], tensors: dict[str, TensorCheck],
-    own: Mapping[str, list], grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], step: float | None,
+    grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], step: float | None,
     signature: Any, loss0: Tensor | None, localize: bool,
 ) -> tuple[tuple[Probe, ...], dict[str, TensorCheck]]:
     """The joint probes and the tensor verdicts they change.

@@ -415,7 +415,7 @@ def check(
                         tensors[name] = dataclasses.replace(tensors[name], located=located)
         joint_probes: tuple = ()
         if jrows and nonfinite is None and reason is None:
-            joint_probes, tensors = _joint_verdicts(evaluation, judge, jrows, tensors, rows, grad_map, refs, step,
+            joint_probes, tensors = _joint_verdicts(evaluation, judge, jrows, tensors, grad_map, refs, step,
                                                     signature, loss0, localize)
     return Report(
         tensors=tensors,
