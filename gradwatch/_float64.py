@@ -229,8 +229,12 @@ class _Float64Ops:
         if len(self.sites) < _SITES:
             module = self._modules.current()
             where = "(outside modules)" if module is None else (module or "(model)")
-            src_name = _name(src.dtype) if src is not None else "new"
-            self.sites.append(f"{where}: {func.overloadpacket.__name__} {src_name}->{_name(dtype)}")
+            op = func.overloadpacket.__name__
+            if src is not None and src.dtype == dtype:  # a lower-precision tensor made inside (torch.tensor, from_numpy)
+                self.sites.append(f"{where}: {op} of a {_name(dtype)} tensor->float64")
+            else:
+                src_name = _name(src.dtype) if src is not None else "new"
+                self.sites.append(f"{where}: {op} {src_name}->{_name(dtype)}")
 
     def _note(self, out: Any) -> None:
         if isinstance(out, Tensor):

@@ -205,6 +205,7 @@ class _Spread:
 
     grads: dict[str, int]  # per tensor: ‖g(θ) - g(θ')‖ of two native replays
     loss: int  # |L(θ) - L(θ')| of the same replays
+    at: int  # L(θ) of the first replay (with the check's native replay, a third sample of the spread)
     crossed: range | None  # per op of the float64 pass: the native pass took another branch
     reference: Any  # the float64 pass's kink reference (names and modules of those ops)
     diverged: int | None  # where the native pass's sequence of non-smooth ops left the float64 one
@@ -258,11 +259,23 @@ def _measure_spread(
     return _Spread(
         grads=grads,
         loss=host.add((loss0.to(torch.float64) - loss1.to(torch.float64)).abs()),
+        at=host.add(loss0),
         crossed=host.extend(kinks.crossed) if kinks is not None else None,
         reference=signature,
         diverged=kinks.diverged if kinks is not None else None,
         diverged_flag=host.add(float(kinks is not None and kinks.diverged is not None)),
     )
+
+
+def _loss_spread(spread: _Spread | None, values: list[float], native: float | None) -> float:
+    """Run-to-run spread of the native loss: the largest difference among the spread's two
+    replays and the check's own native replay (three samples: one pair alone is too often
+    close by chance), 0 when nothing was measured."""
+    if spread is None:
+        return 0.0
+    at = values[spread.at]
+    gaps = [values[spread.loss]] + ([abs(at - native)] if native is not None and math.isfinite(native) else [])
+    return max(gaps)
 
 
 def _branch_note(spread: _Spread | None, values: list[float]) -> str | None:

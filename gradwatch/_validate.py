@@ -56,7 +56,7 @@ def _module(name: str, value: Any) -> Any:
     return value
 
 
-def _probe_options(coordinates: Any, directions: Any, kinks: Any, *, min_directions: int = 1) -> None:
+def _probe_options(coordinates: Any, directions: Any, kinks: Any, *, min_directions: int = 1, joint: Any = 0) -> None:
     """Validate the probe arguments shared by ``check`` and the adapters.
 
     The adapters keep at least one random direction per tensor: it is what catches
@@ -69,7 +69,8 @@ def _probe_options(coordinates: Any, directions: Any, kinks: Any, *, min_directi
             "`directions` must be at least 1: a random direction over the whole tensor is what catches "
             f"errors confined to a few elements, got {directions!r}"
         )
-    if coordinates + directions == 0:
+    _non_negative_int("joint", joint)
+    if coordinates + directions + joint == 0:
         raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
     if not isinstance(kinks, bool):
         raise ValueError(f"`kinks` must be a bool, got {kinks!r}")

@@ -149,7 +149,7 @@ def run(
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     failures: list[Report] = []
     # max_overhead=None: a demonstration, so every check probes every tensor; in real
-    # training keep the default budget (2% of the training time, spent in turn over the tensors)
+    # training keep the default budget (2% of the training time; every check covers every tensor)
     watch = GradWatch(
         model, loss_fn, every_n_steps=every, max_overhead=None, logdir=logdir,
         on_failure=failures.append, seed=seed,

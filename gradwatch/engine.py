@@ -56,6 +56,11 @@ Numerics (see ``shared/design.md`` §3 and the README):
   coordinates are replaced by fresh ones (``kink_resamples`` per tensor), and every
   non-smooth op a probe moved is reported with its module and margin
   (:mod:`gradwatch.kinks`).
+* Joint probes (``joint``, :mod:`gradwatch._joint`): one random direction over every
+  checked tensor at once, each tensor's term weighted alike, judged like a direction
+  probe; so one probe (two float64 passes) covers the whole model. A passing one
+  verifies the tensors without a verdict of their own; a failing one is bisected over
+  the tensors (group testing), and the tensor it names is confirmed and localised.
 * A failing tensor is localised: a failing coordinate names its element, a precision
   gap its largest element, and a failing direction is bisected over the flat index
   (rows first, then columns) and confirmed by a coordinate probe.
@@ -73,6 +78,8 @@ The engine has three rooms of its own; :func:`check` only wires them together:
 * :mod:`gradwatch._probing`: the probe plan, the points and central differences of a
   probe, kink resampling and the bisection that localises a failure;
 * :mod:`gradwatch._judging`: tolerances, replay fidelity, loss noise and verdicts.
+* :mod:`gradwatch._joint`: joint probes over every tensor, their kink retries at smaller
+  steps, group testing and the verdicts they give.
 
 All probe arithmetic stays on the model's device; results reach the host in one
 transfer per check (plus one per bisection level when a direction fails, and one before
@@ -110,6 +117,7 @@ from gradwatch._judging import (
     _gradient_rms,
     _Judge,
     _loss_noise,
+    _loss_spread,
     _measure_spread,
     _nonfinite_loss,
     _replay_problem,
@@ -126,6 +134,7 @@ from gradwatch._probing import (  # noqa: F401 (_direction, _sample: tests)
     _resample,
     _sample,
 )
+from gradwatch._joint import _joint_probes, _joint_verdicts
 from gradwatch._validate import (
     _callable,
     _kink_options,
@@ -174,6 +183,7 @@ def check(
     names: Collection[str] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     evaluation: str = "auto",
+    joint: int = 1,
 ) -> Report:
     """Compare the gradient of ``loss_fn(model, batch)`` with central differences.
 
@@ -251,6 +261,15 @@ def check(
             so batching needs ``kinks=False``, ``reduce=None`` and float64 evaluation.
             ``"auto"``: batched when those hold, else sequential.
             ``report.evaluation`` says which path ran and ``report.evaluation_reason`` why.
+        joint: Joint probes per check: random directions over every checked tensor at
+            once, each tensor's term weighted alike (see :mod:`gradwatch._joint`), two
+            float64 passes each (four with ``richardson``), so one probe covers the
+            whole model. A failing joint probe is bisected over the tensors and the
+            tensor it names is localised to an element; a passing one verifies jointly
+            every tensor without a verdict of its own. They are reported in
+            ``report.joint`` (``Probe.kind == "joint"``). 0 disables them; with
+            ``joint`` > 0, ``coordinates`` and ``directions`` may both be 0 (only the
+            joint probes: the adapters' checks under a budget).
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
@@ -274,7 +293,7 @@ def check(
     _module("model", model)
     _callable("loss_fn", loss_fn)
     seed = _seed("seed", seed)
-    _probe_options(coordinates, directions, kinks, min_directions=0)
+    _probe_options(coordinates, directions, kinks, min_directions=0, joint=joint)
     _kink_options(kink_resamples, near_kink_margin)
     if reduce is not None:
         _callable("reduce", reduce)
@@ -343,7 +362,7 @@ def check(
         # The smallest check (±h only, no reference gradient, sequential) skips the
         # unperturbed pass: each probe's +h pass is its own kink reference, and the
         # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
-        own = not richardson and not reference and coordinates + directions > 0
+        own = not richardson and not reference and coordinates + directions + joint > 0
         plan = _plan(every, seed, coordinates, directions, excluded)
 
         def evaluate(mode: str) -> tuple:
@@ -360,16 +379,18 @@ def check(
                                     host, kink_log[name], excluded=excluded.get(name))
                 for name in grad_map if not (ev.lossy or ev.unreplayable)  # else unreliable: no point in probing
             }
-            return ev, loss0, signature, ref_grads, kink_log, refs, rows
+            jrows = [] if ev.lossy or ev.unreplayable else _joint_probes(ev, grad_map, refs, seed, joint, step, signature,
+                                                                          loss0, host, excluded)
+            return ev, loss0, signature, ref_grads, kink_log, refs, rows, jrows
 
         try:
-            evaluation, loss0, signature, ref_grads, kink_log, refs, rows = evaluate(mode)
+            evaluation, loss0, signature, ref_grads, kink_log, refs, rows, jrows = evaluate(mode)
         except Exception as err:
             if precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
             host = _HostValues(reduce)  # drop what the float64 attempt queued
-            evaluation, loss0, signature, ref_grads, kink_log, refs, rows = evaluate(mode)
+            evaluation, loss0, signature, ref_grads, kink_log, refs, rows, jrows = evaluate(mode)
         native_loss = train_loss if grads == "autograd" else evaluation.native()
         probe = not (evaluation.lossy or evaluation.unreplayable)
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
@@ -385,7 +406,7 @@ def check(
         scale = _gradient_rms(every, host)
         ref_scale = _gradient_rms(ref_grads, host) if ref_grads else None
         if loss0 is None:  # own-reference probes: the first probe's midpoint stands for L(θ)
-            first = next(idx for rs in rows.values() for _, _, idx in rs)
+            first = next(idx for rs in [*rows.values(), [(None, None, r.idx) for r in jrows]] for _, _, idx in rs)
             i_loss0, i_mid_kink = first["mid"], first["kink"]
         else:
             i_loss0, i_mid_kink = host.add(loss0), None
@@ -404,7 +425,7 @@ def check(
             across = i_mid_kink is not None and values[i_mid_kink] > 0
             reason = evaluation.unreplayable or _replay_problem(
                 train, native, None if across else replayed, _SHADOW_RTOL[grad_precision], grads == "autograd", mode,
-                spread=values[spread.loss] if spread is not None else 0.0,
+                spread=_loss_spread(spread, values, native),
             )
             if reason is None:
                 reason = _underflow(native if native is not None else train, None if across else replayed,
@@ -418,7 +439,7 @@ def check(
                 )
         if reason is None and nonfinite is None:
             _flat_probes(evaluation, rows, values, reduce, float(torch.finfo(first_grad.dtype).eps), replayed, excluded)
-        noise = _loss_noise(rows, values, evaluation, replayed)
+        noise = _loss_noise({**rows, "": [("joint", r.seed, r.idx) for r in jrows]}, values, evaluation, replayed)
         judge = _Judge(
             reduce=reduce,
             values=values,
@@ -434,6 +455,10 @@ def check(
             low=grad_precision in ("tf32", "float16", "bfloat16"),
         )
         tensors: dict[str, TensorCheck] = {}
+        # an evaluation with ±2h passes, for failures of a check that measured no noise
+        measured = None if richardson else (
+            lambda: _Evaluation(model, loss_fn, batch, replay, kinks, mode, "sequential", reduce is not None)
+        )
         for name, p in params.items():
             shape = tuple(p.shape)
             if name in skipped:
@@ -445,8 +470,7 @@ def check(
             else:
                 tensors[name] = judge.tensor(name, shape, rows[name], gstats[name], gaps.get(name))
                 if not richardson and tensors[name].verdict == "fail":  # noise not measured: measure it first
-                    ev2 = _Evaluation(model, loss_fn, batch, replay, kinks, mode, "sequential", reduce is not None)
-                    tensors[name] = _remeasure(ev2, judge, tensors[name], rows[name], grad_map[name], refs[name],
+                    tensors[name] = _remeasure(measured(), judge, tensors[name], rows[name], grad_map[name], refs[name],
                                                every, step, values, gstats[name], gaps.get(name),
                                                excluded.get(name))
                 tensors[name] = _attach_kinks(tensors[name], kink_log[name], values, near_kink_margin)
@@ -458,6 +482,10 @@ def check(
             if name in excluded:
                 tensors[name] = dataclasses.replace(tensors[name], excluded=excluded[name].description,
                                                     excluded_count=excluded[name].count)
+        joint_probes: tuple = ()
+        if jrows and nonfinite is None and reason is None:
+            joint_probes, tensors = _joint_verdicts(evaluation, judge, jrows, tensors, grad_map, refs, step,
+                                                    signature, loss0, localize, excluded, measured)
     return Report(
         tensors=tensors,
         seed=seed,
@@ -475,6 +503,7 @@ def check(
         evaluation_reason=evaluation.batch_reason,
         kept_casts=evaluation.kept_casts[0],
         kept_cast_sites=evaluation.kept_casts[1],
+        joint=joint_probes,
     )
 
 

@@ -64,8 +64,9 @@ class GradWatch:
 
     With ``max_overhead`` (default 2%), the time spent checking stays within that
     fraction of the training time: checks are at least ``every_n_steps`` apart, and
-    further apart, or with fewer probes or fewer tensors (taken in turn), when a
-    check costs more than the budget holds. The first check always runs at step 0.
+    further apart, or with fewer probes per tensor, when a check costs more than the
+    budget holds. Every check starts with a joint probe over every tensor (see
+    ``gradwatch.check(joint=...)``), the first one at step 0 included.
 
     With ``scaler`` (the AMP recipe ``scaler.scale(loss).backward()`` inside the
     block), the recorded gradients and backpropagated loss are divided by

@@ -103,8 +103,9 @@ class GradWatchCallback:
             with ``max_overhead``, the smallest gap between two checks.
         max_overhead: Largest fraction of the training time spent checking, such as
             ``0.02`` (the default): checks move further apart and probe fewer
-            coordinates, directions and tensors (in turn) when a check costs more
-            than the budget holds; the first check runs at step 0. Training time is
+            coordinates and directions per tensor when a check costs more than the
+            budget holds; every check starts with a joint probe over every tensor,
+            the first one at step 0. Training time is
             the wall time between optimizer steps, read without device
             synchronisation. Under DDP, rank zero's measurements decide for all
             ranks (shared at check steps only). ``None``: every check probes every

@@ -140,7 +140,8 @@ class Probe:
     (:attr:`TensorCheck.excluded`).
 
     Attributes:
-        kind: ``"coordinate"`` or ``"direction"``.
+        kind: ``"coordinate"``, ``"direction"`` or ``"joint"`` (one direction over every
+            checked tensor at once; :attr:`Report.joint`).
         index: Element index for coordinate probes, else ``None``.
         direction_seed: Seed of the direction for direction probes, else ``None``.
         autograd: ``<grad, v>`` from the gradient under test.
@@ -321,6 +322,12 @@ class Report:
         kept_casts: Casts to a lower floating precision (``.float()``, ``.to(torch.float32)``,
             ``dtype=`` arguments) that the float64 evaluation kept in float64, per evaluation.
         kept_cast_sites: ``"module: op float64->float32"`` of the first few of them.
+        joint: The joint probes (``Probe.kind == "joint"``): one random direction over
+            every checked tensor at once, each tensor's term weighted alike
+            (``direction_seed`` is the joint seed). A passing one verifies jointly the
+            tensors without a verdict of their own (their ``reason`` says so); a
+            failing one is narrowed down to a tensor, which fails (see
+            ``check(joint=...)``). Not part of :attr:`probes` (which lists each tensor's own).
     """
 
     tensors: Mapping[str, TensorCheck]
@@ -340,6 +347,7 @@ class Report:
     evaluation_reason: str | None = None
     kept_casts: int = 0
     kept_cast_sites: tuple[str, ...] = ()
+    joint: tuple[Probe, ...] = ()
 
     @property
     def ok(self) -> bool:

@@ -102,6 +102,7 @@ def main(out: pathlib.Path, namespace: str) -> None:
         "steps": [step for step, _ in budgeted.reports],
         "checked": [[n for n, t in r.tensors.items() if t.verdict != "skipped"] for _, r in budgeted.reports],
         "kinds": [[p.kind for p in r.probes] for _, r in budgeted.reports],
+        "joint": [[p.kind for p in r.joint] for _, r in budgeted.reports],
         "reference": [r.reference for _, r in budgeted.reports],
     }
     try:

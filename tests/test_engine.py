@@ -327,9 +327,12 @@ def test_probe_across_a_relu_kink_is_marked_and_not_failed() -> None:
         model[0].bias.fill_(-1.0 + 1e-7)  # pre-activation 1e-7 at x = 1: inside ±h
     batch = torch.ones(1, 1)
     loss_fn = lambda m, b: m(b).sum()  # noqa: E731
-    report = check(model, loss_fn, batch, seed=0, coordinates=1, directions=1)
+    report = check(model, loss_fn, batch, seed=0, coordinates=1, directions=1, joint=0)
     bias = report.tensors["0.bias"]
     assert all(p.kink for p in bias.probes) and bias.verdict == "kink"
+    # the joint probe (default) starts at a 32x smaller step and crosses no kink: it verifies the tensor
+    joint = check(model, loss_fn, batch, seed=0, coordinates=1, directions=1)
+    assert not joint.joint[0].kink and joint.tensors["0.bias"].verdict == "pass"
     assert report.ok and report.kink_fraction == 1.0
     # without kink recording the same probe is a (false) failure: the half slope
     blind = check(model, loss_fn, batch, seed=0, coordinates=1, directions=1, kinks=False)
@@ -376,7 +379,7 @@ def test_bad_loss_is_a_clear_error(loss_fn, error, match) -> None:
         ({"seed": -1}, ValueError, "`seed` must be None or a non-negative int, got -1"),
         ({"seed": 1.5}, ValueError, "got 1.5"),
         ({"coordinates": -2}, ValueError, "`coordinates` must be a non-negative int, got -2"),
-        ({"coordinates": 0, "directions": 0}, ValueError, "at least 1, got 0 \\+ 0"),
+        ({"coordinates": 0, "directions": 0, "joint": 0}, ValueError, "at least 1, got 0 \\+ 0"),
         ({"precision": "float32"}, ValueError, "`precision` must be one of 'float64', 'native', 'auto', got 'float32'"),
         ({"max_shadow_bytes": 0}, ValueError, "`max_shadow_bytes` must be a positive int, got 0"),
         ({"localize": 1}, ValueError, "`localize` must be a bool, got 1"),
@@ -461,8 +464,8 @@ def test_check_is_exposed_at_top_level() -> None:
 
 def test_names_selects_the_checked_tensors_and_keeps_the_whole_model_scale() -> None:
     case = BUGS["bias_mean"](0)  # fc1.bias is wrong
-    full = check(case.model, case.loss_fn, case.batch, seed=0)
-    some = check(case.model, case.loss_fn, case.batch, seed=0, names=["fc1.bias", "fc2.weight"])
+    full = check(case.model, case.loss_fn, case.batch, seed=0, joint=0)  # joint probes differ with the tensors
+    some = check(case.model, case.loss_fn, case.batch, seed=0, names=["fc1.bias", "fc2.weight"], joint=0)
     assert [n for n, t in some.tensors.items() if t.verdict != "skipped"] == ["fc1.bias", "fc2.weight"]
     assert "not selected" in some.tensors["fc1.weight"].reason
     assert [t.name for t in some.failures] == ["fc1.bias"]
@@ -500,7 +503,8 @@ def test_reduce_judges_the_mean_loss_against_the_mean_gradient() -> None:
                 mine.append(t.clone())
                 return (t + other[len(mine) - 1]) / 2 if other else t
 
-            reports[rank] = check(case.model, case.loss_fn, halves[rank], grads=mean, seed=3, reduce=mean_of_ranks)
+            reports[rank] = check(case.model, case.loss_fn, halves[rank], grads=mean, seed=3, reduce=mean_of_ranks,
+                                  joint=0)  # this replay of reduce calls needs the same calls on both ranks
             recorded[rank] = mine
     assert len(recorded[0]) == len(recorded[1]) >= 2 and all(t.dim() == 1 for t in recorded[0])
     for report in reports.values():
@@ -611,7 +615,7 @@ def test_sparse_bug_is_caught_at_the_first_check_and_localised_over_20_seeds(bug
 
 def test_bisection_names_the_element_of_a_failing_direction() -> None:
     case = SPARSE_BUGS["block_2pct"](0)
-    report = check(case.model, case.loss_fn, case.batch, seed=0, coordinates=1, directions=1)
+    report = check(case.model, case.loss_fn, case.batch, seed=0, coordinates=1, directions=1, joint=0)
     tc = report.tensors["fc1.weight"]
     failing = [p for p in tc.probes if p.failed]
     assert [p.kind for p in failing] == ["direction"]  # the coordinate missed the 8x8 block
@@ -1103,11 +1107,12 @@ def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> 
     for name, zoo in (("layernorm_gelu", CORRECT), ("wrong_sign", BUGS), ("mlp_relu_dropout", CORRECT)):
         case = zoo[name](0)
         calls.clear()
-        full = check(case.model, counting, case.batch, seed=0, coordinates=0, directions=1, localize=False)
+        full = check(case.model, counting, case.batch, seed=0, coordinates=0, directions=1, localize=False,
+                     joint=0)
         n_full = len(calls)
         calls.clear()
         short = check(case.model, counting, case.batch, seed=0, coordinates=0, directions=1, localize=False,
-                      richardson=False)
+                      richardson=False, joint=0)
         probes = len(short.probes)
         failed = sum(p.failed for p in short.probes)  # re-measured at ±2h from an unperturbed pass
         assert n_full - len(calls) == 2 * probes - (1 + 4 * failed if failed else 0)  # two fewer per probe
@@ -1134,7 +1139,7 @@ def test_the_smallest_check_skips_the_unperturbed_pass() -> None:
             case = zoo[name](seed)
             calls.clear()
             short = check(case.model, counting, case.batch, seed=seed, coordinates=1, directions=1,
-                          richardson=False, reference=False, localize=False)
+                          richardson=False, reference=False, localize=False, joint=0)
             # the training forward, then ±h per probe (and a failing probe's re-measurement: an
             # unperturbed pass and ±h, ±2h)
             failed = sum(p.failed for p in short.probes)

@@ -352,31 +352,32 @@ def test_non_check_steps_run_no_tensor_op_no_capture_no_check(monkeypatch) -> No
             assert counted.ops == [] and calls == []  # no tensor op: no .item(), no sync, no allocation
 
 
-def test_budget_spreads_the_first_check_over_tensors_in_turn() -> None:
+def test_budget_first_check_covers_every_tensor_with_the_joint_probe() -> None:
     """Before any measurement a check is assumed to cost one training step per loss evaluation."""
     case = CORRECT["layernorm_gelu"](0)
     names = [n for n, _ in case.model.named_parameters()]
-    # 2% of 100 steps: 2 evaluations, less than the smallest check: one coordinate on one tensor
+    # 2% of 100 steps: 2 evaluations, less than the smallest check: the joint probe alone, at ±h
     watch = GradWatch(case.model, case.loss_fn, seed=0, on_failure="raise")
     with watch.step(case.batch):
         case.loss_fn(case.model, case.batch).backward()
     report = watch.last_report
-    checked = [n for n, t in report.tensors.items() if t.verdict != "skipped"]
-    assert checked == names[:1] and [p.kind for p in report.tensors[names[0]].probes] == ["coordinate"]
-    assert all("not selected" in report.tensors[n].reason for n in names[1:])
+    assert [p.kind for p in report.joint] == ["joint"] and not report.joint[0].failed and report.reference
+    assert all(t.verdict == "pass" and not t.probes and "verified jointly" in t.reason for t in report.tensors.values())
+    assert list(report.tensors) == names
     assert watch.max_overhead == 0.02
-    # 100% of 100 steps: 100 evaluations, 24 probes: every tensor, 3 coordinates and 1 direction each
+    # 100% of 100 steps: 100 evaluations, the joint probe + 23 probes: every tensor, 2 coordinates, 1 direction
     watch = GradWatch(case.model, case.loss_fn, max_overhead=1.0, seed=0, on_failure="raise")
     with watch.step(case.batch):
         case.loss_fn(case.model, case.batch).backward()
-    assert all(len(t.probes) == 4 for t in watch.last_report.tensors.values())
-
+    assert all(len(t.probes) == 3 for t in watch.last_report.tensors.values())
+    assert len(watch.last_report.joint) == 1
 
 
 def test_the_smallest_check_redraws_no_kinked_coordinate_and_a_full_check_does() -> None:
     """A layer whose every pre-activation sits at the ReLU kink: any coordinate of its
-    weight crosses. The budgeted first check (the smallest) keeps its one probe, kinked;
-    an unbudgeted check redraws coordinates (kink_resamples=4)."""
+    weight crosses. The budgeted first check (the smallest: the joint probe alone) has no
+    coordinate to redraw and its joint probe crosses at every step; an unbudgeted check
+    redraws coordinates (kink_resamples=4)."""
     model = nn.Sequential(nn.Linear(3, 4), nn.ReLU(), nn.Linear(4, 2))
     with torch.no_grad():
         model[0].weight.zero_()
@@ -386,7 +387,7 @@ def test_the_smallest_check_redraws_no_kinked_coordinate_and_a_full_check_does()
     def loss_fn(m, x):
         return m(x).pow(2).mean()
 
-    for budget, probes, redrawn in ((0.02, 1, 0), (None, 4 + 1 + 4, 4)):
+    for budget, probes, redrawn in ((0.02, 0, 0), (None, 4 + 1 + 4, 4)):
         watch = GradWatch(model, loss_fn, seed=0, max_overhead=budget, on_failure="raise")
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", KinkWarning)
@@ -394,6 +395,7 @@ def test_the_smallest_check_redraws_no_kinked_coordinate_and_a_full_check_does()
                 loss_fn(model, batch).backward()
         weight = watch.last_report.tensors["0.weight"]
         assert (len(weight.probes), weight.resampled, weight.verdict) == (probes, redrawn, "kink"), str(weight)
+        assert watch.last_report.joint[0].kink  # the joint probe crosses at every step it tries, too
 
 
 def test_every_check_keeps_a_random_direction() -> None:

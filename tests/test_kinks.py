@@ -70,7 +70,7 @@ CASES = {
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_forced_crossing_is_recorded_as_a_kink(case: str) -> None:
     model = Scalar(CASES[case])
-    report = check(model, _loss, None, seed=0, coordinates=1, directions=1)
+    report = check(model, _loss, None, seed=0, coordinates=1, directions=1, joint=0)  # the probes of w alone
     tc = report.tensors["w"]
     assert all(p.kink for p in tc.probes), str(report)
     assert tc.verdict == "kink" and report.ok
@@ -337,7 +337,7 @@ def test_resampling_keeps_every_tensor_checked_when_most_coordinates_sit_near_ki
     unchecked = 0
     for seed in range(6):
         model = MostlyNearKinks()
-        without = check(model, _loss, None, seed=seed, coordinates=4, directions=0, kink_resamples=0)
+        without = check(model, _loss, None, seed=seed, coordinates=4, directions=0, kink_resamples=0, joint=0)
         unchecked += without.tensors["w"].verdict == "kink"
         report = check(model, _loss, None, seed=seed, coordinates=4, directions=0, kink_resamples=40)
         tc = report.tensors["w"]
@@ -522,7 +522,7 @@ def test_pre_activations_collapsing_onto_the_kink_show_as_a_rising_kink_fraction
 
 def test_data_dependent_control_flow_is_a_discontinuity_and_earlier_ops_keep_their_margins() -> None:
     model = Scalar(lambda w: torch.relu(w - C) if bool((w > C).all()) else w.abs() * 3 + torch.relu(w))
-    report = check(model, _loss, None, seed=0, coordinates=1, directions=0)
+    report = check(model, _loss, None, seed=0, coordinates=1, directions=0, joint=0)
     gt, changed = report.kink_events
     assert (gt.op, gt.call, gt.crossed) == ("gt", 0, True) and gt.margin < 1
     assert (changed.op, changed.call, changed.kind) == ("abs (op sequence changed)", 1, "discontinuity")

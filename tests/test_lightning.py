@@ -583,11 +583,12 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
     # only rank zero wrote to the logger
     assert results[0]["logged_steps"] == [0, 1] and results[1]["logged_steps"] == []
     # under a budget both ranks check the same steps (rank zero's deferrals), tensors and probes;
-    # step 0 is the smallest check (one coordinate at ±h, no float64 reference gradient)
+    # step 0 is the smallest check (the joint probe over every tensor at ±h, no probe of a single tensor)
     budgeted = [results[rank]["budgeted"] for rank in (0, 1)]
     assert budgeted[0] == budgeted[1]
-    assert budgeted[0]["steps"][0] == 0 and budgeted[0]["kinds"][0] == ["coordinate"]
-    assert budgeted[0]["reference"][0] is False and len(budgeted[0]["checked"][0]) == 1
+    assert budgeted[0]["steps"][0] == 0 and budgeted[0]["joint"][0] == ["joint"]
+    # the joint probe failed; group testing named the tensor, which a direction probe of its own confirmed
+    assert budgeted[0]["checked"][0] == ["net.fc1.weight"] and budgeted[0]["kinds"][0] == ["direction"]
     # the script ran in its namespace (the other one is imported by nothing but lightning_zoo's default),
     # and the callback was a Callback of it
     assert all(namespace in res["namespaces"] and res["is_callback"] for res in results.values()), results
@@ -716,7 +717,7 @@ def test_precision_and_kink_options_reach_the_engine(lit) -> None:
 
 def test_default_budget_checks_step_zero_then_spends_within_the_budget(monkeypatch, lit) -> None:
     """The schedule shared with GradWatch: step 0 is checked, sized before anything is measured
-    (2% of 100 steps: less than one probe, so the smallest check: one coordinate of the first tensor)."""
+    (2% of 100 steps: less than one probe, so the smallest check: the joint probe over every tensor)."""
     calls = []
     original = gradwatch._callbacks.check
     monkeypatch.setattr(gradwatch._callbacks, "check", lambda *a, **k: calls.append(k["names"]) or original(*a, **k))
@@ -725,7 +726,8 @@ def test_default_budget_checks_step_zero_then_spends_within_the_budget(monkeypat
     assert callback.max_overhead == 0.02
     _fit(module, callback, max_steps=6)
     names = [n for n, _ in module.named_parameters()]
-    assert [s for s, _ in callback.reports] == [0] and calls == [names[:1]]  # the next check is >= 100 steps away
+    assert [s for s, _ in callback.reports] == [0] and calls == [names]  # the next check is >= 100 steps away
+    assert [p.kind for p in callback.reports[0][1].joint] == ["joint"]
     report = callback.last_report
-    assert [p.kind for p in report.tensors[names[0]].probes] == ["coordinate"]
-    assert all("not selected" in report.tensors[n].reason for n in names[1:])
+    assert all(not t.probes and t.verdict == "pass" and "verified jointly" in t.reason
+               for t in report.tensors.values())

@@ -12,6 +12,7 @@ from gradwatch._schedule import (
     _EVALS_PER_SHORT_PROBE,
     _FIXED_EVALS,
     _FIXED_EVALS_SMALLEST,
+    _JOINT_PROBES,
     _Schedule,
 )
 
@@ -29,11 +30,11 @@ def _simulate(monkeypatch, *, steps, every, budget, step_s, eval_s, coordinates=
         now[0] += step_s
         if due:
             chosen, c, d = sched.plan(NAMES)
-            probes = len(chosen) * (c + d)
+            probes = len(chosen) * (c + d)  # besides the joint probe every check starts with
             if sched.richardson:
-                cost = eval_s * (_FIXED_EVALS + _EVALS_PER_PROBE * probes)
+                cost = eval_s * (_FIXED_EVALS + _EVALS_PER_PROBE * (probes + _JOINT_PROBES))
             else:
-                cost = eval_s * (_FIXED_EVALS_SMALLEST + _EVALS_PER_SHORT_PROBE * probes)
+                cost = eval_s * (_FIXED_EVALS_SMALLEST + _EVALS_PER_SHORT_PROBE * (probes + _JOINT_PROBES))
             now[0] += cost
             check_s += cost
             sched.done(step, cost, probes)
@@ -59,63 +60,56 @@ def test_cheap_checks_run_in_full_every_n_steps(monkeypatch) -> None:
 def test_expensive_checks_stay_within_the_budget(monkeypatch, eval_s) -> None:
     checks, spent, trained = _simulate(monkeypatch, steps=20_000, every=100, budget=0.02, step_s=1.0, eval_s=eval_s)
     assert checks[0][0] == 0  # the first check is never deferred
-    largest = eval_s * (_FIXED_EVALS + _EVALS_PER_PROBE * 30)
+    largest = eval_s * (_FIXED_EVALS + _EVALS_PER_PROBE * 31)
     assert spent <= 0.02 * trained + largest, (spent, trained)
     assert spent >= 0.01 * trained  # the budget is used, not wasted
     gaps = [b[0] - a[0] for a, b in zip(checks, checks[1:])]
     assert min(gaps) >= 100
 
 
-def test_probes_shrink_coordinates_first_then_tensors_in_rotation(monkeypatch) -> None:
-    # 0.02 * 100 steps * 1 s = 2 s per interval: 2 / 0.01 = 200 evaluations, enough for 6 tensors x 5 probes
+def test_probes_shrink_coordinates_first_then_to_the_joint_probe_alone(monkeypatch) -> None:
+    # 0.02 * 100 steps * 1 s = 2 s per interval: 2 / 0.01 = 200 evaluations, enough for the joint probe + 6 x 5
     full, _, _ = _simulate(monkeypatch, steps=400, every=100, budget=0.02, step_s=1.0, eval_s=0.01)
     assert all((c, d) == (4, 1) and chosen == NAMES for _, chosen, c, d in full[1:])
-    # 2 s / 0.05 = 40 evaluations: 9 probes, fewer coordinates on every tensor
+    # 2 s / 0.05 = 40 evaluations: the joint probe + 8 probes, fewer coordinates on every tensor
     fewer, _, _ = _simulate(monkeypatch, steps=400, every=100, budget=0.02, step_s=1.0, eval_s=0.05)
     assert all(chosen == NAMES and d == 1 and c < 4 for _, chosen, c, d in fewer[1:])
-    # 2 s / 0.2 = 10 evaluations: 2 probes, one direction on two tensors at a time, in turn
-    rotating, _, _ = _simulate(monkeypatch, steps=3000, every=100, budget=0.02, step_s=1.0, eval_s=0.2)
-    # (the smallest check, one coordinate at ±h, where even one full probe does not fit: step 0,
-    # before any measurement, and step 100, after paying for it)
-    assert [c[1:] for c in rotating[:2]] == [(NAMES[:1], 1, 0), (NAMES[1:2], 1, 0)]
-    assert all(d == 1 and c == 0 and len(chosen) < len(NAMES) for _, chosen, c, d in rotating[2:])
-    covered = [name for _, chosen, _, _ in rotating[:6] for name in chosen]
-    assert set(covered) == set(NAMES)
+    # 2 s / 0.2 = 10 evaluations: the joint probe alone, over every tensor (no rotation needed)
+    joint, _, _ = _simulate(monkeypatch, steps=3000, every=100, budget=0.02, step_s=1.0, eval_s=0.2)
+    assert all(chosen == NAMES and c == 0 and d <= 1 for _, chosen, c, d in joint)
+    assert sum((c, d) == (0, 0) for _, _, c, d in joint) >= len(joint) - 3  # a direction each when credit piled up
+    assert len(joint) >= 20  # every ~100-150 steps
 
 
-def test_a_single_probe_drops_its_richardson_passes_only_when_nothing_else_fits(monkeypatch) -> None:
+def test_every_check_covers_every_tensor_even_the_first_and_the_smallest(monkeypatch) -> None:
     sched = _Schedule(100, 0.02, 4, 1)
     now = [0.0]
     monkeypatch.setattr(_schedule, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
     sched.begin(0)
     now[0] += 1.0
-    assert sched.plan(NAMES) == (NAMES[:1], 1, 0) and not sched.richardson  # 2 evaluations < 4 + 4: the smallest
+    # 2 evaluations < 4 + 4: the smallest check, the joint probe over every tensor at ±h
+    assert sched.plan(NAMES) == (NAMES, 0, 0) and not sched.richardson
     roomy = _Schedule(100, 0.2, 4, 1)
     roomy.begin(0)
     now[0] += 1.0
-    assert roomy.plan(NAMES) == (NAMES[:4], 0, 1) and roomy.richardson  # 20 evaluations: 4 full probes
+    assert roomy.plan(NAMES) == (NAMES, 0, 0) and roomy.richardson  # 20 evaluations: the joint probe in full
+    roomier = _Schedule(100, 0.5, 4, 1)
+    roomier.begin(0)
+    now[0] += 1.0
+    assert roomier.plan(NAMES) == (NAMES, 0, 1) and roomier.richardson  # 50: joint + a direction per tensor
     assert _Schedule(100, None, 4, 1).plan(NAMES) == (NAMES, 4, 1)
     # what the planned check overrides: nothing, or for the smallest check the ±2h passes,
-    # the reference gradient and the redrawing of kinked coordinates
+    # and the redrawing of kinked coordinates (it keeps the float64 reference gradient)
     assert roomy.check_options() == {}
-    assert sched.check_options() == {"richardson": False, "reference": False, "kink_resamples": 0}
+    assert sched.check_options() == {"richardson": False, "kink_resamples": 0}
 
 
 def test_first_check_gets_one_interval_of_budget(monkeypatch) -> None:
     # before any check, one evaluation is assumed to cost one training step: 0.02 * 100 = 2 evaluations
     checks, _, _ = _simulate(monkeypatch, steps=1, every=100, budget=0.02, step_s=1.0, eval_s=1.0)
-    assert checks == [(0, NAMES[:1], 1, 0)]  # the smallest check: one coordinate
-    checks, _, _ = _simulate(monkeypatch, steps=1, every=100, budget=0.02, step_s=1.0, eval_s=1.0, directions=2,
-                             coordinates=0)
-    assert checks == [(0, NAMES[:1], 0, 1)]  # a direction when no coordinates are configured
+    assert checks == [(0, NAMES, 0, 0)]  # the smallest check: the joint probe alone
     checks, _, _ = _simulate(monkeypatch, steps=1, every=100, budget=1.0, step_s=1.0, eval_s=1.0)
-    assert checks == [(0, NAMES, 3, 1)]  # 100 evaluations: 24 probes, 4 per tensor
-
-
-def test_coordinate_only_configuration_keeps_a_coordinate(monkeypatch) -> None:
-    checks, _, _ = _simulate(monkeypatch, steps=1, every=100, budget=0.02, step_s=1.0, eval_s=1.0,
-                             coordinates=3, directions=0)
-    assert checks == [(0, NAMES[:1], 1, 0)]
+    assert checks == [(0, NAMES, 2, 1)]  # 100 evaluations: the joint probe + 23 probes, 3 per tensor
 
 
 def test_is_planned() -> None:

@@ -1,0 +1,379 @@
+"""Joint probes: one random direction over every checked tensor at once (private).
+
+A room of the engine beside :mod:`gradwatch._probing`. One joint probe perturbs all
+checked tensors together along ``v = (w_1·z_1, ..., w_T·z_T)``, where ``z_t`` is the
+Gaussian direction :func:`gradwatch._probing._direction` draws for tensor ``t`` and
+``w_t`` a per-tensor weight, and compares one central difference (two float64 passes
+at ``±h``; four with the Richardson passes) with ``Σ_t <g_t, v_t>``. It is judged by
+:class:`~gradwatch._judging._Judge` exactly like a direction probe (against the float64
+reference when the check computed it, else against the gradient with the tolerance of
+its precision; the tolerance is built from the root sum of squares of all the terms).
+
+Weights: ``w_t ∝ 1 / max(‖g_t‖, 0.1·G·√n_t)`` (``G``: RMS of the model's gradient),
+normalised so the largest is 1. Every tensor's term ``<g_t, v_t>`` then has the same
+spread, so a wrong gradient in a small tensor weighs as much as one in a large tensor,
+and a tensor whose true gradient is 0 (a conv bias before BatchNorm) does not blow up
+the step. A tensor whose gradient holds NaN/Inf gets weight 0 (it is reported
+``nonfinite`` on its own). No weight needs a host transfer.
+
+Kinks: a joint direction moves every ReLU/max-pool input of the model at once, so it
+starts at a step :data:`_FIRST` times the check's (crossings scale with the step; a
+CNN with BatchNorm, ReLU and max-pool crossed at the default step in 5 of 5 seeds, at
+1/32 of it in 3 of 5, at 1/256 in 0 of 5), and when the recorder says the probe crossed a kink it is redone
+with the step shrunk by :data:`_SHRINK`, up to :data:`_RETRIES` times; one small host
+transfer per retry. Float64 rounding stays far below the tolerances at these steps and
+is in the error bar. A probe that still crosses verifies nothing (``kink=True``).
+
+Localisation: a failing joint probe is bisected over the tensor list (group testing:
+the direction restricted to the first half of the tensors, one host transfer per
+level, ``⌈log2 T⌉`` levels), the tensor it names is confirmed by a direction probe of
+its own along the same direction, and :func:`~gradwatch._probing._locate` then names
+the element.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import math
+from typing import Any, Callable, Mapping, NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from gradwatch._evaluation import _Evaluation, _HostValues
+from gradwatch._judging import _Judge, _loss_noise, _ratio
+from gradwatch._probing import _direction, _Excluded, _KinkRow, _locate, _probe
+from gradwatch.kinks import _ProbeKinks
+from gradwatch.report import Probe, TensorCheck
+
+__all__: list[str] = []
+
+#: Mixed into the check's seed for the joint directions (independent of the plan's).
+_JOINT_SALT = 0x4A4F494E54
+#: Floor of a tensor's effective gradient norm, as a fraction of ``G·√n_t``.
+_WEIGHT_FLOOR = 0.1
+#: Step of a joint probe relative to the check's, then the factor of each retry after a
+#: kink crossing, and the number of retries.
+_FIRST = 1.0 / 256.0
+_SHRINK = 1.0 / 32.0
+_RETRIES = 2
+
+
+def _joint_seeds(seed: int, count: int) -> list[int]:
+    """Seeds of the ``count`` joint probes of a check (deterministic given its seed)."""
+    state = np.random.SeedSequence([seed & (2**63 - 1), _JOINT_SALT]).generate_state(count, np.uint64)
+    return [int(s >> np.uint64(2)) for s in state]
+
+
+def _tensor_seeds(seed: int, names: list[str]) -> list[int]:
+    """Seed of each tensor's Gaussian part of the joint direction ``seed``."""
+    gen = torch.Generator().manual_seed(seed)
+    return [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in names]
+
+
+class _JointLine:
+    """Points ``θ + s·h·v`` of one joint probe over several tensors, and its terms ``<g_t, v_t>``."""
+
+    def __init__(
+        self, ev: _Evaluation, names: list[str], seed: int, grads: Mapping[str, Tensor],
+        refs: Mapping[str, Tensor | None], base_step: float, excluded: Mapping[str, _Excluded] | None = None,
+    ) -> None:
+        self.names = names
+        self.keys = [f"model.{n}" for n in names]
+        self.seeds = _tensor_seeds(seed, names)
+        thetas = [ev.shadow[k] for k in self.keys]
+        device = thetas[0].device
+        self.dtypes = [t.dtype for t in thetas]
+        g64 = [grads[n].detach().to(device=t.device, dtype=torch.float64).reshape(t.shape) for n, t in zip(names, thetas)]
+        finite = [torch.isfinite(g).all() for g in g64]
+        g64 = [torch.where(torch.isfinite(g), g, torch.zeros_like(g)) for g in g64]
+        norms = torch.stack([g.norm().to(device) for g in g64])
+        numel = torch.tensor([float(t.numel()) for t in thetas], dtype=torch.float64, device=device)
+        rms = (norms.pow(2).sum() / numel.sum()).sqrt()
+        eff = torch.maximum(norms, _WEIGHT_FLOOR * rms * numel.sqrt()).clamp_min(1e-300)
+        weights = eff.min() / eff
+        weights = torch.where(torch.stack([f.to(device) for f in finite]), weights, torch.zeros_like(weights))
+        self.theta64 = [t.to(torch.float64) for t in thetas]
+        masks = [excluded[n].mask if excluded and n in excluded else None for n in names]  # never probed elements
+        self.v = [_direction(t, s, m) * weights[i].to(t.device)
+                  for i, (t, s, m) in enumerate(zip(thetas, self.seeds, masks))]
+        self.weights = weights
+        sq = sum((t if m is None else torch.where(m, t, 0.0)).pow(2).sum().to(device) for t, m in zip(self.theta64, masks))
+        count = sum(float(t.numel()) if m is None else m.sum().to(device) for t, m in zip(thetas, masks))
+        self.h0 = _FIRST * base_step * torch.clamp((sq / count).sqrt(), min=1.0)
+        self.h = self.h0
+        self.g64 = g64
+        terms = [g * v for g, v in zip(g64, self.v)]
+        self.a_t = [t.sum().to(device) for t in terms]  # per tensor, for group testing
+        self.a = torch.stack(self.a_t).sum()
+        self.rss = torch.stack([t.pow(2).sum().to(device) for t in terms]).sum().sqrt()
+        self.vnorm = torch.stack([v.pow(2).sum().to(device) for v in self.v]).sum().sqrt()
+        del terms
+        self.a_ref_t = self.a_ref = self.rss_ref = None
+        if all(refs.get(n) is not None for n in names):
+            rterms = [refs[n].to(torch.float64).reshape(v.shape) * v for n, v in zip(names, self.v)]
+            self.a_ref_t = [t.sum().to(device) for t in rterms]
+            self.a_ref = torch.stack(self.a_ref_t).sum()
+            self.rss_ref = torch.stack([t.pow(2).sum().to(device) for t in rterms]).sum().sqrt()
+
+    def point(self, s: float, lo: int = 0, hi: int | None = None) -> dict[str, Tensor]:
+        """The perturbed values of tensors ``lo:hi`` at ``θ + s·h·v``."""
+        hi = len(self.keys) if hi is None else hi
+        return {self.keys[i]: (self.theta64[i] + (s * self.h) * self.v[i]).to(self.dtypes[i]) for i in range(lo, hi)}
+
+    def difference(self, up: Tensor, down: Tensor, points: tuple[dict, dict] | None, s: float,
+                   lo: int = 0, hi: int | None = None) -> Tensor:
+        """``D(s·h)`` of tensors ``lo:hi`` along the nominal direction (rounded points corrected natively)."""
+        hi = len(self.keys) if hi is None else hi
+        nominal = (up.to(torch.float64) - down.to(torch.float64)) / (2 * s * self.h)
+        if all(d == torch.float64 for d in self.dtypes) or points is None:
+            return nominal
+        width = 2 * s * self.h
+        fix = 0.0
+        for i in range(lo, hi):
+            key = self.keys[i]
+            taken = (points[0][key].to(torch.float64) - points[1][key].to(torch.float64)) / width
+            fix = fix + (self.a_t[i] - (self.g64[i] * taken).sum())
+        return nominal + fix
+
+
+class _JointRow(NamedTuple):
+    """One joint probe: its seed, covered tensors, line and host indices."""
+
+    seed: int
+    names: list[str]
+    line: _JointLine
+    idx: dict[str, int]
+    kinks: _KinkRow | None
+    attempts: int
+
+
+def _joint_probes(
+    ev: _Evaluation, grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], seed: int, count: int,
+    step: float | None, signature: Any, loss0: Tensor | None, host: _HostValues,
+    excluded: Mapping[str, _Excluded] | None = None,
+) -> list[_JointRow]:
+    """Evaluate ``count`` joint probes over every tensor of ``grads``; their device values
+    join ``host`` (the check's one transfer). A probe that crossed a kink is redone at a
+    smaller step (one small transfer per retry, see the module notes)."""
+    names = list(grads)
+    if not names or count <= 0:
+        return []
+    out = []
+    for jseed in _joint_seeds(seed, count):
+        base = step if step is not None else ev.step(ev.shadow[f"model.{names[0]}"].dtype)
+        line = _JointLine(ev, names, jseed, grads, refs, base, excluded)
+        for attempt in range(_RETRIES + 1):
+            line.h = line.h0 * _SHRINK**attempt
+            values, kinks = _evaluate(ev, line, signature, loss0)
+            if kinks is None or attempt == _RETRIES:
+                break
+            check = _HostValues(host.reduce)  # every process takes the same decision
+            i = check.add(kinks.any_crossed())
+            if not check.fetch()[i] > 0:
+                break
+        row = _KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), False) if kinks else None
+        out.append(_JointRow(jseed, names, line, {k: host.add(x) for k, x in values.items()}, row, attempt + 1))
+    return out
+
+
+def _evaluate(ev: _Evaluation, line: _JointLine, signature: Any, loss0: Tensor | None) -> tuple[dict, Any]:
+    """The passes of one joint probe at ``line.h``: device values as :func:`_probe` returns them."""
+    losses: dict[float, Tensor] = {}
+    points: dict[float, dict] = {}
+    ref = signature
+    if ev.own_reference:  # no unperturbed pass: the +h pass is the kink reference
+        points[1.0] = line.point(1.0)
+        loss, ref = ev({**ev.shadow, **points[1.0]})
+        losses[1.0] = loss.to(torch.float64)
+    kinks = _ProbeKinks(ref, line.h0.device) if ref is not None else None
+    for s in ev.signs:
+        if s in losses:
+            continue
+        points[s] = line.point(s)
+        pass_kinks = kinks.next_pass(margins=abs(s) == 2.0) if kinks is not None else None
+        loss, _ = ev({**ev.shadow, **points[s]}, kinks=pass_kinks, record=False)
+        losses[s] = loss.to(torch.float64)
+    n1 = line.difference(losses[1.0], losses[-1.0], (points[1.0], points[-1.0]), 1.0)
+    out = {
+        "a": line.a, "rss": line.rss, "vnorm": line.vnorm, "n1": n1, "n2": n1,
+        "lmax": torch.stack([x.abs() for x in losses.values()]).max(), "h": line.h,
+        "kink": kinks.any_crossed() if kinks is not None else False,
+    }
+    if ev.own_reference:
+        out["mid"] = (losses[1.0] + losses[-1.0]) / 2
+    if 2.0 in losses:
+        out["n2"] = line.difference(losses[2.0], losses[-2.0], (points[2.0], points[-2.0]), 2.0)
+        out["fourth"] = losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * loss0
+    if line.a_ref is not None:
+        out["a_ref"], out["rss_ref"] = line.a_ref, line.rss_ref
+    return out, kinks
+
+
+def _judge_joint(judge: _Judge, row: _JointRow) -> Probe:
+    """The :class:`Probe` (``kind="joint"``) of one joint probe, with its kink margin."""
+    probe = judge.probe("joint", row.seed, row.idx, ())
+    if row.kinks is None:
+        return probe
+    margins = [judge.values[i] for i in row.kinks.margin]
+    margins = [m for m in margins if m != math.inf and not math.isnan(m)]
+    return dataclasses.replace(probe, kink_margin=min(margins, default=math.inf),
+                               at_kink=any(m == 0.0 for m in margins))
+
+
+def _group(ev: _Evaluation, judge: _Judge, row: _JointRow, probe: Probe) -> str:
+    """Group testing: bisect the failing joint probe over its tensors; returns the name
+    of the tensor holding (the larger part of) the disagreement. Each level evaluates the
+    direction restricted to the first half at ``±h`` and follows the half whose
+    disagreement is larger; one host transfer per level."""
+    line = row.line
+    cmp = line.a_ref_t if (line.a_ref_t is not None and probe.reference is not None) else line.a_t
+    err = probe.numerical - (probe.reference if probe.reference is not None else probe.autograd)
+    lo, hi = 0, len(line.names)
+    while hi - lo > 1:
+        mid = (lo + hi) // 2
+        up_pt, down_pt = line.point(1.0, lo, mid), line.point(-1.0, lo, mid)
+        up, _ = ev({**ev.shadow, **up_pt}, record=False)
+        down, _ = ev({**ev.shadow, **down_pt}, record=False)
+        level = _HostValues(judge.reduce)  # the same decision on every process
+        i = level.add(line.difference(up, down, (up_pt, down_pt), 1.0, lo, mid) - torch.stack(cmp[lo:mid]).sum())
+        left = level.fetch()[i]
+        right = err - left
+        lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
+    return line.names[lo]
+
+
+def _summary(judged: list[Probe]) -> dict[str, float]:
+    """``rel_error`` and ``error_bar`` of a tensor over its judged probes (as :class:`_Judge` computes them)."""
+    if not judged:
+        return {"rel_error": math.nan, "error_bar": math.nan}
+    num = np.array([p.numerical for p in judged])
+    ana = np.array([p.autograd for p in judged])
+    denom = float(np.linalg.norm(num) + np.linalg.norm(ana))
+    return {"rel_error": _ratio(float(np.linalg.norm(num - ana)), denom),
+            "error_bar": _ratio(float(np.linalg.norm([p.error_bar for p in judged])), denom)}
+
+
+def _joint_verdicts(
+    ev: _Evaluation, judge: _Judge, rows: list[_JointRow], tensors: dict[str, TensorCheck],
+    grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], step: float | None,
+    signature: Any, loss0: Tensor | None, localize: bool, excluded: Mapping[str, _Excluded] | None = None,
+    measured: Callable[[], _Evaluation] | None = None,
+) -> tuple[tuple[Probe, ...], dict[str, TensorCheck]]:
+    """The joint probes and the tensor verdicts they change.
+
+    * A passing joint probe verifies every tensor it covers jointly: a tensor without a
+      verdict of its own (no probe, or every own probe crossed a kink) passes, with
+      ``reason`` saying so and its ``rel_error``/``error_ratio`` those of the joint probe.
+    * A failing one is bisected over its tensors (``localize``): the tensor it names
+      fails, with a confirming direction probe added to its probes and the element
+      located; tensors with no verdict of their own are reported ``skipped`` (not
+      verified). Without ``localize`` they all fail ("somewhere in these tensors").
+    * A joint probe that crossed a kink at every step it tried verifies nothing.
+    * In a check that measured no noise (``measured``: a factory of an evaluation with
+      ``±2h`` passes), the confirming probe is evaluated from an unperturbed pass at
+      ``±h`` and ``±2h`` and judged with the noise it measures; if it passes, the joint
+      failure is put down to unmeasured noise and the tensors it covered stay unverified.
+    """
+    probes = tuple(_judge_joint(judge, r) for r in rows)
+    out = dict(tensors)
+    if not rows:
+        return probes, out
+    covered = rows[0].names
+    judged = [(r, p) for r, p in zip(rows, probes) if not p.kink]
+    finite = [(r, p) for r, p in judged if all(math.isfinite(x) for x in (p.autograd, p.numerical, p.error_bar))]
+    failing = [(r, p) for r, p in finite if p.failed]
+    unverified = {n for n in covered if out[n].verdict in ("kink",) or (out[n].verdict == "pass" and not out[n].probes)}
+    if len(finite) < len(judged):
+        for n in unverified:
+            out[n] = dataclasses.replace(out[n], verdict="nonfinite",
+                                         reason="non-finite perturbed loss in the joint probe over every tensor")
+        return probes, out
+    if failing:
+        row, worst = max(failing, key=lambda rp: _ratio(rp[1].error, rp[1].tolerance))
+        if not localize:
+            for n in covered:
+                if out[n].verdict != "fail":
+                    out[n] = dataclasses.replace(
+                        out[n], verdict="fail", error_ratio=_ratio(worst.error, worst.tolerance),
+                        reason=f"the joint probe over {len(covered)} tensors failed; not narrowed down (localize=False)",
+                    )
+            return probes, out
+        name = _group(ev, judge, row, worst)
+        for n in unverified - {name}:
+            out[n] = dataclasses.replace(out[n], verdict="skipped", reason=(
+                f"not verified: the joint probe over {len(covered)} tensors failed and group testing named '{name}'"))
+        i = row.names.index(name)
+        mask = excluded.get(name) if excluded else None
+        # confirmed along the same direction, from the step the joint probe ended at, shrunk on kinks
+        small = (step if step is not None else ev.step(ev.shadow[f"model.{name}"].dtype)) * _FIRST
+        small *= _SHRINK ** (row.attempts - 1)
+        if measured is not None:  # from the check's own step: at the joint's, rounding inside the forward dominates
+            small = step if step is not None else ev.step(ev.shadow[f"model.{name}"].dtype)
+        by, judge_by, sig_by, loss0_by = ev, judge, signature, loss0
+        if measured is not None:  # no noise measured: confirm from an unperturbed pass with ±2h passes
+            by = measured()
+            loss0_by, sig_by, _ = by.base(grads, reference=False)
+            by.loss0 = loss0_by
+        for attempt in range(_RETRIES + 1):
+            host = _HostValues(judge.reduce)
+            kind, value, idx = _probe(by, name, grads[name], refs.get(name), ("direction", row.line.seeds[i]), small,
+                                      sig_by, loss0_by, host, excluded=mask)
+            i_loss0 = host.add(loss0_by) if measured is not None else None
+            fetched = host.fetch()
+            if measured is not None:
+                judge_by = copy.copy(judge)
+                judge_by.noise = max(judge.noise, _loss_noise({name: [(kind, value, idx)]}, fetched, by, fetched[i_loss0]))
+            confirm = judge_by.probe(kind, value, idx, out[name].shape, values=fetched)
+            if not confirm.kink:
+                break
+            small *= _SHRINK
+        if measured is not None and not confirm.failed and not confirm.kink:
+            for n in unverified:
+                out[n] = dataclasses.replace(out[n], verdict="skipped", reason=(
+                    f"not verified: the joint probe over {len(covered)} tensors failed in a check that measured no "
+                    f"noise, and the direction probe of '{name}' along it passed with its noise measured"))
+            if name not in unverified:
+                out[name] = dataclasses.replace(out[name], probes=out[name].probes + (confirm,))
+            return probes, out
+        tc = out[name]
+        ratio = max(_ratio(worst.error, worst.tolerance), _ratio(confirm.error, confirm.tolerance))
+        if confirm.failed:
+            why = None
+        elif confirm.kink:
+            why = ("the joint probe failed and group testing named this tensor; its own direction probe along the "
+                   "same direction crossed a kink at every step tried")
+        else:
+            why = ("the joint probe failed and group testing named this tensor; its own direction probe along the "
+                   f"same direction passed (err/tol {_ratio(confirm.error, confirm.tolerance):.3g})")
+        tc = dataclasses.replace(tc, verdict="fail", probes=tc.probes + (confirm,), reason=why,
+                                 error_ratio=max(ratio, tc.error_ratio) if not math.isnan(tc.error_ratio) else ratio,
+                                 **_summary([p for p in tc.probes + (confirm,) if not p.kink]))
+        if tc.located is None:
+            located = _locate(ev, judge, tc, grads[name], refs.get(name), small, signature, loss0, mask)
+            if located is not None:
+                tc = dataclasses.replace(tc, located=located)
+        out[name] = tc
+        return probes, out
+    if not judged:  # every joint probe crossed a kink at every step tried
+        for n in unverified:
+            if not out[n].probes:
+                out[n] = dataclasses.replace(out[n], reason=(
+                    "its only probe, the joint probe over every tensor, crossed a kink of a non-smooth op"))
+        return probes, out
+    if judged:
+        p = max((q for _, q in judged), key=lambda q: _ratio(q.error, q.tolerance))
+        ratio = _ratio(p.error, p.tolerance)
+        compared = p.reference if p.reference is not None else p.autograd
+        denom = abs(p.numerical) + abs(compared)
+        for n in unverified:
+            gap = out[n].gap_ratio
+            out[n] = dataclasses.replace(
+                out[n], verdict="pass", rel_error=_ratio(abs(p.numerical - p.autograd), denom),
+                error_bar=_ratio(p.error_bar, denom),
+                error_ratio=max(ratio, gap) if not math.isnan(gap) else ratio,
+                reason=f"verified jointly: the joint probe over {len(covered)} tensors passed (Report.joint)",
+            )
+    return probes, out

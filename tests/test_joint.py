@@ -1,0 +1,197 @@
+"""Joint probes (gradwatch/_joint.py): one direction over every tensor, group testing, kinks."""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import gradwatch
+from gradwatch import GradWatch, KinkWarning, check
+from gradwatch._evaluation import DEFAULT_STEP
+from zoo import BUGS, CORRECT, SPARSE_BUGS
+
+JOINT_ONLY = {"coordinates": 0, "directions": 0}
+SMALLEST = {**JOINT_ONLY, "richardson": False, "reference": False}
+
+
+@pytest.mark.parametrize("options", [JOINT_ONLY, SMALLEST], ids=["full", "smallest"])
+@pytest.mark.parametrize("bug", sorted(BUGS) + sorted(SPARSE_BUGS))
+def test_joint_probe_catches_and_localises_each_planted_bug(bug: str, options: dict) -> None:
+    if bug == "small_gradient":
+        pytest.skip("a tensor whose gradients are 1e-6 of the model's weighs at the joint weight floor "
+                    "(0.1 of the model's RMS); its own probes catch it (test_judging, test_engine)")
+    build = BUGS.get(bug) or SPARSE_BUGS[bug]
+    for seed in range(3):
+        case = build(seed)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KinkWarning)
+            report = check(case.model, case.loss_fn, case.batch, seed=seed, **options)
+        failed = {t.name for t in report.failures}
+        assert failed and failed <= case.wrong, (seed, failed, case.wrong)
+        assert len(report.joint) == 1 and report.joint[0].kind == "joint"
+        for t in report.failures:  # named at the element
+            assert t.worst is not None and t.worst.index is not None, (seed, str(t))
+        # the tensors group testing did not name were not verified by the failing joint probe
+        others = [t for n, t in report.tensors.items() if n not in failed]
+        assert all(t.verdict == "skipped" and "group testing named" in t.reason for t in others) or \
+            report.tensors[next(iter(failed))].gap_ratio > 1.0  # a precision gap (hook) needs no group testing
+
+
+@pytest.mark.parametrize("name", sorted(CORRECT))
+def test_correct_zoo_models_stay_quiet_across_seeds(name: str) -> None:
+    for seed in range(4):
+        case = CORRECT[name](seed)
+        for options in (JOINT_ONLY, SMALLEST, {}):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", KinkWarning)
+                report = check(case.model, case.loss_fn, case.batch, seed=seed, **options)
+            assert report.ok, (seed, options, str(report))
+            assert report.joint[0].error <= report.joint[0].tolerance
+            if options:  # no probe of their own: every tensor is verified jointly
+                assert all(t.verdict == "pass" and "verified jointly" in t.reason
+                           for t in report.tensors.values() if not (t.reason or "").startswith("empty tensor"))
+
+
+class _Scaled(torch.autograd.Function):
+    """Identity forward; the backward multiplies the gradient by ``scale`` (the planted bug)."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        ctx.save_for_backward(scale)
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (scale,) = ctx.saved_tensors
+        return g * scale.to(g.dtype), None
+
+
+class _Head(nn.Linear):
+    """A linear layer whose bias gradient is 2% too large on 1/8 of its rows (at least one)."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        scale = torch.ones_like(self.bias)
+        scale[: max(self.bias.numel() // 8, 1)] = 1.02
+        return F.linear(x, self.weight, _Scaled.apply(self.bias, scale))
+
+
+def _deep(head: type[nn.Linear] = nn.Linear) -> nn.Module:
+    layers: list[nn.Module] = []
+    for _ in range(9):
+        layers += [nn.Linear(16, 16), nn.GELU()]
+    return nn.Sequential(*layers, head(16, 8))
+
+
+def test_default_hook_catches_a_bug_in_the_last_tensor_of_a_20_tensor_model_within_500_steps() -> None:
+    torch.manual_seed(0)
+    model = _deep(_Head)
+    names = [n for n, _ in model.named_parameters()]
+    assert len(names) == 20 and names[-1] == "18.bias"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    gen = torch.Generator().manual_seed(0)
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    watch = GradWatch(model, loss_fn, seed=0, on_failure=lambda report: None)  # the defaults otherwise
+    found = None
+    for step in range(500):
+        batch = (torch.randn(32, 16, generator=gen), torch.randint(0, 8, (32,), generator=gen))
+        with watch.step(batch):
+            opt.zero_grad()
+            loss_fn(model, batch).backward()
+        opt.step()
+        if watch.reports and watch.reports[-1][0] == step and not watch.reports[-1][1].ok:
+            found = watch.reports[-1][1]
+            break
+    assert found is not None, "no check within 500 steps caught the bug"
+    assert found.step < 500 and [t.name for t in found.failures] == ["18.bias"]
+    assert found.failures[0].worst.index == (0,)  # the element with the wrong gradient
+
+
+def _near_kink() -> tuple[nn.Module, tuple, object]:
+    """A correct ReLU network (float64) with one ReLU input 5e-9 from its kink."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3)).double()
+    x = torch.randn(16, 4, dtype=torch.float64)
+    y = torch.randint(0, 3, (16,))
+    with torch.no_grad():
+        model[0].bias[0] = 5e-9 - model[0].weight[0] @ x[0]  # sample 0, unit 0: z = 5e-9
+
+    def loss_fn(m, batch):
+        return F.cross_entropy(m(batch[0]), batch[1])
+
+    return model, (x, y), loss_fn
+
+
+def test_a_kink_crossing_joint_probe_on_a_correct_relu_network_is_redone_smaller_without_false_alarm() -> None:
+    """The joint probe at its first step crosses the kink, is redone at a step 32 or 1024
+    times smaller, and then verifies the whole (correct) model."""
+    model, batch, loss_fn = _near_kink()
+    retried = 0
+    for seed in range(6):
+        for options in (JOINT_ONLY, SMALLEST):
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", KinkWarning)
+                report = check(model, loss_fn, batch, seed=seed, **options)
+            joint = report.joint[0]
+            assert report.ok and not joint.failed, str(report)
+            retried += joint.step < DEFAULT_STEP / 256  # it crossed at its first step and was redone smaller
+            if not joint.kink:
+                assert all(t.verdict == "pass" for t in report.tensors.values())
+    assert retried >= 6
+
+
+def test_a_passing_joint_probe_verifies_a_tensor_whose_own_probes_all_crossed_a_kink() -> None:
+    model, batch, loss_fn = _near_kink()
+    upgraded = 0
+    for seed in range(4):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", KinkWarning)
+            report = check(model, loss_fn, batch, seed=seed, coordinates=0, directions=1)
+        bias = report.tensors["0.bias"]
+        assert report.ok
+        if bias.kink_count == len(bias.probes) and not report.joint[0].kink:  # its direction crossed
+            assert bias.verdict == "pass" and "verified jointly" in bias.reason
+            upgraded += 1
+    assert upgraded >= 2
+
+
+def test_without_localize_a_failing_joint_probe_fails_every_tensor_it_covers() -> None:
+    case = BUGS["wrong_sign"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=0, localize=False, **JOINT_ONLY)
+    assert report.joint[0].failed
+    assert all(t.verdict == "fail" and "not narrowed down" in t.reason for t in report.tensors.values())
+
+
+def test_joint_option_validation_and_reproducibility() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    report = check(case.model, case.loss_fn, case.batch, seed=5, joint=0)
+    assert report.joint == () and all(t.reason is None for t in report.tensors.values())
+    two = check(case.model, case.loss_fn, case.batch, seed=5, joint=2, **JOINT_ONLY)
+    again = check(case.model, case.loss_fn, case.batch, seed=5, joint=2, **JOINT_ONLY)
+    assert len(two.joint) == 2 and two.joint[0].direction_seed != two.joint[1].direction_seed
+    assert [(p.direction_seed, p.numerical, p.autograd) for p in two.joint] == \
+        [(p.direction_seed, p.numerical, p.autograd) for p in again.joint]
+    with pytest.raises(ValueError, match="`joint` must be a non-negative int, got -1"):
+        check(case.model, case.loss_fn, case.batch, joint=-1)
+    with pytest.raises(ValueError, match="`coordinates` \\+ `directions` must be at least 1"):
+        check(case.model, case.loss_fn, case.batch, joint=0, **JOINT_ONLY)
+    assert gradwatch.Report.__dataclass_fields__["joint"].default == ()
+
+
+def test_the_smallest_joint_check_takes_two_float64_passes_for_the_whole_model() -> None:
+    calls = []
+    case = CORRECT["layernorm_gelu"](0)
+
+    def counting(model, batch):
+        calls.append(1)
+        return case.loss_fn(model, batch)
+
+    report = check(case.model, counting, case.batch, seed=0, localize=False, **SMALLEST)
+    assert len(calls) == 1 + 2  # the training forward, then θ ± h·v over every tensor at once
+    assert not report.joint[0].kink and all(t.verdict == "pass" for t in report.tensors.values())
