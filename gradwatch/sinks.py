@@ -272,7 +272,10 @@ class KinkWarnings:
                 continue
             meant_now = len(t.probes) - t.resampled
             self._meant[name] = self._meant.get(name, 0) + meant_now
-            self._judged[name] = self._judged.get(name, 0) + len(t.probes) - t.kink_count
+            judged_now = len(t.probes) - t.kink_count
+            if t.verdict == "pass" and judged_now == 0:  # verified by the joint probe over every tensor
+                judged_now = meant_now
+            self._judged[name] = self._judged.get(name, 0) + judged_now
             sites = self._crossed.setdefault(name, {})
             for e in {e.probe: e for e in t.kink_events if e.crossed}.values():  # one op per crossing probe
                 where = KinkSite(e.module, e.op, e.kind, 0, 0, 0, 0, math.nan).where

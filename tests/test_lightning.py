@@ -709,7 +709,8 @@ def test_precision_and_kink_options_reach_the_engine(lit) -> None:
     callback = GradWatchCallback(
         every_n_steps=1, max_overhead=None, seed=0, precision="native", kink_resamples=0, on_failure=_collect
     )
-    _fit(module, callback, max_steps=2)
+    with pytest.warns(gradwatch.KinkWarning, match="kinks kept"):  # no redraws: most of a ReLU layer's probes cross
+        _fit(module, callback, max_steps=2)
     for _, report in callback.reports:
         assert report.precision == "native" and report.precision_reason == "requested", str(report)
         assert report.ok and all(t.resampled == 0 for t in report.tensors.values())
