@@ -361,7 +361,7 @@ def test_budget_first_check_covers_every_tensor_with_the_joint_probe() -> None:
     with watch.step(case.batch):
         case.loss_fn(case.model, case.batch).backward()
     report = watch.last_report
-    assert [p.kind for p in report.joint] == ["joint"] and not report.joint[0].failed and not report.reference
+    assert [p.kind for p in report.joint] == ["joint"] and not report.joint[0].failed and report.reference
     assert all(t.verdict == "pass" and not t.probes and "verified jointly" in t.reason for t in report.tensors.values())
     assert list(report.tensors) == names
     assert watch.max_overhead == 0.02

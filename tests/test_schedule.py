@@ -101,7 +101,7 @@ def test_every_check_covers_every_tensor_even_the_first_and_the_smallest(monkeyp
     # what the planned check overrides: nothing, or for the smallest check the ±2h passes,
     # and the redrawing of kinked coordinates (it keeps the float64 reference gradient)
     assert roomy.check_options() == {}
-    assert sched.check_options() == {"richardson": False, "reference": False, "kink_resamples": 0}
+    assert sched.check_options() == {"richardson": False, "kink_resamples": 0}
 
 
 def test_first_check_gets_one_interval_of_budget(monkeypatch) -> None:
