@@ -222,7 +222,9 @@ def check(
             error bar and the measured rounding noise come from those passes. False
             halves the evaluations per probe (the adapters' smallest budgeted check);
             the error bar is then the rounding floor alone, which float64's tiny step
-            keeps honest, and kinks are recorded as crossings without margins.
+            keeps honest, and kinks are recorded as crossings without margins. Without
+            ``±2h`` passes there is no precision test either (nor its two native replays):
+            the probes are judged against the float64 reference by the code test alone.
         reference: In float64 evaluation, also take autograd's gradient of the float64
             copy (the code test and the precision test, see above). False saves that
             backward (the adapters' smallest budgeted check): probes are then judged
@@ -396,13 +398,13 @@ def check(
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
             _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host,
                       excluded)
-        # checks that compute the reference also measure the rounding of the training precision
-        spread = (
-            _measure_spread(evaluation, params, list(grad_map), signature, seed, host)
-            if ref_grads is not None and probe else None
-        )
+        # checks that compute the reference and measure their noise (richardson) also measure the
+        # rounding of the training precision and run the precision test; the smallest check (no ±2h
+        # passes) judges the backward code against the reference alone: two native replays fewer
+        precision_test = ref_grads is not None and probe and richardson
+        spread = _measure_spread(evaluation, params, list(grad_map), signature, seed, host) if precision_test else None
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
-        gaps = {name: _gap(grad_map[name], ref_grads[name], host) for name in grad_map} if ref_grads else {}
+        gaps = {name: _gap(grad_map[name], ref_grads[name], host) for name in grad_map} if precision_test else {}
         scale = _gradient_rms(every, host)
         ref_scale = _gradient_rms(ref_grads, host) if ref_grads else None
         if loss0 is None:  # own-reference probes: the first probe's midpoint stands for L(θ)
