@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from gradwatch._callbacks import _all_finite, _skipped_report
+from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
 from gradwatch._validate import (
     _callable,
@@ -44,7 +44,7 @@ from gradwatch._validate import (
     _probe_options,
     _seed,
 )
-from gradwatch.engine import PRECISIONS, check
+from gradwatch.engine import PRECISIONS
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -244,25 +244,11 @@ class GradWatch:
                 )
                 self._record(_skipped_report(self.model, seed, step, reason), step)
                 return
-        names, coordinates, directions = self._schedule.plan(
-            [n for n, p in self.model.named_parameters() if n in captured and p.numel()]  # empty: skipped
-        )
-        report = check(
-            self.model,
-            self.loss_fn,
-            batch,
-            grads=captured,
-            replay=state,
-            train_loss=train_loss,
-            seed=seed,
-            coordinates=coordinates,
-            directions=directions,
-            names=names,
-            **{**self._check_kwargs, **self._schedule.check_options()},
-        )
+        report = _budgeted_check(self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
+                                 replay=state, train_loss=train_loss, reduce=None, broadcast=None,
+                                 options=self._check_kwargs)
         del captured, state
-        self._schedule.done(step, report.seconds, sum(len(t.probes) for t in report.tensors.values()))
-        self._record(dataclasses.replace(report, step=step), step)
+        self._record(report, step)
 
     def _record(self, report: Report, step: int) -> None:
         self.reports.append((step, report))

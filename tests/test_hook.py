@@ -336,9 +336,9 @@ class _CountOps(TorchDispatchMode):
 def test_non_check_steps_run_no_tensor_op_no_capture_no_check(monkeypatch) -> None:
     case = CORRECT["layernorm_gelu"](0)
     calls = []
-    for name in ("capture", "check"):
-        original = getattr(gradwatch.hook, name)
-        monkeypatch.setattr(gradwatch.hook, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
+    for module, name in ((gradwatch.hook, "capture"), (gradwatch._callbacks, "check")):
+        original = getattr(module, name)
+        monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     for max_overhead in (None, 0.02):
         watch = GradWatch(case.model, case.loss_fn, every_n_steps=5, max_overhead=max_overhead, seed=0)
         with watch.step(case.batch):  # step 0 is checked
