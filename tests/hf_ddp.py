@@ -59,6 +59,11 @@ def main(out: pathlib.Path) -> None:
         result["raise"] = type(err).__name__
     result["lines"] = lines
     (out / f"rank{rank}.json").write_text(json.dumps(result))
+    # tear the gloo group down before the interpreter exits: a group left to static destruction
+    # can abort a rank at exit ("terminate called without an active exception")
+    if torch.distributed.is_initialized():
+        torch.distributed.barrier()
+        torch.distributed.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -114,6 +114,7 @@ def main(out: pathlib.Path, namespace: str) -> None:
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if torch.distributed.is_available() and torch.distributed.is_initialized():
         torch.distributed.barrier()
+        torch.distributed.destroy_process_group()  # not left to static destruction at exit
 
 
 if __name__ == "__main__":
