@@ -43,7 +43,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _Judge, _loss_noise, _ratio
+from gradwatch._judging import _Judge, _loss_noise, _ratio, _summary
 from gradwatch._probing import _direction, _Excluded, _KinkRow, _locate, _probe
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.report import Probe, TensorCheck
@@ -243,17 +243,6 @@ def _group(ev: _Evaluation, judge: _Judge, row: _JointRow, probe: Probe) -> str:
         right = err - left
         lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
     return line.names[lo]
-
-
-def _summary(judged: list[Probe]) -> dict[str, float]:
-    """``rel_error`` and ``error_bar`` of a tensor over its judged probes (as :class:`_Judge` computes them)."""
-    if not judged:
-        return {"rel_error": math.nan, "error_bar": math.nan}
-    num = np.array([p.numerical for p in judged])
-    ana = np.array([p.autograd for p in judged])
-    denom = float(np.linalg.norm(num) + np.linalg.norm(ana))
-    return {"rel_error": _ratio(float(np.linalg.norm(num - ana)), denom),
-            "error_bar": _ratio(float(np.linalg.norm([p.error_bar for p in judged])), denom)}
 
 
 def _joint_verdicts(

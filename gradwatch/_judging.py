@@ -420,14 +420,7 @@ class _Judge:
         notes = [self.branch_note] if gap is not None and self.branch_note else []
         notes += [f"{_FLAT} ({flat} of {len(probes)} probes)"] if flat else []
         note = "; ".join(notes) or None
-        rel = bar = math.nan
-        if judged:
-            num = np.array([p.numerical for p in judged])
-            ana = np.array([p.autograd for p in judged])
-            denom = float(np.linalg.norm(num) + np.linalg.norm(ana))
-            rel = _ratio(float(np.linalg.norm(num - ana)), denom)
-            bar = _ratio(float(np.linalg.norm([p.error_bar for p in judged])), denom)
-        return TensorCheck(name, shape, "fail" if failed else "pass", rel_error=rel, error_bar=bar,
+        return TensorCheck(name, shape, "fail" if failed else "pass", **_summary(judged),
                            error_ratio=float(max(ratios, default=math.nan)), probes=probes, reason=note,
                            **gap_fields)
 
@@ -495,3 +488,15 @@ def _attach_kinks(tc: TensorCheck, log: list[_KinkRow], values: list[float], nea
         events += found
     return dataclasses.replace(tc, probes=tuple(probes), kink_events=tuple(events),
                                resampled=sum(r.replacement for r in log))
+
+
+def _summary(judged: list[Probe]) -> dict[str, float]:
+    """``rel_error`` and ``error_bar`` of a tensor over its judged probes: the seed article's
+    ``‖num - ana‖ / (‖num‖ + ‖ana‖)`` and the error bars' norm over the same denominator."""
+    if not judged:
+        return {"rel_error": math.nan, "error_bar": math.nan}
+    num = np.array([p.numerical for p in judged])
+    ana = np.array([p.autograd for p in judged])
+    denom = float(np.linalg.norm(num) + np.linalg.norm(ana))
+    return {"rel_error": _ratio(float(np.linalg.norm(num - ana)), denom),
+            "error_bar": _ratio(float(np.linalg.norm([p.error_bar for p in judged])), denom)}

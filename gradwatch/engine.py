@@ -123,8 +123,7 @@ from gradwatch._judging import (
     _replay_problem,
     _underflow,
 )
-from gradwatch._probing import (  # noqa: F401 (_direction, _sample: tests)
-    _direction,
+from gradwatch._probing import (
     _exclusions,
     _flat_probes,
     _locate,
@@ -132,7 +131,6 @@ from gradwatch._probing import (  # noqa: F401 (_direction, _sample: tests)
     _probe_tensor,
     _remeasure,
     _resample,
-    _sample,
 )
 from gradwatch._joint import _joint_probes, _joint_verdicts
 from gradwatch._validate import (

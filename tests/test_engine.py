@@ -12,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
+import gradwatch._probing
 from gradwatch.engine import check
 from zoo import BUGS, CORRECT, SPARSE_BUGS, CustomLinear, Mlp, assert_same_state, classification_loss, training_state
 
@@ -164,7 +165,7 @@ def test_coordinates_are_drawn_without_replacement() -> None:
 
 
 def test_large_tensor_sampling_is_distinct_and_in_range() -> None:
-    from gradwatch.engine import _sample
+    from gradwatch._probing import _sample
 
     gen = torch.Generator().manual_seed(0)
     drawn = _sample(10**9, 50, gen)
@@ -664,8 +665,8 @@ def test_direction_whose_terms_cancel_raises_no_false_alarm() -> None:
     model = nn.Module()
     model.w = w
     seed = 5
-    plan_seed = gradwatch.engine._plan({"w": w.detach()}, seed, 1, 1)["w"][1][1]  # the direction's seed
-    v = gradwatch.engine._direction(w.detach().double(), plan_seed)
+    plan_seed = gradwatch._probing._plan({"w": w.detach()}, seed, 1, 1)["w"][1][1]  # the direction's seed
+    v = gradwatch._probing._direction(w.detach().double(), plan_seed)
     u = torch.randn(256, dtype=torch.float64)
     u = (u - (u @ v) / (v @ v) * v).float() * 1e3  # orthogonal to the direction
     loss_fn = lambda m, b: (u.to(m.w.dtype) * m.w).sum() + 1e-3 * (m.w**2).sum()  # noqa: E731
@@ -793,7 +794,7 @@ def test_padding_idx_row_is_never_probed_and_the_report_says_so() -> None:
     # the direction is zero on the padding row, and so is its share of the step scale
     theta = case.model.emb.weight.detach().double()
     mask, description = gradwatch._probing._eligible("emb.weight", case.model.emb.weight, case.model)
-    v = gradwatch.engine._direction(theta, 7, mask)
+    v = gradwatch._probing._direction(theta, 7, mask)
     assert description == tc.excluded and (v[0] == 0).all() and (v[1:] != 0).all()
     with torch.no_grad():
         case.model.emb.weight[0] = 1e3  # a huge padding row would otherwise set h
