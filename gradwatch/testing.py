@@ -17,19 +17,31 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, Callable, Collection, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from gradwatch._validate import _callable, _kink_options, _module, _one_of, _probe_options, _seed
-from gradwatch.engine import PRECISIONS, _autograd_gradients, _given_gradients, _grads_option, check
+from gradwatch._validate import (
+    _callable,
+    _kink_options,
+    _module,
+    _non_negative_int,
+    _one_of,
+    _probe_options,
+    _seed,
+)
+from gradwatch.engine import _NOT_SELECTED, PRECISIONS, _autograd_gradients, _given_gradients, _grads_option, check
 from gradwatch.replay import _isolated, capture
 from gradwatch.report import Report, _handle
 
 __all__ = ["assert_gradients"]
 
-
+#: A tensor whose gradient RMS is below this fraction of the RMS over the tensors of a
+#: joint probe weighs too little in it (its weight is floored, see :mod:`gradwatch._joint`):
+#: it gets a joint probe of its own group, scaled to it.
+_GROUP_RATIO = 1e-3
 
 def assert_gradients(
     model: nn.Module,
@@ -47,15 +59,33 @@ def assert_gradients(
     step: float | None = None,
     names: Collection[str] | None = None,
     allow_unverified: bool = False,
+    joint: int = 1,
+    thorough: bool = False,
 ) -> Report:
     """Assert that autograd's gradient of ``loss_fn(model, batch)`` matches central differences.
 
-    The check is :func:`gradwatch.check` with test-time defaults: 16 random coordinates
-    and 4 random Gaussian directions per tensor (a direction catches errors confined to
-    a few elements, coordinates name the element), perturbed losses evaluated on a
-    float64 copy of the model, and ``seed=0`` so that a test draws the same probes on
-    every run. Probes that cross a kink of a non-smooth op (ReLU at 0, max-pool ties,
-    clamp/abs/maximum boundaries) are not judged and are redrawn, as in ``check``.
+    The check is :func:`gradwatch.check` with test-time defaults: perturbed losses
+    evaluated on a float64 copy of the model, and ``seed=0`` so that a test draws the
+    same probes on every run. It runs in two stages:
+
+    1. Joint probes first (``joint``, default 1): every element of the gradient is
+       compared with autograd's gradient of the float64 copy (the reference: a tensor
+       hook, code that edits ``.grad`` or a kernel wrong only in low precision shows
+       there), and one random Gaussian direction over all tensors at once, each
+       tensor's term weighted alike, verifies the reference numerically at float64
+       accuracy; an error confined to a few elements of any tensor moves it. A handful
+       of loss evaluations whatever the number of tensors, about as many as
+       ``torch.autograd.gradcheck(fast_mode=True)`` takes for two inputs. Tensors whose
+       gradient is below 1e-3 of the others' RMS (a branch scaled by 1e-6) weigh too
+       little in a joint probe and get per-tensor probes right away.
+    2. Per-tensor probes (``coordinates`` random elements and ``directions`` random
+       Gaussian directions per tensor), only when the joint stage did not pass cleanly:
+       something failed (so that every wrong tensor is named, at an element), or every
+       joint probe crossed a kink; always with ``thorough=True``.
+
+    Probes that cross a kink of a non-smooth op (ReLU at 0, max-pool ties,
+    clamp/abs/maximum boundaries) are not judged: coordinates are redrawn and joint
+    probes retried at smaller steps, as in ``check``.
 
     Which gradient (``grads``):
 
@@ -82,8 +112,8 @@ def assert_gradients(
         loss_fn: ``loss_fn(model, batch)`` returning a scalar loss tensor.
         batch: Anything ``loss_fn`` accepts.
         grads: ``"autograd"``, ``"existing"`` or a mapping name -> tensor (see above).
-        coordinates: Random elements probed per tensor.
-        directions: Random Gaussian directions probed per tensor.
+        coordinates: Random elements probed per tensor in the per-tensor stage.
+        directions: Random Gaussian directions probed per tensor in the per-tensor stage.
         precision: Where perturbed losses are evaluated: ``"float64"`` (default; raises
             if the model cannot run in float64), ``"auto"`` or ``"native"`` (see
             :func:`gradwatch.check`).
@@ -97,6 +127,11 @@ def assert_gradients(
         allow_unverified: Return the report instead of failing when the check could not
             verify a tensor: the replay was unreliable (a loss that is not reproducible
             or loses precision in float64), or every probe of a tensor crossed a kink.
+        joint: Joint probes over every tensor in the first stage (and beside the
+            per-tensor probes in the second); 0 runs the per-tensor stage alone.
+        thorough: Always probe every tensor with its own coordinates and directions
+            too (the second stage), even when the joint stage passed: tens of times the
+            loss evaluations on a small model.
 
     Returns:
         The :class:`~gradwatch.Report` of a check in which every checked tensor passed.
@@ -131,6 +166,9 @@ def assert_gradients(
     _callable("loss_fn", loss_fn)
     _grads_option(grads)
     _probe_options(coordinates, directions, kinks, min_directions=0)
+    _non_negative_int("joint", joint)
+    if not isinstance(thorough, bool):
+        raise ValueError(f"`thorough` must be a bool, got {thorough!r}")
     _kink_options(kink_resamples, near_kink_margin)
     _one_of("precision", precision, PRECISIONS)
     _seed("seed", seed)
@@ -156,11 +194,15 @@ def assert_gradients(
             for n, p in params.items()
             if p.requires_grad and p.is_floating_point()
         }
-    report = check(
-        model, loss_fn, batch, grads=grads, replay=replay, train_loss=train_loss, seed=seed,
-        coordinates=coordinates, directions=directions, precision=precision, kinks=kinks,
-        kink_resamples=kink_resamples, near_kink_margin=near_kink_margin, step=step, names=names,
-    )
+    options = dict(replay=replay, train_loss=train_loss, seed=seed, precision=precision, kinks=kinks,
+                   kink_resamples=kink_resamples, near_kink_margin=near_kink_margin, step=step)
+    report = None
+    if joint and not thorough:  # joint probes first: per-tensor probes only when they do not pass cleanly
+        report = _joint_check(model, loss_fn, batch, grads, names, joint,
+                              dict(coordinates=coordinates, directions=directions), options)
+    if report is None:
+        report = check(model, loss_fn, batch, grads=grads, coordinates=coordinates, directions=directions,
+                       joint=joint, names=names, **options)
     if allow_unverified:
         _handle(report, "raise")
         return report
@@ -179,3 +221,56 @@ def assert_gradients(
             f"(other inputs or parameters), or pass allow_unverified=True to accept this\n{report.summary()}"
         )
     return report
+
+
+def _joint_check(
+    model: nn.Module, loss_fn: Callable, batch: Any, grads: Any, names: Collection[str] | None, joint: int,
+    per_tensor: dict[str, int], options: dict[str, Any],
+) -> Report | None:
+    """The check by joint probes, or None when it did not pass cleanly.
+
+    Every element of the gradient is compared with the float64 reference (the precision
+    test), and ``joint`` joint probes verify the reference numerically. Tensors whose
+    gradient is far smaller than the others' (:func:`_scale_groups`) would weigh almost
+    nothing in a joint probe: a second check gives them per-tensor probes (``per_tensor``),
+    and the two reports are merged. Anything but a clean pass (a failure, a tensor not
+    verified because every joint probe crossed a kink, an unreliable replay) returns
+    None: the per-tensor check of every tensor then names each wrong tensor and its element.
+    """
+    first, rest = _scale_groups(grads, names) if isinstance(grads, Mapping) else (None, [])
+    merged: Report | None = None
+    for group, plan in [(first, dict(coordinates=0, directions=0, joint=joint, localize=False)),
+                        (rest, dict(per_tensor, joint=0, localize=False))]:
+        if group is not None and not group:
+            continue
+        report = check(model, loss_fn, batch, grads=grads, names=names if group is None else group, **plan, **options)
+        covered = [t for t in report.tensors.values() if t.reason != _NOT_SELECTED]
+        clean = report.reliable and report.ok and all(t.verdict in ("pass", "skipped") for t in covered)
+        if not clean or (plan["joint"] and all(p.kink for p in report.joint)):
+            return None
+        if merged is None:
+            merged = report
+        else:
+            tensors = {n: report.tensors[n] if n in group else t for n, t in merged.tensors.items()}
+            merged = dataclasses.replace(merged, tensors=tensors, seconds=merged.seconds + report.seconds)
+    return merged
+
+
+def _scale_groups(grads: Mapping[str, Tensor], names: Collection[str] | None) -> tuple[list[str] | None, list[str]]:
+    """The checked tensors a joint probe weighs fairly (None: all of them), and the others.
+
+    A joint probe weighs each tensor's term alike, down to a floor of a tenth of the RMS of
+    the covered gradients: a tensor whose gradient RMS is below :data:`_GROUP_RATIO` of
+    that RMS (a branch scaled by 1e-6) would weigh almost nothing, and moves the loss by
+    less than its float64 rounding at the joint probe's step. One host transfer (the
+    squared norms).
+    """
+    chosen = [n for n, g in grads.items() if (names is None or n in names) and g.is_floating_point() and g.numel()]
+    if len(chosen) < 2:
+        return None, []
+    device = grads[chosen[0]].device
+    sq = torch.stack([torch.nan_to_num(grads[n].detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
+                      .pow(2).sum().to(device) for n in chosen]).tolist()
+    rms2 = sum(sq) / sum(grads[n].numel() for n in chosen)
+    low = [n for n, q in zip(chosen, sq) if q / grads[n].numel() < _GROUP_RATIO**2 * rms2]
+    return (None, []) if not low else ([n for n in chosen if n not in low], low)
