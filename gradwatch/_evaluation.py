@@ -83,23 +83,30 @@ class _HostValues:
     def __init__(self, reduce: Callable[[Tensor], Tensor] | None = None) -> None:
         self._values: list[Tensor] = []
         self._starts: list[int] = []
+        self._counts: list[int] = []
         self._size = 0
         self.reduce = reduce
 
     def add(self, value: Tensor | float | bool) -> int:
         if not isinstance(value, Tensor):
             value = torch.tensor(float(value), dtype=torch.float64)
-        return self.extend(value.detach().reshape(1))[0]
+        return self.extend(value)[0]
 
     def extend(self, values: Tensor) -> range:
         """Add every element of ``values``; returns their indices."""
-        values = values.detach().reshape(-1).to(torch.float64)
+        values = values.detach().reshape(-1)
+        if values.dtype != torch.float64:
+            values = values.to(torch.float64)
+        n = values.numel()
         self._values.append(values)
         self._starts.append(self._size)
-        self._size += values.numel()
-        return range(self._size - values.numel(), self._size)
+        self._counts.append(n)
+        self._size += n
+        return range(self._size - n, self._size)
 
     def fetch(self) -> list[float]:
+        if self.reduce is None and all(v.device.type == "cpu" for v in self._values):  # one device, in order
+            return torch.cat(self._values).tolist() if self._values else []
         out: list[float] = [0.0] * self._size
         if self.reduce is not None:
             device = next((v.device for v in self._values if v.device.type != "cpu"), torch.device("cpu"))
@@ -113,7 +120,7 @@ class _HostValues:
             host = torch.cat([self._values[i] for i in idx]).cpu().tolist()
             pos = 0
             for i in idx:
-                n = self._values[i].numel()
+                n = self._counts[i]
                 out[self._starts[i] : self._starts[i] + n] = host[pos : pos + n]
                 pos += n
         return out

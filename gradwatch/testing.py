@@ -33,7 +33,7 @@ from gradwatch._validate import (
     _seed,
 )
 from gradwatch.engine import _NOT_SELECTED, PRECISIONS, _autograd_gradients, _given_gradients, _grads_option, check
-from gradwatch.replay import _isolated, capture
+from gradwatch.replay import _restore_attrs, _restore_rng, capture
 from gradwatch.report import Report, _handle
 
 __all__ = ["assert_gradients"]
@@ -179,9 +179,12 @@ def assert_gradients(
     if isinstance(grads, str):
         params = dict(model.named_parameters())
         if grads == "autograd":
-            with _isolated(model):
-                replay = capture(model)
+            replay = capture(model)  # its RNG states and attributes are put back, as _isolated does
+            try:
                 train_loss, grad_map = _autograd_gradients(model, loss_fn, batch, replay, params)
+            finally:
+                _restore_attrs(replay.attrs)
+                _restore_rng(replay.rng)
         else:
             grad_map = _given_gradients("existing", params)
             if not grad_map:

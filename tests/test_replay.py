@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from gradwatch import capture
-from gradwatch.replay import _cast_floats, _isolated, _restore_attrs, _restore_rng
+from gradwatch.replay import _autocast, _cast_floats, _isolated, _restore_attrs, _restore_rng
 
 
 def test_rng_streams_are_rewound() -> None:
@@ -20,6 +20,26 @@ def test_rng_streams_are_rewound() -> None:
     _restore_rng(state.rng)
     second = (torch.rand(3), np.random.rand(), random.random())
     assert torch.equal(first[0], second[0]) and first[1:] == second[1:]
+
+
+@pytest.mark.parametrize("cached_gaussian", [False, True])
+def test_numpy_stream_is_rewound_after_any_draw_and_left_alone_without_one(cached_gaussian: bool) -> None:
+    # the restore is skipped when NumPy's state provably did not move (a byte comparison
+    # instead of set_state's word-by-word copy); a cached Gaussian is always restored
+    np.random.seed(0)
+    if cached_gaussian:
+        np.random.standard_normal()  # draws two, caches one: the next draw moves no key or position
+    state = capture(nn.Linear(2, 2))
+    assert state.rng.numpy[3] == int(cached_gaussian)
+    for draw in (np.random.rand, np.random.standard_normal, lambda: np.random.randint(0, 1000, 5).tolist(), None):
+        _restore_rng(state.rng)
+        first = draw() if draw else np.random.rand()
+        _restore_rng(state.rng)
+        _restore_rng(state.rng)  # nothing drawn in between
+        assert (draw() if draw else np.random.rand()) == first
+    _restore_rng(state.rng)
+    after = np.random.get_state()
+    assert after[2:] == state.rng.numpy[2:] and np.array_equal(after[1], state.rng.numpy[1])
 
 
 def test_buffers_are_copied_not_aliased() -> None:
@@ -45,6 +65,19 @@ def test_autocast_state_is_captured() -> None:
         state = capture(nn.Linear(2, 2))
     assert state.autocast["cpu"] == (True, torch.bfloat16)
     assert capture(nn.Linear(2, 2)).autocast["cpu"][0] is False
+
+
+def test_autocast_context_sets_the_captured_state_and_none_turns_it_off() -> None:
+    on = {"cpu": (True, torch.bfloat16), "cuda": (False, torch.float16)}
+    with _autocast(on):
+        assert torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with _autocast(None):
+            assert not torch.is_autocast_enabled("cpu")
+        assert torch.is_autocast_enabled("cpu")
+    with _autocast(None):  # already off: nothing entered
+        assert not torch.is_autocast_enabled("cpu")
+    assert not torch.is_autocast_enabled("cpu")
 
 
 def test_isolated_restores_on_error() -> None:
