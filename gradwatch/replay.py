@@ -96,9 +96,34 @@ def _capture_rng() -> _RNGState:
     return _RNGState(
         torch_cpu=torch.get_rng_state(),
         cuda=cuda,
-        numpy=np.random.get_state(),
+        numpy=_capture_numpy(),
         python=random.getstate(),
     )
+
+
+_numpy_last: list[Any] = [None]  # the last state _capture_numpy returned
+
+
+def _mt_bytes() -> bytes | None:
+    """NumPy's global MT19937 key and position as raw bytes (~1 us), or None."""
+    try:
+        return ctypes.string_at(np.random.mtrand._rand._bit_generator.ctypes.state_address, 624 * 4 + 4)
+    except Exception:  # noqa: BLE001 (another NumPy layout)
+        return None
+
+
+def _saved_bytes(saved: Any) -> bytes:
+    return saved[1].tobytes() + int(saved[2]).to_bytes(4, sys.byteorder, signed=True)
+
+
+def _capture_numpy() -> Any:
+    """``np.random.get_state()`` (~35 us: it copies 624 words one at a time), or the last
+    state returned when the global state provably still is that one (see :func:`_restore_numpy`)."""
+    last = _numpy_last[0]
+    if last is not None and last[0] == "MT19937" and last[3] == 0 and _mt_bytes() == _saved_bytes(last):
+        return last
+    _numpy_last[0] = state = np.random.get_state()
+    return state
 
 
 def _restore_rng(state: _RNGState) -> None:
@@ -114,13 +139,9 @@ def _restore_numpy(saved: Any) -> None:
     ``saved``: ``set_state`` copies the 624 MT19937 words one at a time (about 50 us,
     most of an evaluation of a tiny op). Without a cached Gaussian (``saved[3] == 0``) a
     draw always advances the key or position, so equal ones mean nothing was drawn."""
-    if saved[0] == "MT19937" and saved[3] == 0:
-        try:
-            address = np.random.mtrand._rand._bit_generator.ctypes.state_address
-            now = ctypes.string_at(address, saved[1].nbytes + 4)
-        except Exception:  # noqa: BLE001 (another NumPy layout: restore as usual)
-            now = None
-        if now is not None and now == saved[1].tobytes() + int(saved[2]).to_bytes(4, sys.byteorder, signed=True):
+    if saved[0] == "MT19937" and saved[3] == 0 and saved[1].nbytes == 624 * 4:
+        now = _mt_bytes()
+        if now is not None and now == _saved_bytes(saved):
             return
     np.random.set_state(saved)
 

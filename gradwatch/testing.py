@@ -272,8 +272,9 @@ def _scale_groups(grads: Mapping[str, Tensor], names: Collection[str] | None) ->
     if len(chosen) < 2:
         return None, []
     device = grads[chosen[0]].device
-    sq = torch.stack([torch.nan_to_num(grads[n].detach().to(torch.float64), nan=0.0, posinf=0.0, neginf=0.0)
-                      .pow(2).sum().to(device) for n in chosen]).tolist()
+    norms = [torch.linalg.vector_norm(torch.nan_to_num(grads[n].detach(), nan=0.0, posinf=0.0, neginf=0.0),
+                                      dtype=torch.float64).to(device) for n in chosen]
+    sq = [x * x for x in torch.stack(norms).tolist()]
     rms2 = sum(sq) / sum(grads[n].numel() for n in chosen)
     low = [n for n, q in zip(chosen, sq) if q / grads[n].numel() < _GROUP_RATIO**2 * rms2]
     return (None, []) if not low else ([n for n in chosen if n not in low], low)
