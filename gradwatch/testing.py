@@ -38,10 +38,11 @@ from gradwatch.report import Report, _handle
 
 __all__ = ["assert_gradients"]
 
-#: A tensor whose gradient RMS is below this fraction of the RMS over the tensors of a
-#: joint probe weighs too little in it (its weight is floored, see :mod:`gradwatch._joint`):
-#: it gets a joint probe of its own group, scaled to it.
+#: A tensor whose gradient RMS is below this fraction of the RMS over the checked tensors
+#: weighs too little in a joint probe (its weight is floored, see :mod:`gradwatch._joint`):
+#: it gets per-tensor probes at once.
 _GROUP_RATIO = 1e-3
+
 
 def assert_gradients(
     model: nn.Module,
@@ -268,7 +269,8 @@ def _scale_groups(grads: Mapping[str, Tensor], names: Collection[str] | None) ->
     less than its float64 rounding at the joint probe's step. One host transfer (the
     squared norms).
     """
-    chosen = [n for n, g in grads.items() if (names is None or n in names) and g.is_floating_point() and g.numel()]
+    chosen = [n for n, g in grads.items()
+              if (names is None or n in names) and isinstance(g, Tensor) and g.is_floating_point() and g.numel()]
     if len(chosen) < 2:
         return None, []
     device = grads[chosen[0]].device
