@@ -37,6 +37,19 @@ def test_every_planted_bug_raises_naming_the_wrong_tensors_and_an_element(bug: s
         assert line.startswith(f"'{name}'[") and "autograd=" in line and "numerical=" in line and "rel_err=" in line
 
 
+@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize("bug", sorted(SPARSE_BUGS))
+def test_the_joint_probe_catches_bugs_confined_to_a_few_elements(bug: str, seed: int) -> None:
+    # the joint stage sees them (its probe fails), the per-tensor stage then names the element
+    case = SPARSE_BUGS[bug](seed)
+    with pytest.raises(GradientCheckError) as info:
+        assert_gradients(case.model, case.loss_fn, case.batch, seed=seed)
+    report = info.value.report
+    assert {t.name for t in report.failures} == case.wrong
+    assert [p.failed for p in report.joint] == [True]
+    assert f"'{next(iter(case.wrong))}'[" in str(info.value)
+
+
 @pytest.mark.parametrize("seed", [0, 1])
 @pytest.mark.parametrize("model", sorted(CORRECT))
 def test_correct_models_pass_and_return_the_report(model: str, seed: int) -> None:
