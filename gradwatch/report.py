@@ -755,7 +755,9 @@ class Report:
         if self.modules:
             lines.append("  module-local checks: " + "; ".join(
                 f"{m.module or '(module)'} skipped ({m.reason})" if m.reason is not None
-                else f"{m.module or '(module)'} in {m.precision}" for m in self.modules))
+                else f"{m.module or '(module)'} in {m.precision}"
+                + ("" if m.precision == "float64" else f" ({_cut_end(m.precision_reason, 90)})")
+                for m in self.modules))
         lines += ["  " + t.message for t in self.failures]
         lines += ["  " + r.message for r in self.reference_failures]
         return "\n".join(lines)
@@ -994,6 +996,10 @@ def _cut_middle(name: str, cut: int) -> str:
     if keep >= len(name):
         return name
     return name[: keep - keep // 2] + "..." + name[len(name) - keep // 2:]
+
+
+def _cut_end(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _safe_ratio(num: float, den: float) -> float:
