@@ -658,7 +658,7 @@ def _run_reference(record: _Record, fn: Callable, dtype: torch.dtype) -> tuple[l
     params = {}
     for n, p in record.module.named_parameters():
         q = p.detach().to(dtype) if p.is_floating_point() else p.detach()
-        if n in record.param_grads:
+        if p.is_floating_point() and p.requires_grad:
             q.requires_grad_(True)
             wrt[n] = q
         params[f"module.{n}"] = q
@@ -712,8 +712,9 @@ def _reference_checks(record: _Record) -> tuple[ReferenceCheck, ...]:
     for i, name in record.inputs.items():
         if name in record.grad_inputs:
             quantities.append((name, record.grad_inputs[name], grads.get(name)))
-    for n, g in record.param_grads.items():
-        quantities.append((n, g, grads.get(n)))
+    for n, p in record.module.named_parameters():  # a parameter the module gave no gradient: zeros
+        if p.is_floating_point() and p.requires_grad:
+            quantities.append((n, record.param_grads.get(n, torch.zeros_like(p)), grads.get(n)))
     # one host transfer: per quantity ||a - r||, ||a||, ||r||, numel; plus the scale of the gradients
     rows = []
     for q, a, r in quantities:

@@ -447,3 +447,33 @@ def test_dashboard_and_cli_show_module_local_tensors_and_reference_comparisons(b
     fails = {" ".join(line.split()[1:3]) for line in out.splitlines() if line.startswith("  FAIL")}
     assert {"attn::input[1] 2", "attn::input[1] (reference)"} <= fails, out
     assert "run run: 2 checks, 2 failing" in out
+
+
+def test_forward_only_bug_is_caught_by_the_reference_as_an_output():
+    class Gate(nn.Module):  # returns (gated, aux); its "kernel" forgets the bias in the gate (a forward bug)
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x, *, scale):
+            return torch.sigmoid(x @ self.proj.weight.t()) * x * scale, x.sum()
+
+    def reference(module, x, *, scale):
+        return torch.sigmoid(module.proj(x)) * x * scale, x.sum()
+
+    torch.manual_seed(0)
+    gate = Gate()
+    x = torch.randn(5, 4, requires_grad=True)
+    report = gradwatch.check_module(gate, (x,), kwargs={"scale": torch.tensor(2.0)}, name="gate", seed=0)
+    # its backward is the derivative of its (wrong) forward: the local check passes ...
+    assert report.ok and set(report.tensors) == {"gate::input[0]", "gate::proj.weight", "gate::proj.bias"}
+    assert report.tensors["gate::proj.bias"].verdict == "skipped"  # the bug: the bias gets no gradient
+    gradwatch.register_reference(gate, reference)  # this instance only
+    report = gradwatch.check_module(gate, (x,), kwargs={"scale": torch.tensor(2.0)}, name="gate", seed=0)
+    # ... the reference names the wrong output (output[1], the sum, is right) and the gradients it changes,
+    # the bias's included (the module gave it none)
+    assert {r.name: r.verdict for r in report.references} == {
+        "gate::output[0]": "fail", "gate::output[1]": "pass", "gate::input[0]": "fail", "gate::proj.weight": "fail",
+        "gate::proj.bias": "fail"}
+    assert "forward output differs from the registered reference" in report.reference_failures[0].message
+    assert gradwatch.check_module(Gate(), (x,), kwargs={"scale": torch.tensor(2.0)}, seed=0).references == ()
