@@ -23,6 +23,8 @@ the logged metrics.
 class); at a check it runs on the same recorded inputs (float64 where it supports it) and
 its outputs and input/parameter gradients (autograd of ``<grad_out, ref(x)>``) are compared
 with what the module produced (:class:`~gradwatch.report.ReferenceCheck`, ``Report.references``).
+A ``torch.library`` custom op can be registered too: the hook then records the first call of
+that op in each checked step and checks it alone (module name ``ns::op``).
 
 Internal API (stable; the hook and the sharded path build on it):
 
@@ -36,6 +38,8 @@ Internal API (stable; the hook and the sharded path build on it):
 * ``_merge(report, local_reports) -> Report``: the whole-model report with the local
   tensors, reference comparisons (``Report.references``) and module checks
   (``Report.modules``: precision and skip reason per module) added.
+* ``_OpCalls()``: ``TorchFunctionMode`` around a forward and backward; records the first call
+  of each custom op with a registered reference as a ``_Record`` named ``ns::op``.
 * ``_Suspects(model)``: context manager (a ``TorchFunctionMode`` plus module hooks); around
   one forward with grad it finds the modules whose forward runs custom backward code
   (``.names``: qualified name -> why); ``_discover(model, loss_fn, batch, replay)`` runs that
@@ -494,7 +498,7 @@ def check_module(
     :func:`register_reference` is compared too (``Report.references``).
 
     Args:
-        module: The module (or a module wrapping one custom op call).
+        module: The module, or a ``torch.library`` custom op (its call checked alone).
         inputs: Positional arguments: a tensor or a tuple. Floating tensors with
             ``requires_grad=True`` are checked as ``input[i]``; others are constants.
         grad_outputs: Gradient flowing into the output (a tensor, or a structure like
@@ -521,6 +525,9 @@ def check_module(
         >>> gradwatch.check_module(FusedAttention(), (q, k, v), seed=0).ok           # doctest: +SKIP
         True
     """
+    op = _op_name(module)
+    if op is not None:
+        module = _OpModule(module, op)
     _module("module", module)
     if not isinstance(name, str):
         raise ValueError(f"`name` must be a str, got {name!r}")
@@ -582,6 +589,33 @@ def check_module(
 
 _REFERENCES_BY_MODULE: "weakref.WeakKeyDictionary[nn.Module, Callable]" = weakref.WeakKeyDictionary()
 _REFERENCES_BY_CLASS: dict[type, Callable] = {}
+_REFERENCES_BY_OP: dict[str, Callable] = {}  # "ns::name" of a custom op -> reference_fn(*args, **kwargs)
+
+
+def _op_name(target: Any) -> str | None:
+    """``"ns::name"`` of a custom op (``torch.library.custom_op`` result, OpOverload or
+    OpOverloadPacket), else None."""
+    from torch._library.custom_ops import CustomOpDef
+
+    if isinstance(target, CustomOpDef):
+        return target._qualname
+    if isinstance(target, torch._ops.OpOverload):
+        return target._schema.name
+    if isinstance(target, torch._ops.OpOverloadPacket):
+        return target._qualified_op_name
+    return None
+
+
+class _OpModule(nn.Module):
+    """One custom op call as a module: what the local check and the reference see."""
+
+    def __init__(self, op: Callable, name: str) -> None:
+        super().__init__()
+        self._op = op
+        self.op_name = name
+
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        return self._op(*args, **kwargs)
 
 
 def register_reference(target: nn.Module | type, reference_fn: Callable[..., Any]) -> None:
@@ -595,31 +629,44 @@ def register_reference(target: nn.Module | type, reference_fn: Callable[..., Any
     forward, its backward), with tolerances for the precisions involved; each comparison
     is a :class:`~gradwatch.report.ReferenceCheck` in ``Report.references`` and a failing
     one fails the report, naming the module and the quantity (``output[0]``,
-    ``input[1]``, ``weight``). Registering ``None``-returning or again replaces the previous one.
-    Custom ops are watched through the module that calls them (wrap the op call in a module).
+    ``input[1]``, ``weight``). Registering the same target again replaces its reference.
+
+    A ``torch.library`` custom op (the ``custom_op`` result, an OpOverload or its packet)
+    is registered with ``reference_fn(*args, **kwargs)``: ``GradWatch`` then records the
+    first call of that op in each checked step and checks it alone, named ``ns::op``
+    (``gwtest::attention::input[1]``), besides the modules it watches; and
+    ``check_module(op, inputs)`` checks one call directly.
 
     Args:
-        target: An ``nn.Module`` instance, or an ``nn.Module`` subclass (every instance).
-        reference_fn: ``reference_fn(module, *args, **kwargs)`` returning the same
-            structure of outputs as the module's forward.
+        target: An ``nn.Module`` instance, an ``nn.Module`` subclass (every instance), or a
+            custom op.
+        reference_fn: ``reference_fn(module, *args, **kwargs)`` (``reference_fn(*args,
+            **kwargs)`` for an op) returning the same structure of outputs as the forward.
 
     Raises:
-        TypeError: If ``target`` is neither, or ``reference_fn`` is not callable.
+        TypeError: If ``target`` is none of these, or ``reference_fn`` is not callable.
 
     Example:
         >>> gradwatch.register_reference(FusedAttention, lambda m, q, k, v: torch.softmax(
         ...     q @ k.transpose(-1, -2) * m.scale, -1) @ v)  # doctest: +SKIP
     """
     _callable("reference_fn", reference_fn)
+    op = _op_name(target)
     if isinstance(target, nn.Module):
         _REFERENCES_BY_MODULE[target] = reference_fn
     elif isinstance(target, type) and issubclass(target, nn.Module):
         _REFERENCES_BY_CLASS[target] = reference_fn
+    elif op is not None:
+        _REFERENCES_BY_OP[op] = reference_fn
     else:
-        raise TypeError(f"`target` must be an nn.Module instance or subclass, got {target!r}")
+        raise TypeError(f"`target` must be an nn.Module instance or subclass, or a torch.library custom op, "
+                        f"got {target!r}")
 
 
 def _reference_for(module: nn.Module) -> Callable | None:
+    if isinstance(module, _OpModule):
+        fn = _REFERENCES_BY_OP.get(module.op_name)
+        return None if fn is None else (lambda m, *args, **kwargs: fn(*args, **kwargs))
     fn = _REFERENCES_BY_MODULE.get(module)
     if fn is not None:
         return fn
@@ -755,6 +802,28 @@ def _reference_checks(record: _Record) -> tuple[ReferenceCheck, ...]:
     return tuple(out)
 
 
+class _OpCalls(TorchFunctionMode):
+    """Records the first call of each custom op with a registered reference during a step,
+    as a :class:`_Record` named after the op (``gwtest::attention``; its tensors
+    ``gwtest::attention::input[0]``). Later calls of the same op in the step are not recorded."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.records: dict[str, _Record] = {}
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        name = _op_name(func) if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else None
+        if name is None or name not in _REFERENCES_BY_OP or name in self.records:
+            return func(*args, **kwargs)
+        record = self.records[name] = _Record(name, _OpModule(func, name))
+        pre, post = _Recording._pre(record), _Recording._post(record)
+        changed = pre(record.module, tuple(args), dict(kwargs))
+        a, kw = changed if changed is not None else (args, kwargs)
+        out = func(*a, **kw)
+        return post(record.module, a, kw, out)
+
+
 # --------------------------------------------------------------------------- suspects
 
 
@@ -886,12 +955,15 @@ def _discover(model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplaySta
     return suspects.names
 
 
-def _local_reports(recording: _Recording, seed: int, options: Mapping[str, Any]) -> list[Report]:
-    """The local check of every record (skipped ones with their reason), seeds derived from ``seed``."""
+def _local_reports(recording: Any, seed: int, options: Mapping[str, Any]) -> list[Report]:
+    """The local check of every record (skipped ones with their reason), seeds derived from ``seed``.
+    ``recording``: a :class:`_Recording`, an :class:`_OpCalls`, or a list of them."""
     import numpy as np
 
+    recordings = recording if isinstance(recording, (list, tuple)) else [recording]
+    records = [r for rec in recordings for r in rec.records.values()]
     reports = []
-    for i, record in enumerate(recording.records.values()):
+    for i, record in enumerate(records):
         s = int(np.random.SeedSequence([seed, i + 1]).generate_state(1, np.uint64)[0] >> np.uint64(2))
         reports.append(_check_record(record, seed=s, options=options))
     return reports

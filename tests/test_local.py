@@ -372,7 +372,7 @@ def test_check_module_and_register_reference_validate_their_arguments():
         gradwatch.check_module(FusedAttention(), q, grads={"input[7]": torch.zeros(1)})
     with pytest.raises(ValueError, match="`grad_outputs` must match the module's 1 output leaves, got 2"):
         gradwatch.check_module(FusedAttention(), q, (torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)))
-    with pytest.raises(TypeError, match="`target` must be an nn.Module instance or subclass, got 3"):
+    with pytest.raises(TypeError, match="`target` must be an nn.Module instance or subclass, or a torch.library custom op, got 3"):
         gradwatch.register_reference(3, reference_attention)
     with pytest.raises(TypeError, match="`reference_fn` must be callable"):
         gradwatch.register_reference(FusedAttention, None)
@@ -477,3 +477,42 @@ def test_forward_only_bug_is_caught_by_the_reference_as_an_output():
         "gate::proj.bias": "fail"}
     assert "forward output differs from the registered reference" in report.reference_failures[0].message
     assert gradwatch.check_module(Gate(), (x,), kwargs={"scale": torch.tensor(2.0)}, seed=0).references == ()
+
+
+def test_a_custom_op_with_a_registered_reference_is_checked_call_by_itself(bug):
+    from gradwatch.local import _REFERENCES_BY_OP
+    from tests._attn_op import attention
+
+    class Inline(nn.Module):  # calls the op in its own forward: no submodule to watch
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 12)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.inp(x).chunk(3, -1)
+            a = attention(q, k, v)
+            return self.head(torch.cat([attention(a, k, v), v], -1)).sum(1)  # called twice: the first is recorded
+
+    gradwatch.register_reference(attention, lambda q, k, v: reference_attention(None, q, k, v))
+    try:
+        bug("dk")
+        torch.manual_seed(0)
+        watch = _one_check(Inline(), _attn_batch(0))
+        report = watch.last_report
+        assert watch.suspects == {}  # the model itself is not a suspect
+        assert _local_failures(report, "gwtest::attention") == {"gwtest::attention::input[1]"}, str(report)
+        assert {r.name for r in report.reference_failures} == {"gwtest::attention::input[1]"}
+        assert [(m.module, m.precision) for m in report.modules] == [("gwtest::attention", "native")]
+        direct = gradwatch.check_module(torch.ops.gwtest.attention.default, _qkv(0), seed=0)
+        assert [t.name for t in direct.failures] == ["input[1]"] and direct.reference_failures
+        bug(None)
+        torch.manual_seed(0)
+        report = _one_check(Inline(), _attn_batch(0)).last_report
+        assert report.ok and len(report.references) == 4, str(report)
+        # no reference registered for the op: nothing recorded
+        _REFERENCES_BY_OP.clear()
+        report = _one_check(Inline(), _attn_batch(0)).last_report
+        assert report.modules == () and not any("::" in n for n in report.tensors)
+    finally:
+        _REFERENCES_BY_OP.clear()
