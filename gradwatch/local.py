@@ -61,7 +61,6 @@ import dataclasses
 import math
 import secrets
 import weakref
-from contextlib import ExitStack
 from typing import Any, Callable, Mapping
 
 import torch
@@ -543,11 +542,10 @@ def check_module(
         seed = secrets.randbits(62)
     args = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
     kwargs = dict(kwargs or {})
-    record = _Record(name, module)
+    rec = _Recording({name: module})
+    record = rec.records[name]
     with _isolated(module):
         saved = {n: (p.grad.clone() if p.grad is not None else None) for n, p in module.named_parameters()}
-        rec = _Recording({name: module})
-        rec.records[name] = record
         try:
             with torch.enable_grad(), rec:
                 out = module(*args, **kwargs)
@@ -771,28 +769,27 @@ def _reference_checks(record: _Record) -> tuple[ReferenceCheck, ...]:
         a64, r64 = a.detach().to(torch.float64), r.detach().to(torch.float64)
         rows.append(torch.stack([(a64 - r64).norm(), a64.norm(), r64.norm()]))
     present = [r for r in rows if r is not None]
-    host = torch.stack(present).cpu().tolist() if present else []
+    host = iter(torch.stack(present).cpu().tolist() if present else [])  # one transfer
+    norms = {q: next(host) for (q, _, _), row in zip(quantities, rows) if row is not None}  # ||a-r||, ||a||, ||r||
+
+    def is_output(q: str) -> bool:
+        return q.startswith("output[")
+
+    # the largest reference RMS among outputs, and among gradients
+    rms = {kind: max((norms[q][2] / math.sqrt(max(a.numel(), 1)) for q, a, _ in quantities
+                      if q in norms and is_output(q) == kind), default=0.0) for kind in (True, False)}
     out: list[ReferenceCheck] = []
-    it = iter(host)
-    grad_rms = {}
-    for (q, a, r), row in zip(quantities, rows):
-        if row is not None:
-            grad_rms[q] = next(it)
     for q, a, r in quantities:
-        kind = "output" if q.startswith("output[") else "gradient"
-        if q not in grad_rms:
+        if q not in norms:
             out.append(ReferenceCheck(module=record.name, quantity=q, verdict="skipped",
                                       reason="the reference gives no value of that shape"))
             continue
-        diff, na, nr = grad_rms[q]
+        diff, na, nr = norms[q]
         prec = _precision_of(a)
         tol = max(RTOL[prec], RTOL[ref_prec])
         # floor for a true value of 0 (a gradient that is rounding noise): the quantity's own
         # scale is too small then, so the module's largest RMS of that kind sets it
-        peers = [(v[2] / math.sqrt(max(t.numel(), 1))) for (qq, t, _), v in
-                 ((x, grad_rms.get(x[0])) for x in quantities) if v is not None
-                 and (qq.startswith("output[") == (kind == "output"))]
-        floor = tol * max(peers, default=0.0) * math.sqrt(a.numel())
+        floor = tol * rms[is_output(q)] * math.sqrt(a.numel())
         limit = tol * (na + nr) + floor
         rel = 0.0 if diff == 0 else diff / (na + nr) if na + nr > 0 else math.inf
         ratio = 0.0 if diff == 0 else (diff / limit if limit > 0 else math.inf)
@@ -844,7 +841,6 @@ class _Suspects(TorchFunctionMode):
         self._visited: set[int] = set()
         self._boundary: list[set[int]] = []
         self._stack_handles: list = []
-        self._exit = ExitStack()
 
     def __enter__(self):
         for name, m in self.model.named_modules():

@@ -516,3 +516,22 @@ def test_a_custom_op_with_a_registered_reference_is_checked_call_by_itself(bug):
         assert report.modules == () and not any("::" in n for n in report.tensors)
     finally:
         _REFERENCES_BY_OP.clear()
+
+
+def test_internal_recording_api_records_what_the_step_computed():
+    """The internal API the adapters (and the sharded path) build on: _Recording + _check_record."""
+    torch.manual_seed(0)
+    model = _AttnNet()
+    batch = _attn_batch(0)
+    with _Recording({"attn": model.attn, "head": model.head}, model=model) as rec:
+        _xent(model, batch).backward()
+    attn, head = rec.records["attn"], rec.records["head"]
+    assert attn.calls == head.calls == 1 and attn.problem() is None
+    assert set(attn.grad_inputs) == {"input[0]", "input[1]", "input[2]"} and attn.param_grads == {}
+    assert set(head.param_grads) == {"weight", "bias"}
+    assert torch.equal(head.param_grads["weight"], model.head.weight.grad)  # the module's own parameter gradient
+    # head's grad_out is the loss's gradient wrt the logits; attn's output is the first 4 columns of head's input
+    assert torch.equal(attn.grad_outputs[0], head.grad_inputs["input[0]"][..., :4])
+    report = _check_record(attn, seed=0)
+    assert report.ok and list(report.tensors) == ["attn::input[0]", "attn::input[1]", "attn::input[2]"]
+    assert report.modules[0].module == "attn" and report.seed == 0
