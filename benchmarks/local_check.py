@@ -17,7 +17,6 @@ Run:  python benchmarks/local_check.py                 (CPU)
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
 from torch import nn
