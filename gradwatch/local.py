@@ -11,8 +11,10 @@ scalar ``<grad_out, f(x; θ)>`` (summed over the floating outputs): its gradient
 float64 evaluation, error bars, joint probes, kinks, bisection and :class:`~gradwatch.Report`
 apply unchanged. The float64 copy is the module's, so memory is bounded by that module's
 float64 copy plus its activations. A module whose forward raises in float64 (a kernel
-without float64) is checked natively by the engine (``precision="auto"``), in float32 with
-its float16/bfloat16 inputs and parameters upcast when it ran in a lower precision.
+without float64) is checked natively by the engine (``precision="auto"``); one that ran in
+float16/bfloat16 is checked on a float32 copy: its own backward in float32 numerically
+(float32 tolerances), and the training's low-precision gradients against that float32
+backward at the same point, within one kernel's rounding (``_upcast_check``).
 
 Names: a local tensor is ``<module>::<tensor>`` (:func:`gradwatch.report.local_name`), such as
 ``blocks.1.attn::weight`` or ``blocks.1.attn::input[0]`` (``input[i]`` the i-th positional
@@ -427,9 +429,21 @@ def _low_precision(record: _Record) -> bool:
 
 
 def _upcast_check(record: _Record, grads: dict[str, Tensor], seed: int, opts: dict, why: str) -> Report:
-    """Native check of a float16/bfloat16 module in float32: a float32 copy of the module
-    and its inputs (the gradients under test keep their dtype, which sets the tolerance)."""
+    """Check a float16/bfloat16 module without float64 in float32, on a float32 copy of the
+    module and its inputs, in two parts:
+
+    * its backward code: the gradient of ``<grad_out, module32(x)>`` that the module's own
+      backward gives in float32 is checked numerically in float32 (float32 tolerances), which
+      a wrong formula fails;
+    * what training got: the recorded float16/bfloat16 gradients are compared with that float32
+      gradient at the same point; a gap beyond one kernel's rounding (``_REFERENCE_RTOL``) fails
+      the tensor (``precision_gap``, ``gap_ratio``): a kernel wrong only in low precision or
+      only for the training's memory layout (a non-contiguous ``grad_output``).
+    """
     import copy
+
+    from gradwatch._evaluation import _native_gradients
+    from gradwatch.replay import _LossModule
 
     module32 = copy.deepcopy(record.module)
     for p in module32.parameters():
@@ -447,10 +461,37 @@ def _upcast_check(record: _Record, grads: dict[str, Tensor], seed: int, opts: di
                                     autocast={d: (False, dt) for d, (_, dt) in state.autocast.items()})
     batch = _batch(up, torch.float32)
     wrapper = _Local(up)
-    report = check(wrapper, _local_loss, batch, grads=grads, replay=_replay(up), seed=seed,
-                   **{**opts, "precision": "native"})
-    return dataclasses.replace(report, precision="float32",
-                               precision_reason=f"{why}; checked in float32 with float16/bfloat16 inputs upcast")
+    report = check(wrapper, _local_loss, batch, seed=seed, **{**opts, "precision": "native"})
+    params = {n: p.detach() for n, p in wrapper.named_parameters()}
+    _, g32 = _native_gradients(_LossModule(wrapper, _local_loss), batch, _replay(up), params,
+                               [n for n in grads if n in params])
+    names = [n for n in grads if n in g32 and tuple(g32[n].shape) == tuple(grads[n].shape)]
+    if names:
+        rows = []
+        for n in names:
+            a, r = grads[n].detach().to(torch.float64), g32[n].detach().to(torch.float64)
+            d = (a - r).reshape(-1)
+            rows.append(torch.stack([d.norm(), a.norm(), r.norm(), d.abs().argmax().to(torch.float64)]))
+        values = dict(zip(names, torch.stack(rows).cpu().tolist()))  # one transfer
+        scale = max(v[2] / math.sqrt(max(grads[n].numel(), 1)) for n, v in values.items())
+        tensors = dict(report.tensors)
+        for n, (diff, na, nr, idx) in values.items():
+            rtol = _REFERENCE_RTOL[_precision_of(grads[n])]
+            limit = rtol * (na + nr) + rtol * scale * math.sqrt(grads[n].numel())
+            ratio = 0.0 if diff == 0 else (diff / limit if limit > 0 else math.inf)
+            t = tensors[n]
+            index = tuple(int(i) for i in torch.unravel_index(torch.tensor(int(idx)), grads[n].shape))
+            t = dataclasses.replace(t, precision_gap=0.0 if diff == 0 else diff / (na + nr), gap_ratio=ratio,
+                                    gap_index=index if ratio > 1 else None)
+            if ratio > 1 and t.verdict in ("pass", "kink", "skipped"):
+                t = dataclasses.replace(t, verdict="fail", error_ratio=max(ratio, t.error_ratio)
+                                        if not math.isnan(t.error_ratio) else ratio)
+            tensors[n] = t
+        report = dataclasses.replace(report, tensors=tensors)
+    return dataclasses.replace(report, precision="float32", grad_dtype=_dtype_name(next(iter(grads.values())).dtype),
+                               grad_precision=_precision_of(next(iter(grads.values()))),
+                               precision_reason=f"{why}; its backward checked in float32 (inputs and parameters "
+                                                "upcast), and the training gradients compared with it")
 
 
 def _skipped_record(record: _Record, seed: int, reason: str) -> Report:
@@ -501,7 +542,7 @@ def check_module(
     :func:`gradwatch.check`, the directional derivatives of ``<grad_outputs, module(x; θ)>``
     with the gradients of the floating inputs that require grad (``input[0]``, ...) and of
     the parameters. A module whose forward raises in float64 is checked in its own
-    precision (float32 when it ran in float16/bfloat16). A reference registered with
+    precision (on a float32 copy when it ran in float16/bfloat16). A reference registered with
     :func:`register_reference` is compared too (``Report.references``).
 
     Args:
@@ -734,6 +775,10 @@ def _run_reference(record: _Record, fn: Callable, dtype: torch.dtype) -> tuple[l
             got = torch.autograd.grad(total, list(wrt.values()), allow_unused=True)
             grads = {n: (g if g is not None else torch.zeros_like(wrt[n])) for n, g in zip(wrt, got)}
     return [o.detach() if isinstance(o, Tensor) else o for o in outs], grads
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "")
 
 
 def _precision_of(t: Tensor) -> str:

@@ -357,9 +357,28 @@ def test_bf16_kernel_without_float64_is_checked_in_float32(bug):
         report = gradwatch.check_module(FusedAttention(), qkv(seed), name="attn", seed=seed)
         assert report.ok and report.precision == "float32", str(report)
         assert report.grad_precision == "bfloat16" and "upcast" in report.precision_reason
-    bug("dq")
+    bug("dq")  # a wrong formula: its float32 backward fails the float32 numerical check
     report = gradwatch.check_module(FusedAttention(), qkv(0), name="attn", seed=0)
     assert [t.name for t in report.failures] == ["attn::input[0]"], str(report)
+    assert report.failures[0].error_ratio > 10
+    # a bug only for the training's memory layout (its float32 replay gets a contiguous grad_output): the bf16
+    # gradients of training differ from the module's float32 backward at the same point
+    bug("contiguous")
+    torch.manual_seed(0)
+    model = _AttnNet()
+    batch = _attn_batch(0)
+    watch = gradwatch.GradWatch(model, _xent, every_n_steps=1, max_overhead=None, seed=0, on_failure=lambda r: None)
+    with watch.step(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _xent(model, batch)
+        loss.backward()
+    report = watch.last_report
+    assert _local_failures(report, "attn") == {"attn::input[0]", "attn::input[1]", "attn::input[2]"}, str(report)
+    assert all(report.tensors[f"attn::input[{i}]"].gap_ratio > 1 for i in range(3))
+    message = report.tensors["attn::input[0]"].message
+    assert message.startswith("'attn::input[0]'[") and "non-contiguous grad_output" in message
+    assert [(m.module, m.precision) for m in report.modules] == [("attn", "float32")]
+    bug(None)
 
 
 def test_check_module_and_register_reference_validate_their_arguments():
