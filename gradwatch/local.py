@@ -1015,8 +1015,16 @@ def _discover(model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplaySta
     from gradwatch.replay import _LossModule
 
     suspects = _Suspects(model)
-    with _isolated(model), suspects:
-        _native_loss(_LossModule(model, loss_fn), batch, replay, grad=True)
+    try:
+        with _isolated(model), suspects:
+            _native_loss(_LossModule(model, loss_fn), batch, replay, grad=True)
+    except Exception as err:  # the whole-model check reports a replay that fails; no suspects then
+        import logging
+
+        logging.getLogger("gradwatch").warning(
+            "gradwatch: finding the modules with custom backward code raised %s: %s; no module-local checks",
+            type(err).__name__, err)
+        return {}
     return suspects.names
 
 
@@ -1030,7 +1038,10 @@ def _local_reports(recording: Any, seed: int, options: Mapping[str, Any]) -> lis
     reports = []
     for i, record in enumerate(records):
         s = int(np.random.SeedSequence([seed, i + 1]).generate_state(1, np.uint64)[0] >> np.uint64(2))
-        reports.append(_check_record(record, seed=s, options=options))
+        try:
+            reports.append(_check_record(record, seed=s, options=options))
+        except Exception as err:  # a module the replay cannot run: say so, never stop the training
+            reports.append(_skipped_record(record, s, f"its module-local check raised {type(err).__name__}: {err}"))
     return reports
 
 

@@ -554,3 +554,24 @@ def test_internal_recording_api_records_what_the_step_computed():
     report = _check_record(attn, seed=0)
     assert report.ok and list(report.tensors) == ["attn::input[0]", "attn::input[1]", "attn::input[2]"]
     assert report.modules[0].module == "attn" and report.seed == 0
+
+
+def test_a_module_whose_local_check_raises_is_skipped_and_training_goes_on(monkeypatch):
+    import gradwatch.local as local
+
+    def broken(*args, **kwargs):  # a module the local replay cannot run
+        raise RuntimeError("needs its training context")
+
+    monkeypatch.setattr(local, "check", broken)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    watch = gradwatch.GradWatch(model, lambda m, b: m(b).pow(2).mean(), every_n_steps=1, max_overhead=None,
+                                seed=0, modules=["2"])
+    batch = torch.randn(3, 4)
+    with watch.step(batch):
+        model(batch).pow(2).mean().backward()
+    report = watch.last_report
+    (module,) = report.modules
+    assert module.module == "2" and "module-local check raised RuntimeError: needs its training context" in module.reason
+    assert report.ok and report.tensors["2::weight"].verdict == "skipped"  # the whole-model check still ran
+    assert report.tensors["2.weight"].verdict == "pass"
