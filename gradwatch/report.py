@@ -630,7 +630,9 @@ class Report:
         Columns: tensor, verdict (``fail`` and ``nonfinite`` in bold), ``rel_error``,
         the index of the tensor's :attr:`TensorCheck.worst` probe, and that probe's
         autograd and numerical values. A tensor without a judged probe (kink,
-        nonfinite, skipped) shows its reason instead of an index.
+        nonfinite, skipped) shows its reason instead of an index. Comparisons with registered
+        references (:attr:`references`) follow in a second table: ``rel_diff``, error/tolerance
+        and the precisions compared.
 
         Example:
             >>> print(report.markdown())  # doctest: +SKIP
@@ -649,7 +651,15 @@ class Report:
             cells += [f"`{w.where}`", _fmt(w.autograd), _fmt(w.numerical)] if w else [t.reason or "", "-", "-"]
             rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         head = self.summary()
-        return head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
+        text = head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
+        if self.references:  # module-local comparisons with registered references, failing first
+            refs = ["| reference | verdict | rel_diff | error/tolerance | precisions |", "|---|---|---|---|---|"]
+            for r in sorted(self.references, key=lambda r: not r.failed):
+                cells = [f"`{r.name}`", "**fail**" if r.failed else r.verdict, _fmt(r.rel_diff), _fmt(r.error_ratio),
+                         r.precision or (r.reason or "")]
+                refs.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+            text += "\n\n" + "\n".join(refs)
+        return text
 
     def worst_tensors(self, n: int = _WORST_TENSORS) -> list[TensorCheck]:
         """The ``n`` judged tensors with the largest ``error_ratio``, largest first.

@@ -55,6 +55,8 @@ def test_reference_comparison_names_module_and_quantity(bug, reference):
     assert keys["gradwatch/reference_error_ratio/attn::input[1]"] > 1
     assert keys["gradwatch/reference_error_ratio/attn::output[0]"] < 1  # the forward is right
     assert "attn::input[1]" in str(report) and "reference" in str(report)
+    table = report.markdown().split("| reference |")[1].splitlines()
+    assert table[2].startswith("| `attn::input[1]` | **fail** | 0.") and len(table) == 6  # failing first, 4 rows
     # the reference ran in float64 although the op has no float64 kernel
     assert all(r.precision == "float32 vs reference float64" for r in report.references)
 
