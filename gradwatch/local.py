@@ -9,8 +9,8 @@ parameters plus the recorded floating inputs (``input[0]``, ...) and whose loss 
 scalar ``<grad_out, f(x; θ)>`` (summed over the floating outputs): its gradient wrt
 ``θ`` and ``x`` is exactly the module's parameter gradient and ``grad_input``, so the
 float64 evaluation, error bars, joint probes, kinks, bisection and :class:`~gradwatch.Report`
-apply unchanged. The float64 copy is the module's, so memory is bounded by that module's
-float64 copy plus its activations. A module whose forward raises in float64 (a kernel
+apply unchanged. The float64 copy is the module's, so memory scales with that module's
+float64 copy plus its activations, not with the model's (benchmarks/local_memory.py). A module whose forward raises in float64 (a kernel
 without float64) is checked natively by the engine (``precision="auto"``); one that ran in
 float16/bfloat16 is checked on a float32 copy: its own backward in float32 numerically
 (float32 tolerances), and the training's low-precision gradients against that float32
@@ -36,7 +36,7 @@ Internal API (stable; the hook and the sharded path build on it):
   parameters shared with modules outside it, no gradient reached it).
 * ``_check_record(record, *, seed, options, reference=True) -> Report``: the local check of one
   record (options: engine keyword arguments such as ``coordinates``, ``precision``), its
-  tensors named ``<module>::<tensor>``; ``_skipped_record(record, seed)`` reports a skipped one.
+  tensors named ``<module>::<tensor>``; ``_skipped_record(record, seed, reason)`` reports a skipped one.
 * ``_merge(report, local_reports) -> Report``: the whole-model report with the local
   tensors, reference comparisons (``Report.references``) and module checks
   (``Report.modules``: precision and skip reason per module) added.
