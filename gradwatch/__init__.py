@@ -17,6 +17,7 @@ transformers until a callback is used, so ``import gradwatch`` imports none of t
 from gradwatch.engine import check
 from gradwatch.hook import GradWatch
 from gradwatch.kinks import register_kink
+from gradwatch.local import check_module, register_reference
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     GradientCheckError,
@@ -24,7 +25,9 @@ from gradwatch.report import (
     KinkEvent,
     KinkSite,
     KinkWarning,
+    ModuleCheck,
     Probe,
+    ReferenceCheck,
     Report,
     TensorCheck,
     UnreliableCheckWarning,
@@ -44,7 +47,9 @@ __all__ = [
     "KinkWarning",
     "KinkWarnings",
     "LoggingSink",
+    "ModuleCheck",
     "Probe",
+    "ReferenceCheck",
     "ReplayState",
     "Report",
     "TensorBoardSink",
@@ -53,8 +58,10 @@ __all__ = [
     "assert_gradients",
     "capture",
     "check",
+    "check_module",
     "metrics",
     "register_kink",
+    "register_reference",
 ]
 
 __version__ = "0.1.0"

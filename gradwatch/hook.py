@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -44,7 +45,17 @@ from gradwatch._validate import (
     _probe_options,
     _seed,
 )
-from gradwatch.engine import PRECISIONS
+from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS
+from gradwatch.local import (
+    _REFERENCES_BY_OP,
+    _discover,
+    _float64_bytes,
+    _local_reports,
+    _merge,
+    _OpCalls,
+    _Recording,
+    _resolve_modules,
+)
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -109,10 +120,29 @@ class GradWatch:
             or ``"auto"`` (see :func:`gradwatch.check`).
         scaler: The ``torch.amp.GradScaler`` whose ``scale(loss)`` you backpropagate
             inside the block, or ``None``. A disabled scaler counts as ``None``.
+        modules: Modules checked in isolation after the whole-model check
+            (:mod:`gradwatch.local`): their parameter *and input* gradients against
+            ``<grad_out, module(x)>``, in float64 where the module supports it, else in its
+            own precision (float32 for float16/bfloat16). ``"suspects"`` (default): the
+            modules whose forward runs custom backward code (custom ``autograd.Function``,
+            ``torch.library`` custom ops, tensor hooks), found by one replayed forward at
+            the first check. A list of submodules (or their names) checks those; ``None``
+            none. Their tensors join the report as ``<module>::<tensor>``
+            (``attn::input[0]``, ``attn::weight``), with comparisons to references from
+            :func:`gradwatch.register_reference` in ``Report.references``. A module called
+            more than once in a step, or sharing parameters with modules outside it, is
+            skipped with the reason.
+        max_shadow_bytes: Largest float64 copy of the whole model ``precision="auto"``
+            makes. When the whole model does not fit and ``modules`` names modules (or
+            suspects were found), the module-local float64 checks are run instead of a
+            whole-model check in the native precision, whose central differences would
+            miss small errors (the whole-model tensors are then ``skipped``, saying so).
 
     Attributes:
         reports: ``(step, Report)`` for each check.
         seed: The base seed in use.
+        suspects: With ``modules="suspects"``, after the first check: qualified module
+            name -> why it is a suspect (``{}`` before, or when none was found).
 
     Example:
         >>> watch = GradWatch(model, loss_fn, every_n_steps=50, logdir="runs")  # doctest: +SKIP
@@ -137,10 +167,14 @@ class GradWatch:
         near_kink_margin: float = 10.0,
         precision: str = "auto",
         scaler: Any = None,
+        modules: Any = "suspects",
+        max_shadow_bytes: int = DEFAULT_SHADOW_BYTES,
     ) -> None:
         _module("model", model)
         _callable("loss_fn", loss_fn)
         _scaler("scaler", scaler)
+        self._modules = _resolve_modules(model, modules)
+        _positive_int("max_shadow_bytes", max_shadow_bytes)
         self._check_kwargs = _adapter_options(
             every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
             coordinates=coordinates, directions=directions, kinks=kinks, kink_resamples=kink_resamples,
@@ -171,6 +205,11 @@ class GradWatch:
         self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self.reports: list[tuple[int, Report]] = []
         self._step = 0
+        self._max_shadow_bytes = max_shadow_bytes
+        self.suspects: dict[str, str] = {}
+        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
+                               "coordinates": coordinates, "directions": directions, "precision": precision,
+                               "max_shadow_bytes": max_shadow_bytes}
 
     @property
     def global_step(self) -> int:
@@ -211,6 +250,9 @@ class GradWatch:
             yield
             return
         state = capture(self.model)
+        targets = self._targets(batch, state)
+        recording = _Recording(targets, model=self.model) if targets else nullcontext()
+        ops = _OpCalls() if self._modules is not None and _REFERENCES_BY_OP else nullcontext()
         captured: dict[str, Tensor] = {}
         handles = [
             p.register_hook(partial(_capture_grad, captured, name))
@@ -219,7 +261,7 @@ class GradWatch:
         ]
         roots = _BackwardRoots()
         try:
-            with roots:
+            with roots, recording, ops:
                 yield
         finally:
             for handle in handles:
@@ -244,11 +286,41 @@ class GradWatch:
                 )
                 self._record(_skipped_report(self.model, seed, step, reason), step)
                 return
-        report = _budgeted_check(self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
-                                 replay=state, train_loss=train_loss, reduce=None, broadcast=None,
-                                 options=self._check_kwargs)
+        recordings = [r for r in (recording, ops) if getattr(r, "records", None)]
+        whole_too_big = (recordings and self._check_kwargs["precision"] == "auto"
+                         and _float64_bytes(self.model) > self._max_shadow_bytes)
+        if whole_too_big:
+            reason = (f"the whole model's float64 copy would take {_float64_bytes(self.model) / 2**20:.0f} MiB > "
+                      f"max_shadow_bytes {self._max_shadow_bytes / 2**20:.0f} MiB: module-local float64 checks "
+                      "instead of a whole-model check in the native precision")
+            self._schedule.plan([])  # closes the timing of the training step
+            report = _skipped_report(self.model, seed, step, reason)
+        else:
+            report = _budgeted_check(self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed,
+                                     grads=captured, replay=state, train_loss=train_loss, reduce=None,
+                                     broadcast=None, options=self._check_kwargs)
         del captured, state
+        if recordings:
+            started = time.perf_counter()
+            report = _merge(report, _local_reports(recordings, seed, self._local_options))
+            seconds = time.perf_counter() - started  # local checks count against the budget
+            if whole_too_big:
+                self._schedule.done(step, seconds, len(report.probes))
+            else:
+                sched = self._schedule
+                sched.check_seconds += seconds
+                sched.next_step = step + max(sched.every_n_steps, sched._steps_to_afford())
+        del recording, ops, recordings
         self._record(report, step)
+
+    def _targets(self, batch: Any, state: Any) -> dict[str, nn.Module]:
+        """The modules to record at this check step ({} for none); suspects are found once."""
+        if self._modules == "suspects":
+            found = _discover(self.model, self.loss_fn, batch, state)
+            named = dict(self.model.named_modules())
+            self._modules = {n: named[n] for n in found}
+            self.suspects = dict(found)
+        return self._modules or {}
 
     def _record(self, report: Report, step: int) -> None:
         self.reports.append((step, report))

@@ -23,12 +23,15 @@ __all__ = [
     "KinkEvent",
     "KinkSite",
     "KinkWarning",
+    "ModuleCheck",
     "OnFailure",
     "UnreliableCheckWarning",
     "Probe",
+    "ReferenceCheck",
     "Report",
     "TensorCheck",
     "failure_message",
+    "local_name",
     "metrics",
 ]
 
@@ -41,6 +44,11 @@ _FIX_HINT = (
     "the gradient autograd produced for this tensor is not the derivative of the loss: "
     "check the backward of custom autograd.Functions, kernels and gradient hooks on the "
     "path from this tensor to the loss"
+)
+
+_LOCAL_HINT = (
+    "this module's own backward is not the derivative of its forward (checked in isolation, on the inputs and "
+    "output gradient of the training step): check its custom autograd.Functions, kernels and tensor hooks"
 )
 
 
@@ -291,6 +299,101 @@ class TensorCheck:
         return failure_message(self, short=True)
 
 
+def local_name(module: str, tensor: str) -> str:
+    """The name of a tensor of a module-local check: ``<module>::<tensor>`` (``blocks.1.attn::weight``,
+    ``blocks.1.attn::input[0]``), or ``tensor`` alone for an unnamed module (a direct
+    :func:`gradwatch.check_module` call). The same names key the logged metrics.
+
+    Example:
+        >>> local_name("blocks.1.attn", "input[0]")
+        'blocks.1.attn::input[0]'
+    """
+    return f"{module}::{tensor}" if module else tensor
+
+
+@dataclass(frozen=True)
+class ModuleCheck:
+    """How one module-local check ran (:mod:`gradwatch.local`); its tensors are in
+    ``Report.tensors`` as ``<module>::<tensor>``.
+
+    Attributes:
+        module: Qualified module name (``""`` for a direct :func:`gradwatch.check_module` call).
+        precision: Where its perturbed losses were evaluated: ``"float64"``, ``"native"``, or
+            ``"float32"`` (a float16/bfloat16 module without float64, upcast); ``""`` when skipped.
+        precision_reason: Why that precision.
+        reason: Why the module was not checked (called more than once in the step, parameters
+            shared with modules outside it, no gradient reached it), else ``None``.
+        seconds: Wall time of its check.
+
+    Example:
+        >>> [(m.module, m.precision) for m in report.modules]  # doctest: +SKIP
+        [('attn', 'native')]
+    """
+
+    module: str
+    precision: str = ""
+    precision_reason: str = ""
+    reason: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
+class ReferenceCheck:
+    """One comparison of a module with its registered reference (:func:`gradwatch.register_reference`).
+
+    Attributes:
+        module: Qualified module name (``""`` for a direct call).
+        quantity: ``output[i]`` (a forward output leaf), ``input[...]`` (the gradient of an
+            input) or a parameter name (its gradient).
+        verdict: ``"pass"``, ``"fail"`` or ``"skipped"`` (``reason`` says why).
+        rel_diff: ``||a - r|| / (||a|| + ||r||)`` between what the module produced ``a`` and
+            the reference ``r`` (0 when both are 0).
+        error_ratio: ``||a - r||`` over its limit ``tolerance·(||a|| + ||r||)`` plus a floor
+            for a true value of 0 (``tolerance`` times the largest RMS of the module's
+            quantities of that kind); above 1 fails.
+        tolerance: The larger relative tolerance of the two precisions
+            (``gradwatch.engine.RTOL``).
+        precision: ``"<module precision> vs reference <reference precision>"``.
+        reason: Why it was skipped, else ``None``.
+
+    Example:
+        >>> [(r.name, r.rel_diff) for r in report.references if r.failed]  # doctest: +SKIP
+        [('attn::input[1]', 0.31)]
+    """
+
+    module: str
+    quantity: str
+    verdict: str
+    rel_diff: float = math.nan
+    error_ratio: float = math.nan
+    tolerance: float = math.nan
+    precision: str = ""
+    reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        """``<module>::<quantity>`` (:func:`local_name`)."""
+        return local_name(self.module, self.quantity)
+
+    @property
+    def failed(self) -> bool:
+        """True when the module disagrees with its reference beyond the tolerance."""
+        return self.verdict == "fail"
+
+    @property
+    def message(self) -> str:
+        """One line naming the module and quantity; empty unless failing."""
+        if not self.failed:
+            return ""
+        what = "forward output" if self.quantity.startswith("output[") else "gradient"
+        return (
+            f"'{self.name}': {what} differs from the registered reference by rel_diff {_fmt(self.rel_diff)} "
+            f"({_fmt(self.error_ratio)} times the tolerance {_fmt(self.tolerance)}, {self.precision}): "
+            + ("check the module's forward kernel" if what == "forward output"
+               else "check the module's backward kernel (or the reference)")
+        )
+
+
 @dataclass(frozen=True)
 class Report:
     """The result of one check.
@@ -328,6 +431,9 @@ class Report:
             tensors without a verdict of their own (their ``reason`` says so); a
             failing one is narrowed down to a tensor, which fails (see
             ``check(joint=...)``). Not part of :attr:`probes` (which lists each tensor's own).
+        references: Comparisons of module-local checks with registered references
+            (:class:`ReferenceCheck`); a failing one fails the report.
+        modules: How each module-local check ran (:class:`ModuleCheck`).
     """
 
     tensors: Mapping[str, TensorCheck]
@@ -348,11 +454,19 @@ class Report:
     kept_casts: int = 0
     kept_cast_sites: tuple[str, ...] = ()
     joint: tuple[Probe, ...] = ()
+    references: tuple[ReferenceCheck, ...] = ()
+    modules: tuple[ModuleCheck, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """False exactly when some tensor's verdict is ``"fail"`` or ``"nonfinite"``."""
-        return not self.failures
+        """False exactly when some tensor's verdict is ``"fail"`` or ``"nonfinite"``, or a
+        reference comparison fails."""
+        return not self.failures and not self.reference_failures
+
+    @property
+    def reference_failures(self) -> list[ReferenceCheck]:
+        """The failing comparisons with registered references."""
+        return [r for r in self.references if r.failed]
 
     @property
     def failures(self) -> list[TensorCheck]:
@@ -447,7 +561,7 @@ class Report:
         such as a GradScaler skipping the optimizer step); every tensor is skipped.
         """
         verdicts = {t.verdict for t in self.tensors.values()}
-        if "fail" in verdicts:
+        if "fail" in verdicts or self.reference_failures:
             return "fail"
         if "nonfinite" in verdicts:
             return "nonfinite"
@@ -478,6 +592,8 @@ class Report:
         for t in self.tensors.values():
             counts[t.verdict] = counts.get(t.verdict, 0) + 1
         parts = ", ".join(f"{n} {v}" for v, n in counts.items())
+        if self.reference_failures:
+            parts += f", {len(self.reference_failures)} reference fail"
         step = "" if self.step is None else f"step {self.step}: "
 
         def line(worst: str) -> str:
@@ -514,7 +630,9 @@ class Report:
         Columns: tensor, verdict (``fail`` and ``nonfinite`` in bold), ``rel_error``,
         the index of the tensor's :attr:`TensorCheck.worst` probe, and that probe's
         autograd and numerical values. A tensor without a judged probe (kink,
-        nonfinite, skipped) shows its reason instead of an index.
+        nonfinite, skipped) shows its reason instead of an index. Comparisons with registered
+        references (:attr:`references`) follow in a second table: ``rel_diff``, error/tolerance
+        and the precisions compared.
 
         Example:
             >>> print(report.markdown())  # doctest: +SKIP
@@ -533,7 +651,15 @@ class Report:
             cells += [f"`{w.where}`", _fmt(w.autograd), _fmt(w.numerical)] if w else [t.reason or "", "-", "-"]
             rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         head = self.summary()
-        return head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
+        text = head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
+        if self.references:  # module-local comparisons with registered references, failing first
+            refs = ["| reference | verdict | rel_diff | error/tolerance | precisions |", "|---|---|---|---|---|"]
+            for r in sorted(self.references, key=lambda r: not r.failed):
+                cells = [f"`{r.name}`", "**fail**" if r.failed else r.verdict, _fmt(r.rel_diff), _fmt(r.error_ratio),
+                         r.precision or (r.reason or "")]
+                refs.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+            text += "\n\n" + "\n".join(refs)
+        return text
 
     def worst_tensors(self, n: int = _WORST_TENSORS) -> list[TensorCheck]:
         """The ``n`` judged tensors with the largest ``error_ratio``, largest first.
@@ -636,7 +762,14 @@ class Report:
                 + "; ".join(self.kept_cast_sites)
                 + ("; ..." if self.kept_casts > len(self.kept_cast_sites) else "")
             )
+        if self.modules:
+            lines.append("  module-local checks: " + "; ".join(
+                f"{m.module or '(module)'} skipped ({m.reason})" if m.reason is not None
+                else f"{m.module or '(module)'} in {m.precision}"
+                + ("" if m.precision == "float64" else f" ({_cut_end(m.precision_reason, 90)})")
+                for m in self.modules))
         lines += ["  " + t.message for t in self.failures]
+        lines += ["  " + r.message for r in self.reference_failures]
         return "\n".join(lines)
 
 
@@ -719,14 +852,20 @@ def failure_message(tensor: TensorCheck, *, short: bool = False) -> str:
         return ""
     gap = tensor.gap_ratio > 1.0
     hint = (
-        f"it differs from autograd's gradient of the same code in float64 by {_fmt(tensor.precision_gap)} "
+        f"it differs from the same module's backward run in float32 on the same inputs by "
+        f"{_fmt(tensor.precision_gap)} ({_fmt(tensor.gap_ratio)} times the tolerance of one kernel's rounding): "
+        "look at kernels that are wrong only in low precision or only for the training's memory layout "
+        "(a non-contiguous grad_output)"
+        if gap and "::" in tensor.name
+        else f"it differs from autograd's gradient of the same code in float64 by {_fmt(tensor.precision_gap)} "
         f"({_fmt(tensor.gap_ratio)} times the tolerance of its precision): look at tensor hooks, code that "
         "edits .grad, and kernels that are wrong only in low precision"
         if gap
+        else _LOCAL_HINT if "::" in tensor.name
         else _FIX_HINT
     )
     w = tensor.worst
-    if w is None:
+    if w is None or (gap and "::" in tensor.name and not w.failed):  # a local gap: its probes judged the float32 code
         return f"'{tensor.name}'{_index(tensor.gap_index)}: {hint}"
     head = (
         f"'{tensor.name}'{w.where}: autograd={_fmt(w.autograd)} numerical={_fmt(w.numerical)} "
@@ -747,7 +886,8 @@ def _index(index: tuple[int, ...] | None) -> str:
 
 def _report_failure_text(report: Report) -> str:
     """Text of a failing report: the summary line, then one message per failure."""
-    return "\n".join([report.summary()] + [t.message for t in report.failures])
+    return "\n".join([report.summary()] + [t.message for t in report.failures]
+                     + [r.message for r in report.reference_failures])
 
 
 def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
@@ -774,6 +914,18 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/worst/<k>           error_ratio of the k-th worst judged tensor,
                                      k = 0..9 (Report.worst_tensors; which tensor
                                      each rank is: Report.worst_markdown)
+        <prefix>/reference_rel_diff/<module>::<quantity>
+                                     module-local checks with a registered reference:
+                                     rel_diff of an output or gradient to the reference
+        <prefix>/reference_error_ratio/<module>::<quantity>
+                                     its error / tolerance; above 1 fails
+        <prefix>/reference_failed/<module>::<quantity>
+                                     1 when that comparison fails, else 0
+        <prefix>/reference_failures  failing reference comparisons (only in a check
+                                     that compared with a reference)
+
+    Tensors of module-local checks are named ``<module>::<tensor>`` (:func:`local_name`:
+    ``blocks.1.attn::weight``, ``blocks.1.attn::input[0]``) and have the per-tensor keys above.
 
     :class:`~gradwatch.TensorBoardSink` also writes, per check, entries that are
     not scalars and so are not returned here: the histogram
@@ -827,6 +979,15 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
     out[f"{prefix}/check_seconds"] = report.seconds
     for k, t in enumerate(report.worst_tensors()):
         out[f"{prefix}/worst/{k}"] = t.error_ratio
+    for r in report.references:
+        if not math.isnan(r.rel_diff):
+            out[f"{prefix}/reference_rel_diff/{r.name}"] = r.rel_diff
+        if not math.isnan(r.error_ratio):
+            out[f"{prefix}/reference_error_ratio/{r.name}"] = r.error_ratio
+        if r.verdict != "skipped":
+            out[f"{prefix}/reference_failed/{r.name}"] = float(r.failed)
+    if report.references:
+        out[f"{prefix}/reference_failures"] = float(len(report.reference_failures))
     return out
 
 
@@ -850,6 +1011,10 @@ def _cut_middle(name: str, cut: int) -> str:
     if keep >= len(name):
         return name
     return name[: keep - keep // 2] + "..." + name[len(name) - keep // 2:]
+
+
+def _cut_end(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _safe_ratio(num: float, den: float) -> float:
