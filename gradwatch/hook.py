@@ -34,6 +34,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
+from gradwatch._sharded import _Guard, _LocalGrads, _sharding, _unsharded
 from gradwatch._validate import (
     _callable,
     _fraction_or_none,
@@ -171,6 +172,8 @@ class GradWatch:
         self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self.reports: list[tuple[int, Report]] = []
         self._step = 0
+        self._sharded = _sharding(model)  # raises for sharding that cannot be checked
+        self._seed_shared = False
 
     @property
     def global_step(self) -> int:
@@ -207,8 +210,11 @@ class GradWatch:
         """
         step = self._step
         self._step += 1
-        if not self._schedule.begin(step):  # the hot path: a clock read, nothing else
+        if not self._schedule.begin(step, defer=self._sharded is None):  # the hot path: a clock read, nothing else
             yield
+            return
+        if self._sharded is not None:
+            yield from self._sharded_step(batch, step)
             return
         state = capture(self.model)
         captured: dict[str, Tensor] = {}
@@ -247,6 +253,42 @@ class GradWatch:
         report = _budgeted_check(self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
                                  replay=state, train_loss=train_loss, reduce=None, broadcast=None,
                                  options=self._check_kwargs)
+        del captured, state
+        self._record(report, step)
+
+    def _sharded_step(self, batch: Any, step: int) -> Iterator[None]:
+        """A check step of a ``fully_shard`` (FSDP2) model: every rank checks the same probes
+        on its local batch with the parameters gathered, judging the mean over ranks against
+        the mean of the local gradients (what the sharded ``.grad`` holds), as under DDP."""
+        state = capture(self.model)
+        recorder = _LocalGrads(self.model)
+        roots = _BackwardRoots()
+        try:
+            with roots:
+                yield
+        finally:
+            recorder.remove()
+        captured = recorder.mean(self.model)  # collectives: every rank, same order
+        if not captured:
+            raise ValueError(
+                f"no parameter of `model` received a gradient inside `watch.step(batch)` at step {step}: "
+                "call loss.backward() inside the with-block"
+            )
+        if roots.autocast is not None:
+            state = dataclasses.replace(state, autocast=roots.autocast)
+        guard = _Guard(next(iter(captured.values())).device)
+        try:
+            if not self._seed_shared:  # rank zero's base seed: every rank draws the same probes
+                self.seed, self._seed_shared = int(guard.broadcast(self.seed)), True
+            with _unsharded(self.model):
+                report = _budgeted_check(
+                    self._schedule, self.model, self.loss_fn, batch, step=step, seed=_derive_seed(self.seed, step),
+                    grads=captured, replay=state, train_loss=roots.loss(), reduce=guard.reduce,
+                    broadcast=guard.broadcast, options=self._check_kwargs,
+                )
+        except BaseException:
+            guard.abort()  # the other ranks raise at their next collective instead of waiting
+            raise
         del captured, state
         self._record(report, step)
 

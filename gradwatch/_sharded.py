@@ -1,0 +1,248 @@
+"""Sharded training (FSDP2, ``torch.distributed.fsdp.fully_shard``) for the adapters (private).
+
+Under ``fully_shard`` every parameter is a ``DTensor`` holding this rank's shard (dim 0,
+uneven when the rows do not divide). Inside an FSDP unit's forward (after FSDP's
+forward pre-hook) the unit's own parameters are plain, full ``nn.Parameter``s, and the
+gradient autograd sends to them is this rank's local gradient; FSDP's post-backward
+then reduce-scatters it into ``.grad``, a sharded ``DTensor`` holding the mean over
+ranks (``.grad.full_tensor()`` equals the mean of the ranks' local gradients exactly,
+measured on CPU/gloo with torch 2.13). Calling an FSDP unit outside the root's forward
+(``functional_call`` included) breaks FSDP's lazy initialisation, so a check must not.
+
+What a check does here:
+
+* :class:`_LocalGrads` hooks, in a forward pre-hook of each FSDP unit (which runs after
+  FSDP's), the unsharded parameters and records the local gradient of the step
+  (before reduce-scatter); :meth:`_LocalGrads.mean` averages it over ranks, which is
+  what data-parallel ``.grad`` holds (:func:`_gathered_grads` reads it from ``.grad``
+  instead, for the Lightning callback).
+* :func:`_unsharded` gathers every sharded parameter (``full_tensor()``, in
+  ``named_modules`` order, the same on every rank), puts the full tensors in place of the
+  shards and suspends FSDP's forward hooks, so that the engine sees a plain module with
+  full parameters and its evaluations run no collective; everything is put back after.
+* :class:`_Guard` makes the check's collectives safe when one rank raises inside it:
+  each collective is preceded by an all-reduced error flag, and a rank that raises sends
+  the flag set (once) instead of its next collective; the other ranks then raise too,
+  instead of waiting for a collective that never comes.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from functools import partial
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+__all__: list[str] = []
+
+
+def _distributed() -> bool:
+    """Whether a default process group with more than one rank is initialised."""
+    return (torch.distributed.is_available() and torch.distributed.is_initialized()
+            and torch.distributed.get_world_size() > 1)
+
+
+def _is_dtensor(t: Any) -> bool:
+    if not torch.distributed.is_available():
+        return False
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(t, DTensor)
+
+
+def _fsdp_units(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """The FSDP2 units (``fully_shard`` modules) in ``model``, with their names."""
+    if not torch.distributed.is_available():
+        return []
+    from torch.distributed.fsdp import FSDPModule
+
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, FSDPModule)]
+
+
+def _sharding(model: nn.Module) -> str | None:
+    """``"fsdp2"`` for a model with ``fully_shard`` units, ``None`` for a plain model.
+
+    Raises:
+        ValueError: For sharded parameters gradwatch cannot check (FSDP1 flat parameters,
+            DTensors of tensor parallelism), saying what to use instead.
+    """
+    params = list(model.parameters())
+    if any(type(p).__name__ == "FlatParameter" for p in params):
+        raise ValueError(
+            "gradwatch cannot check FullyShardedDataParallel (FSDP1) flat parameters: shard the model with "
+            "torch.distributed.fsdp.fully_shard (FSDP2) instead (in Lightning: ModelParallelStrategy with "
+            "fully_shard in configure_model), or train with DDP"
+        )
+    dtensors = [p for p in params if _is_dtensor(p)]
+    if not dtensors:
+        return None
+    managed = set()
+    for _, unit in _fsdp_units(model):
+        group = unit._get_fsdp_state()._fsdp_param_group
+        managed.update(id(fp.sharded_param) for fp in (group.fsdp_params if group is not None else ()))
+    if any(id(p) not in managed for p in dtensors):
+        raise ValueError(
+            "gradwatch checks sharded parameters of torch.distributed.fsdp.fully_shard (FSDP2) only; this model "
+            "has DTensor parameters that no fully_shard unit manages (tensor parallelism): check it with data or "
+            "fully sharded parallelism alone"
+        )
+    return "fsdp2"
+
+
+def _is_fsdp_hook(hook: Any) -> bool:
+    return getattr(hook, "__module__", "").startswith("torch.distributed.fsdp")
+
+
+@contextmanager
+def _unsharded(model: nn.Module) -> Iterator[None]:
+    """Full parameters in place of the shards, and FSDP's forward hooks suspended.
+
+    Gathers every sharded parameter (one all-gather each, in the same order on every
+    rank): memory of one full copy of the model's parameters. Shared (tied) parameters
+    stay shared. On exit the shards (the same objects) and the hooks are put back.
+    """
+    swapped: list[tuple[nn.Module, str, nn.Parameter]] = []
+    full: dict[int, nn.Parameter] = {}
+    suspended: list[tuple[dict, dict]] = []
+    try:
+        with torch.no_grad():
+            for module in model.modules():
+                for name, p in list(module._parameters.items()):
+                    if p is None or not _is_dtensor(p):
+                        continue
+                    if id(p) not in full:
+                        full[id(p)] = nn.Parameter(p.full_tensor(), requires_grad=p.requires_grad)
+                    swapped.append((module, name, p))
+                    module._parameters[name] = full[id(p)]
+        for _, unit in _fsdp_units(model):
+            for hooks in (unit._forward_pre_hooks, unit._forward_hooks):
+                saved = dict(hooks)
+                for key in [k for k, h in hooks.items() if _is_fsdp_hook(h)]:
+                    del hooks[key]
+                suspended.append((hooks, saved))
+        yield
+    finally:
+        for hooks, saved in suspended:
+            hooks.clear()
+            hooks.update(saved)  # the same hooks in the same order
+        for module, name, p in reversed(swapped):
+            module._parameters[name] = p
+
+
+class _LocalGrads:
+    """Records, during one training step, each parameter's local (unsharded) gradient.
+
+    A forward pre-hook on every FSDP unit (after FSDP's, which unshards the unit's
+    parameters) registers a tensor hook on each of the unit's full parameters, once per
+    step. :meth:`remove` takes every hook off.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
+        self.grads: dict[str, Tensor] = {}
+        self._hooked: set[int] = set()
+        self._tensor_handles: list[Any] = []
+        self._handles = [
+            unit.register_forward_pre_hook(partial(self._pre_forward, prefix))
+            for prefix, unit in _fsdp_units(model)
+        ]
+
+    def _pre_forward(self, prefix: str, unit: nn.Module, args: Any) -> None:
+        for name, p in unit.named_parameters(prefix=prefix):
+            if _is_dtensor(p) or not p.requires_grad or id(p) in self._hooked:
+                continue  # a nested unit's shard (its own hook records it), or done
+            self._hooked.add(id(p))
+            self._tensor_handles.append(p.register_hook(partial(self._record, name)))
+
+    def _record(self, name: str, grad: Tensor) -> None:
+        previous = self.grads.get(name)
+        self.grads[name] = grad.detach() if previous is None else previous + grad.detach()
+
+    def remove(self) -> None:
+        for handle in [*self._handles, *self._tensor_handles]:
+            handle.remove()
+        self._handles, self._tensor_handles = [], []
+
+    def mean(self, model: nn.Module) -> dict[str, Tensor]:
+        """The mean over ranks of the recorded gradients (what data-parallel ``.grad`` holds).
+
+        A parameter that received a gradient on some rank only counts zero on the others.
+        Two collectives per parameter at most, in ``named_parameters`` order.
+        """
+        names = [n for n, _ in model.named_parameters()]
+        present = torch.tensor([float(n in self.grads) for n in names], dtype=torch.float64)
+        torch.distributed.all_reduce(present)  # gloo and nccl: float64 on the device of the gradients
+        world = torch.distributed.get_world_size()
+        params = dict(model.named_parameters())
+        out = {}
+        for name, flag in zip(names, present.tolist()):
+            if flag == 0:
+                continue
+            p = params[name]
+            g = self.grads.get(name)
+            g = torch.zeros(p.shape, dtype=p.dtype, device=_local_device(p)) if g is None else g.clone()
+            torch.distributed.all_reduce(g)
+            out[name] = g / world
+        return out
+
+
+def _local_device(p: Tensor) -> torch.device:
+    return p.to_local().device if _is_dtensor(p) else p.device
+
+
+def _gathered_grads(model: nn.Module) -> dict[str, Tensor]:
+    """Every parameter's ``.grad`` in full (sharded ones gathered, in ``named_parameters`` order)."""
+    out = {}
+    for name, p in model.named_parameters():
+        if p.grad is not None:
+            out[name] = p.grad.full_tensor() if _is_dtensor(p.grad) else p.grad.detach()
+    return out
+
+
+class _PeerFailed(RuntimeError):
+    """Raised on every rank whose check was cut short because another rank's check raised."""
+
+
+class _Guard:
+    """Collectives of one check that cannot hang when a rank raises in between.
+
+    Every :meth:`reduce` (a cross-rank mean) and :meth:`broadcast` is preceded by a
+    one-element all-reduce of an error flag. A rank that raises inside the check calls
+    :meth:`abort` (the flag set, once) before re-raising; every other rank then raises
+    :class:`_PeerFailed` (a ``RuntimeError``) at its next collective instead of waiting for a partner.
+    """
+
+    def __init__(self, device: torch.device) -> None:
+        self.device = device
+        self.world = torch.distributed.get_world_size()
+        self.peer_failed = False
+
+    def _header(self, flag: float) -> None:
+        if self.peer_failed:  # no collective after a peer's failure (the engine may retry natively)
+            raise _PeerFailed("gradwatch: the check raised on another rank; see that rank's error")
+        header = torch.tensor([flag], dtype=torch.float64, device=self.device)
+        torch.distributed.all_reduce(header)
+        failed = int(header.item())
+        if failed and not flag:
+            self.peer_failed = True
+            raise _PeerFailed(
+                f"gradwatch: the check raised on {failed} other rank(s) of {self.world}; see that rank's error"
+            )
+
+    def reduce(self, values: Tensor) -> Tensor:
+        self._header(0.0)
+        out = values.clone()
+        torch.distributed.all_reduce(out)
+        return out / self.world
+
+    def broadcast(self, obj: Any) -> Any:
+        self._header(0.0)
+        box = [obj]
+        torch.distributed.broadcast_object_list(box, src=0)
+        return box[0]
+
+    def abort(self) -> None:
+        """Tell the other ranks that this rank's check raised (unless it raised because of theirs)."""
+        if not self.peer_failed:
+            self._header(1.0)

@@ -1,0 +1,160 @@
+"""GradWatch on FSDP2 (``torch.distributed.fsdp.fully_shard``) models, 2 CPU processes (gloo).
+
+Run by ``tests/test_fsdp.py``, once per rank, with ``RANK``, ``WORLD_SIZE``,
+``MASTER_ADDR`` and ``MASTER_PORT`` set::
+
+    PYTHONPATH=.:tests python tests/fsdp_script.py OUTDIR SCENARIO
+
+Each rank writes ``OUTDIR/rank<r>.json`` with what it saw, and tears its process group
+down before exit. The group's timeout is short (a hang fails the test instead of the CI).
+"""
+
+from __future__ import annotations
+
+import datetime
+import json
+import os
+import pathlib
+import sys
+import warnings
+from typing import Any, Callable
+
+
+def shard(model):
+    """``fully_shard`` every child with parameters, then the root (the usual FSDP2 recipe)."""
+    from torch.distributed.fsdp import fully_shard
+
+    for child in model.children():
+        if any(True for _ in child.parameters()):
+            fully_shard(child)
+    fully_shard(model)
+    return model
+
+
+def local_batch(batch: Any, rank: int, world: int, step: int) -> Any:
+    """This rank's part of the zoo batch (a different part each step)."""
+    import torch
+
+    x, y = batch
+    n = x.shape[0] // (2 * world)
+    start = (rank + world * (step % 2)) * n
+    idx = torch.arange(start, start + n)
+    return x[idx], y[idx]
+
+
+def train(build: Callable, *, steps: int, watch: dict | None, seed: int = 0, optimizer: str = "sgd",
+          loss_fn: Callable | None = None) -> tuple[Any, Any, Any]:
+    """Train a zoo case sharded over the ranks; returns (model, optimizer, GradWatch or None)."""
+    import torch
+    import torch.distributed as dist
+
+    from gradwatch import GradWatch
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    case = build(seed)
+    model = shard(case.model)
+    opt = (torch.optim.Adam(model.parameters(), lr=1e-2) if optimizer == "adam"
+           else torch.optim.SGD(model.parameters(), lr=0.1))
+    gw = None if watch is None else GradWatch(model, loss_fn or case.loss_fn, **watch)
+    for step in range(steps):
+        batch = local_batch(case.batch, rank, world, step)
+        if gw is None:
+            case.loss_fn(model, batch).backward()
+        else:
+            with gw.step(batch):
+                case.loss_fn(model, batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return model, opt, gw
+
+
+def summary(gw) -> dict[str, Any]:
+    return {
+        "verdicts": [r.verdict for _, r in gw.reports],
+        "reliable": [r.reliable for _, r in gw.reports],
+        "failing": [sorted(t.name for t in r.failures) for _, r in gw.reports],
+        "worst": [{t.name: [t.worst.kind, list(t.worst.index or ()), t.worst.failed] for t in r.failures}
+                  for _, r in gw.reports],
+        "numbers": [[(p.autograd, p.numerical) for p in r.probes] for _, r in gw.reports],
+        "seeds": [r.seed for _, r in gw.reports],
+        "reports": [str(r) for _, r in gw.reports],
+    }
+
+
+def scenario_zoo(rank: int) -> dict[str, Any]:
+    from zoo import BUGS, CORRECT, SPARSE_BUGS
+
+    watch = dict(every_n_steps=1, max_overhead=None, on_failure=lambda report: None)
+    out: dict[str, Any] = {"correct": {}, "bugs": {}}
+    for name in ("mlp_relu_dropout", "layernorm_gelu", "custom_function", "cnn_bn_pool", "transformer"):
+        out["correct"][name] = summary(train(CORRECT[name], steps=2, watch=watch)[2])
+    bugs = {**BUGS, **SPARSE_BUGS}
+    for name in ("wrong_sign", "bias_mean", "ignores_grad_output", "wrong_index", "accidental_detach", "wrong_row"):
+        out["bugs"][name] = {**summary(train(bugs[name], steps=2, watch=watch)[2]), "wrong": sorted(bugs[name](0).wrong)}
+    return out
+
+
+def scenario_identical(rank: int) -> dict[str, Any]:
+    import torch
+
+    from zoo import CORRECT, assert_same_state, training_state
+
+    states, reports = [], None
+    for watch in (None, dict(every_n_steps=2, max_overhead=None, on_failure="raise")):
+        torch.manual_seed(1234 + rank)  # dropout masks differ per rank and depend on the RNG stream
+        model, opt, gw = train(CORRECT["mlp_relu_dropout"], steps=5, watch=watch, optimizer="adam")
+        state = training_state(model, opt)
+        states.append({k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in state.items()})
+        if gw is not None:
+            reports = [r.verdict for _, r in gw.reports]
+    assert_same_state(states[0], states[1])
+    return {"identical": True, "verdicts": reports}
+
+
+def scenario_raise(rank: int) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    from gradwatch import GradientCheckError
+    from zoo import BUGS, CORRECT, classification_loss
+
+    out: dict[str, Any] = {}
+
+    def flaky(model, batch):  # raises inside the check on rank 1 only
+        if rank == 1:
+            raise ZeroDivisionError("planted failure on rank 1")
+        return classification_loss(model, batch)
+
+    try:
+        train(CORRECT["layernorm_gelu"], steps=2, watch=dict(every_n_steps=1, max_overhead=None), loss_fn=flaky)
+        out["flaky"] = None
+    except Exception as err:  # noqa: BLE001 - recorded for the test
+        out["flaky"] = [type(err).__name__, str(err)]
+    dist.barrier()  # both ranks left the check: the group still works
+    try:
+        train(BUGS["wrong_sign"], steps=1, watch=dict(every_n_steps=1, max_overhead=None, on_failure="raise"))
+        out["raise"] = None
+    except GradientCheckError as err:
+        out["raise"] = type(err).__name__
+    return out
+
+
+def main(out: pathlib.Path, scenario: str) -> None:
+    import torch
+    import torch.distributed as dist
+
+    warnings.simplefilter("ignore")
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
+    rank = dist.get_rank()
+    try:
+        result = globals()[f"scenario_{scenario}"](rank)
+        (out / f"rank{rank}.json").write_text(json.dumps(result))
+    finally:
+        dist.barrier()
+        dist.destroy_process_group()  # not left to static destruction at exit
+
+
+if __name__ == "__main__":
+    target = pathlib.Path(sys.argv[1])
+    target.mkdir(parents=True, exist_ok=True)
+    main(target, sys.argv[2])

@@ -1,0 +1,92 @@
+"""FSDP2 (``torch.distributed.fsdp.fully_shard``): 2 CPU processes (gloo) run ``tests/fsdp_script.py``.
+
+Facts measured here (torch 2.13, CPU, gloo), which ``gradwatch/_sharded.py`` relies on:
+parameters of a ``fully_shard`` model are ``DTensor`` shards (dim 0, uneven when the
+rows do not divide); inside an FSDP unit's forward pre-hooks that run after FSDP's they
+are plain full parameters whose tensor hooks see this rank's local gradient; ``.grad``
+after backward is a sharded ``DTensor`` whose ``full_tensor()`` is exactly the mean over
+ranks of the local gradients.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pathlib
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+
+ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+pytestmark = pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed is not available")
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run_two(tmp_path: pathlib.Path, scenario: str, timeout: float = 120) -> dict[int, dict]:
+    """Run ``tests/fsdp_script.py SCENARIO`` as ranks 0 and 1; their JSON results by rank."""
+    out = tmp_path / scenario
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+    procs = [
+        subprocess.Popen([sys.executable, str(ROOT / "tests" / "fsdp_script.py"), str(out), scenario],
+                         env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        for r in (0, 1)
+    ]
+    logs = []
+    try:
+        for proc in procs:
+            logs.append(proc.communicate(timeout=timeout)[0])
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.communicate()
+    assert all(p.returncode == 0 for p in procs), "\n".join(log[-4000:] for log in logs)
+    return {r: json.loads((out / f"rank{r}.json").read_text()) for r in (0, 1)}
+
+
+def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tmp_path) -> None:
+    results = run_two(tmp_path, "zoo")
+    for rank, res in results.items():
+        for name, correct in res["correct"].items():
+            assert correct["verdicts"] == ["pass", "pass"] and all(correct["reliable"]), (rank, name, correct["reports"])
+        for name, bug in res["bugs"].items():
+            # every check step, the wrong tensors and only they
+            assert bug["failing"] == [bug["wrong"], bug["wrong"]], (rank, name, bug["reports"])
+            for worst in bug["worst"]:
+                # localised: a failing coordinate probe names an element of each wrong tensor
+                assert all(kind == "coordinate" and failed and index for kind, index, failed in worst.values()), \
+                    (rank, name, worst)
+    # both ranks judged the same probes on the cross-rank means: the same numbers and seeds
+    assert results[0]["bugs"] == {k: {**v, "reports": results[0]["bugs"][k]["reports"]}
+                                  for k, v in results[1]["bugs"].items()}
+    for name in results[0]["correct"]:
+        assert results[0]["correct"][name]["numbers"] == results[1]["correct"][name]["numbers"], name
+    # the sparse bug (one wrong row) is placed on the row it is in
+    assert all(w["fc1.weight"][1][0] == 2 for w in results[0]["bugs"]["wrong_row"]["worst"])
+
+
+def test_training_is_bit_identical_with_and_without_the_watch(tmp_path) -> None:
+    results = run_two(tmp_path, "identical")
+    for rank, res in results.items():  # the script asserted it per rank (parameters, Adam state, RNG)
+        assert res == {"identical": True, "verdicts": ["pass", "pass", "pass"]}, (rank, res)
+
+
+def test_a_rank_raising_inside_the_check_hangs_nothing(tmp_path) -> None:
+    # rank 1's loss_fn raises inside the check: it re-raises its error, rank 0 raises at its next
+    # collective instead of waiting; then the group still works (a barrier) and a planted bug raises
+    # GradientCheckError on both ranks
+    results = run_two(tmp_path, "raise", timeout=50)  # the group's own timeout is 60 s: no wait for it
+    assert results[1]["flaky"] == ["ZeroDivisionError", "planted failure on rank 1"]
+    assert results[0]["flaky"][0] == "_PeerFailed" and "another rank" in results[0]["flaky"][1]
+    assert results[0]["raise"] == results[1]["raise"] == "GradientCheckError"
