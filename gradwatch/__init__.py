@@ -17,6 +17,7 @@ transformers until a callback is used, so ``import gradwatch`` imports none of t
 from gradwatch.engine import check
 from gradwatch.hook import GradWatch
 from gradwatch.kinks import register_kink
+from gradwatch.local import check_module, register_reference
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     GradientCheckError,
@@ -25,6 +26,7 @@ from gradwatch.report import (
     KinkSite,
     KinkWarning,
     Probe,
+    ReferenceCheck,
     Report,
     TensorCheck,
     UnreliableCheckWarning,
@@ -45,6 +47,7 @@ __all__ = [
     "KinkWarnings",
     "LoggingSink",
     "Probe",
+    "ReferenceCheck",
     "ReplayState",
     "Report",
     "TensorBoardSink",
@@ -53,8 +56,10 @@ __all__ = [
     "assert_gradients",
     "capture",
     "check",
+    "check_module",
     "metrics",
     "register_kink",
+    "register_reference",
 ]
 
 __version__ = "0.1.0"

@@ -30,7 +30,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator
+from typing import Any, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -246,3 +246,42 @@ class _Guard:
         """Tell the other ranks that this rank's check raised (unless it raised because of theirs)."""
         if not self.peer_failed:
             self._header(1.0)
+
+
+def _share_records(records: Mapping[str, Any], grads: Mapping[str, Tensor]) -> None:
+    """Make the module-local records of one step agree across ranks, for checks with ``reduce``.
+
+    ``records`` are :class:`gradwatch.local._Record`s by qualified module name (rank-local
+    inputs, outputs and gradients); ``grads`` the parameters' gradients averaged over ranks
+    (:meth:`_LocalGrads.mean`), by model-level name. Each record's parameter gradients
+    become those means (the tensor hooks of a record cannot see FSDP's unsharded
+    parameters), and its input gradients are averaged over ranks too: with the same probe
+    directions on every rank, the mean of the ranks' directional derivatives of
+    ``<grad_out, f(x; θ)>`` is then exactly what the averaged gradients predict. A record
+    that cannot be checked on some rank (its reason), or whose inputs differ in shape
+    across ranks, is skipped on every rank with that reason. Collectives: one
+    ``all_gather_object`` per record and one all-reduce per input gradient, in order.
+    """
+    world = torch.distributed.get_world_size()
+    for name, record in records.items():
+        prefix = f"{name}." if name else ""
+        record.param_grads = {
+            pname: grads[prefix + pname] for pname, p in record.module.named_parameters()
+            if prefix + pname in grads and record.calls == 1
+        }
+        problem = record.problem()
+        inputs = [(n, tuple(record.grad_inputs[n].shape)) for n in record.inputs.values() if n in record.grad_inputs]
+        signatures: list[Any] = [None] * world
+        torch.distributed.all_gather_object(signatures, (problem, inputs))
+        problems = [p for p, _ in signatures if p is not None]
+        if problems:
+            record.reason = problems[0] if problem is None else problem
+            continue
+        if any(sig != signatures[0][1] for _, sig in signatures):
+            record.reason = (f"its inputs differ across ranks ({[sig for _, sig in signatures]}): the ranks' "
+                             "input gradients cannot be averaged, so it is not checked locally under FSDP")
+            continue
+        for n, _ in inputs:
+            g = record.grad_inputs[n].clone()
+            torch.distributed.all_reduce(g)
+            record.grad_inputs[n] = g / world

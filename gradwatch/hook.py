@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-from contextlib import contextmanager
+import time
+from contextlib import contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -34,7 +35,7 @@ from torch.overrides import TorchFunctionMode
 
 from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
-from gradwatch._sharded import _Guard, _LocalGrads, _sharding, _unsharded
+from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
 from gradwatch._validate import (
     _callable,
     _fraction_or_none,
@@ -45,7 +46,8 @@ from gradwatch._validate import (
     _probe_options,
     _seed,
 )
-from gradwatch.engine import PRECISIONS
+from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS
+from gradwatch.local import _discover, _float64_bytes, _local_reports, _merge, _Recording, _resolve_modules
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -110,10 +112,29 @@ class GradWatch:
             or ``"auto"`` (see :func:`gradwatch.check`).
         scaler: The ``torch.amp.GradScaler`` whose ``scale(loss)`` you backpropagate
             inside the block, or ``None``. A disabled scaler counts as ``None``.
+        modules: Modules checked in isolation after the whole-model check
+            (:mod:`gradwatch.local`): their parameter *and input* gradients against
+            ``<grad_out, module(x)>``, in float64 where the module supports it, else in its
+            own precision (float32 for float16/bfloat16). ``"suspects"`` (default): the
+            modules whose forward runs custom backward code (custom ``autograd.Function``,
+            ``torch.library`` custom ops, tensor hooks), found by one replayed forward at
+            the first check. A list of submodules (or their names) checks those; ``None``
+            none. Their tensors join the report as ``<module>::<tensor>``
+            (``attn::input[0]``, ``attn::weight``), with comparisons to references from
+            :func:`gradwatch.register_reference` in ``Report.references``. A module called
+            more than once in a step, or sharing parameters with modules outside it, is
+            skipped with the reason.
+        max_shadow_bytes: Largest float64 copy of the whole model ``precision="auto"``
+            makes. When the whole model does not fit and ``modules`` names modules (or
+            suspects were found), the module-local float64 checks are run instead of a
+            whole-model check in the native precision, whose central differences would
+            miss small errors (the whole-model tensors are then ``skipped``, saying so).
 
     Attributes:
         reports: ``(step, Report)`` for each check.
         seed: The base seed in use.
+        suspects: With ``modules="suspects"``, after the first check: qualified module
+            name -> why it is a suspect (``{}`` before, or when none was found).
 
     Example:
         >>> watch = GradWatch(model, loss_fn, every_n_steps=50, logdir="runs")  # doctest: +SKIP
@@ -138,10 +159,14 @@ class GradWatch:
         near_kink_margin: float = 10.0,
         precision: str = "auto",
         scaler: Any = None,
+        modules: Any = "suspects",
+        max_shadow_bytes: int = DEFAULT_SHADOW_BYTES,
     ) -> None:
         _module("model", model)
         _callable("loss_fn", loss_fn)
         _scaler("scaler", scaler)
+        self._modules = _resolve_modules(model, modules)
+        _positive_int("max_shadow_bytes", max_shadow_bytes)
         self._check_kwargs = _adapter_options(
             every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
             coordinates=coordinates, directions=directions, kinks=kinks, kink_resamples=kink_resamples,
@@ -174,6 +199,11 @@ class GradWatch:
         self._step = 0
         self._sharded = _sharding(model)  # raises for sharding that cannot be checked
         self._seed_shared = False
+        self._max_shadow_bytes = max_shadow_bytes
+        self.suspects: dict[str, str] = {}
+        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
+                               "coordinates": coordinates, "directions": directions, "precision": precision,
+                               "max_shadow_bytes": max_shadow_bytes}
 
     @property
     def global_step(self) -> int:
@@ -217,6 +247,8 @@ class GradWatch:
             yield from self._sharded_step(batch, step)
             return
         state = capture(self.model)
+        targets = self._targets(batch, state)
+        recording = _Recording(targets, model=self.model) if targets else nullcontext()
         captured: dict[str, Tensor] = {}
         handles = [
             p.register_hook(partial(_capture_grad, captured, name))
@@ -225,7 +257,7 @@ class GradWatch:
         ]
         roots = _BackwardRoots()
         try:
-            with roots:
+            with roots, recording:
                 yield
         finally:
             for handle in handles:
@@ -250,21 +282,55 @@ class GradWatch:
                 )
                 self._record(_skipped_report(self.model, seed, step, reason), step)
                 return
-        report = _budgeted_check(self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
-                                 replay=state, train_loss=train_loss, reduce=None, broadcast=None,
-                                 options=self._check_kwargs)
+        whole_too_big = (targets and self._check_kwargs["precision"] == "auto"
+                         and _float64_bytes(self.model) > self._max_shadow_bytes)
+        if whole_too_big:
+            reason = (f"the whole model's float64 copy would take {_float64_bytes(self.model) / 2**20:.0f} MiB > "
+                      f"max_shadow_bytes {self._max_shadow_bytes / 2**20:.0f} MiB: module-local float64 checks "
+                      "instead of a whole-model check in the native precision")
+            self._schedule.plan([])  # closes the timing of the training step
+            report = _skipped_report(self.model, seed, step, reason)
+        else:
+            report = _budgeted_check(self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed,
+                                     grads=captured, replay=state, train_loss=train_loss, reduce=None,
+                                     broadcast=None, options=self._check_kwargs)
         del captured, state
+        if targets:
+            started = time.perf_counter()
+            report = _merge(report, _local_reports(recording, seed, self._local_options))
+            seconds = time.perf_counter() - started  # local checks count against the budget
+            if whole_too_big:
+                self._schedule.done(step, seconds, len(report.probes))
+            else:
+                sched = self._schedule
+                sched.check_seconds += seconds
+                sched.next_step = step + max(sched.every_n_steps, sched._steps_to_afford())
+            del recording
         self._record(report, step)
 
     def _sharded_step(self, batch: Any, step: int) -> Iterator[None]:
         """A check step of a ``fully_shard`` (FSDP2) model: every rank checks the same probes
         on its local batch with the parameters gathered, judging the mean over ranks against
-        the mean of the local gradients (what the sharded ``.grad`` holds), as under DDP."""
+        the mean of the local gradients (what the sharded ``.grad`` holds), as under DDP; the
+        module-local checks likewise (:func:`gradwatch._sharded._share_records`)."""
         state = capture(self.model)
+        if self._modules == "suspects":  # found once, on a plain forward: gathered parameters, FSDP hooks suspended
+            guard = _Guard(_local_device(next(self.model.parameters())))
+            try:
+                with _unsharded(self.model):
+                    self._targets(batch, state)
+                found = guard.broadcast(self.suspects)  # after every rank's forward: rank zero's suspects
+            except BaseException:
+                guard.abort()  # it runs loss_fn: the other ranks raise instead of waiting
+                raise
+            named = dict(self.model.named_modules())
+            self.suspects, self._modules = dict(found), {n: named[n] for n in found}
+        targets = self._targets(batch, state)
         recorder = _LocalGrads(self.model)
+        recording = _Recording(targets, model=self.model) if targets else nullcontext()
         roots = _BackwardRoots()
         try:
-            with roots:
+            with roots, recording:
                 yield
         finally:
             recorder.remove()
@@ -276,21 +342,51 @@ class GradWatch:
             )
         if roots.autocast is not None:
             state = dataclasses.replace(state, autocast=roots.autocast)
+        if targets:  # collectives: the records agreed across ranks, their gradients averaged
+            _share_records(recording.records, captured)
         guard = _Guard(next(iter(captured.values())).device)
         try:
             if not self._seed_shared:  # rank zero's base seed: every rank draws the same probes
                 self.seed, self._seed_shared = int(guard.broadcast(self.seed)), True
+            seed = _derive_seed(self.seed, step)
             with _unsharded(self.model):
-                report = _budgeted_check(
-                    self._schedule, self.model, self.loss_fn, batch, step=step, seed=_derive_seed(self.seed, step),
-                    grads=captured, replay=state, train_loss=roots.loss(), reduce=guard.reduce,
-                    broadcast=guard.broadcast, options=self._check_kwargs,
-                )
+                whole_too_big = (targets and self._check_kwargs["precision"] == "auto"
+                                 and _float64_bytes(self.model) > self._max_shadow_bytes)
+                if whole_too_big:
+                    self._schedule.plan([])  # closes the timing of the training step
+                    report = _skipped_report(self.model, seed, step, _too_big(self.model, self._max_shadow_bytes))
+                else:
+                    report = _budgeted_check(
+                        self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
+                        replay=state, train_loss=roots.loss(), reduce=guard.reduce, broadcast=guard.broadcast,
+                        options=self._check_kwargs,
+                    )
+                del captured, state
+                if targets:
+                    started = time.perf_counter()
+                    local = _local_reports(recording, seed, {**self._local_options, "reduce": guard.reduce})
+                    report = _merge(report, local)
+                    seconds = time.perf_counter() - started
+                    sched = self._schedule
+                    if whole_too_big:
+                        sched.done(step, seconds, len(report.probes))
+                    else:
+                        sched.check_seconds += seconds
+                        sched.next_step = step + max(sched.every_n_steps, sched._steps_to_afford())
+                    sched.next_step = int(guard.broadcast(sched.next_step))  # rank zero's clock decides
         except BaseException:
             guard.abort()  # the other ranks raise at their next collective instead of waiting
             raise
-        del captured, state
         self._record(report, step)
+
+    def _targets(self, batch: Any, state: Any) -> dict[str, nn.Module]:
+        """The modules to record at this check step ({} for none); suspects are found once."""
+        if self._modules == "suspects":
+            found = _discover(self.model, self.loss_fn, batch, state)
+            named = dict(self.model.named_modules())
+            self._modules = {n: named[n] for n in found}
+            self.suspects = dict(found)
+        return self._modules or {}
 
     def _record(self, report: Report, step: int) -> None:
         self.reports.append((step, report))
@@ -309,6 +405,12 @@ class GradWatch:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _too_big(model: nn.Module, max_shadow_bytes: int) -> str:
+    return (f"the whole model's float64 copy would take {_float64_bytes(model) / 2**20:.0f} MiB > "
+            f"max_shadow_bytes {max_shadow_bytes / 2**20:.0f} MiB: module-local float64 checks "
+            "instead of a whole-model check in the native precision")
 
 
 def _capture_grad(captured: dict[str, Tensor], name: str, grad: Tensor) -> None:

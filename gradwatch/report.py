@@ -26,9 +26,11 @@ __all__ = [
     "OnFailure",
     "UnreliableCheckWarning",
     "Probe",
+    "ReferenceCheck",
     "Report",
     "TensorCheck",
     "failure_message",
+    "local_name",
     "metrics",
 ]
 
@@ -291,6 +293,75 @@ class TensorCheck:
         return failure_message(self, short=True)
 
 
+def local_name(module: str, tensor: str) -> str:
+    """The name of a tensor of a module-local check: ``<module>::<tensor>`` (``blocks.1.attn::weight``,
+    ``blocks.1.attn::input[0]``), or ``tensor`` alone for an unnamed module (a direct
+    :func:`gradwatch.check_module` call). The same names key the logged metrics.
+
+    Example:
+        >>> local_name("blocks.1.attn", "input[0]")
+        'blocks.1.attn::input[0]'
+    """
+    return f"{module}::{tensor}" if module else tensor
+
+
+@dataclass(frozen=True)
+class ReferenceCheck:
+    """One comparison of a module with its registered reference (:func:`gradwatch.register_reference`).
+
+    Attributes:
+        module: Qualified module name (``""`` for a direct call).
+        quantity: ``output[i]`` (a forward output leaf), ``input[...]`` (the gradient of an
+            input) or a parameter name (its gradient).
+        verdict: ``"pass"``, ``"fail"`` or ``"skipped"`` (``reason`` says why).
+        rel_diff: ``||a - r|| / (||a|| + ||r||)`` between what the module produced ``a`` and
+            the reference ``r`` (0 when both are 0).
+        error_ratio: ``||a - r||`` over its limit ``tolerance·(||a|| + ||r||)`` plus a floor
+            for a true value of 0 (``tolerance`` times the largest RMS of the module's
+            quantities of that kind); above 1 fails.
+        tolerance: The larger relative tolerance of the two precisions
+            (``gradwatch.engine.RTOL``).
+        precision: ``"<module precision> vs reference <reference precision>"``.
+        reason: Why it was skipped, else ``None``.
+
+    Example:
+        >>> [(r.name, r.rel_diff) for r in report.references if r.failed]  # doctest: +SKIP
+        [('attn::input[1]', 0.31)]
+    """
+
+    module: str
+    quantity: str
+    verdict: str
+    rel_diff: float = math.nan
+    error_ratio: float = math.nan
+    tolerance: float = math.nan
+    precision: str = ""
+    reason: str | None = None
+
+    @property
+    def name(self) -> str:
+        """``<module>::<quantity>`` (:func:`local_name`)."""
+        return local_name(self.module, self.quantity)
+
+    @property
+    def failed(self) -> bool:
+        """True when the module disagrees with its reference beyond the tolerance."""
+        return self.verdict == "fail"
+
+    @property
+    def message(self) -> str:
+        """One line naming the module and quantity; empty unless failing."""
+        if not self.failed:
+            return ""
+        what = "forward output" if self.quantity.startswith("output[") else "gradient"
+        return (
+            f"'{self.name}': {what} differs from the registered reference by rel_diff {_fmt(self.rel_diff)} "
+            f"({_fmt(self.error_ratio)} times the tolerance {_fmt(self.tolerance)}, {self.precision}): "
+            + ("check the module's forward kernel" if what == "forward output"
+               else "check the module's backward kernel (or the reference)")
+        )
+
+
 @dataclass(frozen=True)
 class Report:
     """The result of one check.
@@ -328,6 +399,8 @@ class Report:
             tensors without a verdict of their own (their ``reason`` says so); a
             failing one is narrowed down to a tensor, which fails (see
             ``check(joint=...)``). Not part of :attr:`probes` (which lists each tensor's own).
+        references: Comparisons of module-local checks with registered references
+            (:class:`ReferenceCheck`); a failing one fails the report.
     """
 
     tensors: Mapping[str, TensorCheck]
@@ -348,11 +421,18 @@ class Report:
     kept_casts: int = 0
     kept_cast_sites: tuple[str, ...] = ()
     joint: tuple[Probe, ...] = ()
+    references: tuple[ReferenceCheck, ...] = ()
 
     @property
     def ok(self) -> bool:
-        """False exactly when some tensor's verdict is ``"fail"`` or ``"nonfinite"``."""
-        return not self.failures
+        """False exactly when some tensor's verdict is ``"fail"`` or ``"nonfinite"``, or a
+        reference comparison fails."""
+        return not self.failures and not self.reference_failures
+
+    @property
+    def reference_failures(self) -> list[ReferenceCheck]:
+        """The failing comparisons with registered references."""
+        return [r for r in self.references if r.failed]
 
     @property
     def failures(self) -> list[TensorCheck]:
@@ -447,7 +527,7 @@ class Report:
         such as a GradScaler skipping the optimizer step); every tensor is skipped.
         """
         verdicts = {t.verdict for t in self.tensors.values()}
-        if "fail" in verdicts:
+        if "fail" in verdicts or self.reference_failures:
             return "fail"
         if "nonfinite" in verdicts:
             return "nonfinite"
@@ -478,6 +558,8 @@ class Report:
         for t in self.tensors.values():
             counts[t.verdict] = counts.get(t.verdict, 0) + 1
         parts = ", ".join(f"{n} {v}" for v, n in counts.items())
+        if self.reference_failures:
+            parts += f", {len(self.reference_failures)} reference fail"
         step = "" if self.step is None else f"step {self.step}: "
 
         def line(worst: str) -> str:
@@ -637,6 +719,7 @@ class Report:
                 + ("; ..." if self.kept_casts > len(self.kept_cast_sites) else "")
             )
         lines += ["  " + t.message for t in self.failures]
+        lines += ["  " + r.message for r in self.reference_failures]
         return "\n".join(lines)
 
 
@@ -747,7 +830,8 @@ def _index(index: tuple[int, ...] | None) -> str:
 
 def _report_failure_text(report: Report) -> str:
     """Text of a failing report: the summary line, then one message per failure."""
-    return "\n".join([report.summary()] + [t.message for t in report.failures])
+    return "\n".join([report.summary()] + [t.message for t in report.failures]
+                     + [r.message for r in report.reference_failures])
 
 
 def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
@@ -774,6 +858,14 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/worst/<k>           error_ratio of the k-th worst judged tensor,
                                      k = 0..9 (Report.worst_tensors; which tensor
                                      each rank is: Report.worst_markdown)
+        <prefix>/reference_rel_diff/<module>::<quantity>
+                                     module-local checks with a registered reference:
+                                     rel_diff of an output or gradient to the reference
+        <prefix>/reference_error_ratio/<module>::<quantity>
+                                     its error / tolerance; above 1 fails
+
+    Tensors of module-local checks are named ``<module>::<tensor>`` (:func:`local_name`:
+    ``blocks.1.attn::weight``, ``blocks.1.attn::input[0]``) and have the per-tensor keys above.
 
     :class:`~gradwatch.TensorBoardSink` also writes, per check, entries that are
     not scalars and so are not returned here: the histogram
@@ -827,6 +919,11 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
     out[f"{prefix}/check_seconds"] = report.seconds
     for k, t in enumerate(report.worst_tensors()):
         out[f"{prefix}/worst/{k}"] = t.error_ratio
+    for r in report.references:
+        if not math.isnan(r.rel_diff):
+            out[f"{prefix}/reference_rel_diff/{r.name}"] = r.rel_diff
+        if not math.isnan(r.error_ratio):
+            out[f"{prefix}/reference_error_ratio/{r.name}"] = r.error_ratio
     return out
 
 

@@ -130,8 +130,9 @@ def _module_group(name: str) -> str:
     """The dashboard group of a parameter: its module path up to the first numeric
     component (``layers.3`` for ``layers.3.attn.q.weight``, ``0`` for ``0.weight`` of a
     ``Sequential``), else its top-level module (``fc1``), or ``(model)`` for a
-    parameter of the model itself."""
-    path = name.split(".")[:-1]
+    parameter of the model itself. A module-local tensor ``<module>::<tensor>`` is in its module's group."""
+    module, local, _ = name.partition("::")
+    path = module.split(".") if local else name.split(".")[:-1]
     if not path:
         return "(model)"
     for i, part in enumerate(path):

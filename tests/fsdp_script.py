@@ -94,6 +94,48 @@ def scenario_zoo(rank: int) -> dict[str, Any]:
     return out
 
 
+def attention_case(seed: int):
+    """qkv projection -> the fused attention op (a ``torch.library`` custom op without float64,
+    tests/_attn_op.py) -> head."""
+    import torch
+    from torch import nn
+
+    from _attn_op import FusedAttention
+    from zoo import Case, classification_loss
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.qkv = nn.Linear(8, 24)
+            self.attn = FusedAttention()
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.qkv(x).chunk(3, dim=-1)
+            return self.head(self.attn(q, k, v).mean(1))
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(10_000 + seed)
+    batch = (torch.randn(16, 5, 8, generator=g), torch.randint(0, 3, (16,), generator=g))
+    return Case("attention", Net(), classification_loss, batch)
+
+
+def scenario_attention(rank: int) -> dict[str, Any]:
+    """Module-local checks of the fused attention op under FSDP: its input gradients (dq, dk)."""
+    from _attn_op import BUG
+
+    watch = dict(every_n_steps=1, max_overhead=None, on_failure=lambda report: None)
+    out: dict[str, Any] = {}
+    for mode in (None, "dq", "dk"):
+        BUG["mode"] = mode
+        try:
+            runs = [train(attention_case, steps=2, watch=watch, seed=seed)[2] for seed in range(3 if mode is None else 1)]
+        finally:
+            BUG["mode"] = None
+        out[str(mode)] = [{**summary(gw), "suspects": gw.suspects} for gw in runs]
+    return out
+
+
 def scenario_identical(rank: int) -> dict[str, Any]:
     import torch
 
@@ -124,12 +166,16 @@ def scenario_raise(rank: int) -> dict[str, Any]:
             raise ZeroDivisionError("planted failure on rank 1")
         return classification_loss(model, batch)
 
-    try:
-        train(CORRECT["layernorm_gelu"], steps=2, watch=dict(every_n_steps=1, max_overhead=None), loss_fn=flaky)
-        out["flaky"] = None
-    except Exception as err:  # noqa: BLE001 - recorded for the test
-        out["flaky"] = [type(err).__name__, str(err)]
-    dist.barrier()  # both ranks left the check: the group still works
+    # modules=None: loss_fn first runs inside the whole-model check; "suspects" (the default): in the
+    # forward that finds the suspects, before the first check step's training forward
+    for key, modules in (("flaky", None), ("flaky_suspects", "suspects")):
+        try:
+            train(CORRECT["custom_function"], steps=2, loss_fn=flaky,
+                  watch=dict(every_n_steps=1, max_overhead=None, modules=modules))
+            out[key] = None
+        except Exception as err:  # noqa: BLE001 - recorded for the test
+            out[key] = [type(err).__name__, str(err)]
+        dist.barrier()  # both ranks left the check: the group still works
     try:
         train(BUGS["wrong_sign"], steps=1, watch=dict(every_n_steps=1, max_overhead=None, on_failure="raise"))
         out["raise"] = None

@@ -28,10 +28,12 @@ def test_planted_bug_example_catches_the_bug_and_logs_it(tmp_path, capsys) -> No
     assert out.startswith("gradwatch: FAIL in 3 of 3 checks - '0.bias'[")
     assert "tensorboard --logdir" in out
     assert [s for s, _ in watch.reports] == [0, 20, 40]
-    assert all([t.name for t in r.failures] == ["0.bias"] for _, r in watch.reports)
+    # the whole-model check and the module-local check of the custom Function's module (GradWatch's default
+    # modules="suspects") both name the bias
+    assert all([t.name for t in r.failures] == ["0.bias", "0::bias"] for _, r in watch.reports)
     acc = EventAccumulator(str(tmp_path / "runs"))
     acc.Reload()
-    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [1.0, 1.0, 1.0]
+    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [2.0, 2.0, 2.0]  # 0.bias and 0::bias
     # the kink curves: one point per check (the MLP's ReLUs always have some pre-activation near 0)
     assert [e.step for e in acc.Scalars("gradwatch/kink_fraction")] == [0, 20, 40]
     assert [e.step for e in acc.Scalars("gradwatch/kink_margin_min")] == [0, 20, 40]
@@ -81,6 +83,7 @@ def custom_op_example():
 
 
 _FUSED_WRONG = {"0.weight", "1.bias", "2.weight", "3.bias"}  # the fused layers' biases and the weights before them
+_FUSED_LOCAL = {"1::input[0]", "1::bias", "3::input[0]", "3::bias"}  # module-local: the two op calls
 
 
 def test_custom_op_example_catches_the_bug_in_the_unit_test_and_in_training(custom_op_example, tmp_path,
@@ -94,10 +97,12 @@ def test_custom_op_example_catches_the_bug_in_the_unit_test_and_in_training(cust
     assert any(f": '{name}'[" in second for name in _FUSED_WRONG)
     assert third.startswith("view the logs: tensorboard --logdir")
     assert [s for s, _ in watch.reports] == [0, 20, 40]
-    assert all({t.name for t in r.failures} == _FUSED_WRONG for _, r in watch.reports)
+    # the whole-model check names the fused layers' parameters; the module-local checks of the two op calls
+    # (GradWatch's default modules="suspects") name the op modules themselves: their input and bias gradients
+    assert all({t.name for t in r.failures} == _FUSED_WRONG | _FUSED_LOCAL for _, r in watch.reports)
     acc = EventAccumulator(str(tmp_path / "runs"))
     acc.Reload()
-    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [4.0, 4.0, 4.0]
+    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [8.0, 8.0, 8.0]  # 4 whole-model tensors, 4 module-local
 
 
 def test_custom_op_example_with_the_fix_passes_both(custom_op_example, tmp_path, capsys) -> None:

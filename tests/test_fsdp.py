@@ -61,8 +61,13 @@ def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tm
         for name, correct in res["correct"].items():
             assert correct["verdicts"] == ["pass", "pass"] and all(correct["reliable"]), (rank, name, correct["reports"])
         for name, bug in res["bugs"].items():
-            # every check step, the wrong tensors and only they
-            assert bug["failing"] == [bug["wrong"], bug["wrong"]], (rank, name, bug["reports"])
+            # every check step, the wrong tensors and only they: in the whole-model check, and in the
+            # module-local check of the suspect module (the one running the custom Function), as
+            # '<module>::<tensor>'
+            whole = [[n for n in failing if "::" not in n] for failing in bug["failing"]]
+            local = [[n.replace("::", ".") for n in failing if "::" in n] for failing in bug["failing"]]
+            assert whole == [bug["wrong"], bug["wrong"]], (rank, name, bug["reports"])
+            assert all(set(names) <= set(bug["wrong"]) for names in local), (rank, name, bug["reports"])
             for worst in bug["worst"]:
                 # localised: a failing coordinate probe names an element of each wrong tensor
                 assert all(kind == "coordinate" and failed and index for kind, index, failed in worst.values()), \
@@ -72,8 +77,29 @@ def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tm
                                   for k, v in results[1]["bugs"].items()}
     for name in results[0]["correct"]:
         assert results[0]["correct"][name]["numbers"] == results[1]["correct"][name]["numbers"], name
-    # the sparse bug (one wrong row) is placed on the row it is in
-    assert all(w["fc1.weight"][1][0] == 2 for w in results[0]["bugs"]["wrong_row"]["worst"])
+    # the sparse bug (one wrong row) is placed on the row it is in, by both checks
+    assert all(w["fc1.weight"][1][0] == 2 and w["fc1::weight"][1][0] == 2
+               for w in results[0]["bugs"]["wrong_row"]["worst"])
+    # the custom Function's module (an FSDP unit) was checked locally: its parameters gathered, its
+    # local gradients averaged over ranks
+    assert results[0]["bugs"]["wrong_sign"]["failing"][0] == ["fc1.weight", "fc1::weight"]
+
+
+def test_module_local_checks_of_a_fused_attention_op_name_its_wrong_input(tmp_path) -> None:
+    # qkv projection -> a torch.library custom op without float64 (tests/_attn_op.py) -> head, each
+    # Linear a fully_shard unit: the op is found as the suspect and checked locally on every rank,
+    # its input gradients (dq, dk, dv) averaged over ranks like the parameters' gradients
+    results = run_two(tmp_path, "attention")
+    for rank, res in results.items():
+        for run in res["None"]:  # the correct op, 3 seeds x 2 steps: quiet
+            assert run["verdicts"] == ["pass", "pass"] and all(run["reliable"]), (rank, run["reports"])
+            assert run["suspects"] == {"attn": "custom op gwtest::attention.default"}
+        for mode, wrong in (("dq", "attn::input[0]"), ("dk", "attn::input[1]")):
+            (run,) = res[mode]
+            local = [[n for n in failing if "::" in n] for failing in run["failing"]]
+            assert local == [[wrong], [wrong]], (rank, mode, run["reports"])
+            assert all(w[wrong][0] == "coordinate" and w[wrong][2] for w in run["worst"]), (rank, run["worst"])
+    assert results[0]["dq"][0]["numbers"] == results[1]["dq"][0]["numbers"]
 
 
 def test_training_is_bit_identical_with_and_without_the_watch(tmp_path) -> None:
@@ -87,6 +113,7 @@ def test_a_rank_raising_inside_the_check_hangs_nothing(tmp_path) -> None:
     # collective instead of waiting; then the group still works (a barrier) and a planted bug raises
     # GradientCheckError on both ranks
     results = run_two(tmp_path, "raise", timeout=50)  # the group's own timeout is 60 s: no wait for it
-    assert results[1]["flaky"] == ["ZeroDivisionError", "planted failure on rank 1"]
-    assert results[0]["flaky"][0] == "_PeerFailed" and "another rank" in results[0]["flaky"][1]
+    for key in ("flaky", "flaky_suspects"):  # in the check; in the forward that finds the suspects
+        assert results[1][key] == ["ZeroDivisionError", "planted failure on rank 1"], results
+        assert results[0][key][0] == "_PeerFailed" and "other rank" in results[0][key][1], results
     assert results[0]["raise"] == results[1]["raise"] == "GradientCheckError"

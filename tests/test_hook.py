@@ -92,6 +92,14 @@ def test_check_step_leaves_state_as_without_hook_even_when_the_check_raises() ->
     assert_same_state(expected, training_state(watched))
 
 
+def _failed(report, wrong) -> bool:
+    """Exactly the ``wrong`` tensors failed in the whole-model check, and a module-local check
+    (``<module>::<tensor>``, GradWatch(modules="suspects")) failed only in a module holding one."""
+    whole = {t.name for t in report.failures if "::" not in t.name}
+    local = {t.name.partition("::")[0] for t in report.failures if "::" in t.name}
+    return whole == wrong and all(any(w.startswith(m + ".") for w in wrong) for m in local)
+
+
 @pytest.mark.parametrize("bug", sorted(BUGS))
 def test_hook_catches_planted_bugs(bug: str) -> None:
     case = BUGS[bug](0)
@@ -100,7 +108,7 @@ def test_hook_catches_planted_bugs(bug: str) -> None:
     with watch.step(case.batch):
         case.loss_fn(case.model, case.batch).backward()
     assert len(seen) == 1 and seen[0] is watch.last_report
-    assert {t.name for t in watch.last_report.failures} == case.wrong
+    assert _failed(watch.last_report, case.wrong)
 
 
 @pytest.mark.parametrize("name", ["embedding_padding", "empty_parameter"])
@@ -320,7 +328,7 @@ def test_autocast_gradients_get_the_autocast_precision() -> None:
         report = watch.last_report
         assert report.grad_precision == "bfloat16" and report.grad_dtype == "float32"
         assert report.reliable, report.reason
-        assert {t.name for t in report.failures} == case.wrong, str(report)
+        assert _failed(report, case.wrong), str(report)
 
 
 class _CountOps(TorchDispatchMode):
@@ -423,7 +431,7 @@ def test_autocast_entered_inside_the_block_is_replayed(zoo: str, name: str, seed
     report = watch.last_report
     assert report.reliable, report.reason
     assert report.grad_precision == "bfloat16" and report.reference
-    assert {t.name for t in report.failures} == case.wrong, str(report)
+    assert _failed(report, case.wrong), str(report)
 
 
 @pytest.mark.parametrize("name", ["layernorm_gelu", "bias_mean"])
@@ -524,7 +532,7 @@ def test_gradscaler_catches_planted_bugs_and_stays_quiet_on_correct_models(dtype
         _amp_step(watch, case.model, case.loss_fn, case.batch, scaler, dtype)
         report = watch.last_report
         assert report.reliable and report.grad_precision == str(dtype)[6:], (name, report.reason)
-        assert {t.name for t in report.failures} == case.wrong, (name, str(report))
+        assert _failed(report, case.wrong), (name, str(report))
 
 
 def test_scaled_backward_without_the_scaler_is_unreliable_and_a_disabled_scaler_changes_nothing() -> None:
@@ -562,4 +570,4 @@ def test_training_only_bugs_are_caught_in_every_precision(bug: str, mode: str) -
         report = watch.last_report
         expected = {"fp32": "float32", "bf16-autocast": "bfloat16", "fp16-gradscaler": "float16"}[mode]
         assert report.reliable and report.grad_precision == expected, report.reason
-        assert {t.name for t in report.failures} == case.wrong, (seed, str(report))
+        assert _failed(report, case.wrong), (seed, str(report))

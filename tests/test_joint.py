@@ -109,7 +109,8 @@ def test_default_hook_catches_a_bug_in_the_last_tensor_of_a_20_tensor_model_with
             found = watch.reports[-1][1]
             break
     assert found is not None, "no check within 500 steps caught the bug"
-    assert found.step < 500 and [t.name for t in found.failures] == ["18.bias"]
+    # the whole-model tensor, and the module-local check of its module (GradWatch's default modules="suspects")
+    assert found.step < 500 and [t.name for t in found.failures] == ["18.bias", "18::bias"]
     assert found.failures[0].worst.index == (0,)  # the element with the wrong gradient
 
 

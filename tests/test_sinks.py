@@ -55,7 +55,7 @@ def test_hook_logdir_writes_the_key_scheme_at_the_training_step(tmp_path) -> Non
     case = BUGS["wrong_sign"](0)
     watch = GradWatch(
         case.model, case.loss_fn, every_n_steps=2, max_overhead=None, logdir=str(tmp_path),
-        on_failure=lambda r: None, seed=0,
+        on_failure=lambda r: None, seed=0, modules=None,  # the whole-model keys (module-local: test_local)
     )
     _run(case, watch, 5)
     watch.close()
@@ -238,7 +238,7 @@ def test_tensorboard_serves_the_dashboard_layout_scalars_histogram_and_table(tmp
     case = BUGS["wrong_sign"](0)  # fc1.weight's gradient has the wrong sign
     watch = GradWatch(
         case.model, case.loss_fn, every_n_steps=2, max_overhead=None, logdir=str(tmp_path / "run"),
-        on_failure=lambda r: None, seed=0,
+        on_failure=lambda r: None, seed=0, modules=None,  # the whole-model layout (module-local: test_local)
     )
     _run(case, watch, 5)
     watch.close()
