@@ -28,6 +28,7 @@ What a check does here:
 
 from __future__ import annotations
 
+import dataclasses
 from contextlib import contextmanager
 from functools import partial
 from typing import Any, Iterator, Mapping
@@ -170,11 +171,12 @@ class _LocalGrads:
         A parameter that received a gradient on some rank only counts zero on the others.
         Two collectives per parameter at most, in ``named_parameters`` order.
         """
-        names = [n for n, _ in model.named_parameters()]
-        present = torch.tensor([float(n in self.grads) for n in names], dtype=torch.float64)
-        torch.distributed.all_reduce(present)  # gloo and nccl: float64 on the device of the gradients
-        world = torch.distributed.get_world_size()
         params = dict(model.named_parameters())
+        names = list(params)
+        device = _local_device(next(iter(params.values())))  # NCCL reduces device tensors only
+        present = torch.tensor([float(n in self.grads) for n in names], dtype=torch.float64, device=device)
+        torch.distributed.all_reduce(present)
+        world = torch.distributed.get_world_size()
         out = {}
         for name, flag in zip(names, present.tolist()):
             if flag == 0:
@@ -236,6 +238,18 @@ class _Guard:
         torch.distributed.all_reduce(out)
         return out / self.world
 
+    def maximum(self, values: Tensor) -> Tensor:
+        self._header(0.0)
+        out = values.clone()
+        torch.distributed.all_reduce(out, op=torch.distributed.ReduceOp.MAX)
+        return out
+
+    def all_gather(self, obj: Any) -> list[Any]:
+        self._header(0.0)
+        out: list[Any] = [None] * self.world
+        torch.distributed.all_gather_object(out, obj)
+        return out
+
     def broadcast(self, obj: Any) -> Any:
         self._header(0.0)
         box = [obj]
@@ -248,40 +262,82 @@ class _Guard:
             self._header(1.0)
 
 
-def _share_records(records: Mapping[str, Any], grads: Mapping[str, Tensor]) -> None:
+def _share_records(records: Mapping[str, Any], local: Mapping[str, Tensor], mean: Mapping[str, Tensor],
+                   guard: "_Guard") -> dict[str, tuple]:
     """Make the module-local records of one step agree across ranks, for checks with ``reduce``.
 
-    ``records`` are :class:`gradwatch.local._Record`s by qualified module name (rank-local
-    inputs, outputs and gradients); ``grads`` the parameters' gradients averaged over ranks
-    (:meth:`_LocalGrads.mean`), by model-level name. Each record's parameter gradients
-    become those means (the tensor hooks of a record cannot see FSDP's unsharded
+    Call it with the parameters gathered (:func:`_unsharded`). ``records`` are
+    :class:`gradwatch.local._Record`s by qualified module name (rank-local inputs, outputs
+    and gradients); ``local`` and ``mean`` the parameters' local gradients and their means
+    over ranks (:class:`_LocalGrads`), by model-level name. Each record's parameter
+    gradients become those means (the tensor hooks of a record cannot see FSDP's unsharded
     parameters), and its input gradients are averaged over ranks too: with the same probe
     directions on every rank, the mean of the ranks' directional derivatives of
     ``<grad_out, f(x; θ)>`` is then exactly what the averaged gradients predict. A record
-    that cannot be checked on some rank (its reason), or whose inputs differ in shape
-    across ranks, is skipped on every rank with that reason. Collectives: one
-    ``all_gather_object`` per record and one all-reduce per input gradient, in order.
+    that cannot be checked on some rank (its reason), or whose inputs differ in shape across
+    ranks, is skipped on every rank with that reason.
+
+    Returns:
+        Per record name, its comparisons with a registered reference, made on each rank
+        with its own inputs and local gradients, then agreed: the largest ``error_ratio``
+        and ``rel_diff`` over ranks decide (a comparison skipped on some rank is skipped).
     """
-    world = torch.distributed.get_world_size()
+    from gradwatch.local import _reference_checks
+
+    references: dict[str, tuple] = {}
     for name, record in records.items():
         prefix = f"{name}." if name else ""
-        record.param_grads = {
-            pname: grads[prefix + pname] for pname, p in record.module.named_parameters()
-            if prefix + pname in grads and record.calls == 1
-        }
+        names = {pname: prefix + pname for pname, _ in record.module.named_parameters()}
+        record.param_grads = {p: local[n] for p, n in names.items() if n in local and record.calls == 1}
         problem = record.problem()
+        refs = _reference_checks(record) if problem is None else ()  # the module's own (local) gradients
+        record.param_grads = {p: mean[n] for p, n in names.items() if n in mean and record.calls == 1}
+        problem = problem or record.problem()
         inputs = [(n, tuple(record.grad_inputs[n].shape)) for n in record.inputs.values() if n in record.grad_inputs]
-        signatures: list[Any] = [None] * world
-        torch.distributed.all_gather_object(signatures, (problem, inputs))
-        problems = [p for p, _ in signatures if p is not None]
+        quantities = [(r.quantity, r.verdict == "skipped") for r in refs]
+        signatures = guard.all_gather((problem, inputs, quantities))
+        problems = [p for p, _, _ in signatures if p is not None]
         if problems:
-            record.reason = problems[0] if problem is None else problem
+            record.reason = problem or problems[0]
             continue
-        if any(sig != signatures[0][1] for _, sig in signatures):
-            record.reason = (f"its inputs differ across ranks ({[sig for _, sig in signatures]}): the ranks' "
+        if any(sig[1:] != signatures[0][1:] for sig in signatures):
+            record.reason = (f"its inputs differ across ranks ({[sig[1] for sig in signatures]}): the ranks' "
                              "input gradients cannot be averaged, so it is not checked locally under FSDP")
             continue
-        for n, _ in inputs:
-            g = record.grad_inputs[n].clone()
-            torch.distributed.all_reduce(g)
-            record.grad_inputs[n] = g / world
+        if inputs:
+            record.grad_inputs.update(
+                {n: g for (n, _), g in zip(inputs, _split(guard.reduce, [record.grad_inputs[n] for n, _ in inputs]))})
+        judged = [r for r in refs if r.verdict != "skipped"]
+        if judged:
+            worst = guard.maximum(torch.tensor([[r.error_ratio, r.rel_diff] for r in judged], dtype=torch.float64,
+                                               device=guard.device).reshape(-1)).reshape(-1, 2).tolist()
+            agreed = iter([dataclasses.replace(r, error_ratio=ratio, rel_diff=rel,
+                                               verdict="fail" if ratio > 1 else "pass")
+                           for r, (ratio, rel) in zip(judged, worst)])
+            refs = tuple(next(agreed) if r.verdict != "skipped" else r for r in refs)
+        references[name] = refs
+    return references
+
+
+def _split(reduce: Any, tensors: list[Tensor]) -> list[Tensor]:
+    """``reduce`` applied to every tensor in one call."""
+    flat = reduce(torch.cat([t.reshape(-1).to(torch.float64) for t in tensors]))
+    return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
+
+
+def _local_reports(records: Mapping[str, Any], seed: int, options: Mapping[str, Any],
+                   references: Mapping[str, tuple]) -> list:
+    """Every record's local check (with ``options``, ``reduce`` among them) and its agreed
+    reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports` does."""
+    import numpy as np
+
+    from gradwatch.local import _check_record
+
+    reports = []
+    for i, (name, record) in enumerate(records.items()):
+        s = int(np.random.SeedSequence([seed, i + 1]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+        report = _check_record(record, seed=s, options=options, reference=False)
+        if references.get(name) and record.problem() is None:
+            report = dataclasses.replace(report, references=references[name])
+        reports.append(report)
+    return reports

@@ -36,6 +36,7 @@ from torch.overrides import TorchFunctionMode
 from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
 from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
+from gradwatch._sharded import _local_reports as _sharded_local_reports
 from gradwatch._validate import (
     _callable,
     _fraction_or_none,
@@ -342,14 +343,14 @@ class GradWatch:
             )
         if roots.autocast is not None:
             state = dataclasses.replace(state, autocast=roots.autocast)
-        if targets:  # collectives: the records agreed across ranks, their gradients averaged
-            _share_records(recording.records, captured)
         guard = _Guard(next(iter(captured.values())).device)
         try:
             if not self._seed_shared:  # rank zero's base seed: every rank draws the same probes
                 self.seed, self._seed_shared = int(guard.broadcast(self.seed)), True
             seed = _derive_seed(self.seed, step)
             with _unsharded(self.model):
+                if targets:  # the records agreed across ranks, their gradients averaged
+                    references = _share_records(recording.records, recorder.grads, captured, guard)
                 whole_too_big = (targets and self._check_kwargs["precision"] == "auto"
                                  and _float64_bytes(self.model) > self._max_shadow_bytes)
                 if whole_too_big:
@@ -364,7 +365,8 @@ class GradWatch:
                 del captured, state
                 if targets:
                     started = time.perf_counter()
-                    local = _local_reports(recording, seed, {**self._local_options, "reduce": guard.reduce})
+                    local = _sharded_local_reports(recording.records, seed,
+                                                   {**self._local_options, "reduce": guard.reduce}, references)
                     report = _merge(report, local)
                     seconds = time.perf_counter() - started
                     sched = self._schedule

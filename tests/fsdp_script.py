@@ -122,17 +122,27 @@ def attention_case(seed: int):
 
 def scenario_attention(rank: int) -> dict[str, Any]:
     """Module-local checks of the fused attention op under FSDP: its input gradients (dq, dk)."""
-    from _attn_op import BUG
+    import gradwatch
+    from _attn_op import BUG, FusedAttention, reference_attention
+    from gradwatch.local import _REFERENCES_BY_CLASS
 
     watch = dict(every_n_steps=1, max_overhead=None, on_failure=lambda report: None)
     out: dict[str, Any] = {}
-    for mode in (None, "dq", "dk"):
+    for mode, reference in ((None, False), ("dq", False), ("dk", False), (None, True), ("dk", True)):
         BUG["mode"] = mode
+        if reference:
+            gradwatch.register_reference(FusedAttention, reference_attention)
         try:
-            runs = [train(attention_case, steps=2, watch=watch, seed=seed)[2] for seed in range(3 if mode is None else 1)]
+            seeds = range(3 if mode is None and not reference else 1)
+            runs = [train(attention_case, steps=2, watch=watch, seed=seed)[2] for seed in seeds]
         finally:
             BUG["mode"] = None
-        out[str(mode)] = [{**summary(gw), "suspects": gw.suspects} for gw in runs]
+            _REFERENCES_BY_CLASS.pop(FusedAttention, None)
+        out[f"{mode}{'+reference' if reference else ''}"] = [
+            {**summary(gw), "suspects": gw.suspects,
+             "references": [[(c.name, c.verdict, c.error_ratio) for c in r.references] for _, r in gw.reports]}
+            for gw in runs
+        ]
     return out
 
 

@@ -100,6 +100,15 @@ def test_module_local_checks_of_a_fused_attention_op_name_its_wrong_input(tmp_pa
             assert local == [[wrong], [wrong]], (rank, mode, run["reports"])
             assert all(w[wrong][0] == "coordinate" and w[wrong][2] for w in run["worst"]), (rank, run["worst"])
     assert results[0]["dq"][0]["numbers"] == results[1]["dq"][0]["numbers"]
+    # a registered reference is compared on each rank's own inputs and local gradients, and the ranks
+    # agree on the worst: the same numbers and verdicts everywhere; dk is named by it too
+    for rank, res in results.items():
+        (correct,), (wrong,) = res["None+reference"], res["dk+reference"]
+        assert all(v == "pass" for refs in correct["references"] for _, v, _ in refs), (rank, correct["references"])
+        assert [[n for n, v, _ in refs if v == "fail"] for refs in wrong["references"]] == [["attn::input[1]"]] * 2
+        assert [n for n, _, _ in wrong["references"][0]] == ["attn::output[0]", "attn::input[0]", "attn::input[1]",
+                                                             "attn::input[2]"]
+    assert results[0]["dk+reference"][0]["references"] == results[1]["dk+reference"][0]["references"]
 
 
 def test_training_is_bit_identical_with_and_without_the_watch(tmp_path) -> None:
