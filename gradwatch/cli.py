@@ -9,9 +9,12 @@ worst relative error and worst error/tolerance with their steps, and the kink cr
 run's last check (``<prefix>/worst/<k>``, named by the ``error_ratio`` of that step), then
 the run's checks and failing checks; ``--top N`` keeps the table to the N tensors with the
 largest worst error/tolerance (failing tensors always shown), for models with hundreds of
-tensors. The exit
-status gates CI: 0 when no check failed, 1 when a check failed (a ``<prefix>/failures``
-point above 0), 2 on a usage error, a missing ``LOGDIR`` or one without gradwatch scalars.
+tensors. Module-local tensors (``<module>::<tensor>``) have rows like any tensor; comparisons
+with a registered reference have a row ``<module>::<quantity> (reference)`` (``rel_error``
+there is ``<prefix>/reference_rel_diff``, error/tolerance ``<prefix>/reference_error_ratio``,
+failing checks ``<prefix>/reference_failed``). The exit
+status gates CI: 0 when no check failed, 1 when a check failed (a ``<prefix>/failures`` or
+``<prefix>/reference_failures`` point above 0), 2 on a usage error, a missing ``LOGDIR`` or one without gradwatch scalars.
 ``--plot out.png`` (needs matplotlib: ``pip install 'gradwatch[plot]'``) draws relative
 error and error/tolerance over the steps per tensor, log scale, with the fail threshold.
 
@@ -70,6 +73,9 @@ _FAILURES = "failures"  # <prefix>/failures: one point per check
 _FAIL_THRESHOLD = "fail_threshold"
 _FAILED, _REL_ERROR, _ERROR_RATIO, _KINKS = "failed", "rel_error", "error_ratio", "kinks"  # <prefix>/<kind>/<param>
 _WORST = "worst"  # <prefix>/worst/<k>: error_ratio of the k-th worst tensor
+# module-local comparisons with a registered reference: <prefix>/<kind>/<module>::<quantity>, and a count per check
+_REF_FAILED, _REF_REL_DIFF, _REF_ERROR_RATIO = "reference_failed", "reference_rel_diff", "reference_error_ratio"
+_REF_FAILURES = "reference_failures"
 _WORST_SHOWN = 5  # ranks on the table's "worst at the last check" line (--json has all)
 
 _PLOT_MISSING = "`--plot` needs matplotlib: pip install 'gradwatch[plot]'"
@@ -263,6 +269,18 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
             error_ratio=series(f"{prefix}/{_ERROR_RATIO}/{name}"),
             kinks=round(sum(value for _, value in series(f"{prefix}/{_KINKS}/{name}"))),
         ))
+    ref_tag = f"{prefix}/{_REF_FAILED}/"
+    for name in [tag[len(ref_tag):] for tag in tags if tag.startswith(ref_tag)]:  # a row per reference comparison
+        failed = series(f"{ref_tag}{name}")
+        tensors.append(TensorSummary(
+            name=f"{name} (reference)",
+            checks=len(failed),
+            failing_steps=tuple(step for step, value in failed if value > 0),
+            rel_error=series(f"{prefix}/{_REF_REL_DIFF}/{name}"),
+            error_ratio=series(f"{prefix}/{_REF_ERROR_RATIO}/{name}"),
+            kinks=0,
+        ))
+    ref_failing = {step for step, value in series(f"{prefix}/{_REF_FAILURES}") if value > 0}
     worst_tag = f"{prefix}/{_WORST}/"
     ranks = sorted((int(tag[len(worst_tag):]), tag) for tag in tags
                    if tag.startswith(worst_tag) and tag[len(worst_tag):].isdigit())
@@ -282,7 +300,7 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
         run=run,
         path=path,
         steps=tuple(step for step, _ in failures),
-        failing_steps=tuple(step for step, value in failures if value > 0),
+        failing_steps=tuple(step for step, value in failures if value > 0 or step in ref_failing),
         fail_threshold=threshold[-1][1] if threshold else 1.0,
         tensors=tuple(tensors),
         duplicate_steps=len(accumulator.Scalars(f"{prefix}/{_FAILURES}")) - len(failures),

@@ -34,7 +34,8 @@ Internal API (stable; the hook and the sharded path build on it):
   record (options: engine keyword arguments such as ``coordinates``, ``precision``), its
   tensors named ``<module>::<tensor>``; ``_skipped_record(record, seed)`` reports a skipped one.
 * ``_merge(report, local_reports) -> Report``: the whole-model report with the local
-  tensors and reference comparisons added.
+  tensors, reference comparisons (``Report.references``) and module checks
+  (``Report.modules``: precision and skip reason per module) added.
 * ``_Suspects(model)``: context manager (a ``TorchFunctionMode`` plus module hooks); around
   one forward with grad it finds the modules whose forward runs custom backward code
   (``.names``: qualified name -> why); ``_discover(model, loss_fn, batch, replay)`` runs that
@@ -68,7 +69,7 @@ from gradwatch._judging import RTOL
 from gradwatch._validate import _callable, _module, _one_of, _seed
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS, check
 from gradwatch.replay import ReplayState, _isolated, capture
-from gradwatch.report import KinkEvent, ReferenceCheck, Report, TensorCheck, local_name
+from gradwatch.report import KinkEvent, ModuleCheck, ReferenceCheck, Report, TensorCheck, local_name
 
 __all__ = ["check_module", "register_reference"]
 
@@ -391,6 +392,8 @@ def _check_record(record: _Record, *, seed: int, options: Mapping[str, Any] | No
     if report.precision == "native" and opts["precision"] == "auto" and _low_precision(record):
         report = _upcast_check(record, grads, seed, opts, report.precision_reason)
     report = _qualify(report, record.name)
+    report = dataclasses.replace(report, modules=(ModuleCheck(record.name, report.precision, report.precision_reason,
+                                                              seconds=report.seconds),))
     if reference:
         refs = _reference_checks(record)
         if refs:
@@ -447,19 +450,22 @@ def _skipped_record(record: _Record, seed: int, reason: str) -> Report:
     for n in names:
         q = local_name(record.name, n)
         tensors[q] = TensorCheck(q, (), "skipped", reason=f"module {record.name or '(module)'!r}: {reason}")
-    return Report(tensors=tensors, seed=seed, reason=reason)
+    return Report(tensors=tensors, seed=seed, reason=reason, modules=(ModuleCheck(record.name, reason=reason),))
 
 
 def _merge(report: Report, local_reports: list[Report]) -> Report:
     """The whole-model report with the tensors and reference comparisons of local checks added."""
     tensors = dict(report.tensors)
     refs = list(report.references)
+    modules = list(report.modules)
     seconds = report.seconds
     for r in local_reports:
         tensors.update(r.tensors)
         refs.extend(r.references)
+        modules.extend(r.modules)
         seconds += r.seconds
-    return dataclasses.replace(report, tensors=tensors, references=tuple(refs), seconds=seconds)
+    return dataclasses.replace(report, tensors=tensors, references=tuple(refs), modules=tuple(modules),
+                               seconds=seconds)
 
 
 def check_module(

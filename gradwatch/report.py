@@ -23,6 +23,7 @@ __all__ = [
     "KinkEvent",
     "KinkSite",
     "KinkWarning",
+    "ModuleCheck",
     "OnFailure",
     "UnreliableCheckWarning",
     "Probe",
@@ -43,6 +44,11 @@ _FIX_HINT = (
     "the gradient autograd produced for this tensor is not the derivative of the loss: "
     "check the backward of custom autograd.Functions, kernels and gradient hooks on the "
     "path from this tensor to the loss"
+)
+
+_LOCAL_HINT = (
+    "this module's own backward is not the derivative of its forward (checked in isolation, on the inputs and "
+    "output gradient of the training step): check its custom autograd.Functions, kernels and tensor hooks"
 )
 
 
@@ -306,6 +312,32 @@ def local_name(module: str, tensor: str) -> str:
 
 
 @dataclass(frozen=True)
+class ModuleCheck:
+    """How one module-local check ran (:mod:`gradwatch.local`); its tensors are in
+    ``Report.tensors`` as ``<module>::<tensor>``.
+
+    Attributes:
+        module: Qualified module name (``""`` for a direct :func:`gradwatch.check_module` call).
+        precision: Where its perturbed losses were evaluated: ``"float64"``, ``"native"``, or
+            ``"float32"`` (a float16/bfloat16 module without float64, upcast); ``""`` when skipped.
+        precision_reason: Why that precision.
+        reason: Why the module was not checked (called more than once in the step, parameters
+            shared with modules outside it, no gradient reached it), else ``None``.
+        seconds: Wall time of its check.
+
+    Example:
+        >>> [(m.module, m.precision) for m in report.modules]  # doctest: +SKIP
+        [('attn', 'native')]
+    """
+
+    module: str
+    precision: str = ""
+    precision_reason: str = ""
+    reason: str | None = None
+    seconds: float = 0.0
+
+
+@dataclass(frozen=True)
 class ReferenceCheck:
     """One comparison of a module with its registered reference (:func:`gradwatch.register_reference`).
 
@@ -401,6 +433,7 @@ class Report:
             ``check(joint=...)``). Not part of :attr:`probes` (which lists each tensor's own).
         references: Comparisons of module-local checks with registered references
             (:class:`ReferenceCheck`); a failing one fails the report.
+        modules: How each module-local check ran (:class:`ModuleCheck`).
     """
 
     tensors: Mapping[str, TensorCheck]
@@ -422,6 +455,7 @@ class Report:
     kept_cast_sites: tuple[str, ...] = ()
     joint: tuple[Probe, ...] = ()
     references: tuple[ReferenceCheck, ...] = ()
+    modules: tuple[ModuleCheck, ...] = ()
 
     @property
     def ok(self) -> bool:
@@ -718,6 +752,10 @@ class Report:
                 + "; ".join(self.kept_cast_sites)
                 + ("; ..." if self.kept_casts > len(self.kept_cast_sites) else "")
             )
+        if self.modules:
+            lines.append("  module-local checks: " + "; ".join(
+                f"{m.module or '(module)'} skipped ({m.reason})" if m.reason is not None
+                else f"{m.module or '(module)'} in {m.precision}" for m in self.modules))
         lines += ["  " + t.message for t in self.failures]
         lines += ["  " + r.message for r in self.reference_failures]
         return "\n".join(lines)
@@ -806,6 +844,7 @@ def failure_message(tensor: TensorCheck, *, short: bool = False) -> str:
         f"({_fmt(tensor.gap_ratio)} times the tolerance of its precision): look at tensor hooks, code that "
         "edits .grad, and kernels that are wrong only in low precision"
         if gap
+        else _LOCAL_HINT if "::" in tensor.name
         else _FIX_HINT
     )
     w = tensor.worst
@@ -863,6 +902,10 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
                                      rel_diff of an output or gradient to the reference
         <prefix>/reference_error_ratio/<module>::<quantity>
                                      its error / tolerance; above 1 fails
+        <prefix>/reference_failed/<module>::<quantity>
+                                     1 when that comparison fails, else 0
+        <prefix>/reference_failures  failing reference comparisons (only in a check
+                                     that compared with a reference)
 
     Tensors of module-local checks are named ``<module>::<tensor>`` (:func:`local_name`:
     ``blocks.1.attn::weight``, ``blocks.1.attn::input[0]``) and have the per-tensor keys above.
@@ -924,6 +967,10 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
             out[f"{prefix}/reference_rel_diff/{r.name}"] = r.rel_diff
         if not math.isnan(r.error_ratio):
             out[f"{prefix}/reference_error_ratio/{r.name}"] = r.error_ratio
+        if r.verdict != "skipped":
+            out[f"{prefix}/reference_failed/{r.name}"] = float(r.failed)
+    if report.references:
+        out[f"{prefix}/reference_failures"] = float(len(report.reference_failures))
     return out
 
 

@@ -112,16 +112,19 @@ class TensorBoardSink:
         except TypeError:  # a writer that cannot be weakly referenced: per sink
             laid_out = self._own_layouts
         known = laid_out.get(self.prefix)
-        if known is not None and all(name in known for name in report.tensors):
+        wanted = tuple(report.tensors) + tuple(_REFERENCE_MARK + r.name for r in report.references)
+        if known is not None and all(name in known for name in wanted):
             return
         known = known or ()
-        laid_out[self.prefix] = known + tuple(n for n in report.tensors if n not in known)
+        laid_out[self.prefix] = known + tuple(n for n in wanted if n not in known)
         layout: dict[str, dict[str, list]] = {}
         for prefix, names in laid_out.items():  # one layout per run is read: it holds every prefix
             layout.update(_layout(prefix, names))
         self.writer.add_custom_scalars(layout)
 
 
+# marks the reference comparisons (ReferenceCheck.name) among the tensor names of a layout
+_REFERENCE_MARK = "\0"
 # writer -> {prefix: tensor names} of the layouts written to it
 _LAID_OUT: "weakref.WeakKeyDictionary[Any, dict[str, tuple[str, ...]]]" = weakref.WeakKeyDictionary()
 
@@ -167,6 +170,15 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
         "kinks per tensor (probes that crossed)": chart("kinks/.*"),
     }
     layout = {prefix: main}
+    refs = [n[len(_REFERENCE_MARK):] for n in names if n.startswith(_REFERENCE_MARK)]
+    names = tuple(n for n in names if not n.startswith(_REFERENCE_MARK))
+    if refs:  # module-local checks with a registered reference (gradwatch.register_reference)
+        alt = "(" + "|".join(re.escape(n) for n in refs) + ")"
+        layout[f"{prefix}: references"] = {
+            "references: error/tolerance vs fail threshold": chart(f"(reference_error_ratio/{alt}|fail_threshold)"),
+            "references: rel_diff per output and gradient": chart(f"reference_rel_diff/{alt}"),
+            "references: failures": chart("reference_failures"),
+        }
     groups: dict[str, list[str]] = {}
     for name in names:
         groups.setdefault(_module_group(name), []).append(name)

@@ -3,6 +3,8 @@ GradWatch(modules=...)."""
 
 from __future__ import annotations
 
+import contextlib
+
 import pytest
 import torch
 from torch import nn
@@ -55,3 +57,393 @@ def test_reference_comparison_names_module_and_quantity(bug, reference):
     assert "attn::input[1]" in str(report) and "reference" in str(report)
     # the reference ran in float64 although the op has no float64 kernel
     assert all(r.precision == "float32 vs reference float64" for r in report.references)
+
+
+# ---------------------------------------------------------------- in training: GradWatch(modules=...)
+class _AttnNet(nn.Module):
+    """Projections, the fused attention op, and a consumer that concatenates its output (so the
+    gradient flowing into the op's output is a non-contiguous slice of torch.cat's gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.attn = FusedAttention()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k, v = self.inp(x).chunk(3, -1)
+        return self.head(torch.cat([self.attn(q, k, v), v], -1)).sum(1)
+
+
+def _xent(model, batch):
+    return nn.functional.cross_entropy(model(batch[0]), batch[1])
+
+
+def _attn_batch(seed):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(3, 4, 6, generator=g), torch.randint(0, 3, (3,), generator=g)
+
+
+def _one_check(model, batch, **kwargs):
+    watch = gradwatch.GradWatch(model, _xent, every_n_steps=1, max_overhead=None, seed=0,
+                                on_failure=lambda r: None, **kwargs)
+    with watch.step(batch):
+        _xent(model, batch).backward()
+    return watch
+
+
+def _local_failures(report, module):
+    return {t.name for t in report.failures if t.name.startswith(module + "::")}
+
+
+@pytest.mark.parametrize("mode, wrong", [
+    ("dq", {"attn::input[0]"}),
+    ("dk", {"attn::input[1]"}),
+    ("contiguous", {"attn::input[0]", "attn::input[1]", "attn::input[2]"}),  # dO read wrong: dq, dk, dv
+])
+def test_watch_names_each_planted_attention_bug_by_local_check_and_reference(bug, reference, mode, wrong):
+    bug(mode)
+    torch.manual_seed(0)
+    watch = _one_check(_AttnNet(), _attn_batch(0))
+    report = watch.last_report
+    assert watch.suspects == {"attn": "custom op gwtest::attention.default"}
+    assert _local_failures(report, "attn") == wrong, str(report)
+    assert {r.name for r in report.reference_failures} == wrong, str(report)
+    assert [(m.module, m.precision) for m in report.modules] == [("attn", "native")]  # no float64 kernel
+    assert "this module's own backward" in report.tensors[sorted(wrong)[0]].message
+    if mode == "contiguous":  # the bug needs a non-contiguous grad_output: with a contiguous one it is right
+        direct = gradwatch.check_module(FusedAttention(), _qkv(0), torch.randn(2, 4, 4), seed=0)
+        assert direct.ok, str(direct)
+
+
+def test_correct_attention_op_is_quiet_over_20_seeds(reference):
+    worst = 0.0
+    for seed in range(20):
+        torch.manual_seed(seed)
+        report = _one_check(_AttnNet(), _attn_batch(seed)).last_report
+        local = [t for n, t in report.tensors.items() if n.startswith("attn::")]
+        assert len(local) == 3 and all(t.verdict == "pass" for t in local), (seed, str(report))
+        assert report.ok and len(report.references) == 4, (seed, str(report))
+        worst = max(worst, *(r.error_ratio for r in report.references), *(t.error_ratio for t in local))
+    assert worst < 0.5  # far from the fail threshold, not just under it
+
+
+def test_module_local_check_agrees_with_gradcheck_in_float64():
+    class Scale(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x, w, wrong):
+            ctx.save_for_backward(x, w)
+            ctx.wrong = wrong
+            return torch.tanh(x @ w)
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            d = g * (1 - torch.tanh(x @ w) ** 2)
+            dw = x.transpose(0, 1) @ d
+            return d @ w.transpose(0, 1), dw * (1.5 if ctx.wrong else 1.0), None
+
+    class Layer(nn.Module):
+        def __init__(self, wrong):
+            super().__init__()
+            self.w = nn.Parameter(torch.randn(3, 4, dtype=torch.float64))
+            self.wrong = wrong
+
+        def forward(self, x):
+            return Scale.apply(x, self.w, self.wrong)
+
+    for wrong in (False, True):
+        torch.manual_seed(0)
+        layer = Layer(wrong)
+        x = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+        ours_ok = gradwatch.check_module(layer, (x,), seed=0).ok
+        theirs = torch.autograd.gradcheck(lambda x, w: Scale.apply(x, w, wrong), (x, layer.w), raise_exception=False)
+        assert ours_ok == theirs == (not wrong)
+    report = gradwatch.check_module(Layer(True), (x,), seed=0)
+    assert report.precision == "float64" and report.reference
+    assert [t.name for t in report.failures] == ["w"] and report.tensors["input[0]"].verdict == "pass"
+
+
+def test_planted_param_bug_in_one_submodule_is_caught_by_its_local_check():
+    class Doubled(torch.autograd.Function):  # y = x W^T, with W's gradient doubled
+        @staticmethod
+        def forward(ctx, x, w):
+            ctx.save_for_backward(x, w)
+            return x @ w.t()
+
+        @staticmethod
+        def backward(ctx, g):
+            x, w = ctx.saved_tensors
+            return g @ w, 2 * g.reshape(-1, g.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
+
+    class Buggy(nn.Linear):
+        def forward(self, x):
+            return Doubled.apply(x, self.weight) + self.bias
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(6, 8), nn.Tanh(), Buggy(8, 8), nn.Tanh(), nn.Linear(8, 3))
+    batch = (torch.randn(16, 6), torch.randint(0, 3, (16,)))
+    report = _one_check(model, batch, modules=[model[0], "2", model[4]]).last_report
+    local = {n: t.verdict for n, t in report.tensors.items() if "::" in n}
+    assert local == {"0::weight": "pass", "0::bias": "pass", "2::input[0]": "pass", "2::weight": "fail",
+                     "2::bias": "pass", "4::input[0]": "pass", "4::weight": "pass", "4::bias": "pass"}, str(report)
+    assert [m.precision for m in report.modules] == ["float64"] * 3
+    assert gradwatch.metrics(report)["gradwatch/failed/2::weight"] == 1.0
+
+
+def test_module_called_twice_or_with_tied_weights_is_skipped_with_the_reason():
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.shared = nn.Linear(4, 4)
+            self.enc = nn.Linear(4, 6)
+            self.dec = nn.Linear(6, 4)
+            self.dec.weight = nn.Parameter(torch.randn(4, 6))
+            self.tied = nn.Linear(6, 4)
+            self.tied.weight = self.dec.weight
+
+        def forward(self, x):
+            h = self.enc(self.shared(torch.tanh(self.shared(x))))
+            return self.dec(h) + self.tied(h)
+
+    torch.manual_seed(0)
+    model = Twice()
+    batch = (torch.randn(8, 4), torch.randn(8, 4))
+    watch = gradwatch.GradWatch(model, lambda m, b: ((m(b[0]) - b[1]) ** 2).mean(), every_n_steps=1,
+                                max_overhead=None, seed=0, modules=["shared", "dec", "enc"])
+    with watch.step(batch):
+        ((model(batch[0]) - batch[1]) ** 2).mean().backward()
+    report = watch.last_report
+    reasons = {m.module: m.reason for m in report.modules}
+    assert "called 2 times in one step" in reasons["shared"]
+    assert "shared with modules outside it" in reasons["dec"] and "['weight']" in reasons["dec"]
+    assert reasons["enc"] is None and report.ok
+    assert report.tensors["shared::weight"].verdict == "skipped"
+    assert "called 2 times" in report.tensors["shared::weight"].reason
+    assert {report.tensors[f"enc::{n}"].verdict for n in ("input[0]", "weight", "bias")} == {"pass"}
+    assert "shared skipped (called 2 times" in str(report)
+
+
+class _Noisy(nn.Module):
+    """Dropout, BatchNorm and the attention op: RNG draws, buffers and a custom kernel."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.norm = nn.BatchNorm1d(4)
+        self.drop = nn.Dropout(0.2)
+        self.attn = FusedAttention()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        q, k, v = self.drop(self.norm(self.inp(x))).chunk(3, -1)
+        return self.head(torch.cat([self.attn(q, k, v), v], -1)).sum(1)
+
+
+def test_nothing_lost_model_optimizer_buffers_rng_bit_identical(reference):
+    def train(watch_it):
+        torch.manual_seed(0)
+        model = _Noisy()
+        opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+        watch = gradwatch.GradWatch(model, _xent, every_n_steps=1, max_overhead=None, seed=0,
+                                    modules=["attn", "norm"]) if watch_it else None
+        for step in range(4):
+            batch = _attn_batch(step)
+            opt.zero_grad()
+            with watch.step(batch) if watch else contextlib.nullcontext():
+                _xent(model, batch).backward()
+            opt.step()
+        return model, opt, watch, torch.get_rng_state()
+
+    plain, plain_opt, _, plain_rng = train(False)
+    watched, watched_opt, watch, watched_rng = train(True)
+    assert len(watch.reports) == 4 and all(r.ok for _, r in watch.reports)
+    assert all({m.module for m in r.modules} == {"attn", "norm"} for _, r in watch.reports)
+    assert all(r.tensors["norm::weight"].verdict == "pass" for _, r in watch.reports)  # BatchNorm replayed
+    for (n, a), (_, b) in zip(plain.state_dict().items(), watched.state_dict().items()):
+        assert torch.equal(a, b), n
+    for sa, sb in zip(plain_opt.state.values(), watched_opt.state.values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(plain_rng, watched_rng)
+
+
+def test_suspects_are_the_modules_with_custom_backward_code():
+    class Square(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, x):
+            ctx.save_for_backward(x)
+            return x * x
+
+        @staticmethod
+        def backward(ctx, g):
+            (x,) = ctx.saved_tensors
+            return 2 * x * g
+
+    class WithFunction(nn.Linear):
+        def forward(self, x):
+            return Square.apply(super().forward(x)) + 1.0  # the Function is not the last op
+
+    class WithHook(nn.Linear):
+        def forward(self, x):
+            y = super().forward(x)
+            if y.requires_grad:
+                y.register_hook(lambda g: g)
+            return y
+
+    class Block(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fn = WithFunction(4, 4)
+            self.plain = nn.Linear(4, 4)
+
+        def forward(self, x):
+            return self.plain(self.fn(x))
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.block = Block()
+            self.hooked = WithHook(4, 4)
+            self.q, self.k = nn.Linear(4, 4), nn.Linear(4, 4)
+            self.attn = FusedAttention()
+            self.out = nn.Linear(4, 1)
+
+        def forward(self, x):
+            h = self.hooked(self.block(x))
+            return self.out(self.attn(self.q(h), self.k(h), h)).sum()
+
+    torch.manual_seed(0)
+    model = Net()
+    x = torch.randn(2, 3, 4)
+    watch = gradwatch.GradWatch(model, lambda m, b: m(b), every_n_steps=1, max_overhead=None, seed=0)
+    assert watch.suspects == {}
+    rng = torch.get_rng_state()
+    with watch.step(x):
+        model(x).backward()
+    assert watch.suspects == {"block.fn": "custom autograd.Function Square",
+                              "hooked": "tensor hook registered in its forward",
+                              "attn": "custom op gwtest::attention.default"}
+    assert torch.equal(torch.get_rng_state(), rng)  # the discovery forward left the RNG as it was
+    report = watch.last_report
+    assert report.ok and {m.module for m in report.modules} == set(watch.suspects), str(report)
+    assert report.tensors["block.fn::weight"].verdict == "pass"
+    none = gradwatch.GradWatch(model, lambda m, b: m(b), every_n_steps=1, max_overhead=None, seed=0, modules=None)
+    with none.step(x):
+        model(x).backward()
+    assert not any("::" in n for n in none.last_report.tensors) and none.last_report.modules == ()
+
+
+def test_auto_prefers_module_local_float64_checks_when_the_whole_model_does_not_fit(bug):
+    bug("dk")
+    torch.manual_seed(0)
+    model = _AttnNet()
+    model.big = nn.Linear(64, 64)  # unused by the forward, but part of the float64 copy
+    whole = sum(p.numel() * 8 for p in model.parameters())
+    watch = _one_check(model, _attn_batch(0), modules=["attn", "inp"], max_shadow_bytes=whole // 2)
+    report = watch.last_report
+    assert all(report.tensors[n].verdict == "skipped" and "module-local float64 checks instead"
+               in report.tensors[n].reason for n, _ in model.named_parameters())
+    assert {m.module: m.precision for m in report.modules} == {"attn": "native", "inp": "float64"}
+    assert _local_failures(report, "attn") == {"attn::input[1]"} and report.verdict == "fail"
+    # the module that caused the gradient error upstream is checked in float64 and is right
+    assert {report.tensors[f"inp::{n}"].verdict for n in ("weight", "bias")} == {"pass"}
+
+
+def test_bf16_kernel_without_float64_is_checked_in_float32(bug):
+    def qkv(seed):
+        return tuple(t.detach().bfloat16().requires_grad_(True) for t in _qkv(seed))
+
+    for seed in range(5):
+        report = gradwatch.check_module(FusedAttention(), qkv(seed), name="attn", seed=seed)
+        assert report.ok and report.precision == "float32", str(report)
+        assert report.grad_precision == "bfloat16" and "upcast" in report.precision_reason
+    bug("dq")
+    report = gradwatch.check_module(FusedAttention(), qkv(0), name="attn", seed=0)
+    assert [t.name for t in report.failures] == ["attn::input[0]"], str(report)
+
+
+def test_check_module_and_register_reference_validate_their_arguments():
+    q = _qkv(0)
+    with pytest.raises(TypeError, match="`module` must be a torch.nn.Module, got function"):
+        gradwatch.check_module(lambda x: x, q)
+    with pytest.raises(ValueError, match="`precision` must be one of 'float64', 'native', 'auto', got 'half'"):
+        gradwatch.check_module(FusedAttention(), q, precision="half")
+    with pytest.raises(ValueError, match="`grads` names 'input\\[7\\]', which is neither"):
+        gradwatch.check_module(FusedAttention(), q, grads={"input[7]": torch.zeros(1)})
+    with pytest.raises(ValueError, match="`grad_outputs` must match the module's 1 output leaves, got 2"):
+        gradwatch.check_module(FusedAttention(), q, (torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)))
+    with pytest.raises(TypeError, match="`target` must be an nn.Module instance or subclass, got 3"):
+        gradwatch.register_reference(3, reference_attention)
+    with pytest.raises(TypeError, match="`reference_fn` must be callable"):
+        gradwatch.register_reference(FusedAttention, None)
+    model = _AttnNet()
+    with pytest.raises(ValueError, match="`modules` names 'nope', which is not a submodule of `model`"):
+        gradwatch.GradWatch(model, _xent, modules=["nope"])
+    with pytest.raises(ValueError, match="`modules` holds a Linear that is not a submodule of `model`"):
+        gradwatch.GradWatch(model, _xent, modules=[nn.Linear(2, 2)])
+    with pytest.raises(ValueError, match="`modules` must be None, 'suspects' or a list"):
+        gradwatch.GradWatch(model, _xent, modules="all")
+    with pytest.raises(ValueError, match="`max_shadow_bytes` must be a positive int, got 0"):
+        gradwatch.GradWatch(model, _xent, max_shadow_bytes=0)
+
+
+class _Writer:
+    """Records what a TensorBoardSink writes (scalars by key, the last layout)."""
+
+    def __init__(self):
+        self.scalars, self.layout = {}, None
+
+    def add_scalar(self, key, value, step):
+        self.scalars[key] = value
+
+    def add_text(self, *args):
+        pass
+
+    def add_histogram(self, *args):
+        pass
+
+    def add_custom_scalars(self, layout):
+        self.layout = layout
+
+
+def test_dashboard_and_cli_show_module_local_tensors_and_reference_comparisons(bug, reference, tmp_path, capsys):
+    import re
+
+    from gradwatch import cli
+
+    bug("dk")
+    torch.manual_seed(0)
+    model = _AttnNet()
+    opt = torch.optim.SGD(model.parameters(), lr=1e-2)
+    watch = gradwatch.GradWatch(model, _xent, every_n_steps=2, max_overhead=None, seed=0, on_failure=lambda r: None,
+                                logdir=str(tmp_path / "run"))
+    for step in range(3):
+        batch = _attn_batch(step)
+        opt.zero_grad()
+        with watch.step(batch):
+            _xent(model, batch).backward()
+        opt.step()
+    watch.close()
+    report = watch.last_report
+    keys = gradwatch.metrics(report)
+    # the keys the CLI reads are the ones metrics() writes
+    for kind in (cli._REF_FAILED, cli._REF_REL_DIFF, cli._REF_ERROR_RATIO):
+        assert {k for k in keys if k.startswith(f"gradwatch/{kind}/")} == {
+            f"gradwatch/{kind}/attn::{q}" for q in ("output[0]", "input[0]", "input[1]", "input[2]")}
+    assert keys[f"gradwatch/{cli._REF_FAILURES}"] == 1.0 and keys["gradwatch/reference_failed/attn::input[1]"] == 1.0
+    assert keys["gradwatch/failed/attn::input[1]"] == 1.0
+    # the dashboard: a references category whose charts draw those keys; the local tensors in their module's group
+    writer = _Writer()
+    gradwatch.TensorBoardSink(writer).write(report, 2)
+    refs = writer.layout["gradwatch: references"]
+    for _, regexes in refs.values():
+        assert all(any(re.fullmatch(r, k) for k in writer.scalars) for r in regexes), regexes
+    attn = writer.layout["gradwatch: module attn"]["attn: rel_error"][1][0]
+    assert {k for k in writer.scalars if re.fullmatch(attn, k)} == {
+        f"gradwatch/rel_error/attn::input[{i}]" for i in range(3)}
+    # the command line: a failing run, a row per module-local tensor and per reference comparison
+    assert cli.main(["report", str(tmp_path)]) == 1
+    out = capsys.readouterr().out
+    fails = {" ".join(line.split()[1:3]) for line in out.splitlines() if line.startswith("  FAIL")}
+    assert {"attn::input[1] 2", "attn::input[1] (reference)"} <= fails, out
+    assert "run run: 2 checks, 2 failing" in out
