@@ -344,10 +344,22 @@ class GradWatch:
         if roots.autocast is not None:
             state = dataclasses.replace(state, autocast=roots.autocast)
         guard = _Guard(next(iter(captured.values())).device)
+        train_loss = roots.loss()
         try:
             if not self._seed_shared:  # rank zero's base seed: every rank draws the same probes
                 self.seed, self._seed_shared = int(guard.broadcast(self.seed)), True
             seed = _derive_seed(self.seed, step)
+            if self.scaler is not None and self.scaler.is_enabled():  # as in step(), agreed across ranks
+                scale = self.scaler.get_scale()
+                captured = {n: g / scale for n, g in captured.items()}
+                train_loss = None if train_loss is None else train_loss / scale
+                if not _all_finite(captured.values(), guard.reduce):
+                    reason = (
+                        f"GradScaler skips this optimizer step: the gradients scaled by {scale:g} are not finite "
+                        "(fp16 overflow); the scale is lowered and no gradient of this step reaches the optimizer"
+                    )
+                    self._record(_skipped_report(self.model, seed, step, reason), step)
+                    return
             with _unsharded(self.model):
                 if targets:  # the records agreed across ranks, their gradients averaged
                     references = _share_records(recording.records, recorder.grads, captured, guard)
@@ -359,7 +371,7 @@ class GradWatch:
                 else:
                     report = _budgeted_check(
                         self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
-                        replay=state, train_loss=roots.loss(), reduce=guard.reduce, broadcast=guard.broadcast,
+                        replay=state, train_loss=train_loss, reduce=guard.reduce, broadcast=guard.broadcast,
                         options=self._check_kwargs,
                     )
                 del captured, state

@@ -43,7 +43,7 @@ def local_batch(batch: Any, rank: int, world: int, step: int) -> Any:
 
 
 def train(build: Callable, *, steps: int, watch: dict | None, seed: int = 0, optimizer: str = "sgd",
-          loss_fn: Callable | None = None) -> tuple[Any, Any, Any]:
+          loss_fn: Callable | None = None, scale: float | None = None) -> tuple[Any, Any, Any]:
     """Train a zoo case sharded over the ranks; returns (model, optimizer, GradWatch or None)."""
     import torch
     import torch.distributed as dist
@@ -55,6 +55,9 @@ def train(build: Callable, *, steps: int, watch: dict | None, seed: int = 0, opt
     model = shard(case.model)
     opt = (torch.optim.Adam(model.parameters(), lr=1e-2) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=0.1))
+    scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
+    if scaler is not None:
+        watch = {**watch, "scaler": scaler}
     gw = None if watch is None else GradWatch(model, loss_fn or case.loss_fn, **watch)
     for step in range(steps):
         batch = local_batch(case.batch, rank, world, step)
@@ -62,7 +65,13 @@ def train(build: Callable, *, steps: int, watch: dict | None, seed: int = 0, opt
             case.loss_fn(model, batch).backward()
         else:
             with gw.step(batch):
-                case.loss_fn(model, batch).backward()
+                loss = case.loss_fn(model, batch)
+                (loss if scaler is None else scaler.scale(loss)).backward()
+        if scaler is not None:
+            scaler.step(opt)
+            scaler.update()
+            opt.zero_grad()
+            continue
         opt.step()
         opt.zero_grad()
     return model, opt, gw
@@ -160,7 +169,12 @@ def scenario_identical(rank: int) -> dict[str, Any]:
         if gw is not None:
             reports = [r.verdict for _, r in gw.reports]
     assert_same_state(states[0], states[1])
-    return {"identical": True, "verdicts": reports}
+    # a GradScaler's scaled backward: the recorded gradients and loss are unscaled before the check
+    scaled = train(CORRECT["layernorm_gelu"], steps=2, watch=dict(every_n_steps=1, max_overhead=None), scale=1024.0)[2]
+    # under the default overhead budget every rank checks the same steps (rank zero's clock decides)
+    budgeted = train(CORRECT["layernorm_gelu"], steps=12, watch=dict(every_n_steps=1, max_overhead=0.5))[2]
+    return {"identical": True, "verdicts": reports, "scaled": [r.verdict for _, r in scaled.reports],
+            "budgeted": [[step, [p.kind for p in r.probes], r.verdict] for step, r in budgeted.reports]}
 
 
 def scenario_raise(rank: int) -> dict[str, Any]:

@@ -114,7 +114,11 @@ def test_module_local_checks_of_a_fused_attention_op_name_its_wrong_input(tmp_pa
 def test_training_is_bit_identical_with_and_without_the_watch(tmp_path) -> None:
     results = run_two(tmp_path, "identical")
     for rank, res in results.items():  # the script asserted it per rank (parameters, Adam state, RNG)
-        assert res == {"identical": True, "verdicts": ["pass", "pass", "pass"]}, (rank, res)
+        assert res["identical"] is True and res["verdicts"] == ["pass", "pass", "pass"], (rank, res)
+        # a GradScaler(init_scale=1024) backward passes: the gradients were unscaled (else all 1024x off)
+        assert res["scaled"] == ["pass", "pass"], (rank, res)
+        assert res["budgeted"][0][0] == 0 and all(v == "pass" for _, _, v in res["budgeted"]), (rank, res)
+    assert results[0]["budgeted"] == results[1]["budgeted"]  # the same steps and probes on both ranks
 
 
 def test_a_rank_raising_inside_the_check_hangs_nothing(tmp_path) -> None:
