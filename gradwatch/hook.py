@@ -82,6 +82,18 @@ class GradWatch:
     scaled backward makes the check unreliable (the replayed loss differs from the
     backpropagated one).
 
+    A model sharded with ``torch.distributed.fsdp.fully_shard`` (FSDP2) is checked on every
+    rank, like data-parallel training: the gradient compared is the mean over ranks of each
+    rank's local (unsharded) gradient of the block's backward, recorded before FSDP's
+    reduce-scatter; for the check the parameters are gathered (a full copy of the model;
+    module-local checks of ``modules`` need the same) and FSDP's hooks are suspended, every
+    rank evaluates the same probes on its local batch, and the values are averaged across
+    ranks before judging, so all ranks report the same verdicts. Module-local checks average
+    the input gradients over ranks too (so each module's inputs must have the same shape on
+    every rank, else it is skipped saying so). When the check raises on one rank, the
+    others raise at their next collective instead of waiting. FSDP1 flat parameters and
+    tensor-parallel ``DTensor`` parameters are refused when the hook is created.
+
     Args:
         model: The module being trained.
         loss_fn: ``loss_fn(model, batch)`` returning the scalar loss you

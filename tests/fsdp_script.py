@@ -205,6 +205,19 @@ def scenario_raise(rank: int) -> dict[str, Any]:
         out["raise"] = None
     except GradientCheckError as err:
         out["raise"] = type(err).__name__
+    # tensor-parallel DTensor parameters (no fully_shard unit manages them): refused, saying what to use
+    from torch import nn
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+    from gradwatch import GradWatch
+
+    tp = parallelize_module(nn.Linear(4, 4), init_device_mesh("cpu", (2,)), ColwiseParallel())
+    try:
+        GradWatch(tp, classification_loss)
+        out["tensor_parallel"] = None
+    except ValueError as err:
+        out["tensor_parallel"] = str(err)
     return out
 
 

@@ -130,3 +130,5 @@ def test_a_rank_raising_inside_the_check_hangs_nothing(tmp_path) -> None:
         assert results[1][key] == ["ZeroDivisionError", "planted failure on rank 1"], results
         assert results[0][key][0] == "_PeerFailed" and "other rank" in results[0][key][1], results
     assert results[0]["raise"] == results[1]["raise"] == "GradientCheckError"
+    # sharding gradwatch cannot gather is refused at once, with what to use instead
+    assert "tensor parallelism" in results[0]["tensor_parallel"] and "fully_shard" in results[0]["tensor_parallel"]
