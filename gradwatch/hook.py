@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -372,11 +372,13 @@ class GradWatch:
                     )
                     self._record(_skipped_report(self.model, seed, step, reason), step)
                     return
-            with _unsharded(self.model):
+            whole_too_big = (targets and self._check_kwargs["precision"] == "auto"
+                             and _float64_bytes(self.model) > self._max_shadow_bytes)
+            with ExitStack() as gathered:  # the whole model's parameters, or only the checked modules'
+                for module in [r.module for r in recording.records.values()] if whole_too_big else [self.model]:
+                    gathered.enter_context(_unsharded(module))
                 if targets:  # the records agreed across ranks, their gradients averaged
                     references = _share_records(recording.records, recorder.grads, captured, guard)
-                whole_too_big = (targets and self._check_kwargs["precision"] == "auto"
-                                 and _float64_bytes(self.model) > self._max_shadow_bytes)
                 if whole_too_big:
                     self._schedule.plan([])  # closes the timing of the training step
                     report = _skipped_report(self.model, seed, step, _too_big(self.model, self._max_shadow_bytes))

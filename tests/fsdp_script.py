@@ -97,6 +97,11 @@ def scenario_zoo(rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {"correct": {}, "bugs": {}}
     for name in ("mlp_relu_dropout", "layernorm_gelu", "custom_function", "cnn_bn_pool", "transformer"):
         out["correct"][name] = summary(train(CORRECT[name], steps=2, watch=watch)[2])
+    # the whole model's float64 copy over max_shadow_bytes: only the suspect modules are checked, and
+    # only their parameters are gathered
+    small = dict(watch, max_shadow_bytes=1)
+    out["local_only"] = {name: summary(train(build, steps=1, watch=small)[2])
+                         for name, build in (("wrong_sign", BUGS["wrong_sign"]), ("custom_function", CORRECT["custom_function"]))}
     bugs = {**BUGS, **SPARSE_BUGS}
     for name in ("wrong_sign", "bias_mean", "ignores_grad_output", "wrong_index", "accidental_detach", "wrong_row"):
         out["bugs"][name] = {**summary(train(bugs[name], steps=2, watch=watch)[2]), "wrong": sorted(bugs[name](0).wrong)}

@@ -80,6 +80,13 @@ def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tm
     # the sparse bug (one wrong row) is placed on the row it is in, by both checks
     assert all(w["fc1.weight"][1][0] == 2 and w["fc1::weight"][1][0] == 2
                for w in results[0]["bugs"]["wrong_row"]["worst"])
+    # module-local checks alone (the whole model over max_shadow_bytes): the bug is named, the correct
+    # module passes, the whole-model tensors are skipped saying why
+    for res in results.values():
+        only = res["local_only"]
+        assert only["wrong_sign"]["failing"] == [["fc1::weight"]], only["wrong_sign"]["reports"]
+        assert only["custom_function"]["verdicts"] == ["pass"], only["custom_function"]["reports"]
+        assert "max_shadow_bytes" in only["custom_function"]["reports"][0]
     # the custom Function's module (an FSDP unit) was checked locally: its parameters gathered, its
     # local gradients averaged over ranks
     assert results[0]["bugs"]["wrong_sign"]["failing"][0] == ["fc1.weight", "fc1::weight"]
