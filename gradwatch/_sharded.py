@@ -137,7 +137,8 @@ class _LocalGrads:
 
     A forward pre-hook on every FSDP unit (after FSDP's, which unshards the unit's
     parameters) registers a tensor hook on each of the unit's full parameters, once per
-    step. :meth:`remove` takes every hook off.
+    step; parameters outside every unit (plain tensors) are hooked directly. :meth:`remove`
+    takes every hook off.
     """
 
     def __init__(self, model: nn.Module) -> None:
@@ -148,6 +149,10 @@ class _LocalGrads:
             unit.register_forward_pre_hook(partial(self._pre_forward, prefix))
             for prefix, unit in _fsdp_units(model)
         ]
+        for name, p in model.named_parameters():  # parameters outside every unit stay plain: hooked directly
+            if not _is_dtensor(p) and p.requires_grad:
+                self._hooked.add(id(p))
+                self._tensor_handles.append(p.register_hook(partial(self._record, name)))
 
     def _pre_forward(self, prefix: str, unit: nn.Module, args: Any) -> None:
         for name, p in unit.named_parameters(prefix=prefix):

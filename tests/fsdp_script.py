@@ -20,14 +20,16 @@ import warnings
 from typing import Any, Callable
 
 
-def shard(model):
-    """``fully_shard`` every child with parameters, then the root (the usual FSDP2 recipe)."""
+def shard(model, root: bool = True):
+    """``fully_shard`` every child with parameters, then the root (the usual FSDP2 recipe;
+    ``root=False``: the root's own parameters stay plain tensors)."""
     from torch.distributed.fsdp import fully_shard
 
     for child in model.children():
         if any(True for _ in child.parameters()):
             fully_shard(child)
-    fully_shard(model)
+    if root:
+        fully_shard(model)
     return model
 
 
@@ -43,7 +45,7 @@ def local_batch(batch: Any, rank: int, world: int, step: int) -> Any:
 
 
 def train(build: Callable, *, steps: int, watch: dict | None, seed: int = 0, optimizer: str = "sgd",
-          loss_fn: Callable | None = None, scale: float | None = None) -> tuple[Any, Any, Any]:
+          loss_fn: Callable | None = None, scale: float | None = None, root: bool = True) -> tuple[Any, Any, Any]:
     """Train a zoo case sharded over the ranks; returns (model, optimizer, GradWatch or None)."""
     import torch
     import torch.distributed as dist
@@ -52,7 +54,7 @@ def train(build: Callable, *, steps: int, watch: dict | None, seed: int = 0, opt
 
     rank, world = dist.get_rank(), dist.get_world_size()
     case = build(seed)
-    model = shard(case.model)
+    model = shard(case.model, root=root)
     opt = (torch.optim.Adam(model.parameters(), lr=1e-2) if optimizer == "adam"
            else torch.optim.SGD(model.parameters(), lr=0.1))
     scaler = None if scale is None else torch.amp.GradScaler("cpu", init_scale=scale)
@@ -97,6 +99,8 @@ def scenario_zoo(rank: int) -> dict[str, Any]:
     out: dict[str, Any] = {"correct": {}, "bugs": {}}
     for name in ("mlp_relu_dropout", "layernorm_gelu", "custom_function", "cnn_bn_pool", "transformer"):
         out["correct"][name] = summary(train(CORRECT[name], steps=2, watch=watch)[2])
+    # the root not sharded: its own parameter (layer scale's gamma) is a plain tensor, checked too
+    out["plain_root"] = summary(train(CORRECT["layer_scale"], steps=2, watch=watch, root=False)[2])
     # the whole model's float64 copy over max_shadow_bytes: only the suspect modules are checked, and
     # only their parameters are gathered
     small = dict(watch, max_shadow_bytes=1)

@@ -80,6 +80,10 @@ def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tm
     # the sparse bug (one wrong row) is placed on the row it is in, by both checks
     assert all(w["fc1.weight"][1][0] == 2 and w["fc1::weight"][1][0] == 2
                for w in results[0]["bugs"]["wrong_row"]["worst"])
+    for res in results.values():
+        plain = res["plain_root"]  # fully_shard on the children only: the root's gamma is a plain tensor
+        assert plain["verdicts"] == ["pass", "pass"] and "gamma" in plain["reports"][0], plain["reports"]
+        assert "gamma  " in plain["reports"][0] and "skipped" not in plain["reports"][0], plain["reports"]
     # module-local checks alone (the whole model over max_shadow_bytes): the bug is named, the correct
     # module passes, the whole-model tensors are skipped saying why
     for res in results.values():
