@@ -326,7 +326,7 @@ class GradWatchCallback:
         if scaler is not None and scaler.is_enabled():
             scale = scaler.get_scale()  # the scale of this backward; update() runs after the optimizer step
             train_loss = train_loss / scale
-            if scaled:
+            if scaled or guard is not None:  # recorded in the backward: scaled, whatever unscale_ did to .grad
                 grads = {n: g / scale for n, g in grads.items()}
             if not _all_finite(grads.values(), reduce):
                 reason = (
