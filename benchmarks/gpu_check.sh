@@ -6,7 +6,9 @@
 #   2. (a) the training-overhead benchmark;  3. (b) the check-cost benchmark;
 #   4. (d) the peak-memory benchmark;
 #   5. a tiny transformer with SDPA attention dropout (dropout_p=0.1, control 0.0) checked by
-#      GradWatch under bf16 and fp16 autocast: each report's verdict, reliability and reason.
+#      GradWatch under bf16 and fp16 autocast: each report's verdict, reliability and reason;
+#   6. module-local checks and the reference comparison of a custom attention op with planted
+#      dq/dk/grad_output-contiguity bugs, fp32 and bf16 autocast (benchmarks/local_check.py).
 # It prints the device name first and the seconds of each part; a failing part is reported
 # and the others still run (the exit status is then 1). Needs torch, pytorch-lightning and
 # tensorboard (no transformers); about 5-8 minutes on one GPU (estimate: not yet run on a GPU).
@@ -68,6 +70,7 @@ part overhead "$PY" benchmarks/overhead.py --device "$DEVICE" --pairs "$PAIRS" -
 part check_cost "$PY" benchmarks/check_cost.py --device "$DEVICE" --repeats "$REPEATS" --models $COST_MODELS
 part memory "$PY" benchmarks/memory.py --device "$DEVICE" --width "$WIDTH"
 part sdpa_dropout "$PY" benchmarks/sdpa_dropout.py --device "$DEVICE" --steps "$SDPA_STEPS" --dtypes bfloat16 float16
+part local_check "$PY" benchmarks/local_check.py --device "$DEVICE" --seeds "$SEEDS"
 
 echo
 echo "## total $((SECONDS - TOTAL)) s; failed parts: ${FAILED[*]:-none}"

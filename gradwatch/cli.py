@@ -35,7 +35,8 @@ error and error/tolerance over the steps per tensor, log scale, with the fail th
                "worst_step": int | null,  # the last check with <prefix>/worst/<k> points
                "worst": [{"tensor": str | null,    # rank k at worst_step: <prefix>/worst/<k>, named by the
                           "error_ratio": float}],  # tensor whose error_ratio matches (null: none logged)
-               "tensors": [{"tensor": str,    # named_parameters() name, in logging order
+               "tensors": [{"tensor": str,    # named_parameters() name or <module>::<tensor>, in logging order,
+                                              # then "<module>::<quantity> (reference)" comparisons
                             "checks": int,    # checks that judged or kinked this tensor
                             "failing_checks": int, "first_failing_step": int | null,
                             "worst_rel_error": float | null, "worst_rel_error_step": int | null,

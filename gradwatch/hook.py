@@ -48,7 +48,16 @@ from gradwatch._validate import (
     _seed,
 )
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS
-from gradwatch.local import _discover, _float64_bytes, _local_reports, _merge, _Recording, _resolve_modules
+from gradwatch.local import (
+    _REFERENCES_BY_OP,
+    _discover,
+    _float64_bytes,
+    _local_reports,
+    _merge,
+    _OpCalls,
+    _Recording,
+    _resolve_modules,
+)
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -262,6 +271,7 @@ class GradWatch:
         state = capture(self.model)
         targets = self._targets(batch, state)
         recording = _Recording(targets, model=self.model) if targets else nullcontext()
+        ops = _OpCalls() if self._modules is not None and _REFERENCES_BY_OP else nullcontext()
         captured: dict[str, Tensor] = {}
         handles = [
             p.register_hook(partial(_capture_grad, captured, name))
@@ -270,7 +280,7 @@ class GradWatch:
         ]
         roots = _BackwardRoots()
         try:
-            with roots, recording:
+            with roots, recording, ops:
                 yield
         finally:
             for handle in handles:
@@ -295,7 +305,8 @@ class GradWatch:
                 )
                 self._record(_skipped_report(self.model, seed, step, reason), step)
                 return
-        whole_too_big = (targets and self._check_kwargs["precision"] == "auto"
+        recordings = [r for r in (recording, ops) if getattr(r, "records", None)]
+        whole_too_big = (recordings and self._check_kwargs["precision"] == "auto"
                          and _float64_bytes(self.model) > self._max_shadow_bytes)
         if whole_too_big:
             reason = (f"the whole model's float64 copy would take {_float64_bytes(self.model) / 2**20:.0f} MiB > "
@@ -308,9 +319,9 @@ class GradWatch:
                                      grads=captured, replay=state, train_loss=train_loss, reduce=None,
                                      broadcast=None, options=self._check_kwargs)
         del captured, state
-        if targets:
+        if recordings:
             started = time.perf_counter()
-            report = _merge(report, _local_reports(recording, seed, self._local_options))
+            report = _merge(report, _local_reports(recordings, seed, self._local_options))
             seconds = time.perf_counter() - started  # local checks count against the budget
             if whole_too_big:
                 self._schedule.done(step, seconds, len(report.probes))
@@ -318,7 +329,7 @@ class GradWatch:
                 sched = self._schedule
                 sched.check_seconds += seconds
                 sched.next_step = step + max(sched.every_n_steps, sched._steps_to_afford())
-            del recording
+        del recording, ops, recordings
         self._record(report, step)
 
     def _sharded_step(self, batch: Any, step: int) -> Iterator[None]:

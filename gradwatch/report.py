@@ -630,7 +630,9 @@ class Report:
         Columns: tensor, verdict (``fail`` and ``nonfinite`` in bold), ``rel_error``,
         the index of the tensor's :attr:`TensorCheck.worst` probe, and that probe's
         autograd and numerical values. A tensor without a judged probe (kink,
-        nonfinite, skipped) shows its reason instead of an index.
+        nonfinite, skipped) shows its reason instead of an index. Comparisons with registered
+        references (:attr:`references`) follow in a second table: ``rel_diff``, error/tolerance
+        and the precisions compared.
 
         Example:
             >>> print(report.markdown())  # doctest: +SKIP
@@ -649,7 +651,15 @@ class Report:
             cells += [f"`{w.where}`", _fmt(w.autograd), _fmt(w.numerical)] if w else [t.reason or "", "-", "-"]
             rows.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
         head = self.summary()
-        return head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
+        text = head if len(rows) == 2 else head + "\n\n" + "\n".join(rows)
+        if self.references:  # module-local comparisons with registered references, failing first
+            refs = ["| reference | verdict | rel_diff | error/tolerance | precisions |", "|---|---|---|---|---|"]
+            for r in sorted(self.references, key=lambda r: not r.failed):
+                cells = [f"`{r.name}`", "**fail**" if r.failed else r.verdict, _fmt(r.rel_diff), _fmt(r.error_ratio),
+                         r.precision or (r.reason or "")]
+                refs.append("| " + " | ".join(c.replace("|", "/") for c in cells) + " |")
+            text += "\n\n" + "\n".join(refs)
+        return text
 
     def worst_tensors(self, n: int = _WORST_TENSORS) -> list[TensorCheck]:
         """The ``n`` judged tensors with the largest ``error_ratio``, largest first.
@@ -755,7 +765,9 @@ class Report:
         if self.modules:
             lines.append("  module-local checks: " + "; ".join(
                 f"{m.module or '(module)'} skipped ({m.reason})" if m.reason is not None
-                else f"{m.module or '(module)'} in {m.precision}" for m in self.modules))
+                else f"{m.module or '(module)'} in {m.precision}"
+                + ("" if m.precision == "float64" else f" ({_cut_end(m.precision_reason, 90)})")
+                for m in self.modules))
         lines += ["  " + t.message for t in self.failures]
         lines += ["  " + r.message for r in self.reference_failures]
         return "\n".join(lines)
@@ -840,7 +852,12 @@ def failure_message(tensor: TensorCheck, *, short: bool = False) -> str:
         return ""
     gap = tensor.gap_ratio > 1.0
     hint = (
-        f"it differs from autograd's gradient of the same code in float64 by {_fmt(tensor.precision_gap)} "
+        f"it differs from the same module's backward run in float32 on the same inputs by "
+        f"{_fmt(tensor.precision_gap)} ({_fmt(tensor.gap_ratio)} times the tolerance of one kernel's rounding): "
+        "look at kernels that are wrong only in low precision or only for the training's memory layout "
+        "(a non-contiguous grad_output)"
+        if gap and "::" in tensor.name
+        else f"it differs from autograd's gradient of the same code in float64 by {_fmt(tensor.precision_gap)} "
         f"({_fmt(tensor.gap_ratio)} times the tolerance of its precision): look at tensor hooks, code that "
         "edits .grad, and kernels that are wrong only in low precision"
         if gap
@@ -848,7 +865,7 @@ def failure_message(tensor: TensorCheck, *, short: bool = False) -> str:
         else _FIX_HINT
     )
     w = tensor.worst
-    if w is None:
+    if w is None or (gap and "::" in tensor.name and not w.failed):  # a local gap: its probes judged the float32 code
         return f"'{tensor.name}'{_index(tensor.gap_index)}: {hint}"
     head = (
         f"'{tensor.name}'{w.where}: autograd={_fmt(w.autograd)} numerical={_fmt(w.numerical)} "
@@ -994,6 +1011,10 @@ def _cut_middle(name: str, cut: int) -> str:
     if keep >= len(name):
         return name
     return name[: keep - keep // 2] + "..." + name[len(name) - keep // 2:]
+
+
+def _cut_end(text: str, n: int) -> str:
+    return text if len(text) <= n else text[: n - 3] + "..."
 
 
 def _safe_ratio(num: float, den: float) -> float:

@@ -134,7 +134,7 @@ def _module_group(name: str) -> str:
     component (``layers.3`` for ``layers.3.attn.q.weight``, ``0`` for ``0.weight`` of a
     ``Sequential``), else its top-level module (``fc1``), or ``(model)`` for a
     parameter of the model itself. A module-local tensor ``<module>::<tensor>`` is in its module's group."""
-    module, local, _ = name.partition("::")
+    module, local, _ = name.rpartition("::")
     path = module.split(".") if local else name.split(".")[:-1]
     if not path:
         return "(model)"

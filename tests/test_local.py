@@ -55,6 +55,8 @@ def test_reference_comparison_names_module_and_quantity(bug, reference):
     assert keys["gradwatch/reference_error_ratio/attn::input[1]"] > 1
     assert keys["gradwatch/reference_error_ratio/attn::output[0]"] < 1  # the forward is right
     assert "attn::input[1]" in str(report) and "reference" in str(report)
+    table = report.markdown().split("| reference |")[1].splitlines()
+    assert table[2].startswith("| `attn::input[1]` | **fail** | 0.") and len(table) == 6  # failing first, 4 rows
     # the reference ran in float64 although the op has no float64 kernel
     assert all(r.precision == "float32 vs reference float64" for r in report.references)
 
@@ -357,9 +359,28 @@ def test_bf16_kernel_without_float64_is_checked_in_float32(bug):
         report = gradwatch.check_module(FusedAttention(), qkv(seed), name="attn", seed=seed)
         assert report.ok and report.precision == "float32", str(report)
         assert report.grad_precision == "bfloat16" and "upcast" in report.precision_reason
-    bug("dq")
+    bug("dq")  # a wrong formula: its float32 backward fails the float32 numerical check
     report = gradwatch.check_module(FusedAttention(), qkv(0), name="attn", seed=0)
     assert [t.name for t in report.failures] == ["attn::input[0]"], str(report)
+    assert report.failures[0].error_ratio > 10
+    # a bug only for the training's memory layout (its float32 replay gets a contiguous grad_output): the bf16
+    # gradients of training differ from the module's float32 backward at the same point
+    bug("contiguous")
+    torch.manual_seed(0)
+    model = _AttnNet()
+    batch = _attn_batch(0)
+    watch = gradwatch.GradWatch(model, _xent, every_n_steps=1, max_overhead=None, seed=0, on_failure=lambda r: None)
+    with watch.step(batch):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = _xent(model, batch)
+        loss.backward()
+    report = watch.last_report
+    assert _local_failures(report, "attn") == {"attn::input[0]", "attn::input[1]", "attn::input[2]"}, str(report)
+    assert all(report.tensors[f"attn::input[{i}]"].gap_ratio > 1 for i in range(3))
+    message = report.tensors["attn::input[0]"].message
+    assert message.startswith("'attn::input[0]'[") and "non-contiguous grad_output" in message
+    assert [(m.module, m.precision) for m in report.modules] == [("attn", "float32")]
+    bug(None)
 
 
 def test_check_module_and_register_reference_validate_their_arguments():
@@ -372,7 +393,7 @@ def test_check_module_and_register_reference_validate_their_arguments():
         gradwatch.check_module(FusedAttention(), q, grads={"input[7]": torch.zeros(1)})
     with pytest.raises(ValueError, match="`grad_outputs` must match the module's 1 output leaves, got 2"):
         gradwatch.check_module(FusedAttention(), q, (torch.zeros(2, 4, 4), torch.zeros(2, 4, 4)))
-    with pytest.raises(TypeError, match="`target` must be an nn.Module instance or subclass, got 3"):
+    with pytest.raises(TypeError, match="`target` must be an nn.Module instance or subclass, or a torch.library custom op, got 3"):
         gradwatch.register_reference(3, reference_attention)
     with pytest.raises(TypeError, match="`reference_fn` must be callable"):
         gradwatch.register_reference(FusedAttention, None)
@@ -447,3 +468,112 @@ def test_dashboard_and_cli_show_module_local_tensors_and_reference_comparisons(b
     fails = {" ".join(line.split()[1:3]) for line in out.splitlines() if line.startswith("  FAIL")}
     assert {"attn::input[1] 2", "attn::input[1] (reference)"} <= fails, out
     assert "run run: 2 checks, 2 failing" in out
+
+
+def test_forward_only_bug_is_caught_by_the_reference_as_an_output():
+    class Gate(nn.Module):  # returns (gated, aux); its "kernel" forgets the bias in the gate (a forward bug)
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4)
+
+        def forward(self, x, *, scale):
+            return torch.sigmoid(x @ self.proj.weight.t()) * x * scale, x.sum()
+
+    def reference(module, x, *, scale):
+        return torch.sigmoid(module.proj(x)) * x * scale, x.sum()
+
+    torch.manual_seed(0)
+    gate = Gate()
+    x = torch.randn(5, 4, requires_grad=True)
+    report = gradwatch.check_module(gate, (x,), kwargs={"scale": torch.tensor(2.0)}, name="gate", seed=0)
+    # its backward is the derivative of its (wrong) forward: the local check passes ...
+    assert report.ok and set(report.tensors) == {"gate::input[0]", "gate::proj.weight", "gate::proj.bias"}
+    assert report.tensors["gate::proj.bias"].verdict == "skipped"  # the bug: the bias gets no gradient
+    gradwatch.register_reference(gate, reference)  # this instance only
+    report = gradwatch.check_module(gate, (x,), kwargs={"scale": torch.tensor(2.0)}, name="gate", seed=0)
+    # ... the reference names the wrong output (output[1], the sum, is right) and the gradients it changes,
+    # the bias's included (the module gave it none)
+    assert {r.name: r.verdict for r in report.references} == {
+        "gate::output[0]": "fail", "gate::output[1]": "pass", "gate::input[0]": "fail", "gate::proj.weight": "fail",
+        "gate::proj.bias": "fail"}
+    assert "forward output differs from the registered reference" in report.reference_failures[0].message
+    assert gradwatch.check_module(Gate(), (x,), kwargs={"scale": torch.tensor(2.0)}, seed=0).references == ()
+
+
+def test_a_custom_op_with_a_registered_reference_is_checked_call_by_itself(bug):
+    from gradwatch.local import _REFERENCES_BY_OP
+    from tests._attn_op import attention
+
+    class Inline(nn.Module):  # calls the op in its own forward: no submodule to watch
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 12)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.inp(x).chunk(3, -1)
+            a = attention(q, k, v)
+            return self.head(torch.cat([attention(a, k, v), v], -1)).sum(1)  # called twice: the first is recorded
+
+    gradwatch.register_reference(attention, lambda q, k, v: reference_attention(None, q, k, v))
+    try:
+        bug("dk")
+        torch.manual_seed(0)
+        watch = _one_check(Inline(), _attn_batch(0))
+        report = watch.last_report
+        assert watch.suspects == {}  # the model itself is not a suspect
+        assert _local_failures(report, "gwtest::attention") == {"gwtest::attention::input[1]"}, str(report)
+        assert {r.name for r in report.reference_failures} == {"gwtest::attention::input[1]"}
+        assert [(m.module, m.precision) for m in report.modules] == [("gwtest::attention", "native")]
+        direct = gradwatch.check_module(torch.ops.gwtest.attention.default, _qkv(0), seed=0)
+        assert [t.name for t in direct.failures] == ["input[1]"] and direct.reference_failures
+        bug(None)
+        torch.manual_seed(0)
+        report = _one_check(Inline(), _attn_batch(0)).last_report
+        assert report.ok and len(report.references) == 4, str(report)
+        # no reference registered for the op: nothing recorded
+        _REFERENCES_BY_OP.clear()
+        report = _one_check(Inline(), _attn_batch(0)).last_report
+        assert report.modules == () and not any("::" in n for n in report.tensors)
+    finally:
+        _REFERENCES_BY_OP.clear()
+
+
+def test_internal_recording_api_records_what_the_step_computed():
+    """The internal API the adapters (and the sharded path) build on: _Recording + _check_record."""
+    torch.manual_seed(0)
+    model = _AttnNet()
+    batch = _attn_batch(0)
+    with _Recording({"attn": model.attn, "head": model.head}, model=model) as rec:
+        _xent(model, batch).backward()
+    attn, head = rec.records["attn"], rec.records["head"]
+    assert attn.calls == head.calls == 1 and attn.problem() is None
+    assert set(attn.grad_inputs) == {"input[0]", "input[1]", "input[2]"} and attn.param_grads == {}
+    assert set(head.param_grads) == {"weight", "bias"}
+    assert torch.equal(head.param_grads["weight"], model.head.weight.grad)  # the module's own parameter gradient
+    # head's grad_out is the loss's gradient wrt the logits; attn's output is the first 4 columns of head's input
+    assert torch.equal(attn.grad_outputs[0], head.grad_inputs["input[0]"][..., :4])
+    report = _check_record(attn, seed=0)
+    assert report.ok and list(report.tensors) == ["attn::input[0]", "attn::input[1]", "attn::input[2]"]
+    assert report.modules[0].module == "attn" and report.seed == 0
+
+
+def test_a_module_whose_local_check_raises_is_skipped_and_training_goes_on(monkeypatch):
+    import gradwatch.local as local
+
+    def broken(*args, **kwargs):  # a module the local replay cannot run
+        raise RuntimeError("needs its training context")
+
+    monkeypatch.setattr(local, "check", broken)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
+    watch = gradwatch.GradWatch(model, lambda m, b: m(b).pow(2).mean(), every_n_steps=1, max_overhead=None,
+                                seed=0, modules=["2"])
+    batch = torch.randn(3, 4)
+    with watch.step(batch):
+        model(batch).pow(2).mean().backward()
+    report = watch.last_report
+    (module,) = report.modules
+    assert module.module == "2" and "module-local check raised RuntimeError: needs its training context" in module.reason
+    assert report.ok and report.tensors["2::weight"].verdict == "skipped"  # the whole-model check still ran
+    assert report.tensors["2.weight"].verdict == "pass"
