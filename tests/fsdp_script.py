@@ -169,15 +169,18 @@ def scenario_identical(rank: int) -> dict[str, Any]:
 
     from zoo import CORRECT, assert_same_state, training_state
 
-    states, reports = [], None
-    for watch in (None, dict(every_n_steps=2, max_overhead=None, on_failure="raise")):
-        torch.manual_seed(1234 + rank)  # dropout masks differ per rank and depend on the RNG stream
-        model, opt, gw = train(CORRECT["mlp_relu_dropout"], steps=5, watch=watch, optimizer="adam")
-        state = training_state(model, opt)
-        states.append({k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in state.items()})
-        if gw is not None:
-            reports = [r.verdict for _, r in gw.reports]
-    assert_same_state(states[0], states[1])
+    reports = {}
+    # with the suspect (the attention op) found and checked locally on every check step too
+    for name, build in (("mlp_relu_dropout", CORRECT["mlp_relu_dropout"]), ("attention", attention_case)):
+        states = []
+        for watch in (None, dict(every_n_steps=2, max_overhead=None, on_failure="raise")):
+            torch.manual_seed(1234 + rank)  # dropout masks differ per rank and depend on the RNG stream
+            model, opt, gw = train(build, steps=5, watch=watch, optimizer="adam")
+            state = training_state(model, opt)
+            states.append({k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in state.items()})
+            if gw is not None:
+                reports[name] = [r.verdict for _, r in gw.reports]
+        assert_same_state(states[0], states[1])
     # a GradScaler's scaled backward: the recorded gradients and loss are unscaled before the check
     scaled = train(CORRECT["layernorm_gelu"], steps=2, watch=dict(every_n_steps=1, max_overhead=None), scale=1024.0)[2]
     # under the default overhead budget every rank checks the same steps (rank zero's clock decides)
