@@ -14,16 +14,24 @@ What a check does here:
 * :class:`_LocalGrads` hooks, in a forward pre-hook of each FSDP unit (which runs after
   FSDP's), the unsharded parameters and records the local gradient of the step
   (before reduce-scatter); :meth:`_LocalGrads.mean` averages it over ranks, which is
-  what data-parallel ``.grad`` holds (:func:`_gathered_grads` reads it from ``.grad``
-  instead, for the Lightning callback).
+  what data-parallel ``.grad`` holds. It reads no ``.grad``, so a gradient accumulated
+  over earlier backwards does not enter it.
 * :func:`_unsharded` gathers every sharded parameter (``full_tensor()``, in
   ``named_modules`` order, the same on every rank), puts the full tensors in place of the
   shards and suspends FSDP's forward hooks, so that the engine sees a plain module with
   full parameters and its evaluations run no collective; everything is put back after.
+* :func:`_share_records` makes module-local records (:mod:`gradwatch.local`) agree across
+  ranks: parameter *and input* gradients averaged over ranks (the directions are the same
+  on every rank, so the mean of the ranks' local directional derivatives is what the
+  averaged gradients predict), skip reasons shared, reference comparisons made per rank
+  and the worst over ranks kept.
 * :class:`_Guard` makes the check's collectives safe when one rank raises inside it:
   each collective is preceded by an all-reduced error flag, and a rank that raises sends
   the flag set (once) instead of its next collective; the other ranks then raise too,
-  instead of waiting for a collective that never comes.
+  instead of waiting for a collective that never comes. Not covered: a float64 evaluation
+  that raises on some ranks only under ``precision="auto"`` (the engine falls back to
+  native evaluation on those ranks alone, inside the check); float64 support is a
+  property of the code, so it fails on every rank alike in practice.
 """
 
 from __future__ import annotations
@@ -37,12 +45,6 @@ import torch
 from torch import Tensor, nn
 
 __all__: list[str] = []
-
-
-def _distributed() -> bool:
-    """Whether a default process group with more than one rank is initialised."""
-    return (torch.distributed.is_available() and torch.distributed.is_initialized()
-            and torch.distributed.get_world_size() > 1)
 
 
 def _is_dtensor(t: Any) -> bool:
@@ -196,15 +198,6 @@ class _LocalGrads:
 
 def _local_device(p: Tensor) -> torch.device:
     return p.to_local().device if _is_dtensor(p) else p.device
-
-
-def _gathered_grads(model: nn.Module) -> dict[str, Tensor]:
-    """Every parameter's ``.grad`` in full (sharded ones gathered, in ``named_parameters`` order)."""
-    out = {}
-    for name, p in model.named_parameters():
-        if p.grad is not None:
-            out[name] = p.grad.full_tensor() if _is_dtensor(p.grad) else p.grad.detach()
-    return out
 
 
 class _PeerFailed(RuntimeError):
