@@ -383,16 +383,22 @@ class GradWatch:
                     )
                     self._record(_skipped_report(self.model, seed, step, reason), step)
                     return
-            whole_too_big = (targets and self._check_kwargs["precision"] == "auto"
+            # not gathered whole when its float64 copy does not fit, even without modules to check
+            whole_too_big = (self._check_kwargs["precision"] == "auto"
                              and _float64_bytes(self.model) > self._max_shadow_bytes)
             with ExitStack() as gathered:  # the whole model's parameters, or only the checked modules'
-                for module in [r.module for r in recording.records.values()] if whole_too_big else [self.model]:
+                for module in list(targets.values()) if whole_too_big else [self.model]:
                     gathered.enter_context(_unsharded(module))
                 if targets:  # the records agreed across ranks, their gradients averaged
                     references = _share_records(recording.records, recorder.grads, captured, guard)
                 if whole_too_big:
                     self._schedule.plan([])  # closes the timing of the training step
-                    report = _skipped_report(self.model, seed, step, _too_big(self.model, self._max_shadow_bytes))
+                    reason = _too_big(self.model, self._max_shadow_bytes)
+                    if not targets:
+                        reason = reason.split(":")[0] + (
+                            ": under fully_shard the whole model is not gathered for a check; pass "
+                            "`modules=[...]` to check modules locally (only their parameters are gathered)")
+                    report = _skipped_report(self.model, seed, step, reason)  # the next check as begin() set it
                 else:
                     report = _budgeted_check(
                         self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,

@@ -105,6 +105,8 @@ def scenario_zoo(rank: int) -> dict[str, Any]:
     small = dict(watch, max_shadow_bytes=1)
     out["local_only"] = {name: summary(train(build, steps=1, watch=small)[2])
                          for name, build in (("wrong_sign", BUGS["wrong_sign"]), ("custom_function", CORRECT["custom_function"]))}
+    # ... and without modules to check: nothing is gathered, the report says what to pass
+    out["too_big"] = summary(train(CORRECT["custom_function"], steps=1, watch=dict(small, modules=None))[2])
     bugs = {**BUGS, **SPARSE_BUGS}
     for name in ("wrong_sign", "bias_mean", "ignores_grad_output", "wrong_index", "accidental_detach", "wrong_row"):
         out["bugs"][name] = {**summary(train(bugs[name], steps=2, watch=watch)[2]), "wrong": sorted(bugs[name](0).wrong)}

@@ -91,6 +91,7 @@ def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tm
         assert only["wrong_sign"]["failing"] == [["fc1::weight"]], only["wrong_sign"]["reports"]
         assert only["custom_function"]["verdicts"] == ["pass"], only["custom_function"]["reports"]
         assert "max_shadow_bytes" in only["custom_function"]["reports"][0]
+        assert res["too_big"]["verdicts"] == ["skipped"] and "pass `modules=[...]`" in res["too_big"]["reports"][0]
     # the custom Function's module (an FSDP unit) was checked locally: its parameters gathered, its
     # local gradients averaged over ranks
     assert results[0]["bugs"]["wrong_sign"]["failing"][0] == ["fc1.weight", "fc1::weight"]
