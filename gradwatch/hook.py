@@ -338,6 +338,9 @@ class GradWatch:
         the mean of the local gradients (what the sharded ``.grad`` holds), as under DDP; the
         module-local checks likewise (:func:`gradwatch._sharded._share_records`)."""
         state = capture(self.model)
+        if (self._modules == "suspects" and self._check_kwargs["precision"] == "auto"
+                and _float64_bytes(self.model) > self._max_shadow_bytes):
+            self._modules = {}  # finding suspects would gather the whole model: name the modules instead
         if self._modules == "suspects":  # found once, on a plain forward: gathered parameters, FSDP hooks suspended
             guard = _Guard(_local_device(next(self.model.parameters())))
             try:
@@ -396,8 +399,9 @@ class GradWatch:
                     reason = _too_big(self.model, self._max_shadow_bytes)
                     if not targets:
                         reason = reason.split(":")[0] + (
-                            ": under fully_shard the whole model is not gathered for a check; pass "
-                            "`modules=[...]` to check modules locally (only their parameters are gathered)")
+                            ": under fully_shard the whole model is not gathered for a check (nor searched for "
+                            "suspects); pass `modules=[...]` to check modules locally (only their parameters are "
+                            "gathered)")
                     report = _skipped_report(self.model, seed, step, reason)  # the next check as begin() set it
                 else:
                     report = _budgeted_check(

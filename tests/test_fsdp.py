@@ -84,14 +84,15 @@ def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tm
         plain = res["plain_root"]  # fully_shard on the children only: the root's gamma is a plain tensor
         assert plain["verdicts"] == ["pass", "pass"] and "gamma" in plain["reports"][0], plain["reports"]
         assert "gamma  " in plain["reports"][0] and "skipped" not in plain["reports"][0], plain["reports"]
-    # module-local checks alone (the whole model over max_shadow_bytes): the bug is named, the correct
+    # module-local checks of modules=["fc1"] alone (the whole model over max_shadow_bytes): the bug is named, the correct
     # module passes, the whole-model tensors are skipped saying why
     for res in results.values():
         only = res["local_only"]
         assert only["wrong_sign"]["failing"] == [["fc1::weight"]], only["wrong_sign"]["reports"]
         assert only["custom_function"]["verdicts"] == ["pass"], only["custom_function"]["reports"]
         assert "max_shadow_bytes" in only["custom_function"]["reports"][0]
-        assert res["too_big"]["verdicts"] == ["skipped"] and "pass `modules=[...]`" in res["too_big"]["reports"][0]
+        for too_big in res["too_big"].values():  # modules=None, and "suspects" (not searched: a whole gather)
+            assert too_big["verdicts"] == ["skipped"] and "pass `modules=[...]`" in too_big["reports"][0], too_big
     # the custom Function's module (an FSDP unit) was checked locally: its parameters gathered, its
     # local gradients averaged over ranks
     assert results[0]["bugs"]["wrong_sign"]["failing"][0] == ["fc1.weight", "fc1::weight"]
