@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Iterator, Mapping
+from typing import Any, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -139,12 +139,14 @@ class _LocalGrads:
 
     A forward pre-hook on every FSDP unit (after FSDP's, which unshards the unit's
     parameters) registers a tensor hook on each of the unit's full parameters, once per
-    step; parameters outside every unit (plain tensors) are hooked directly. :meth:`remove`
-    takes every hook off.
+    step; parameters outside every unit (plain tensors) are hooked directly. With ``names``,
+    only those parameters are recorded (the memory of their full gradients only).
+    :meth:`remove` takes every hook off.
     """
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, names: Collection[str] | None = None) -> None:
         self.grads: dict[str, Tensor] = {}
+        self._names = None if names is None else frozenset(names)  # None: every parameter
         self._hooked: set[int] = set()
         self._tensor_handles: list[Any] = []
         self._handles = [
@@ -152,16 +154,19 @@ class _LocalGrads:
             for prefix, unit in _fsdp_units(model)
         ]
         for name, p in model.named_parameters():  # parameters outside every unit stay plain: hooked directly
-            if not _is_dtensor(p) and p.requires_grad:
+            if not _is_dtensor(p) and p.requires_grad and self._wanted(name):
                 self._hooked.add(id(p))
                 self._tensor_handles.append(p.register_hook(partial(self._record, name)))
 
     def _pre_forward(self, prefix: str, unit: nn.Module, args: Any) -> None:
         for name, p in unit.named_parameters(prefix=prefix):
-            if _is_dtensor(p) or not p.requires_grad or id(p) in self._hooked:
-                continue  # a nested unit's shard (its own hook records it), or done
+            if _is_dtensor(p) or not p.requires_grad or id(p) in self._hooked or not self._wanted(name):
+                continue  # a nested unit's shard (its own hook records it), done, or not wanted
             self._hooked.add(id(p))
             self._tensor_handles.append(p.register_hook(partial(self._record, name)))
+
+    def _wanted(self, name: str) -> bool:
+        return self._names is None or name in self._names
 
     def _record(self, name: str, grad: Tensor) -> None:
         previous = self.grads.get(name)

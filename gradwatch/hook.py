@@ -99,7 +99,9 @@ class GradWatch:
     rank evaluates the same probes on its local batch, and the values are averaged across
     ranks before judging, so all ranks report the same verdicts. Module-local checks average
     the input gradients over ranks too (so each module's inputs must have the same shape on
-    every rank, else it is skipped saying so). When the check raises on one rank, the
+    every rank, else it is skipped saying so). When the whole model's float64 copy is over
+    ``max_shadow_bytes`` it is never gathered: only ``modules`` are (suspects are not
+    searched, since that takes a forward of the whole model). When the check raises on one rank, the
     others raise at their next collective instead of waiting. FSDP1 flat parameters and
     tensor-parallel ``DTensor`` parameters are refused when the hook is created.
 
@@ -353,7 +355,11 @@ class GradWatch:
             named = dict(self.model.named_modules())
             self.suspects, self._modules = dict(found), {n: named[n] for n in found}
         targets = self._targets(batch, state)
-        recorder = _LocalGrads(self.model)
+        whole_too_big = (self._check_kwargs["precision"] == "auto"
+                         and _float64_bytes(self.model) > self._max_shadow_bytes)
+        recorder = _LocalGrads(self.model, names=[  # the checked modules' parameters only when not whole
+            f"{m}.{p}" if m else p for m, module in targets.items() for p, _ in module.named_parameters()
+        ] if whole_too_big else None)
         recording = _Recording(targets, model=self.model) if targets else nullcontext()
         roots = _BackwardRoots()
         try:
@@ -362,14 +368,14 @@ class GradWatch:
         finally:
             recorder.remove()
         captured = recorder.mean(self.model)  # collectives: every rank, same order
-        if not captured:
+        if not captured and not whole_too_big:
             raise ValueError(
                 f"no parameter of `model` received a gradient inside `watch.step(batch)` at step {step}: "
                 "call loss.backward() inside the with-block"
             )
         if roots.autocast is not None:
             state = dataclasses.replace(state, autocast=roots.autocast)
-        guard = _Guard(next(iter(captured.values())).device)
+        guard = _Guard(_local_device(next(self.model.parameters())))
         train_loss = roots.loss()
         try:
             if not self._seed_shared:  # rank zero's base seed: every rank draws the same probes
@@ -386,10 +392,7 @@ class GradWatch:
                     )
                     self._record(_skipped_report(self.model, seed, step, reason), step)
                     return
-            # not gathered whole when its float64 copy does not fit, even without modules to check
-            whole_too_big = (self._check_kwargs["precision"] == "auto"
-                             and _float64_bytes(self.model) > self._max_shadow_bytes)
-            with ExitStack() as gathered:  # the whole model's parameters, or only the checked modules'
+            with ExitStack() as gathered:  # the whole model, or the checked modules only when it does not fit
                 for module in list(targets.values()) if whole_too_big else [self.model]:
                     gathered.enter_context(_unsharded(module))
                 if targets:  # the records agreed across ranks, their gradients averaged

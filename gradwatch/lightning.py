@@ -39,8 +39,9 @@ from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
 from gradwatch._sharded import _Guard, _LocalGrads, _sharding, _unsharded
 from gradwatch._validate import _callable, _non_negative_int, _seed
-from gradwatch.engine import _reduced
+from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options, _derive_seed
+from gradwatch.local import _float64_bytes
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,
@@ -263,7 +264,10 @@ class GradWatchCallback:
             return
         with trainer.precision_plugin.train_step_context():  # record the autocast state training_step runs in
             replay = capture(pl_module)
-        recorder = _LocalGrads(pl_module) if self._sharded else None
+        recorder = None
+        if self._sharded:  # too large a model to gather: nothing recorded (the check says so)
+            too_big = _too_big(pl_module, self._check_kwargs["precision"])
+            recorder = _LocalGrads(pl_module, names=() if too_big else None)
         self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay, recorder=recorder)
 
     @override
@@ -314,6 +318,14 @@ class GradWatchCallback:
         step = pending.step
         seed = _derive_seed(self.seed, step)
         guard = None
+        if pending.recorder is not None and _too_big(pl_module, self._check_kwargs["precision"]):
+            reason = (f"the model's float64 copy would take {_float64_bytes(pl_module) / 2**20:.0f} MiB > "
+                      f"{DEFAULT_SHADOW_BYTES / 2**20:.0f} MiB: under fully_shard the callback does not gather so "
+                      "large a model for a check; use gradwatch.GradWatch(model, loss_fn, modules=[...]) for "
+                      "module-local checks")
+            self._schedule.plan([])  # closes the timing of the training step
+            self._record(trainer, _skipped_report(pl_module, seed, step, reason))
+            return
         if pending.recorder is not None:  # fully_shard: this backward's local gradients, averaged over ranks
             grads = pending.recorder.mean(pl_module)
             guard = _Guard(next(iter(grads.values())).device if grads else torch.device("cpu"))
@@ -460,6 +472,11 @@ def _rebuild(cls: type, namespaces: tuple[str, ...]) -> GradWatchCallback:
     for ns in namespaces:
         importlib.import_module(ns)
     return object.__new__(_with_callbacks(cls, namespaces))
+
+
+def _too_big(pl_module: nn.Module, precision: str) -> bool:
+    """Whether ``precision="auto"`` would not make the float64 copy of the whole model."""
+    return precision == "auto" and _float64_bytes(pl_module) > DEFAULT_SHADOW_BYTES
 
 
 def _sink_for(logger: Any, prefix: str) -> Sink:

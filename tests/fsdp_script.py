@@ -103,14 +103,19 @@ def scenario_zoo(rank: int) -> dict[str, Any]:
     # the whole model's float64 copy over max_shadow_bytes: only the named modules are checked, and
     # only their parameters are gathered
     small = dict(watch, max_shadow_bytes=1)
-    out["local_only"] = {name: summary(train(build, steps=1, watch=dict(small, modules=["fc1"]))[2])
-                         for name, build in (("wrong_sign", BUGS["wrong_sign"]), ("custom_function", CORRECT["custom_function"]))}
+    out["local_only"] = {
+        name: summary(train(build, steps=1, watch=dict(small, modules=["fc1"]))[2])
+        for name, build in (("wrong_sign", BUGS["wrong_sign"]), ("custom_function", CORRECT["custom_function"]))
+    }
     # ... and without modules to check: nothing is gathered, the report says what to pass
-    out["too_big"] = {str(modules): summary(train(CORRECT["custom_function"], steps=1, watch=dict(small, modules=modules))[2])
-                      for modules in (None, "suspects")}
+    out["too_big"] = {
+        str(modules): summary(train(CORRECT["custom_function"], steps=1, watch=dict(small, modules=modules))[2])
+        for modules in (None, "suspects")
+    }
     bugs = {**BUGS, **SPARSE_BUGS}
     for name in ("wrong_sign", "bias_mean", "ignores_grad_output", "wrong_index", "accidental_detach", "wrong_row"):
-        out["bugs"][name] = {**summary(train(bugs[name], steps=2, watch=watch)[2]), "wrong": sorted(bugs[name](0).wrong)}
+        out["bugs"][name] = {**summary(train(bugs[name], steps=2, watch=watch)[2]),
+                             "wrong": sorted(bugs[name](0).wrong)}
     return out
 
 

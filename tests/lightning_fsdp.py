@@ -81,6 +81,15 @@ def main(out: pathlib.Path, namespace: str) -> None:
         result["raise"] = None
     except GradientCheckError as err:
         result["raise"] = type(err).__name__
+    # a model whose float64 copy is over the limit (patched down to 1 byte) is not gathered: skipped, saying so
+    import gradwatch.lightning as gl
+
+    limit, gl.DEFAULT_SHADOW_BYTES = gl.DEFAULT_SHADOW_BYTES, 1
+    try:
+        fit(CORRECT["layernorm_gelu"], too_big := watch(), max_steps=1)
+    finally:
+        gl.DEFAULT_SHADOW_BYTES = limit
+    result["too_big"] = summary(too_big)
     # training is bit-identical with and without the callback (local shards, Adam state, RNG)
     states = []
     for callback in (None, watch(every_n_steps=2, on_failure="raise")):

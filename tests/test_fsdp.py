@@ -59,7 +59,8 @@ def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tm
     results = run_two(tmp_path, "zoo")
     for rank, res in results.items():
         for name, correct in res["correct"].items():
-            assert correct["verdicts"] == ["pass", "pass"] and all(correct["reliable"]), (rank, name, correct["reports"])
+            assert correct["verdicts"] == ["pass", "pass"] and all(correct["reliable"]), \
+                (rank, name, correct["reports"])
         for name, bug in res["bugs"].items():
             # every check step, the wrong tensors and only they: in the whole-model check, and in the
             # module-local check of the suspect module (the one running the custom Function), as
@@ -84,8 +85,8 @@ def test_zoo_bugs_are_caught_on_every_rank_and_localised_correct_models_quiet(tm
         plain = res["plain_root"]  # fully_shard on the children only: the root's gamma is a plain tensor
         assert plain["verdicts"] == ["pass", "pass"] and "gamma" in plain["reports"][0], plain["reports"]
         assert "gamma  " in plain["reports"][0] and "skipped" not in plain["reports"][0], plain["reports"]
-    # module-local checks of modules=["fc1"] alone (the whole model over max_shadow_bytes): the bug is named, the correct
-    # module passes, the whole-model tensors are skipped saying why
+    # module-local checks of modules=["fc1"] alone (the whole model over max_shadow_bytes): the bug is
+    # named, the correct module passes, the whole-model tensors are skipped saying why
     for res in results.values():
         only = res["local_only"]
         assert only["wrong_sign"]["failing"] == [["fc1::weight"]], only["wrong_sign"]["reports"]

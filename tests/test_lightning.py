@@ -611,6 +611,8 @@ def test_model_parallel_fsdp2_two_cpu_processes(tmp_path, namespace: str) -> Non
         assert res["accumulated"]["verdicts"] == ["pass", "pass"], (rank, res["accumulated"]["reports"])
         assert res["raise"] == "GradientCheckError", (rank, res)
         assert res["identical"] is True  # asserted in the script: local shards, Adam state, RNG
+        # too large a model to gather: skipped, saying what to use
+        assert res["too_big"]["verdicts"] == ["skipped"] and "modules=[...]" in res["too_big"]["reports"][0], res
     # every rank judged the same probes on the cross-rank means
     assert results[0]["bug"]["numbers"] == results[1]["bug"]["numbers"]
     assert results[0]["correct"]["numbers"] == results[1]["correct"]["numbers"]
