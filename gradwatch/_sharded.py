@@ -205,6 +205,11 @@ def _local_device(p: Tensor) -> torch.device:
     return p.to_local().device if _is_dtensor(p) else p.device
 
 
+class _PeerSkipped(RuntimeError):
+    """Raised, inside one module-local check, on the ranks whose check of that module went on
+    while another rank's raised: every rank then skips that module (:meth:`_Guard.record_done`)."""
+
+
 class _PeerFailed(RuntimeError):
     """Raised on every rank whose check was cut short because another rank's check raised."""
 
@@ -218,22 +223,40 @@ class _Guard:
     :class:`_PeerFailed` (a ``RuntimeError``) at its next collective instead of waiting for a partner.
     """
 
+    _ABORT, _SKIP = 1.0, 1024.0  # flags: counts of aborting and of skipping ranks, in one sum
+
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.world = torch.distributed.get_world_size()
         self.peer_failed = False
+        self.skipping = False  # a peer's module-local check raised: skip that module, no collective until done
 
     def _header(self, flag: float) -> None:
         if self.peer_failed:  # no collective after a peer's failure (the engine may retry natively)
             raise _PeerFailed("gradwatch: the check raised on another rank; see that rank's error")
+        if self.skipping:
+            raise _PeerSkipped("gradwatch: this module's local check raised on another rank")
         header = torch.tensor([flag], dtype=torch.float64, device=self.device)
         torch.distributed.all_reduce(header)
-        failed = int(header.item())
-        if failed and not flag:
+        total = int(header.item())
+        failed, skipped = total % int(self._SKIP), total // int(self._SKIP)
+        if failed and flag != self._ABORT:
             self.peer_failed = True
             raise _PeerFailed(
                 f"gradwatch: the check raised on {failed} other rank(s) of {self.world}; see that rank's error"
             )
+        if skipped and not flag:
+            self.skipping = True
+            raise _PeerSkipped("gradwatch: this module's local check raised on another rank")
+
+    def record_done(self, *, failed: bool) -> None:
+        """The end of one module-local check on this rank (a collective unless a peer already
+        ended it by raising). Raises :class:`_PeerSkipped` when another rank's check of the
+        module raised; ``failed``: this rank's did."""
+        if self.skipping:  # a peer's raise already paired with one of our collectives
+            self.skipping = False
+            return
+        self._header(self._SKIP if failed else 0.0)
 
     def reduce(self, values: Tensor) -> Tensor:
         self._header(0.0)
@@ -262,7 +285,7 @@ class _Guard:
     def abort(self) -> None:
         """Tell the other ranks that this rank's check raised (unless it raised because of theirs)."""
         if not self.peer_failed:
-            self._header(1.0)
+            self._header(self._ABORT)
 
 
 def _share_records(records: Mapping[str, Any], local: Mapping[str, Tensor], mean: Mapping[str, Tensor],
@@ -329,18 +352,30 @@ def _split(reduce: Any, tensors: list[Tensor]) -> list[Tensor]:
 
 
 def _local_reports(records: Mapping[str, Any], seed: int, options: Mapping[str, Any],
-                   references: Mapping[str, tuple]) -> list:
-    """Every record's local check (with ``options``, ``reduce`` among them) and its agreed
-    reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports` does."""
+                   references: Mapping[str, tuple], guard: _Guard) -> list:
+    """Every record's local check (``options`` with ``reduce=guard.reduce``) and its agreed
+    reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports`
+    does. A check that raises on some rank skips that module on every rank, saying so, and
+    training goes on (as without FSDP)."""
     import numpy as np
 
-    from gradwatch.local import _check_record
+    from gradwatch.local import _check_record, _skipped_record
 
     reports = []
     for i, (name, record) in enumerate(records.items()):
         s = int(np.random.SeedSequence([seed, i + 1]).generate_state(1, np.uint64)[0] >> np.uint64(2))
-        report = _check_record(record, seed=s, options=options, reference=False)
-        if references.get(name) and record.problem() is None:
+        try:
+            report = _check_record(record, seed=s, options=options, reference=False)
+            guard.record_done(failed=False)
+        except _PeerSkipped:
+            guard.skipping = False
+            report = _skipped_record(record, s, "its module-local check raised on another rank")
+        except _PeerFailed:
+            raise
+        except Exception as err:  # a module the replay cannot run: say so, never stop the training
+            guard.record_done(failed=True)
+            report = _skipped_record(record, s, f"its module-local check raised {type(err).__name__}: {err}")
+        if references.get(name) and record.problem() is None and report.reason is None:
             report = dataclasses.replace(report, references=references[name])
         reports.append(report)
     return reports

@@ -416,7 +416,7 @@ class GradWatch:
                 if targets:
                     started = time.perf_counter()
                     local = _sharded_local_reports(recording.records, seed,
-                                                   {**self._local_options, "reduce": guard.reduce}, references)
+                                                   {**self._local_options, "reduce": guard.reduce}, references, guard)
                     report = _merge(report, local)
                     seconds = time.perf_counter() - started
                     sched = self._schedule

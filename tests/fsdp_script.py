@@ -171,6 +171,45 @@ def scenario_attention(rank: int) -> dict[str, Any]:
     return out
 
 
+def flaky_local_case(rank: int) -> Callable:
+    """A model whose ``body`` raises on rank 1 when called on its own (its module-local check)."""
+    import torch
+    from torch import nn
+
+    from zoo import Case, _data, classification_loss
+
+    inside = {"net": False}  # not a module attribute: the replay would restore it
+
+    class Body(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.lin = nn.Linear(8, 16)
+
+        def forward(self, x):
+            if rank == 1 and not inside["net"]:
+                raise RuntimeError("planted: body run alone fails on rank 1")
+            return torch.tanh(self.lin(x))
+
+    class Net(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = Body()
+            self.head = nn.Linear(16, 3)
+
+        def forward(self, x):
+            inside["net"] = True
+            try:
+                return self.head(self.body(x))
+            finally:
+                inside["net"] = False
+
+    def build(seed: int) -> Case:
+        torch.manual_seed(seed)
+        return Case("flaky_local", Net(), classification_loss, _data(seed, 32, (8,), 3))
+
+    return build
+
+
 def scenario_identical(rank: int) -> dict[str, Any]:
     import torch
 
@@ -209,8 +248,8 @@ def scenario_raise(rank: int) -> dict[str, Any]:
             raise ZeroDivisionError("planted failure on rank 1")
         return classification_loss(model, batch)
 
-    # modules=None: loss_fn first runs inside the whole-model check; "suspects" (the default): in the
-    # forward that finds the suspects, before the first check step's training forward
+    # modules=None: loss_fn first runs inside the whole-model check; "suspects" (the default): first in
+    # the forward that finds the suspects (which says so and finds none on rank 1), then in the check
     for key, modules in (("flaky", None), ("flaky_suspects", "suspects")):
         try:
             train(CORRECT["custom_function"], steps=2, loss_fn=flaky,
@@ -224,6 +263,10 @@ def scenario_raise(rank: int) -> dict[str, Any]:
         out["raise"] = None
     except GradientCheckError as err:
         out["raise"] = type(err).__name__
+    # a module-local check that raises on rank 1 only: that module is skipped on both ranks, saying so,
+    # the next module is checked, and training goes on
+    out["flaky_local"] = summary(train(flaky_local_case(rank), steps=2,
+                                       watch=dict(every_n_steps=1, max_overhead=None, modules=["body", "head"]))[2])
     # tensor-parallel DTensor parameters (no fully_shard unit manages them): refused, saying what to use
     from torch import nn
     from torch.distributed.device_mesh import init_device_mesh

@@ -141,9 +141,20 @@ def test_a_rank_raising_inside_the_check_hangs_nothing(tmp_path) -> None:
     # collective instead of waiting; then the group still works (a barrier) and a planted bug raises
     # GradientCheckError on both ranks
     results = run_two(tmp_path, "raise", timeout=50)  # the group's own timeout is 60 s: no wait for it
-    for key in ("flaky", "flaky_suspects"):  # in the check; in the forward that finds the suspects
+    # modules=None: in the whole-model check; "suspects": the forward finding them fails on rank 1 alone
+    # (it says so and finds none there; rank zero's suspects are used), then the check raises
+    for key in ("flaky", "flaky_suspects"):
         assert results[1][key] == ["ZeroDivisionError", "planted failure on rank 1"], results
         assert results[0][key][0] == "_PeerFailed" and "other rank" in results[0][key][1], results
     assert results[0]["raise"] == results[1]["raise"] == "GradientCheckError"
+    # a module-local check raising on rank 1 alone: that module is skipped on both ranks (each says why),
+    # the next module is checked, training goes on (as without FSDP)
+    for rank, why in ((0, "its module-local check raised on another rank"),
+                      (1, "its module-local check raised RuntimeError: planted")):
+        flaky = results[rank]["flaky_local"]
+        assert flaky["verdicts"] == ["pass", "pass"], flaky["reports"]
+        for report in flaky["reports"]:
+            assert "body::lin.weight  skipped" in report and why in report, report
+            assert "head::weight      pass" in report, report
     # sharding gradwatch cannot gather is refused at once, with what to use instead
     assert "tensor parallelism" in results[0]["tensor_parallel"] and "fully_shard" in results[0]["tensor_parallel"]
