@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import secrets
 import time
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterator
 
@@ -35,6 +35,8 @@ from torch.overrides import TorchFunctionMode
 
 from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
+from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
+from gradwatch._sharded import _local_reports as _sharded_local_reports
 from gradwatch._validate import (
     _callable,
     _fraction_or_none,
@@ -88,6 +90,20 @@ class GradWatch:
     ``"skipped"`` with the reason, and nothing is probed. Without ``scaler`` a
     scaled backward makes the check unreliable (the replayed loss differs from the
     backpropagated one).
+
+    A model sharded with ``torch.distributed.fsdp.fully_shard`` (FSDP2) is checked on every
+    rank, like data-parallel training: the gradient compared is the mean over ranks of each
+    rank's local (unsharded) gradient of the block's backward, recorded before FSDP's
+    reduce-scatter; for the check the parameters are gathered (a full copy of the model;
+    module-local checks of ``modules`` need the same) and FSDP's hooks are suspended, every
+    rank evaluates the same probes on its local batch, and the values are averaged across
+    ranks before judging, so all ranks report the same verdicts. Module-local checks average
+    the input gradients over ranks too (so each module's inputs must have the same shape on
+    every rank, else it is skipped saying so). When the whole model's float64 copy is over
+    ``max_shadow_bytes`` it is never gathered: only ``modules`` are (suspects are not
+    searched, since that takes a forward of the whole model). When the check raises on one rank, the
+    others raise at their next collective instead of waiting. FSDP1 flat parameters and
+    tensor-parallel ``DTensor`` parameters are refused when the hook is created.
 
     Args:
         model: The module being trained.
@@ -205,6 +221,8 @@ class GradWatch:
         self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self.reports: list[tuple[int, Report]] = []
         self._step = 0
+        self._sharded = _sharding(model)  # raises for sharding that cannot be checked
+        self._seed_shared = False
         self._max_shadow_bytes = max_shadow_bytes
         self.suspects: dict[str, str] = {}
         self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
@@ -246,8 +264,11 @@ class GradWatch:
         """
         step = self._step
         self._step += 1
-        if not self._schedule.begin(step):  # the hot path: a clock read, nothing else
+        if not self._schedule.begin(step, defer=self._sharded is None):  # the hot path: a clock read, nothing else
             yield
+            return
+        if self._sharded is not None:
+            yield from self._sharded_step(batch, step)
             return
         state = capture(self.model)
         targets = self._targets(batch, state)
@@ -313,6 +334,103 @@ class GradWatch:
         del recording, ops, recordings
         self._record(report, step)
 
+    def _sharded_step(self, batch: Any, step: int) -> Iterator[None]:
+        """A check step of a ``fully_shard`` (FSDP2) model: every rank checks the same probes
+        on its local batch with the parameters gathered, judging the mean over ranks against
+        the mean of the local gradients (what the sharded ``.grad`` holds), as under DDP; the
+        module-local checks likewise (:func:`gradwatch._sharded._share_records`)."""
+        state = capture(self.model)
+        if (self._modules == "suspects" and self._check_kwargs["precision"] == "auto"
+                and _float64_bytes(self.model) > self._max_shadow_bytes):
+            self._modules = {}  # finding suspects would gather the whole model: name the modules instead
+        if self._modules == "suspects":  # found once, on a plain forward: gathered parameters, FSDP hooks suspended
+            guard = _Guard(_local_device(next(self.model.parameters())))
+            try:
+                with _unsharded(self.model):
+                    self._targets(batch, state)
+                found = guard.broadcast(self.suspects)  # after every rank's forward: rank zero's suspects
+            except BaseException:
+                guard.abort()  # it runs loss_fn: the other ranks raise instead of waiting
+                raise
+            named = dict(self.model.named_modules())
+            self.suspects, self._modules = dict(found), {n: named[n] for n in found}
+        targets = self._targets(batch, state)
+        whole_too_big = (self._check_kwargs["precision"] == "auto"
+                         and _float64_bytes(self.model) > self._max_shadow_bytes)
+        recorder = _LocalGrads(self.model, names=[  # the checked modules' parameters only when not whole
+            f"{m}.{p}" if m else p for m, module in targets.items() for p, _ in module.named_parameters()
+        ] if whole_too_big else None)
+        recording = _Recording(targets, model=self.model) if targets else nullcontext()
+        roots = _BackwardRoots()
+        try:
+            with roots, recording:
+                yield
+        finally:
+            recorder.remove()
+        captured = recorder.mean(self.model)  # collectives: every rank, same order
+        if not captured and not whole_too_big:
+            raise ValueError(
+                f"no parameter of `model` received a gradient inside `watch.step(batch)` at step {step}: "
+                "call loss.backward() inside the with-block"
+            )
+        if roots.autocast is not None:
+            state = dataclasses.replace(state, autocast=roots.autocast)
+        guard = _Guard(_local_device(next(self.model.parameters())))
+        train_loss = roots.loss()
+        try:
+            if not self._seed_shared:  # rank zero's base seed: every rank draws the same probes
+                self.seed, self._seed_shared = int(guard.broadcast(self.seed)), True
+            seed = _derive_seed(self.seed, step)
+            if self.scaler is not None and self.scaler.is_enabled():  # as in step(), agreed across ranks
+                scale = self.scaler.get_scale()
+                captured = {n: g / scale for n, g in captured.items()}
+                train_loss = None if train_loss is None else train_loss / scale
+                if not _all_finite(captured.values(), guard.reduce):
+                    reason = (
+                        f"GradScaler skips this optimizer step: the gradients scaled by {scale:g} are not finite "
+                        "(fp16 overflow); the scale is lowered and no gradient of this step reaches the optimizer"
+                    )
+                    self._record(_skipped_report(self.model, seed, step, reason), step)
+                    return
+            with ExitStack() as gathered:  # the whole model, or the checked modules only when it does not fit
+                for module in list(targets.values()) if whole_too_big else [self.model]:
+                    gathered.enter_context(_unsharded(module))
+                if targets:  # the records agreed across ranks, their gradients averaged
+                    references = _share_records(recording.records, recorder.grads, captured, guard)
+                if whole_too_big:
+                    self._schedule.plan([])  # closes the timing of the training step
+                    reason = _too_big(self.model, self._max_shadow_bytes)
+                    if not targets:
+                        reason = reason.split(":")[0] + (
+                            ": under fully_shard the whole model is not gathered for a check (nor searched for "
+                            "suspects); pass `modules=[...]` to check modules locally (only their parameters are "
+                            "gathered)")
+                    report = _skipped_report(self.model, seed, step, reason)  # the next check as begin() set it
+                else:
+                    report = _budgeted_check(
+                        self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
+                        replay=state, train_loss=train_loss, reduce=guard.reduce, broadcast=guard.broadcast,
+                        options=self._check_kwargs,
+                    )
+                del captured, state
+                if targets:
+                    started = time.perf_counter()
+                    local = _sharded_local_reports(recording.records, seed,
+                                                   {**self._local_options, "reduce": guard.reduce}, references, guard)
+                    report = _merge(report, local)
+                    seconds = time.perf_counter() - started
+                    sched = self._schedule
+                    if whole_too_big:
+                        sched.done(step, seconds, len(report.probes))
+                    else:
+                        sched.check_seconds += seconds
+                        sched.next_step = step + max(sched.every_n_steps, sched._steps_to_afford())
+                    sched.next_step = int(guard.broadcast(sched.next_step))  # rank zero's clock decides
+        except BaseException:
+            guard.abort()  # the other ranks raise at their next collective instead of waiting
+            raise
+        self._record(report, step)
+
     def _targets(self, batch: Any, state: Any) -> dict[str, nn.Module]:
         """The modules to record at this check step ({} for none); suspects are found once."""
         if self._modules == "suspects":
@@ -339,6 +457,12 @@ class GradWatch:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
+
+
+def _too_big(model: nn.Module, max_shadow_bytes: int) -> str:
+    return (f"the whole model's float64 copy would take {_float64_bytes(model) / 2**20:.0f} MiB > "
+            f"max_shadow_bytes {max_shadow_bytes / 2**20:.0f} MiB: module-local float64 checks "
+            "instead of a whole-model check in the native precision")
 
 
 def _capture_grad(captured: dict[str, Tensor], name: str, grad: Tensor) -> None:

@@ -26,7 +26,7 @@ import secrets
 import sys
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -37,9 +37,11 @@ from typing_extensions import override
 
 from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
 from gradwatch._schedule import _Schedule
+from gradwatch._sharded import _Guard, _LocalGrads, _sharding, _unsharded
 from gradwatch._validate import _callable, _non_negative_int, _seed
-from gradwatch.engine import _reduced
+from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options, _derive_seed
+from gradwatch.local import _float64_bytes
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,
@@ -59,9 +61,15 @@ __all__ = ["GradWatchCallback", "LightningLoggerSink"]
 #: The namespaces Lightning ships under (``lightning.pytorch`` is ``import lightning as L``).
 _NAMESPACES = ("lightning.pytorch", "pytorch_lightning")
 
-#: Strategies whose parameters are sharded (by class name, so that subclasses and the
-#: ``lightning.pytorch`` namespace are recognised too): not checked yet.
-_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "ModelParallelStrategy", "XLAFSDPStrategy")
+#: Strategies whose parameters are sharded in a way gradwatch does not check (by class name,
+#: so that subclasses and the ``lightning.pytorch`` namespace are recognised too).
+#: ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2) in ``configure_model`` is checked.
+_SHARDED = ("FSDPStrategy", "DeepSpeedStrategy", "XLAFSDPStrategy")
+#: What to use instead, said once when the strategy or the model's sharding is not checked.
+_INSTEAD = (
+    "use ModelParallelStrategy with torch.distributed.fsdp.fully_shard (FSDP2) in configure_model, "
+    "or strategy='ddp' (or a single device), for gradient checks"
+)
 
 
 class GradWatchCallback:
@@ -95,8 +103,16 @@ class GradWatchCallback:
     averaged across ranks before judging, so all ranks report the same verdicts (with
     accumulation, the first micro-batch's gradients, which Lightning computes without
     DDP's all-reduce, are averaged across ranks first, as DDP does at the window's
-    end); only rank zero writes to loggers. Sharded strategies (FSDP, DeepSpeed, model
-    parallel) are not supported yet: the callback warns once and does not check.
+    end); only rank zero writes to loggers.
+
+    Under ``ModelParallelStrategy`` with ``fully_shard`` (FSDP2) in ``configure_model``,
+    the gradient compared is the mean over ranks of each rank's local (unsharded)
+    gradient of the checked backward, recorded before FSDP's reduce-scatter; the
+    parameters are gathered for the check (a full copy of the model) and the check runs
+    like under DDP. A rank whose check raises makes the others raise too (no hang).
+    ``FSDPStrategy`` (FSDP1 flat parameters), DeepSpeed, XLA FSDP and tensor-parallel
+    parameters are not checked: the callback warns once, says what to use instead, and
+    training continues unchecked.
 
     Args:
         every_n_steps: Check optimizer steps ``0, n, 2n, ...`` (``trainer.global_step``);
@@ -183,6 +199,7 @@ class GradWatchCallback:
         self._checks = 0
         self._enabled = True
         self._warned_sharded = False
+        self._sharded: str | None = None  # "fsdp2" once a check step found fully_shard units
         self._pending: _Pending | None = None
         self._sinks: list[Sink] | None = None
 
@@ -215,9 +232,9 @@ class GradWatchCallback:
         if sharded:
             if not self._warned_sharded and trainer.is_global_zero:
                 warnings.warn(
-                    f"GradWatchCallback does not check gradients under {sharded} yet: its parameters are "
-                    "sharded across processes. Training continues unchecked; use strategy='ddp' (or a single "
-                    "device) for gradient checks.",
+                    f"GradWatchCallback does not check gradients under {sharded}: its parameters are "
+                    f"sharded across processes in a way gradwatch cannot gather. Training continues unchecked; "
+                    f"{_INSTEAD}.",
                     UserWarning,
                     stacklevel=2,
                 )
@@ -228,7 +245,7 @@ class GradWatchCallback:
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
-        self._pending = None
+        self._drop_pending()
         accumulate = trainer.accumulate_grad_batches
         if (
             not self._enabled
@@ -237,9 +254,21 @@ class GradWatchCallback:
             or not self._schedule.begin(trainer.global_step, defer=trainer.world_size == 1)  # reads the clock
         ):
             return
+        try:
+            self._sharded = _sharding(pl_module)  # configure_model has run: fully_shard units are in place
+        except ValueError as err:  # sharded in a way that cannot be checked (same on every rank)
+            self._enabled = False
+            if trainer.is_global_zero:
+                warnings.warn(f"GradWatchCallback does not check gradients: {err}. Training continues unchecked; "
+                              f"{_INSTEAD}.", UserWarning, stacklevel=2)
+            return
         with trainer.precision_plugin.train_step_context():  # record the autocast state training_step runs in
             replay = capture(pl_module)
-        self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay)
+        recorder = None
+        if self._sharded:  # too large a model to gather: nothing recorded (the check says so)
+            too_big = _too_big(pl_module, self._check_kwargs["precision"])
+            recorder = _LocalGrads(pl_module, names=() if too_big else None)
+        self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay, recorder=recorder)
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -258,10 +287,15 @@ class GradWatchCallback:
 
     @override
     def on_train_batch_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule, outputs: Any, batch: Any, batch_idx: int) -> None:
-        self._pending = None
+        self._drop_pending()
 
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        self._drop_pending()
+
+    def _drop_pending(self) -> None:
+        if self._pending is not None and self._pending.recorder is not None:
+            self._pending.recorder.remove()
         self._pending = None
 
     @override
@@ -277,18 +311,34 @@ class GradWatchCallback:
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, scaled: bool) -> None:
         """Check the pending step; ``scaled``: ``.grad`` is still multiplied by the GradScaler's scale."""
         pending, self._pending = self._pending, None
+        if pending is not None and pending.recorder is not None:
+            pending.recorder.remove()
         if pending is None or pending.loss is None:  # training_step returned None: nothing was backpropagated
             return
         step = pending.step
         seed = _derive_seed(self.seed, step)
-        reduce = partial(trainer.strategy.reduce, reduce_op="mean") if trainer.world_size > 1 else None
-        grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
+        guard = None
+        if pending.recorder is not None and _too_big(pl_module, self._check_kwargs["precision"]):
+            reason = (f"the model's float64 copy would take {_float64_bytes(pl_module) / 2**20:.0f} MiB > "
+                      f"{DEFAULT_SHADOW_BYTES / 2**20:.0f} MiB: under fully_shard the callback does not gather so "
+                      "large a model for a check; use gradwatch.GradWatch(model, loss_fn, modules=[...]) for "
+                      "module-local checks")
+            self._schedule.plan([])  # closes the timing of the training step
+            self._record(trainer, _skipped_report(pl_module, seed, step, reason))
+            return
+        if pending.recorder is not None:  # fully_shard: this backward's local gradients, averaged over ranks
+            grads = pending.recorder.mean(pl_module)
+            guard = _Guard(next(iter(grads.values())).device if grads else torch.device("cpu"))
+            reduce = guard.reduce
+        else:
+            reduce = partial(trainer.strategy.reduce, reduce_op="mean") if trainer.world_size > 1 else None
+            grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         train_loss = pending.loss
         scaler = getattr(trainer.precision_plugin, "scaler", None)
         if scaler is not None and scaler.is_enabled():
             scale = scaler.get_scale()  # the scale of this backward; update() runs after the optimizer step
             train_loss = train_loss / scale
-            if scaled:
+            if scaled or guard is not None:  # recorded in the backward: scaled, whatever unscale_ did to .grad
                 grads = {n: g / scale for n, g in grads.items()}
             if not _all_finite(grads.values(), reduce):
                 reason = (
@@ -297,7 +347,7 @@ class GradWatchCallback:
                 )
                 self._record(trainer, _skipped_report(pl_module, seed, step, reason))
                 return
-        if reduce is not None and scaled and grads:
+        if reduce is not None and scaled and grads and guard is None:
             # accumulation: Lightning runs this backward without DDP's all-reduce, so .grad is this
             # rank's; the optimizer gets the mean over ranks (the window's last backward syncs)
             grads = _reduced(grads, reduce)
@@ -305,12 +355,19 @@ class GradWatchCallback:
         if pending.accumulate > 1:
             loss_fn = partial(_divided, loss_fn, pending.accumulate)
         broadcast = partial(trainer.strategy.broadcast, src=0) if reduce is not None else None
-        with _metric_states_kept(pl_module):
-            report = _budgeted_check(
-                self._schedule, pl_module, loss_fn, pending.batch, step=step, seed=seed, grads=grads,
-                replay=pending.replay, train_loss=train_loss, reduce=reduce, broadcast=broadcast,
-                options=self._check_kwargs,
-            )
+        if guard is not None:
+            broadcast = guard.broadcast
+        try:
+            with _metric_states_kept(pl_module), (_unsharded(pl_module) if guard is not None else nullcontext()):
+                report = _budgeted_check(
+                    self._schedule, pl_module, loss_fn, pending.batch, step=step, seed=seed, grads=grads,
+                    replay=pending.replay, train_loss=train_loss, reduce=reduce, broadcast=broadcast,
+                    options=self._check_kwargs,
+                )
+        except BaseException:
+            if guard is not None:
+                guard.abort()  # the other ranks raise at their next collective instead of waiting
+            raise
         del grads, pending
         self._record(trainer, report)
         _handle(report, self.on_failure)
@@ -366,6 +423,7 @@ class _Pending:
     accumulate: int
     replay: ReplayState
     loss: Tensor | None = None
+    recorder: _LocalGrads | None = None  # fully_shard: records the local gradients of the backward
 
 
 def _loaded_namespaces() -> tuple[str, ...]:
@@ -414,6 +472,11 @@ def _rebuild(cls: type, namespaces: tuple[str, ...]) -> GradWatchCallback:
     for ns in namespaces:
         importlib.import_module(ns)
     return object.__new__(_with_callbacks(cls, namespaces))
+
+
+def _too_big(pl_module: nn.Module, precision: str) -> bool:
+    """Whether ``precision="auto"`` would not make the float64 copy of the whole model."""
+    return precision == "auto" and _float64_bytes(pl_module) > DEFAULT_SHADOW_BYTES
 
 
 def _sink_for(logger: Any, prefix: str) -> Sink:

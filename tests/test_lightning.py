@@ -594,12 +594,37 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
     assert all(namespace in res["namespaces"] and res["is_callback"] for res in results.values()), results
 
 
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_model_parallel_fsdp2_two_cpu_processes(tmp_path, namespace: str) -> None:
+    """ModelParallelStrategy with fully_shard in configure_model: checked like DDP."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
+    env.pop("LOCAL_RANK", None)
+    out = tmp_path / "fsdp"
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_fsdp.py"), str(out), namespace],
+                          env=env, capture_output=True, text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    for rank, res in results.items():
+        assert res["correct"]["verdicts"] == ["pass", "pass"] and all(res["correct"]["reliable"]), (rank, res)
+        assert res["bug"]["failing"] == [["net.fc1.weight"], ["net.fc1.weight"]], (rank, res["bug"]["reports"])
+        # accumulation: the first micro-batch's local gradients, averaged over ranks
+        assert res["accumulated"]["verdicts"] == ["pass", "pass"], (rank, res["accumulated"]["reports"])
+        assert res["raise"] == "GradientCheckError", (rank, res)
+        assert res["identical"] is True  # asserted in the script: local shards, Adam state, RNG
+        # too large a model to gather: skipped, saying what to use
+        assert res["too_big"]["verdicts"] == ["skipped"] and "modules=[...]" in res["too_big"]["reports"][0], res
+    # every rank judged the same probes on the cross-rank means
+    assert results[0]["bug"]["numbers"] == results[1]["bug"]["numbers"]
+    assert results[0]["correct"]["numbers"] == results[1]["correct"]["numbers"]
+
+
 def test_sharded_strategy_warns_once_and_does_not_check(lit) -> None:
     callback = GradWatchCallback(every_n_steps=1, max_overhead=None)
     module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
     trainer = SimpleNamespace(strategy=lit.strategies.FSDPStrategy(), is_global_zero=True, sanity_checking=False,
                               accumulate_grad_batches=1, global_step=0)
-    with pytest.warns(UserWarning, match="does not check gradients under FSDPStrategy"):
+    with pytest.warns(UserWarning, match="does not check gradients under FSDPStrategy.*use ModelParallelStrategy "
+                                         "with torch.distributed.fsdp.fully_shard"):
         callback.setup(trainer, module, "fit")
     with warnings.catch_warnings():
         warnings.simplefilter("error")
