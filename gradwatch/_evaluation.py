@@ -124,9 +124,12 @@ class _Evaluation:
 
     def __init__(
         self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool, mode: str,
-        how: str = "sequential", reduced: bool = False, richardson: bool = True,
+        how: str = "sequential", reduced: bool = False, richardson: bool = True, *,
+        share: "_Evaluation | None" = None,
     ) -> None:
         self.wrapper = _LossModule(model, loss_fn)
+        # another evaluation of the same model and precision whose float64 copy this one uses
+        self._owner = share if share is not None and share.float64 == (mode == "float64") else None
         self.signs = _SIGNS if richardson else _SIGNS[:2]  # the points of every probe
         # batched: None until the first batched call succeeds (True) or fails (False)
         self.batched: bool | None = False
@@ -167,18 +170,22 @@ class _Evaluation:
         self._params = {f"model.{n}": p for n, p in model.named_parameters()}
         self._shadow: dict[str, Tensor] | None = None
         with torch.no_grad():
-            if self.float64:
+            if self.float64 and self._owner is not None:
+                self._own = self._owner._own
+            elif self.float64:
                 self._shadow = self._float64_copy()
                 # a tensor of the shadow that is a copy (not the float64 parameter itself) is
                 # perturbed in place and restored by copying the parameter back (exact)
                 self._own = {k: v.data_ptr() != self._params[k].data_ptr() or v.numel() == 0
                              for k, v in self._shadow.items() if v.is_floating_point()}
+            if self.float64:
                 self.buffers = {
                     f"model.{n}": b.to(torch.float64) if b.is_floating_point() else b
                     for n, b in replay.buffers.items()
                 }
                 self.inputs = _cast_floats(batch, torch.float64)
             else:  # the parameters themselves: perturbed points are always new tensors
+                self._owner = None
                 self._shadow = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
                 self._own = {}
                 self.buffers = {f"model.{n}": b for n, b in replay.buffers.items()}
@@ -194,6 +201,8 @@ class _Evaluation:
     def shadow(self) -> dict[str, Tensor]:
         """The float64 copy of the parameters (the parameters themselves natively), made
         again from the parameters (exactly) after :meth:`release`."""
+        if self._owner is not None:
+            return self._owner.shadow
         if self._shadow is None:
             with torch.no_grad():
                 self._shadow = self._float64_copy()
@@ -461,7 +470,10 @@ def _native_gradients(
             handle.remove()
 
 
-def _native_pass(wrapper, batch, replay, params, leaves, recorder, stats, results) -> tuple[Tensor, dict[str, Any]]:
+def _native_pass(
+    wrapper: _LossModule, batch: Any, replay: ReplayState, params: Mapping[str, Tensor], leaves: dict[str, Tensor],
+    recorder: Any, stats: Callable[[str, Tensor], Any] | None, results: dict[str, Any],
+) -> tuple[Tensor, dict[str, Any]]:
     state = {f"model.{n}": v for n, v in params.items()}
     state.update({f"model.{n}": v for n, v in leaves.items()})
     state.update({f"model.{n}": b.clone() for n, b in replay.buffers.items()})

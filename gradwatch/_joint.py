@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _Judge, _loss_noise, _ratio, _summary
+from gradwatch._judging import _Judge, _loss_noise, _nonfinite, _ratio, _summary
 from gradwatch._probing import _direction, _Excluded, _KinkRow, _locate, _probe
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.report import Probe, TensorCheck
@@ -135,7 +135,7 @@ class _JointLine:
         theta = self.ev.shadow[self.keys[i]]
         g = self.grads[self.names[i]].detach().to(device=theta.device, dtype=torch.float64, copy=True)
         g = g.reshape(theta.shape)
-        bad = ~torch.isfinite(g)
+        bad = _nonfinite(g)
         if finite is not None:
             finite.append(~bad.any())
         return g.masked_fill_(bad, 0.0)
@@ -143,7 +143,7 @@ class _JointLine:
     def direction(self, i: int) -> Tensor:
         """Tensor ``i``'s part of the direction, drawn again from its seed."""
         theta = self.ev.shadow[self.keys[i]]
-        return _direction(theta, self.seeds[i], self.masks[i]) * self.weights[i].to(theta.device)
+        return _direction(theta, self.seeds[i], self.masks[i]).mul_(self.weights[i].to(theta.device))
 
     def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
         """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""

@@ -73,8 +73,25 @@ _SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2,
 _FOURTH_DIFF_NOISE = math.sqrt(70.0)
 
 
+#: Elements :func:`_nonfinite` and :func:`_moved` take at once (bounds their temporaries).
+_CHUNK = 1 << 20
+
+
+def _nonfinite(t: Tensor) -> Tensor:
+    """``~torch.isfinite(t)``, a chunk at a time for a large contiguous tensor (``isfinite``
+    makes a temporary of ``t``'s size, ``|t|``)."""
+    t = t.detach()
+    if t.numel() <= _CHUNK or not t.is_contiguous():
+        return ~torch.isfinite(t)
+    out = torch.empty(t.shape, dtype=torch.bool, device=t.device)
+    flat, dest = t.reshape(-1), out.view(-1)
+    for lo in range(0, flat.numel(), _CHUNK):
+        dest[lo : lo + _CHUNK] = ~torch.isfinite(flat[lo : lo + _CHUNK])
+    return out
+
+
 def _grad_stats(g: Tensor, host: _HostValues) -> tuple[int, int]:
-    bad = ~torch.isfinite(g.detach()).reshape(-1)
+    bad = _nonfinite(g).reshape(-1)
     return host.add(bad.any()), host.add(bad.to(torch.uint8).argmax())
 
 
@@ -92,14 +109,14 @@ def _gap_values(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
     del diff
     out["ref_norm"] = g_ref.norm()
     out["ref_rms"] = g_ref.pow(2).mean().sqrt() if g_ref.numel() else g_ref.new_zeros(())
-    out["ref_bad"] = (~torch.isfinite(g_ref)).any()
+    out["ref_bad"] = _nonfinite(g_ref).any()
     return out
 
 
 def _square_sum(g: Tensor) -> Tensor:
     """Sum of the squares of the finite elements of ``g``, in float64 (one float64 temporary)."""
     t = g.detach().to(torch.float64, copy=True)
-    return t.masked_fill_(~torch.isfinite(t), 0.0).pow_(2).sum()
+    return t.masked_fill_(_nonfinite(t), 0.0).pow_(2).sum()
 
 
 def _gradient_rms(grad_map: Mapping[str, Tensor], host: _HostValues,
@@ -265,7 +282,7 @@ def _measure_spread(
                 return None
             d = a.to(torch.float64, copy=True).reshape(-1)
             d.sub_(b.reshape(-1))
-            return d.masked_fill_(~torch.isfinite(d), 0.0).norm()
+            return d.masked_fill_(_nonfinite(d), 0.0).norm()
 
         loss0, g0 = _native_gradients(ev.wrapper, ev.batch, ev.replay, params, names, recorder, stats=spread)
         del g1
@@ -284,10 +301,6 @@ def _measure_spread(
         diverged=kinks.diverged if kinks is not None else None,
         diverged_flag=host.add(float(kinks is not None and kinks.diverged is not None)),
     )
-
-
-#: Elements of a parameter moved at once by :func:`_moved` (bounds its float64 temporaries).
-_CHUNK = 1 << 20
 
 
 def _moved(p: Tensor, sign: Tensor, rel: float) -> Tensor:

@@ -401,8 +401,9 @@ def _probe(
     key = f"model.{name}"
     theta = ev.shadow[key]
     base_step = step if step is not None else ev.step(theta.dtype)
+    line = _Line(theta, kind, None if kind == "direction" else value, base_step, excluded)  # its step first
     v = _direction(theta, value, excluded.mask if excluded is not None else None) if kind == "direction" else None
-    line = _Line(theta, kind, v if v is not None else value, base_step, excluded)
+    line.v = v
     terms = g_ref.of(spec) if isinstance(g_ref, _RefView) else None
     if v is None:
         g = None

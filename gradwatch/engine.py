@@ -84,6 +84,18 @@ The engine has three rooms of its own; :func:`check` only wires them together:
 All probe arithmetic stays on the model's device; results reach the host in one
 transfer per check (plus one per bisection level when a direction fails, and one before
 probing: which parameters hold non-finite values).
+
+Memory: a float64 check holds one float64 copy of the parameters (the shadow) and,
+transiently, about two float64 tensors of the size of one parameter tensor. The float64
+reference gradient is never held whole: a tensor hook hands each tensor's to
+:class:`_ReferenceStats` as the backward produces it (the terms of the planned probes and
+joint directions, the precision test's gap, the sum of squares), and what a failure or a
+kink resample needs later is taken from the float64 backward run again. Points are made
+in place on the shadow, one tensor at a time, and undone by copying the parameter back
+(exactly; never by subtracting); joint directions are drawn again from their seeds. The
+precision test's two native replays run with the shadow released (made again from the
+parameters when needed). Under data parallelism (``reduce``) the reference is all-reduced
+and held whole. Batched evaluation stacks the perturbed copies of the probed tensor.
 """
 
 from __future__ import annotations
@@ -472,7 +484,8 @@ def check(
         tensors: dict[str, TensorCheck] = {}
         # an evaluation with ±2h passes, for failures of a check that measured no noise
         measured = None if richardson else (
-            lambda: _Evaluation(model, loss_fn, batch, replay, kinks, mode, "sequential", reduce is not None)
+            lambda: _Evaluation(model, loss_fn, batch, replay, kinks, mode, "sequential", reduce is not None,
+                                share=evaluation)
         )
         for name, p in params.items():
             shape = tuple(p.shape)

@@ -478,6 +478,42 @@ def test_names_selects_the_checked_tensors_and_keeps_the_whole_model_scale() -> 
         check(case.model, case.loss_fn, case.batch, names="fc1.bias")
 
 
+
+def _tensor_copies(shape: torch.Size) -> int:
+    """Distinct float64 storages of tensors of ``shape`` alive in Python now."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance on some deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        return len({t.untyped_storage().data_ptr() for t in gc.get_objects()
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.shape == shape})
+
+
+@pytest.mark.parametrize("options", [{}, {"richardson": False, "kink_resamples": 0, "coordinates": 0, "directions": 0}],
+                         ids=["default", "smallest"])
+def test_float64_check_holds_one_copy_of_the_parameters_and_two_tensor_sized_temporaries(options) -> None:
+    # memory (issue 14): the shadow, and at a perturbed forward at most the probed tensor's
+    # direction and one temporary; the reference gradient, the joint directions and the
+    # perturbed points are never held for every tensor (before: 4 tensors + 4 references +
+    # 4 joint directions + 4 gradients in float64 + 4 perturbed copies)
+    torch.manual_seed(0)
+    model = nn.Sequential(*(nn.Linear(48, 48, bias=False) for _ in range(4)))
+    batch = (torch.randn(8, 48), torch.randn(8, 48))
+    counts = []
+
+    def loss_fn(m, b):
+        if m[0].weight.dtype == torch.float64:
+            counts.append(_tensor_copies(m[0].weight.shape))
+        return F.mse_loss(m(b[0]).tanh(), b[1])
+
+    loss_fn(model, batch).backward()
+    report = check(model, loss_fn, batch, grads="existing", seed=0, **options)
+    assert report.ok and report.precision == "float64" and report.reference, str(report)
+    assert len(counts) >= 3
+    assert max(counts) <= 4 + 2, counts
+
+
 # ------------------------------------------------------------------------- data parallel
 def test_reduce_judges_the_mean_loss_against_the_mean_gradient() -> None:
     """Two "ranks" in one process: each holds half the batch; the gradient under test is
