@@ -412,7 +412,9 @@ def _streamed(name: str, stats: Callable[[str, Tensor], Any], results: dict[str,
     """A tensor hook that hands the gradient of ``name`` to ``stats`` and passes a zero of no
     memory on (the returned gradient is not used): the backward frees each gradient at once."""
 
-    def hook(grad: Tensor) -> Tensor:
+    def hook(grad: Tensor | None) -> Tensor | None:
+        if grad is None:  # a backward that gives this tensor no gradient: a zero gradient, as unused
+            return None
         results[name] = stats(name, grad.detach())
         return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
