@@ -44,8 +44,16 @@ import torch
 from torch import Tensor
 
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _Judge, _loss_noise, _nonfinite, _ratio, _summary
-from gradwatch._probing import _direction, _Excluded, _KinkRow, _locate, _probe
+from gradwatch._judging import _CHUNK, _Judge, _loss_noise, _nonfinite, _ratio, _spans, _summary
+from gradwatch._probing import (
+    _chunked_terms,
+    _direction,
+    _direction_chunks,
+    _Excluded,
+    _KinkRow,
+    _locate,
+    _probe,
+)
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.report import Probe, TensorCheck
 
@@ -97,6 +105,12 @@ class _JointLine:
         self.masks = [excluded[n].mask if excluded and n in excluded else None for n in names]  # never probed
         finite, norms = [], []
         for i in range(len(names)):
+            if thetas[i].numel() > _CHUNK:  # a chunk at a time
+                sq = None
+                for _, _, g in self._g64_chunks(i, finite):
+                    sq = g.pow_(2).sum() if sq is None else sq + g.pow_(2).sum()
+                norms.append(sq.sqrt().to(device))
+                continue
             g = self._g64(i, finite)
             norms.append(g.norm().to(device))
             del g
@@ -109,6 +123,13 @@ class _JointLine:
         self.weights = weights
         sq, count = 0, 0
         for t, m in zip(thetas, self.masks):
+            if t.numel() > _CHUNK:
+                flat, fm = t.reshape(-1), (m.reshape(-1) if m is not None else None)
+                for lo, hi in _spans(t.numel()):
+                    c = flat[lo:hi].to(torch.float64)
+                    sq = sq + (c if fm is None else torch.where(fm[lo:hi], c, 0.0)).pow(2).sum().to(device)
+                count = count + (float(t.numel()) if m is None else m.sum().to(device))
+                continue
             t64 = t.to(torch.float64)
             sq = sq + (t64 if m is None else torch.where(m, t64, 0.0)).pow(2).sum().to(device)
             count = count + (float(t.numel()) if m is None else m.sum().to(device))
@@ -118,6 +139,17 @@ class _JointLine:
         self.h = self.h0
         a_t, rss, vnorm = [], [], []
         for i in range(len(names)):
+            if self.ev.shadow[self.keys[i]].numel() > _CHUNK:  # a chunk of g and v at a time
+                a_i = sq_i = vsq_i = None
+                for (_, _, g), (_, _, v) in zip(self._g64_chunks(i), self._chunks(i)):
+                    vsq_c = v.pow(2).sum()
+                    t = g.mul_(v)
+                    a_c, sq_c = t.sum(), t.pow_(2).sum()
+                    a_i, sq_i, vsq_i = ((a_c, sq_c, vsq_c) if a_i is None else (a_i + a_c, sq_i + sq_c, vsq_i + vsq_c))
+                a_t.append(a_i.to(device))
+                rss.append(sq_i.to(device))
+                vnorm.append(vsq_i.to(device))
+                continue
             v = self.direction(i)
             term = self._g64(i).mul_(v)  # <g_t, v_t> term by term
             a_t.append(term.sum().to(device))
@@ -140,6 +172,26 @@ class _JointLine:
             finite.append(~bad.any())
         return g.masked_fill_(bad, 0.0)
 
+    def _g64_chunks(self, i: int, finite: list | None = None) -> Iterator[tuple[int, int, Tensor]]:
+        """:meth:`_g64` a chunk at a time (flat index); appends the finite flag after the last."""
+        theta = self.ev.shadow[self.keys[i]]
+        flat = self.grads[self.names[i]].detach().reshape(-1)
+        bad_any = None
+        for lo, hi in _spans(theta.numel()):
+            g = flat[lo:hi].to(device=theta.device, dtype=torch.float64, copy=True)
+            bad = ~torch.isfinite(g)
+            bad_any = bad.any() if bad_any is None else bad_any | bad.any()
+            yield lo, hi, g.masked_fill_(bad, 0.0)
+        if finite is not None:
+            finite.append(~bad_any)
+
+    def _chunks(self, i: int) -> Iterator[tuple[int, int, Tensor]]:
+        """:meth:`direction` a chunk at a time (flat index)."""
+        theta = self.ev.shadow[self.keys[i]]
+        w = self.weights[i].to(theta.device)
+        for lo, hi, v in _direction_chunks(theta, self.seeds[i], self.masks[i]):
+            yield lo, hi, v.mul_(w)
+
     def direction(self, i: int) -> Tensor:
         """Tensor ``i``'s part of the direction, drawn again from its seed."""
         theta = self.ev.shadow[self.keys[i]]
@@ -147,7 +199,11 @@ class _JointLine:
 
     def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
         """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""
-        v = self.direction(self.names.index(name))
+        i = self.names.index(name)
+        if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
+            a_ref, sq, _ = _chunked_terms(g_ref, self._chunks(i))
+            return a_ref.to(self.device), sq.to(self.device)
+        v = self.direction(i)
         # in place when the layouts agree; a strided g_ref sets the order of the sum, as it always did
         term = v.mul_(g_ref) if g_ref.is_contiguous() else g_ref.to(torch.float64).reshape(v.shape) * v
         return term.sum().to(self.device), term.pow_(2).sum().to(self.device)
@@ -172,7 +228,14 @@ class _JointLine:
                 points[self.keys[i]] = (theta64 + (s * self.h) * self.direction(i)).to(self.dtypes[i])
 
         def move(i: int) -> Callable[[Tensor], None]:
-            return lambda theta: theta.add_((s * self.h) * self.direction(i))
+            def apply(theta: Tensor) -> None:
+                if theta.numel() > _CHUNK:  # elementwise: the same values a chunk at a time
+                    flat = theta.view(-1)
+                    for lo, hi, v in self._chunks(i):
+                        flat[lo:hi].add_((s * self.h) * v)
+                    return
+                theta.add_((s * self.h) * self.direction(i))
+            return apply
 
         with ev.moved((self.keys[i], move(i)) for i in inside) as shadow:
             yield {**shadow, **points}, (points if any(d != torch.float64 for d in self.dtypes) else None)

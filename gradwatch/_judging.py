@@ -77,6 +77,20 @@ _FOURTH_DIFF_NOISE = math.sqrt(70.0)
 _CHUNK = 1 << 20
 
 
+def _spans(n: int) -> list[tuple[int, int]]:
+    """The chunks ``[lo, hi)`` of :data:`_CHUNK` elements a tensor of ``n`` elements is taken
+    in (a tail under 16 elements joins the last chunk: drawn in chunks of a multiple of 16,
+    at least 16 each, CPU normal draws equal those of one call)."""
+    out, lo = [], 0
+    while lo < n:
+        hi = min(n, lo + _CHUNK)
+        if n - hi < 16:
+            hi = n
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
 def _nonfinite(t: Tensor) -> Tensor:
     """``~torch.isfinite(t)``, a chunk at a time for a large contiguous tensor (``isfinite``
     makes a temporary of ``t``'s size, ``|t|``)."""
@@ -103,6 +117,8 @@ def _gap(g: Tensor, g_ref: Tensor, host: _HostValues) -> dict[str, int]:
 def _gap_values(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
     """:func:`_gap`'s device values, with one tensor-sized float64 temporary at a time
     (computed while the reference backward produces ``g_ref``)."""
+    if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk at a time
+        return _chunked_gap(g, g_ref)
     diff = g.detach().to(device=g_ref.device, dtype=torch.float64, copy=True).reshape(-1)
     diff.sub_(g_ref.reshape(-1))
     out = {"gap": diff.norm(), "worst": diff.abs_().argmax()}
@@ -113,8 +129,38 @@ def _gap_values(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
     return out
 
 
+def _chunked_gap(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
+    """:func:`_gap_values` of a large tensor, a chunk at a time (sums of chunk sums)."""
+    flat_g, flat_r = g.detach().reshape(-1), g_ref.reshape(-1)
+    gap = ref = None
+    maxima, where = [], []
+    for lo, hi in _spans(g_ref.numel()):
+        r = flat_r[lo:hi]
+        d = flat_g[lo:hi].to(device=g_ref.device, dtype=torch.float64, copy=True).sub_(r)
+        gap_c, ref_c = d.pow(2).sum(), r.pow(2).sum()
+        gap, ref = (gap_c, ref_c) if gap is None else (gap + gap_c, ref + ref_c)
+        m, j = d.abs_().max(0)
+        maxima.append(m)
+        where.append(j + lo)
+    return {
+        "gap": gap.sqrt(),
+        "worst": torch.stack(where)[torch.stack(maxima).argmax()],
+        "ref_norm": ref.sqrt(),
+        "ref_rms": (ref / g_ref.numel()).sqrt(),
+        "ref_bad": _nonfinite(g_ref).any(),
+    }
+
+
 def _square_sum(g: Tensor) -> Tensor:
-    """Sum of the squares of the finite elements of ``g``, in float64 (one float64 temporary)."""
+    """Sum of the squares of the finite elements of ``g``, in float64 (one float64
+    temporary, or one chunk of it for a large tensor)."""
+    if g.numel() > _CHUNK and g.is_contiguous():
+        flat, total = g.detach().reshape(-1), None
+        for lo, hi in _spans(g.numel()):
+            t = flat[lo:hi].to(torch.float64, copy=True)
+            part = t.masked_fill_(~torch.isfinite(t), 0.0).pow_(2).sum()
+            total = part if total is None else total + part
+        return total
     t = g.detach().to(torch.float64, copy=True)
     return t.masked_fill_(_nonfinite(t), 0.0).pow_(2).sum()
 

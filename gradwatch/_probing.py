@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradwatch._evaluation import _Evaluation, _HostValues
 
-from gradwatch._judging import _NOISE_ULPS, _Judge, _loss_noise, _ratio
+from gradwatch._judging import _CHUNK, _NOISE_ULPS, _Judge, _loss_noise, _ratio, _spans
 from gradwatch.kinks import _ProbeKinks, _Reference
 from gradwatch.report import Probe, TensorCheck
 
@@ -225,12 +225,42 @@ def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
     return chosen
 
 
+def _direction_chunks(theta: Tensor, seed: int, mask: Tensor | None = None) -> Iterator[tuple[int, int, Tensor]]:
+    """:func:`_direction` a chunk at a time, ``(lo, hi, values)`` over the flat index: the
+    direction of a large tensor without holding it."""
+    gen = torch.Generator(device=theta.device).manual_seed(seed)
+    flat_mask = mask.reshape(-1) if mask is not None else None
+    for lo, hi in _spans(theta.numel()):
+        v = torch.randn(hi - lo, generator=gen, device=theta.device, dtype=torch.float64)
+        yield lo, hi, (v if flat_mask is None else v.masked_fill_(~flat_mask[lo:hi], 0.0))
+
+
 def _direction(theta: Tensor, seed: int, mask: Tensor | None = None) -> Tensor:
     """The Gaussian direction of a direction probe, in float64 on the parameter's device,
-    zero where ``mask`` (the eligible elements, :class:`_Excluded`) is False."""
+    zero where ``mask`` (the eligible elements, :class:`_Excluded`) is False. A tensor of
+    more than :data:`_CHUNK` elements is drawn a chunk at a time (:func:`_direction_chunks`)."""
+    if theta.numel() > _CHUNK:
+        v = torch.empty(theta.shape, device=theta.device, dtype=torch.float64)
+        flat = v.view(-1)
+        for lo, hi, part in _direction_chunks(theta, seed, mask):
+            flat[lo:hi] = part
+        return v
     gen = torch.Generator(device=theta.device).manual_seed(seed)
     v = torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
     return v if mask is None else v.masked_fill_(~mask, 0.0)
+
+
+def _chunked_terms(g: Tensor, chunks: Iterator[tuple[int, int, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """``Σ g·v``, ``Σ (g·v)²`` and ``Σ v²`` over ``chunks`` of ``v`` (flat index), in float64,
+    without a temporary of ``g``'s size."""
+    flat = g.detach().reshape(-1)
+    a = sq = vsq = None
+    for lo, hi, v in chunks:
+        vsq_c = v.pow(2).sum()
+        t = v.mul_(flat[lo:hi])
+        a_c, sq_c = t.sum(), t.pow_(2).sum()
+        a, sq, vsq = (a_c, sq_c, vsq_c) if a is None else (a + a_c, sq + sq_c, vsq + vsq_c)
+    return a, sq, vsq
 
 
 def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | None) -> Tensor:
@@ -248,6 +278,9 @@ def _ref_terms(g_ref: Tensor, spec: tuple[str, int], mask: Tensor | None) -> tup
     if kind == "coordinate":
         a_ref = g_ref.reshape(-1)[value].to(torch.float64).clone()  # not a view: g_ref is freed
         return a_ref, a_ref.abs()
+    if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
+        a_ref, sq, _ = _chunked_terms(g_ref, _direction_chunks(g_ref, value, mask))
+        return a_ref, sq.sqrt()
     v = _direction(g_ref, value, mask)
     # in place when the layouts agree; a strided g_ref sets the order of the sum, as it always did
     rv = v.mul_(g_ref) if g_ref.is_contiguous() else g_ref.to(torch.float64) * v
@@ -352,6 +385,11 @@ class _Line:
                 theta.view(-1)[self.index] = (self.orig + s * self.h).to(theta.dtype)
         else:
             def move(theta: Tensor) -> None:
+                if theta.numel() > _CHUNK:  # elementwise, so the same values a chunk at a time
+                    flat, v = theta.view(-1), self.v.reshape(-1)
+                    for lo, hi in _spans(theta.numel()):
+                        flat[lo:hi].add_((s * self.h) * v[lo:hi])
+                    return
                 theta.add_((s * self.h) * self.v)  # the same rounding as θ + (s·h)·v
         return move
 
@@ -415,14 +453,22 @@ def _probe(
             a_ref = g_ref.reshape(-1)[value].to(torch.float64) if g_ref is not None else None
             rss_ref = a_ref.abs() if a_ref is not None else None
     else:
-        if theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
+        if theta.dtype == torch.float64 and theta.numel() > _CHUNK:  # no temporary of the tensor's size
+            g = None
+            flat_v = v.reshape(-1)
+            a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
+                                                              for lo, hi in _spans(theta.numel())))
+            gv = None
+            rss, vnorm = sq.sqrt(), v.norm()
+        elif theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
             g = None
             gv = grad.detach().to(device=theta.device, dtype=torch.float64, copy=True).reshape(theta.shape)
             gv.mul_(v)
         else:
             g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
             gv = g * v
-        a, rss, vnorm = gv.sum(), gv.norm(), v.norm()
+        if gv is not None:
+            a, rss, vnorm = gv.sum(), gv.norm(), v.norm()
         if terms is not None:
             a_ref, rss_ref = terms
         elif g_ref is not None:

@@ -514,6 +514,36 @@ def test_float64_check_holds_one_copy_of_the_parameters_and_two_tensor_sized_tem
     assert max(counts) <= 4 + 2, counts
 
 
+
+@pytest.mark.parametrize("name", ["bugs/transposed", "sparse/wrong_row", "correct/cnn_bn_pool", "correct/transformer"])
+def test_tensors_taken_a_chunk_at_a_time_give_the_same_report(name: str, monkeypatch) -> None:
+    # memory (issue 14): tensors above _CHUNK elements are drawn, moved and summed a chunk at a
+    # time; here every tensor above 64 elements is, and the report is that of the whole tensors
+    import gradwatch._joint
+    import gradwatch._judging
+
+    zoo_of = {"bugs": BUGS, "sparse": SPARSE_BUGS, "correct": CORRECT}
+    group, key = name.split("/")
+    case = zoo_of[group][key](0)
+    whole = check(case.model, case.loss_fn, case.batch, seed=0)
+    for module in (gradwatch._judging, gradwatch._probing, gradwatch._joint):
+        monkeypatch.setattr(module, "_CHUNK", 64)
+    chunked = check(case.model, case.loss_fn, case.batch, seed=0)
+    assert {n: t.verdict for n, t in chunked.tensors.items()} == {n: t.verdict for n, t in whole.tensors.items()}
+    assert {t.name for t in chunked.failures} == case.wrong
+    for n, t in whole.tensors.items():
+        c = chunked.tensors[n]
+        assert c.located == t.located or (c.located is not None and c.located.index == t.located.index)
+        assert len(c.probes) == len(t.probes)
+        for p, q in zip(t.probes, c.probes):
+            assert (p.kind, p.index, p.direction_seed, p.kink) == (q.kind, q.index, q.direction_seed, q.kink)
+            for field in ("numerical", "autograd", "reference"):
+                a, b = getattr(p, field), getattr(q, field)
+                assert (a is None and b is None) or a == pytest.approx(b, rel=1e-9, abs=1e-15), (n, field)
+    for p, q in zip(whole.joint, chunked.joint):
+        assert p.failed == q.failed and p.numerical == pytest.approx(q.numerical, rel=1e-9, abs=1e-15)
+
+
 # ------------------------------------------------------------------------- data parallel
 def test_reduce_judges_the_mean_loss_against_the_mean_gradient() -> None:
     """Two "ranks" in one process: each holds half the batch; the gradient under test is
