@@ -2,14 +2,14 @@
 
 The model is an MLP large enough for its parameters to dominate (4 x Linear(2048, 2048),
 16.8M parameters, 64 MiB in float32). A float64 check holds one float64 copy of the
-parameters (the shadow, 2x the float32 bytes) and, transiently, one or two float64
-tensors of the size of the tensor being probed: the float64 reference gradient is never
-held whole (each tensor's is reduced to what the probes need as the backward produces
-it), points are made in place on the shadow and undone by copying the parameter back, and
-the two native replays of the precision test run without the shadow. The target (issue
-14) is a peak of at most 1.5x the float64 copy; with 4 equal tensors one tensor is 0.25x of
-it, so this model sits at that limit by construction (shadow + the reference gradient of
-one tensor + one direction drawn against it).
+parameters (the shadow, 2x the float32 bytes) and, transiently, about one float64 tensor
+of the size of the tensor being probed: the float64 reference gradient is never held
+whole (each tensor's is reduced to what the probes need as the backward produces it),
+points are made in place on the shadow and undone by copying the parameter back, tensors
+above 2^20 elements are drawn, moved and summed a chunk at a time, and the two native
+replays of the precision test run without the shadow. The target (issue 14) is a peak of
+at most 1.5x the float64 copy; with 4 equal tensors one tensor is 0.25x of it, so this
+model is the hard case (shadow + one tensor + the float64 activations and allocator slack).
 
 A second table: a model of 1 GiB of float32 parameters (16 x Linear(4096, 4096), 268M
 parameters in 32 tensors, batch 4), whose float64 copy is 2 GiB: the peak added memory of a
