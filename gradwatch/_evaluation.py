@@ -131,9 +131,12 @@ class _Evaluation:
 
     def __init__(
         self, model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, kinks: bool, mode: str,
-        how: str = "sequential", reduced: bool = False, richardson: bool = True,
+        how: str = "sequential", reduced: bool = False, richardson: bool = True, *,
+        share: "_Evaluation | None" = None,
     ) -> None:
         self.wrapper = _LossModule(model, loss_fn)
+        # another evaluation of the same model and precision whose float64 copy this one uses
+        self._owner = share if share is not None and share.float64 == (mode == "float64") else None
         self.signs = _SIGNS if richardson else _SIGNS[:2]  # the points of every probe
         # batched: None until the first batched call succeeds (True) or fails (False)
         self.batched: bool | None = False
@@ -171,21 +174,74 @@ class _Evaluation:
             with recorder:
                 _native_loss(self.wrapper, batch, replay, grad=False)
             self.ops.native_draws = recorder.dtypes
+        self._params = {f"model.{n}": p for n, p in model.named_parameters()}
+        self._shadow: dict[str, Tensor] | None = None
         with torch.no_grad():
+            if self.float64 and self._owner is not None:
+                self._own = self._owner._own
+            elif self.float64:
+                self._shadow = self._float64_copy()
+                # a tensor of the shadow that is a copy (not the float64 parameter itself) is
+                # perturbed in place and restored by copying the parameter back (exact)
+                self._own = {k: v.data_ptr() != self._params[k].data_ptr() or v.numel() == 0
+                             for k, v in self._shadow.items() if v.is_floating_point()}
             if self.float64:
-                self.shadow = {
-                    f"model.{n}": p.detach().to(torch.float64).contiguous() if p.is_floating_point() else p.detach()
-                    for n, p in model.named_parameters()
-                }
                 self.buffers = {
                     f"model.{n}": b.to(torch.float64) if b.is_floating_point() else b
                     for n, b in replay.buffers.items()
                 }
                 self.inputs = _cast_floats(batch, torch.float64)
             else:  # the parameters themselves: perturbed points are always new tensors
-                self.shadow = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+                self._owner = None
+                self._shadow = {f"model.{n}": p.detach() for n, p in model.named_parameters()}
+                self._own = {}
                 self.buffers = {f"model.{n}": b for n, b in replay.buffers.items()}
                 self.inputs = batch
+
+    def _float64_copy(self) -> dict[str, Tensor]:
+        return {
+            k: p.detach().to(torch.float64).contiguous() if p.is_floating_point() else p.detach()
+            for k, p in self._params.items()
+        }
+
+    @property
+    def shadow(self) -> dict[str, Tensor]:
+        """The float64 copy of the parameters (the parameters themselves natively), made
+        again from the parameters (exactly) after :meth:`release`."""
+        if self._owner is not None:
+            return self._owner.shadow
+        if self._shadow is None:
+            with torch.no_grad():
+                self._shadow = self._float64_copy()
+        return self._shadow
+
+    def release(self) -> None:
+        """Free the float64 copy while the check runs native replays; :attr:`shadow` makes it again."""
+        if self.float64:
+            self._shadow = None
+
+    def in_place(self, key: str) -> bool:
+        """Whether tensor ``key`` of the shadow is a float64 copy that may be perturbed in place."""
+        return self._own.get(key, False)
+
+    @contextmanager
+    def moved(self, steps: Iterator[tuple[str, Callable[[Tensor], None]]]) -> Iterator[dict[str, Tensor]]:
+        """The shadow with ``move(theta)`` applied in place to tensor ``key`` for each
+        ``(key, move)`` of ``steps`` (taken one at a time, so only one tensor's temporaries
+        live at once); every moved tensor is restored on exit by copying the parameter back,
+        exactly. Only for tensors :meth:`in_place` allows."""
+        shadow = self.shadow
+        touched = []
+        try:
+            with torch.no_grad():
+                for key, move in steps:
+                    touched.append(key)
+                    move(shadow[key])
+            yield shadow
+        finally:
+            with torch.no_grad():
+                for key in touched:
+                    shadow[key].copy_(self._params[key].detach())
 
     @property
     def lossy(self) -> bool:
@@ -256,28 +312,56 @@ class _Evaluation:
         return loss, signature
 
     def base(
-        self, grad_map: Mapping[str, Tensor], reference: bool = True
-    ) -> tuple[Tensor, Any, dict[str, Tensor] | None]:
+        self, grad_map: Mapping[str, Tensor], reference: bool = True,
+        stats: Callable[[str, Tensor], Any] | None = None,
+    ) -> tuple[Tensor, Any, dict[str, Any] | None]:
         """Unperturbed loss, its signature, and in float64 (with ``reference``) the
-        reference gradient."""
+        reference gradient: per tensor the gradient itself, or with ``stats`` the value of
+        ``stats(name, g_ref)``, computed as the backward produces ``g_ref``, which is
+        then dropped (the reference gradient is never held whole)."""
         if self.own_reference:
             return None, None, None
         if not (self.float64 and reference):
             loss, signature = self(self.shadow)
             return loss.detach().to(torch.float64), signature, None
-        leaves = {f"model.{n}": self.shadow[f"model.{n}"].detach().requires_grad_(True) for n in grad_map}
-        loss, signature = self({**self.shadow, **leaves}, grad=True)
-        reference = None
-        if loss.requires_grad and loss.dtype == torch.float64:
-            try:
-                grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-            except RuntimeError:  # a backward without float64 support: judge against the gradient itself
-                grads = None
-            if grads is not None:
-                reference = {
-                    n: torch.zeros_like(leaves[f"model.{n}"]) if g is None else g.detach()
-                    for n, g in zip(grad_map, grads)
-                }
+        return self._reference(list(grad_map), list(grad_map), stats, record=True)
+
+    def reference(self, grad_map: Mapping[str, Tensor], names: list[str],
+                  stats: Callable[[str, Tensor], Any]) -> dict[str, Any] | None:
+        """``stats(name, g_ref)`` of the float64 reference gradient of each tensor of
+        ``names``, from a float64 forward and backward run again (the reference is not
+        kept between uses); None when its backward does not run in float64."""
+        return self._reference(list(grad_map), names, stats, record=False)[2]
+
+    def _reference(self, every: list[str], names: list[str], stats: Callable[[str, Tensor], Any] | None,
+                   record: bool) -> tuple[Tensor, Any, dict[str, Any] | None]:
+        leaves = {f"model.{n}": self.shadow[f"model.{n}"].detach().requires_grad_(True) for n in names}
+        results: dict[str, Any] = {}
+        handles = [] if stats is None else [
+            leaf.register_hook(_streamed(key[len("model."):], stats, results)) for key, leaf in leaves.items()
+        ]
+        try:
+            loss, signature = self({**self.shadow, **leaves}, grad=True, record=record)
+            reference = None
+            if loss.requires_grad and loss.dtype == torch.float64:
+                try:
+                    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+                except RuntimeError:  # a backward without float64 support: judge against the gradient itself
+                    grads = None
+                if grads is not None and stats is None:
+                    reference = {
+                        n: torch.zeros_like(leaves[f"model.{n}"]) if g is None else g.detach()
+                        for n, g in zip(names, grads)
+                    }
+                elif grads is not None:  # unused tensors: a zero gradient, never produced by the backward
+                    del grads
+                    reference = {
+                        n: results[n] if n in results else stats(n, torch.zeros_like(leaves[f"model.{n}"]))
+                        for n in names
+                    }
+        finally:
+            for handle in handles:
+                handle.remove()
         return loss.detach().to(torch.float64), signature, reference
 
     def losses_batched(self, key: str, points: list[Tensor]) -> Tensor | None:
@@ -331,6 +415,19 @@ class _Evaluation:
             return torch.func.vmap(one, randomness="same")(stacked)
 
 
+def _streamed(name: str, stats: Callable[[str, Tensor], Any], results: dict[str, Any]) -> Callable:
+    """A tensor hook that hands the gradient of ``name`` to ``stats`` and passes a zero of no
+    memory on (the returned gradient is not used): the backward frees each gradient at once."""
+
+    def hook(grad: Tensor | None) -> Tensor | None:
+        if grad is None:  # a backward that gives this tensor no gradient: a zero gradient, as unused
+            return None
+        results[name] = stats(name, grad.detach())
+        return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
+
+    return hook
+
+
 @contextmanager
 def _quiet_vmap_fallback() -> Iterator[None]:
     """Silence vmap's fallback warning for ops without a batching rule (such as
@@ -359,18 +456,33 @@ def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad:
 
 def _native_gradients(
     wrapper: _LossModule, batch: Any, replay: ReplayState, params: Mapping[str, Tensor], names: list[str],
-    recorder: Any = None,
-) -> tuple[Tensor, dict[str, Tensor]]:
+    recorder: Any = None, stats: Callable[[str, Tensor], Any] | None = None,
+) -> tuple[Tensor, dict[str, Any]]:
     """Replay ``loss_fn`` in the model's own precision at ``params`` (name -> value; the
     others keep the model's) and take autograd's gradient of ``names``.
 
     The values are fresh leaves, so tensor hooks on the parameters and code that edits
     ``.grad`` play no part: this is the training computation itself, as its kernels
-    round it. ``recorder``: a kink recorder context active during the forward.
+    round it. ``recorder``: a kink recorder context active during the forward. With
+    ``stats``, each gradient is handed to ``stats(name, g)`` as the backward produces it
+    and dropped; the values are returned instead of the gradients.
     """
     _restore_attrs(replay.attrs)
     _restore_rng(replay.rng)
     leaves = {n: params[n].detach().requires_grad_(True) for n in names}
+    results: dict[str, Any] = {}
+    handles = [] if stats is None else [leaf.register_hook(_streamed(n, stats, results)) for n, leaf in leaves.items()]
+    try:
+        return _native_pass(wrapper, batch, replay, params, leaves, recorder, stats, results)
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _native_pass(
+    wrapper: _LossModule, batch: Any, replay: ReplayState, params: Mapping[str, Tensor], leaves: dict[str, Tensor],
+    recorder: Any, stats: Callable[[str, Tensor], Any] | None, results: dict[str, Any],
+) -> tuple[Tensor, dict[str, Any]]:
     state = {f"model.{n}": v for n, v in params.items()}
     state.update({f"model.{n}": v for n, v in leaves.items()})
     state.update({f"model.{n}": b.clone() for n, b in replay.buffers.items()})
@@ -379,6 +491,8 @@ def _native_gradients(
     if not loss.requires_grad:
         return loss.detach(), {}
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
+    if stats is not None:
+        return loss.detach(), {n: results[n] for n, g in zip(leaves, grads) if g is not None}
     return loss.detach(), {n: g.detach() for n, g in zip(leaves, grads) if g is not None}
 
 

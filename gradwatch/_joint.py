@@ -36,15 +36,24 @@ from __future__ import annotations
 import copy
 import dataclasses
 import math
-from typing import Any, Callable, Mapping, NamedTuple
+from contextlib import contextmanager
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor
 
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _Judge, _loss_noise, _ratio, _summary
-from gradwatch._probing import _direction, _Excluded, _KinkRow, _locate, _probe
+from gradwatch._judging import _CHUNK, _Judge, _loss_noise, _nonfinite, _ratio, _spans, _summary
+from gradwatch._probing import (
+    _chunked_terms,
+    _direction,
+    _direction_chunks,
+    _Excluded,
+    _KinkRow,
+    _locate,
+    _probe,
+)
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.report import Probe, TensorCheck
 
@@ -74,68 +83,176 @@ def _tensor_seeds(seed: int, names: list[str]) -> list[int]:
 
 
 class _JointLine:
-    """Points ``θ + s·h·v`` of one joint probe over several tensors, and its terms ``<g_t, v_t>``."""
+    """Points ``θ + s·h·v`` of one joint probe over several tensors, and its terms ``<g_t, v_t>``.
+
+    Nothing tensor-sized is kept: each tensor's part of the direction is drawn again from
+    its seed when needed, and a point is made in place on the float64 shadow, one tensor
+    at a time, and undone by copying the parameters back (:meth:`_Evaluation.moved`)."""
 
     def __init__(
         self, ev: _Evaluation, names: list[str], seed: int, grads: Mapping[str, Tensor],
-        refs: Mapping[str, Tensor | None], base_step: float, excluded: Mapping[str, _Excluded] | None = None,
+        base_step: float, excluded: Mapping[str, _Excluded] | None = None,
     ) -> None:
+        self.ev = ev
         self.names = names
         self.keys = [f"model.{n}" for n in names]
         self.seeds = _tensor_seeds(seed, names)
+        self.grads = grads
         thetas = [ev.shadow[k] for k in self.keys]
         device = thetas[0].device
+        self.device = device
         self.dtypes = [t.dtype for t in thetas]
-        g64 = [grads[n].detach().to(device=t.device, dtype=torch.float64).reshape(t.shape) for n, t in zip(names, thetas)]
-        finite = [torch.isfinite(g).all() for g in g64]
-        g64 = [torch.where(torch.isfinite(g), g, torch.zeros_like(g)) for g in g64]
-        norms = torch.stack([g.norm().to(device) for g in g64])
+        self.masks = [excluded[n].mask if excluded and n in excluded else None for n in names]  # never probed
+        finite, norms = [], []
+        for i in range(len(names)):
+            if thetas[i].numel() > _CHUNK:  # a chunk at a time
+                sq = None
+                for _, _, g in self._g64_chunks(i, finite):
+                    sq = g.pow_(2).sum() if sq is None else sq + g.pow_(2).sum()
+                norms.append(sq.sqrt().to(device))
+                continue
+            g = self._g64(i, finite)
+            norms.append(g.norm().to(device))
+            del g
+        norms = torch.stack(norms)
         numel = torch.tensor([float(t.numel()) for t in thetas], dtype=torch.float64, device=device)
         rms = (norms.pow(2).sum() / numel.sum()).sqrt()
         eff = torch.maximum(norms, _WEIGHT_FLOOR * rms * numel.sqrt()).clamp_min(1e-300)
         weights = eff.min() / eff
         weights = torch.where(torch.stack([f.to(device) for f in finite]), weights, torch.zeros_like(weights))
-        self.theta64 = [t.to(torch.float64) for t in thetas]
-        masks = [excluded[n].mask if excluded and n in excluded else None for n in names]  # never probed elements
-        self.v = [_direction(t, s, m) * weights[i].to(t.device)
-                  for i, (t, s, m) in enumerate(zip(thetas, self.seeds, masks))]
         self.weights = weights
-        sq = sum((t if m is None else torch.where(m, t, 0.0)).pow(2).sum().to(device) for t, m in zip(self.theta64, masks))
-        count = sum(float(t.numel()) if m is None else m.sum().to(device) for t, m in zip(thetas, masks))
+        sq, count = 0, 0
+        for t, m in zip(thetas, self.masks):
+            if t.numel() > _CHUNK:
+                flat, fm = t.reshape(-1), (m.reshape(-1) if m is not None else None)
+                for lo, hi in _spans(t.numel()):
+                    c = flat[lo:hi].to(torch.float64)
+                    sq = sq + (c if fm is None else torch.where(fm[lo:hi], c, 0.0)).pow(2).sum().to(device)
+                count = count + (float(t.numel()) if m is None else m.sum().to(device))
+                continue
+            t64 = t.to(torch.float64)
+            sq = sq + (t64 if m is None else torch.where(m, t64, 0.0)).pow(2).sum().to(device)
+            count = count + (float(t.numel()) if m is None else m.sum().to(device))
+            del t64
+        del thetas
         self.h0 = _FIRST * base_step * torch.clamp((sq / count).sqrt(), min=1.0)
         self.h = self.h0
-        self.g64 = g64
-        terms = [g * v for g, v in zip(g64, self.v)]
-        self.a_t = [t.sum().to(device) for t in terms]  # per tensor, for group testing
+        a_t, rss, vnorm = [], [], []
+        for i in range(len(names)):
+            if self.ev.shadow[self.keys[i]].numel() > _CHUNK:  # a chunk of g and v at a time
+                a_i = sq_i = vsq_i = None
+                for (_, _, g), (_, _, v) in zip(self._g64_chunks(i), self._chunks(i)):
+                    vsq_c = v.pow(2).sum()
+                    t = g.mul_(v)
+                    a_c, sq_c = t.sum(), t.pow_(2).sum()
+                    a_i, sq_i, vsq_i = ((a_c, sq_c, vsq_c) if a_i is None else (a_i + a_c, sq_i + sq_c, vsq_i + vsq_c))
+                a_t.append(a_i.to(device))
+                rss.append(sq_i.to(device))
+                vnorm.append(vsq_i.to(device))
+                continue
+            v = self.direction(i)
+            term = self._g64(i).mul_(v)  # <g_t, v_t> term by term
+            a_t.append(term.sum().to(device))
+            rss.append(term.pow_(2).sum().to(device))
+            vnorm.append(v.pow_(2).sum().to(device))
+            del v, term
+        self.a_t = a_t  # per tensor, for group testing
         self.a = torch.stack(self.a_t).sum()
-        self.rss = torch.stack([t.pow(2).sum().to(device) for t in terms]).sum().sqrt()
-        self.vnorm = torch.stack([v.pow(2).sum().to(device) for v in self.v]).sum().sqrt()
-        del terms
+        self.rss = torch.stack(rss).sum().sqrt()
+        self.vnorm = torch.stack(vnorm).sum().sqrt()
         self.a_ref_t = self.a_ref = self.rss_ref = None
-        if all(refs.get(n) is not None for n in names):
-            rterms = [refs[n].to(torch.float64).reshape(v.shape) * v for n, v in zip(names, self.v)]
-            self.a_ref_t = [t.sum().to(device) for t in rterms]
-            self.a_ref = torch.stack(self.a_ref_t).sum()
-            self.rss_ref = torch.stack([t.pow(2).sum().to(device) for t in rterms]).sum().sqrt()
 
-    def point(self, s: float, lo: int = 0, hi: int | None = None) -> dict[str, Tensor]:
-        """The perturbed values of tensors ``lo:hi`` at ``θ + s·h·v``."""
+    def _g64(self, i: int, finite: list | None = None) -> Tensor:
+        """The gradient of tensor ``i`` in float64 (a copy), zero where it is not finite."""
+        theta = self.ev.shadow[self.keys[i]]
+        g = self.grads[self.names[i]].detach().to(device=theta.device, dtype=torch.float64, copy=True)
+        g = g.reshape(theta.shape)
+        bad = _nonfinite(g)
+        if finite is not None:
+            finite.append(~bad.any())
+        return g.masked_fill_(bad, 0.0)
+
+    def _g64_chunks(self, i: int, finite: list | None = None) -> Iterator[tuple[int, int, Tensor]]:
+        """:meth:`_g64` a chunk at a time (flat index); appends the finite flag after the last."""
+        theta = self.ev.shadow[self.keys[i]]
+        flat = self.grads[self.names[i]].detach().reshape(-1)
+        bad_any = None
+        for lo, hi in _spans(theta.numel()):
+            g = flat[lo:hi].to(device=theta.device, dtype=torch.float64, copy=True)
+            bad = ~torch.isfinite(g)
+            bad_any = bad.any() if bad_any is None else bad_any | bad.any()
+            yield lo, hi, g.masked_fill_(bad, 0.0)
+        if finite is not None:
+            finite.append(~bad_any)
+
+    def _chunks(self, i: int) -> Iterator[tuple[int, int, Tensor]]:
+        """:meth:`direction` a chunk at a time (flat index)."""
+        theta = self.ev.shadow[self.keys[i]]
+        w = self.weights[i].to(theta.device)
+        for lo, hi, v in _direction_chunks(theta, self.seeds[i], self.masks[i]):
+            yield lo, hi, v.mul_(w)
+
+    def direction(self, i: int) -> Tensor:
+        """Tensor ``i``'s part of the direction, drawn again from its seed."""
+        theta = self.ev.shadow[self.keys[i]]
+        return _direction(theta, self.seeds[i], self.masks[i]).mul_(self.weights[i].to(theta.device))
+
+    def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
+        """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""
+        i = self.names.index(name)
+        if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
+            a_ref, sq, _ = _chunked_terms(g_ref, self._chunks(i))
+            return a_ref.to(self.device), sq.to(self.device)
+        v = self.direction(i)
+        # in place when the layouts agree; a strided g_ref sets the order of the sum, as it always did
+        term = v.mul_(g_ref) if g_ref.is_contiguous() else g_ref.to(torch.float64).reshape(v.shape) * v
+        return term.sum().to(self.device), term.pow_(2).sum().to(self.device)
+
+    def set_reference(self, terms: list[tuple[Tensor, Tensor]]) -> None:
+        """The reference terms of every tensor, in order (from :meth:`reference_terms`)."""
+        self.a_ref_t = [a for a, _ in terms]
+        self.a_ref = torch.stack(self.a_ref_t).sum()
+        self.rss_ref = torch.stack([sq for _, sq in terms]).sum().sqrt()
+
+    @contextmanager
+    def at(self, s: float, lo: int = 0, hi: int | None = None) -> Iterator[tuple[dict, dict | None]]:
+        """The state at ``θ + s·h·v`` moved along tensors ``lo:hi``, and the points that
+        were rounded to a lower precision (for :meth:`difference`; None when there are none)."""
         hi = len(self.keys) if hi is None else hi
-        return {self.keys[i]: (self.theta64[i] + (s * self.h) * self.v[i]).to(self.dtypes[i]) for i in range(lo, hi)}
+        ev = self.ev
+        inside = [i for i in range(lo, hi) if ev.in_place(self.keys[i])]
+        points = {}
+        for i in range(lo, hi):
+            if not ev.in_place(self.keys[i]):
+                theta64 = ev.shadow[self.keys[i]].to(torch.float64)
+                points[self.keys[i]] = (theta64 + (s * self.h) * self.direction(i)).to(self.dtypes[i])
+
+        def move(i: int) -> Callable[[Tensor], None]:
+            def apply(theta: Tensor) -> None:
+                if theta.numel() > _CHUNK:  # elementwise: the same values a chunk at a time
+                    flat = theta.view(-1)
+                    for lo, hi, v in self._chunks(i):
+                        flat[lo:hi].add_((s * self.h) * v)
+                    return
+                theta.add_((s * self.h) * self.direction(i))
+            return apply
+
+        with ev.moved((self.keys[i], move(i)) for i in inside) as shadow:
+            yield {**shadow, **points}, (points if any(d != torch.float64 for d in self.dtypes) else None)
 
     def difference(self, up: Tensor, down: Tensor, points: tuple[dict, dict] | None, s: float,
                    lo: int = 0, hi: int | None = None) -> Tensor:
         """``D(s·h)`` of tensors ``lo:hi`` along the nominal direction (rounded points corrected natively)."""
         hi = len(self.keys) if hi is None else hi
         nominal = (up.to(torch.float64) - down.to(torch.float64)) / (2 * s * self.h)
-        if all(d == torch.float64 for d in self.dtypes) or points is None:
+        if all(d == torch.float64 for d in self.dtypes) or points is None or points[0] is None:
             return nominal
         width = 2 * s * self.h
         fix = 0.0
         for i in range(lo, hi):
             key = self.keys[i]
             taken = (points[0][key].to(torch.float64) - points[1][key].to(torch.float64)) / width
-            fix = fix + (self.a_t[i] - (self.g64[i] * taken).sum())
+            fix = fix + (self.a_t[i] - (self._g64(i) * taken).sum())
         return nominal + fix
 
 
@@ -150,21 +267,31 @@ class _JointRow(NamedTuple):
     attempts: int
 
 
-def _joint_probes(
-    ev: _Evaluation, grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], seed: int, count: int,
-    step: float | None, signature: Any, loss0: Tensor | None, host: _HostValues,
+def _joint_lines(
+    ev: _Evaluation, grads: Mapping[str, Tensor], seed: int, count: int, step: float | None,
     excluded: Mapping[str, _Excluded] | None = None,
-) -> list[_JointRow]:
-    """Evaluate ``count`` joint probes over every tensor of ``grads``; their device values
-    join ``host`` (the check's one transfer). A probe that crossed a kink is redone at a
-    smaller step (one small transfer per retry, see the module notes)."""
+) -> list[tuple[int, _JointLine]]:
+    """The ``count`` joint directions of a check over every tensor of ``grads``, with their seeds
+    (made before the reference backward, which adds their reference terms)."""
     names = list(grads)
     if not names or count <= 0:
         return []
     out = []
     for jseed in _joint_seeds(seed, count):
         base = step if step is not None else ev.step(ev.shadow[f"model.{names[0]}"].dtype)
-        line = _JointLine(ev, names, jseed, grads, refs, base, excluded)
+        out.append((jseed, _JointLine(ev, names, jseed, grads, base, excluded)))
+    return out
+
+
+def _joint_probes(
+    ev: _Evaluation, lines: list[tuple[int, _JointLine]], signature: Any, loss0: Tensor | None, host: _HostValues,
+) -> list[_JointRow]:
+    """Evaluate the joint probes ``lines`` (:func:`_joint_lines`); their device values
+    join ``host`` (the check's one transfer). A probe that crossed a kink is redone at a
+    smaller step (one small transfer per retry, see the module notes)."""
+    out = []
+    for jseed, line in lines:
+        names = line.names
         for attempt in range(_RETRIES + 1):
             line.h = line.h0 * _SHRINK**attempt
             values, kinks = _evaluate(ev, line, signature, loss0)
@@ -185,16 +312,16 @@ def _evaluate(ev: _Evaluation, line: _JointLine, signature: Any, loss0: Tensor |
     points: dict[float, dict] = {}
     ref = signature
     if ev.own_reference:  # no unperturbed pass: the +h pass is the kink reference
-        points[1.0] = line.point(1.0)
-        loss, ref = ev({**ev.shadow, **points[1.0]})
+        with line.at(1.0) as (state, points[1.0]):
+            loss, ref = ev(state)
         losses[1.0] = loss.to(torch.float64)
     kinks = _ProbeKinks(ref, line.h0.device) if ref is not None else None
     for s in ev.signs:
         if s in losses:
             continue
-        points[s] = line.point(s)
         pass_kinks = kinks.next_pass(margins=abs(s) == 2.0) if kinks is not None else None
-        loss, _ = ev({**ev.shadow, **points[s]}, kinks=pass_kinks, record=False)
+        with line.at(s) as (state, points[s]):
+            loss, _ = ev(state, kinks=pass_kinks, record=False)
         losses[s] = loss.to(torch.float64)
     n1 = line.difference(losses[1.0], losses[-1.0], (points[1.0], points[-1.0]), 1.0)
     out = {
@@ -234,9 +361,10 @@ def _group(ev: _Evaluation, judge: _Judge, row: _JointRow, probe: Probe) -> str:
     lo, hi = 0, len(line.names)
     while hi - lo > 1:
         mid = (lo + hi) // 2
-        up_pt, down_pt = line.point(1.0, lo, mid), line.point(-1.0, lo, mid)
-        up, _ = ev({**ev.shadow, **up_pt}, record=False)
-        down, _ = ev({**ev.shadow, **down_pt}, record=False)
+        with line.at(1.0, lo, mid) as (state, up_pt):
+            up, _ = ev(state, record=False)
+        with line.at(-1.0, lo, mid) as (state, down_pt):
+            down, _ = ev(state, record=False)
         level = _HostValues(judge.reduce)  # the same decision on every process
         i = level.add(line.difference(up, down, (up_pt, down_pt), 1.0, lo, mid) - torch.stack(cmp[lo:mid]).sum())
         left = level.fetch()[i]

@@ -73,32 +73,106 @@ _SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2,
 _FOURTH_DIFF_NOISE = math.sqrt(70.0)
 
 
+#: Elements :func:`_nonfinite` and :func:`_moved` take at once (bounds their temporaries).
+_CHUNK = 1 << 20
+
+
+def _spans(n: int) -> list[tuple[int, int]]:
+    """The chunks ``[lo, hi)`` of :data:`_CHUNK` elements a tensor of ``n`` elements is taken
+    in (a tail under 16 elements joins the last chunk: drawn in chunks of a multiple of 16,
+    at least 16 each, CPU normal draws equal those of one call)."""
+    out, lo = [], 0
+    while lo < n:
+        hi = min(n, lo + _CHUNK)
+        if n - hi < 16:
+            hi = n
+        out.append((lo, hi))
+        lo = hi
+    return out
+
+
+def _nonfinite(t: Tensor) -> Tensor:
+    """``~torch.isfinite(t)``, a chunk at a time for a large contiguous tensor (``isfinite``
+    makes a temporary of ``t``'s size, ``|t|``)."""
+    t = t.detach()
+    if t.numel() <= _CHUNK or not t.is_contiguous():
+        return ~torch.isfinite(t)
+    out = torch.empty(t.shape, dtype=torch.bool, device=t.device)
+    flat, dest = t.reshape(-1), out.view(-1)
+    for lo in range(0, flat.numel(), _CHUNK):
+        dest[lo : lo + _CHUNK] = ~torch.isfinite(flat[lo : lo + _CHUNK])
+    return out
+
+
 def _grad_stats(g: Tensor, host: _HostValues) -> tuple[int, int]:
-    bad = ~torch.isfinite(g.detach()).reshape(-1)
+    bad = _nonfinite(g).reshape(-1)
     return host.add(bad.any()), host.add(bad.to(torch.uint8).argmax())
 
 
 def _gap(g: Tensor, g_ref: Tensor, host: _HostValues) -> dict[str, int]:
     """Distance of the gradient under test from the float64 reference, and where it is largest."""
-    g = g.detach().to(device=g_ref.device, dtype=torch.float64).reshape(g_ref.shape)
-    diff = (g - g_ref).reshape(-1)
-    worst = diff.abs().argmax()
-    out = {
-        "gap": diff.norm(),
-        "ref_norm": g_ref.norm(),
-        "ref_rms": g_ref.pow(2).mean().sqrt() if g_ref.numel() else g_ref.new_zeros(()),
-        "worst": worst,
-        "ref_bad": (~torch.isfinite(g_ref)).any(),
+    return {k: host.add(v) for k, v in _gap_values(g, g_ref).items()}
+
+
+def _gap_values(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
+    """:func:`_gap`'s device values, with one tensor-sized float64 temporary at a time
+    (computed while the reference backward produces ``g_ref``)."""
+    if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk at a time
+        return _chunked_gap(g, g_ref)
+    diff = g.detach().to(device=g_ref.device, dtype=torch.float64, copy=True).reshape(-1)
+    diff.sub_(g_ref.reshape(-1))
+    out = {"gap": diff.norm(), "worst": diff.abs_().argmax()}
+    del diff
+    out["ref_norm"] = g_ref.norm()
+    out["ref_rms"] = g_ref.pow(2).mean().sqrt() if g_ref.numel() else g_ref.new_zeros(())
+    out["ref_bad"] = _nonfinite(g_ref).any()
+    return out
+
+
+def _chunked_gap(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
+    """:func:`_gap_values` of a large tensor, a chunk at a time (sums of chunk sums)."""
+    flat_g, flat_r = g.detach().reshape(-1), g_ref.reshape(-1)
+    gap = ref = None
+    maxima, where = [], []
+    for lo, hi in _spans(g_ref.numel()):
+        r = flat_r[lo:hi]
+        d = flat_g[lo:hi].to(device=g_ref.device, dtype=torch.float64, copy=True).sub_(r)
+        gap_c, ref_c = d.pow(2).sum(), r.pow(2).sum()
+        gap, ref = (gap_c, ref_c) if gap is None else (gap + gap_c, ref + ref_c)
+        m, j = d.abs_().max(0)
+        maxima.append(m)
+        where.append(j + lo)
+    return {
+        "gap": gap.sqrt(),
+        "worst": torch.stack(where)[torch.stack(maxima).argmax()],
+        "ref_norm": ref.sqrt(),
+        "ref_rms": (ref / g_ref.numel()).sqrt(),
+        "ref_bad": _nonfinite(g_ref).any(),
     }
-    return {k: host.add(v) for k, v in out.items()}
 
 
-def _gradient_rms(grad_map: Mapping[str, Tensor], host: _HostValues) -> int:
+def _square_sum(g: Tensor) -> Tensor:
+    """Sum of the squares of the finite elements of ``g``, in float64 (one float64
+    temporary, or one chunk of it for a large tensor)."""
+    if g.numel() > _CHUNK and g.is_contiguous():
+        flat, total = g.detach().reshape(-1), None
+        for lo, hi in _spans(g.numel()):
+            t = flat[lo:hi].to(torch.float64, copy=True)
+            part = t.masked_fill_(~torch.isfinite(t), 0.0).pow_(2).sum()
+            total = part if total is None else total + part
+        return total
+    t = g.detach().to(torch.float64, copy=True)
+    return t.masked_fill_(_nonfinite(t), 0.0).pow_(2).sum()
+
+
+def _gradient_rms(grad_map: Mapping[str, Tensor], host: _HostValues,
+                  squares: Mapping[str, Tensor] | None = None) -> int:
+    """RMS of the finite elements of every gradient of ``grad_map`` (``squares``: their
+    :func:`_square_sum`, when computed already)."""
     total = None
     count = 0
-    for g in grad_map.values():
-        g = g.detach()
-        sq = torch.where(torch.isfinite(g), g, torch.zeros_like(g)).to(torch.float64).pow(2).sum()
+    for name, g in grad_map.items():
+        sq = squares[name] if squares is not None else _square_sum(g)
         total = sq if total is None else total + sq.to(total.device)
         count += g.numel()
     return host.add((total / max(count, 1)).sqrt())
@@ -234,28 +308,36 @@ def _measure_spread(
             device = signature.codes[0].device
             kinks = _ProbeKinks(signature, device).next_pass(margins=False)
         recorder = ev.recorder.compare_into(kinks) if kinks is not None else None
-        loss0, g0 = _native_gradients(ev.wrapper, ev.batch, ev.replay, params, names, recorder)
+        ev.release()  # the float64 copy is not needed by native replays (made again when needed)
         moved = {}
         for i, (n, p) in enumerate(params.items()):
             if not p.is_floating_point() or p.numel() == 0:
                 moved[n] = p
                 continue
             gen = torch.Generator(device=p.device).manual_seed((seed + 7919 * i) % 2**62)
-            sign = torch.randint(0, 2, p.shape, generator=gen, device=p.device).to(torch.float64) * 2 - 1
-            p64 = p.detach().to(torch.float64)
-            step = _SPREAD_ULPS * float(torch.finfo(p.dtype).eps) * p64.abs()
-            moved[n] = (p64 + step * sign).to(p.dtype)
+            sign = torch.randint(0, 2, p.shape, generator=gen, device=p.device, dtype=torch.int8)
+            moved[n] = _moved(p.detach(), sign, _SPREAD_ULPS * float(torch.finfo(p.dtype).eps))
+            del sign
+        # θ' first, its gradient kept; then θ, each gradient compared as the backward produces it
         loss1, g1 = _native_gradients(ev.wrapper, ev.batch, ev.replay, moved, names)
+        del moved
+
+        def spread(name: str, a: Tensor) -> Tensor:
+            b = g1.get(name)
+            if b is None:
+                return None
+            d = a.to(torch.float64, copy=True).reshape(-1)
+            d.sub_(b.reshape(-1))
+            return d.masked_fill_(_nonfinite(d), 0.0).norm()
+
+        loss0, g0 = _native_gradients(ev.wrapper, ev.batch, ev.replay, params, names, recorder, stats=spread)
+        del g1
     except Exception:  # noqa: BLE001 (a replay that cannot run: keep the fixed tolerance)
         return None
     grads = {}
     for n in names:
-        a, b = g0.get(n), g1.get(n)
-        if a is None or b is None:
-            grads[n] = host.add(0.0)
-        else:
-            d = (a.to(torch.float64) - b.to(torch.float64)).reshape(-1)
-            grads[n] = host.add(torch.where(torch.isfinite(d), d, torch.zeros_like(d)).norm())
+        d = g0.get(n)
+        grads[n] = host.add(0.0) if d is None else host.add(d)
     return _Spread(
         grads=grads,
         loss=host.add((loss0.to(torch.float64) - loss1.to(torch.float64)).abs()),
@@ -265,6 +347,20 @@ def _measure_spread(
         diverged=kinks.diverged if kinks is not None else None,
         diverged_flag=host.add(float(kinks is not None and kinks.diverged is not None)),
     )
+
+
+def _moved(p: Tensor, sign: Tensor, rel: float) -> Tensor:
+    """``(p64 + rel·|p64|·(2·sign - 1)).to(p.dtype)`` with ``p64`` the float64 value of ``p``,
+    computed a chunk of :data:`_CHUNK` elements at a time (the same values as at once)."""
+    if not p.is_contiguous():
+        p64 = p.to(torch.float64)
+        return (p64 + rel * p64.abs() * (sign.to(torch.float64) * 2 - 1)).to(p.dtype)
+    out = torch.empty_like(p)
+    flat, signs, dest = p.reshape(-1), sign.reshape(-1), out.view(-1)
+    for lo in range(0, flat.numel(), _CHUNK):
+        p64 = flat[lo : lo + _CHUNK].to(torch.float64)
+        dest[lo : lo + _CHUNK] = (p64 + rel * p64.abs() * (signs[lo : lo + _CHUNK].to(torch.float64) * 2 - 1)).to(p.dtype)
+    return out
 
 
 def _loss_spread(spread: _Spread | None, values: list[float], native: float | None) -> float:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradwatch._evaluation import _Evaluation, _HostValues
 
-from gradwatch._judging import _NOISE_ULPS, _Judge, _loss_noise, _ratio
+from gradwatch._judging import _CHUNK, _NOISE_ULPS, _Judge, _loss_noise, _ratio, _spans
 from gradwatch.kinks import _ProbeKinks, _Reference
 from gradwatch.report import Probe, TensorCheck
 
@@ -171,13 +171,18 @@ def _resample(
         flags = {name: [round_host.add(k.kinks.any_crossed()) for k in ks] for name, ks in pending.items()}
         values = round_host.fetch()
         pending = {}
+        drawn = {}
         for name, idx in flags.items():
             numel = grad_map[name].numel()
             n = min(sum(values[i] > 0 for i in idx), left[name], numel - len(taken[name]))
             if n <= 0:
                 continue
-            fresh = _sample_excluding(numel, n, gen, taken[name])
+            drawn[name] = _sample_excluding(numel, n, gen, taken[name])
             left[name] -= n
+        views = {n: r for n, r in refs.items() if isinstance(r, _RefView) and n in drawn}
+        if views:  # the reference at the fresh coordinates: one float64 backward for all tensors
+            next(iter(views.values())).source.fetch(views, {n: [("coordinate", i) for i in drawn[n]] for n in views})
+        for name, fresh in drawn.items():
             start = len(kink_log[name])
             rows[name] += _probe_tensor(ev, name, grad_map[name], refs[name], [("coordinate", i) for i in fresh], step,
                                         ref, loss0, host, kink_log[name], replacement=True,
@@ -220,12 +225,42 @@ def _sample(n: int, k: int, gen: torch.Generator) -> list[int]:
     return chosen
 
 
+def _direction_chunks(theta: Tensor, seed: int, mask: Tensor | None = None) -> Iterator[tuple[int, int, Tensor]]:
+    """:func:`_direction` a chunk at a time, ``(lo, hi, values)`` over the flat index: the
+    direction of a large tensor without holding it."""
+    gen = torch.Generator(device=theta.device).manual_seed(seed)
+    flat_mask = mask.reshape(-1) if mask is not None else None
+    for lo, hi in _spans(theta.numel()):
+        v = torch.randn(hi - lo, generator=gen, device=theta.device, dtype=torch.float64)
+        yield lo, hi, (v if flat_mask is None else v.masked_fill_(~flat_mask[lo:hi], 0.0))
+
+
 def _direction(theta: Tensor, seed: int, mask: Tensor | None = None) -> Tensor:
     """The Gaussian direction of a direction probe, in float64 on the parameter's device,
-    zero where ``mask`` (the eligible elements, :class:`_Excluded`) is False."""
+    zero where ``mask`` (the eligible elements, :class:`_Excluded`) is False. A tensor of
+    more than :data:`_CHUNK` elements is drawn a chunk at a time (:func:`_direction_chunks`)."""
+    if theta.numel() > _CHUNK:
+        v = torch.empty(theta.shape, device=theta.device, dtype=torch.float64)
+        flat = v.view(-1)
+        for lo, hi, part in _direction_chunks(theta, seed, mask):
+            flat[lo:hi] = part
+        return v
     gen = torch.Generator(device=theta.device).manual_seed(seed)
     v = torch.randn(theta.shape, generator=gen, device=theta.device, dtype=torch.float64)
     return v if mask is None else v.masked_fill_(~mask, 0.0)
+
+
+def _chunked_terms(g: Tensor, chunks: Iterator[tuple[int, int, Tensor]]) -> tuple[Tensor, Tensor, Tensor]:
+    """``Σ g·v``, ``Σ (g·v)²`` and ``Σ v²`` over ``chunks`` of ``v`` (flat index), in float64,
+    without a temporary of ``g``'s size."""
+    flat = g.detach().reshape(-1)
+    a = sq = vsq = None
+    for lo, hi, v in chunks:
+        vsq_c = v.pow(2).sum()
+        t = v.mul_(flat[lo:hi])
+        a_c, sq_c = t.sum(), t.pow_(2).sum()
+        a, sq, vsq = (a_c, sq_c, vsq_c) if a is None else (a + a_c, sq + sq_c, vsq + vsq_c)
+    return a, sq, vsq
 
 
 def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | None) -> Tensor:
@@ -237,8 +272,84 @@ def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | Non
     return base_step * torch.clamp(rms, min=1.0)
 
 
+def _ref_terms(g_ref: Tensor, spec: tuple[str, int], mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    """``<g_ref, v>`` and ``‖g_ref∘v‖`` of probe ``spec`` (one tensor of ``g_ref``'s size at most)."""
+    kind, value = spec
+    if kind == "coordinate":
+        a_ref = g_ref.reshape(-1)[value].to(torch.float64).clone()  # not a view: g_ref is freed
+        return a_ref, a_ref.abs()
+    if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
+        a_ref, sq, _ = _chunked_terms(g_ref, _direction_chunks(g_ref, value, mask))
+        return a_ref, sq.sqrt()
+    v = _direction(g_ref, value, mask)
+    # in place when the layouts agree; a strided g_ref sets the order of the sum, as it always did
+    rv = v.mul_(g_ref) if g_ref.is_contiguous() else g_ref.to(torch.float64) * v
+    return rv.sum(), rv.norm()
+
+
+class _References:
+    """The float64 reference gradient of a check, without holding it whole.
+
+    The terms the planned probes need are computed while the backward produces each
+    tensor's reference (:meth:`gradwatch._evaluation._Evaluation.base` with ``stats``);
+    what is needed later (replacement coordinates, the bisection of a failure) is taken
+    from a float64 backward run again. Under data parallelism the reference is the mean
+    over processes, held whole (``held``).
+    """
+
+    def __init__(self, ev: _Evaluation, every: Mapping[str, Tensor], masks: Mapping[str, _Excluded] | None,
+                 held: Mapping[str, Tensor] | None = None) -> None:
+        self.ev = ev
+        self.every = every
+        self.masks = masks or {}
+        self.held = held
+
+    def run(self, names: list[str], stats: Callable[[str, Tensor], Any]) -> dict[str, Any]:
+        if self.held is not None:
+            return {n: stats(n, self.held[n]) for n in names}
+        out = self.ev.reference(self.every, names, stats)
+        if out is None:
+            raise RuntimeError("gradwatch: the float64 reference gradient could not be computed again")
+        return out
+
+    def fetch(self, views: Mapping[str, "_RefView"], wanted: Mapping[str, list]) -> None:
+        """Add the terms of probes ``wanted`` (name -> specs) to ``views``, one backward for all."""
+        wanted = {n: [s for s in specs if s not in views[n].terms] for n, specs in wanted.items() if n in views}
+        wanted = {n: specs for n, specs in wanted.items() if specs}
+        if not wanted:
+            return
+
+        def stats(name: str, g_ref: Tensor) -> dict:
+            mask = self.masks[name].mask if name in self.masks else None
+            return {spec: _ref_terms(g_ref, spec, mask) for spec in wanted[name]}
+
+        for name, terms in self.run(list(wanted), stats).items():
+            views[name].terms.update(terms)
+
+
+class _RefView:
+    """The float64 reference of one tensor: the terms of its probes, and the tensor on demand."""
+
+    def __init__(self, name: str, terms: dict, source: _References) -> None:
+        self.name = name
+        self.terms = terms  # spec -> (<g_ref, v>, ‖g_ref∘v‖)
+        self.source = source
+
+    def of(self, spec: tuple[str, int]) -> tuple[Tensor, Tensor]:
+        if spec not in self.terms:
+            self.source.fetch({self.name: self}, {self.name: [spec]})
+        return self.terms[spec]
+
+    def tensor(self) -> Tensor:
+        """The whole reference gradient of this tensor (a float64 backward run again)."""
+        return self.source.run([self.name], lambda name, g: g)[self.name]
+
+
 class _Line:
-    """Points ``θ + s·h·v`` of one probe, as the evaluation dtype can hold them."""
+    """Points ``θ + s·h·v`` of one probe, as the evaluation dtype can hold them.
+
+    When the evaluation allows it (a float64 copy), a point is made in place on the
+    shadow and undone by copying the parameter back: no tensor-sized copy per point."""
 
     def __init__(self, theta: Tensor, kind: str, value: Any, base_step: float,
                  excluded: _Excluded | None = None) -> None:
@@ -261,18 +372,47 @@ class _Line:
             return out
         return (self.theta64 + (s * self.h) * self.v).to(self.theta.dtype)
 
-    def run(self, ev: _Evaluation, key: str, s: float, kinks: _ProbeKinks | None) -> tuple[Tensor, Tensor]:
-        point = self.point(s)
+    def kept(self, point: Tensor) -> Tensor | None:
+        """What :func:`_difference` needs of a point: a coordinate's element; a direction's
+        point when rounded to a lower precision; else nothing."""
+        if self.v is None:
+            return point.reshape(-1)[self.index].clone()
+        return point if point.dtype != torch.float64 else None
+
+    def _move(self, s: float) -> Callable[[Tensor], None]:
+        if self.v is None:
+            def move(theta: Tensor) -> None:
+                theta.view(-1)[self.index] = (self.orig + s * self.h).to(theta.dtype)
+        else:
+            def move(theta: Tensor) -> None:
+                if theta.numel() > _CHUNK:  # elementwise, so the same values a chunk at a time
+                    flat, v = theta.view(-1), self.v.reshape(-1)
+                    for lo, hi in _spans(theta.numel()):
+                        flat[lo:hi].add_((s * self.h) * v[lo:hi])
+                    return
+                theta.add_((s * self.h) * self.v)  # the same rounding as θ + (s·h)·v
+        return move
+
+    def _at(self, ev: _Evaluation, key: str, s: float, **kwargs: Any) -> tuple[Tensor, Any, Tensor | None]:
+        if not ev.in_place(key):
+            point = self.point(s)
+            loss, signature = ev({**ev.shadow, key: point}, **kwargs)
+            return loss, signature, self.kept(point)
+        with ev.moved([(key, self._move(s))]) as shadow:
+            kept = self.kept(shadow[key])
+            loss, signature = ev(shadow, **kwargs)
+        return loss, signature, kept
+
+    def run(self, ev: _Evaluation, key: str, s: float, kinks: _ProbeKinks | None) -> tuple[Tensor, Tensor | None]:
         # margins in the ±2h passes (those that move furthest towards a kink); none without them
         pass_kinks = kinks.next_pass(margins=abs(s) == 2.0) if kinks is not None else None
-        loss, _ = ev({**ev.shadow, key: point}, kinks=pass_kinks, record=False)
-        return loss.to(torch.float64), point
+        loss, _, kept = self._at(ev, key, s, kinks=pass_kinks, record=False)
+        return loss.to(torch.float64), kept
 
-    def record(self, ev: _Evaluation, key: str) -> tuple[Tensor, Tensor, _Reference | None]:
+    def record(self, ev: _Evaluation, key: str) -> tuple[Tensor, Tensor | None, _Reference | None]:
         """The ``+h`` pass, recorded as the kink reference of the probe's other pass."""
-        point = self.point(1.0)
-        loss, signature = ev({**ev.shadow, key: point})
-        return loss.to(torch.float64), point, signature
+        loss, signature, kept = self._at(ev, key, 1.0)
+        return loss.to(torch.float64), kept, signature
 
 
 def _probe_tensor(
@@ -299,19 +439,39 @@ def _probe(
     key = f"model.{name}"
     theta = ev.shadow[key]
     base_step = step if step is not None else ev.step(theta.dtype)
+    line = _Line(theta, kind, None if kind == "direction" else value, base_step, excluded)  # its step first
     v = _direction(theta, value, excluded.mask if excluded is not None else None) if kind == "direction" else None
-    line = _Line(theta, kind, v if v is not None else value, base_step, excluded)
+    line.v = v
+    terms = g_ref.of(spec) if isinstance(g_ref, _RefView) else None
     if v is None:
         g = None
         a = grad.detach().reshape(-1)[value].to(device=theta.device, dtype=torch.float64)
         rss, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=theta.device)
-        a_ref = g_ref.reshape(-1)[value].to(torch.float64) if g_ref is not None else None
-        rss_ref = a_ref.abs() if a_ref is not None else None
+        if terms is not None:
+            a_ref, rss_ref = terms
+        else:
+            a_ref = g_ref.reshape(-1)[value].to(torch.float64) if g_ref is not None else None
+            rss_ref = a_ref.abs() if a_ref is not None else None
     else:
-        g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
-        gv = g * v
-        a, rss, vnorm = gv.sum(), gv.norm(), v.norm()
-        if g_ref is not None:
+        if theta.dtype == torch.float64 and theta.numel() > _CHUNK:  # no temporary of the tensor's size
+            g = None
+            flat_v = v.reshape(-1)
+            a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
+                                                              for lo, hi in _spans(theta.numel())))
+            gv = None
+            rss, vnorm = sq.sqrt(), v.norm()
+        elif theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
+            g = None
+            gv = grad.detach().to(device=theta.device, dtype=torch.float64, copy=True).reshape(theta.shape)
+            gv.mul_(v)
+        else:
+            g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
+            gv = g * v
+        if gv is not None:
+            a, rss, vnorm = gv.sum(), gv.norm(), v.norm()
+        if terms is not None:
+            a_ref, rss_ref = terms
+        elif g_ref is not None:
             rv = g_ref.to(torch.float64) * v
             a_ref, rss_ref = rv.sum(), rv.norm()
             del rv
@@ -326,6 +486,7 @@ def _probe(
     if kinks is None and ev.batched is not False:
         points = {s: line.point(s) for s in ev.signs}
         batched = ev.losses_batched(key, [points[s] for s in ev.signs])
+        points = {s: line.kept(point) for s, point in points.items()}
     if batched is not None:
         losses = dict(zip(ev.signs, batched))
     else:
@@ -351,9 +512,8 @@ def _probe(
 def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | None, a: Tensor) -> Tensor:
     """``D(s·h)``: the central difference at ``±s·h`` along the probe's nominal direction."""
     up, down = losses[s], losses[-s]
-    if line.v is None:  # the step the dtype really took
-        i = line.index
-        return (up - down) / (points[s].reshape(-1)[i].to(torch.float64) - points[-s].reshape(-1)[i].to(torch.float64))
+    if line.v is None:  # the step the dtype really took (points hold the element)
+        return (up - down) / (points[s].to(torch.float64) - points[-s].to(torch.float64))
     width = 2 * s * line.h
     nominal = (up - down) / width
     if line.theta.dtype == torch.float64:
@@ -390,6 +550,8 @@ def _locate(
         if not failing:
             return None
         worst = max(failing, key=lambda p: _ratio(p.error, p.tolerance))
+        if isinstance(g_ref, _RefView):  # the whole reference of this tensor, again
+            g_ref = g_ref.tensor()
         cmp = (g_ref if g_ref is not None else grad).detach().to(device=theta.device, dtype=torch.float64)
         cmp = cmp.reshape(-1)
         v = _direction(theta, worst.direction_seed, excluded.mask if excluded is not None else None).reshape(-1)
@@ -402,8 +564,14 @@ def _locate(
             mid = (lo + hi) // 2
             part = torch.zeros_like(v)
             part[lo:mid] = v[lo:mid]
-            up, _ = ev({**ev.shadow, key: (theta64 + h * part).to(theta.dtype).reshape(theta.shape)})
-            down, _ = ev({**ev.shadow, key: (theta64 - h * part).to(theta.dtype).reshape(theta.shape)})
+            if ev.in_place(key):  # in place on the float64 copy, undone by copying the parameter back
+                with ev.moved([(key, lambda t: t.view(-1).add_(h * part))]) as shadow:
+                    up, _ = ev(shadow)
+                with ev.moved([(key, lambda t: t.view(-1).sub_(h * part))]) as shadow:
+                    down, _ = ev(shadow)
+            else:
+                up, _ = ev({**ev.shadow, key: (theta64 + h * part).to(theta.dtype).reshape(theta.shape)})
+                down, _ = ev({**ev.shadow, key: (theta64 - h * part).to(theta.dtype).reshape(theta.shape)})
             level = _HostValues(judge.reduce)  # one transfer per level; the same decision on every rank
             i = level.add((up.to(torch.float64) - down.to(torch.float64)) / (2 * h) - (cmp * part).sum())
             left = level.fetch()[i]

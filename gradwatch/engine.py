@@ -84,6 +84,18 @@ The engine has three rooms of its own; :func:`check` only wires them together:
 All probe arithmetic stays on the model's device; results reach the host in one
 transfer per check (plus one per bisection level when a direction fails, and one before
 probing: which parameters hold non-finite values).
+
+Memory: a float64 check holds one float64 copy of the parameters (the shadow) and,
+transiently, about two float64 tensors of the size of one parameter tensor. The float64
+reference gradient is never held whole: a tensor hook hands each tensor's to
+:class:`_ReferenceStats` as the backward produces it (the terms of the planned probes and
+joint directions, the precision test's gap, the sum of squares), and what a failure or a
+kink resample needs later is taken from the float64 backward run again. Points are made
+in place on the shadow, one tensor at a time, and undone by copying the parameter back
+(exactly; never by subtracting); joint directions are drawn again from their seeds. The
+precision test's two native replays run with the shadow released (made again from the
+parameters when needed). Under data parallelism (``reduce``) the reference is all-reduced
+and held whole. Batched evaluation stacks the perturbed copies of the probed tensor.
 """
 
 from __future__ import annotations
@@ -111,7 +123,7 @@ from gradwatch._judging import (
     _SHADOW_RTOL,
     RTOL,
     _attach_kinks,
-    _gap,
+    _gap_values,
     _grad_precision,
     _grad_stats,
     _gradient_rms,
@@ -121,6 +133,7 @@ from gradwatch._judging import (
     _measure_spread,
     _nonfinite_loss,
     _replay_problem,
+    _square_sum,
     _underflow,
 )
 from gradwatch._probing import (
@@ -129,10 +142,13 @@ from gradwatch._probing import (
     _locate,
     _plan,
     _probe_tensor,
+    _ref_terms,
+    _References,
+    _RefView,
     _remeasure,
     _resample,
 )
-from gradwatch._joint import _joint_probes, _joint_verdicts
+from gradwatch._joint import _joint_lines, _joint_probes, _joint_verdicts
 from gradwatch._validate import (
     _callable,
     _kink_options,
@@ -368,20 +384,30 @@ def check(
         def evaluate(mode: str) -> tuple:
             ev = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
             ev.own_reference = own and ev.batched is False
-            loss0, signature, ref_grads = ev.base(every, reference)
+            lines = _joint_lines(ev, grad_map, seed, joint, step, excluded)
+            # the reference gradient is never held whole: what the probes, the joint lines and the
+            # precision test need of it is computed as the float64 backward produces each tensor's
+            stats = _ReferenceStats(grad_map, plan, [line for _, line in lines], excluded, gap=richardson)
+            loss0, signature, ref_stats = ev.base(every, reference, stats=None if reduce is not None else stats)
             ev.loss0 = loss0
-            if ref_grads is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
-                ref_grads = _reduced(ref_grads, reduce)
+            held = None
+            if ref_stats is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
+                held = _reduced(ref_stats, reduce)
+                ref_stats = {name: stats(name, g) for name, g in held.items()}
             kink_log: dict[str, list] = {name: [] for name in grad_map}
-            refs = {name: ref_grads.get(name) if ref_grads is not None else None for name in grad_map}
+            source = _References(ev, every, excluded, held)
+            refs = {name: _RefView(name, ref_stats[name]["terms"], source) if ref_stats is not None else None
+                    for name in grad_map}
+            if ref_stats is not None:
+                for j, (_, line) in enumerate(lines):
+                    line.set_reference([ref_stats[n]["joint"][j] for n in line.names])
             rows = {
                 name: _probe_tensor(ev, name, grad_map[name], refs[name], plan[name], step, signature, loss0,
                                     host, kink_log[name], excluded=excluded.get(name))
                 for name in grad_map if not (ev.lossy or ev.unreplayable)  # else unreliable: no point in probing
             }
-            jrows = [] if ev.lossy or ev.unreplayable else _joint_probes(ev, grad_map, refs, seed, joint, step, signature,
-                                                                          loss0, host, excluded)
-            return ev, loss0, signature, ref_grads, kink_log, refs, rows, jrows
+            jrows = [] if ev.lossy or ev.unreplayable else _joint_probes(ev, lines, signature, loss0, host)
+            return ev, loss0, signature, ref_stats, kink_log, refs, rows, jrows
 
         try:
             evaluation, loss0, signature, ref_grads, kink_log, refs, rows, jrows = evaluate(mode)
@@ -402,9 +428,10 @@ def check(
         precision_test = ref_grads is not None and probe and richardson
         spread = _measure_spread(evaluation, params, list(grad_map), signature, seed, host) if precision_test else None
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
-        gaps = {name: _gap(grad_map[name], ref_grads[name], host) for name in grad_map} if precision_test else {}
+        gaps = {name: {k: host.add(v) for k, v in ref_grads[name]["gap"].items()}
+                for name in grad_map} if precision_test else {}
         scale = _gradient_rms(every, host)
-        ref_scale = _gradient_rms(ref_grads, host) if ref_grads else None
+        ref_scale = _gradient_rms(every, host, {n: r["square"] for n, r in ref_grads.items()}) if ref_grads else None
         if loss0 is None:  # own-reference probes: the first probe's midpoint stands for L(θ)
             first = next(idx for rs in [*rows.values(), [(None, None, r.idx) for r in jrows]] for _, _, idx in rs)
             i_loss0, i_mid_kink = first["mid"], first["kink"]
@@ -457,7 +484,8 @@ def check(
         tensors: dict[str, TensorCheck] = {}
         # an evaluation with ±2h passes, for failures of a check that measured no noise
         measured = None if richardson else (
-            lambda: _Evaluation(model, loss_fn, batch, replay, kinks, mode, "sequential", reduce is not None)
+            lambda: _Evaluation(model, loss_fn, batch, replay, kinks, mode, "sequential", reduce is not None,
+                                share=evaluation)
         )
         for name, p in params.items():
             shape = tuple(p.shape)
@@ -505,6 +533,29 @@ def check(
         kept_cast_sites=evaluation.kept_casts[1],
         joint=joint_probes,
     )
+
+
+class _ReferenceStats:
+    """What a check needs of each tensor's float64 reference gradient ``g_ref``, computed
+    from ``g_ref`` alone (one tensor-sized temporary at a time), so the reference is never
+    held whole: the terms ``<g_ref, v>`` of its planned probes, its terms of each joint
+    direction, the precision test's distance from the gradient under test (``gap``), and
+    the sum of its squares (for ``G_ref``)."""
+
+    def __init__(self, grads: Mapping[str, Tensor], plan: Mapping[str, list], lines: list,
+                 excluded: Mapping[str, Any], *, gap: bool) -> None:
+        self.grads, self.plan, self.lines, self.excluded, self.gap = grads, plan, lines, excluded, gap
+
+    def __call__(self, name: str, g_ref: Tensor) -> dict[str, Any]:
+        out: dict[str, Any] = {"square": _square_sum(g_ref)}
+        if name not in self.grads:  # not checked in this check: only its share of G_ref
+            return out
+        mask = self.excluded[name].mask if name in self.excluded else None
+        out["terms"] = {tuple(spec): _ref_terms(g_ref, tuple(spec), mask) for spec in self.plan[name]}
+        out["joint"] = [line.reference_terms(name, g_ref) for line in self.lines]
+        if self.gap:
+            out["gap"] = _gap_values(self.grads[name], g_ref)
+        return out
 
 
 def _autograd_gradients(
