@@ -14,8 +14,15 @@ model is the hard case (shadow + one tensor + the float64 activations and alloca
 A second table: a model of 1 GiB of float32 parameters (16 x Linear(4096, 4096), 268M
 parameters in 32 tensors, batch 4), whose float64 copy is 2 GiB: the peak added memory of a
 default whole-model check, as a multiple of the float64 copy, and the seconds per check.
-Its column "module-local check" is left for gradwatch.check_module (branch `local`; the
-coordinator fills it in after merging).
+Its column "module-local check" is the peak added memory of a module-local float64 check
+of one Linear (``2``, 1/16 of the model) recorded during the step, and that as a multiple
+of the module's float64 copy plus its activations.
+
+The module-local rows (both tables): the training step recorded for a module-local check
+of the second Linear (``gradwatch.local._Recording``: it keeps the module's input, output,
+``grad_out`` and ``grad_input``, its activations), then that check (float64). "adds" is its
+peak above the recorded step; the target (issue 14) is at most 1.5x the module's float64
+copy (its parameters and recorded input) plus its recorded activations.
 
 CPU: each measurement runs in a fresh subprocess and reads its peak resident set size
 (VmHWM in /proc/self/status), so allocations of the other measurement cannot hide in it;
@@ -53,6 +60,7 @@ from torch import nn
 
 import gradwatch
 from _common import add_common_args, header
+from gradwatch.local import _local_reports, _Recording
 
 MIB = 2**20
 
@@ -85,13 +93,42 @@ CHECKS = {
 }
 
 
+#: Modes of a child process besides CHECKS: the plain step, the step recorded for a
+#: module-local check of the second Linear, and that check.
+LOCAL = ("record", "local")
+
+
+def _module_sizes(width: int, rows: int) -> tuple[float, float]:
+    """MiB of the watched Linear's float64 copy (parameters and recorded input) and of its
+    recorded activations (input, output, grad_out, grad_input in float32)."""
+    return 8 * (width * width + width + rows * width) / MIB, 4 * 4 * rows * width / MIB
+
+
+def _run(mode: str, model: nn.Module, batch) -> tuple[str, float, float]:
+    """One training step (recorded for mode "record"/"local") and the check of ``mode``;
+    returns the check's precision/evaluation, its seconds, and the RSS after the step."""
+    recording = _Recording({"2": model[2]}, model=model) if mode in LOCAL else None
+    if recording is None:
+        loss_fn(model, batch).backward()
+    else:
+        with recording:
+            loss_fn(model, batch).backward()
+    trained = _vm("VmRSS")
+    if mode in ("train", "record"):
+        return "-", float("nan"), trained
+    started = time.perf_counter()
+    if mode == "local":
+        (report,) = _local_reports(recording, 0, {"precision": "float64"})
+    else:
+        report = gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, precision="float64", **CHECKS[mode])
+    return f"{report.precision}/{report.evaluation}", time.perf_counter() - started, trained
+
+
 def _warm_up(mode: str, device: str) -> None:
     """Run the check once on a tiny model of the same kind (the peak RSS is reset after):
     code pages and arenas loaded once per process are not memory of the check."""
     model, batch = _model_and_batch(device, 32)
-    loss_fn(model, batch).backward()
-    if mode != "train":
-        gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, precision="float64", **CHECKS[mode])
+    _run(mode, model, batch)
     del model, batch
 
 
@@ -106,14 +143,7 @@ def child(mode: str, device: str, width: int, layers: int, rows: int) -> None:
     model, batch = _model_and_batch(device, width, layers, rows)
     _reset_peak()  # not the temporaries of building the model either
     before = _vm("VmRSS")
-    loss_fn(model, batch).backward()
-    trained = _vm("VmRSS")
-    evaluation, seconds = "-", float("nan")
-    if mode != "train":
-        started = time.perf_counter()
-        report = gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, precision="float64", **CHECKS[mode])
-        seconds = time.perf_counter() - started
-        evaluation = f"{report.precision}/{report.evaluation}"
+    evaluation, seconds, trained = _run(mode, model, batch)
     print(f"{_vm('VmHWM') - before:.1f} {_vm('VmRSS') - trained:.1f} {seconds:.1f} {evaluation}")
 
 
@@ -125,8 +155,17 @@ def _measure(args, mode: str, width: int, layers: int, rows: int) -> tuple[float
     return float(out[-4]), float(out[-3]), float(out[-2]), out[-1]
 
 
+def _local_row(args, width: int, layers: int, rows: int) -> tuple[float, float, float]:
+    """Peak added memory of the module-local check of the second Linear (above the recorded
+    step), that as a multiple of the module's float64 copy plus activations, and its seconds."""
+    record = _measure(args, "record", width, layers, rows)[0]
+    peak, _, seconds, _ = _measure(args, "local", width, layers, rows)
+    module64, acts = _module_sizes(width, rows)
+    return peak - record, (peak - record) / (module64 + acts), seconds
+
+
 def _big(args) -> None:
-    """The 1 GiB row: default whole-model check; module-local column left for check_module."""
+    """The 1 GiB row: default whole-model check and a module-local check of one Linear."""
     n = BIG["layers"] * (BIG["width"] ** 2 + BIG["width"])
     copy64 = 8 * n / MIB
     print(f"\n# MLP {BIG['layers']} x Linear({BIG['width']}, {BIG['width']}), batch {BIG['rows']}: {n / 1e6:.0f}M "
@@ -134,9 +173,11 @@ def _big(args) -> None:
     train = _measure(args, "train", **BIG)[0]
     peak, _, seconds, evaluation = _measure(args, "default (sequential)", **BIG)
     extra = peak - train
-    local = "n/a"  # MODULE-LOCAL: gradwatch.check_module figure goes here (branch `local`, after merging)
-    print(f"{'':28} {'check adds':>11} {'/ float64 copy':>15} {'s / check':>10}  {'module-local check':>19}")
-    print(f"{'whole-model check (default)':28} {extra:11.1f} {extra / copy64:15.2f} {seconds:10.1f}  {local:>19}")
+    local, ratio, local_seconds = _local_row(args, **BIG)
+    print(f"{'':34} {'check adds':>11} {'/ float64 copy':>15} {'s / check':>10}")
+    print(f"{'whole-model check (default)':34} {extra:11.1f} {extra / copy64:15.2f} {seconds:10.1f}")
+    print(f"{'module-local check of one Linear':34} {local:11.1f} {ratio:15.2f} {local_seconds:10.1f}"
+          "   (/ the module's float64 copy + activations)")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -144,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     add_common_args(parser)
     parser.add_argument("--width", type=int, default=2048, help="width of the 4 Linear layers (default 2048)")
     parser.add_argument("--no-big", action="store_true", help="skip the 1 GiB model (16 x Linear(4096, 4096))")
-    parser.add_argument("--child", choices=["train", *CHECKS], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["train", *CHECKS, *LOCAL], help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, default=64, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
@@ -185,6 +226,11 @@ def main(argv: list[str] | None = None) -> None:
         print(f"{label:40} {peak:8.1f} {extra:11.1f} {extra / copy64:15.2f} {held:11.1f}  {evaluation}")
     print("# 'check adds' = peak with the check - peak of the training step alone; 'held after' = what the check "
           "left allocated (the shadow is freed)")
+    if not args.device.startswith("cuda"):
+        local, ratio, seconds = _local_row(args, args.width, 4, 64)
+        module64, acts = _module_sizes(args.width, 64)
+        print(f"module-local check of one Linear: adds {local:.1f} MiB above the recorded step = {ratio:.2f} x its "
+              f"float64 copy + input ({module64:.1f} MiB) + recorded activations ({acts:.1f} MiB); {seconds:.1f} s")
     if not args.no_big and not args.device.startswith("cuda"):
         _big(args)
 

@@ -10,7 +10,7 @@ scalar ``<grad_out, f(x; θ)>`` (summed over the floating outputs): its gradient
 ``θ`` and ``x`` is exactly the module's parameter gradient and ``grad_input``, so the
 float64 evaluation, error bars, joint probes, kinks, bisection and :class:`~gradwatch.Report`
 apply unchanged. The float64 copy is the module's, so memory scales with that module's
-float64 copy plus its activations, not with the model's (benchmarks/local_memory.py). A module whose forward raises in float64 (a kernel
+float64 copy plus its activations, not with the model's (benchmarks/memory.py). A module whose forward raises in float64 (a kernel
 without float64) is checked natively by the engine (``precision="auto"``); one that ran in
 float16/bfloat16 is checked on a float32 copy: its own backward in float32 numerically
 (float32 tolerances), and the training's low-precision gradients against that float32
