@@ -59,7 +59,9 @@ Example:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import enum
 import math
 import secrets
 import weakref
@@ -137,6 +139,16 @@ class _Record:
     param_grads: dict = dataclasses.field(default_factory=dict)
     replay: ReplayState | None = None
     reason: str | None = None
+    stateful: list = dataclasses.field(default_factory=list)
+
+    def call_leaves(self) -> list:
+        """The recorded leaves for one replayed call: mutable non-tensor arguments (a
+        transformers ``Cache`` that the call updates) as fresh copies of their state at the
+        recorded call, so every evaluation starts from that state."""
+        leaves = list(self.leaves)
+        for i in self.stateful:
+            leaves[i] = copy.deepcopy(leaves[i])
+        return leaves
 
     def _sink(self, key: Any, grad: Tensor) -> None:
         kind, k = key
@@ -158,6 +170,15 @@ class _Record:
         if not self.inputs and not self.param_grads:
             return "neither an input nor a parameter of it received a gradient in this step"
         return None
+
+
+#: Argument types that no call can mutate (anything else that is not a tensor is copied).
+_IMMUTABLE = (type(None), bool, int, float, complex, str, bytes, slice, type, enum.Enum, torch.dtype, torch.device,
+              torch.layout, torch.memory_format)
+
+
+def _stateful(leaf: Any) -> bool:
+    return not isinstance(leaf, _IMMUTABLE) and not callable(leaf)
 
 
 def _leaf_name(path: tuple) -> str:
@@ -259,6 +280,15 @@ class _Recording:
                     if leaf.is_floating_point() and leaf.requires_grad and torch.is_grad_enabled():
                         record.inputs[i] = name
                         new[i] = _Tap.apply(leaf, record._sink, ("in", name))
+                elif _stateful(leaf):  # a cache the call mutates: replayed from a copy of its state now
+                    try:
+                        record.leaves.append(copy.deepcopy(leaf))
+                    except Exception as err:
+                        record.leaves.append(leaf)
+                        record.reason = (f"its argument {name} ({type(leaf).__name__}) is mutable state the call "
+                                         f"changes and cannot be copied ({type(err).__name__}), so the call cannot "
+                                         "be replayed (for a transformers cache: use_cache=False in training)")
+                    record.stateful.append(i)
                 else:
                     record.leaves.append(leaf)
             if not record.inputs:
@@ -305,7 +335,7 @@ class _Local(nn.Module):
 
     def forward(self, batch: tuple) -> Tensor:
         constants, grad_outputs = batch
-        leaves = list(self._record.leaves)
+        leaves = self._record.call_leaves()
         for i, name in self._order.items():
             leaves[i] = getattr(self, name)
         for i, c in constants.items():
@@ -739,7 +769,7 @@ def _run_reference(record: _Record, fn: Callable, dtype: torch.dtype) -> tuple[l
 
     leaves = []
     wrt: dict[str, Tensor] = {}
-    for i, leaf in enumerate(record.leaves):
+    for i, leaf in enumerate(record.call_leaves()):
         if isinstance(leaf, Tensor) and leaf.is_floating_point():
             x = leaf.detach().to(dtype)
             if i in record.inputs:

@@ -577,3 +577,81 @@ def test_a_module_whose_local_check_raises_is_skipped_and_training_goes_on(monke
     assert module.module == "2" and "module-local check raised RuntimeError: needs its training context" in module.reason
     assert report.ok and report.tensors["2::weight"].verdict == "skipped"  # the whole-model check still ran
     assert report.tensors["2.weight"].verdict == "pass"
+
+
+class _Cache:
+    """A mutable argument the call updates, like a transformers ``DynamicCache``."""
+
+    def __init__(self) -> None:
+        self.keys: list[torch.Tensor] = []
+
+    def update(self, k: torch.Tensor) -> torch.Tensor:
+        self.keys.append(k)
+        return torch.cat(self.keys, dim=0)
+
+
+class _CachedLayer(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor, cache: _Cache) -> torch.Tensor:
+        return torch.tanh(cache.update(self.proj(x)))
+
+
+def test_a_call_that_mutates_a_cache_argument_is_replayed_from_the_cache_state_it_had():
+    torch.manual_seed(0)
+    layer = _CachedLayer()
+    x = torch.randn(3, 4, requires_grad=True)
+    recording = _Recording({"layer": layer})
+    with recording:
+        cache = _Cache()
+        cache.update(torch.randn(2, 4))  # earlier entries, as a cache holds for other layers
+        layer(x, cache).pow(2).sum().backward()
+    assert len(cache.keys) == 2  # the training call's own update
+    report = _check_record(recording.records["layer"], seed=0, options={"precision": "float64"})
+    # every replayed evaluation starts from the 1-entry cache of the recorded call: without the
+    # copy, each replay would append again and the output would change shape (or value)
+    assert report.ok, str(report)
+    assert {"layer::input[0]", "layer::proj.weight"} <= set(report.tensors)
+    assert len(cache.keys) == 2  # the training's cache is not touched by the check
+
+
+def test_tiny_llama_attention_with_its_cache_is_checked_locally_and_a_planted_mlp_bug_is_named():
+    transformers = pytest.importorskip("transformers")
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=32)
+    model = transformers.LlamaForCausalLM(cfg)  # use_cache=True: its attention modules get a DynamicCache
+    ids = torch.randint(0, 64, (2, 12))
+
+    def loss_fn(m, b):
+        return m(input_ids=b, labels=b).loss
+
+    class Wrong(torch.autograd.Function):  # a backward 2% too large, as a fused-MLP kernel might be
+        @staticmethod
+        def forward(ctx, y):
+            return y.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return g * 1.02
+
+    modules = ["model.layers.0.self_attn", "model.layers.1.mlp"]
+    for planted in (False, True):
+        mlp = model.model.layers[1].mlp
+        forward = type(mlp).forward.__get__(mlp)
+        mlp.forward = (lambda x: Wrong.apply(forward(x))) if planted else forward
+        watch = gradwatch.GradWatch(model, loss_fn, max_overhead=None, modules=modules, on_failure=lambda r: None)
+        with watch.step(ids):
+            loss_fn(model, ids).backward()
+        model.zero_grad()
+        report = watch.reports[-1][1]
+        attn = {n: t for n, t in report.tensors.items() if n.startswith("model.layers.0.self_attn::")}
+        assert "model.layers.0.self_attn::input[hidden_states]" in attn
+        assert all(t.verdict == "pass" for t in attn.values()), str(report)  # checked, not skipped
+        local_mlp = {n: t.verdict for n, t in report.tensors.items() if n.startswith("model.layers.1.mlp::")}
+        if planted:
+            assert set(local_mlp.values()) == {"fail"}, str(report)
+        else:
+            assert report.ok, str(report)
