@@ -352,6 +352,7 @@ class GradWatchCallback:
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drop_pending()
+        self._targets, self._resolved = None, False  # hold no module after fit (suspects stay readable)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
