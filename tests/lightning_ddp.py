@@ -118,6 +118,21 @@ def main(out: pathlib.Path, namespace: str) -> None:
         ATTN_BUG["mode"] = None
     result["attn"] = {**summary(attn), "suspects": attn.suspects,
                       "local": [{n: t.verdict for n, t in r.tensors.items() if "::" in n} for _, r in attn.reports]}
+    # a module-local check that raises on rank 1 alone: that module is skipped on both ranks, nothing hangs
+    import gradwatch.local
+
+    def raising(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("planted: this rank's module-local check raised")
+
+    real, gradwatch.local._check_record = gradwatch.local._check_record, (raising if rank == 1
+                                                                         else gradwatch.local._check_record)
+    try:
+        _, attn_raise = fit(attention_case, lambda report: None, max_steps=1)
+    finally:
+        gradwatch.local._check_record = real
+    result["attn_raise"] = {"verdicts": [r.verdict for _, r in attn_raise.reports],
+                            "local": [{n: t.verdict for n, t in r.tensors.items() if "::" in n}
+                                      for _, r in attn_raise.reports]}
     try:
         fit(BUGS["wrong_sign"], "raise")
         result["raise"] = None

@@ -663,6 +663,10 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
         assert res["attn"]["local"] == [{"net.attn::input[0]": "pass", "net.attn::input[1]": "fail",
                                          "net.attn::input[2]": "pass"}], (rank, res["attn"])
     assert results[0]["attn"] == results[1]["attn"]
+    # the local check raising on rank 1 alone: the module skipped on both ranks, and training went on
+    skipped = {f"net.attn::input[{i}]": "skipped" for i in range(3)}
+    assert all(res["attn_raise"]["local"] == [skipped] for res in results.values()), results
+    assert results[0]["attn_raise"] == results[1]["attn_raise"]
     # each rank's local batch differs, and the check verified the replay of the mean training loss
     assert results[0]["local_losses"] != results[1]["local_losses"]
     # only rank zero wrote to the logger
