@@ -25,11 +25,23 @@ from typing import Any, Callable, Mapping
 
 from torch import Tensor, nn
 
-from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
+from gradwatch._callbacks import (
+    _agreed_local_reports,
+    _all_finite,
+    _budgeted_check,
+    _LocalRecording,
+    _merge_local,
+    _modules_option,
+    _skipped_report,
+    _suspect_modules,
+    _too_big,
+)
 from gradwatch._schedule import _Schedule
+from gradwatch._sharded import _Guard, _local_device
 from gradwatch._validate import _callable
-from gradwatch.engine import _reduced
+from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options, _BackwardRoots, _derive_seed
+from gradwatch.local import _local_reports, _resolve_modules
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import OnFailure, Report, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -110,10 +122,22 @@ class GradWatchTrainerCallback:
         near_kink_margin: Margin below which a kink counts as near.
         precision: Where perturbed losses are evaluated: ``"float64"``, ``"native"`` or
             ``"auto"`` (see :func:`gradwatch.check`).
+        modules: Modules checked in isolation after the whole-model check, as
+            :class:`gradwatch.GradWatch` does (``<module>::<tensor>`` in the report, such as
+            ``transformer.h.0.attn::input[0]``): ``"suspects"`` (default), the modules whose
+            forward runs custom backward code, found by one replay of ``compute_loss`` at the
+            first check (the main process's under several processes); a list of submodules of
+            the model (or their names); ``None``: none. They are recorded during the checked
+            micro-batch's forward and backward only; with several processes their gradients
+            are averaged, so every process reports the same verdicts. With
+            ``precision="auto"``, when the whole model's float64 copy is over 2 GiB, only
+            these modules are checked (in float64), the whole-model tensors reported ``skipped``.
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every process.
         seed: The base seed in use (the main process's, broadcast at the start of training).
+        suspects: With ``modules="suspects"``, after the first check: qualified module name ->
+            why it is a suspect.
 
     Example:
         >>> trainer = Trainer(model, args, train_dataset=data,
@@ -141,6 +165,7 @@ class GradWatchTrainerCallback:
         kink_resamples: int = 4,
         near_kink_margin: float = 10.0,
         precision: str = "auto",
+        modules: Any = "suspects",
     ) -> None:
         self._check_kwargs = _adapter_options(
             every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
@@ -149,6 +174,7 @@ class GradWatchTrainerCallback:
         )
         if loss_fn is not None:
             _callable("loss_fn", loss_fn)
+        self.modules = _modules_option(modules)
         self.every_n_steps = every_n_steps
         self.max_overhead = max_overhead
         self.loss_fn = loss_fn
@@ -163,6 +189,11 @@ class GradWatchTrainerCallback:
         self._pending: _Pending | None = None
         self._sinks: list[Sink] | None = None
         self._tensorboard: TensorBoardSink | None = None
+        self.suspects: dict[str, str] = {}
+        self._targets: Any = None  # once resolved on the model: None, "suspects" or qualified name -> module
+        self._resolved = False
+        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
+                               "coordinates": coordinates, "directions": directions, "precision": precision}
 
     @property
     def last_report(self) -> Report | None:
@@ -176,6 +207,7 @@ class GradWatchTrainerCallback:
         self._disarm()  # a capture left armed by an interrupted train()
         self._trainer = trainer
         self._sinks = None
+        self._resolved = False
         sharded = _sharding(trainer)
         self._enabled = sharded is None
         if sharded is not None:
@@ -213,12 +245,19 @@ class GradWatchTrainerCallback:
             num_items = kw.get("num_items_in_batch", a[1] if len(a) > 1 else None)
             if num_items is not None:  # the Trainer's token count over the window (and processes)
                 inputs_copy[_NUM_ITEMS] = num_items
+            targets = self._local_targets(trainer, module, inputs_copy, pending.replay)
+            pending.recording = _LocalRecording(module, targets, ops=self._targets is not None
+                                                and trainer.accelerator.num_processes == 1)
             fed: dict[str, Any] = {}
             hook = module.register_forward_hook(partial(_keep_forward, fed), with_kwargs=True)
             roots = _BackwardRoots()  # records the autocast state the forward runs under
             try:
+                pending.recording.__enter__()  # exited at the check: records this micro-batch only
                 with roots:
                     out = original(model, inputs, *a, **kw)
+            except BaseException:
+                self._disarm()
+                raise
             finally:
                 hook.remove()
             if roots.autocast is not None:
@@ -240,6 +279,16 @@ class GradWatchTrainerCallback:
 
         pending.restore = trainer.__dict__.get("compute_loss", _MISSING)
         trainer.compute_loss = compute_loss
+
+    def _local_targets(self, trainer: Any, module: nn.Module, inputs: Any, replay: ReplayState) -> dict[str, nn.Module]:
+        """The modules to record at this check step; suspects are found at the first check."""
+        if not self._resolved:
+            self._targets, self._resolved = _resolve_modules(module, self.modules), True
+        if self._targets == "suspects":
+            multi = trainer.accelerator.num_processes > 1
+            self._targets, self.suspects = _suspect_modules(module, _trainer_loss(trainer), inputs, replay,
+                                                            broadcast=self._broadcast if multi else None)
+        return self._targets or {}
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """End of a micro-batch inside an accumulation window: check the captured one."""
@@ -285,12 +334,28 @@ class GradWatchTrainerCallback:
         if multi and grads:  # what DDP hands the optimizer: the mean over processes
             grads = _reduced(grads, reduce)
         loss_fn = partial(_scaled, self.loss_fn or pending.default or _trainer_loss(trainer), factor)
+        records = pending.recording.records() if pending.recording is not None else {}
+        skip = _too_big(model, self._check_kwargs["precision"], DEFAULT_SHADOW_BYTES) if records else None
         report = _budgeted_check(
             self._schedule, model, loss_fn, pending.inputs, step=step, seed=seed, grads=grads,
             replay=pending.replay, train_loss=pending.loss * factor, reduce=reduce,
-            broadcast=self._broadcast if multi else None, options=self._check_kwargs,
+            broadcast=self._broadcast if multi else None, options=self._check_kwargs, skip=skip,
         )
-        del grads, pending
+        del grads
+        if records:  # module-local checks, agreed across processes through a guard (none hangs when one raises)
+            guard = _Guard(_local_device(next(model.parameters()))) if multi else None
+            try:
+                if guard is not None:
+                    local = partial(_agreed_local_reports, model, records, seed, self._local_options, guard)
+                else:
+                    local = partial(_local_reports, pending.recording.recordings(), seed, self._local_options)
+                report = _merge_local(self._schedule, report, step, local, whole=skip is None,
+                                      broadcast=guard.broadcast if guard is not None else None)
+            except BaseException:
+                if guard is not None:
+                    guard.abort()
+                raise
+        del pending
         self._record(report)
         _handle(report, self.on_failure)
 
@@ -320,6 +385,8 @@ class GradWatchTrainerCallback:
             for handle in pending.handles:
                 handle.remove()
             pending.handles.clear()
+            if pending.recording is not None:
+                pending.recording.close()
         return pending
 
     def _restore_compute_loss(self, pending: _Pending) -> None:
@@ -351,6 +418,7 @@ class _Pending:
     factor: Tensor | None = None  # d(backpropagated loss)/d(the model's or compute_loss's loss)
     grads: dict[str, Tensor] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
+    recording: _LocalRecording | None = None  # the module-local recordings of this micro-batch
 
 
 def _keep_factor(pending: _Pending, grad: Tensor) -> None:

@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 import secrets
-import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterator
@@ -33,7 +32,15 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
+from gradwatch._callbacks import (
+    _all_finite,
+    _budgeted_check,
+    _LocalRecording,
+    _merge_local,
+    _skipped_report,
+    _suspect_modules,
+    _too_big,
+)
 from gradwatch._schedule import _Schedule
 from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
 from gradwatch._sharded import _local_reports as _sharded_local_reports
@@ -48,16 +55,7 @@ from gradwatch._validate import (
     _seed,
 )
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS
-from gradwatch.local import (
-    _REFERENCES_BY_OP,
-    _discover,
-    _float64_bytes,
-    _local_reports,
-    _merge,
-    _OpCalls,
-    _Recording,
-    _resolve_modules,
-)
+from gradwatch.local import _float64_bytes, _local_reports, _Recording, _resolve_modules
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -272,8 +270,7 @@ class GradWatch:
             return
         state = capture(self.model)
         targets = self._targets(batch, state)
-        recording = _Recording(targets, model=self.model) if targets else nullcontext()
-        ops = _OpCalls() if self._modules is not None and _REFERENCES_BY_OP else nullcontext()
+        recording = _LocalRecording(self.model, targets, ops=self._modules is not None)
         captured: dict[str, Tensor] = {}
         handles = [
             p.register_hook(partial(_capture_grad, captured, name))
@@ -282,7 +279,7 @@ class GradWatch:
         ]
         roots = _BackwardRoots()
         try:
-            with roots, recording, ops:
+            with roots, recording:
                 yield
         finally:
             for handle in handles:
@@ -307,31 +304,16 @@ class GradWatch:
                 )
                 self._record(_skipped_report(self.model, seed, step, reason), step)
                 return
-        recordings = [r for r in (recording, ops) if getattr(r, "records", None)]
-        whole_too_big = (recordings and self._check_kwargs["precision"] == "auto"
-                         and _float64_bytes(self.model) > self._max_shadow_bytes)
-        if whole_too_big:
-            reason = (f"the whole model's float64 copy would take {_float64_bytes(self.model) / 2**20:.0f} MiB > "
-                      f"max_shadow_bytes {self._max_shadow_bytes / 2**20:.0f} MiB: module-local float64 checks "
-                      "instead of a whole-model check in the native precision")
-            self._schedule.plan([])  # closes the timing of the training step
-            report = _skipped_report(self.model, seed, step, reason)
-        else:
-            report = _budgeted_check(self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed,
-                                     grads=captured, replay=state, train_loss=train_loss, reduce=None,
-                                     broadcast=None, options=self._check_kwargs)
+        recordings = recording.recordings()
+        too_big = _too_big(self.model, self._check_kwargs["precision"], self._max_shadow_bytes) if recordings else None
+        report = _budgeted_check(self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed,
+                                 grads=captured, replay=state, train_loss=train_loss, reduce=None,
+                                 broadcast=None, options=self._check_kwargs, skip=too_big)
         del captured, state
-        if recordings:
-            started = time.perf_counter()
-            report = _merge(report, _local_reports(recordings, seed, self._local_options))
-            seconds = time.perf_counter() - started  # local checks count against the budget
-            if whole_too_big:
-                self._schedule.done(step, seconds, len(report.probes))
-            else:
-                sched = self._schedule
-                sched.check_seconds += seconds
-                sched.next_step = step + max(sched.every_n_steps, sched._steps_to_afford())
-        del recording, ops, recordings
+        if recordings:  # local checks count against the budget
+            report = _merge_local(self._schedule, report, step,
+                                  partial(_local_reports, recordings, seed, self._local_options), whole=too_big is None)
+        del recording, recordings
         self._record(report, step)
 
     def _sharded_step(self, batch: Any, step: int) -> Iterator[None]:
@@ -397,35 +379,25 @@ class GradWatch:
                     gathered.enter_context(_unsharded(module))
                 if targets:  # the records agreed across ranks, their gradients averaged
                     references = _share_records(recording.records, recorder.grads, captured, guard)
+                reason = None
                 if whole_too_big:
-                    self._schedule.plan([])  # closes the timing of the training step
-                    reason = _too_big(self.model, self._max_shadow_bytes)
+                    reason = _too_big(self.model, "auto", self._max_shadow_bytes)
                     if not targets:
                         reason = reason.split(":")[0] + (
                             ": under fully_shard the whole model is not gathered for a check (nor searched for "
                             "suspects); pass `modules=[...]` to check modules locally (only their parameters are "
                             "gathered)")
-                    report = _skipped_report(self.model, seed, step, reason)  # the next check as begin() set it
-                else:
-                    report = _budgeted_check(
-                        self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
-                        replay=state, train_loss=train_loss, reduce=guard.reduce, broadcast=guard.broadcast,
-                        options=self._check_kwargs,
-                    )
+                report = _budgeted_check(  # skipped when too big: the next check as begin() set it
+                    self._schedule, self.model, self.loss_fn, batch, step=step, seed=seed, grads=captured,
+                    replay=state, train_loss=train_loss, reduce=guard.reduce, broadcast=guard.broadcast,
+                    options=self._check_kwargs, skip=reason,
+                )
                 del captured, state
                 if targets:
-                    started = time.perf_counter()
-                    local = _sharded_local_reports(recording.records, seed,
-                                                   {**self._local_options, "reduce": guard.reduce}, references, guard)
-                    report = _merge(report, local)
-                    seconds = time.perf_counter() - started
-                    sched = self._schedule
-                    if whole_too_big:
-                        sched.done(step, seconds, len(report.probes))
-                    else:
-                        sched.check_seconds += seconds
-                        sched.next_step = step + max(sched.every_n_steps, sched._steps_to_afford())
-                    sched.next_step = int(guard.broadcast(sched.next_step))  # rank zero's clock decides
+                    local = partial(_sharded_local_reports, recording.records, seed,
+                                    {**self._local_options, "reduce": guard.reduce}, references, guard)
+                    report = _merge_local(self._schedule, report, step, local, whole=not whole_too_big,
+                                          broadcast=guard.broadcast)
         except BaseException:
             guard.abort()  # the other ranks raise at their next collective instead of waiting
             raise
@@ -434,10 +406,7 @@ class GradWatch:
     def _targets(self, batch: Any, state: Any) -> dict[str, nn.Module]:
         """The modules to record at this check step ({} for none); suspects are found once."""
         if self._modules == "suspects":
-            found = _discover(self.model, self.loss_fn, batch, state)
-            named = dict(self.model.named_modules())
-            self._modules = {n: named[n] for n in found}
-            self.suspects = dict(found)
+            self._modules, self.suspects = _suspect_modules(self.model, self.loss_fn, batch, state)
         return self._modules or {}
 
     def _record(self, report: Report, step: int) -> None:
@@ -457,12 +426,6 @@ class GradWatch:
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-def _too_big(model: nn.Module, max_shadow_bytes: int) -> str:
-    return (f"the whole model's float64 copy would take {_float64_bytes(model) / 2**20:.0f} MiB > "
-            f"max_shadow_bytes {max_shadow_bytes / 2**20:.0f} MiB: module-local float64 checks "
-            "instead of a whole-model check in the native precision")
 
 
 def _capture_grad(captured: dict[str, Tensor], name: str, grad: Tensor) -> None:

@@ -26,7 +26,7 @@ import secrets
 import sys
 import warnings
 from collections.abc import Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from functools import partial
 from typing import TYPE_CHECKING, Any, Callable, Iterator
@@ -35,13 +35,24 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from gradwatch._callbacks import _all_finite, _budgeted_check, _skipped_report
+from gradwatch._callbacks import (
+    _agreed_local_reports,
+    _all_finite,
+    _budgeted_check,
+    _LocalRecording,
+    _merge_local,
+    _modules_option,
+    _skipped_report,
+    _suspect_modules,
+    _too_big,
+)
 from gradwatch._schedule import _Schedule
-from gradwatch._sharded import _Guard, _LocalGrads, _sharding, _unsharded
+from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
+from gradwatch._sharded import _local_reports as _sharded_local_reports
 from gradwatch._validate import _callable, _non_negative_int, _seed
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options, _derive_seed
-from gradwatch.local import _float64_bytes
+from gradwatch.local import _float64_bytes, _local_reports, _resolve_modules
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,
@@ -148,11 +159,25 @@ class GradWatchCallback:
         near_kink_margin: Margin below which a kink counts as near.
         precision: Where perturbed losses are evaluated: ``"float64"``, ``"native"``
             or ``"auto"`` (see :func:`gradwatch.check`).
+        modules: Modules checked in isolation after the whole-model check, as
+            :class:`gradwatch.GradWatch` does (``<module>::<tensor>`` in the report, such
+            as ``attn::input[0]``): ``"suspects"`` (default), the modules whose forward
+            runs custom backward code, found by one replayed forward at the first check
+            (rank zero's under DDP); a list of submodules of the LightningModule (or
+            their names); ``None``: none. They are recorded during the checked backward
+            only (the window's first micro-batch under accumulation); under DDP and
+            ``fully_shard`` their gradients are averaged over ranks, so every rank reports
+            the same verdicts. With ``precision="auto"``, when the whole model's float64
+            copy is over 2 GiB, only these modules are checked (in float64), the
+            whole-model tensors reported ``skipped``; under ``fully_shard`` only their
+            parameters are then gathered, and suspects are not searched (name them).
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every rank.
         seed: The base seed in use (rank zero's, broadcast at setup; restored from a
             checkpoint on resume).
+        suspects: With ``modules="suspects"``, after the first check: qualified module
+            name -> why it is a suspect.
 
     Example:
         >>> trainer = L.Trainer(callbacks=[GradWatchCallback(every_n_steps=50)])  # doctest: +SKIP
@@ -179,6 +204,7 @@ class GradWatchCallback:
         kink_resamples: int = 4,
         near_kink_margin: float = 10.0,
         precision: str = "auto",
+        modules: Any = "suspects",
     ) -> None:
         super().__init__()
         self._check_kwargs = _adapter_options(
@@ -188,6 +214,7 @@ class GradWatchCallback:
         )
         if loss_fn is not None:
             _callable("loss_fn", loss_fn)
+        self.modules = _modules_option(modules)
         self.every_n_steps = every_n_steps
         self.max_overhead = max_overhead
         self.loss_fn = loss_fn
@@ -202,6 +229,11 @@ class GradWatchCallback:
         self._sharded: str | None = None  # "fsdp2" once a check step found fully_shard units
         self._pending: _Pending | None = None
         self._sinks: list[Sink] | None = None
+        self.suspects: dict[str, str] = {}
+        self._targets: Any = None  # once resolved on the module: None, "suspects" or qualified name -> module
+        self._resolved = False
+        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
+                               "coordinates": coordinates, "directions": directions, "precision": precision}
 
     @property
     def last_report(self) -> Report | None:
@@ -242,6 +274,7 @@ class GradWatchCallback:
             return
         self.seed = int(trainer.strategy.broadcast(self.seed, src=0))
         self._sinks = None
+        self._resolved = False  # resolved at the first check: configure_model may still create the modules
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -264,11 +297,38 @@ class GradWatchCallback:
             return
         with trainer.precision_plugin.train_step_context():  # record the autocast state training_step runs in
             replay = capture(pl_module)
+        too_big = _too_big(pl_module, self._check_kwargs["precision"], DEFAULT_SHADOW_BYTES) is not None
+        targets = self._local_targets(trainer, pl_module, batch, batch_idx, replay, too_big)
         recorder = None
-        if self._sharded:  # too large a model to gather: nothing recorded (the check says so)
-            too_big = _too_big(pl_module, self._check_kwargs["precision"])
-            recorder = _LocalGrads(pl_module, names=() if too_big else None)
-        self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay, recorder=recorder)
+        if self._sharded:  # too large a model to gather: the checked modules' gradients only
+            recorder = _LocalGrads(pl_module, names=[
+                f"{m}.{p}" if m else p for m, module in targets.items() for p, _ in module.named_parameters()
+            ] if too_big else None)
+        pending = self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay,
+                                           recorder=recorder)
+        # custom ops with a reference are recorded on one process only (as the hook does without FSDP)
+        pending.recording = _LocalRecording(pl_module, targets, ops=self._targets is not None and trainer.world_size == 1)
+        pending.recording.__enter__()  # exited when the checked backward is done or the step dropped
+
+    def _local_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
+                       replay: ReplayState, too_big: bool) -> dict[str, nn.Module]:
+        """The modules to record at this check step; suspects are found at the first check."""
+        if not self._resolved:
+            self._targets, self._resolved = _resolve_modules(pl_module, self.modules), True
+        if self._targets == "suspects" and self._sharded and too_big:
+            self._targets = {}  # finding suspects would gather the whole model: name the modules instead
+        if self._targets == "suspects":
+            guard = _Guard(_local_device(next(pl_module.parameters()))) if trainer.world_size > 1 else None
+            try:
+                with _metric_states_kept(pl_module), (_unsharded(pl_module) if self._sharded else ExitStack()):
+                    self._targets, self.suspects = _suspect_modules(
+                        pl_module, self._loss_fn(trainer, pl_module, batch_idx, 1), batch, replay,
+                        broadcast=guard.broadcast if guard is not None else None)
+            except BaseException:
+                if guard is not None:
+                    guard.abort()  # the other ranks raise instead of waiting
+                raise
+        return self._targets or {}
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -292,10 +352,15 @@ class GradWatchCallback:
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drop_pending()
+        self._targets, self._resolved = None, False  # hold no module after fit (suspects stay readable)
+
+    @override
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self._drop_pending()
 
     def _drop_pending(self) -> None:
-        if self._pending is not None and self._pending.recorder is not None:
-            self._pending.recorder.remove()
+        if self._pending is not None:
+            self._pending.release()
         self._pending = None
 
     @override
@@ -311,24 +376,30 @@ class GradWatchCallback:
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, scaled: bool) -> None:
         """Check the pending step; ``scaled``: ``.grad`` is still multiplied by the GradScaler's scale."""
         pending, self._pending = self._pending, None
-        if pending is not None and pending.recorder is not None:
-            pending.recorder.remove()
+        if pending is not None:
+            pending.release()
         if pending is None or pending.loss is None:  # training_step returned None: nothing was backpropagated
             return
         step = pending.step
         seed = _derive_seed(self.seed, step)
         guard = None
-        if pending.recorder is not None and _too_big(pl_module, self._check_kwargs["precision"]):
+        records = pending.recording.records()
+        too_big = _too_big(pl_module, self._check_kwargs["precision"], DEFAULT_SHADOW_BYTES)
+        if pending.recorder is not None and too_big and not records:
             reason = (f"the model's float64 copy would take {_float64_bytes(pl_module) / 2**20:.0f} MiB > "
                       f"{DEFAULT_SHADOW_BYTES / 2**20:.0f} MiB: under fully_shard the callback does not gather so "
-                      "large a model for a check; use gradwatch.GradWatch(model, loss_fn, modules=[...]) for "
-                      "module-local checks")
+                      "large a model for a check (nor search it for suspects); pass "
+                      "`modules=[...]` to GradWatchCallback for module-local checks (only their parameters are "
+                      "gathered)")
             self._schedule.plan([])  # closes the timing of the training step
             self._record(trainer, _skipped_report(pl_module, seed, step, reason))
             return
-        if pending.recorder is not None:  # fully_shard: this backward's local gradients, averaged over ranks
-            grads = pending.recorder.mean(pl_module)
-            guard = _Guard(next(iter(grads.values())).device if grads else torch.device("cpu"))
+        skip = too_big if records else None  # module-local float64 checks instead of a native whole-model one
+        fsdp = pending.recorder is not None
+        if fsdp or (records and trainer.world_size > 1):
+            guard = _Guard(_local_device(next(pl_module.parameters())))
+        if fsdp:  # fully_shard: this backward's local gradients, averaged over ranks
+            grads = local_mean = pending.recorder.mean(pl_module)
             reduce = guard.reduce
         else:
             reduce = partial(trainer.strategy.reduce, reduce_op="mean") if trainer.world_size > 1 else None
@@ -338,7 +409,7 @@ class GradWatchCallback:
         if scaler is not None and scaler.is_enabled():
             scale = scaler.get_scale()  # the scale of this backward; update() runs after the optimizer step
             train_loss = train_loss / scale
-            if scaled or guard is not None:  # recorded in the backward: scaled, whatever unscale_ did to .grad
+            if scaled or fsdp:  # recorded in the backward: scaled, whatever unscale_ did to .grad
                 grads = {n: g / scale for n, g in grads.items()}
             if not _all_finite(grads.values(), reduce):
                 reason = (
@@ -347,30 +418,52 @@ class GradWatchCallback:
                 )
                 self._record(trainer, _skipped_report(pl_module, seed, step, reason))
                 return
-        if reduce is not None and scaled and grads and guard is None:
+        if reduce is not None and scaled and grads and not fsdp:
             # accumulation: Lightning runs this backward without DDP's all-reduce, so .grad is this
             # rank's; the optimizer gets the mean over ranks (the window's last backward syncs)
             grads = _reduced(grads, reduce)
-        loss_fn = self.loss_fn or _training_step_loss(pl_module, pending.batch_idx, _namespace(trainer))
-        if pending.accumulate > 1:
-            loss_fn = partial(_divided, loss_fn, pending.accumulate)
+        loss_fn = self._loss_fn(trainer, pl_module, pending.batch_idx, pending.accumulate)
         broadcast = partial(trainer.strategy.broadcast, src=0) if reduce is not None else None
-        if guard is not None:
+        if fsdp:
             broadcast = guard.broadcast
+        guarded = fsdp  # DDP: the whole-model check runs the strategy's collectives; the local ones the guard's
         try:
-            with _metric_states_kept(pl_module), (_unsharded(pl_module) if guard is not None else nullcontext()):
+            with _metric_states_kept(pl_module), ExitStack() as gathered:
+                if fsdp:  # the whole model, or the checked modules only when it does not fit
+                    for module in [r.module for r in records.values()] if skip else [pl_module]:
+                        gathered.enter_context(_unsharded(module))
+                    if records:  # the records agreed across ranks, their gradients averaged
+                        references = _share_records(records, pending.recorder.grads, local_mean, guard)
                 report = _budgeted_check(
                     self._schedule, pl_module, loss_fn, pending.batch, step=step, seed=seed, grads=grads,
                     replay=pending.replay, train_loss=train_loss, reduce=reduce, broadcast=broadcast,
-                    options=self._check_kwargs,
+                    options=self._check_kwargs, skip=skip,
                 )
+                del grads
+                if records:
+                    guarded = guard is not None
+                    if fsdp:
+                        local = partial(_sharded_local_reports, records, seed,
+                                        {**self._local_options, "reduce": guard.reduce}, references, guard)
+                    elif guard is not None:
+                        local = partial(_agreed_local_reports, pl_module, records, seed, self._local_options, guard)
+                    else:
+                        local = partial(_local_reports, pending.recording.recordings(), seed, self._local_options)
+                    report = _merge_local(self._schedule, report, step, local, whole=skip is None,
+                                          broadcast=guard.broadcast if guard is not None else None)
         except BaseException:
-            if guard is not None:
+            if guarded:
                 guard.abort()  # the other ranks raise at their next collective instead of waiting
             raise
-        del grads, pending
+        del pending
         self._record(trainer, report)
         _handle(report, self.on_failure)
+
+    def _loss_fn(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int,
+                 accumulate: int) -> Callable[[nn.Module, Any], Tensor]:
+        """The loss as Lightning backpropagated it (divided under accumulation)."""
+        loss_fn = self.loss_fn or _training_step_loss(pl_module, batch_idx, _namespace(trainer))
+        return partial(_divided, loss_fn, accumulate) if accumulate > 1 else loss_fn
 
     def _record(self, trainer: pl.Trainer, report: Report) -> None:
         self.reports.append((report.step, report))
@@ -424,6 +517,15 @@ class _Pending:
     replay: ReplayState
     loss: Tensor | None = None
     recorder: _LocalGrads | None = None  # fully_shard: records the local gradients of the backward
+    recording: _LocalRecording | None = None  # the module-local recordings of the checked backward
+
+    def release(self) -> None:
+        """Remove every hook this step registered (idempotent)."""
+        if self.recorder is not None:
+            self.recorder.remove()
+        if self.recording is not None:
+            self.recording.close()
+
 
 
 def _loaded_namespaces() -> tuple[str, ...]:
@@ -472,11 +574,6 @@ def _rebuild(cls: type, namespaces: tuple[str, ...]) -> GradWatchCallback:
     for ns in namespaces:
         importlib.import_module(ns)
     return object.__new__(_with_callbacks(cls, namespaces))
-
-
-def _too_big(pl_module: nn.Module, precision: str) -> bool:
-    """Whether ``precision="auto"`` would not make the float64 copy of the whole model."""
-    return precision == "auto" and _float64_bytes(pl_module) > DEFAULT_SHADOW_BYTES
 
 
 def _sink_for(logger: Any, prefix: str) -> Sink:

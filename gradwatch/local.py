@@ -258,9 +258,9 @@ class _Recording:
 
     @staticmethod
     def _param(record: _Record, pname: str) -> Callable:
-        def hook(grad: Tensor) -> None:
-            prev = record.param_grads.get(pname)
-            record.param_grads[pname] = grad.detach() if prev is None else prev + grad.detach()
+        def hook(grad: Tensor) -> None:  # a copy: .grad may become this very tensor, which the framework
+            prev = record.param_grads.get(pname)  # callbacks' AMP unscale_ or clipping then change in place
+            record.param_grads[pname] = grad.detach().clone() if prev is None else prev + grad.detach()
 
         return hook
 

@@ -9,7 +9,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-__all__ = ["BUG", "FusedAttention", "attention", "reference_attention"]
+__all__ = ["BUG", "AttnNet", "FusedAttention", "attention", "reference_attention"]
 
 #: Planted bug of the backward: None, "dq" (dq forgets the softmax scale), "dk" (dk uses
 #: dS instead of dSᵀ), "contiguous" (reads grad_output's memory as if it were contiguous).
@@ -67,3 +67,18 @@ def reference_attention(module: nn.Module, q: Tensor, k: Tensor, v: Tensor) -> T
     """Plain PyTorch attention, any precision."""
     scale = 1.0 / math.sqrt(q.shape[-1])
     return torch.softmax(q @ k.transpose(-1, -2) * scale, dim=-1) @ v
+
+
+class AttnNet(nn.Module):
+    """Projections, the fused attention op, and a consumer that concatenates its output (so the
+    gradient flowing into the op's output is a non-contiguous slice of torch.cat's gradient)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.attn = FusedAttention()
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        q, k, v = self.inp(x).chunk(3, -1)
+        return self.head(torch.cat([self.attn(q, k, v), v], -1)).sum(1)

@@ -26,7 +26,8 @@ def main(out: pathlib.Path, namespace: str) -> None:
 
     from gradwatch import GradientCheckError
     from gradwatch.lightning import GradWatchCallback
-    from lightning_zoo import api, loader
+    from lightning_zoo import api, attention_case, loader
+    from tests._attn_op import BUG as ATTN_BUG
     from zoo import BUGS, CORRECT
 
     lit = api(namespace)
@@ -79,7 +80,8 @@ def main(out: pathlib.Path, namespace: str) -> None:
     def summary(callback) -> dict[str, Any]:
         return {
             "verdicts": [r.verdict for _, r in callback.reports],
-            "failing": [sorted(t.name for t in r.failures) for _, r in callback.reports],
+            "failing": [sorted(t.name for t in r.failures if "::" not in t.name) for _, r in callback.reports],
+            "local_failing": [sorted(t.name for t in r.failures if "::" in t.name) for _, r in callback.reports],
             "numbers": [[(p.autograd, p.numerical, p.kink) for p in r.probes] for _, r in callback.reports],
             "seeds": [r.seed for _, r in callback.reports],
         }
@@ -100,11 +102,37 @@ def main(out: pathlib.Path, namespace: str) -> None:
     result["budgeted"] = {
         **summary(budgeted),
         "steps": [step for step, _ in budgeted.reports],
-        "checked": [[n for n, t in r.tensors.items() if t.verdict != "skipped"] for _, r in budgeted.reports],
-        "kinds": [[p.kind for p in r.probes] for _, r in budgeted.reports],
+        # the whole model's (the module-local checks of the suspect net.fc1 follow, on the same plan)
+        "checked": [[n for n, t in r.tensors.items() if t.verdict != "skipped" and "::" not in n]
+                    for _, r in budgeted.reports],
+        "kinds": [[p.kind for n, t in r.tensors.items() if "::" not in n for p in t.probes]
+                  for _, r in budgeted.reports],
         "joint": [[p.kind for p in r.joint] for _, r in budgeted.reports],
         "reference": [r.reference for _, r in budgeted.reports],
     }
+    # module-local checks at the defaults (suspects: rank zero's): a planted bug in the attention op's dk
+    ATTN_BUG["mode"] = "dk"
+    try:
+        _, attn = fit(attention_case, lambda report: None, max_steps=1)
+    finally:
+        ATTN_BUG["mode"] = None
+    result["attn"] = {**summary(attn), "suspects": attn.suspects,
+                      "local": [{n: t.verdict for n, t in r.tensors.items() if "::" in n} for _, r in attn.reports]}
+    # a module-local check that raises on rank 1 alone: that module is skipped on both ranks, nothing hangs
+    import gradwatch.local
+
+    def raising(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("planted: this rank's module-local check raised")
+
+    real, gradwatch.local._check_record = gradwatch.local._check_record, (raising if rank == 1
+                                                                         else gradwatch.local._check_record)
+    try:
+        _, attn_raise = fit(attention_case, lambda report: None, max_steps=1)
+    finally:
+        gradwatch.local._check_record = real
+    result["attn_raise"] = {"verdicts": [r.verdict for _, r in attn_raise.reports],
+                            "local": [{n: t.verdict for n, t in r.tensors.items() if "::" in n}
+                                      for _, r in attn_raise.reports]}
     try:
         fit(BUGS["wrong_sign"], "raise")
         result["raise"] = None

@@ -23,7 +23,7 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from zoo import Case
 
-__all__ = ["NAMESPACES", "ZooModule", "api", "loader", "trainer_kwargs"]
+__all__ = ["NAMESPACES", "ZooModule", "api", "attention_case", "loader", "trainer_kwargs"]
 
 #: The two namespaces Lightning ships under.
 NAMESPACES = ("pytorch_lightning", "lightning.pytorch")
@@ -109,3 +109,15 @@ def trainer_kwargs(**overrides: Any) -> dict[str, Any]:
     )
     kwargs.update(overrides)
     return kwargs
+
+
+def attention_case(seed: int) -> Case:
+    """:class:`tests._attn_op.AttnNet` (a custom attention op, no float64 kernel) as a zoo case; its
+    backward's planted bug is set with ``tests._attn_op.BUG``."""
+    from tests._attn_op import AttnNet
+    from zoo import classification_loss
+
+    torch.manual_seed(seed)
+    g = torch.Generator().manual_seed(seed)
+    return Case("attention", AttnNet(), classification_loss,
+                (torch.randn(3, 4, 6, generator=g), torch.randint(0, 3, (3,), generator=g)))

@@ -50,11 +50,14 @@ def test_lightning_example_catches_the_bug_and_logs_it_to_lightning_logs(tmp_pat
     example = _load("lightning_custom_layer")
     callback = example.main(["--steps", "41", "--every", "20", "--root", str(tmp_path)])
     out = capsys.readouterr().out
-    assert out.startswith("gradwatch: FAIL in 3 of 3 checks - 'body.0.")
+    assert out.startswith("gradwatch: FAIL in 3 of 3 checks - 'body.")
     assert f"tensorboard --logdir {tmp_path / 'lightning_logs'}" in out
     assert [s for s, _ in callback.reports] == [0, 20, 40]
-    # the layer before the norm gets the wrong gradient; the norm's own weight is right
-    assert all({t.name for t in r.failures} <= {"body.0.weight", "body.0.bias"} and r.failures
+    # the layer before the norm gets the wrong gradient; the norm's own weight is right; the norm's
+    # module-local check (a suspect: custom autograd.Function) names its wrong input gradient
+    assert callback.suspects == {"body.1": "custom autograd.Function FusedRMSNormFn"}
+    wrong = {"body.0.weight", "body.0.bias", "body.1::input[0]"}
+    assert all({t.name for t in r.failures} <= wrong and "body.1::input[0]" in {t.name for t in r.failures}
                for _, r in callback.reports)
     acc = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"))
     acc.Reload()
@@ -66,7 +69,7 @@ def test_lightning_example_catches_the_bug_and_logs_it_to_lightning_logs(tmp_pat
     out = capsys.readouterr().out
     assert "run lightning_logs/version_0: 3 checks, 3 failing (first at step 0)" in out
     failing = {line.split()[1] for line in out.splitlines() if line.startswith("  FAIL ")}
-    assert failing and failing <= {"body.0.weight", "body.0.bias"}
+    assert failing and failing <= wrong
 
 
 def test_lightning_example_with_the_fix_passes(tmp_path, capsys) -> None:
@@ -133,16 +136,18 @@ def test_hf_trainer_example_catches_the_patched_kernel_bug_and_logs_it(tmp_path,
     example = _load("hf_trainer")
     callback = example.main(["--steps", "21", "--every", "20", "--output", str(tmp_path)])
     out = capsys.readouterr().out.splitlines()
-    assert out[-2].startswith("gradwatch: FAIL in 2 of 2 checks, 24 tensors - 'transformer."), out
+    assert out[-2].startswith("gradwatch: FAIL in 2 of 2 checks, 26 tensors - 'transformer."), out
     assert out[-1] == f"view the logs: tensorboard --logdir {tmp_path}/runs"
     assert [s for s, _ in callback.reports] == [0, 20]
     for _, report in callback.reports:
         failing = {t.name for t in report.failures}
         assert "transformer.h.1.mlp.c_fc.weight" in failing and not failing & _HF_DOWNSTREAM, failing
+        # the patched kernel itself, by its module-local checks (suspects: custom autograd.Function)
+        assert {n for n in failing if "::" in n} == {f"transformer.h.{i}.mlp.act::input[0]" for i in (0, 1)}
     (run,) = (tmp_path / "runs").iterdir()
     acc = EventAccumulator(str(run))
     acc.Reload()
-    assert [(e.step, e.value) for e in acc.Scalars("gradwatch/failures")] == [(0, 24.0), (20, 24.0)]
+    assert [(e.step, e.value) for e in acc.Scalars("gradwatch/failures")] == [(0, 26.0), (20, 26.0)]
     assert "train/loss" in acc.Tags()["scalars"]
 
 

@@ -35,6 +35,7 @@ from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausa
 ROOT = pathlib.Path(__file__).resolve().parent.parent
 VOCAB, SEQ = 64, 16
 BUGGY = "transformer.h.1.mlp.c_fc.weight"  # a deep layer's weight, 1/8 of its rows 2% off
+BUGGY_LOCAL = "transformer.h.1.mlp.c_fc::weight"  # the same, by its module's local check (a suspect)
 
 pytestmark = [
     pytest.mark.filterwarnings("ignore::FutureWarning"),
@@ -134,7 +135,8 @@ def test_planted_backward_bug_in_one_layer_is_caught_and_named(overrides, tmp_pa
     assert [s for s, _ in callback.reports] == [0]
     for _, report in callback.reports:
         assert report.reliable and report.verdict == "fail", str(report)
-        assert [t.name for t in report.failures] == [BUGGY], str(report)
+        assert sorted(t.name for t in report.failures) == [BUGGY, BUGGY_LOCAL], str(report)
+    assert callback.suspects == {"transformer.h.1.mlp.c_fc": "custom autograd.Function _RowsOff"}
 
 
 @pytest.mark.parametrize("overrides", [{}, {"gradient_accumulation_steps": 2, "max_grad_norm": 1e-3},
@@ -250,8 +252,35 @@ def test_logs_to_the_trainers_tensorboard_at_global_step(tmp_path) -> None:
         assert [e.step for e in events] == [0, 2, 4], key
         if key != "gradwatch/check_seconds":
             assert events[-1].value == pytest.approx(value, rel=1e-5, abs=1e-12), key
-    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [1.0, 1.0, 1.0]
+    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [2.0, 2.0, 2.0]  # whole-model and local
     assert "train/loss" in acc.Tags()["scalars"]  # the Trainer's own logging, same run
+
+
+# ----------------------------------------------------------------------------- module-local checks
+def test_modules_none_disables_and_named_modules_are_checked_alone(tmp_path) -> None:
+    off = watch(modules=None)
+    train(gpt2(bug=True), off, tmp_path, steps=1)
+    assert [t.name for t in off.last_report.failures] == [BUGGY] and off.suspects == {}
+    # named (no suspect search), under accumulation: recorded in the checked micro-batch only (one call)
+    named = watch(modules=["transformer.h.1.mlp.c_fc"])
+    model = gpt2(bug=True)
+    train(model, named, tmp_path, steps=1, gradient_accumulation_steps=2)
+    assert sorted(t.name for t in named.last_report.failures) == [BUGGY, BUGGY_LOCAL], str(named.last_report)
+    assert named.suspects == {} and not model.transformer.h[1].mlp.c_fc._forward_hooks  # no hook left behind
+    with pytest.raises(ValueError, match="`modules` names 'nope', which is not a submodule"):
+        train(gpt2(), watch(modules=["nope"]), tmp_path, steps=1)
+
+
+def test_auto_checks_the_modules_alone_when_the_whole_model_does_not_fit(monkeypatch, tmp_path) -> None:
+    import gradwatch.hf
+
+    monkeypatch.setattr(gradwatch.hf, "DEFAULT_SHADOW_BYTES", 1)  # no whole model fits
+    callback = watch()
+    train(gpt2(bug=True), callback, tmp_path, steps=1)
+    report = callback.last_report
+    assert [t.name for t in report.failures] == [BUGGY_LOCAL], str(report)
+    assert all(t.verdict == "skipped" for n, t in report.tensors.items() if "::" not in n)
+    assert [(m.module, m.precision) for m in report.modules] == [("transformer.h.1.mlp.c_fc", "float64")]
 
 
 # ----------------------------------------------------------------------------- several processes
@@ -269,7 +298,7 @@ def test_two_processes_agree_and_only_the_main_one_logs(tmp_path) -> None:
     for res in results:
         assert res["world"] == 2
         assert res["correct"]["verdicts"] == ["pass", "pass"] and all(res["correct"]["reliable"]), res
-        assert res["bug"]["failing"] == [[BUGGY], [BUGGY]], res
+        assert res["bug"]["failing"] == [[BUGGY, BUGGY_LOCAL]] * 2, res  # the local check agreed too
         assert res["raise"] == "GradientCheckError", res
     # the same probes on the cross-process means: identical numbers, and rank zero's seed
     for key in ("correct", "bug"):
@@ -304,6 +333,8 @@ def test_import_gradwatch_hf_does_not_import_transformers() -> None:
         ({"on_failure": "ignore"}, ValueError, "`on_failure`"),
         ({"max_overhead": 1.5}, ValueError, "`max_overhead`"),
         ({"precision": "fp32"}, ValueError, "`precision`"),
+        ({"modules": "attn"}, ValueError, "`modules` must be None, 'suspects' or a list"),
+        ({"modules": [1]}, ValueError, "`modules` must be None, 'suspects' or a list"),
     ],
 )
 def test_bad_arguments(kwargs, error, match) -> None:

@@ -32,7 +32,8 @@ import gradwatch._callbacks
 import gradwatch.lightning as gwl
 from gradwatch import GradientCheckError, GradientCheckWarning, Report
 from gradwatch.lightning import GradWatchCallback, LightningLoggerSink
-from lightning_zoo import NAMESPACES, api, loader, trainer_kwargs
+from lightning_zoo import NAMESPACES, api, attention_case, loader, trainer_kwargs
+from tests._attn_op import BUG as ATTN_BUG
 from zoo import BUGS, CORRECT, TRAINING_ONLY_BUGS, assert_log_lines, assert_same_state, training_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -77,7 +78,12 @@ def _collect(report: Report) -> None:
 
 
 def _failing(report: Report) -> set[str]:
-    return {t.name for t in report.failures}
+    """The whole-model tensors that failed; a module-local one (``<module>::<tensor>``, checked at the
+    default ``modules="suspects"``) may fail only in a module holding one of them."""
+    whole = {t.name for t in report.failures if "::" not in t.name}
+    local = {t.name.partition("::")[0] for t in report.failures if "::" in t.name}
+    assert all(any(w.startswith(m + ".") for w in whole) for m in local), str(report)
+    return whole
 
 
 # ----------------------------------------------------------------------------- 1. which gradient
@@ -325,8 +331,9 @@ def test_mixed_precision_gives_no_false_alarm(mode: str, accumulate: int, namesp
         _fit(module, callback, max_steps=2, accumulate_grad_batches=accumulate, **_amp(lit, mode))
         for _, r in callback.reports:
             assert r.verdict == "pass" and r.grad_precision == expected, (name, str(r))
-            gaps = [t.precision_gap for t in r.tensors.values()]
-            assert all(t.gap_ratio < 1 for t in r.tensors.values()) and max(gaps) > 0, (name, gaps)  # measured
+            whole = [t for n, t in r.tensors.items() if "::" not in n]  # module-local ones: no precision gap
+            gaps = [t.precision_gap for t in whole]
+            assert all(t.gap_ratio < 1 for t in whole) and max(gaps) > 0, (name, gaps)  # measured
 
 
 @pytest.mark.parametrize("mode, namespace", [("bf16-mixed", NAMESPACES[1]), ("16-mixed", NAMESPACES[0])])
@@ -430,9 +437,10 @@ def test_tensorboard_logger_gets_the_key_scheme_at_global_step(tmp_path, lit) ->
         assert [e.step for e in events] == [0, 2, 4], key
         if key != "gradwatch/check_seconds":
             assert events[-1].value == pytest.approx(value, rel=1e-5, abs=1e-12), key
-    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [1.0, 1.0, 1.0]
+    # the wrong tensor, and the same weight in its module's local check (a suspect: custom autograd.Function)
+    assert [e.value for e in acc.Scalars("gradwatch/failures")] == [2.0, 2.0, 2.0]
     text = acc.Tensors("gradwatch/report/text_summary")[-1].tensor_proto.string_val[0].decode()
-    assert "net.fc1.weight" in text
+    assert "net.fc1.weight" in text and "net.fc1::weight" in text
     assert "train_loss" in acc.Tags()["scalars"]  # the user's own logging still arrives
 
 
@@ -557,6 +565,77 @@ def test_fit_with_the_callback_is_bit_identical_to_fit_without(overrides, lit) -
     assert states[0][1] == states[1][1]
 
 
+# ----------------------------------------------------------------------------- 4b. module-local checks
+@pytest.fixture
+def attn_bug():
+    """Plant a bug in the attention op's backward; always reset afterwards."""
+    yield lambda mode: ATTN_BUG.update(mode=mode)
+    ATTN_BUG["mode"] = None
+
+
+@pytest.mark.parametrize("mode, wrong", [(None, set()), ("dk", {"net.attn::input[1]"})])
+def test_module_local_check_names_a_planted_attention_bug_at_defaults(attn_bug, mode, wrong, lit) -> None:
+    """GradWatchCallback() at its defaults finds the custom op (a suspect) and checks it alone: a bug in
+    its backward is named as ``<module>::input[k]``; the correct op stays quiet. No hook stays behind."""
+    attn_bug(mode)
+    module = lit.ZooModule(attention_case(0))
+    callback = GradWatchCallback(seed=0, on_failure=_collect)
+    _fit(module, callback, max_steps=1)
+    (_, report), = callback.reports
+    assert callback.suspects == {"net.attn": "custom op gwtest::attention.default"}
+    local = {n: t for n, t in report.tensors.items() if "::" in n}
+    assert set(local) == {"net.attn::input[0]", "net.attn::input[1]", "net.attn::input[2]"}, str(report)
+    assert {n for n, t in local.items() if t.verdict == "fail"} == wrong, str(report)
+    assert all(t.verdict == "pass" for n, t in local.items() if n not in wrong), str(report)
+    assert report.ok == (mode is None), str(report)
+    assert not module.net.attn._forward_hooks and not module.net.attn._forward_pre_hooks
+
+
+def test_module_local_checks_follow_modules_and_record_only_the_checked_backward(attn_bug, lit) -> None:
+    attn_bug("dq")
+    module = lit.ZooModule(attention_case(1))
+    off = GradWatchCallback(seed=0, every_n_steps=1, max_overhead=None, on_failure=_collect, modules=None)
+    _fit(module, off, max_steps=1)
+    assert all("::" not in n for n in off.last_report.tensors) and off.suspects == {}
+    # named explicitly, under accumulation: the window's first micro-batch only (one call: checked)
+    module = lit.ZooModule(attention_case(1))
+    named = GradWatchCallback(seed=0, every_n_steps=1, max_overhead=None, on_failure=_collect,
+                              modules=["net.attn"])
+    _fit(module, named, max_steps=1, accumulate_grad_batches=2)
+    assert {t.name for t in named.last_report.failures if "::" in t.name} == {"net.attn::input[0]"}, \
+        str(named.last_report)
+    assert named.suspects == {}
+
+
+def test_auto_checks_the_modules_alone_in_float64_when_the_whole_model_does_not_fit(monkeypatch, lit) -> None:
+    monkeypatch.setattr(gwl, "DEFAULT_SHADOW_BYTES", 1)  # no whole model fits
+    module = lit.ZooModule(BUGS["wrong_sign"](0))
+    callback = GradWatchCallback(seed=0, on_failure=_collect)
+    _fit(module, callback, max_steps=1)
+    report = callback.last_report
+    assert {t.name for t in report.failures} == {"net.fc1::weight"}, str(report)
+    assert all(t.verdict == "skipped" and "max_shadow_bytes" in t.reason
+               for n, t in report.tensors.items() if "::" not in n), str(report)
+    assert [(m.module, m.precision) for m in report.modules] == [("net.fc1", "float64")]
+
+
+@pytest.mark.parametrize("modules, match", [
+    ("attn", "`modules` must be None, 'suspects' or a list"),
+    ([3], "`modules` must be None, 'suspects' or a list"),
+    (nn.Linear(2, 2), "`modules` must be None"),
+])
+def test_bad_modules_raise_naming_the_argument(modules, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        GradWatchCallback(modules=modules)
+
+
+def test_modules_not_in_the_lightning_module_raise_at_the_first_check(lit) -> None:
+    module = lit.ZooModule(attention_case(0))
+    with pytest.raises(ValueError, match="`modules` names 'nope', which is not a submodule"):
+        _fit(module, GradWatchCallback(modules=["nope"]), max_steps=1)
+    assert not module.net.attn._forward_hooks  # nothing left registered by the failed step
+
+
 # ----------------------------------------------------------------------------- 5. DDP and sharding
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
@@ -578,6 +657,16 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
     # window's end (compared unaveraged, every tensor of this correct model failed)
     assert results[0]["accumulated"]["verdicts"] == ["pass", "pass"], results[0]["accumulated"]
     assert results[0]["accumulated"] == results[1]["accumulated"]
+    # module-local checks at the defaults: the suspect found, the bug named, the same verdicts and numbers
+    for rank, res in results.items():
+        assert res["attn"]["suspects"] == {"net.attn": "custom op gwtest::attention.default"}, (rank, res["attn"])
+        assert res["attn"]["local"] == [{"net.attn::input[0]": "pass", "net.attn::input[1]": "fail",
+                                         "net.attn::input[2]": "pass"}], (rank, res["attn"])
+    assert results[0]["attn"] == results[1]["attn"]
+    # the local check raising on rank 1 alone: the module skipped on both ranks, and training went on
+    skipped = {f"net.attn::input[{i}]": "skipped" for i in range(3)}
+    assert all(res["attn_raise"]["local"] == [skipped] for res in results.values()), results
+    assert results[0]["attn_raise"] == results[1]["attn_raise"]
     # each rank's local batch differs, and the check verified the replay of the mean training loss
     assert results[0]["local_losses"] != results[1]["local_losses"]
     # only rank zero wrote to the logger
@@ -613,6 +702,9 @@ def test_model_parallel_fsdp2_two_cpu_processes(tmp_path, namespace: str) -> Non
         assert res["identical"] is True  # asserted in the script: local shards, Adam state, RNG
         # too large a model to gather: skipped, saying what to use
         assert res["too_big"]["verdicts"] == ["skipped"] and "modules=[...]" in res["too_big"]["reports"][0], res
+        # ... unless modules are named: the bug is caught by their local check alone
+        named = res["too_big_named"]
+        assert named["failing"] == [[]] and named["local_failing"] == [["net.fc1::weight"]], named["reports"]
     # every rank judged the same probes on the cross-rank means
     assert results[0]["bug"]["numbers"] == results[1]["bug"]["numbers"]
     assert results[0]["correct"]["numbers"] == results[1]["correct"]["numbers"]

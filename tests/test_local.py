@@ -12,6 +12,7 @@ from torch import nn
 import gradwatch
 from gradwatch.local import _REFERENCES_BY_CLASS, _check_record, _Recording
 from tests._attn_op import BUG, FusedAttention, reference_attention
+from tests._attn_op import AttnNet as _AttnNet
 
 
 @pytest.fixture
@@ -62,21 +63,6 @@ def test_reference_comparison_names_module_and_quantity(bug, reference):
 
 
 # ---------------------------------------------------------------- in training: GradWatch(modules=...)
-class _AttnNet(nn.Module):
-    """Projections, the fused attention op, and a consumer that concatenates its output (so the
-    gradient flowing into the op's output is a non-contiguous slice of torch.cat's gradient)."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.inp = nn.Linear(6, 12)
-        self.attn = FusedAttention()
-        self.head = nn.Linear(8, 3)
-
-    def forward(self, x):
-        q, k, v = self.inp(x).chunk(3, -1)
-        return self.head(torch.cat([self.attn(q, k, v), v], -1)).sum(1)
-
-
 def _xent(model, batch):
     return nn.functional.cross_entropy(model(batch[0]), batch[1])
 
