@@ -363,6 +363,7 @@ class GradWatch:
             if not self._seed_shared:  # rank zero's base seed: every rank draws the same probes
                 self.seed, self._seed_shared = int(guard.broadcast(self.seed)), True
             seed = _derive_seed(self.seed, step)
+            backward_mean = captured  # as the backward made them: scaled like the records' output gradients
             if self.scaler is not None and self.scaler.is_enabled():  # as in step(), agreed across ranks
                 scale = self.scaler.get_scale()
                 captured = {n: g / scale for n, g in captured.items()}
@@ -378,7 +379,7 @@ class GradWatch:
                 for module in list(targets.values()) if whole_too_big else [self.model]:
                     gathered.enter_context(_unsharded(module))
                 if targets:  # the records agreed across ranks, their gradients averaged
-                    references = _share_records(recording.records, recorder.grads, captured, guard)
+                    references = _share_records(recording.records, recorder.grads, backward_mean, guard)
                 reason = None
                 if whole_too_big:
                     reason = _too_big(self.model, "auto", self._max_shadow_bytes)

@@ -229,9 +229,12 @@ def scenario_identical(rank: int) -> dict[str, Any]:
         assert_same_state(states[0], states[1])
     # a GradScaler's scaled backward: the recorded gradients and loss are unscaled before the check
     scaled = train(CORRECT["layernorm_gelu"], steps=2, watch=dict(every_n_steps=1, max_overhead=None), scale=1024.0)[2]
+    # the same with a custom Function's module-local check: its records' gradients stay as scaled as their grad_out
+    scaled_local = train(CORRECT["custom_function"], steps=2, watch=dict(every_n_steps=1, max_overhead=None), scale=1024.0)[2]
     # under the default overhead budget every rank checks the same steps (rank zero's clock decides)
     budgeted = train(CORRECT["layernorm_gelu"], steps=12, watch=dict(every_n_steps=1, max_overhead=0.5))[2]
     return {"identical": True, "verdicts": reports, "scaled": [r.verdict for _, r in scaled.reports],
+            "scaled_local": [(r.verdict, sorted(n for n in r.tensors if "::" in n)) for _, r in scaled_local.reports],
             "budgeted": [[step, [p.kind for p in r.probes], r.verdict] for step, r in budgeted.reports]}
 
 

@@ -132,6 +132,9 @@ def test_training_is_bit_identical_with_and_without_the_watch(tmp_path) -> None:
         assert res["verdicts"] == {"mlp_relu_dropout": ["pass"] * 3, "attention": ["pass"] * 3}, (rank, res)
         # a GradScaler(init_scale=1024) backward passes: the gradients were unscaled (else all 1024x off)
         assert res["scaled"] == ["pass", "pass"], (rank, res)
+        assert len(res["scaled_local"]) == 2, (rank, res["scaled_local"])
+        for verdict, local in res["scaled_local"]:  # module-local tensors checked, and quiet, under the scaler
+            assert verdict == "pass" and any(n.endswith("::weight") for n in local), (rank, res["scaled_local"])
         assert res["budgeted"][0][0] == 0 and all(v == "pass" for _, _, v in res["budgeted"]), (rank, res)
     assert results[0]["budgeted"] == results[1]["budgeted"]  # the same steps and probes on both ranks
 
