@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
@@ -79,16 +80,23 @@ _RETRIES = 2
 _CACHE_ELEMENTS = 1 << 12
 
 
-def _joint_seeds(seed: int, count: int) -> list[int]:
-    """Seeds of the ``count`` joint probes of a check (deterministic given its seed)."""
+@functools.lru_cache(maxsize=64)
+def _joint_seeds(seed: int, count: int) -> tuple[int, ...]:
+    """Seeds of the ``count`` joint probes of a check (deterministic given its seed; kept
+    for the last few seeds: ``assert_gradients`` draws the same ones at every call)."""
     state = np.random.SeedSequence([seed & (2**63 - 1), _JOINT_SALT]).generate_state(count, np.uint64)
-    return [int(s >> np.uint64(2)) for s in state]
+    return tuple(int(s >> np.uint64(2)) for s in state)
 
 
 def _tensor_seeds(seed: int, names: list[str]) -> list[int]:
     """Seed of each tensor's Gaussian part of the joint direction ``seed``."""
+    return list(_seed_list(seed, len(names)))
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_list(seed: int, count: int) -> tuple[int, ...]:
     gen = torch.Generator().manual_seed(seed)
-    return [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in names]
+    return tuple(int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in range(count))
 
 
 class _JointLine:

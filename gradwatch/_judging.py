@@ -288,6 +288,7 @@ class _Spread:
 
 def _measure_spread(
     ev: _Evaluation, params: Mapping[str, Tensor], names: list[str], signature: Any, seed: int, host: _HostValues,
+    replayed: tuple[Tensor, Mapping[str, Tensor]] | None = None,
 ) -> _Spread | None:
     """Rounding the training precision incurs, measured: the native gradient replayed at
     ``θ`` and at ``θ'`` (every floating parameter moved by :data:`_SPREAD_ULPS` units in
@@ -298,6 +299,11 @@ def _measure_spread(
     The replay at ``θ`` also records the branches of the non-smooth ops and compares
     them with the float64 pass (``signature``): where they differ, the training
     gradient and the float64 reference are gradients of different branches.
+
+    ``replayed``: the loss and gradients at ``θ`` of a native replay already run (the
+    training step of ``grads="autograd"``, when no parameter holds a tensor hook: the
+    same computation as this replay); when no branch is to be compared (the float64 pass
+    ran no non-smooth op) they stand for the replay at ``θ``, which is not run again.
 
     Returns None when a replay raises (the precision test then keeps its fixed
     tolerance). Only checks that compute the float64 reference pay for it.
@@ -330,7 +336,10 @@ def _measure_spread(
             d.sub_(b.reshape(-1))
             return d.masked_fill_(_nonfinite(d), 0.0).norm()
 
-        loss0, g0 = _native_gradients(ev.wrapper, ev.batch, ev.replay, params, names, recorder, stats=spread)
+        if replayed is not None and recorder is None:
+            loss0, g0 = replayed[0], {n: spread(n, replayed[1][n]) for n in names if n in replayed[1]}
+        else:
+            loss0, g0 = _native_gradients(ev.wrapper, ev.batch, ev.replay, params, names, recorder, stats=spread)
         del g1
     except Exception:  # noqa: BLE001 (a replay that cannot run: keep the fixed tolerance)
         return None

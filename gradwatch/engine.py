@@ -443,7 +443,10 @@ def check(
         # rounding of the training precision and run the precision test; the smallest check (no ±2h
         # passes) judges the backward code against the reference alone: two native replays fewer
         precision_test = ref_grads is not None and probe and richardson
-        spread = _measure_spread(evaluation, params, list(grad_map), signature, seed, host) if precision_test else None
+        # the training step replayed, without tensor hooks on the parameters, is the spread's replay at θ
+        at = (train_loss, grad_map) if (replayed_train and isinstance(train_loss, Tensor) and
+                                        not any(params[n]._backward_hooks for n in grad_map)) else None
+        spread = _measure_spread(evaluation, params, list(grad_map), signature, seed, host, at) if precision_test else None
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
         gaps = {name: {k: host.add(v) for k, v in ref_grads[name]["gap"].items()}
                 for name in grad_map} if precision_test else {}
