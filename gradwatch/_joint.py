@@ -192,10 +192,12 @@ class _JointLine:
         theta = self.ev.shadow[self.keys[i]]
         g = self.grads[self.names[i]].detach().to(device=theta.device, dtype=torch.float64, copy=True)
         g = g.reshape(theta.shape)
-        bad = _nonfinite(g)
-        if finite is not None:
+        if finite is None:
+            g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            bad = _nonfinite(g)
             finite.append(~bad.any())
-        g = g.masked_fill_(bad, 0.0)
+            g = g.masked_fill_(bad, 0.0)
         if cache is not None:
             cache[("g", i)] = g
         return g

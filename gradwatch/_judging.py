@@ -162,7 +162,7 @@ def _square_sum(g: Tensor) -> Tensor:
             total = part if total is None else total + part
         return total
     t = g.detach().to(torch.float64, copy=True)
-    return t.masked_fill_(_nonfinite(t), 0.0).pow_(2).sum()
+    return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).pow_(2).sum()
 
 
 def _gradient_rms(grad_map: Mapping[str, Tensor], host: _HostValues,
@@ -334,7 +334,7 @@ def _measure_spread(
                 return None
             d = a.to(torch.float64, copy=True).reshape(-1)
             d.sub_(b.reshape(-1))
-            return d.masked_fill_(_nonfinite(d), 0.0).norm()
+            return d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).norm()
 
         if replayed is not None and recorder is None:
             loss0, g0 = replayed[0], {n: spread(n, replayed[1][n]) for n in names if n in replayed[1]}
