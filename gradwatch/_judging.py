@@ -361,7 +361,7 @@ def _measure_spread(
 def _moved(p: Tensor, sign: Tensor, rel: float) -> Tensor:
     """``(p64 + rel·|p64|·(2·sign - 1)).to(p.dtype)`` with ``p64`` the float64 value of ``p``,
     computed a chunk of :data:`_CHUNK` elements at a time (the same values as at once)."""
-    if not p.is_contiguous():
+    if not p.is_contiguous() or p.numel() <= _CHUNK:  # at once (the same values)
         p64 = p.to(torch.float64)
         return (p64 + rel * p64.abs() * (sign.to(torch.float64) * 2 - 1)).to(p.dtype)
     out = torch.empty_like(p)
