@@ -298,7 +298,7 @@ class _Evaluation:
         rules = self.ops.active(self.recorder if recording else None) if self.ops is not None else nullcontext()
         try:
             with torch.set_grad_enabled(grad), dtype_ctx, autocast_ctx, recorder, rules:
-                out = functional_call(self.wrapper, state, (self.inputs,), strict=False)
+                out = _call(self.wrapper, state, (self.inputs,))
         except Exception as err:
             where = "on the float64 copy of the model" if self.float64 else "in the model's own precision"
             err.add_note(
@@ -406,7 +406,7 @@ class _Evaluation:
         def one(theta: Tensor) -> Tensor:
             state = dict(base)
             state[key] = theta
-            return _loss_tensor(functional_call(self.wrapper, state, (self.inputs,), strict=False)).to(torch.float64)
+            return _loss_tensor(_call(self.wrapper, state, (self.inputs,))).to(torch.float64)
 
         dtype_ctx, autocast_ctx = self._context()
         rules = self.ops.active() if self.ops is not None else nullcontext()
@@ -445,13 +445,27 @@ def _quiet_vmap_fallback() -> Iterator[None]:
         toggle(True)
 
 
+def _call(wrapper: _LossModule, state: dict[str, Tensor], args: tuple) -> Any:
+    """``functional_call(wrapper, state, args, strict=False)``. Its search for tied tensors
+    (two names of one parameter or buffer) walks every parameter and buffer at every call,
+    as long as a tiny op's whole pass: it is done once per wrapper, and skipped when the
+    model ties none (``tie_weights=False`` is then the same call)."""
+    tied = wrapper.__dict__.get("_tied")
+    if tied is None:
+        seen: set[int] = set()
+        named = [*wrapper.named_parameters(remove_duplicate=False), *wrapper.named_buffers(remove_duplicate=False)]
+        tied = any(id(t) in seen or seen.add(id(t)) for _, t in named)
+        wrapper.__dict__["_tied"] = tied
+    return functional_call(wrapper, state, args, strict=False, tie_weights=tied)
+
+
 def _native_loss(wrapper: _LossModule, batch: Any, replay: ReplayState, *, grad: bool) -> Tensor:
     """Replay ``loss_fn`` with the model's own parameters, on clones of the captured buffers."""
     _restore_attrs(replay.attrs)
     _restore_rng(replay.rng)
     buffers = {f"model.{n}": b.clone() for n, b in replay.buffers.items()}
     with torch.set_grad_enabled(grad), _autocast(replay.autocast):
-        return _loss_tensor(functional_call(wrapper, buffers, (batch,), strict=False))
+        return _loss_tensor(_call(wrapper, buffers, (batch,)))
 
 
 def _native_gradients(
@@ -487,7 +501,7 @@ def _native_pass(
     state.update({f"model.{n}": v for n, v in leaves.items()})
     state.update({f"model.{n}": b.clone() for n, b in replay.buffers.items()})
     with torch.enable_grad(), _autocast(replay.autocast), recorder if recorder is not None else nullcontext():
-        loss = _loss_tensor(functional_call(wrapper, state, (batch,), strict=False))
+        loss = _loss_tensor(_call(wrapper, state, (batch,)))
     if not loss.requires_grad:
         return loss.detach(), {}
     grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)

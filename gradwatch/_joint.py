@@ -22,7 +22,11 @@ CNN with BatchNorm, ReLU and max-pool crossed at the default step in 5 of 5 seed
 1/32 of it in 3 of 5, at 1/256 in 0 of 5), and when the recorder says the probe crossed a kink it is redone
 with the step shrunk by :data:`_SHRINK`, up to :data:`_RETRIES` times; one small host
 transfer per retry. Float64 rounding stays far below the tolerances at these steps and
-is in the error bar. A probe that still crosses verifies nothing (``kink=True``).
+is in the error bar. A probe that still crosses verifies nothing (``kink=True``). When
+the unperturbed pass ran no non-smooth op at all, the perturbed passes run without the
+recorder (its dispatch costs more than the passes of a tiny op): what that gives up is
+noticing a perturbed pass whose data-dependent Python control flow runs a non-smooth op
+the unperturbed pass did not (the difference quotient is then judged as if smooth).
 
 Localisation: a failing joint probe is bisected over the tensor list (group testing:
 the direction restricted to the first half of the tensors, one host transfer per
@@ -35,6 +39,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import functools
 import math
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
@@ -68,18 +73,30 @@ _WEIGHT_FLOOR = 0.1
 _FIRST = 1.0 / 256.0
 _SHRINK = 1.0 / 32.0
 _RETRIES = 2
+#: Joint directions (and float64 gradients) over at most this many elements in all (64 KiB
+#: of float64 for both) are kept for the check instead of drawn again at every use: on tiny
+#: ops (``assert_gradients``) the redraws cost as much as a pass; above it nothing
+#: tensor-sized is kept for every tensor (memory stays bounded: they are drawn again).
+_CACHE_ELEMENTS = 1 << 12
 
 
-def _joint_seeds(seed: int, count: int) -> list[int]:
-    """Seeds of the ``count`` joint probes of a check (deterministic given its seed)."""
+@functools.lru_cache(maxsize=64)
+def _joint_seeds(seed: int, count: int) -> tuple[int, ...]:
+    """Seeds of the ``count`` joint probes of a check (deterministic given its seed; kept
+    for the last few seeds: ``assert_gradients`` draws the same ones at every call)."""
     state = np.random.SeedSequence([seed & (2**63 - 1), _JOINT_SALT]).generate_state(count, np.uint64)
-    return [int(s >> np.uint64(2)) for s in state]
+    return tuple(int(s >> np.uint64(2)) for s in state)
 
 
 def _tensor_seeds(seed: int, names: list[str]) -> list[int]:
     """Seed of each tensor's Gaussian part of the joint direction ``seed``."""
+    return list(_seed_list(seed, len(names)))
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_list(seed: int, count: int) -> tuple[int, ...]:
     gen = torch.Generator().manual_seed(seed)
-    return [int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in names]
+    return tuple(int(torch.randint(0, 2**62, (1,), generator=gen)) for _ in range(count))
 
 
 class _JointLine:
@@ -103,6 +120,9 @@ class _JointLine:
         self.device = device
         self.dtypes = [t.dtype for t in thetas]
         self.masks = [excluded[n].mask if excluded and n in excluded else None for n in names]  # never probed
+        # kept when small in all (read-only then: callers use the out-of-place ops)
+        self._cache: dict[tuple[str, int], Tensor] | None = (
+            {} if sum(t.numel() for t in thetas) <= _CACHE_ELEMENTS else None)
         finite, norms = [], []
         for i in range(len(names)):
             if thetas[i].numel() > _CHUNK:  # a chunk at a time
@@ -151,10 +171,11 @@ class _JointLine:
                 vnorm.append(vsq_i.to(device))
                 continue
             v = self.direction(i)
-            term = self._g64(i).mul_(v)  # <g_t, v_t> term by term
+            g = self._g64(i)
+            term = g.mul(v) if self._cache is not None else g.mul_(v)  # <g_t, v_t> term by term
             a_t.append(term.sum().to(device))
             rss.append(term.pow_(2).sum().to(device))
-            vnorm.append(v.pow_(2).sum().to(device))
+            vnorm.append((v.pow(2) if self._cache is not None else v.pow_(2)).sum().to(device))
             del v, term
         self.a_t = a_t  # per tensor, for group testing
         self.a = torch.stack(self.a_t).sum()
@@ -163,14 +184,23 @@ class _JointLine:
         self.a_ref_t = self.a_ref = self.rss_ref = None
 
     def _g64(self, i: int, finite: list | None = None) -> Tensor:
-        """The gradient of tensor ``i`` in float64 (a copy), zero where it is not finite."""
+        """The gradient of tensor ``i`` in float64, zero where it is not finite (a copy;
+        read-only when the line keeps it, see :data:`_CACHE_ELEMENTS`)."""
+        cache = self._cache
+        if cache is not None and ("g", i) in cache:
+            return cache[("g", i)]
         theta = self.ev.shadow[self.keys[i]]
         g = self.grads[self.names[i]].detach().to(device=theta.device, dtype=torch.float64, copy=True)
         g = g.reshape(theta.shape)
-        bad = _nonfinite(g)
-        if finite is not None:
+        if finite is None:
+            g = g.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0)
+        else:
+            bad = _nonfinite(g)
             finite.append(~bad.any())
-        return g.masked_fill_(bad, 0.0)
+            g = g.masked_fill_(bad, 0.0)
+        if cache is not None:
+            cache[("g", i)] = g
+        return g
 
     def _g64_chunks(self, i: int, finite: list | None = None) -> Iterator[tuple[int, int, Tensor]]:
         """:meth:`_g64` a chunk at a time (flat index); appends the finite flag after the last."""
@@ -194,8 +224,13 @@ class _JointLine:
 
     def direction(self, i: int) -> Tensor:
         """Tensor ``i``'s part of the direction, drawn again from its seed."""
+        if self._cache is not None and ("v", i) in self._cache:
+            return self._cache[("v", i)]  # read-only
         theta = self.ev.shadow[self.keys[i]]
-        return _direction(theta, self.seeds[i], self.masks[i]).mul_(self.weights[i].to(theta.device))
+        v = _direction(theta, self.seeds[i], self.masks[i]).mul_(self.weights[i].to(theta.device))
+        if self._cache is not None:
+            self._cache[("v", i)] = v
+        return v
 
     def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
         """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""
@@ -205,7 +240,9 @@ class _JointLine:
             return a_ref.to(self.device), sq.to(self.device)
         v = self.direction(i)
         # in place when the layouts agree; a strided g_ref sets the order of the sum, as it always did
-        term = v.mul_(g_ref) if g_ref.is_contiguous() else g_ref.to(torch.float64).reshape(v.shape) * v
+        cached = self._cache is not None
+        term = ((v.mul(g_ref) if cached else v.mul_(g_ref)) if g_ref.is_contiguous()
+                else g_ref.to(torch.float64).reshape(v.shape) * v)
         return term.sum().to(self.device), term.pow_(2).sum().to(self.device)
 
     def set_reference(self, terms: list[tuple[Tensor, Tensor]]) -> None:
@@ -315,7 +352,9 @@ def _evaluate(ev: _Evaluation, line: _JointLine, signature: Any, loss0: Tensor |
         with line.at(1.0) as (state, points[1.0]):
             loss, ref = ev(state)
         losses[1.0] = loss.to(torch.float64)
-    kinks = _ProbeKinks(ref, line.h0.device) if ref is not None else None
+    # an unperturbed pass that ran no non-smooth op: the perturbed passes run without the
+    # recorder (see the module notes)
+    kinks = _ProbeKinks(ref, line.h0.device) if ref is not None and (len(ref) or ev.own_reference) else None
     for s in ev.signs:
         if s in losses:
             continue

@@ -162,7 +162,7 @@ def _square_sum(g: Tensor) -> Tensor:
             total = part if total is None else total + part
         return total
     t = g.detach().to(torch.float64, copy=True)
-    return t.masked_fill_(_nonfinite(t), 0.0).pow_(2).sum()
+    return t.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).pow_(2).sum()
 
 
 def _gradient_rms(grad_map: Mapping[str, Tensor], host: _HostValues,
@@ -288,6 +288,7 @@ class _Spread:
 
 def _measure_spread(
     ev: _Evaluation, params: Mapping[str, Tensor], names: list[str], signature: Any, seed: int, host: _HostValues,
+    replayed: tuple[Tensor, Mapping[str, Tensor]] | None = None,
 ) -> _Spread | None:
     """Rounding the training precision incurs, measured: the native gradient replayed at
     ``θ`` and at ``θ'`` (every floating parameter moved by :data:`_SPREAD_ULPS` units in
@@ -298,6 +299,11 @@ def _measure_spread(
     The replay at ``θ`` also records the branches of the non-smooth ops and compares
     them with the float64 pass (``signature``): where they differ, the training
     gradient and the float64 reference are gradients of different branches.
+
+    ``replayed``: the loss and gradients at ``θ`` of a native replay already run (the
+    training step of ``grads="autograd"``, when no parameter holds a tensor hook: the
+    same computation as this replay); when no branch is to be compared (the float64 pass
+    ran no non-smooth op) they stand for the replay at ``θ``, which is not run again.
 
     Returns None when a replay raises (the precision test then keeps its fixed
     tolerance). Only checks that compute the float64 reference pay for it.
@@ -328,9 +334,12 @@ def _measure_spread(
                 return None
             d = a.to(torch.float64, copy=True).reshape(-1)
             d.sub_(b.reshape(-1))
-            return d.masked_fill_(_nonfinite(d), 0.0).norm()
+            return d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).norm()
 
-        loss0, g0 = _native_gradients(ev.wrapper, ev.batch, ev.replay, params, names, recorder, stats=spread)
+        if replayed is not None and recorder is None:
+            loss0, g0 = replayed[0], {n: spread(n, replayed[1][n]) for n in names if n in replayed[1]}
+        else:
+            loss0, g0 = _native_gradients(ev.wrapper, ev.batch, ev.replay, params, names, recorder, stats=spread)
         del g1
     except Exception:  # noqa: BLE001 (a replay that cannot run: keep the fixed tolerance)
         return None
@@ -352,7 +361,7 @@ def _measure_spread(
 def _moved(p: Tensor, sign: Tensor, rel: float) -> Tensor:
     """``(p64 + rel·|p64|·(2·sign - 1)).to(p.dtype)`` with ``p64`` the float64 value of ``p``,
     computed a chunk of :data:`_CHUNK` elements at a time (the same values as at once)."""
-    if not p.is_contiguous():
+    if not p.is_contiguous() or p.numel() <= _CHUNK:  # at once (the same values)
         p64 = p.to(torch.float64)
         return (p64 + rel * p64.abs() * (sign.to(torch.float64) * 2 - 1)).to(p.dtype)
     out = torch.empty_like(p)

@@ -100,10 +100,12 @@ and held whole. Batched evaluation stacks the perturbed copies of the probed ten
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 import dataclasses
 import secrets
 import time
-from typing import Any, Callable, Collection, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -172,6 +174,20 @@ PRECISIONS = ("float64", "native", "auto")
 _GRADS = ("autograd", "existing")
 _EVALUATIONS = ("auto", "batched", "sequential")
 _NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
+#: True while a caller runs :func:`check` with a ``train_loss`` that the replay itself
+#: computed (``assert_gradients``, as ``grads="autograd"`` does inside): the training loss
+#: then is the native replay, so no second one is run to compare with it.
+_TRAIN_IS_REPLAY: contextvars.ContextVar[bool] = contextvars.ContextVar("_TRAIN_IS_REPLAY", default=False)
+
+
+@contextlib.contextmanager
+def _train_is_replay(flag: bool) -> Iterator[None]:
+    """Within it, :func:`check`'s ``train_loss`` is the replay's own loss when ``flag``."""
+    token = _TRAIN_IS_REPLAY.set(flag)
+    try:
+        yield
+    finally:
+        _TRAIN_IS_REPLAY.reset(token)
 
 
 def check(
@@ -417,7 +433,8 @@ def check(
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
             host = _HostValues(reduce)  # drop what the float64 attempt queued
             evaluation, loss0, signature, ref_grads, kink_log, refs, rows, jrows = evaluate(mode)
-        native_loss = train_loss if grads == "autograd" else evaluation.native()
+        replayed_train = grads == "autograd" or (_TRAIN_IS_REPLAY.get() and train_loss is not None)
+        native_loss = train_loss if replayed_train else evaluation.native()
         probe = not (evaluation.lossy or evaluation.unreplayable)
         if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
             _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host,
@@ -426,7 +443,10 @@ def check(
         # rounding of the training precision and run the precision test; the smallest check (no ±2h
         # passes) judges the backward code against the reference alone: two native replays fewer
         precision_test = ref_grads is not None and probe and richardson
-        spread = _measure_spread(evaluation, params, list(grad_map), signature, seed, host) if precision_test else None
+        # the training step replayed, without tensor hooks on the parameters, is the spread's replay at θ
+        at = (train_loss, grad_map) if (replayed_train and isinstance(train_loss, Tensor) and
+                                        not any(params[n]._backward_hooks for n in grad_map)) else None
+        spread = _measure_spread(evaluation, params, list(grad_map), signature, seed, host, at) if precision_test else None
         gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
         gaps = {name: {k: host.add(v) for k, v in ref_grads[name]["gap"].items()}
                 for name in grad_map} if precision_test else {}
@@ -451,7 +471,7 @@ def check(
             # compared then (that probe is not judged anyway)
             across = i_mid_kink is not None and values[i_mid_kink] > 0
             reason = evaluation.unreplayable or _replay_problem(
-                train, native, None if across else replayed, _SHADOW_RTOL[grad_precision], grads == "autograd", mode,
+                train, native, None if across else replayed, _SHADOW_RTOL[grad_precision], replayed_train, mode,
                 spread=_loss_spread(spread, values, native),
             )
             if reason is None:

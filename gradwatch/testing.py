@@ -32,7 +32,15 @@ from gradwatch._validate import (
     _probe_options,
     _seed,
 )
-from gradwatch.engine import _NOT_SELECTED, PRECISIONS, _autograd_gradients, _given_gradients, _grads_option, check
+from gradwatch.engine import (
+    _NOT_SELECTED,
+    PRECISIONS,
+    _autograd_gradients,
+    _given_gradients,
+    _grads_option,
+    _train_is_replay,
+    check,
+)
 from gradwatch.replay import _restore_attrs, _restore_rng, capture
 from gradwatch.report import Report, _handle
 
@@ -201,12 +209,14 @@ def assert_gradients(
     options = dict(replay=replay, train_loss=train_loss, seed=seed, precision=precision, kinks=kinks,
                    kink_resamples=kink_resamples, near_kink_margin=near_kink_margin, step=step)
     report = None
-    if joint and not thorough:  # joint probes first: per-tensor probes only when they do not pass cleanly
-        report = _joint_check(model, loss_fn, batch, grads, names, joint,
-                              dict(coordinates=coordinates, directions=directions), options)
-    if report is None:
-        report = check(model, loss_fn, batch, grads=grads, coordinates=coordinates, directions=directions,
-                       joint=joint, names=names, **options)
+    # with grads="autograd", train_loss is the replay's own loss: check replays it no second time
+    with _train_is_replay(train_loss is not None):
+        if joint and not thorough:  # joint probes first: per-tensor probes only when they do not pass cleanly
+            report = _joint_check(model, loss_fn, batch, grads, names, joint,
+                                  dict(coordinates=coordinates, directions=directions), options)
+        if report is None:
+            report = check(model, loss_fn, batch, grads=grads, coordinates=coordinates, directions=directions,
+                           joint=joint, names=names, **options)
     if allow_unverified:
         _handle(report, "raise")
         return report

@@ -1182,8 +1182,10 @@ def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> 
                       richardson=False, joint=0)
         probes = len(short.probes)
         failed = sum(p.failed for p in short.probes)  # re-measured at ±2h from an unperturbed pass
-        # two fewer per probe, and no precision test: its two native replays (θ and θ moved by ulps) are not run
-        assert n_full - len(calls) == 2 * probes + 2 - (1 + 4 * failed if failed else 0)
+        # two fewer per probe, and no precision test: its native replays are not run (θ moved by ulps, and
+        # θ unless the float64 pass ran no non-smooth op: the training step of grads="autograd" stands for it)
+        replays = 2 if name == "mlp_relu_dropout" else 1
+        assert n_full - len(calls) == 2 * probes + replays - (1 + 4 * failed if failed else 0)
         assert all(math.isnan(t.gap_ratio) for t in short.tensors.values())
         assert not any(math.isnan(t.gap_ratio) for t in full.tensors.values())
         assert {t.name for t in short.failures} == case.wrong, str(short)

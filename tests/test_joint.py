@@ -196,3 +196,47 @@ def test_the_smallest_joint_check_takes_two_float64_passes_for_the_whole_model()
     report = check(case.model, counting, case.batch, seed=0, localize=False, **SMALLEST)
     assert len(calls) == 1 + 2  # the training forward, then θ ± h·v over every tensor at once
     assert not report.joint[0].kink and all(t.verdict == "pass" for t in report.tensors.values())
+
+
+def test_tiny_models_keep_their_joint_directions_with_the_same_report(monkeypatch) -> None:
+    # per-call cost on tiny ops (issue 13): over at most _CACHE_ELEMENTS elements in all, each
+    # tensor's part of a joint direction (and its float64 gradient) is drawn once per check, not
+    # at every pass; the numbers are those of the directions drawn again
+    import gradwatch._joint as joint
+
+    drawn = []
+    direction = joint._direction
+    monkeypatch.setattr(joint, "_direction", lambda *a, **k: drawn.append(1) or direction(*a, **k))
+    for name in ("wrong_sign", "bias_mean"):
+        case = BUGS[name](0)
+        assert sum(p.numel() for p in case.model.parameters()) <= joint._CACHE_ELEMENTS
+        drawn.clear()
+        kept = check(case.model, case.loss_fn, case.batch, seed=0, **JOINT_ONLY)
+        tensors = len(kept.tensors)
+        assert len(drawn) == tensors  # once per tensor (group testing included)
+        monkeypatch.setattr(joint, "_CACHE_ELEMENTS", 0)
+        drawn.clear()
+        again = check(case.model, case.loss_fn, case.batch, seed=0, **JOINT_ONLY)
+        monkeypatch.setattr(joint, "_CACHE_ELEMENTS", 1 << 12)
+        assert len(drawn) > 4 * tensors
+        assert {t.name for t in kept.failures} == {t.name for t in again.failures} == case.wrong
+        for p, q in zip(kept.joint, again.joint):
+            assert (p.numerical, p.autograd, p.reference, p.failed) == (q.numerical, q.autograd, q.reference, q.failed)
+
+
+def test_joint_passes_run_without_the_kink_recorder_when_the_model_has_no_kink(monkeypatch) -> None:
+    # per-call cost on tiny ops (issue 13): when the unperturbed float64 pass ran no non-smooth op,
+    # the perturbed passes do not dispatch through the recorder; with a ReLU they do
+    from gradwatch.kinks import _BranchRecorder
+
+    compared = []
+    compare_into = _BranchRecorder.compare_into
+    monkeypatch.setattr(_BranchRecorder, "compare_into",
+                        lambda self, k: compared.append(k is not None) or compare_into(self, k))
+    smooth = CORRECT["layernorm_gelu"](0)
+    report = check(smooth.model, smooth.loss_fn, smooth.batch, seed=0, **JOINT_ONLY)
+    assert report.ok and not report.joint[0].kink and not any(compared) and compared  # the reference pass alone
+    relu = CORRECT["mlp_relu_dropout"](0)
+    compared.clear()
+    report = check(relu.model, relu.loss_fn, relu.batch, seed=0, **JOINT_ONLY)
+    assert report.ok and sum(compared) >= 4  # ±h, ±2h of the joint probe, and the precision test's replay

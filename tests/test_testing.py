@@ -102,6 +102,34 @@ def test_a_correct_op_is_verified_by_joint_probes_in_a_few_passes() -> None:
     assert len(fast_calls) <= 10 < 100 < len(slow_calls)
 
 
+def test_a_smooth_op_takes_one_native_replay_besides_the_training_step() -> None:
+    # per-call cost on tiny ops (issue 13): with grads="autograd" the training step is the replay
+    # the check compares the float64 loss with, and the precision test's gradient at θ; one more
+    # native pass (θ moved by ulps) measures the rounding. A tensor hook on a parameter (the step's
+    # gradient is then not the replay's) or a non-smooth op (branches to compare) brings the
+    # replay at θ back.
+    def native_passes(model, batch, **kw):
+        dtypes = []
+
+        def loss_fn(m, b):
+            dtypes.append(next(m.parameters()).dtype)
+            return classification_loss(m, b)
+
+        report = assert_gradients(model, loss_fn, batch, **kw)
+        return report, sum(d == torch.float32 for d in dtypes)
+
+    model, batch = _tiny()
+    report, smooth = native_passes(model, batch)
+    assert report.verdict == "pass" and smooth == 2
+    handle = model[0].weight.register_hook(lambda g: g)  # a hook that changes nothing: still verified
+    report, hooked = native_passes(model, batch)
+    handle.remove()
+    assert report.verdict == "pass" and hooked == 3
+    model[1] = nn.ReLU()
+    report, relu = native_passes(model, batch)
+    assert report.verdict == "pass" and relu == 3
+
+
 class _SmallBranch(nn.Module):
     """A main head plus a branch scaled by 1e-6: the branch's gradients are 1e-6 of the head's."""
 
