@@ -28,6 +28,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
+from gradwatch.report import local_name
 
 
 class _Bug(torch.autograd.Function):
@@ -148,8 +149,13 @@ def _run(model_name: str, where: str, seed: int, steps: int) -> dict:
             failed = [t for t in report.tensors.values() if t.verdict == "fail"]
             if failed:
                 out["step"], out["wall"] = step, time.perf_counter() - started
-                out["tensor"] = [t.name for t in failed] == [name]
-                worst = failed[0].worst if out["tensor"] else None
+                # the planted tensor, and no other: its whole-model name, and its module-local
+                # name when the default module-local checks watch the module (_Bug is a custom
+                # Function, so the owner module is a suspect)
+                module_name, _, pname = name.rpartition(".")
+                whole = next((t for t in failed if t.name == name), None)
+                out["tensor"] = whole is not None and {t.name for t in failed} <= {name, local_name(module_name, pname)}
+                worst = whole.worst if out["tensor"] else None
                 out["element"] = bool(worst is not None and worst.index is not None
                                       and (rows is None or worst.index[0] in rows))
                 break
