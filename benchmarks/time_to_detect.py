@@ -18,6 +18,7 @@ cost of one full ``gradwatch.check`` (every tensor, defaults) in training steps.
 from __future__ import annotations
 
 import argparse
+import pathlib
 import statistics
 import sys
 import time
@@ -30,23 +31,12 @@ from torch import nn
 import gradwatch
 from gradwatch.report import local_name
 
-
-class _Bug(torch.autograd.Function):
-    """Identity forward; the backward scales the gradient by ``scale`` (a 0/1 row mask picks where)."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.save_for_backward(scale)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (scale,) = ctx.saved_tensors
-        return g * scale.to(g.dtype), None
+sys.path.insert(0, str(pathlib.Path(__file__).resolve().parent.parent / "tests"))
+from zoo import ScaledGrad  # noqa: E402  (the planted bug: identity forward, backward scaled)
 
 
 def _plant(model: nn.Module, name: str, scale: torch.Tensor) -> None:
-    """Route parameter ``name`` through :class:`_Bug` for the duration of ``model``'s forward
+    """Route parameter ``name`` through :class:`zoo.ScaledGrad` for the duration of ``model``'s forward
     (also under ``torch.func.functional_call``, which swaps the attribute; and for tensors such
     as ``out_proj.weight`` that their parent module reads without calling the owner's forward)."""
     module_name, _, pname = name.rpartition(".")
@@ -55,7 +45,7 @@ def _plant(model: nn.Module, name: str, scale: torch.Tensor) -> None:
 
     def planted(*args, **kwargs):
         orig = getattr(owner, pname)
-        owner._parameters[pname] = _Bug.apply(orig, scale)
+        owner._parameters[pname] = ScaledGrad.apply(orig, scale)
         try:
             return forward(*args, **kwargs)
         finally:
@@ -150,7 +140,7 @@ def _run(model_name: str, where: str, seed: int, steps: int) -> dict:
             if failed:
                 out["step"], out["wall"] = step, time.perf_counter() - started
                 # the planted tensor, and no other: its whole-model name, and its module-local
-                # name when the default module-local checks watch the module (_Bug is a custom
+                # name when the default module-local checks watch the module (ScaledGrad is a custom
                 # Function, so the owner module is a suspect)
                 module_name, _, pname = name.rpartition(".")
                 whole = next((t for t in failed if t.name == name), None)

@@ -12,7 +12,7 @@ from torch import nn
 import gradwatch
 from gradwatch import GradWatch, KinkWarning, check
 from gradwatch._evaluation import DEFAULT_STEP
-from zoo import BUGS, CORRECT, SPARSE_BUGS
+from zoo import BUGS, CORRECT, SPARSE_BUGS, ScaledGrad
 
 JOINT_ONLY = {"coordinates": 0, "directions": 0}
 SMALLEST = {**JOINT_ONLY, "richardson": False, "reference": False}
@@ -56,27 +56,13 @@ def test_correct_zoo_models_stay_quiet_across_seeds(name: str) -> None:
                            for t in report.tensors.values() if not (t.reason or "").startswith("empty tensor"))
 
 
-class _Scaled(torch.autograd.Function):
-    """Identity forward; the backward multiplies the gradient by ``scale`` (the planted bug)."""
-
-    @staticmethod
-    def forward(ctx, x, scale):
-        ctx.save_for_backward(scale)
-        return x.view_as(x)
-
-    @staticmethod
-    def backward(ctx, g):
-        (scale,) = ctx.saved_tensors
-        return g * scale.to(g.dtype), None
-
-
 class _Head(nn.Linear):
     """A linear layer whose bias gradient is 2% too large on 1/8 of its rows (at least one)."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         scale = torch.ones_like(self.bias)
         scale[: max(self.bias.numel() // 8, 1)] = 1.02
-        return F.linear(x, self.weight, _Scaled.apply(self.bias, scale))
+        return F.linear(x, self.weight, ScaledGrad.apply(self.bias, scale))
 
 
 def _deep(head: type[nn.Linear] = nn.Linear) -> nn.Module:

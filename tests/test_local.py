@@ -13,6 +13,7 @@ import gradwatch
 from gradwatch.local import _REFERENCES_BY_CLASS, _check_record, _Recording
 from tests._attn_op import BUG, FusedAttention, reference_attention
 from tests._attn_op import AttnNet as _AttnNet
+from zoo import ScaledGrad
 
 
 @pytest.fixture
@@ -614,20 +615,11 @@ def test_tiny_llama_attention_with_its_cache_is_checked_locally_and_a_planted_ml
     def loss_fn(m, b):
         return m(input_ids=b, labels=b).loss
 
-    class Wrong(torch.autograd.Function):  # a backward 2% too large, as a fused-MLP kernel might be
-        @staticmethod
-        def forward(ctx, y):
-            return y.clone()
-
-        @staticmethod
-        def backward(ctx, g):
-            return g * 1.02
-
     modules = ["model.layers.0.self_attn", "model.layers.1.mlp"]
     for planted in (False, True):
         mlp = model.model.layers[1].mlp
         forward = type(mlp).forward.__get__(mlp)
-        mlp.forward = (lambda x: Wrong.apply(forward(x))) if planted else forward
+        mlp.forward = (lambda x: ScaledGrad.apply(forward(x), 1.02)) if planted else forward  # a backward 2% too large
         watch = gradwatch.GradWatch(model, loss_fn, max_overhead=None, modules=modules, on_failure=lambda r: None)
         with watch.step(ids):
             loss_fn(model, ids).backward()

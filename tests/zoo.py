@@ -16,7 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["BUGS", "CORRECT", "SPARSE_BUGS", "TRAINING_ONLY_BUGS", "Case", "assert_log_lines", "classification_loss"]
+__all__ = ["BUGS", "CORRECT", "SPARSE_BUGS", "TRAINING_ONLY_BUGS", "Case", "ScaledGrad", "assert_log_lines",
+           "classification_loss"]
 
 
 @dataclass
@@ -42,6 +43,25 @@ def _data(seed: int, n: int, shape: tuple[int, ...], classes: int) -> tuple[torc
 
 
 # --------------------------------------------------------------------------- custom ops
+class ScaledGrad(torch.autograd.Function):
+    """Identity forward whose backward multiplies the gradient by ``scale``: a float, or a tensor
+    broadcast against it (ones with 1.02 on some rows confines the bug to them). The planted
+    "backward off by a factor" of several tests and benchmarks: ``ScaledGrad.apply(x, 1.02)``."""
+
+    @staticmethod
+    def forward(ctx, x, scale):
+        if isinstance(scale, torch.Tensor):
+            ctx.save_for_backward(scale)
+        else:
+            ctx.scale = scale
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        scale = ctx.saved_tensors[0].to(g.dtype) if ctx.saved_tensors else ctx.scale
+        return g * scale, None
+
+
 class LinearFn(torch.autograd.Function):
     """y = scale * x @ W.T + b with a selectable planted bug in the backward."""
 
