@@ -176,8 +176,7 @@ def _merge_local(schedule: _Schedule, report: Report, step: int, local_reports: 
     report = _merge(report, local_reports())
     seconds = time.perf_counter() - started
     if whole:
-        schedule.check_seconds += seconds
-        schedule.next_step = step + max(schedule.every_n_steps, schedule._steps_to_afford())
+        schedule.add(step, seconds)
     else:
         schedule.done(step, seconds, len(report.probes))
     if broadcast is not None:

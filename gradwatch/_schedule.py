@@ -151,6 +151,13 @@ class _Schedule:
         self.next_step = step + max(self.every_n_steps, self._steps_to_afford())
         self._mark = time.perf_counter()
 
+    def add(self, step: int, seconds: float) -> None:
+        """After :meth:`done`: ``seconds`` more spent checking ``step`` (module-local checks)
+        count against the budget, and training time is measured from now."""
+        self.check_seconds += seconds
+        self.next_step = step + max(self.every_n_steps, self._steps_to_afford())
+        self._mark = time.perf_counter()
+
     def is_planned(self, step: int) -> bool:
         """Whether ``step`` is a check step as planned now (the budget may defer it)."""
         _non_negative_int("step", step)

@@ -119,3 +119,26 @@ def test_is_planned() -> None:
     assert [budget.is_planned(s) for s in range(3)] == [True, False, False]
     with pytest.raises(ValueError, match="`step` must be a non-negative int, got -1"):
         budget.is_planned(-1)
+
+
+def test_time_added_after_a_check_counts_as_checking_not_training(monkeypatch) -> None:
+    """Module-local checks run after the whole-model check (``done``) and report their time with
+    ``add``: it goes to the budget, defers the next check, and is not counted as training."""
+    now = [0.0]
+    monkeypatch.setattr(_schedule, "time", types.SimpleNamespace(perf_counter=lambda: now[0]))
+    sched = _Schedule(10, 0.02, 4, 1)
+    assert sched.begin(0)
+    now[0] += 1.0  # the training step
+    sched.plan(NAMES)
+    now[0] += 0.01
+    sched.done(0, 0.01, 0)
+    planned = sched.next_step
+    now[0] += 5.0  # module-local checks
+    sched.add(0, 5.0)
+    assert sched.check_seconds == pytest.approx(5.01)
+    assert sched.next_step > planned  # 5 s at 2% of ~1 s steps: the next check waits longer
+    for step in range(1, 4):
+        sched.begin(step)
+        now[0] += 1.0
+    sched.begin(4)
+    assert sched.train_seconds == pytest.approx(4.0)  # the 5 s of local checks are not training time
