@@ -37,6 +37,12 @@ DEFAULT_STEP = 6e-6
 _BATCH_RTOL = 64 * torch.finfo(torch.float64).eps
 #: The points of one probe, in evaluation order: θ + h·v, θ - h·v, θ + 2h·v, θ - 2h·v.
 _SIGNS = (1.0, -1.0, 2.0, -2.0)
+#: A float64 copy of more than this fraction of all copied elements (and more than
+#: :data:`_ALONE_ELEMENTS`) gets its reference gradient in a backward of its own, without its
+#: copy (:meth:`_Evaluation._widened_pass`): a module-local check of one large Linear would
+#: otherwise hold its copy and its reference gradient together, 2x the copy.
+_ALONE = 0.25
+_ALONE_ELEMENTS = 1 << 18
 
 
 def _reduced(tensors: dict[str, Tensor], reduce: Callable[[Tensor], Tensor]) -> dict[str, Tensor]:
@@ -335,34 +341,85 @@ class _Evaluation:
 
     def _reference(self, every: list[str], names: list[str], stats: Callable[[str, Tensor], Any] | None,
                    record: bool) -> tuple[Tensor, Any, dict[str, Any] | None]:
-        leaves = {f"model.{n}": self.shadow[f"model.{n}"].detach().requires_grad_(True) for n in names}
+        # one float64 forward and backward for all tensors, and one more for each tensor whose
+        # float64 copy is large next to the whole copy (see _ALONE); the first pass records
+        alone = self._alone(names) if stats is not None else []
+        rest = [n for n in names if n not in alone]
         results: dict[str, Any] = {}
+        loss, signature, complete = None, None, True
+        for i, group in enumerate(([rest] if rest or not alone else []) + [[n] for n in alone]):
+            widen = group[0] in alone
+            out, sig, grads = (self._widened_pass if widen else self._reference_pass)(
+                group, stats, results, record and i == 0)
+            if i == 0:
+                loss, signature = out, sig
+            complete = complete and grads is not None
+            if grads is not None and stats is None:
+                results.update(grads)
+            del grads
+        reference = None
+        if complete and stats is None:
+            reference = {n: results[n] for n in names}
+        elif complete:  # unused tensors: a zero gradient, never produced by the backward
+            reference = {n: results[n] if n in results else stats(n, self._zero(n)) for n in names}
+        return loss, signature, reference
+
+    def _alone(self, names: list[str]) -> list[str]:
+        """The tensors of ``names`` whose reference gradient is taken in a backward of its
+        own (:meth:`_widened_pass`): float64 copies (not float64 parameters) of more than
+        :data:`_ALONE_ELEMENTS` elements and :data:`_ALONE` of every copied element."""
+        if not self.float64 or self._owner is not None:
+            return []
+        total = sum(t.numel() for k, t in self.shadow.items() if self._own.get(k))
+        return [n for n in names if self._own.get(f"model.{n}") and
+                (size := self.shadow[f"model.{n}"].numel()) > _ALONE_ELEMENTS and size > _ALONE * total]
+
+    def _zero(self, name: str) -> Tensor:
+        p = self._params[f"model.{name}"]
+        return torch.zeros(p.shape, dtype=torch.float64, device=p.device)
+
+    def _reference_pass(self, names: list[str], stats: Callable[[str, Tensor], Any] | None,
+                        results: dict[str, Any], record: bool) -> tuple[Tensor, Any, dict[str, Tensor] | None]:
+        """A float64 forward and backward of the shadow with ``names`` as leaves: the loss, its
+        signature, and the gradients (None when the backward is not float64); with ``stats``,
+        each tensor's ``stats(name, g_ref)`` goes to ``results`` as the backward produces it."""
+        leaves = {f"model.{n}": self.shadow[f"model.{n}"].detach().requires_grad_(True) for n in names}
         handles = [] if stats is None else [
             leaf.register_hook(_streamed(key[len("model."):], stats, results)) for key, leaf in leaves.items()
         ]
         try:
             loss, signature = self({**self.shadow, **leaves}, grad=True, record=record)
-            reference = None
-            if loss.requires_grad and loss.dtype == torch.float64:
-                try:
-                    grads = torch.autograd.grad(loss, list(leaves.values()), allow_unused=True)
-                except RuntimeError:  # a backward without float64 support: judge against the gradient itself
-                    grads = None
-                if grads is not None and stats is None:
-                    reference = {
-                        n: torch.zeros_like(leaves[f"model.{n}"]) if g is None else g.detach()
-                        for n, g in zip(names, grads)
-                    }
-                elif grads is not None:  # unused tensors: a zero gradient, never produced by the backward
-                    del grads
-                    reference = {
-                        n: results[n] if n in results else stats(n, torch.zeros_like(leaves[f"model.{n}"]))
-                        for n in names
-                    }
+            grads = _float64_backward(loss, list(leaves.values()))
+            if grads is not None:
+                grads = {n: torch.zeros_like(leaves[f"model.{n}"]) if g is None else g.detach()
+                         for n, g in zip(names, grads)}
         finally:
             for handle in handles:
                 handle.remove()
-        return loss.detach().to(torch.float64), signature, reference
+        return loss.detach().to(torch.float64), signature, grads
+
+    def _widened_pass(self, names: list[str], stats: Callable[[str, Tensor], Any],
+                      results: dict[str, Any], record: bool) -> tuple[Tensor, Any, dict | None]:
+        """:meth:`_reference_pass` for one large tensor without its float64 copy: the forward
+        widens the parameter to float64 where it is used (:class:`_Widened`), the backward
+        streams the float64 gradient to ``stats`` and the copy is made again afterwards. So
+        the copy and the tensor's reference gradient are never held together (2x the copy
+        for a module that is one large tensor); the only other tensors of its size are the
+        ones the forward saves, as in any pass."""
+        (name,) = names
+        key = f"model.{name}"
+        param = self._params[key]
+        leaf = param.detach().requires_grad_(True)  # the parameter's storage: no copy
+        shadow = self.shadow
+        del shadow[key]
+        try:
+            loss, signature = self({**shadow, key: _Widened.apply(leaf, _streamed(name, stats, results))},
+                                   grad=True, record=record)
+            grads = _float64_backward(loss, [leaf])
+        finally:
+            with torch.no_grad():
+                shadow[key] = param.detach().to(torch.float64).contiguous()
+        return loss.detach().to(torch.float64), signature, grads
 
     def losses_batched(self, key: str, points: list[Tensor]) -> Tensor | None:
         """The losses at ``points`` (values of ``self.shadow[key]``) from one vmapped call,
@@ -413,6 +470,33 @@ class _Evaluation:
         with torch.no_grad(), dtype_ctx, autocast_ctx, warnings.catch_warnings(), _quiet_vmap_fallback(), rules:
             warnings.filterwarnings("ignore", message="There is a performance drop because we have not yet implemented")
             return torch.func.vmap(one, randomness="same")(stacked)
+
+
+def _float64_backward(loss: Tensor, leaves: list[Tensor]) -> tuple | None:
+    """``torch.autograd.grad`` of a float64 loss; None when the loss is not float64 or needs
+    no grad, or the backward raises (no float64 support: judged against the gradient itself)."""
+    if not (loss.requires_grad and loss.dtype == torch.float64):
+        return None
+    try:
+        return torch.autograd.grad(loss, leaves, allow_unused=True)
+    except RuntimeError:
+        return None
+
+
+class _Widened(torch.autograd.Function):
+    """``p.to(float64)`` whose backward hands the float64 gradient to ``sink`` (a
+    :func:`_streamed` hook) and returns a zero of no memory: the float64 value is not
+    kept by this node, so once the forward is done only what other ops saved of it lives."""
+
+    @staticmethod
+    def forward(ctx, p: Tensor, sink: Callable) -> Tensor:  # type: ignore[override]
+        ctx.sink, ctx.shape, ctx.dtype = sink, p.shape, p.dtype
+        return p.to(torch.float64, memory_format=torch.contiguous_format)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        ctx.sink(grad)
+        return torch.zeros((), dtype=ctx.dtype, device=grad.device).expand(ctx.shape), None
 
 
 def _streamed(name: str, stats: Callable[[str, Tensor], Any], results: dict[str, Any]) -> Callable:

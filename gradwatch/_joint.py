@@ -215,18 +215,20 @@ class _JointLine:
         if finite is not None:
             finite.append(~bad_any)
 
-    def _chunks(self, i: int) -> Iterator[tuple[int, int, Tensor]]:
+    def _chunks(self, i: int, like: Tensor | None = None) -> Iterator[tuple[int, int, Tensor]]:
         """:meth:`direction` a chunk at a time (flat index)."""
-        theta = self.ev.shadow[self.keys[i]]
+        theta = self.ev.shadow[self.keys[i]] if like is None else like
         w = self.weights[i].to(theta.device)
         for lo, hi, v in _direction_chunks(theta, self.seeds[i], self.masks[i]):
             yield lo, hi, v.mul_(w)
 
-    def direction(self, i: int) -> Tensor:
-        """Tensor ``i``'s part of the direction, drawn again from its seed."""
+    def direction(self, i: int, like: Tensor | None = None) -> Tensor:
+        """Tensor ``i``'s part of the direction, drawn again from its seed (``like``: a tensor
+        of its shape and device, when its float64 copy is not there, see
+        :meth:`_Evaluation._widened_pass`)."""
         if self._cache is not None and ("v", i) in self._cache:
             return self._cache[("v", i)]  # read-only
-        theta = self.ev.shadow[self.keys[i]]
+        theta = self.ev.shadow[self.keys[i]] if like is None else like
         v = _direction(theta, self.seeds[i], self.masks[i]).mul_(self.weights[i].to(theta.device))
         if self._cache is not None:
             self._cache[("v", i)] = v
@@ -236,9 +238,9 @@ class _JointLine:
         """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""
         i = self.names.index(name)
         if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
-            a_ref, sq, _ = _chunked_terms(g_ref, self._chunks(i))
+            a_ref, sq, _ = _chunked_terms(g_ref, self._chunks(i, g_ref))
             return a_ref.to(self.device), sq.to(self.device)
-        v = self.direction(i)
+        v = self.direction(i, g_ref)
         # in place when the layouts agree; a strided g_ref sets the order of the sum, as it always did
         cached = self._cache is not None
         term = ((v.mul(g_ref) if cached else v.mul_(g_ref)) if g_ref.is_contiguous()

@@ -74,7 +74,7 @@ _FOURTH_DIFF_NOISE = math.sqrt(70.0)
 
 
 #: Elements :func:`_nonfinite` and :func:`_moved` take at once (bounds their temporaries).
-_CHUNK = 1 << 20
+_CHUNK = 1 << 18
 
 
 def _spans(n: int) -> list[tuple[int, int]]:
@@ -332,6 +332,13 @@ def _measure_spread(
             b = g1.get(name)
             if b is None:
                 return None
+            if a.numel() > _CHUNK and a.is_contiguous() and b.is_contiguous():  # a chunk at a time
+                fa, fb, total = a.reshape(-1), b.reshape(-1), None
+                for lo, hi in _spans(a.numel()):
+                    d = fa[lo:hi].to(torch.float64, copy=True).sub_(fb[lo:hi])
+                    part = d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).pow_(2).sum()
+                    total = part if total is None else total + part
+                return total.sqrt()
             d = a.to(torch.float64, copy=True).reshape(-1)
             d.sub_(b.reshape(-1))
             return d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).norm()

@@ -264,10 +264,19 @@ def _chunked_terms(g: Tensor, chunks: Iterator[tuple[int, int, Tensor]]) -> tupl
 
 
 def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | None) -> Tensor:
-    """``h`` of a direction probe: ``base_step · max(1, RMS of θ)``, over the eligible elements."""
+    """``h`` of a direction probe: ``base_step · max(1, RMS of θ)``, over the eligible elements
+    (a chunk at a time for a large tensor: no temporary of its size)."""
+    eligible = theta64.numel() if excluded is None else max(theta64.numel() - excluded.count, 1)
+    if theta64.numel() > _CHUNK and theta64.is_contiguous():
+        flat, total = theta64.reshape(-1), None
+        mask = excluded.mask.reshape(-1) if excluded is not None else None
+        for lo, hi in _spans(theta64.numel()):
+            c = flat[lo:hi] if mask is None else torch.where(mask[lo:hi], flat[lo:hi], 0.0)
+            part = c.to(torch.float64).pow(2).sum()
+            total = part if total is None else total + part
+        return base_step * torch.clamp((total / eligible).sqrt(), min=1.0)
     if excluded is None:
         return base_step * torch.clamp(theta64.pow(2).mean().sqrt(), min=1.0)
-    eligible = max(theta64.numel() - excluded.count, 1)
     rms = (torch.where(excluded.mask, theta64, 0.0).pow(2).sum() / eligible).sqrt()
     return base_step * torch.clamp(rms, min=1.0)
 
@@ -349,48 +358,57 @@ class _Line:
     """Points ``θ + s·h·v`` of one probe, as the evaluation dtype can hold them.
 
     When the evaluation allows it (a float64 copy), a point is made in place on the
-    shadow and undone by copying the parameter back: no tensor-sized copy per point."""
+    shadow and undone by copying the parameter back: no tensor-sized copy per point.
+    A direction ``v`` left None (``seed`` given) is drawn again a chunk at a time at each
+    use, so a probe of a large tensor holds nothing of its size but the shadow."""
 
     def __init__(self, theta: Tensor, kind: str, value: Any, base_step: float,
-                 excluded: _Excluded | None = None) -> None:
+                 excluded: _Excluded | None = None, seed: int | None = None) -> None:
         self.theta = theta
+        self.coordinate = kind == "coordinate"
         self.mask = excluded.mask if excluded is not None and kind != "coordinate" else None
-        if kind == "coordinate":
+        self.v = None
+        if self.coordinate:
             self.index = value
             self.orig = theta.reshape(-1)[value].to(torch.float64)
             self.h = base_step * torch.clamp(self.orig.abs(), min=1.0)
-            self.v = None
         else:
-            self.v = value
+            self.v, self.seed = value, seed
             self.theta64 = theta.to(torch.float64)  # no copy in float64 evaluation
             self.h = _direction_step(self.theta64, base_step, excluded)
 
+    def direction(self) -> Tensor:
+        """The whole direction (drawn when the line keeps none)."""
+        return self.v if self.v is not None else _direction(self.theta, self.seed, self.mask)
+
     def point(self, s: float) -> Tensor:
-        if self.v is None:
+        if self.coordinate:
             out = self.theta.clone()
             out.view(-1)[self.index] = (self.orig + s * self.h).to(self.theta.dtype)
             return out
-        return (self.theta64 + (s * self.h) * self.v).to(self.theta.dtype)
+        return (self.theta64 + (s * self.h) * self.direction()).to(self.theta.dtype)
 
     def kept(self, point: Tensor) -> Tensor | None:
         """What :func:`_difference` needs of a point: a coordinate's element; a direction's
         point when rounded to a lower precision; else nothing."""
-        if self.v is None:
+        if self.coordinate:
             return point.reshape(-1)[self.index].clone()
         return point if point.dtype != torch.float64 else None
 
     def _move(self, s: float) -> Callable[[Tensor], None]:
-        if self.v is None:
+        if self.coordinate:
             def move(theta: Tensor) -> None:
                 theta.view(-1)[self.index] = (self.orig + s * self.h).to(theta.dtype)
         else:
             def move(theta: Tensor) -> None:
                 if theta.numel() > _CHUNK:  # elementwise, so the same values a chunk at a time
-                    flat, v = theta.view(-1), self.v.reshape(-1)
-                    for lo, hi in _spans(theta.numel()):
-                        flat[lo:hi].add_((s * self.h) * v[lo:hi])
+                    flat = theta.view(-1)
+                    chunks = (_direction_chunks(theta, self.seed, self.mask) if self.v is None else
+                              ((lo, hi, self.v.reshape(-1)[lo:hi]) for lo, hi in _spans(theta.numel())))
+                    for lo, hi, v in chunks:
+                        flat[lo:hi].add_((s * self.h) * v)
                     return
-                theta.add_((s * self.h) * self.v)  # the same rounding as θ + (s·h)·v
+                theta.add_((s * self.h) * self.direction())  # the same rounding as θ + (s·h)·v
         return move
 
     def _at(self, ev: _Evaluation, key: str, s: float, **kwargs: Any) -> tuple[Tensor, Any, Tensor | None]:
@@ -437,13 +455,19 @@ def _probe(
     indices of its device scalars. A direction is zero on the ``excluded`` elements."""
     kind, value = spec
     key = f"model.{name}"
+    # first: a reference pass may make the float64 copy again (see _Evaluation._widened_pass)
+    terms = g_ref.of(spec) if isinstance(g_ref, _RefView) else None
     theta = ev.shadow[key]
     base_step = step if step is not None else ev.step(theta.dtype)
-    line = _Line(theta, kind, None if kind == "direction" else value, base_step, excluded)  # its step first
-    v = _direction(theta, value, excluded.mask if excluded is not None else None) if kind == "direction" else None
+    # a large float64 copy probed in place: its direction is drawn a chunk at a time at each use
+    chunked = (kind == "direction" and theta.dtype == torch.float64 and theta.numel() > _CHUNK
+               and theta.is_contiguous() and ev.in_place(key) and (g_ref is None or terms is not None))
+    line = _Line(theta, kind, None if kind == "direction" else value, base_step, excluded,
+                 seed=value if kind == "direction" else None)  # its step first
+    mask = excluded.mask if excluded is not None else None
+    v = _direction(theta, value, mask) if kind == "direction" and not chunked else None
     line.v = v
-    terms = g_ref.of(spec) if isinstance(g_ref, _RefView) else None
-    if v is None:
+    if kind == "coordinate":
         g = None
         a = grad.detach().reshape(-1)[value].to(device=theta.device, dtype=torch.float64)
         rss, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=theta.device)
@@ -453,7 +477,11 @@ def _probe(
             a_ref = g_ref.reshape(-1)[value].to(torch.float64) if g_ref is not None else None
             rss_ref = a_ref.abs() if a_ref is not None else None
     else:
-        if theta.dtype == torch.float64 and theta.numel() > _CHUNK:  # no temporary of the tensor's size
+        if chunked:  # no temporary of the tensor's size
+            g = gv = None
+            a, sq, vsq = _chunked_terms(grad.to(theta.device), _direction_chunks(theta, value, mask))
+            rss, vnorm = sq.sqrt(), vsq.sqrt()
+        elif theta.dtype == torch.float64 and theta.numel() > _CHUNK:  # no temporary of the tensor's size
             g = None
             flat_v = v.reshape(-1)
             a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
@@ -512,7 +540,7 @@ def _probe(
 def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | None, a: Tensor) -> Tensor:
     """``D(s·h)``: the central difference at ``±s·h`` along the probe's nominal direction."""
     up, down = losses[s], losses[-s]
-    if line.v is None:  # the step the dtype really took (points hold the element)
+    if line.coordinate:  # the step the dtype really took (points hold the element)
         return (up - down) / (points[s].to(torch.float64) - points[-s].to(torch.float64))
     width = 2 * s * line.h
     nominal = (up - down) / width
@@ -542,6 +570,8 @@ def _locate(
     key = f"model.{tc.name}"
     theta = ev.shadow[key]
     numel = theta.numel()
+    chunked = (theta.dtype == torch.float64 and numel > _CHUNK and theta.is_contiguous() and ev.in_place(key)
+               and (g_ref is None or isinstance(g_ref, _RefView)))
     if tc.gap_ratio > 1.0 and tc.gap_index is not None:
         flat = int(np.ravel_multi_index(tc.gap_index, tc.shape)) if tc.shape else 0
         gap = True
@@ -550,15 +580,20 @@ def _locate(
         if not failing:
             return None
         worst = max(failing, key=lambda p: _ratio(p.error, p.tolerance))
+        err = worst.numerical - (worst.reference if worst.reference is not None else worst.autograd)
+        base_step = step if step is not None else ev.step(theta.dtype)
+        if chunked:  # nothing of the tensor's size held but its float64 copy
+            h = _direction_step(theta, base_step, excluded)
+            del theta  # a reference pass may replace the copy (see _Evaluation._widened_pass)
+            flat = _bisect_in_chunks(ev, judge, tc.name, grad, g_ref, worst.direction_seed, excluded, h, err)
+            return _confirm(ev, judge, tc, flat, False, grad, g_ref, step, signature, loss0, excluded)
         if isinstance(g_ref, _RefView):  # the whole reference of this tensor, again
             g_ref = g_ref.tensor()
         cmp = (g_ref if g_ref is not None else grad).detach().to(device=theta.device, dtype=torch.float64)
         cmp = cmp.reshape(-1)
         v = _direction(theta, worst.direction_seed, excluded.mask if excluded is not None else None).reshape(-1)
-        base_step = step if step is not None else ev.step(theta.dtype)
         h = _direction_step(theta.to(torch.float64), base_step, excluded)
         theta64 = theta.to(torch.float64).reshape(-1)
-        err = worst.numerical - (worst.reference if worst.reference is not None else worst.autograd)
         lo, hi = 0, numel
         while hi - lo > 1:
             mid = (lo + hi) // 2
@@ -578,11 +613,81 @@ def _locate(
             right = err - left
             lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
         flat, gap = lo, False
+    return _confirm(ev, judge, tc, flat, gap, grad, g_ref, step, signature, loss0, excluded)
+
+
+def _confirm(
+    ev: _Evaluation, judge: _Judge, tc: TensorCheck, flat: int, gap: bool, grad: Tensor, g_ref: Tensor | None,
+    step: float | None, signature: Any, loss0: Tensor, excluded: _Excluded | None,
+) -> Probe | None:
+    """The coordinate probe of element ``flat`` that confirms a localisation (None when the
+    element is excluded from probing)."""
     if excluded is not None and bool(np.isin(flat, excluded.flat)):
         return None
     host = _HostValues(judge.reduce)
     kind, value, idx = _probe(ev, tc.name, grad, g_ref, ("coordinate", flat), step, signature, loss0, host)
     return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch(), name=tc.name)
+
+
+def _bisect_in_chunks(
+    ev: _Evaluation, judge: _Judge, name: str, grad: Tensor, g_ref: "_RefView | None", seed: int,
+    excluded: _Excluded | None, h: Tensor, err: float,
+) -> int:
+    """:func:`_locate`'s bisection of a failing direction over a large float64 copy, holding
+    nothing else of its size: the direction restricted to ``[lo, mid)`` is drawn a chunk
+    at a time and added in place on the copy, and its reference term ``Σ g_ref·v`` over
+    ``[lo, mid)`` takes a float64 backward of its own (the reference is not kept) until
+    ``[lo, hi)`` fits in one chunk, whose reference and direction are then kept. The same
+    halves, points and decisions as the bisection of the whole tensors."""
+    key = f"model.{name}"
+    numel = ev.shadow[key].numel()
+    mask = excluded.mask if excluded is not None else None
+
+    def spans(t: Tensor, lo: int, hi: int) -> Iterator[tuple[int, int, Tensor]]:
+        """``(a, b, v[a:b])`` of the direction over ``[lo, hi)`` (``t``: a tensor of its
+        numel and device; the draws before ``lo`` are made and dropped)."""
+        for a, b, v in _direction_chunks(t, seed, mask):
+            if a >= hi:
+                return
+            if b > lo:
+                yield max(a, lo), min(b, hi), v[max(a, lo) - a : min(b, hi) - a]
+
+    def restricted(c: Tensor, lo: int, hi: int) -> Tensor:  # Σ c·v over [lo, hi), c flat
+        return torch.stack([(v * c[a:b].to(torch.float64)).sum() for a, b, v in spans(c, lo, hi)]).sum()
+
+    def reference(stats: Callable[[Tensor], Tensor]) -> Tensor:
+        if g_ref is None:  # no float64 reference: the gradient under test
+            return stats(grad.detach().reshape(-1))
+        return g_ref.source.run([name], lambda _, g: stats(g.detach().reshape(-1)))[name]
+
+    def move(lo: int, mid: int, s: float) -> Callable[[Tensor], None]:
+        def apply(theta: Tensor) -> None:
+            flat = theta.view(-1)
+            for a, b, v in spans(flat, lo, mid):
+                flat[a:b].add_((s * h) * v)
+        return apply
+
+    lo, hi, kept = 0, numel, None
+    while hi - lo > 1:
+        if kept is None and hi - lo <= _CHUNK:  # one chunk left: keep its reference and direction
+            c = reference(lambda g, lo=lo, hi=hi: g[lo:hi].to(torch.float64, copy=True))
+            v = torch.cat([v for _, _, v in spans(c.new_zeros(()).expand(numel), lo, hi)])
+            kept = (lo, c * v)
+        mid = (lo + hi) // 2
+        with ev.moved([(key, move(lo, mid, 1.0))]) as shadow:
+            up, _ = ev(shadow)
+        with ev.moved([(key, move(lo, mid, -1.0))]) as shadow:
+            down, _ = ev(shadow)
+        if kept is not None:
+            ref = kept[1][lo - kept[0] : mid - kept[0]].sum()
+        else:
+            ref = reference(lambda g, lo=lo, mid=mid: restricted(g, lo, mid))
+        level = _HostValues(judge.reduce)  # one transfer per level; the same decision on every rank
+        i = level.add((up.to(torch.float64) - down.to(torch.float64)) / (2 * h) - ref)
+        left = level.fetch()[i]
+        right = err - left
+        lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
+    return lo
 
 
 #: Step (relative to ``max(1, |θ|)``) at which a probe whose perturbed losses were equal

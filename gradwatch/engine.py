@@ -86,16 +86,20 @@ transfer per check (plus one per bisection level when a direction fails, and one
 probing: which parameters hold non-finite values).
 
 Memory: a float64 check holds one float64 copy of the parameters (the shadow) and,
-transiently, about two float64 tensors of the size of one parameter tensor. The float64
+transiently, about one float64 tensor of the size of one parameter tensor. The float64
 reference gradient is never held whole: a tensor hook hands each tensor's to
 :class:`_ReferenceStats` as the backward produces it (the terms of the planned probes and
 joint directions, the precision test's gap, the sum of squares), and what a failure or a
-kink resample needs later is taken from the float64 backward run again. Points are made
-in place on the shadow, one tensor at a time, and undone by copying the parameter back
-(exactly; never by subtracting); joint directions are drawn again from their seeds. The
-precision test's two native replays run with the shadow released (made again from the
-parameters when needed). Under data parallelism (``reduce``) the reference is all-reduced
-and held whole. Batched evaluation stacks the perturbed copies of the probed tensor.
+kink resample needs later is taken from the float64 backward run again. A tensor whose
+copy is more than a quarter of the shadow (a module-local check of one large Linear) gets
+its reference in a backward of its own, without its copy (the forward widens the parameter
+where it is used), so its copy and its reference gradient are never held together. Points
+are made in place on the shadow, one tensor at a time, and undone by copying the parameter
+back (exactly; never by subtracting); directions of tensors above ``_CHUNK`` elements are
+drawn again from their seeds a chunk at a time at every use, also in the bisection of a
+failure. The precision test's two native replays run with the shadow released (made again
+from the parameters when needed). Under data parallelism (``reduce``) the reference is
+all-reduced and held whole. Batched evaluation stacks the perturbed copies of the probed tensor.
 """
 
 from __future__ import annotations

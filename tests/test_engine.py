@@ -519,6 +519,7 @@ def test_float64_check_holds_one_copy_of_the_parameters_and_two_tensor_sized_tem
 def test_tensors_taken_a_chunk_at_a_time_give_the_same_report(name: str, monkeypatch) -> None:
     # memory (issue 14): tensors above _CHUNK elements are drawn, moved and summed a chunk at a
     # time; here every tensor above 64 elements is, and the report is that of the whole tensors
+    import gradwatch._evaluation
     import gradwatch._joint
     import gradwatch._judging
 
@@ -528,6 +529,8 @@ def test_tensors_taken_a_chunk_at_a_time_give_the_same_report(name: str, monkeyp
     whole = check(case.model, case.loss_fn, case.batch, seed=0)
     for module in (gradwatch._judging, gradwatch._probing, gradwatch._joint):
         monkeypatch.setattr(module, "_CHUNK", 64)
+    # and a tensor of more than 64 elements and 1/4 of the model gets a reference backward of its own
+    monkeypatch.setattr(gradwatch._evaluation, "_ALONE_ELEMENTS", 64)
     chunked = check(case.model, case.loss_fn, case.batch, seed=0)
     assert {n: t.verdict for n, t in chunked.tensors.items()} == {n: t.verdict for n, t in whole.tensors.items()}
     assert {t.name for t in chunked.failures} == case.wrong

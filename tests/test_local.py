@@ -545,6 +545,62 @@ def test_internal_recording_api_records_what_the_step_computed():
     assert report.modules[0].module == "attn" and report.seed == 0
 
 
+def _float64_storages(shape: torch.Size) -> int:
+    """Distinct float64 storages of tensors of ``shape`` alive in Python now."""
+    import gc
+    import warnings
+
+    with warnings.catch_warnings():  # isinstance on some deprecated module attributes warns
+        warnings.simplefilter("ignore")
+        return len({t.untyped_storage().data_ptr() for t in gc.get_objects()
+                    if isinstance(t, torch.Tensor) and t.dtype == torch.float64 and t.shape == shape})
+
+
+@pytest.mark.parametrize("wrong", [False, True], ids=["correct", "planted"])
+def test_local_check_of_one_large_linear_never_holds_its_float64_copy_with_another_of_its_size(wrong, monkeypatch):
+    # memory (issue 14): a module that is one large tensor. Its float64 copy is never alive
+    # together with its float64 reference gradient (a backward of its own widens the
+    # parameter inside the forward) nor with a whole direction (drawn a chunk at a time at
+    # each use): before, both doubled the copy (2.8x its size at the peak, measured)
+    import gradwatch.engine
+
+    class Linear(nn.Linear):  # with ``wrong``: the weight's gradient x1.02 on 1/8 of the rows
+        def forward(self, x):
+            rows = torch.ones(self.weight.shape[0], 1)
+            rows[::8] = 1.02 if wrong else 1.0
+            return nn.functional.linear(x, ScaledGrad.apply(self.weight, rows), self.bias)
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 640), nn.Tanh(), Linear(640, 640), nn.Tanh(), nn.Linear(640, 3))
+    x, y = torch.randn(16, 8), torch.randint(0, 3, (16,))
+    with _Recording({"2": model[2]}, model=model) as rec:
+        nn.functional.cross_entropy(model(x), y).backward()
+    shape = model[2].weight.shape
+    assert shape.numel() > 1 << 18  # a tensor the check takes a chunk at a time
+    at_forward, at_reference = [], []
+
+    def pre(module, args):
+        if module.weight.dtype == torch.float64:
+            at_forward.append(_float64_storages(shape))
+
+    stats = gradwatch.engine._ReferenceStats.__call__
+
+    def counted(self, name, g_ref):
+        if name == "module.weight":
+            at_reference.append(_float64_storages(shape))
+        return stats(self, name, g_ref)
+
+    monkeypatch.setattr(gradwatch.engine._ReferenceStats, "__call__", counted)
+    model[2].register_forward_pre_hook(pre)
+    report = _check_record(rec.records["2"], seed=0, options={"precision": "float64"})
+    assert report.precision == "float64" and report.reference
+    assert [t.name for t in report.failures] == (["2::weight"] if wrong else []), str(report)
+    if wrong:
+        assert report.tensors["2::weight"].located.index[0] % 8 == 0
+    assert len(at_forward) >= 6 and max(at_forward) == 1, at_forward  # the copy, or the widened value
+    assert at_reference and max(at_reference) == 1, at_reference  # the reference gradient alone
+
+
 def test_a_module_whose_local_check_raises_is_skipped_and_training_goes_on(monkeypatch):
     import gradwatch.local as local
 
