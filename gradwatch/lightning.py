@@ -396,13 +396,12 @@ class GradWatchCallback:
             return
         skip = too_big if records else None  # module-local float64 checks instead of a native whole-model one
         fsdp = pending.recorder is not None
-        if fsdp or (records and trainer.world_size > 1):
+        if fsdp or trainer.world_size > 1:  # every collective of the check behind the guard's error flag
             guard = _Guard(_local_device(next(pl_module.parameters())))
+        reduce = guard.reduce if guard is not None else None
         if fsdp:  # fully_shard: this backward's local gradients, averaged over ranks
             grads = local_mean = pending.recorder.mean(pl_module)
-            reduce = guard.reduce
         else:
-            reduce = partial(trainer.strategy.reduce, reduce_op="mean") if trainer.world_size > 1 else None
             grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
         train_loss = pending.loss
         scaler = getattr(trainer.precision_plugin, "scaler", None)
@@ -423,10 +422,7 @@ class GradWatchCallback:
             # rank's; the optimizer gets the mean over ranks (the window's last backward syncs)
             grads = _reduced(grads, reduce)
         loss_fn = self._loss_fn(trainer, pl_module, pending.batch_idx, pending.accumulate)
-        broadcast = partial(trainer.strategy.broadcast, src=0) if reduce is not None else None
-        if fsdp:
-            broadcast = guard.broadcast
-        guarded = fsdp  # DDP: the whole-model check runs the strategy's collectives; the local ones the guard's
+        broadcast = guard.broadcast if guard is not None else None
         try:
             with _metric_states_kept(pl_module), ExitStack() as gathered:
                 if fsdp:  # the whole model, or the checked modules only when it does not fit
@@ -441,7 +437,6 @@ class GradWatchCallback:
                 )
                 del grads
                 if records:
-                    guarded = guard is not None
                     if fsdp:
                         local = partial(_sharded_local_reports, records, seed,
                                         {**self._local_options, "reduce": guard.reduce}, references, guard)
@@ -452,7 +447,7 @@ class GradWatchCallback:
                     report = _merge_local(self._schedule, report, step, local, whole=skip is None,
                                           broadcast=guard.broadcast if guard is not None else None)
         except BaseException:
-            if guarded:
+            if guard is not None:
                 guard.abort()  # the other ranks raise at their next collective instead of waiting
             raise
         del pending

@@ -138,6 +138,23 @@ def main(out: pathlib.Path, namespace: str) -> None:
         result["raise"] = None
     except GradientCheckError as err:
         result["raise"] = type(err).__name__
+    # the whole-model check raising on rank 1 alone: rank 0 raises at its next collective of
+    # the check (the guard's error flag) instead of waiting for rank 1 there
+    import gradwatch.lightning
+
+    def raising_check(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("planted: this rank's check raised")
+
+    real_check = gradwatch.lightning._budgeted_check
+    if rank == 1:
+        gradwatch.lightning._budgeted_check = raising_check
+    try:
+        fit(CORRECT["mlp_relu_dropout"], lambda report: None, max_steps=1)
+        result["check_raise"] = None
+    except RuntimeError as err:
+        result["check_raise"] = str(err)
+    finally:
+        gradwatch.lightning._budgeted_check = real_check
     result["namespaces"] = [ns for ns in ("pytorch_lightning", "lightning.pytorch") if ns in sys.modules]
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     if torch.distributed.is_available() and torch.distributed.is_initialized():

@@ -667,6 +667,9 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
     skipped = {f"net.attn::input[{i}]": "skipped" for i in range(3)}
     assert all(res["attn_raise"]["local"] == [skipped] for res in results.values()), results
     assert results[0]["attn_raise"] == results[1]["attn_raise"]
+    # the whole-model check raising on rank 1 alone: rank 0 raised too, at the check's next collective
+    assert results[1]["check_raise"] == "planted: this rank's check raised", results[1]
+    assert "raised on 1 other rank(s) of 2" in results[0]["check_raise"], results[0]
     # each rank's local batch differs, and the check verified the replay of the mean training loss
     assert results[0]["local_losses"] != results[1]["local_losses"]
     # only rank zero wrote to the logger
