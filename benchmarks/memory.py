@@ -6,8 +6,10 @@ parameters (the shadow, 2x the float32 bytes) and, transiently, about one float6
 of the size of the tensor being probed: the float64 reference gradient is never held
 whole (each tensor's is reduced to what the probes need as the backward produces it),
 points are made in place on the shadow and undone by copying the parameter back, tensors
-above 2^20 elements are drawn, moved and summed a chunk at a time, and the two native
-replays of the precision test run without the shadow. The target (issue 14) is a peak of
+above 2^18 elements are drawn, moved and summed a chunk at a time (their directions drawn
+again at every use), a tensor over 1/4 of the shadow gets its reference gradient in a
+backward of its own without its copy (a module-local check of one Linear), and the two
+native replays of the precision test run without the shadow. The target (issue 14) is a peak of
 at most 1.5x the float64 copy; with 4 equal tensors one tensor is 0.25x of it, so this
 model is the hard case (shadow + one tensor + the float64 activations and allocator slack).
 

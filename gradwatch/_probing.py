@@ -386,7 +386,9 @@ class _Line:
             out = self.theta.clone()
             out.view(-1)[self.index] = (self.orig + s * self.h).to(self.theta.dtype)
             return out
-        return (self.theta64 + (s * self.h) * self.direction()).to(self.theta.dtype)
+        if self.v is None:  # whole points (batched evaluation stacks them): the direction kept too
+            self.v = self.direction()
+        return (self.theta64 + (s * self.h) * self.v).to(self.theta.dtype)
 
     def kept(self, point: Tensor) -> Tensor | None:
         """What :func:`_difference` needs of a point: a coordinate's element; a direction's

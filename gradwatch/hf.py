@@ -285,9 +285,14 @@ class GradWatchTrainerCallback:
         if not self._resolved:
             self._targets, self._resolved = _resolve_modules(module, self.modules), True
         if self._targets == "suspects":
-            multi = trainer.accelerator.num_processes > 1
-            self._targets, self.suspects = _suspect_modules(module, _trainer_loss(trainer), inputs, replay,
-                                                            broadcast=self._broadcast if multi else None)
+            guard = _Guard(_local_device(next(module.parameters()))) if trainer.accelerator.num_processes > 1 else None
+            try:  # it runs the loss: a process that raises makes the others raise instead of waiting
+                self._targets, self.suspects = _suspect_modules(
+                    module, _trainer_loss(trainer), inputs, replay, broadcast=guard.broadcast if guard else None)
+            except BaseException:
+                if guard is not None:
+                    guard.abort()
+                raise
         return self._targets or {}
 
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
@@ -316,7 +321,26 @@ class GradWatchTrainerCallback:
         step = pending.step
         seed = _derive_seed(self.seed, step)
         multi = trainer.accelerator.num_processes > 1
-        reduce = partial(trainer.accelerator.reduce, reduction="mean") if multi else None
+        # every collective of the check behind the guard's error flag: none hangs when a process raises
+        guard = _Guard(_local_device(next(model.parameters()))) if multi else None
+        try:
+            report = self._checked(pending, model, step, seed, guard)
+        except BaseException:
+            if guard is not None:
+                guard.abort()  # the other processes raise at their next collective instead of waiting
+            raise
+        del pending
+        if report is None:
+            return
+        self._record(report)
+        _handle(report, self.on_failure)
+
+    def _checked(self, pending: _Pending, model: nn.Module, step: int, seed: int,
+                 guard: _Guard | None) -> Report | None:
+        """The report of the captured step (a skipped one under a GradScaler overflow,
+        recorded here; None then)."""
+        trainer = self._trainer
+        reduce = guard.reduce if guard is not None else None
         grads = dict(pending.grads)  # this micro-batch's local gradients, before clipping
         factor = pending.factor
         scaler = getattr(trainer.accelerator, "scaler", None)
@@ -330,8 +354,8 @@ class GradWatchTrainerCallback:
                     "(fp16 overflow); the scale is lowered and no gradient of this step reaches the optimizer"
                 )
                 self._record(_skipped_report(model, seed, step, reason))
-                return
-        if multi and grads:  # what DDP hands the optimizer: the mean over processes
+                return None
+        if reduce is not None and grads:  # what DDP hands the optimizer: the mean over processes
             grads = _reduced(grads, reduce)
         loss_fn = partial(_scaled, self.loss_fn or pending.default or _trainer_loss(trainer), factor)
         records = pending.recording.records() if pending.recording is not None else {}
@@ -339,25 +363,17 @@ class GradWatchTrainerCallback:
         report = _budgeted_check(
             self._schedule, model, loss_fn, pending.inputs, step=step, seed=seed, grads=grads,
             replay=pending.replay, train_loss=pending.loss * factor, reduce=reduce,
-            broadcast=self._broadcast if multi else None, options=self._check_kwargs, skip=skip,
+            broadcast=guard.broadcast if guard is not None else None, options=self._check_kwargs, skip=skip,
         )
         del grads
-        if records:  # module-local checks, agreed across processes through a guard (none hangs when one raises)
-            guard = _Guard(_local_device(next(model.parameters()))) if multi else None
-            try:
-                if guard is not None:
-                    local = partial(_agreed_local_reports, model, records, seed, self._local_options, guard)
-                else:
-                    local = partial(_local_reports, pending.recording.recordings(), seed, self._local_options)
-                report = _merge_local(self._schedule, report, step, local, whole=skip is None,
-                                      broadcast=guard.broadcast if guard is not None else None)
-            except BaseException:
-                if guard is not None:
-                    guard.abort()
-                raise
-        del pending
-        self._record(report)
-        _handle(report, self.on_failure)
+        if records:  # module-local checks, agreed across processes
+            if guard is not None:
+                local = partial(_agreed_local_reports, model, records, seed, self._local_options, guard)
+            else:
+                local = partial(_local_reports, pending.recording.recordings(), seed, self._local_options)
+            report = _merge_local(self._schedule, report, step, local, whole=skip is None,
+                                  broadcast=guard.broadcast if guard is not None else None)
+        return report
 
     def _record(self, report: Report) -> None:
         self.reports.append((report.step, report))

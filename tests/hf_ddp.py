@@ -57,6 +57,23 @@ def main(out: pathlib.Path) -> None:
         result["raise"] = None
     except GradientCheckError as err:
         result["raise"] = type(err).__name__
+    # the whole-model check raising on rank 1 alone: rank 0 raises at the check's next collective
+    # (the guard's error flag) instead of waiting for rank 1 there
+    import gradwatch.hf
+
+    def raising_check(*args: Any, **kwargs: Any) -> Any:
+        raise RuntimeError("planted: this process's check raised")
+
+    real_check = gradwatch.hf._budgeted_check
+    if rank == 1:
+        gradwatch.hf._budgeted_check = raising_check
+    try:
+        train(gpt2(), watch(), out / "check_raise", steps=1, **overrides)
+        result["check_raise"] = None
+    except RuntimeError as err:
+        result["check_raise"] = str(err)
+    finally:
+        gradwatch.hf._budgeted_check = real_check
     result["lines"] = lines
     (out / f"rank{rank}.json").write_text(json.dumps(result))
     # tear the gloo group down before the interpreter exits: a group left to static destruction

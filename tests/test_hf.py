@@ -300,6 +300,9 @@ def test_two_processes_agree_and_only_the_main_one_logs(tmp_path) -> None:
         assert res["correct"]["verdicts"] == ["pass", "pass"] and all(res["correct"]["reliable"]), res
         assert res["bug"]["failing"] == [[BUGGY, BUGGY_LOCAL]] * 2, res  # the local check agreed too
         assert res["raise"] == "GradientCheckError", res
+    # the whole-model check raising on rank 1 alone: rank 0 raised too, at the check's next collective
+    assert results[1]["check_raise"] == "planted: this process's check raised", results[1]
+    assert "raised on 1 other rank(s) of 2" in results[0]["check_raise"], results[0]
     # the same probes on the cross-process means: identical numbers, and rank zero's seed
     for key in ("correct", "bug"):
         assert results[0][key] == results[1][key]
