@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from functools import partial
 from typing import Any, Callable, Iterable, Mapping
 
 import torch
@@ -25,7 +26,7 @@ from gradwatch._schedule import _Schedule
 from gradwatch._sharded import _Guard, _share_records, _split
 from gradwatch._sharded import _local_reports as _sharded_local_reports
 from gradwatch.engine import check
-from gradwatch.local import _REFERENCES_BY_OP, _discover, _float64_bytes, _merge, _OpCalls, _Recording
+from gradwatch.local import _REFERENCES_BY_OP, _discover, _float64_bytes, _local_reports, _merge, _OpCalls, _Recording
 from gradwatch.replay import ReplayState
 from gradwatch.report import Report, TensorCheck
 
@@ -182,6 +183,15 @@ def _merge_local(schedule: _Schedule, report: Report, step: int, local_reports: 
     if broadcast is not None:
         schedule.next_step = int(broadcast(schedule.next_step))  # rank zero's clock decides
     return report
+
+
+def _local_checks(model: nn.Module, recording: Any, seed: int, options: Mapping[str, Any],
+                  guard: _Guard | None) -> Callable[[], list[Report]]:
+    """The module-local checks of a recorded step (a :class:`_LocalRecording`), for
+    :func:`_merge_local`: agreed across processes through ``guard`` when there are several."""
+    if guard is not None:
+        return partial(_agreed_local_reports, model, recording.records(), seed, options, guard)
+    return partial(_local_reports, recording.recordings(), seed, options)
 
 
 def _agreed_local_reports(model: nn.Module, records: Mapping[str, Any], seed: int, options: Mapping[str, Any],

@@ -26,9 +26,9 @@ from typing import Any, Callable, Mapping
 from torch import Tensor, nn
 
 from gradwatch._callbacks import (
-    _agreed_local_reports,
     _all_finite,
     _budgeted_check,
+    _local_checks,
     _LocalRecording,
     _merge_local,
     _modules_option,
@@ -41,7 +41,7 @@ from gradwatch._sharded import _Guard, _local_device
 from gradwatch._validate import _callable
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options, _BackwardRoots, _derive_seed
-from gradwatch.local import _local_reports, _resolve_modules
+from gradwatch.local import _resolve_modules
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import OnFailure, Report, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -367,10 +367,7 @@ class GradWatchTrainerCallback:
         )
         del grads
         if records:  # module-local checks, agreed across processes
-            if guard is not None:
-                local = partial(_agreed_local_reports, model, records, seed, self._local_options, guard)
-            else:
-                local = partial(_local_reports, pending.recording.recordings(), seed, self._local_options)
+            local = _local_checks(model, pending.recording, seed, self._local_options, guard)
             report = _merge_local(self._schedule, report, step, local, whole=skip is None,
                                   broadcast=guard.broadcast if guard is not None else None)
         return report

@@ -36,9 +36,9 @@ from torch import Tensor, nn
 from typing_extensions import override
 
 from gradwatch._callbacks import (
-    _agreed_local_reports,
     _all_finite,
     _budgeted_check,
+    _local_checks,
     _LocalRecording,
     _merge_local,
     _modules_option,
@@ -52,7 +52,7 @@ from gradwatch._sharded import _local_reports as _sharded_local_reports
 from gradwatch._validate import _callable, _non_negative_int, _seed
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options, _derive_seed
-from gradwatch.local import _float64_bytes, _local_reports, _resolve_modules
+from gradwatch.local import _float64_bytes, _resolve_modules
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,
@@ -440,10 +440,8 @@ class GradWatchCallback:
                     if fsdp:
                         local = partial(_sharded_local_reports, records, seed,
                                         {**self._local_options, "reduce": guard.reduce}, references, guard)
-                    elif guard is not None:
-                        local = partial(_agreed_local_reports, pl_module, records, seed, self._local_options, guard)
                     else:
-                        local = partial(_local_reports, pending.recording.recordings(), seed, self._local_options)
+                        local = _local_checks(pl_module, pending.recording, seed, self._local_options, guard)
                     report = _merge_local(self._schedule, report, step, local, whole=skip is None,
                                           broadcast=guard.broadcast if guard is not None else None)
         except BaseException:
