@@ -135,13 +135,15 @@ def _too_big(model: nn.Module, precision: str, max_shadow_bytes: int) -> str | N
 
 class _LocalRecording:
     """The module-local recordings of one check step: ``targets`` (qualified name -> module) and,
-    with ``ops``, the calls of custom ops with a registered reference. Entered at the start of the
-    checked forward; :meth:`close` (idempotent, also on errors) removes every hook."""
+    with ``ops``, one call of each custom op with a registered reference (``turns``: the
+    adapter's :class:`_OpCalls` turns, which call). Entered at the start of the checked forward;
+    :meth:`close` (idempotent, also on errors) removes every hook."""
 
-    def __init__(self, model: nn.Module, targets: Mapping[str, nn.Module], *, ops: bool) -> None:
+    def __init__(self, model: nn.Module, targets: Mapping[str, nn.Module], *, ops: bool,
+                 turns: dict[str, int] | None = None) -> None:
         self.parts: list[Any] = [_Recording(targets, model=model)] if targets else []
         if ops and _REFERENCES_BY_OP:
-            self.parts.append(_OpCalls())
+            self.parts.append(_OpCalls(turns))
         self._entered: list[Any] = []
 
     def __enter__(self) -> "_LocalRecording":

@@ -190,6 +190,7 @@ class GradWatchTrainerCallback:
         self._sinks: list[Sink] | None = None
         self._tensorboard: TensorBoardSink | None = None
         self.suspects: dict[str, str] = {}
+        self._op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
         self._targets: Any = None  # once resolved on the model: None, "suspects" or qualified name -> module
         self._resolved = False
         self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
@@ -247,7 +248,7 @@ class GradWatchTrainerCallback:
                 inputs_copy[_NUM_ITEMS] = num_items
             targets = self._local_targets(trainer, module, inputs_copy, pending.replay)
             pending.recording = _LocalRecording(module, targets, ops=self._targets is not None
-                                                and trainer.accelerator.num_processes == 1)
+                                                and trainer.accelerator.num_processes == 1, turns=self._op_turns)
             fed: dict[str, Any] = {}
             hook = module.register_forward_hook(partial(_keep_forward, fed), with_kwargs=True)
             roots = _BackwardRoots()  # records the autocast state the forward runs under

@@ -223,6 +223,7 @@ class GradWatch:
         self._seed_shared = False
         self._max_shadow_bytes = max_shadow_bytes
         self.suspects: dict[str, str] = {}
+        self._op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
         self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
                                "coordinates": coordinates, "directions": directions, "precision": precision,
                                "max_shadow_bytes": max_shadow_bytes}
@@ -270,7 +271,7 @@ class GradWatch:
             return
         state = capture(self.model)
         targets = self._targets(batch, state)
-        recording = _LocalRecording(self.model, targets, ops=self._modules is not None)
+        recording = _LocalRecording(self.model, targets, ops=self._modules is not None, turns=self._op_turns)
         captured: dict[str, Tensor] = {}
         handles = [
             p.register_hook(partial(_capture_grad, captured, name))

@@ -230,6 +230,7 @@ class GradWatchCallback:
         self._pending: _Pending | None = None
         self._sinks: list[Sink] | None = None
         self.suspects: dict[str, str] = {}
+        self._op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
         self._targets: Any = None  # once resolved on the module: None, "suspects" or qualified name -> module
         self._resolved = False
         self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
@@ -307,7 +308,8 @@ class GradWatchCallback:
         pending = self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay,
                                            recorder=recorder)
         # custom ops with a reference are recorded on one process only (as the hook does without FSDP)
-        pending.recording = _LocalRecording(pl_module, targets, ops=self._targets is not None and trainer.world_size == 1)
+        pending.recording = _LocalRecording(pl_module, targets, ops=self._targets is not None and trainer.world_size == 1,
+                                            turns=self._op_turns)
         pending.recording.__enter__()  # exited when the checked backward is done or the step dropped
 
     def _local_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,

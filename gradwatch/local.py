@@ -25,8 +25,9 @@ the logged metrics.
 class); at a check it runs on the same recorded inputs (float64 where it supports it) and
 its outputs and input/parameter gradients (autograd of ``<grad_out, ref(x)>``) are compared
 with what the module produced (:class:`~gradwatch.report.ReferenceCheck`, ``Report.references``).
-A ``torch.library`` custom op can be registered too: the hook then records the first call of
-that op in each checked step and checks it alone (module name ``ns::op``).
+A ``torch.library`` custom op can be registered too: the hook then records one call of that
+op in each checked step (the next call at each check step, in turn) and checks it alone
+(module name ``ns::op``).
 
 Internal API (stable; the hook and the sharded path build on it):
 
@@ -40,8 +41,9 @@ Internal API (stable; the hook and the sharded path build on it):
 * ``_merge(report, local_reports) -> Report``: the whole-model report with the local
   tensors, reference comparisons (``Report.references``) and module checks
   (``Report.modules``: precision and skip reason per module) added.
-* ``_OpCalls()``: ``TorchFunctionMode`` around a forward and backward; records the first call
-  of each custom op with a registered reference as a ``_Record`` named ``ns::op``.
+* ``_OpCalls(turns=None)``: ``TorchFunctionMode`` around a forward and backward; records one
+  call of each custom op with a registered reference as a ``_Record`` named ``ns::op``:
+  call ``turns[op]`` (0 by default), and advances ``turns`` to the next call on exit.
 * ``_Suspects(model)``: context manager (a ``TorchFunctionMode`` plus module hooks); around
   one forward with grad it finds the modules whose forward runs custom backward code
   (``.names``: qualified name -> why); ``_discover(model, loss_fn, batch, replay)`` runs that
@@ -709,8 +711,9 @@ def register_reference(target: nn.Module | type, reference_fn: Callable[..., Any
     ``input[1]``, ``weight``). Registering the same target again replaces its reference.
 
     A ``torch.library`` custom op (the ``custom_op`` result, an OpOverload or its packet)
-    is registered with ``reference_fn(*args, **kwargs)``: ``GradWatch`` then records the
-    first call of that op in each checked step and checks it alone, named ``ns::op``
+    is registered with ``reference_fn(*args, **kwargs)``: ``GradWatch`` then records one
+    call of that op in each checked step (the first at the first check, then the next call
+    at each check, in turn) and checks it alone, named ``ns::op``
     (``gwtest::attention::input[1]``), besides the modules it watches; and
     ``check_module(op, inputs)`` checks one call directly.
 
@@ -899,18 +902,31 @@ def _reference_checks(record: _Record) -> tuple[ReferenceCheck, ...]:
 
 
 class _OpCalls(TorchFunctionMode):
-    """Records the first call of each custom op with a registered reference during a step,
-    as a :class:`_Record` named after the op (``gwtest::attention``; its tensors
-    ``gwtest::attention::input[0]``). Later calls of the same op in the step are not recorded."""
+    """Records one call of each custom op with a registered reference during a step, as a
+    :class:`_Record` named after the op (``gwtest::attention``; its tensors
+    ``gwtest::attention::input[0]``). ``turns`` (op name -> call index, kept by the adapter
+    from one check step to the next) says which call: the first at the first check step,
+    then the next one at each check step, cycling through the calls the op made in the last
+    step, so every call site (each layer's) is checked in turn."""
 
-    def __init__(self) -> None:
+    def __init__(self, turns: dict[str, int] | None = None) -> None:
         super().__init__()
         self.records: dict[str, _Record] = {}
+        self.turns = turns if turns is not None else {}
+        self.calls: dict[str, int] = {}  # calls of each op in this step
+
+    def __exit__(self, *exc: Any) -> Any:
+        for name, count in self.calls.items():  # the next call at the next check step
+            self.turns[name] = (self.turns.get(name, 0) + 1) % count
+        return super().__exit__(*exc)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         name = _op_name(func) if isinstance(func, (torch._ops.OpOverload, torch._ops.OpOverloadPacket)) else None
-        if name is None or name not in _REFERENCES_BY_OP or name in self.records:
+        if name is None or name not in _REFERENCES_BY_OP:
+            return func(*args, **kwargs)
+        index = self.calls[name] = self.calls.get(name, 0) + 1
+        if name in self.records or index - 1 != self.turns.get(name, 0):
             return func(*args, **kwargs)
         record = self.records[name] = _Record(name, _OpModule(func, name))
         pre, post = _Recording._pre(record), _Recording._post(record)

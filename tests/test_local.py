@@ -526,6 +526,41 @@ def test_a_custom_op_with_a_registered_reference_is_checked_call_by_itself(bug):
         _REFERENCES_BY_OP.clear()
 
 
+def test_a_custom_op_called_twice_a_step_has_each_call_checked_in_turn(bug):
+    # each check step records the next call of the op: the contiguity bug shows in the second
+    # call only (its output goes through torch.cat, so its grad_output is a strided slice)
+    from tests._attn_op import attention
+
+    class Twice(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inp = nn.Linear(6, 12)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x):
+            q, k, v = self.inp(x).chunk(3, -1)
+            a = attention(q, k, v)  # its output feeds the second call: a contiguous grad_output
+            return self.head(torch.cat([attention(a, k, v), v], -1)).sum(1)
+
+    gradwatch.register_reference(attention, lambda q, k, v: reference_attention(None, q, k, v))
+    try:
+        bug("contiguous")
+        torch.manual_seed(0)
+        model, batch = Twice(), _attn_batch(0)
+        watch = gradwatch.GradWatch(model, _xent, every_n_steps=1, max_overhead=None, seed=0,
+                                    on_failure=lambda r: None)
+        for _ in range(4):
+            with watch.step(batch):
+                _xent(model, batch).backward()
+        local = [bool(_local_failures(r, "gwtest::attention")) for _, r in watch.reports]
+        references = [bool(r.reference_failures) for _, r in watch.reports]
+        assert local == references == [False, True, False, True], [str(r) for _, r in watch.reports]
+        assert watch._op_turns == {"gwtest::attention": 0}
+    finally:
+        from gradwatch.local import _REFERENCES_BY_OP
+        _REFERENCES_BY_OP.clear()
+
+
 def test_internal_recording_api_records_what_the_step_computed():
     """The internal API the adapters (and the sharded path) build on: _Recording + _check_record."""
     torch.manual_seed(0)
