@@ -132,7 +132,7 @@ class _JointLine:
                 norms.append(sq.sqrt().to(device))
                 continue
             g = self._g64(i, finite)
-            norms.append(g.norm().to(device))
+            norms.append(torch.linalg.vector_norm(g).to(device))
             del g
         norms = torch.stack(norms)
         numel = torch.tensor([float(t.numel()) for t in thetas], dtype=torch.float64, device=device)
@@ -209,7 +209,7 @@ class _JointLine:
         bad_any = None
         for lo, hi in _spans(theta.numel()):
             g = flat[lo:hi].to(device=theta.device, dtype=torch.float64, copy=True)
-            bad = ~torch.isfinite(g)
+            bad = _nonfinite(g)
             bad_any = bad.any() if bad_any is None else bad_any | bad.any()
             yield lo, hi, g.masked_fill_(bad, 0.0)
         if finite is not None:
