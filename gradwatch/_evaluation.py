@@ -97,7 +97,6 @@ class _HostValues:
         if isinstance(value, Tensor):
             if value.numel() != 1:
                 return self.extend(value)[0]
-            value = value.detach()
         else:
             value = float(value)
         return self._append(value, 1)[0]
@@ -156,7 +155,7 @@ def _row(value: Tensor | float, device: torch.device | None = None) -> Tensor:
     """A value of :class:`_HostValues` as a 1-D float64 tensor (on ``device`` when given)."""
     if not isinstance(value, Tensor):
         return torch.tensor([value], dtype=torch.float64, device=device)
-    return value.reshape(-1).to(device=device if device is not None else value.device, dtype=torch.float64)
+    return value.detach().reshape(-1).to(device=device if device is not None else value.device, dtype=torch.float64)
 
 
 class _Evaluation:

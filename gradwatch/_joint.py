@@ -121,7 +121,7 @@ class _JointLine:
         self.dtypes = [t.dtype for t in thetas]
         self.masks = [excluded[n].mask if excluded and n in excluded else None for n in names]  # never probed
         # kept when small in all (read-only then: callers use the out-of-place ops)
-        self._cache: dict[tuple[str, int], Tensor] | None = (
+        self._cache: dict[tuple[str, int], Any] | None = (
             {} if sum(t.numel() for t in thetas) <= _CACHE_ELEMENTS else None)
         finite, norms = [], []
         for i in range(len(names)):
@@ -232,6 +232,13 @@ class _JointLine:
             self._cache[("v", i)] = v
         return v
 
+    def _scaled(self, i: int) -> Tensor:
+        """``h·v`` of tensor ``i`` at the current step ``h``, kept with the line (read-only)."""
+        kept = self._cache.get(("hv", i))
+        if kept is None or kept[0] is not self.h:
+            kept = self._cache[("hv", i)] = (self.h, self.h * self.direction(i))
+        return kept[1]
+
     def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
         """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""
         i = self.names.index(name)
@@ -270,6 +277,9 @@ class _JointLine:
                     flat = theta.view(-1)
                     for lo, hi, v in self._chunks(i):
                         flat[lo:hi].add_((s * self.h) * v)
+                    return
+                if self._cache is not None and s in (1.0, -1.0, 2.0, -2.0):  # s·(h·v) is exactly (s·h)·v
+                    theta.add_(self._scaled(i), alpha=s)  # one kernel: h·v is kept for the passes at h
                     return
                 theta.add_((s * self.h) * self.direction(i))
             return apply

@@ -504,7 +504,7 @@ class _Judge:
         gap_fields: dict[str, Any] = {}
         ratios = []
         if gap is not None:
-            numel = int(np.prod(shape)) if shape else 1
+            numel = math.prod(shape)
             ref_norm = values[gap["ref_norm"]]
             limit = self._gap_limit(name, ref_norm, numel)
             gap_ratio = _ratio(values[gap["gap"]], limit)
