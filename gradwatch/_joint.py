@@ -340,7 +340,7 @@ def _joint_probes(
     for jseed, line in lines:
         names = line.names
         for attempt in range(_RETRIES + 1):
-            line.h = line.h0 * _SHRINK**attempt
+            line.h = line.h0 * _SHRINK**attempt if attempt else line.h0
             values, kinks = _evaluate(ev, line, signature, loss0)
             if kinks is None or attempt == _RETRIES:
                 break
@@ -375,7 +375,7 @@ def _evaluate(ev: _Evaluation, line: _JointLine, signature: Any, loss0: Tensor |
     n1 = line.difference(losses[1.0], losses[-1.0], (points[1.0], points[-1.0]), 1.0)
     out = {
         "a": line.a, "rss": line.rss, "vnorm": line.vnorm, "n1": n1, "n2": n1,
-        "lmax": torch.stack([x.abs() for x in losses.values()]).max(), "h": line.h,
+        "lmax": torch.stack(list(losses.values())).abs().max(), "h": line.h,
         "kink": kinks.any_crossed() if kinks is not None else False,
     }
     if ev.own_reference:

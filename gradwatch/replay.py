@@ -15,6 +15,7 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import operator
 import random
 import sys
 from contextlib import ExitStack, contextmanager
@@ -154,6 +155,11 @@ def _restore_attrs(attrs: tuple[tuple[nn.Module, dict[str, Any]], ...]) -> None:
     """Put back every attribute binding; objects mutated in place are not undone."""
     for module, saved in attrs:
         current = module.__dict__
+        # nothing rebound (the same names, in the same order, bound to the same objects): the
+        # usual case, tested at C speed (a check restores before every evaluation)
+        if len(current) == len(saved) and list(current) == list(saved) and all(
+                map(operator.is_, current.values(), saved.values())):
+            continue
         for key in [k for k in current if k not in saved]:
             del current[key]
         for key, value in saved.items():
