@@ -22,7 +22,7 @@ from gradwatch.replay import (
     ReplayState,
     _autocast,
     _cast_floats,
-    _default_dtype,
+    _DefaultDtype,
     _LossModule,
     _restore_attrs,
     _restore_rng,
@@ -310,7 +310,7 @@ class _Evaluation:
 
     def _context(self):
         if self.float64:
-            return _default_dtype(torch.float64), _autocast(None)
+            return _DefaultDtype(torch.float64), _autocast(None)
         return nullcontext(), _autocast(self.replay.autocast)
 
     def __call__(
