@@ -278,14 +278,17 @@ class _JointLine:
                     for lo, hi, v in self._chunks(i):
                         flat[lo:hi].add_((s * self.h) * v)
                     return
-                if self._cache is not None and s in (1.0, -1.0, 2.0, -2.0):  # s·(h·v) is exactly (s·h)·v
-                    theta.add_(self._scaled(i), alpha=s)  # one kernel: h·v is kept for the passes at h
-                    return
                 theta.add_((s * self.h) * self.direction(i))
             return apply
 
+        rounded = points if any(d != torch.float64 for d in self.dtypes) else None
+        if self._cache is not None and s in (1.0, -1.0, 2.0, -2.0):  # s·(h·v) is exactly (s·h)·v
+            # a kept line: h·v is kept for the passes at h, and every tensor moves in one call
+            with ev.moved_along([self.keys[i] for i in inside], [self._scaled(i) for i in inside], s) as shadow:
+                yield {**shadow, **points}, rounded
+            return
         with ev.moved((self.keys[i], move(i)) for i in inside) as shadow:
-            yield {**shadow, **points}, (points if any(d != torch.float64 for d in self.dtypes) else None)
+            yield {**shadow, **points}, rounded
 
     def difference(self, up: Tensor, down: Tensor, points: tuple[dict, dict] | None, s: float,
                    lo: int = 0, hi: int | None = None) -> Tensor:
