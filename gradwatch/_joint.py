@@ -377,8 +377,7 @@ def _evaluate(ev: _Evaluation, line: _JointLine, signature: Any, loss0: Tensor |
         losses[s] = loss.to(torch.float64)
     n1 = line.difference(losses[1.0], losses[-1.0], (points[1.0], points[-1.0]), 1.0)
     out = {
-        "a": line.a, "rss": line.rss, "vnorm": line.vnorm, "n1": n1, "n2": n1,
-        "lmax": torch.stack(list(losses.values())).abs().max(), "h": line.h,
+        "a": line.a, "rss": line.rss, "vnorm": line.vnorm, "n1": n1, "n2": n1, "h": line.h,
         "kink": kinks.any_crossed() if kinks is not None else False,
     }
     if ev.own_reference:
