@@ -121,8 +121,9 @@ class _JointLine:
         self.dtypes = [t.dtype for t in thetas]
         self.masks = [excluded[n].mask if excluded and n in excluded else None for n in names]  # never probed
         # kept when small in all (read-only then: callers use the out-of-place ops)
-        self._cache: dict[tuple[str, int], Any] | None = (
+        self._cache: dict[tuple[str, int] | str, Any] | None = (
             {} if sum(t.numel() for t in thetas) <= _CACHE_ELEMENTS else None)
+        self._in_place = [ev.in_place(k) for k in self.keys]  # float64 copies, moved in place
         finite, norms = [], []
         for i in range(len(names)):
             if thetas[i].numel() > _CHUNK:  # a chunk at a time
@@ -232,11 +233,11 @@ class _JointLine:
             self._cache[("v", i)] = v
         return v
 
-    def _scaled(self, i: int) -> Tensor:
-        """``h·v`` of tensor ``i`` at the current step ``h``, kept with the line (read-only)."""
-        kept = self._cache.get(("hv", i))
+    def _scaled(self) -> list[Tensor]:
+        """``h·v`` of every tensor at the current step ``h``, kept with the line (read-only)."""
+        kept = self._cache.get("hv")
         if kept is None or kept[0] is not self.h:
-            kept = self._cache[("hv", i)] = (self.h, self.h * self.direction(i))
+            kept = self._cache["hv"] = (self.h, [self.h * self.direction(i) for i in range(len(self.keys))])
         return kept[1]
 
     def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
@@ -264,6 +265,12 @@ class _JointLine:
         were rounded to a lower precision (for :meth:`difference`; None when there are none)."""
         hi = len(self.keys) if hi is None else hi
         ev = self.ev
+        if self._cache is not None and s in (1.0, -1.0, 2.0, -2.0) and all(self._in_place[lo:hi]):
+            # a kept line of float64 copies: h·v is kept for the passes at h (s·(h·v) is exactly
+            # (s·h)·v) and every tensor moves in one call
+            with ev.moved_along(self.keys[lo:hi], self._scaled()[lo:hi], s) as shadow:
+                yield shadow, None
+            return
         inside = [i for i in range(lo, hi) if ev.in_place(self.keys[i])]
         points = {}
         for i in range(lo, hi):
@@ -281,14 +288,8 @@ class _JointLine:
                 theta.add_((s * self.h) * self.direction(i))
             return apply
 
-        rounded = points if any(d != torch.float64 for d in self.dtypes) else None
-        if self._cache is not None and s in (1.0, -1.0, 2.0, -2.0):  # s·(h·v) is exactly (s·h)·v
-            # a kept line: h·v is kept for the passes at h, and every tensor moves in one call
-            with ev.moved_along([self.keys[i] for i in inside], [self._scaled(i) for i in inside], s) as shadow:
-                yield {**shadow, **points}, rounded
-            return
         with ev.moved((self.keys[i], move(i)) for i in inside) as shadow:
-            yield {**shadow, **points}, rounded
+            yield {**shadow, **points}, (points if any(d != torch.float64 for d in self.dtypes) else None)
 
     def difference(self, up: Tensor, down: Tensor, points: tuple[dict, dict] | None, s: float,
                    lo: int = 0, hi: int | None = None) -> Tensor:
