@@ -283,7 +283,7 @@ class _Evaluation:
         launch costs as much as the arithmetic), restored by copying the parameters back. For
         small tensors, whose ``steps`` may all be held."""
         shadow = self.shadow
-        if not keys:  # nothing in place (float64 parameters are not copied)
+        if not keys:  # nothing to move
             yield shadow
             return
         thetas = [shadow[key] for key in keys]
