@@ -269,7 +269,7 @@ class _JointLine:
             # a kept line of float64 copies: h·v is kept for the passes at h (s·(h·v) is exactly
             # (s·h)·v) and every tensor moves in one call
             with ev.moved_along(self.keys[lo:hi], self._scaled()[lo:hi], s) as shadow:
-                yield shadow, None
+                yield dict(shadow), None
             return
         inside = [i for i in range(lo, hi) if ev.in_place(self.keys[i])]
         points = {}
