@@ -121,8 +121,9 @@ class _JointLine:
         self.dtypes = [t.dtype for t in thetas]
         self.masks = [excluded[n].mask if excluded and n in excluded else None for n in names]  # never probed
         # kept when small in all (read-only then: callers use the out-of-place ops)
-        self._cache: dict[tuple[str, int], Tensor] | None = (
+        self._cache: dict[tuple[str, int] | str, Any] | None = (
             {} if sum(t.numel() for t in thetas) <= _CACHE_ELEMENTS else None)
+        self._in_place = [ev.in_place(k) for k in self.keys]  # float64 copies, moved in place
         finite, norms = [], []
         for i in range(len(names)):
             if thetas[i].numel() > _CHUNK:  # a chunk at a time
@@ -132,7 +133,7 @@ class _JointLine:
                 norms.append(sq.sqrt().to(device))
                 continue
             g = self._g64(i, finite)
-            norms.append(g.norm().to(device))
+            norms.append(torch.linalg.vector_norm(g).to(device))
             del g
         norms = torch.stack(norms)
         numel = torch.tensor([float(t.numel()) for t in thetas], dtype=torch.float64, device=device)
@@ -209,7 +210,7 @@ class _JointLine:
         bad_any = None
         for lo, hi in _spans(theta.numel()):
             g = flat[lo:hi].to(device=theta.device, dtype=torch.float64, copy=True)
-            bad = ~torch.isfinite(g)
+            bad = _nonfinite(g)
             bad_any = bad.any() if bad_any is None else bad_any | bad.any()
             yield lo, hi, g.masked_fill_(bad, 0.0)
         if finite is not None:
@@ -233,6 +234,13 @@ class _JointLine:
         if self._cache is not None:
             self._cache[("v", i)] = v
         return v
+
+    def _scaled(self) -> list[Tensor]:
+        """``h·v`` of every tensor at the current step ``h``, kept with the line (read-only)."""
+        kept = self._cache.get("hv")
+        if kept is None or kept[0] is not self.h:
+            kept = self._cache["hv"] = (self.h, [self.h * self.direction(i) for i in range(len(self.keys))])
+        return kept[1]
 
     def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
         """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""
@@ -259,6 +267,12 @@ class _JointLine:
         were rounded to a lower precision (for :meth:`difference`; None when there are none)."""
         hi = len(self.keys) if hi is None else hi
         ev = self.ev
+        if self._cache is not None and s in (1.0, -1.0, 2.0, -2.0) and all(self._in_place[lo:hi]):
+            # a kept line of float64 copies: h·v is kept for the passes at h (s·(h·v) is exactly
+            # (s·h)·v) and every tensor moves in one call
+            with ev.moved_along(self.keys[lo:hi], self._scaled()[lo:hi], s) as shadow:
+                yield dict(shadow), None
+            return
         inside = [i for i in range(lo, hi) if ev.in_place(self.keys[i])]
         points = {}
         for i in range(lo, hi):
@@ -332,7 +346,7 @@ def _joint_probes(
     for jseed, line in lines:
         names = line.names
         for attempt in range(_RETRIES + 1):
-            line.h = line.h0 * _SHRINK**attempt
+            line.h = line.h0 * _SHRINK**attempt if attempt else line.h0
             values, kinks = _evaluate(ev, line, signature, loss0)
             if kinks is None or attempt == _RETRIES:
                 break
@@ -366,8 +380,7 @@ def _evaluate(ev: _Evaluation, line: _JointLine, signature: Any, loss0: Tensor |
         losses[s] = loss.to(torch.float64)
     n1 = line.difference(losses[1.0], losses[-1.0], (points[1.0], points[-1.0]), 1.0)
     out = {
-        "a": line.a, "rss": line.rss, "vnorm": line.vnorm, "n1": n1, "n2": n1,
-        "lmax": torch.stack([x.abs() for x in losses.values()]).max(), "h": line.h,
+        "a": line.a, "rss": line.rss, "vnorm": line.vnorm, "n1": n1, "n2": n1, "h": line.h,
         "kink": kinks.any_crossed() if kinks is not None else False,
     }
     if ev.own_reference:

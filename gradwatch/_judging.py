@@ -50,6 +50,8 @@ _NOISE_ULPS = 8.0
 #: (random signs), which re-randomises the rounding of every op; nondeterministic kernels
 #: add their own run-to-run spread.
 _SPREAD_ULPS = 4.0
+#: Parameters of at most this many elements in all are moved together (:func:`_moved_together`).
+_MOVED_TOGETHER = 1 << 12
 #: Multiple of the measured spread ``‖g(θ) - g(θ')‖`` allowed for ``‖g - g_ref‖``: a
 #: tensor of n elements gets ``_SPREAD_MULT + _SPREAD_SMALL/√n`` (few elements: few
 #: degrees of freedom, a heavier tail).
@@ -92,15 +94,18 @@ def _spans(n: int) -> list[tuple[int, int]]:
 
 
 def _nonfinite(t: Tensor) -> Tensor:
-    """``~torch.isfinite(t)``, a chunk at a time for a large contiguous tensor (``isfinite``
-    makes a temporary of ``t``'s size, ``|t|``)."""
+    """``~torch.isfinite(t)`` of a floating tensor, a chunk at a time for a large contiguous
+    tensor (it makes a temporary of ``t``'s size). Computed as ``isnan(t - t)``: ``t - t``
+    is NaN exactly where ``t`` is NaN or ±Inf (and 0 elsewhere), two kernels where
+    ``isfinite`` runs five, which matters on tiny tensors (``assert_gradients``)."""
     t = t.detach()
     if t.numel() <= _CHUNK or not t.is_contiguous():
-        return ~torch.isfinite(t)
+        return torch.isnan(t - t)
     out = torch.empty(t.shape, dtype=torch.bool, device=t.device)
     flat, dest = t.reshape(-1), out.view(-1)
     for lo in range(0, flat.numel(), _CHUNK):
-        dest[lo : lo + _CHUNK] = ~torch.isfinite(flat[lo : lo + _CHUNK])
+        part = flat[lo : lo + _CHUNK]
+        dest[lo : lo + _CHUNK] = torch.isnan(part - part)
     return out
 
 
@@ -121,9 +126,9 @@ def _gap_values(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
         return _chunked_gap(g, g_ref)
     diff = g.detach().to(device=g_ref.device, dtype=torch.float64, copy=True).reshape(-1)
     diff.sub_(g_ref.reshape(-1))
-    out = {"gap": diff.norm(), "worst": diff.abs_().argmax()}
+    out = {"gap": torch.linalg.vector_norm(diff), "worst": diff.abs_().argmax()}
     del diff
-    out["ref_norm"] = g_ref.norm()
+    out["ref_norm"] = torch.linalg.vector_norm(g_ref)
     out["ref_rms"] = g_ref.pow(2).mean().sqrt() if g_ref.numel() else g_ref.new_zeros(())
     out["ref_bad"] = _nonfinite(g_ref).any()
     return out
@@ -315,15 +320,21 @@ def _measure_spread(
             kinks = _ProbeKinks(signature, device).next_pass(margins=False)
         recorder = ev.recorder.compare_into(kinks) if kinks is not None else None
         ev.release()  # the float64 copy is not needed by native replays (made again when needed)
-        moved = {}
+        moved, together = {}, {}
+        small = sum(p.numel() for p in params.values() if p.is_floating_point()) <= _MOVED_TOGETHER
         for i, (n, p) in enumerate(params.items()):
             if not p.is_floating_point() or p.numel() == 0:
                 moved[n] = p
                 continue
             gen = torch.Generator(device=p.device).manual_seed((seed + 7919 * i) % 2**62)
             sign = torch.randint(0, 2, p.shape, generator=gen, device=p.device, dtype=torch.int8)
+            if small:
+                together[n] = (p.detach(), sign, _SPREAD_ULPS * float(torch.finfo(p.dtype).eps))
+                continue
             moved[n] = _moved(p.detach(), sign, _SPREAD_ULPS * float(torch.finfo(p.dtype).eps))
             del sign
+        if together:
+            moved.update(zip(together, _moved_together(*zip(*together.values()))))
         # θ' first, its gradient kept; then θ, each gradient compared as the backward produces it
         loss1, g1 = _native_gradients(ev.wrapper, ev.batch, ev.replay, moved, names)
         del moved
@@ -341,7 +352,7 @@ def _measure_spread(
                 return total.sqrt()
             d = a.to(torch.float64, copy=True).reshape(-1)
             d.sub_(b.reshape(-1))
-            return d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).norm()
+            return torch.linalg.vector_norm(d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0))
 
         if replayed is not None and recorder is None:
             loss0, g0 = replayed[0], {n: spread(n, replayed[1][n]) for n in names if n in replayed[1]}
@@ -377,6 +388,20 @@ def _moved(p: Tensor, sign: Tensor, rel: float) -> Tensor:
         p64 = flat[lo : lo + _CHUNK].to(torch.float64)
         dest[lo : lo + _CHUNK] = (p64 + rel * p64.abs() * (signs[lo : lo + _CHUNK].to(torch.float64) * 2 - 1)).to(p.dtype)
     return out
+
+
+def _moved_together(ps: tuple[Tensor, ...], signs: tuple[Tensor, ...], rels: tuple[float, ...]) -> list[Tensor]:
+    """:func:`_moved` of several small tensors at once: each of its ops applied to every
+    tensor in one ``torch._foreach`` call (the same elementwise ops in the same order, so the
+    same values; on a tiny op a call per tensor and op costs more than the arithmetic)."""
+    p64 = [p.to(torch.float64) for p in ps]
+    step = torch._foreach_abs(p64)
+    torch._foreach_mul_(step, list(rels))  # rel·|p64|
+    pm = [s.to(torch.float64) for s in signs]
+    torch._foreach_mul_(pm, 2.0)
+    torch._foreach_sub_(pm, 1.0)  # 2·sign - 1
+    torch._foreach_mul_(step, pm)
+    return [x.to(p.dtype) for x, p in zip(torch._foreach_add(p64, step), ps)]
 
 
 def _loss_spread(spread: _Spread | None, values: list[float], native: float | None) -> float:
@@ -508,7 +533,7 @@ class _Judge:
         gap_fields: dict[str, Any] = {}
         ratios = []
         if gap is not None:
-            numel = int(np.prod(shape)) if shape else 1
+            numel = math.prod(shape)
             ref_norm = values[gap["ref_norm"]]
             limit = self._gap_limit(name, ref_norm, numel)
             gap_ratio = _ratio(values[gap["gap"]], limit)

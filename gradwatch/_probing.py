@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradwatch._evaluation import _Evaluation, _HostValues
 
-from gradwatch._judging import _CHUNK, _NOISE_ULPS, _Judge, _loss_noise, _ratio, _spans
+from gradwatch._judging import _CHUNK, _NOISE_ULPS, _Judge, _loss_noise, _nonfinite, _ratio, _spans
 from gradwatch.kinks import _ProbeKinks, _Reference
 from gradwatch.report import Probe, TensorCheck
 
@@ -64,7 +64,7 @@ def _exclusions(params: Mapping[str, Tensor], model: nn.Module) -> dict[str, _Ex
     if not params:
         return {}
     rows = _padding_rows(model)
-    flags = [(~torch.isfinite(p.detach())).any() for p in params.values()]
+    flags = [_nonfinite(p).any() for p in params.values()]
     device = flags[0].device
     nonfinite = torch.stack([f.to(device) for f in flags]).tolist()
     out = {}
@@ -293,7 +293,7 @@ def _ref_terms(g_ref: Tensor, spec: tuple[str, int], mask: Tensor | None) -> tup
     v = _direction(g_ref, value, mask)
     # in place when the layouts agree; a strided g_ref sets the order of the sum, as it always did
     rv = v.mul_(g_ref) if g_ref.is_contiguous() else g_ref.to(torch.float64) * v
-    return rv.sum(), rv.norm()
+    return rv.sum(), torch.linalg.vector_norm(rv)
 
 
 class _References:
@@ -489,7 +489,7 @@ def _probe(
             a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
                                                               for lo, hi in _spans(theta.numel())))
             gv = None
-            rss, vnorm = sq.sqrt(), v.norm()
+            rss, vnorm = sq.sqrt(), torch.linalg.vector_norm(v)
         elif theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
             g = None
             gv = grad.detach().to(device=theta.device, dtype=torch.float64, copy=True).reshape(theta.shape)
@@ -498,12 +498,12 @@ def _probe(
             g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
             gv = g * v
         if gv is not None:
-            a, rss, vnorm = gv.sum(), gv.norm(), v.norm()
+            a, rss, vnorm = gv.sum(), torch.linalg.vector_norm(gv), torch.linalg.vector_norm(v)
         if terms is not None:
             a_ref, rss_ref = terms
         elif g_ref is not None:
             rv = g_ref.to(torch.float64) * v
-            a_ref, rss_ref = rv.sum(), rv.norm()
+            a_ref, rss_ref = rv.sum(), torch.linalg.vector_norm(rv)
             del rv
         else:
             a_ref = rss_ref = None

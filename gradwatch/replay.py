@@ -15,9 +15,10 @@ Example:
 from __future__ import annotations
 
 import ctypes
+import operator
 import random
 import sys
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -154,6 +155,11 @@ def _restore_attrs(attrs: tuple[tuple[nn.Module, dict[str, Any]], ...]) -> None:
     """Put back every attribute binding; objects mutated in place are not undone."""
     for module, saved in attrs:
         current = module.__dict__
+        # nothing rebound (the same names, in the same order, bound to the same objects): the
+        # usual case, tested at C speed (a check restores before every evaluation)
+        if len(current) == len(saved) and list(current) == list(saved) and all(
+                map(operator.is_, current.values(), saved.values())):
+            continue
         for key in [k for k in current if k not in saved]:
             del current[key]
         for key, value in saved.items():
@@ -166,12 +172,15 @@ def _capture_autocast() -> dict[str, tuple[bool, torch.dtype]]:
     return {d: (torch.is_autocast_enabled(d), torch.get_autocast_dtype(d)) for d in _DEVICE_TYPES}
 
 
-@contextmanager
-def _autocast(state: Mapping[str, tuple[bool, torch.dtype]] | None) -> Iterator[None]:
-    """Run under the given autocast state; ``None`` disables autocast everywhere."""
+def _autocast(state: Mapping[str, tuple[bool, torch.dtype]] | None) -> AbstractContextManager[None]:
+    """A context running under the given autocast state; ``None`` disables autocast everywhere."""
     if not any(enabled for enabled, _ in (state or {}).values()) and not _autocast_enabled():
-        yield  # already off everywhere: nothing to enter (saves ~6 us per evaluation)
-        return
+        return nullcontext()  # already off everywhere: nothing to enter (an evaluation of a tiny op is ~50 us)
+    return _autocast_entered(state)
+
+
+@contextmanager
+def _autocast_entered(state: Mapping[str, tuple[bool, torch.dtype]] | None) -> Iterator[None]:
     with ExitStack() as stack:
         for device_type in _DEVICE_TYPES:
             enabled, dtype = state[device_type] if state else (False, None)
@@ -199,14 +208,21 @@ def _isolated(model: nn.Module) -> Iterator[None]:
         _restore_rng(rng)
 
 
-@contextmanager
-def _default_dtype(dtype: torch.dtype) -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    try:
-        yield
-    finally:
-        torch.set_default_dtype(old)
+class _DefaultDtype:
+    """Run with ``dtype`` as torch's default dtype, the old one put back on exit (a class:
+    a generator context costs several times as much, once per evaluation)."""
+
+    __slots__ = ("dtype", "old")
+
+    def __init__(self, dtype: torch.dtype) -> None:
+        self.dtype = dtype
+
+    def __enter__(self) -> None:
+        self.old = torch.get_default_dtype()
+        torch.set_default_dtype(self.dtype)
+
+    def __exit__(self, *exc: Any) -> None:
+        torch.set_default_dtype(self.old)
 
 
 def _cast_floats(obj: Any, dtype: torch.dtype) -> Any:

@@ -1278,3 +1278,28 @@ def test_metrics_carry_per_tensor_verdict_ratio_and_kink_keys() -> None:
         assert keys[f"gradwatch/error_ratio/{name}"] == t.error_ratio
     assert keys["gradwatch/error_ratio_max"] == max(t.error_ratio for t in report.tensors.values())
     assert keys["gradwatch/error_ratio_max"] > keys["gradwatch/fail_threshold"] == 1.0
+
+
+def test_host_values_come_back_in_order_whatever_was_added() -> None:
+    # scalars are kept as added and read at fetch (no reshape/cast per scalar on tiny ops); rows
+    # from extend are copied at once, so a tensor updated later (kink flags) keeps its values
+    from gradwatch._evaluation import _HostValues
+
+    flags = torch.tensor([True, False])
+
+    def fill(host: _HostValues) -> list[int]:
+        idx = [host.add(1.5), host.add(True), host.add(torch.tensor(2.25, dtype=torch.float32)),
+               host.add(torch.tensor(7)), host.add(torch.tensor(False)), host.add(torch.tensor([3.0]))]
+        idx += list(host.extend(flags))
+        idx.append(host.add(torch.tensor(0.1, dtype=torch.float64, requires_grad=True) * 2))
+        return idx
+
+    expected = [1.5, 1.0, 2.25, 7.0, 0.0, 3.0, 1.0, 0.0, 0.2]
+    for reduce in (None, lambda t: t):  # the host path, and the stacked one of data parallelism
+        host = _HostValues(reduce)
+        idx = fill(host)
+        flags[:] = False  # updated after it was added: the row keeps its values
+        values = host.fetch()
+        flags[:] = torch.tensor([True, False])
+        assert idx == list(range(len(expected)))
+        assert values == expected and all(type(v) is float for v in values)

@@ -384,3 +384,19 @@ def test_a_gradient_for_a_parameter_the_loss_ignores_is_not_flat() -> None:
         report = check(Model(), classification_loss, _data(0), seed=0, **options)
         assert [t.name for t in report.failures] == ["unused"], str(report)
         assert not any(p.flat for p in report.tensors["unused"].probes)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32, torch.float64])
+def test_nonfinite_marks_exactly_nan_and_inf(monkeypatch, dtype) -> None:
+    """``_nonfinite`` (``isnan(t - t)``, cheaper than ``~isfinite``) agrees with ``~isfinite``
+    on every kind of value, whole and a chunk at a time."""
+    import gradwatch._judging as judging
+
+    big = torch.finfo(dtype).max
+    values = [0.0, -0.0, 1.0, -2.5, big, -big, torch.finfo(dtype).tiny / 4, math.inf, -math.inf, math.nan]
+    t = torch.tensor(values * 7, dtype=dtype)
+    expected = ~torch.isfinite(t)
+    assert torch.equal(judging._nonfinite(t), expected)
+    assert torch.equal(judging._nonfinite(t.reshape(7, -1).t()), expected.reshape(7, -1).t())  # strided
+    monkeypatch.setattr(judging, "_CHUNK", 16)
+    assert torch.equal(judging._nonfinite(t), expected)

@@ -104,3 +104,34 @@ def test_cast_floats_walks_containers_and_keeps_integers() -> None:
 def test_capture_rejects_non_modules() -> None:
     with pytest.raises(TypeError, match="`model` must be a torch.nn.Module, got int"):
         capture(3)
+
+
+def test_attribute_bindings_are_restored_when_only_values_or_order_changed() -> None:
+    # the restore skips a module whose bindings are all the same objects in the same order;
+    # the same names rebound, or deleted and bound again in another order, are still put back
+    m = nn.Linear(2, 2)
+    first, second = object(), object()
+    m.a, m.b = first, second
+    state = capture(m)
+    _restore_attrs(state.attrs)  # nothing changed: nothing to do
+    assert m.a is first and m.b is second
+    m.a = object()  # the same names, another object
+    _restore_attrs(state.attrs)
+    assert m.a is first and m.b is second
+    del m.a, m.b
+    m.b, m.a = first, second  # the same names and objects, swapped, in another order
+    _restore_attrs(state.attrs)
+    assert m.a is first and m.b is second
+
+
+def test_default_dtype_context_restores_on_exit_and_error() -> None:
+    from gradwatch.replay import _DefaultDtype
+
+    before = torch.get_default_dtype()
+    with _DefaultDtype(torch.float64):
+        assert torch.zeros(1).dtype == torch.float64
+    assert torch.get_default_dtype() == before
+    with pytest.raises(RuntimeError):
+        with _DefaultDtype(torch.float64):
+            raise RuntimeError
+    assert torch.get_default_dtype() == before
