@@ -487,26 +487,33 @@ def test_forward_only_bug_is_caught_by_the_reference_as_an_output():
     assert gradwatch.check_module(Gate(), (x,), kwargs={"scale": torch.tensor(2.0)}, seed=0).references == ()
 
 
+class _Inline(nn.Module):
+    """Calls the custom attention op twice in its own forward (no submodule to watch): the
+    first call's output feeds the second (a contiguous grad_output), the second's goes
+    through torch.cat (its grad_output a strided slice)."""
+
+    def __init__(self):
+        super().__init__()
+        self.inp = nn.Linear(6, 12)
+        self.head = nn.Linear(8, 3)
+
+    def forward(self, x):
+        from tests._attn_op import attention
+
+        q, k, v = self.inp(x).chunk(3, -1)
+        a = attention(q, k, v)
+        return self.head(torch.cat([attention(a, k, v), v], -1)).sum(1)
+
+
 def test_a_custom_op_with_a_registered_reference_is_checked_call_by_itself(bug):
     from gradwatch.local import _REFERENCES_BY_OP
     from tests._attn_op import attention
-
-    class Inline(nn.Module):  # calls the op in its own forward: no submodule to watch
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(6, 12)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            q, k, v = self.inp(x).chunk(3, -1)
-            a = attention(q, k, v)
-            return self.head(torch.cat([attention(a, k, v), v], -1)).sum(1)  # called twice: the first is recorded
 
     gradwatch.register_reference(attention, lambda q, k, v: reference_attention(None, q, k, v))
     try:
         bug("dk")
         torch.manual_seed(0)
-        watch = _one_check(Inline(), _attn_batch(0))
+        watch = _one_check(_Inline(), _attn_batch(0))
         report = watch.last_report
         assert watch.suspects == {}  # the model itself is not a suspect
         assert _local_failures(report, "gwtest::attention") == {"gwtest::attention::input[1]"}, str(report)
@@ -516,11 +523,11 @@ def test_a_custom_op_with_a_registered_reference_is_checked_call_by_itself(bug):
         assert [t.name for t in direct.failures] == ["input[1]"] and direct.reference_failures
         bug(None)
         torch.manual_seed(0)
-        report = _one_check(Inline(), _attn_batch(0)).last_report
+        report = _one_check(_Inline(), _attn_batch(0)).last_report
         assert report.ok and len(report.references) == 4, str(report)
         # no reference registered for the op: nothing recorded
         _REFERENCES_BY_OP.clear()
-        report = _one_check(Inline(), _attn_batch(0)).last_report
+        report = _one_check(_Inline(), _attn_batch(0)).last_report
         assert report.modules == () and not any("::" in n for n in report.tensors)
     finally:
         _REFERENCES_BY_OP.clear()
@@ -531,22 +538,11 @@ def test_a_custom_op_called_twice_a_step_has_each_call_checked_in_turn(bug):
     # call only (its output goes through torch.cat, so its grad_output is a strided slice)
     from tests._attn_op import attention
 
-    class Twice(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.inp = nn.Linear(6, 12)
-            self.head = nn.Linear(8, 3)
-
-        def forward(self, x):
-            q, k, v = self.inp(x).chunk(3, -1)
-            a = attention(q, k, v)  # its output feeds the second call: a contiguous grad_output
-            return self.head(torch.cat([attention(a, k, v), v], -1)).sum(1)
-
     gradwatch.register_reference(attention, lambda q, k, v: reference_attention(None, q, k, v))
     try:
         bug("contiguous")
         torch.manual_seed(0)
-        model, batch = Twice(), _attn_batch(0)
+        model, batch = _Inline(), _attn_batch(0)
         watch = gradwatch.GradWatch(model, _xent, every_n_steps=1, max_overhead=None, seed=0,
                                     on_failure=lambda r: None)
         for _ in range(4):
