@@ -10,7 +10,6 @@ every probe's numbers and the gradwatch log lines it emitted.
 
 from __future__ import annotations
 
-import json
 import logging
 import pathlib
 import sys
@@ -21,6 +20,7 @@ from typing import Any
 def main(out: pathlib.Path) -> None:
     import torch
 
+    from _ranks import error_of, finish, raising
     from gradwatch import GradientCheckError
     from test_hf import gpt2, train, watch
 
@@ -61,27 +61,10 @@ def main(out: pathlib.Path) -> None:
     # (the guard's error flag) instead of waiting for rank 1 there
     import gradwatch.hf
 
-    def raising_check(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("planted: this process's check raised")
-
-    real_check = gradwatch.hf._budgeted_check
-    if rank == 1:
-        gradwatch.hf._budgeted_check = raising_check
-    try:
-        train(gpt2(), watch(), out / "check_raise", steps=1, **overrides)
-        result["check_raise"] = None
-    except RuntimeError as err:
-        result["check_raise"] = str(err)
-    finally:
-        gradwatch.hf._budgeted_check = real_check
+    with raising(gradwatch.hf, "_budgeted_check", active=rank == 1, message="planted: this process's check raised"):
+        result["check_raise"] = error_of(lambda: train(gpt2(), watch(), out / "check_raise", steps=1, **overrides))
     result["lines"] = lines
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    # tear the gloo group down before the interpreter exits: a group left to static destruction
-    # can abort a rank at exit ("terminate called without an active exception")
-    if torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()
-
+    finish(out, rank, result)
 
 if __name__ == "__main__":
     target = pathlib.Path(sys.argv[1])

@@ -12,7 +12,6 @@ every probe's numbers, its local training losses, and what reached its logger.
 
 from __future__ import annotations
 
-import json
 import pathlib
 import sys
 from typing import Any
@@ -25,6 +24,7 @@ def main(out: pathlib.Path, namespace: str) -> None:
     import torch
 
     from gradwatch import GradientCheckError
+    from _ranks import error_of, finish, raising
     from gradwatch.lightning import GradWatchCallback
     from lightning_zoo import api, attention_case, loader
     from tests._attn_op import BUG as ATTN_BUG
@@ -121,15 +121,9 @@ def main(out: pathlib.Path, namespace: str) -> None:
     # a module-local check that raises on rank 1 alone: that module is skipped on both ranks, nothing hangs
     import gradwatch.local
 
-    def raising(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("planted: this rank's module-local check raised")
-
-    real, gradwatch.local._check_record = gradwatch.local._check_record, (raising if rank == 1
-                                                                         else gradwatch.local._check_record)
-    try:
+    with raising(gradwatch.local, "_check_record", active=rank == 1,
+                 message="planted: this rank's module-local check raised"):
         _, attn_raise = fit(attention_case, lambda report: None, max_steps=1)
-    finally:
-        gradwatch.local._check_record = real
     result["attn_raise"] = {"verdicts": [r.verdict for _, r in attn_raise.reports],
                             "local": [{n: t.verdict for n, t in r.tensors.items() if "::" in n}
                                       for _, r in attn_raise.reports]}
@@ -142,25 +136,10 @@ def main(out: pathlib.Path, namespace: str) -> None:
     # the check (the guard's error flag) instead of waiting for rank 1 there
     import gradwatch.lightning
 
-    def raising_check(*args: Any, **kwargs: Any) -> Any:
-        raise RuntimeError("planted: this rank's check raised")
-
-    real_check = gradwatch.lightning._budgeted_check
-    if rank == 1:
-        gradwatch.lightning._budgeted_check = raising_check
-    try:
-        fit(CORRECT["mlp_relu_dropout"], lambda report: None, max_steps=1)
-        result["check_raise"] = None
-    except RuntimeError as err:
-        result["check_raise"] = str(err)
-    finally:
-        gradwatch.lightning._budgeted_check = real_check
+    with raising(gradwatch.lightning, "_budgeted_check", active=rank == 1, message="planted: this rank's check raised"):
+        result["check_raise"] = error_of(lambda: fit(CORRECT["mlp_relu_dropout"], lambda report: None, max_steps=1))
     result["namespaces"] = [ns for ns in ("pytorch_lightning", "lightning.pytorch") if ns in sys.modules]
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()  # not left to static destruction at exit
-
+    finish(out, rank, result)
 
 if __name__ == "__main__":
     target = pathlib.Path(sys.argv[1])

@@ -12,7 +12,6 @@ Each rank writes ``OUTDIR/rank<r>.json`` with what it saw.
 from __future__ import annotations
 
 import datetime
-import json
 import pathlib
 import sys
 from typing import Any
@@ -26,6 +25,7 @@ def main(out: pathlib.Path, namespace: str) -> None:
     from torch.distributed.fsdp import fully_shard
 
     from gradwatch import GradientCheckError
+    from _ranks import finish
     from gradwatch.lightning import GradWatchCallback
     from lightning_zoo import api, loader
     from zoo import BUGS, CORRECT, assert_same_state, training_state
@@ -102,10 +102,7 @@ def main(out: pathlib.Path, namespace: str) -> None:
         states.append({k: (v.to_local() if hasattr(v, "to_local") else v) for k, v in state.items()})
     assert_same_state(states[0], states[1])
     result["identical"] = True
-    (out / f"rank{rank}.json").write_text(json.dumps(result))
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.barrier()
-        torch.distributed.destroy_process_group()  # not left to static destruction at exit
+    finish(out, rank, result)
 
 
 if __name__ == "__main__":

@@ -637,15 +637,20 @@ def test_modules_not_in_the_lightning_module_raise_at_the_first_check(lit) -> No
 
 
 # ----------------------------------------------------------------------------- 5. DDP and sharding
-@pytest.mark.parametrize("namespace", NAMESPACES)
-def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
+def _two_ranks(script: str, out, namespace: str, timeout: int) -> dict[int, dict]:
+    """Run ``tests/<script>`` (it starts its second rank through Lightning's launcher) and read
+    what each rank wrote (``tests/_ranks.finish``)."""
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
     env.pop("LOCAL_RANK", None)
-    out = tmp_path / "ddp"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_ddp.py"), str(out), namespace],
-                          env=env, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run([sys.executable, str(ROOT / "tests" / script), str(out), namespace],
+                          env=env, capture_output=True, text=True, timeout=timeout)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    results = {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    return {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+
+
+@pytest.mark.parametrize("namespace", NAMESPACES)
+def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
+    results = _two_ranks("lightning_ddp.py", tmp_path / "ddp", namespace, timeout=300)
     for rank, res in results.items():
         assert res["correct"]["verdicts"] == ["pass", "pass"], (rank, res)
         assert res["bug"]["failing"] == [["net.fc1.weight"], ["net.fc1.weight"]], (rank, res)
@@ -689,13 +694,7 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_model_parallel_fsdp2_two_cpu_processes(tmp_path, namespace: str) -> None:
     """ModelParallelStrategy with fully_shard in configure_model: checked like DDP."""
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")])}
-    env.pop("LOCAL_RANK", None)
-    out = tmp_path / "fsdp"
-    proc = subprocess.run([sys.executable, str(ROOT / "tests" / "lightning_fsdp.py"), str(out), namespace],
-                          env=env, capture_output=True, text=True, timeout=240)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
-    results = {rank: json.loads((out / f"rank{rank}.json").read_text()) for rank in (0, 1)}
+    results = _two_ranks("lightning_fsdp.py", tmp_path / "fsdp", namespace, timeout=240)
     for rank, res in results.items():
         assert res["correct"]["verdicts"] == ["pass", "pass"] and all(res["correct"]["reliable"]), (rank, res)
         assert res["bug"]["failing"] == [["net.fc1.weight"], ["net.fc1.weight"]], (rank, res["bug"]["reports"])
