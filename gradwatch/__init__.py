@@ -18,6 +18,7 @@ from gradwatch.engine import check
 from gradwatch.hook import GradWatch
 from gradwatch.kinks import register_kink
 from gradwatch.local import check_module, register_reference
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     GradientCheckError,
@@ -49,6 +50,7 @@ __all__ = [
     "LoggingSink",
     "ModuleCheck",
     "Probe",
+    "ProbeOptions",
     "ReferenceCheck",
     "ReplayState",
     "Report",

@@ -34,6 +34,12 @@ def _fraction_or_none(name: str, value: Any) -> float | None:
     return float(value)
 
 
+def _bool(name: str, value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"`{name}` must be a bool, got {value!r}")
+    return value
+
+
 def _seed(name: str, value: Any) -> int | None:
     if value is None:
         return None
