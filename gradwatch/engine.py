@@ -165,6 +165,7 @@ from gradwatch._validate import (
     _probe_options,
     _seed,
 )
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, _isolated, _LossModule, capture
 from gradwatch.report import Report, TensorCheck
 
@@ -192,6 +193,25 @@ def _train_is_replay(flag: bool) -> Iterator[None]:
         yield
     finally:
         _TRAIN_IS_REPLAY.reset(token)
+
+
+def _check_with(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    options: ProbeOptions,
+    *,
+    seed: int | None = None,
+    grads: str | Mapping[str, Tensor] = "autograd",
+    replay: ReplayState | None = None,
+    train_loss: Tensor | float | None = None,
+    names: Collection[str] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Report:
+    """:func:`check` with its probe options as one :class:`~gradwatch.ProbeOptions` (what
+    every caller inside gradwatch uses)."""
+    return check(model, loss_fn, batch, seed=seed, grads=grads, replay=replay, train_loss=train_loss, names=names,
+                 reduce=reduce, **dataclasses.asdict(options))
 
 
 def check(
