@@ -60,7 +60,7 @@ def _report(mode: str, case, seed: int, device: str = "cpu") -> gradwatch.Report
     device_type = torch.device(device).type
     scaler = torch.amp.GradScaler(device_type) if mode == "fp16-gradscaler" else None
     watch = gradwatch.GradWatch(case.model, case.loss_fn, every_n_steps=1, max_overhead=None, seed=seed,
-                                on_failure=lambda r: None, kinks=True, scaler=scaler)
+                                on_failure=lambda r: None, scaler=scaler)
     with watch.step(case.batch):
         with torch.autocast(device_type, dtype=_AUTOCAST[mode]):
             loss = case.loss_fn(case.model, case.batch)

@@ -68,7 +68,8 @@ def train(logdir: str, steps: int, every: int) -> gradwatch.GradWatch:
     labels = tokens[:, 0] % 4  # learnable: the class is the first token's residue
     optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
     watch = gradwatch.GradWatch(model, _loss, every_n_steps=every, max_overhead=None, logdir=logdir,
-                                coordinates=2, directions=1, kinks=False, on_failure=lambda report: None, seed=0)
+                                options=gradwatch.ProbeOptions(coordinates=2, directions=1, kinks=False),
+                                on_failure=lambda report: None, seed=0)
     with watch:
         for step in range(steps):
             i = torch.randint(0, 256, (16,), generator=torch.Generator().manual_seed(step))

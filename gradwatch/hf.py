@@ -16,35 +16,20 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import secrets
 import sys
 import warnings
 from dataclasses import dataclass, field
 from functools import partial
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
-from gradwatch._callbacks import (
-    _all_finite,
-    _budgeted_check,
-    _local_checks,
-    _LocalRecording,
-    _merge_local,
-    _modules_option,
-    _skipped_report,
-    _suspect_modules,
-    _too_big,
-)
-from gradwatch._schedule import _Schedule
-from gradwatch._sharded import _Guard, _local_device
 from gradwatch._validate import _callable
-from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
-from gradwatch.hook import _adapter_options, _BackwardRoots, _derive_seed
-from gradwatch.local import _resolve_modules
+from gradwatch._watch import _BackwardRoots, _Capture, _LocalRecording, _Watch
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
-from gradwatch.report import OnFailure, Report, _handle
-from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
+from gradwatch.report import OnFailure, Report
+from gradwatch.sinks import Sink, TensorBoardSink
 
 __all__ = ["GradWatchTrainerCallback"]
 
@@ -113,15 +98,11 @@ class GradWatchTrainerCallback:
         seed: Base seed of the probe sampler; each check uses a seed derived from it and
             the step. ``None`` draws one on the main process.
         prefix: First component of the logged keys.
-        coordinates: Random elements probed per tensor (at most, under a budget).
-        directions: Random directions probed per tensor (at most, under a budget).
-        kinks: Exclude probes that cross a kink of a non-smooth op, and warn when probes
-            come near one.
-        kink_resamples: Replacement coordinates drawn per tensor, at most, for
-            coordinate probes that crossed a kink.
-        near_kink_margin: Margin below which a kink counts as near.
-        precision: Where perturbed losses are evaluated: ``"float64"``, ``"native"`` or
-            ``"auto"`` (see :func:`gradwatch.check`).
+        options: The probe options (:class:`~gradwatch.ProbeOptions`; ``None``: the
+            defaults), as :class:`gradwatch.GradWatch` takes them: ``coordinates`` and
+            ``directions`` are the most a check probes per tensor under a budget;
+            ``max_shadow_bytes`` the largest float64 copy of the model (or of a module)
+            ``precision="auto"`` makes.
         modules: Modules checked in isolation after the whole-model check, as
             :class:`gradwatch.GradWatch` does (``<module>::<tensor>`` in the report, such as
             ``transformer.h.0.attn::input[0]``): ``"suspects"`` (default), the modules whose
@@ -130,8 +111,12 @@ class GradWatchTrainerCallback:
             the model (or their names); ``None``: none. They are recorded during the checked
             micro-batch's forward and backward only; with several processes their gradients
             are averaged, so every process reports the same verdicts. With
-            ``precision="auto"``, when the whole model's float64 copy is over 2 GiB, only
-            these modules are checked (in float64), the whole-model tensors reported ``skipped``.
+            ``precision="auto"``, when the whole model's float64 copy is over
+            ``options.max_shadow_bytes`` (2 GiB), only these modules are checked (in float64),
+            the whole-model tensors reported ``skipped``.
+        sinks: More sinks each report is written to on the main process (objects with
+            ``write(report, step)``), besides the ``gradwatch`` logging line, the kink
+            warnings and the Trainer's TensorBoard.
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every process.
@@ -159,42 +144,31 @@ class GradWatchTrainerCallback:
         on_failure: OnFailure = "warn",
         seed: int | None = None,
         prefix: str = "gradwatch",
-        coordinates: int = 4,
-        directions: int = 1,
-        kinks: bool = True,
-        kink_resamples: int = 4,
-        near_kink_margin: float = 10.0,
-        precision: str = "auto",
+        options: ProbeOptions | None = None,
         modules: Any = "suspects",
+        sinks: Sequence[Sink] | None = None,
     ) -> None:
-        self._check_kwargs = _adapter_options(
-            every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
-            coordinates=coordinates, directions=directions, kinks=kinks, kink_resamples=kink_resamples,
-            near_kink_margin=near_kink_margin, precision=precision,
-        )
+        self._watch = _Watch(options=options, every_n_steps=every_n_steps, max_overhead=max_overhead,
+                             on_failure=on_failure, seed=seed, prefix=prefix, modules=modules, sinks=sinks)
         if loss_fn is not None:
             _callable("loss_fn", loss_fn)
-        self.modules = _modules_option(modules)
-        self.every_n_steps = every_n_steps
-        self.max_overhead = max_overhead
         self.loss_fn = loss_fn
-        self.on_failure = on_failure
-        self.prefix = prefix
-        self.seed: int = secrets.randbits(62) if seed is None else seed
-        self.reports: list[tuple[int, Report]] = []
-        self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
         self._trainer: Any = None
         self._enabled = True
         self._warned_sharded = False
         self._pending: _Pending | None = None
-        self._sinks: list[Sink] | None = None
         self._tensorboard: TensorBoardSink | None = None
-        self.suspects: dict[str, str] = {}
-        self._op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
-        self._targets: Any = None  # once resolved on the model: None, "suspects" or qualified name -> module
-        self._resolved = False
-        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
-                               "coordinates": coordinates, "directions": directions, "precision": precision}
+
+    options = property(lambda self: self._watch.options, doc="The probe options (:class:`~gradwatch.ProbeOptions`).")
+    every_n_steps = property(lambda self: self._watch.every_n_steps, doc="The smallest gap between two checks.")
+    max_overhead = property(lambda self: self._watch.max_overhead, doc="The overhead budget (None: none).")
+    on_failure = property(lambda self: self._watch.on_failure, doc="What a failing check does.")
+    prefix = property(lambda self: self._watch.prefix, doc="First component of the logged keys.")
+    modules = property(lambda self: self._watch.modules, doc="The ``modules`` option, as given.")
+    seed = property(lambda self: self._watch.seed, doc="The base seed in use (the main process's).")
+    reports = property(lambda self: self._watch.reports, doc="``(global_step, Report)`` for each check.")
+    suspects = property(lambda self: self._watch.suspects,
+                        doc="Qualified module name -> why it is a suspect (after the first check).")
 
     @property
     def last_report(self) -> Report | None:
@@ -207,8 +181,8 @@ class GradWatchTrainerCallback:
         trainer = _calling_trainer()
         self._disarm()  # a capture left armed by an interrupted train()
         self._trainer = trainer
-        self._sinks = None
-        self._resolved = False
+        self._watch.reset_sinks()
+        self._watch.forget_modules()
         sharded = _sharding(trainer)
         self._enabled = sharded is None
         if sharded is not None:
@@ -223,7 +197,8 @@ class GradWatchTrainerCallback:
             self._warned_sharded = True
             return
         if trainer.accelerator.num_processes > 1:
-            self.seed = int(self._broadcast(self.seed))
+            self._watch.seed = int(self._broadcast(self.seed))
+        self._watch.seed_shared = True
 
     def on_step_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """Start of an optimizer step (its first micro-batch): arm the capture on a check step."""
@@ -232,7 +207,7 @@ class GradWatchTrainerCallback:
         if (
             not self._enabled
             or trainer is None
-            or not self._schedule.begin(state.global_step, defer=trainer.accelerator.num_processes == 1)
+            or not self._watch.begin(state.global_step, defer=trainer.accelerator.num_processes == 1)
         ):
             return
         pending = self._pending = _Pending(state.global_step)
@@ -246,9 +221,10 @@ class GradWatchTrainerCallback:
             num_items = kw.get("num_items_in_batch", a[1] if len(a) > 1 else None)
             if num_items is not None:  # the Trainer's token count over the window (and processes)
                 inputs_copy[_NUM_ITEMS] = num_items
-            targets = self._local_targets(trainer, module, inputs_copy, pending.replay)
-            pending.recording = _LocalRecording(module, targets, ops=self._targets is not None
-                                                and trainer.accelerator.num_processes == 1, turns=self._op_turns)
+            multi = trainer.accelerator.num_processes > 1
+            targets = self._watch.targets(module, _trainer_loss(trainer), inputs_copy, pending.replay,
+                                          distributed=multi)
+            pending.recording = self._watch.recording(module, targets, ops=not multi)
             fed: dict[str, Any] = {}
             hook = module.register_forward_hook(partial(_keep_forward, fed), with_kwargs=True)
             roots = _BackwardRoots()  # records the autocast state the forward runs under
@@ -281,21 +257,6 @@ class GradWatchTrainerCallback:
         pending.restore = trainer.__dict__.get("compute_loss", _MISSING)
         trainer.compute_loss = compute_loss
 
-    def _local_targets(self, trainer: Any, module: nn.Module, inputs: Any, replay: ReplayState) -> dict[str, nn.Module]:
-        """The modules to record at this check step; suspects are found at the first check."""
-        if not self._resolved:
-            self._targets, self._resolved = _resolve_modules(module, self.modules), True
-        if self._targets == "suspects":
-            guard = _Guard(_local_device(next(module.parameters()))) if trainer.accelerator.num_processes > 1 else None
-            try:  # it runs the loss: a process that raises makes the others raise instead of waiting
-                self._targets, self.suspects = _suspect_modules(
-                    module, _trainer_loss(trainer), inputs, replay, broadcast=guard.broadcast if guard else None)
-            except BaseException:
-                if guard is not None:
-                    guard.abort()
-                raise
-        return self._targets or {}
-
     def on_substep_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         """End of a micro-batch inside an accumulation window: check the captured one."""
         self._check_captured()
@@ -310,7 +271,6 @@ class GradWatchTrainerCallback:
     def on_train_end(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
         self._disarm()
         self._trainer = None
-        self._sinks = None
 
     # ------------------------------------------------------------------ the check
     def _check_captured(self) -> None:
@@ -318,73 +278,29 @@ class GradWatchTrainerCallback:
             return
         pending = self._disarm()
         trainer = self._trainer
-        model = trainer.model
-        step = pending.step
-        seed = _derive_seed(self.seed, step)
-        multi = trainer.accelerator.num_processes > 1
-        # every collective of the check behind the guard's error flag: none hangs when a process raises
-        guard = _Guard(_local_device(next(model.parameters()))) if multi else None
-        try:
-            report = self._checked(pending, model, step, seed, guard)
-        except BaseException:
-            if guard is not None:
-                guard.abort()  # the other processes raise at their next collective instead of waiting
-            raise
-        del pending
-        if report is None:
-            return
-        self._record(report)
-        _handle(report, self.on_failure)
-
-    def _checked(self, pending: _Pending, model: nn.Module, step: int, seed: int,
-                 guard: _Guard | None) -> Report | None:
-        """The report of the captured step (a skipped one under a GradScaler overflow,
-        recorded here; None then)."""
-        trainer = self._trainer
-        reduce = guard.reduce if guard is not None else None
-        grads = dict(pending.grads)  # this micro-batch's local gradients, before clipping
-        factor = pending.factor
+        factor = pending.factor  # of the backpropagated loss: a GradScaler's scale included
         scaler = getattr(trainer.accelerator, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale = scaler.get_scale()  # of this backward; update() runs in the optimizer step
-            factor = factor / scale
-            grads = {n: g / scale for n, g in grads.items()}
-            if not _all_finite(grads.values(), reduce):
-                reason = (
-                    f"GradScaler skips this optimizer step: the gradients scaled by {scale:g} are not finite "
-                    "(fp16 overflow); the scale is lowered and no gradient of this step reaches the optimizer"
-                )
-                self._record(_skipped_report(model, seed, step, reason))
-                return None
-        if reduce is not None and grads:  # what DDP hands the optimizer: the mean over processes
-            grads = _reduced(grads, reduce)
-        loss_fn = partial(_scaled, self.loss_fn or pending.default or _trainer_loss(trainer), factor)
-        records = pending.recording.records() if pending.recording is not None else {}
-        skip = _too_big(model, self._check_kwargs["precision"], DEFAULT_SHADOW_BYTES) if records else None
-        report = _budgeted_check(
-            self._schedule, model, loss_fn, pending.inputs, step=step, seed=seed, grads=grads,
-            replay=pending.replay, train_loss=pending.loss * factor, reduce=reduce,
-            broadcast=guard.broadcast if guard is not None else None, options=self._check_kwargs, skip=skip,
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None  # of this backward
+        loss_fn = self.loss_fn or pending.default or _trainer_loss(trainer)
+        multi = trainer.accelerator.num_processes > 1
+        checked = _Capture(
+            pending.step, trainer.model, partial(_scaled, loss_fn, factor if scale is None else factor / scale),
+            pending.inputs, pending.replay, dict(pending.grads), pending.loss * factor,  # before clipping
+            recording=pending.recording, scale=scale, distributed=multi,
+            average=multi,  # what DDP hands the optimizer: the mean over processes
         )
-        del grads
-        if records:  # module-local checks, agreed across processes
-            local = _local_checks(model, pending.recording, seed, self._local_options, guard)
-            report = _merge_local(self._schedule, report, step, local, whole=skip is None,
-                                  broadcast=guard.broadcast if guard is not None else None)
-        return report
+        del pending
+        self._watch.check_step(checked, sinks=self._sinks(trainer), write=trainer.is_world_process_zero())
 
-    def _record(self, report: Report) -> None:
-        self.reports.append((report.step, report))
-        trainer = self._trainer
-        if not trainer.is_world_process_zero():
-            return
-        if self._sinks is None:
-            self._sinks = [LoggingSink(), KinkWarnings()]
-        writer = _tensorboard_writer(trainer)  # the Trainer's writer is made in on_train_begin, closed at the end
-        if writer is not None and (self._tensorboard is None or self._tensorboard.writer is not writer):
+    def _sinks(self, trainer: Any) -> list[Sink]:
+        """The Trainer's TensorBoard (``report_to="tensorboard"``), whose writer is made in
+        ``on_train_begin`` and closed at the end of training."""
+        writer = _tensorboard_writer(trainer)
+        if writer is None:
+            return []
+        if self._tensorboard is None or self._tensorboard.writer is not writer:
             self._tensorboard = TensorBoardSink(writer, prefix=self.prefix)
-        for sink in self._sinks + ([self._tensorboard] if writer is not None else []):
-            sink.write(report, report.step)
+        return [self._tensorboard]
 
     def _broadcast(self, obj: Any) -> Any:
         from accelerate.utils import broadcast_object_list

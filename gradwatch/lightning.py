@@ -22,47 +22,25 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
-import secrets
 import sys
 import warnings
 from collections.abc import Mapping
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import TYPE_CHECKING, Any, Callable, Iterator
+from typing import TYPE_CHECKING, Any, Callable, Iterator, Sequence
 
 import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
-from gradwatch._callbacks import (
-    _all_finite,
-    _budgeted_check,
-    _local_checks,
-    _LocalRecording,
-    _merge_local,
-    _modules_option,
-    _skipped_report,
-    _suspect_modules,
-    _too_big,
-)
-from gradwatch._schedule import _Schedule
-from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
-from gradwatch._sharded import _local_reports as _sharded_local_reports
+from gradwatch._sharded import _LocalGrads, _sharding
 from gradwatch._validate import _callable, _non_negative_int, _seed
-from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
-from gradwatch.hook import _adapter_options, _derive_seed
-from gradwatch.local import _float64_bytes, _resolve_modules
+from gradwatch._watch import _Capture, _Watch
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
-from gradwatch.report import (
-    OnFailure,
-    Report,
-    _check_prefix,
-    _check_report,
-    _handle,
-    metrics,
-)
-from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
+from gradwatch.report import OnFailure, Report, _check_prefix, _check_report, metrics
+from gradwatch.sinks import Sink, TensorBoardSink
 
 if TYPE_CHECKING:  # either namespace; nothing is imported at run time
     import pytorch_lightning as pl
@@ -148,17 +126,11 @@ class GradWatchCallback:
         seed: Base seed of the probe sampler; each check uses a seed derived from it
             and the step. ``None`` draws one on rank zero.
         prefix: First component of the logged keys.
-        coordinates: Random elements probed per tensor (at most, under a budget).
-        directions: Random directions probed per tensor (at most, under a budget).
-        kinks: Exclude probes that cross a kink of a non-smooth op; proximity is
-            logged at INFO (once per module and op), and a
-            :class:`~gradwatch.KinkWarning` says when kinks keep a tensor from being
-            verified (:class:`~gradwatch.KinkWarnings`).
-        kink_resamples: Replacement coordinates drawn per tensor, at most, for
-            coordinate probes that crossed a kink.
-        near_kink_margin: Margin below which a kink counts as near.
-        precision: Where perturbed losses are evaluated: ``"float64"``, ``"native"``
-            or ``"auto"`` (see :func:`gradwatch.check`).
+        options: The probe options (:class:`~gradwatch.ProbeOptions`; ``None``: the
+            defaults), as :class:`gradwatch.GradWatch` takes them: ``coordinates`` and
+            ``directions`` are the most a check probes per tensor under a budget;
+            ``max_shadow_bytes`` the largest float64 copy of the model (or of a module)
+            ``precision="auto"`` makes.
         modules: Modules checked in isolation after the whole-model check, as
             :class:`gradwatch.GradWatch` does (``<module>::<tensor>`` in the report, such
             as ``attn::input[0]``): ``"suspects"`` (default), the modules whose forward
@@ -168,9 +140,13 @@ class GradWatchCallback:
             only (the window's first micro-batch under accumulation); under DDP and
             ``fully_shard`` their gradients are averaged over ranks, so every rank reports
             the same verdicts. With ``precision="auto"``, when the whole model's float64
-            copy is over 2 GiB, only these modules are checked (in float64), the
-            whole-model tensors reported ``skipped``; under ``fully_shard`` only their
-            parameters are then gathered, and suspects are not searched (name them).
+            copy is over ``options.max_shadow_bytes`` (2 GiB), only these modules are
+            checked (in float64), the whole-model tensors reported ``skipped``; under
+            ``fully_shard`` only their parameters are then gathered, and suspects are not
+            searched (name them).
+        sinks: More sinks each report is written to on rank zero (objects with
+            ``write(report, step)``), besides the ``gradwatch`` logging line, the kink
+            warnings and the Trainer's loggers.
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every rank.
@@ -198,43 +174,41 @@ class GradWatchCallback:
         on_failure: OnFailure = "warn",
         seed: int | None = None,
         prefix: str = "gradwatch",
-        coordinates: int = 4,
-        directions: int = 1,
-        kinks: bool = True,
-        kink_resamples: int = 4,
-        near_kink_margin: float = 10.0,
-        precision: str = "auto",
+        options: ProbeOptions | None = None,
         modules: Any = "suspects",
+        sinks: Sequence[Sink] | None = None,
     ) -> None:
         super().__init__()
-        self._check_kwargs = _adapter_options(
-            every_n_steps=every_n_steps, max_overhead=max_overhead, on_failure=on_failure, seed=seed, prefix=prefix,
-            coordinates=coordinates, directions=directions, kinks=kinks, kink_resamples=kink_resamples,
-            near_kink_margin=near_kink_margin, precision=precision,
-        )
+        self._watch = _Watch(options=options, every_n_steps=every_n_steps, max_overhead=max_overhead,
+                             on_failure=on_failure, seed=seed, prefix=prefix, modules=modules, sinks=sinks)
         if loss_fn is not None:
             _callable("loss_fn", loss_fn)
-        self.modules = _modules_option(modules)
-        self.every_n_steps = every_n_steps
-        self.max_overhead = max_overhead
         self.loss_fn = loss_fn
-        self.on_failure = on_failure
-        self.prefix = prefix
-        self.seed: int = secrets.randbits(62) if seed is None else seed
-        self.reports: list[tuple[int, Report]] = []
-        self._schedule = _Schedule(every_n_steps, max_overhead, coordinates, directions)
-        self._checks = 0
+        self._checks_before = 0  # checks of the run this one resumes (from a checkpoint)
         self._enabled = True
         self._warned_sharded = False
         self._sharded: str | None = None  # "fsdp2" once a check step found fully_shard units
         self._pending: _Pending | None = None
-        self._sinks: list[Sink] | None = None
-        self.suspects: dict[str, str] = {}
-        self._op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
-        self._targets: Any = None  # once resolved on the module: None, "suspects" or qualified name -> module
-        self._resolved = False
-        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
-                               "coordinates": coordinates, "directions": directions, "precision": precision}
+        self._logger_sinks: list[Sink] | None = None
+
+    options = property(lambda self: self._watch.options, doc="The probe options (:class:`~gradwatch.ProbeOptions`).")
+    every_n_steps = property(lambda self: self._watch.every_n_steps, doc="The smallest gap between two checks.")
+    max_overhead = property(lambda self: self._watch.max_overhead, doc="The overhead budget (None: none).")
+    on_failure = property(lambda self: self._watch.on_failure, doc="What a failing check does.")
+    prefix = property(lambda self: self._watch.prefix, doc="First component of the logged keys.")
+    modules = property(lambda self: self._watch.modules, doc="The ``modules`` option, as given.")
+    reports = property(lambda self: self._watch.reports, doc="``(global_step, Report)`` for each check.")
+    suspects = property(lambda self: self._watch.suspects,
+                        doc="Qualified module name -> why it is a suspect (after the first check).")
+
+    @property
+    def seed(self) -> int:
+        """The base seed in use (rank zero's, broadcast at setup; restored from a checkpoint on resume)."""
+        return self._watch.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._watch.seed = value
 
     @property
     def last_report(self) -> Report | None:
@@ -274,8 +248,10 @@ class GradWatchCallback:
             self._warned_sharded = True
             return
         self.seed = int(trainer.strategy.broadcast(self.seed, src=0))
-        self._sinks = None
-        self._resolved = False  # resolved at the first check: configure_model may still create the modules
+        self._watch.seed_shared = True
+        self._watch.reset_sinks()
+        self._logger_sinks = None
+        self._watch.forget_modules()  # resolved at the first check: configure_model may still create the modules
 
     @override
     def on_train_batch_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int) -> None:
@@ -285,7 +261,7 @@ class GradWatchCallback:
             not self._enabled
             or trainer.sanity_checking
             or batch_idx % accumulate  # not the first micro-batch of a window
-            or not self._schedule.begin(trainer.global_step, defer=trainer.world_size == 1)  # reads the clock
+            or not self._watch.begin(trainer.global_step, defer=trainer.world_size == 1)  # reads the clock
         ):
             return
         try:
@@ -298,39 +274,20 @@ class GradWatchCallback:
             return
         with trainer.precision_plugin.train_step_context():  # record the autocast state training_step runs in
             replay = capture(pl_module)
-        too_big = _too_big(pl_module, self._check_kwargs["precision"], DEFAULT_SHADOW_BYTES) is not None
-        targets = self._local_targets(trainer, pl_module, batch, batch_idx, replay, too_big)
+        distributed = bool(self._sharded) or trainer.world_size > 1
+        with _metric_states_kept(pl_module):  # suspects are found by re-running training_step
+            targets = self._watch.targets(pl_module, self._loss_fn(trainer, pl_module, batch_idx, 1), batch, replay,
+                                          distributed=distributed, sharded=bool(self._sharded))
         recorder = None
         if self._sharded:  # too large a model to gather: the checked modules' gradients only
             recorder = _LocalGrads(pl_module, names=[
                 f"{m}.{p}" if m else p for m, module in targets.items() for p, _ in module.named_parameters()
-            ] if too_big else None)
+            ] if self._watch.too_big(pl_module) else None)
         pending = self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay,
                                            recorder=recorder)
         # custom ops with a reference are recorded on one process only (as the hook does without FSDP)
-        pending.recording = _LocalRecording(pl_module, targets, ops=self._targets is not None and trainer.world_size == 1,
-                                            turns=self._op_turns)
+        pending.recording = self._watch.recording(pl_module, targets, ops=trainer.world_size == 1)
         pending.recording.__enter__()  # exited when the checked backward is done or the step dropped
-
-    def _local_targets(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch: Any, batch_idx: int,
-                       replay: ReplayState, too_big: bool) -> dict[str, nn.Module]:
-        """The modules to record at this check step; suspects are found at the first check."""
-        if not self._resolved:
-            self._targets, self._resolved = _resolve_modules(pl_module, self.modules), True
-        if self._targets == "suspects" and self._sharded and too_big:
-            self._targets = {}  # finding suspects would gather the whole model: name the modules instead
-        if self._targets == "suspects":
-            guard = _Guard(_local_device(next(pl_module.parameters()))) if trainer.world_size > 1 else None
-            try:
-                with _metric_states_kept(pl_module), (_unsharded(pl_module) if self._sharded else ExitStack()):
-                    self._targets, self.suspects = _suspect_modules(
-                        pl_module, self._loss_fn(trainer, pl_module, batch_idx, 1), batch, replay,
-                        broadcast=guard.broadcast if guard is not None else None)
-            except BaseException:
-                if guard is not None:
-                    guard.abort()  # the other ranks raise instead of waiting
-                raise
-        return self._targets or {}
 
     @override
     def on_before_backward(self, trainer: pl.Trainer, pl_module: pl.LightningModule, loss: Tensor) -> None:
@@ -354,7 +311,7 @@ class GradWatchCallback:
     @override
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._drop_pending()
-        self._targets, self._resolved = None, False  # hold no module after fit (suspects stay readable)
+        self._watch.forget_modules()  # hold no module after fit (suspects stay readable)
 
     @override
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
@@ -367,92 +324,42 @@ class GradWatchCallback:
 
     @override
     def state_dict(self) -> dict[str, Any]:
-        return {"seed": self.seed, "checks": self._checks}
+        return {"seed": self.seed, "checks": self._checks_before + len(self.reports)}
 
     @override
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self.seed = _seed("state_dict['seed']", state_dict["seed"])
-        self._checks = _non_negative_int("state_dict['checks']", state_dict["checks"])
+        self._checks_before = _non_negative_int("state_dict['checks']", state_dict["checks"]) - len(self.reports)
 
     # ------------------------------------------------------------------ the check
     def _check(self, trainer: pl.Trainer, pl_module: pl.LightningModule, *, scaled: bool) -> None:
-        """Check the pending step; ``scaled``: ``.grad`` is still multiplied by the GradScaler's scale."""
+        """Check the pending step; ``scaled``: ``.grad`` is still multiplied by the GradScaler's scale
+        (accumulation: checked in ``on_after_backward``, before the optimizer step unscales it)."""
         pending, self._pending = self._pending, None
         if pending is not None:
             pending.release()
         if pending is None or pending.loss is None:  # training_step returned None: nothing was backpropagated
             return
-        step = pending.step
-        seed = _derive_seed(self.seed, step)
-        guard = None
-        records = pending.recording.records()
-        too_big = _too_big(pl_module, self._check_kwargs["precision"], DEFAULT_SHADOW_BYTES)
-        if pending.recorder is not None and too_big and not records:
-            reason = (f"the model's float64 copy would take {_float64_bytes(pl_module) / 2**20:.0f} MiB > "
-                      f"{DEFAULT_SHADOW_BYTES / 2**20:.0f} MiB: under fully_shard the callback does not gather so "
-                      "large a model for a check (nor search it for suspects); pass "
-                      "`modules=[...]` to GradWatchCallback for module-local checks (only their parameters are "
-                      "gathered)")
-            self._schedule.plan([])  # closes the timing of the training step
-            self._record(trainer, _skipped_report(pl_module, seed, step, reason))
-            return
-        skip = too_big if records else None  # module-local float64 checks instead of a native whole-model one
         fsdp = pending.recorder is not None
-        if fsdp or trainer.world_size > 1:  # every collective of the check behind the guard's error flag
-            guard = _Guard(_local_device(next(pl_module.parameters())))
-        reduce = guard.reduce if guard is not None else None
         if fsdp:  # fully_shard: this backward's local gradients, averaged over ranks
-            grads = local_mean = pending.recorder.mean(pl_module)
+            grads = pending.recorder.mean(pl_module)
         else:
             grads = {n: p.grad for n, p in pl_module.named_parameters() if p.grad is not None}
-        train_loss = pending.loss
         scaler = getattr(trainer.precision_plugin, "scaler", None)
-        if scaler is not None and scaler.is_enabled():
-            scale = scaler.get_scale()  # the scale of this backward; update() runs after the optimizer step
-            train_loss = train_loss / scale
-            if scaled or fsdp:  # recorded in the backward: scaled, whatever unscale_ did to .grad
-                grads = {n: g / scale for n, g in grads.items()}
-            if not _all_finite(grads.values(), reduce):
-                reason = (
-                    f"GradScaler skips this optimizer step: the gradients scaled by {scale:g} are not finite "
-                    "(fp16 overflow); the scale is lowered and no gradient of this step reaches the optimizer"
-                )
-                self._record(trainer, _skipped_report(pl_module, seed, step, reason))
-                return
-        if reduce is not None and scaled and grads and not fsdp:
-            # accumulation: Lightning runs this backward without DDP's all-reduce, so .grad is this
-            # rank's; the optimizer gets the mean over ranks (the window's last backward syncs)
-            grads = _reduced(grads, reduce)
-        loss_fn = self._loss_fn(trainer, pl_module, pending.batch_idx, pending.accumulate)
-        broadcast = guard.broadcast if guard is not None else None
-        try:
-            with _metric_states_kept(pl_module), ExitStack() as gathered:
-                if fsdp:  # the whole model, or the checked modules only when it does not fit
-                    for module in [r.module for r in records.values()] if skip else [pl_module]:
-                        gathered.enter_context(_unsharded(module))
-                    if records:  # the records agreed across ranks, their gradients averaged
-                        references = _share_records(records, pending.recorder.grads, local_mean, guard)
-                report = _budgeted_check(
-                    self._schedule, pl_module, loss_fn, pending.batch, step=step, seed=seed, grads=grads,
-                    replay=pending.replay, train_loss=train_loss, reduce=reduce, broadcast=broadcast,
-                    options=self._check_kwargs, skip=skip,
-                )
-                del grads
-                if records:
-                    if fsdp:
-                        local = partial(_sharded_local_reports, records, seed,
-                                        {**self._local_options, "reduce": guard.reduce}, references, guard)
-                    else:
-                        local = _local_checks(pl_module, pending.recording, seed, self._local_options, guard)
-                    report = _merge_local(self._schedule, report, step, local, whole=skip is None,
-                                          broadcast=guard.broadcast if guard is not None else None)
-        except BaseException:
-            if guard is not None:
-                guard.abort()  # the other ranks raise at their next collective instead of waiting
-            raise
-        del pending
-        self._record(trainer, report)
-        _handle(report, self.on_failure)
+        scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None  # of this backward
+        checked = _Capture(
+            pending.step, pl_module, self._loss_fn(trainer, pl_module, pending.batch_idx, pending.accumulate),
+            pending.batch, pending.replay, grads, pending.loss, recording=pending.recording, scale=scale,
+            grads_scaled=scaled or fsdp,  # recorded in the backward: scaled, whatever unscale_ did to .grad
+            distributed=fsdp or trainer.world_size > 1,
+            # accumulation: Lightning runs this backward without DDP's all-reduce, so .grad is this rank's;
+            # the optimizer gets the mean over ranks (the window's last backward syncs)
+            average=scaled and not fsdp,
+            local_grads=pending.recorder.grads if fsdp else None,
+        )
+        del pending, grads
+        with _metric_states_kept(pl_module):  # a re-run training_step may update torchmetrics states
+            self._watch.check_step(checked, sinks=self._sinks(trainer), write=trainer.is_global_zero)
 
     def _loss_fn(self, trainer: pl.Trainer, pl_module: pl.LightningModule, batch_idx: int,
                  accumulate: int) -> Callable[[nn.Module, Any], Tensor]:
@@ -460,15 +367,11 @@ class GradWatchCallback:
         loss_fn = self.loss_fn or _training_step_loss(pl_module, batch_idx, _namespace(trainer))
         return partial(_divided, loss_fn, accumulate) if accumulate > 1 else loss_fn
 
-    def _record(self, trainer: pl.Trainer, report: Report) -> None:
-        self.reports.append((report.step, report))
-        self._checks += 1
-        if not trainer.is_global_zero:
-            return
-        if self._sinks is None:
-            self._sinks = [LoggingSink(), KinkWarnings()] + [_sink_for(logger, self.prefix) for logger in trainer.loggers]
-        for sink in self._sinks:
-            sink.write(report, report.step)
+    def _sinks(self, trainer: pl.Trainer) -> list[Sink]:
+        """A sink for each of the Trainer's loggers (made at the first check of a fit)."""
+        if self._logger_sinks is None:
+            self._logger_sinks = [_sink_for(logger, self.prefix) for logger in trainer.loggers]
+        return self._logger_sinks
 
 
 class LightningLoggerSink:

@@ -102,7 +102,9 @@ def scenario_zoo(rank: int) -> dict[str, Any]:
     out["plain_root"] = summary(train(CORRECT["layer_scale"], steps=2, watch=watch, root=False)[2])
     # the whole model's float64 copy over max_shadow_bytes: only the named modules are checked, and
     # only their parameters are gathered
-    small = dict(watch, max_shadow_bytes=1)
+    from gradwatch import ProbeOptions
+
+    small = dict(watch, options=ProbeOptions(max_shadow_bytes=1))
     out["local_only"] = {
         name: summary(train(build, steps=1, watch=dict(small, modules=["fc1"]))[2])
         for name, build in (("wrong_sign", BUGS["wrong_sign"]), ("custom_function", CORRECT["custom_function"]))

@@ -83,15 +83,12 @@ def main(out: pathlib.Path, namespace: str) -> None:
     except GradientCheckError as err:
         result["raise"] = type(err).__name__
     # a model whose float64 copy is over the limit (patched down to 1 byte) is not gathered: skipped, saying so
-    import gradwatch.lightning as gl
+    from gradwatch import ProbeOptions
 
-    limit, gl.DEFAULT_SHADOW_BYTES = gl.DEFAULT_SHADOW_BYTES, 1
-    try:
-        fit(CORRECT["layernorm_gelu"], too_big := watch(), max_steps=1)
-        # ... unless modules are named: only they are gathered and checked locally, in float64
-        fit(BUGS["wrong_sign"], named := watch(modules=["net.fc1"]), max_steps=1)
-    finally:
-        gl.DEFAULT_SHADOW_BYTES = limit
+    small = ProbeOptions(max_shadow_bytes=1)
+    fit(CORRECT["layernorm_gelu"], too_big := watch(options=small), max_steps=1)
+    # ... unless modules are named: only they are gathered and checked locally
+    fit(BUGS["wrong_sign"], named := watch(modules=["net.fc1"], options=small), max_steps=1)
     result["too_big"] = summary(too_big)
     result["too_big_named"] = summary(named)
     # training is bit-identical with and without the callback (local shards, Adam state, RNG)

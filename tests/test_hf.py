@@ -25,6 +25,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch.utils.data import Dataset
 
 import gradwatch
+import gradwatch._seeds
 from gradwatch import GradientCheckError, GradientCheckWarning, UnreliableCheckWarning
 from gradwatch.hf import GradWatchTrainerCallback
 from zoo import assert_same_state
@@ -120,7 +121,8 @@ def train(model, callback=None, tmp_path=None, *, steps: int = 2, **overrides) -
 
 def watch(**kwargs) -> GradWatchTrainerCallback:
     """Every step, all tensors, one coordinate and one direction each (kinks off: GPT-2 has none)."""
-    options = dict(every_n_steps=1, max_overhead=None, seed=0, coordinates=1, directions=1, kinks=False,
+    options = dict(every_n_steps=1, max_overhead=None, seed=0,
+                   options=gradwatch.ProbeOptions(coordinates=1, directions=1, kinks=False),
                    loss_fn=causal_lm_loss, on_failure=_collect)
     options.update(kwargs)
     return GradWatchTrainerCallback(**options)
@@ -220,7 +222,7 @@ def test_schedule_follows_global_step(tmp_path) -> None:
     train(gpt2(), callback, tmp_path, steps=5, gradient_accumulation_steps=2)
     assert [s for s, _ in callback.reports] == [0, 2, 4]
     assert callback.last_report is callback.reports[-1][1]
-    assert [r.seed for _, r in callback.reports] == [gradwatch.hook._derive_seed(0, s) for s in (0, 2, 4)]
+    assert [r.seed for _, r in callback.reports] == [gradwatch._seeds._derive_seed(0, s) for s in (0, 2, 4)]
 
 
 # ----------------------------------------------------------------------------- no side effects
@@ -274,9 +276,11 @@ def test_modules_none_disables_and_named_modules_are_checked_alone(tmp_path) -> 
 def test_auto_checks_the_modules_alone_when_the_whole_model_does_not_fit(monkeypatch, tmp_path) -> None:
     import gradwatch.hf
 
-    monkeypatch.setattr(gradwatch.hf, "DEFAULT_SHADOW_BYTES", 1)  # no whole model fits
-    callback = watch()
-    train(gpt2(bug=True), callback, tmp_path, steps=1)
+    model = gpt2(bug=True)
+    whole = sum(t.numel() * 8 for t in [*model.parameters(), *model.buffers()])
+    callback = watch(options=gradwatch.ProbeOptions(coordinates=1, directions=1, kinks=False,
+                                                    max_shadow_bytes=whole - 1))  # the whole model does not fit
+    train(model, callback, tmp_path, steps=1)
     report = callback.last_report
     assert [t.name for t in report.failures] == [BUGGY_LOCAL], str(report)
     assert all(t.verdict == "skipped" for n, t in report.tensors.items() if "::" not in n)

@@ -9,6 +9,8 @@ import warnings
 import pytest
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import gradwatch
+import gradwatch._watch
 import gradwatch.hook
 import torch
 from torch import nn
@@ -85,7 +87,8 @@ def test_check_step_leaves_state_as_without_hook_even_when_the_check_raises() ->
 
     torch.manual_seed(0)
     watched = DropoutBN()
-    watch = GradWatch(watched, loss_fn, every_n_steps=1, max_overhead=None, seed=0, precision="float64")
+    watch = GradWatch(watched, loss_fn, every_n_steps=1, max_overhead=None, seed=0,
+                      options=gradwatch.ProbeOptions(precision="float64"))
     with pytest.raises(RuntimeError, match="no float64 kernel"):
         with watch.step(batch):
             loss_fn(watched, batch).backward()
@@ -285,7 +288,8 @@ def test_errors_in_the_block_propagate_without_a_check() -> None:
         ({"writer": object()}, TypeError, "`writer` must be a SummaryWriter"),
         ({"logdir": ""}, ValueError, "`logdir` must be a non-empty str"),
         ({"prefix": ""}, ValueError, "`prefix`"),
-        ({"coordinates": -1}, ValueError, "`coordinates`"),
+        ({"options": {"coordinates": -1}}, TypeError, "`options` must be None or a gradwatch.ProbeOptions, got dict"),
+        ({"sinks": [object()]}, TypeError, "`sinks` must be None or a list of sinks"),
         ({"max_overhead": 0}, ValueError, r"`max_overhead` must be None or a fraction in \(0, 1\].*got 0"),
         ({"max_overhead": 1.5}, ValueError, "got 1.5"),
         ({"max_overhead": "2%"}, ValueError, "got '2%'"),
@@ -344,14 +348,14 @@ class _CountOps(TorchDispatchMode):
 def test_non_check_steps_run_no_tensor_op_no_capture_no_check(monkeypatch) -> None:
     case = CORRECT["layernorm_gelu"](0)
     calls = []
-    for module, name in ((gradwatch.hook, "capture"), (gradwatch._callbacks, "check")):
+    for module, name in ((gradwatch.hook, "capture"), (gradwatch._watch, "_check_with")):
         original = getattr(module, name)
         monkeypatch.setattr(module, name, lambda *a, _f=original, _n=name, **k: calls.append(_n) or _f(*a, **k))
     for max_overhead in (None, 0.02):
         watch = GradWatch(case.model, case.loss_fn, every_n_steps=5, max_overhead=max_overhead, seed=0)
         with watch.step(case.batch):  # step 0 is checked
             case.loss_fn(case.model, case.batch).backward()
-        assert calls == ["capture", "check"]
+        assert calls == ["capture", "_check_with"]
         calls.clear()
         for _ in range(4):
             with _CountOps() as counted:
@@ -409,9 +413,9 @@ def test_the_smallest_check_redraws_no_kinked_coordinate_and_a_full_check_does()
 def test_every_check_keeps_a_random_direction() -> None:
     case = CORRECT["layernorm_gelu"](0)
     with pytest.raises(ValueError, match="`directions` must be at least 1: a random direction .* got 0"):
-        GradWatch(case.model, case.loss_fn, directions=0)
+        GradWatch(case.model, case.loss_fn, options=gradwatch.ProbeOptions(directions=0))
     with pytest.raises(ValueError, match="`precision` must be one of 'float64', 'native', 'auto', got 'fp32'"):
-        GradWatch(case.model, case.loss_fn, precision="fp32")
+        GradWatch(case.model, case.loss_fn, options=gradwatch.ProbeOptions(precision="fp32"))
 
 
 @pytest.mark.parametrize(

@@ -28,7 +28,8 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 from torch import nn
 
 import gradwatch
-import gradwatch._callbacks
+import gradwatch._seeds
+import gradwatch._watch
 import gradwatch.lightning as gwl
 from gradwatch import GradientCheckError, GradientCheckWarning, Report
 from gradwatch.lightning import GradWatchCallback, LightningLoggerSink
@@ -139,7 +140,7 @@ def test_schedule_follows_global_step_and_non_check_steps_capture_nothing(monkey
     _fit(module, callback, max_steps=7)
     assert [s for s, _ in callback.reports] == [0, 3, 6]
     assert len(captures) == 3
-    assert [r.seed for _, r in callback.reports] == [gwl._derive_seed(0, s) for s in (0, 3, 6)]
+    assert [r.seed for _, r in callback.reports] == [gradwatch._seeds._derive_seed(0, s) for s in (0, 3, 6)]
 
 
 def test_on_failure_raise_propagates_out_of_fit(lit) -> None:
@@ -608,9 +609,10 @@ def test_module_local_checks_follow_modules_and_record_only_the_checked_backward
 
 
 def test_auto_checks_the_modules_alone_in_float64_when_the_whole_model_does_not_fit(monkeypatch, lit) -> None:
-    monkeypatch.setattr(gwl, "DEFAULT_SHADOW_BYTES", 1)  # no whole model fits
     module = lit.ZooModule(BUGS["wrong_sign"](0))
-    callback = GradWatchCallback(seed=0, on_failure=_collect)
+    whole = sum(t.numel() * 8 for t in [*module.parameters(), *module.buffers()])
+    callback = GradWatchCallback(seed=0, on_failure=_collect,  # the whole model does not fit; its modules do
+                                 options=gradwatch.ProbeOptions(max_shadow_bytes=whole - 1))
     _fit(module, callback, max_steps=1)
     report = callback.last_report
     assert {t.name for t in report.failures} == {"net.fc1::weight"}, str(report)
@@ -826,7 +828,8 @@ def test_configuration_is_keyword_only() -> None:
 def test_precision_and_kink_options_reach_the_engine(lit) -> None:
     module = lit.ZooModule(CORRECT["mlp_relu_dropout"](0))
     callback = GradWatchCallback(
-        every_n_steps=1, max_overhead=None, seed=0, precision="native", kink_resamples=0, on_failure=_collect
+        every_n_steps=1, max_overhead=None, seed=0, options=gradwatch.ProbeOptions(precision="native", kink_resamples=0),
+        on_failure=_collect
     )
     with pytest.warns(gradwatch.KinkWarning, match="kinks kept"):  # no redraws: most of a ReLU layer's probes cross
         _fit(module, callback, max_steps=2)
@@ -839,8 +842,8 @@ def test_default_budget_checks_step_zero_then_spends_within_the_budget(monkeypat
     """The schedule shared with GradWatch: step 0 is checked, sized before anything is measured
     (2% of 100 steps: less than one probe, so the smallest check: the joint probe over every tensor)."""
     calls = []
-    original = gradwatch._callbacks.check
-    monkeypatch.setattr(gradwatch._callbacks, "check", lambda *a, **k: calls.append(k["names"]) or original(*a, **k))
+    original = gradwatch._watch._check_with
+    monkeypatch.setattr(gradwatch._watch, "_check_with", lambda *a, **k: calls.append(k["names"]) or original(*a, **k))
     module = lit.ZooModule(CORRECT["layernorm_gelu"](0))
     callback = GradWatchCallback(seed=0, on_failure="raise")
     assert callback.max_overhead == 0.02

@@ -328,7 +328,8 @@ def test_auto_prefers_module_local_float64_checks_when_the_whole_model_does_not_
     model = _AttnNet()
     model.big = nn.Linear(64, 64)  # unused by the forward, but part of the float64 copy
     whole = sum(p.numel() * 8 for p in model.parameters())
-    watch = _one_check(model, _attn_batch(0), modules=["attn", "inp"], max_shadow_bytes=whole // 2)
+    watch = _one_check(model, _attn_batch(0), modules=["attn", "inp"],
+                       options=gradwatch.ProbeOptions(max_shadow_bytes=whole // 2))
     report = watch.last_report
     assert all(report.tensors[n].verdict == "skipped" and "module-local float64 checks instead"
                in report.tensors[n].reason for n, _ in model.named_parameters())
@@ -392,7 +393,7 @@ def test_check_module_and_register_reference_validate_their_arguments():
     with pytest.raises(ValueError, match="`modules` must be None, 'suspects' or a list"):
         gradwatch.GradWatch(model, _xent, modules="all")
     with pytest.raises(ValueError, match="`max_shadow_bytes` must be a positive int, got 0"):
-        gradwatch.GradWatch(model, _xent, max_shadow_bytes=0)
+        gradwatch.GradWatch(model, _xent, options=gradwatch.ProbeOptions(max_shadow_bytes=0))
 
 
 class _Writer:
