@@ -44,6 +44,8 @@ from typing import Any, Collection, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from gradwatch._seeds import _derive_seed
+
 __all__: list[str] = []
 
 
@@ -357,13 +359,11 @@ def _local_reports(records: Mapping[str, Any], seed: int, options: Mapping[str, 
     reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports`
     does. A check that raises on some rank skips that module on every rank, saying so, and
     training goes on (as without FSDP)."""
-    import numpy as np
-
     from gradwatch.local import _check_record, _skipped_record
 
     reports = []
     for i, (name, record) in enumerate(records.items()):
-        s = int(np.random.SeedSequence([seed, i + 1]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+        s = _derive_seed(seed, i + 1)
         try:
             report = _check_record(record, seed=s, options=options, reference=False)
             guard.record_done(failed=False)

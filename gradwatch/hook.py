@@ -27,7 +27,6 @@ from contextlib import ExitStack, contextmanager, nullcontext
 from functools import partial
 from typing import Any, Callable, Iterator
 
-import numpy as np
 import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
@@ -42,6 +41,7 @@ from gradwatch._callbacks import (
     _too_big,
 )
 from gradwatch._schedule import _Schedule
+from gradwatch._seeds import _derive_seed
 from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
 from gradwatch._sharded import _local_reports as _sharded_local_reports
 from gradwatch._validate import (
@@ -459,11 +459,6 @@ def _scaler(name: str, value: Any) -> Any:
     if value is not None and not all(callable(getattr(value, m, None)) for m in ("scale", "get_scale", "is_enabled")):
         raise TypeError(f"`{name}` must be None or a torch.amp.GradScaler, got {type(value).__name__}")
     return value
-
-
-def _derive_seed(base: int, step: int) -> int:
-    """A per-check seed from the base seed and the step, stable across runs."""
-    return int(np.random.SeedSequence([base, step]).generate_state(1, np.uint64)[0] >> np.uint64(2))
 
 
 class _BackwardRoots(TorchFunctionMode):

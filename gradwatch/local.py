@@ -74,6 +74,7 @@ from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 from torch.utils import _pytree as pytree
 
+from gradwatch._seeds import _derive_seed
 from gradwatch._validate import _callable, _module, _one_of, _seed
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS, check
 from gradwatch.replay import ReplayState, _isolated, capture
@@ -1077,13 +1078,11 @@ def _discover(model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplaySta
 def _local_reports(recording: Any, seed: int, options: Mapping[str, Any]) -> list[Report]:
     """The local check of every record (skipped ones with their reason), seeds derived from ``seed``.
     ``recording``: a :class:`_Recording`, an :class:`_OpCalls`, or a list of them."""
-    import numpy as np
-
     recordings = recording if isinstance(recording, (list, tuple)) else [recording]
     records = [r for rec in recordings for r in rec.records.values()]
     reports = []
     for i, record in enumerate(records):
-        s = int(np.random.SeedSequence([seed, i + 1]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+        s = _derive_seed(seed, i + 1)
         try:
             reports.append(_check_record(record, seed=s, options=options))
         except Exception as err:  # a module the replay cannot run: say so, never stop the training
