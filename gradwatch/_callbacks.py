@@ -22,11 +22,14 @@ from typing import Any, Callable, Iterable, Mapping
 import torch
 from torch import Tensor, nn
 
+from gradwatch._recording import _OpCalls, _Recording
+from gradwatch._references import _REFERENCES_BY_OP
 from gradwatch._schedule import _Schedule
 from gradwatch._sharded import _Guard, _share_records, _split
 from gradwatch._sharded import _local_reports as _sharded_local_reports
+from gradwatch._suspects import _discover
 from gradwatch.engine import check
-from gradwatch.local import _REFERENCES_BY_OP, _discover, _float64_bytes, _local_reports, _merge, _OpCalls, _Recording
+from gradwatch.local import _float64_bytes, _local_reports, _merge
 from gradwatch.replay import ReplayState
 from gradwatch.report import Report, TensorCheck
 
@@ -143,7 +146,7 @@ class _LocalRecording:
                  turns: dict[str, int] | None = None) -> None:
         self.parts: list[Any] = [_Recording(targets, model=model)] if targets else []
         if ops and _REFERENCES_BY_OP:
-            self.parts.append(_OpCalls(turns))
+            self.parts.append(_OpCalls(_REFERENCES_BY_OP, turns))
         self._entered: list[Any] = []
 
     def __enter__(self) -> "_LocalRecording":

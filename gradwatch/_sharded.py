@@ -20,7 +20,7 @@ What a check does here:
   ``named_modules`` order, the same on every rank), puts the full tensors in place of the
   shards and suspends FSDP's forward hooks, so that the engine sees a plain module with
   full parameters and its evaluations run no collective; everything is put back after.
-* :func:`_share_records` makes module-local records (:mod:`gradwatch.local`) agree across
+* :func:`_share_records` makes module-local records (:mod:`gradwatch._recording`) agree across
   ranks: parameter *and input* gradients averaged over ranks (the directions are the same
   on every rank, so the mean of the ranks' local directional derivatives is what the
   averaged gradients predict), skip reasons shared, reference comparisons made per rank
@@ -44,7 +44,9 @@ from typing import Any, Collection, Iterator, Mapping
 import torch
 from torch import Tensor, nn
 
+from gradwatch._references import _reference_checks
 from gradwatch._seeds import _derive_seed
+from gradwatch.local import _check_record, _skipped_record
 
 __all__: list[str] = []
 
@@ -295,7 +297,7 @@ def _share_records(records: Mapping[str, Any], local: Mapping[str, Tensor], mean
     """Make the module-local records of one step agree across ranks, for checks with ``reduce``.
 
     Call it with the parameters gathered (:func:`_unsharded`). ``records`` are
-    :class:`gradwatch.local._Record`s by qualified module name (rank-local inputs, outputs
+    :class:`gradwatch._recording._Record`s by qualified module name (rank-local inputs, outputs
     and gradients); ``local`` and ``mean`` the parameters' local gradients and their means
     over ranks (:class:`_LocalGrads`), by model-level name. Each record's parameter
     gradients become those means (the tensor hooks of a record cannot see FSDP's unsharded
@@ -310,8 +312,6 @@ def _share_records(records: Mapping[str, Any], local: Mapping[str, Tensor], mean
         with its own inputs and local gradients, then agreed: the largest ``error_ratio``
         and ``rel_diff`` over ranks decide (a comparison skipped on some rank is skipped).
     """
-    from gradwatch.local import _reference_checks
-
     references: dict[str, tuple] = {}
     for name, record in records.items():
         prefix = f"{name}." if name else ""
@@ -359,8 +359,6 @@ def _local_reports(records: Mapping[str, Any], seed: int, options: Mapping[str, 
     reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports`
     does. A check that raises on some rank skips that module on every rank, saying so, and
     training goes on (as without FSDP)."""
-    from gradwatch.local import _check_record, _skipped_record
-
     reports = []
     for i, (name, record) in enumerate(records.items()):
         s = _derive_seed(seed, i + 1)

@@ -39,10 +39,10 @@ from gradwatch._callbacks import (
 from gradwatch._schedule import _Schedule
 from gradwatch._seeds import _derive_seed
 from gradwatch._sharded import _Guard, _local_device
+from gradwatch._suspects import _resolve_modules
 from gradwatch._validate import _callable
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options, _BackwardRoots
-from gradwatch.local import _resolve_modules
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import OnFailure, Report, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink

@@ -40,10 +40,12 @@ from gradwatch._callbacks import (
     _suspect_modules,
     _too_big,
 )
+from gradwatch._recording import _Recording
 from gradwatch._schedule import _Schedule
 from gradwatch._seeds import _derive_seed
 from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
 from gradwatch._sharded import _local_reports as _sharded_local_reports
+from gradwatch._suspects import _resolve_modules
 from gradwatch._validate import (
     _callable,
     _fraction_or_none,
@@ -55,7 +57,7 @@ from gradwatch._validate import (
     _seed,
 )
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS
-from gradwatch.local import _float64_bytes, _local_reports, _Recording, _resolve_modules
+from gradwatch.local import _float64_bytes, _local_reports
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink

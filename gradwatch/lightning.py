@@ -50,10 +50,11 @@ from gradwatch._schedule import _Schedule
 from gradwatch._seeds import _derive_seed
 from gradwatch._sharded import _Guard, _local_device, _LocalGrads, _share_records, _sharding, _unsharded
 from gradwatch._sharded import _local_reports as _sharded_local_reports
+from gradwatch._suspects import _resolve_modules
 from gradwatch._validate import _callable, _non_negative_int, _seed
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options
-from gradwatch.local import _float64_bytes, _resolve_modules
+from gradwatch.local import _float64_bytes
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,

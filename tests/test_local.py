@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.local import _REFERENCES_BY_CLASS, _check_record, _Recording
+from gradwatch._recording import _Recording
+from gradwatch._references import _REFERENCES_BY_CLASS
+from gradwatch.local import _check_record
 from tests._attn_op import BUG, FusedAttention, reference_attention
 from tests._attn_op import AttnNet as _AttnNet
 from zoo import ScaledGrad
@@ -506,7 +508,7 @@ class _Inline(nn.Module):
 
 
 def test_a_custom_op_with_a_registered_reference_is_checked_call_by_itself(bug):
-    from gradwatch.local import _REFERENCES_BY_OP
+    from gradwatch._references import _REFERENCES_BY_OP
     from tests._attn_op import attention
 
     gradwatch.register_reference(attention, lambda q, k, v: reference_attention(None, q, k, v))
@@ -553,7 +555,7 @@ def test_a_custom_op_called_twice_a_step_has_each_call_checked_in_turn(bug):
         assert local == references == [False, True, False, True], [str(r) for _, r in watch.reports]
         assert watch._op_turns == {"gwtest::attention": 0}
     finally:
-        from gradwatch.local import _REFERENCES_BY_OP
+        from gradwatch._references import _REFERENCES_BY_OP
         _REFERENCES_BY_OP.clear()
 
 
