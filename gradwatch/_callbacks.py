@@ -27,7 +27,7 @@ from gradwatch._references import _REFERENCES_BY_OP
 from gradwatch._schedule import _Schedule
 from gradwatch._sharded import _Guard, _share_records, _split
 from gradwatch._sharded import _local_reports as _sharded_local_reports
-from gradwatch._suspects import _discover
+from gradwatch._suspects import _discover, _modules_option  # noqa: F401  (_modules_option: for the callbacks)
 from gradwatch.engine import check
 from gradwatch.local import _float64_bytes, _local_reports, _merge
 from gradwatch.replay import ReplayState
@@ -104,15 +104,6 @@ def _skipped_report(model: nn.Module, seed: int, step: int, reason: str) -> Repo
         for n, p in model.named_parameters()
     }
     return Report(tensors=tensors, seed=seed, reason=reason, step=step)
-
-
-def _modules_option(modules: Any) -> Any:
-    """Validate a callback's ``modules`` (resolved against the model at the first check)."""
-    if not (modules is None or (isinstance(modules, str) and modules == "suspects") or (
-            isinstance(modules, (list, tuple)) and all(isinstance(m, (str, nn.Module)) for m in modules))):
-        raise ValueError(f"`modules` must be None, 'suspects' or a list of modules (or their names), "
-                         f"got {modules!r}"[:300])
-    return modules
 
 
 def _suspect_modules(model: nn.Module, loss_fn: Callable[[nn.Module, Any], Tensor], batch: Any,

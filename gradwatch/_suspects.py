@@ -6,13 +6,19 @@ This module owns:
   runs custom backward code (a custom ``autograd.Function``, a ``torch.library`` custom op,
   a tensor hook registered in the forward), found on a replayed forward that leaves RNG,
   buffers and attributes as they were;
-* the validation of a ``modules`` argument and its resolution against a model
-  (:func:`_resolve_modules`: ``None`` / ``"suspects"`` / qualified name -> module).
+* the one validator of a ``modules`` argument (:func:`_modules_option`: ``None``,
+  ``"suspects"`` or a list of modules or their names) and its resolution against a model
+  (:func:`_resolve_modules`: ``None`` / ``"suspects"`` / qualified name -> module), which
+  :class:`gradwatch.GradWatch` and the Lightning and Hugging Face callbacks share.
 
 Example:
     >>> model = torch.nn.Sequential(torch.nn.Linear(2, 2), torch.nn.Tanh())
     >>> _resolve_modules(model, ["0"])
     {'0': Linear(in_features=2, out_features=2, bias=True)}
+    >>> _modules_option("all")
+    Traceback (most recent call last):
+        ...
+    ValueError: `modules` must be None, 'suspects' or a list of modules of the model (or their names), got 'all'
 """
 
 from __future__ import annotations
@@ -29,7 +35,7 @@ from gradwatch._evaluation import _native_loss
 from gradwatch._recording import _Tap
 from gradwatch.replay import ReplayState, _isolated, _LossModule
 
-__all__ = ["_Suspects", "_discover", "_resolve_modules"]
+__all__ = ["_Suspects", "_discover", "_modules_option", "_resolve_modules"]
 
 
 class _Suspects(TorchFunctionMode):
@@ -117,15 +123,23 @@ class _Suspects(TorchFunctionMode):
         return func(*args, **kwargs)
 
 
-def _resolve_modules(model: nn.Module, modules: Any) -> Any:
-    """Validate a ``modules`` argument: ``None``, ``"suspects"`` or a list of modules of
-    ``model`` (instances or ``named_modules()`` names); returns None, "suspects" or a dict
-    qualified name -> module."""
-    if modules is None or (isinstance(modules, str) and modules == "suspects"):
-        return modules
-    if isinstance(modules, (str, nn.Module)) or not isinstance(modules, (list, tuple)):
-        raise ValueError(f"`modules` must be None, 'suspects' or a list of modules of `model` (or their names), "
+def _modules_option(modules: Any) -> Any:
+    """Validate a ``modules`` argument (the one validator of gradwatch's ``modules``): ``None``,
+    ``"suspects"`` or a list (or tuple) of modules or ``named_modules()`` names; returns it.
+    Whether they are modules of the model is checked against it by :func:`_resolve_modules`."""
+    if not (modules is None or (isinstance(modules, str) and modules == "suspects") or (
+            isinstance(modules, (list, tuple)) and all(isinstance(m, (str, nn.Module)) for m in modules))):
+        raise ValueError(f"`modules` must be None, 'suspects' or a list of modules of the model (or their names), "
                          f"got {modules!r}"[:300])
+    return modules
+
+
+def _resolve_modules(model: nn.Module, modules: Any) -> Any:
+    """Validate a ``modules`` argument (:func:`_modules_option`) and resolve it against
+    ``model``: returns None, "suspects" or a dict qualified name -> module."""
+    _modules_option(modules)
+    if modules is None or isinstance(modules, str):  # None or "suspects"
+        return modules
     by_id = {id(m): n for n, m in model.named_modules()}
     by_name = dict(model.named_modules())
     out: dict[str, nn.Module] = {}
@@ -134,12 +148,10 @@ def _resolve_modules(model: nn.Module, modules: Any) -> Any:
             if m not in by_name:
                 raise ValueError(f"`modules` names {m!r}, which is not a submodule of `model`")
             out[m] = by_name[m]
-        elif isinstance(m, nn.Module):
+        else:
             if id(m) not in by_id:
                 raise ValueError(f"`modules` holds a {type(m).__name__} that is not a submodule of `model`")
             out[by_id[id(m)]] = m
-        else:
-            raise ValueError(f"`modules` must hold nn.Module instances or names, got {type(m).__name__}")
     return out
 
 
