@@ -121,7 +121,7 @@ def _run(mode: str, model: nn.Module, batch) -> tuple[str, float, float]:
         return "-", float("nan"), trained
     started = time.perf_counter()
     if mode == "local":
-        (report,) = _local_reports(recording, 0, {"precision": "float64"})
+        (report,) = _local_reports(recording, 0, gradwatch.ProbeOptions(precision="float64"))
     else:
         report = gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, precision="float64", **CHECKS[mode])
     return f"{report.precision}/{report.evaluation}", time.perf_counter() - started, trained

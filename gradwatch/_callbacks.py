@@ -30,6 +30,7 @@ from gradwatch._sharded import _local_reports as _sharded_local_reports
 from gradwatch._suspects import _discover, _modules_option  # noqa: F401  (_modules_option: for the callbacks)
 from gradwatch.engine import check
 from gradwatch.local import _float64_bytes, _local_reports, _merge
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState
 from gradwatch.report import Report, TensorCheck
 
@@ -181,7 +182,7 @@ def _merge_local(schedule: _Schedule, report: Report, step: int, local_reports: 
     return report
 
 
-def _local_checks(model: nn.Module, recording: Any, seed: int, options: Mapping[str, Any],
+def _local_checks(model: nn.Module, recording: Any, seed: int, options: ProbeOptions,
                   guard: _Guard | None) -> Callable[[], list[Report]]:
     """The module-local checks of a recorded step (a :class:`_LocalRecording`), for
     :func:`_merge_local`: agreed across processes through ``guard`` when there are several."""
@@ -190,7 +191,7 @@ def _local_checks(model: nn.Module, recording: Any, seed: int, options: Mapping[
     return partial(_local_reports, recording.recordings(), seed, options)
 
 
-def _agreed_local_reports(model: nn.Module, records: Mapping[str, Any], seed: int, options: Mapping[str, Any],
+def _agreed_local_reports(model: nn.Module, records: Mapping[str, Any], seed: int, options: ProbeOptions,
                           guard: _Guard) -> list[Report]:
     """The module-local checks of a data-parallel (DDP) step, with the same verdicts on every
     process: each record's parameter gradients (its own, this process's) averaged over processes
@@ -204,4 +205,4 @@ def _agreed_local_reports(model: nn.Module, records: Mapping[str, Any], seed: in
     tensors = [local[n] if n in local else torch.zeros_like(params[n]) for n in kept]
     mean = dict(zip(kept, _split(guard.reduce, tensors))) if kept else {}
     references = _share_records(records, local, mean, guard)
-    return _sharded_local_reports(records, seed, {**options, "reduce": guard.reduce}, references, guard)
+    return _sharded_local_reports(records, seed, options, references, guard, reduce=guard.reduce)

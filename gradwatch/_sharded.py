@@ -39,7 +39,7 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -47,6 +47,7 @@ from torch import Tensor, nn
 from gradwatch._references import _reference_checks
 from gradwatch._seeds import _derive_seed
 from gradwatch.local import _check_record, _skipped_record
+from gradwatch.options import ProbeOptions
 
 __all__: list[str] = []
 
@@ -353,17 +354,17 @@ def _split(reduce: Any, tensors: list[Tensor]) -> list[Tensor]:
     return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def _local_reports(records: Mapping[str, Any], seed: int, options: Mapping[str, Any],
-                   references: Mapping[str, tuple], guard: _Guard) -> list:
-    """Every record's local check (``options`` with ``reduce=guard.reduce``) and its agreed
-    reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports`
+def _local_reports(records: Mapping[str, Any], seed: int, options: ProbeOptions, references: Mapping[str, tuple],
+                   guard: _Guard, *, reduce: Callable[[Tensor], Tensor]) -> list:
+    """Every record's local check (with ``reduce``, the guard's :meth:`_Guard.reduce`) and its
+    agreed reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports`
     does. A check that raises on some rank skips that module on every rank, saying so, and
     training goes on (as without FSDP)."""
     reports = []
     for i, (name, record) in enumerate(records.items()):
         s = _derive_seed(seed, i + 1)
         try:
-            report = _check_record(record, seed=s, options=options, reference=False)
+            report = _check_record(record, seed=s, options=options, reduce=reduce, reference=False)
             guard.record_done(failed=False)
         except _PeerSkipped:
             guard.skipping = False

@@ -43,6 +43,7 @@ from gradwatch._suspects import _resolve_modules
 from gradwatch._validate import _callable
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options, _BackwardRoots
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import OnFailure, Report, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -194,8 +195,8 @@ class GradWatchTrainerCallback:
         self._op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
         self._targets: Any = None  # once resolved on the model: None, "suspects" or qualified name -> module
         self._resolved = False
-        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
-                               "coordinates": coordinates, "directions": directions, "precision": precision}
+        self._local_options = ProbeOptions(kinks=kinks, kink_resamples=kink_resamples, near_kink_margin=near_kink_margin,
+                                           coordinates=coordinates, directions=directions, precision=precision)
 
     @property
     def last_report(self) -> Report | None:

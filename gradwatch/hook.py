@@ -58,6 +58,7 @@ from gradwatch._validate import (
 )
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS
 from gradwatch.local import _float64_bytes, _local_reports
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import _DEVICE_TYPES, _capture_autocast, capture
 from gradwatch.report import OnFailure, Report, _check_on_failure, _check_prefix, _handle
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink, TensorBoardSink
@@ -226,9 +227,10 @@ class GradWatch:
         self._max_shadow_bytes = max_shadow_bytes
         self.suspects: dict[str, str] = {}
         self._op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
-        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
-                               "coordinates": coordinates, "directions": directions, "precision": precision,
-                               "max_shadow_bytes": max_shadow_bytes}
+        self._local_options = ProbeOptions(kinks=kinks, kink_resamples=kink_resamples,
+                                           near_kink_margin=near_kink_margin, coordinates=coordinates,
+                                           directions=directions, precision=precision,
+                                           max_shadow_bytes=max_shadow_bytes)
 
     @property
     def global_step(self) -> int:
@@ -399,7 +401,7 @@ class GradWatch:
                 del captured, state
                 if targets:
                     local = partial(_sharded_local_reports, recording.records, seed,
-                                    {**self._local_options, "reduce": guard.reduce}, references, guard)
+                                    self._local_options, references, guard, reduce=guard.reduce)
                     report = _merge_local(self._schedule, report, step, local, whole=not whole_too_big,
                                           broadcast=guard.broadcast)
         except BaseException:

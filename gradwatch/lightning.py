@@ -55,6 +55,7 @@ from gradwatch._validate import _callable, _non_negative_int, _seed
 from gradwatch.engine import DEFAULT_SHADOW_BYTES, _reduced
 from gradwatch.hook import _adapter_options
 from gradwatch.local import _float64_bytes
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
     OnFailure,
@@ -235,8 +236,8 @@ class GradWatchCallback:
         self._op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
         self._targets: Any = None  # once resolved on the module: None, "suspects" or qualified name -> module
         self._resolved = False
-        self._local_options = {"kinks": kinks, "kink_resamples": kink_resamples, "near_kink_margin": near_kink_margin,
-                               "coordinates": coordinates, "directions": directions, "precision": precision}
+        self._local_options = ProbeOptions(kinks=kinks, kink_resamples=kink_resamples, near_kink_margin=near_kink_margin,
+                                           coordinates=coordinates, directions=directions, precision=precision)
 
     @property
     def last_report(self) -> Report | None:
@@ -443,7 +444,7 @@ class GradWatchCallback:
                 if records:
                     if fsdp:
                         local = partial(_sharded_local_reports, records, seed,
-                                        {**self._local_options, "reduce": guard.reduce}, references, guard)
+                                        self._local_options, references, guard, reduce=guard.reduce)
                     else:
                         local = _local_checks(pl_module, pending.recording, seed, self._local_options, guard)
                     report = _merge_local(self._schedule, report, step, local, whole=skip is None,

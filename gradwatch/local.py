@@ -38,9 +38,10 @@ op in each checked step (the next call at each check step, in turn) and checks i
 
 Internal API (stable; the hook and the sharded path build on it):
 
-* ``_check_record(record, *, seed, options, reference=True) -> Report``: the local check of one
-  record (options: engine keyword arguments such as ``coordinates``, ``precision``), its
-  tensors named ``<module>::<tensor>``; ``_skipped_record(record, seed, reason)`` reports a skipped one.
+* ``_check_record(record, *, seed, options=ProbeOptions(), reduce=None, reference=True) -> Report``: the
+  local check of one record (``options``: a :class:`~gradwatch.ProbeOptions`; ``reduce``: the
+  cross-rank mean of sharded training), its tensors named ``<module>::<tensor>``;
+  ``_skipped_record(record, seed, reason)`` reports a skipped one.
 * ``_merge(report, local_reports) -> Report``: the whole-model report with the local
   tensors, reference comparisons (``Report.references``) and module checks
   (``Report.modules``: precision and skip reason per module) added.
@@ -62,18 +63,19 @@ import copy
 import dataclasses
 import math
 import secrets
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import torch
 from torch import Tensor, nn
 from torch.utils import _pytree as pytree
 
-from gradwatch._evaluation import _native_gradients
+from gradwatch._evaluation import _dtype_name, _native_gradients
 from gradwatch._recording import _op_name, _OpModule, _Record, _Recording
 from gradwatch._references import _REFERENCE_RTOL, _precision_of, _reference_checks, register_reference
 from gradwatch._seeds import _derive_seed
-from gradwatch._validate import _module, _one_of, _seed
-from gradwatch.engine import DEFAULT_SHADOW_BYTES, PRECISIONS, check
+from gradwatch._validate import _module, _seed
+from gradwatch.engine import _check_with
+from gradwatch.options import DEFAULT_SHADOW_BYTES, ProbeOptions
 from gradwatch.replay import ReplayState, _isolated, _LossModule
 from gradwatch.report import KinkEvent, ModuleCheck, Report, TensorCheck, local_name
 
@@ -176,30 +178,27 @@ def _qualify(report: Report, module: str) -> Report:
 # --------------------------------------------------------------------------- checking
 
 
-_DEFAULTS = {"coordinates": 4, "directions": 1, "precision": "auto"}
-
-
-def _check_record(record: _Record, *, seed: int, options: Mapping[str, Any] | None = None,
-                  reference: bool = True) -> Report:
+def _check_record(record: _Record, *, seed: int, options: ProbeOptions = ProbeOptions(),
+                  reduce: Callable[[Tensor], Tensor] | None = None, reference: bool = True) -> Report:
     """Check one recorded module call with the engine; tensors named ``<module>::<tensor>``.
 
-    ``options`` are :func:`gradwatch.check` keyword arguments (not ``grads``, ``replay``,
-    ``train_loss``, ``seed``). A module whose float64 evaluation raises is checked in its
-    own precision, upcast to float32 when it ran in float16/bfloat16.
+    ``options``: the probe options (:class:`~gradwatch.ProbeOptions`; the defaults unless
+    given); ``reduce``: the cross-rank mean of sharded training (:func:`gradwatch.check`'s
+    ``reduce``). A module whose float64 evaluation raises is checked in its own precision,
+    upcast to float32 when it ran in float16/bfloat16.
     """
     problem = record.problem()
     if problem is not None:
         return _skipped_record(record, seed, problem)
-    opts = {**_DEFAULTS, **(options or {})}
     grads = _grads(record)
     batch = _batch(record)
     with torch.no_grad():
         train_loss = _pairing(_unflatten_outputs(record), batch[1])
     wrapper = _Local(record)
-    report = check(wrapper, _local_loss, batch, grads=grads, replay=_replay(record), train_loss=train_loss,
-                   seed=seed, **opts)
-    if report.precision == "native" and opts["precision"] == "auto" and _low_precision(record):
-        report = _upcast_check(record, grads, seed, opts, report.precision_reason)
+    report = _check_with(wrapper, _local_loss, batch, options, grads=grads, replay=_replay(record),
+                         train_loss=train_loss, seed=seed, reduce=reduce)
+    if report.precision == "native" and options.precision == "auto" and _low_precision(record):
+        report = _upcast_check(record, grads, seed, options, report.precision_reason, reduce=reduce)
     report = _qualify(report, record.name)
     report = dataclasses.replace(report, modules=(ModuleCheck(record.name, report.precision, report.precision_reason,
                                                               seconds=report.seconds),))
@@ -224,7 +223,8 @@ def _low_precision(record: _Record) -> bool:
     return any(t.dtype in _LOW for t in floats)
 
 
-def _upcast_check(record: _Record, grads: dict[str, Tensor], seed: int, opts: dict, why: str) -> Report:
+def _upcast_check(record: _Record, grads: dict[str, Tensor], seed: int, options: ProbeOptions, why: str, *,
+                  reduce: Callable[[Tensor], Tensor] | None = None) -> Report:
     """Check a float16/bfloat16 module without float64 in float32, on a float32 copy of the
     module and its inputs, in two parts:
 
@@ -252,7 +252,8 @@ def _upcast_check(record: _Record, grads: dict[str, Tensor], seed: int, opts: di
                                     autocast={d: (False, dt) for d, (_, dt) in state.autocast.items()})
     batch = _batch(up, torch.float32)
     wrapper = _Local(up)
-    report = check(wrapper, _local_loss, batch, seed=seed, **{**opts, "precision": "native"})
+    report = _check_with(wrapper, _local_loss, batch, dataclasses.replace(options, precision="native"), seed=seed,
+                         reduce=reduce)
     params = {n: p.detach() for n, p in wrapper.named_parameters()}
     _, g32 = _native_gradients(_LossModule(wrapper, _local_loss), batch, _replay(up), params,
                                [n for n in grads if n in params])
@@ -283,10 +284,6 @@ def _upcast_check(record: _Record, grads: dict[str, Tensor], seed: int, opts: di
                                grad_precision=_precision_of(next(iter(grads.values()))),
                                precision_reason=f"{why}; its backward checked in float32 (inputs and parameters "
                                                 "upcast), and the training gradients compared with it")
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _skipped_record(record: _Record, seed: int, reason: str) -> Report:
@@ -375,7 +372,8 @@ def check_module(
     if not isinstance(name, str):
         raise ValueError(f"`name` must be a str, got {name!r}")
     _seed("seed", seed)
-    _one_of("precision", precision, PRECISIONS)
+    options = ProbeOptions(precision=precision, coordinates=coordinates, directions=directions,
+                           max_shadow_bytes=max_shadow_bytes)
     if kwargs is not None and not isinstance(kwargs, Mapping):
         raise ValueError(f"`kwargs` must be None or a mapping, got {type(kwargs).__name__}")
     if not isinstance(reference, bool):
@@ -421,12 +419,10 @@ def check_module(
                 raise TypeError(f"`grads[{k!r}]` must be a Tensor, got {type(g).__name__}")
         record.grad_inputs = {k: g for k, g in grads.items() if k in record.inputs.values()}
         record.param_grads = {k: g for k, g in grads.items() if k not in record.inputs.values()}
-    options = {"precision": precision, "coordinates": coordinates, "directions": directions,
-               "max_shadow_bytes": max_shadow_bytes}
     return _check_record(record, seed=seed, options=options, reference=reference)
 
 
-def _local_reports(recording: Any, seed: int, options: Mapping[str, Any]) -> list[Report]:
+def _local_reports(recording: Any, seed: int, options: ProbeOptions) -> list[Report]:
     """The local check of every record (skipped ones with their reason), seeds derived from ``seed``.
     ``recording``: a :class:`~gradwatch._recording._Recording`, an
     :class:`~gradwatch._recording._OpCalls`, or a list of them."""

@@ -625,7 +625,7 @@ def test_local_check_of_one_large_linear_never_holds_its_float64_copy_with_anoth
 
     monkeypatch.setattr(gradwatch.engine._ReferenceStats, "__call__", counted)
     model[2].register_forward_pre_hook(pre)
-    report = _check_record(rec.records["2"], seed=0, options={"precision": "float64"})
+    report = _check_record(rec.records["2"], seed=0, options=gradwatch.ProbeOptions(precision="float64"))
     assert report.precision == "float64" and report.reference
     assert [t.name for t in report.failures] == (["2::weight"] if wrong else []), str(report)
     if wrong:
@@ -640,7 +640,7 @@ def test_a_module_whose_local_check_raises_is_skipped_and_training_goes_on(monke
     def broken(*args, **kwargs):  # a module the local replay cannot run
         raise RuntimeError("needs its training context")
 
-    monkeypatch.setattr(local, "check", broken)
+    monkeypatch.setattr(local, "_check_with", broken)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     watch = gradwatch.GradWatch(model, lambda m, b: m(b).pow(2).mean(), every_n_steps=1, max_overhead=None,
@@ -685,7 +685,7 @@ def test_a_call_that_mutates_a_cache_argument_is_replayed_from_the_cache_state_i
         cache.update(torch.randn(2, 4))  # earlier entries, as a cache holds for other layers
         layer(x, cache).pow(2).sum().backward()
     assert len(cache.keys) == 2  # the training call's own update
-    report = _check_record(recording.records["layer"], seed=0, options={"precision": "float64"})
+    report = _check_record(recording.records["layer"], seed=0, options=gradwatch.ProbeOptions(precision="float64"))
     # every replayed evaluation starts from the 1-entry cache of the recorded call: without the
     # copy, each replay would append again and the output would change shape (or value)
     assert report.ok, str(report)
