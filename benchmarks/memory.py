@@ -21,7 +21,7 @@ of one Linear (``2``, 1/16 of the model) recorded during the step, and that as a
 of the module's float64 copy plus its activations.
 
 The module-local rows (both tables): the training step recorded for a module-local check
-of the second Linear (``gradwatch.local._Recording``: it keeps the module's input, output,
+of the second Linear (``gradwatch._recording._Recording``: it keeps the module's input, output,
 ``grad_out`` and ``grad_input``, its activations), then that check (float64). "adds" is its
 peak above the recorded step; the target (issue 14) is at most 1.5x the module's float64
 copy (its parameters and recorded input) plus its recorded activations.
@@ -62,7 +62,8 @@ from torch import nn
 
 import gradwatch
 from _common import add_common_args, header
-from gradwatch.local import _local_reports, _Recording
+from gradwatch._recording import _Recording
+from gradwatch.local import _local_reports
 
 MIB = 2**20
 
@@ -120,7 +121,7 @@ def _run(mode: str, model: nn.Module, batch) -> tuple[str, float, float]:
         return "-", float("nan"), trained
     started = time.perf_counter()
     if mode == "local":
-        (report,) = _local_reports(recording, 0, {"precision": "float64"})
+        (report,) = _local_reports(recording, 0, gradwatch.ProbeOptions(precision="float64"))
     else:
         report = gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, precision="float64", **CHECKS[mode])
     return f"{report.precision}/{report.evaluation}", time.perf_counter() - started, trained

@@ -20,7 +20,7 @@ What a check does here:
   ``named_modules`` order, the same on every rank), puts the full tensors in place of the
   shards and suspends FSDP's forward hooks, so that the engine sees a plain module with
   full parameters and its evaluations run no collective; everything is put back after.
-* :func:`_share_records` makes module-local records (:mod:`gradwatch.local`) agree across
+* :func:`_share_records` makes module-local records (:mod:`gradwatch._recording`) agree across
   ranks: parameter *and input* gradients averaged over ranks (the directions are the same
   on every rank, so the mean of the ranks' local directional derivatives is what the
   averaged gradients predict), skip reasons shared, reference comparisons made per rank
@@ -39,10 +39,15 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from functools import partial
-from typing import Any, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
+
+from gradwatch._references import _reference_checks
+from gradwatch._seeds import _derive_seed
+from gradwatch.local import _check_record, _skipped_record
+from gradwatch.options import ProbeOptions
 
 __all__: list[str] = []
 
@@ -293,7 +298,7 @@ def _share_records(records: Mapping[str, Any], local: Mapping[str, Tensor], mean
     """Make the module-local records of one step agree across ranks, for checks with ``reduce``.
 
     Call it with the parameters gathered (:func:`_unsharded`). ``records`` are
-    :class:`gradwatch.local._Record`s by qualified module name (rank-local inputs, outputs
+    :class:`gradwatch._recording._Record`s by qualified module name (rank-local inputs, outputs
     and gradients); ``local`` and ``mean`` the parameters' local gradients and their means
     over ranks (:class:`_LocalGrads`), by model-level name. Each record's parameter
     gradients become those means (the tensor hooks of a record cannot see FSDP's unsharded
@@ -308,8 +313,6 @@ def _share_records(records: Mapping[str, Any], local: Mapping[str, Tensor], mean
         with its own inputs and local gradients, then agreed: the largest ``error_ratio``
         and ``rel_diff`` over ranks decide (a comparison skipped on some rank is skipped).
     """
-    from gradwatch.local import _reference_checks
-
     references: dict[str, tuple] = {}
     for name, record in records.items():
         prefix = f"{name}." if name else ""
@@ -351,21 +354,17 @@ def _split(reduce: Any, tensors: list[Tensor]) -> list[Tensor]:
     return [part.view_as(t).to(t.dtype) for part, t in zip(flat.split([t.numel() for t in tensors]), tensors)]
 
 
-def _local_reports(records: Mapping[str, Any], seed: int, options: Mapping[str, Any],
-                   references: Mapping[str, tuple], guard: _Guard) -> list:
-    """Every record's local check (``options`` with ``reduce=guard.reduce``) and its agreed
-    reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports`
+def _local_reports(records: Mapping[str, Any], seed: int, options: ProbeOptions, references: Mapping[str, tuple],
+                   guard: _Guard, *, reduce: Callable[[Tensor], Tensor]) -> list:
+    """Every record's local check (with ``reduce``, the guard's :meth:`_Guard.reduce`) and its
+    agreed reference comparisons; seeds derived from ``seed`` as :func:`gradwatch.local._local_reports`
     does. A check that raises on some rank skips that module on every rank, saying so, and
     training goes on (as without FSDP)."""
-    import numpy as np
-
-    from gradwatch.local import _check_record, _skipped_record
-
     reports = []
     for i, (name, record) in enumerate(records.items()):
-        s = int(np.random.SeedSequence([seed, i + 1]).generate_state(1, np.uint64)[0] >> np.uint64(2))
+        s = _derive_seed(seed, i + 1)
         try:
-            report = _check_record(record, seed=s, options=options, reference=False)
+            report = _check_record(record, seed=s, options=options, reduce=reduce, reference=False)
             guard.record_done(failed=False)
         except _PeerSkipped:
             guard.skipping = False

@@ -38,13 +38,15 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from gradwatch._recording import _OpCalls, _Recording
+from gradwatch._references import _REFERENCES_BY_OP
 from gradwatch._schedule import _Schedule
 from gradwatch._sharded import _Guard, _local_device, _share_records, _split, _unsharded
 from gradwatch._sharded import _local_reports as _sharded_local_reports
+from gradwatch._suspects import _discover, _modules_option, _resolve_modules
 from gradwatch._validate import _fraction_or_none, _positive_int, _seed
 from gradwatch.engine import _check_with, _reduced
-from gradwatch.local import _REFERENCES_BY_OP, _discover, _float64_bytes, _local_reports, _merge, _OpCalls, _Recording
-from gradwatch.local import _resolve_modules
+from gradwatch.local import _float64_bytes, _local_reports, _merge
 from gradwatch._seeds import _derive_seed
 from gradwatch.options import ProbeOptions, _options
 from gradwatch.replay import _DEVICE_TYPES, ReplayState, _capture_autocast
@@ -288,7 +290,7 @@ class _Watch:
                       references: Mapping[str, tuple]) -> Callable[[], list[Report]]:
         """The module-local checks of the recorded step; agreed across processes when there are several."""
         if capture.local_grads is not None:
-            return partial(_sharded_local_reports, records, seed, self.options, references, guard)
+            return partial(_sharded_local_reports, records, seed, self.options, references, guard, reduce=guard.reduce)
         if guard is not None:
             return partial(_agreed_local_reports, capture.model, records, seed, self.options, guard)
         return partial(_local_reports, capture.recording.recordings(), seed, self.options)
@@ -328,7 +330,7 @@ class _LocalRecording:
                  turns: dict[str, int] | None = None) -> None:
         self.parts: list[Any] = [_Recording(targets, model=model)] if targets else []
         if ops and _REFERENCES_BY_OP:
-            self.parts.append(_OpCalls(turns))
+            self.parts.append(_OpCalls(_REFERENCES_BY_OP, turns))
         self._entered: list[Any] = []
 
     def __enter__(self) -> "_LocalRecording":
@@ -430,7 +432,7 @@ def _agreed_local_reports(model: nn.Module, records: Mapping[str, Any], seed: in
     tensors = [local[n] if n in local else torch.zeros_like(params[n]) for n in kept]
     mean = dict(zip(kept, _split(guard.reduce, tensors))) if kept else {}
     references = _share_records(records, local, mean, guard)
-    return _sharded_local_reports(records, seed, options, references, guard)
+    return _sharded_local_reports(records, seed, options, references, guard, reduce=guard.reduce)
 
 
 def _sinks_option(sinks: Any) -> list[Sink]:
@@ -443,11 +445,3 @@ def _sinks_option(sinks: Any) -> list[Sink]:
                         f"got {sinks!r}"[:300])
     return list(sinks)
 
-
-def _modules_option(modules: Any) -> Any:
-    """Validate a callback's ``modules`` (resolved against the model at the first check)."""
-    if not (modules is None or (isinstance(modules, str) and modules == "suspects") or (
-            isinstance(modules, (list, tuple)) and all(isinstance(m, (str, nn.Module)) for m in modules))):
-        raise ValueError(f"`modules` must be None, 'suspects' or a list of modules (or their names), "
-                         f"got {modules!r}"[:300])
-    return modules

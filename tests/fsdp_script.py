@@ -151,7 +151,7 @@ def scenario_attention(rank: int) -> dict[str, Any]:
     """Module-local checks of the fused attention op under FSDP: its input gradients (dq, dk)."""
     import gradwatch
     from _attn_op import BUG, FusedAttention, reference_attention
-    from gradwatch.local import _REFERENCES_BY_CLASS
+    from gradwatch._references import _REFERENCES_BY_CLASS
 
     watch = dict(every_n_steps=1, max_overhead=None, on_failure=lambda report: None)
     out: dict[str, Any] = {}

@@ -119,9 +119,9 @@ def main(out: pathlib.Path, namespace: str) -> None:
     result["attn"] = {**summary(attn), "suspects": attn.suspects,
                       "local": [{n: t.verdict for n, t in r.tensors.items() if "::" in n} for _, r in attn.reports]}
     # a module-local check that raises on rank 1 alone: that module is skipped on both ranks, nothing hangs
-    import gradwatch.local
+    import gradwatch._sharded
 
-    with raising(gradwatch.local, "_check_record", active=rank == 1,
+    with raising(gradwatch._sharded, "_check_record", active=rank == 1,
                  message="planted: this rank's module-local check raised"):
         _, attn_raise = fit(attention_case, lambda report: None, max_steps=1)
     result["attn_raise"] = {"verdicts": [r.verdict for _, r in attn_raise.reports],

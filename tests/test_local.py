@@ -10,7 +10,9 @@ import torch
 from torch import nn
 
 import gradwatch
-from gradwatch.local import _REFERENCES_BY_CLASS, _check_record, _Recording
+from gradwatch._recording import _Recording
+from gradwatch._references import _REFERENCES_BY_CLASS
+from gradwatch.local import _check_record
 from tests._attn_op import BUG, FusedAttention, reference_attention
 from tests._attn_op import AttnNet as _AttnNet
 from zoo import ScaledGrad
@@ -507,7 +509,7 @@ class _Inline(nn.Module):
 
 
 def test_a_custom_op_with_a_registered_reference_is_checked_call_by_itself(bug):
-    from gradwatch.local import _REFERENCES_BY_OP
+    from gradwatch._references import _REFERENCES_BY_OP
     from tests._attn_op import attention
 
     gradwatch.register_reference(attention, lambda q, k, v: reference_attention(None, q, k, v))
@@ -554,7 +556,7 @@ def test_a_custom_op_called_twice_a_step_has_each_call_checked_in_turn(bug):
         assert local == references == [False, True, False, True], [str(r) for _, r in watch.reports]
         assert watch._op_turns == {"gwtest::attention": 0}
     finally:
-        from gradwatch.local import _REFERENCES_BY_OP
+        from gradwatch._references import _REFERENCES_BY_OP
         _REFERENCES_BY_OP.clear()
 
 
@@ -624,7 +626,7 @@ def test_local_check_of_one_large_linear_never_holds_its_float64_copy_with_anoth
 
     monkeypatch.setattr(gradwatch.engine._ReferenceStats, "__call__", counted)
     model[2].register_forward_pre_hook(pre)
-    report = _check_record(rec.records["2"], seed=0, options={"precision": "float64"})
+    report = _check_record(rec.records["2"], seed=0, options=gradwatch.ProbeOptions(precision="float64"))
     assert report.precision == "float64" and report.reference
     assert [t.name for t in report.failures] == (["2::weight"] if wrong else []), str(report)
     if wrong:
@@ -639,7 +641,7 @@ def test_a_module_whose_local_check_raises_is_skipped_and_training_goes_on(monke
     def broken(*args, **kwargs):  # a module the local replay cannot run
         raise RuntimeError("needs its training context")
 
-    monkeypatch.setattr(local, "check", broken)
+    monkeypatch.setattr(local, "_check_with", broken)
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(4, 4), nn.Tanh(), nn.Linear(4, 4))
     watch = gradwatch.GradWatch(model, lambda m, b: m(b).pow(2).mean(), every_n_steps=1, max_overhead=None,
@@ -684,7 +686,7 @@ def test_a_call_that_mutates_a_cache_argument_is_replayed_from_the_cache_state_i
         cache.update(torch.randn(2, 4))  # earlier entries, as a cache holds for other layers
         layer(x, cache).pow(2).sum().backward()
     assert len(cache.keys) == 2  # the training call's own update
-    report = _check_record(recording.records["layer"], seed=0, options={"precision": "float64"})
+    report = _check_record(recording.records["layer"], seed=0, options=gradwatch.ProbeOptions(precision="float64"))
     # every replayed evaluation starts from the 1-entry cache of the recorded call: without the
     # copy, each replay would append again and the output would change shape (or value)
     assert report.ok, str(report)
