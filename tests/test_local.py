@@ -554,7 +554,7 @@ def test_a_custom_op_called_twice_a_step_has_each_call_checked_in_turn(bug):
         local = [bool(_local_failures(r, "gwtest::attention")) for _, r in watch.reports]
         references = [bool(r.reference_failures) for _, r in watch.reports]
         assert local == references == [False, True, False, True], [str(r) for _, r in watch.reports]
-        assert watch._op_turns == {"gwtest::attention": 0}
+        assert watch._watch.op_turns == {"gwtest::attention": 0}
     finally:
         from gradwatch._references import _REFERENCES_BY_OP
         _REFERENCES_BY_OP.clear()
