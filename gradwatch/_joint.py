@@ -48,8 +48,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch import _sizes
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _CHUNK, _Judge, _loss_noise, _nonfinite, _ratio, _spans, _summary
+from gradwatch._judging import _Judge, _loss_noise, _nonfinite, _ratio, _summary
 from gradwatch._probing import (
     _chunked_terms,
     _direction,
@@ -126,7 +127,7 @@ class _JointLine:
         self._in_place = [ev.in_place(k) for k in self.keys]  # float64 copies, moved in place
         finite, norms = [], []
         for i in range(len(names)):
-            if thetas[i].numel() > _CHUNK:  # a chunk at a time
+            if thetas[i].numel() > _sizes.CHUNK:  # a chunk at a time
                 sq = None
                 for _, _, g in self._g64_chunks(i, finite):
                     sq = g.pow_(2).sum() if sq is None else sq + g.pow_(2).sum()
@@ -144,9 +145,9 @@ class _JointLine:
         self.weights = weights
         sq, count = 0, 0
         for t, m in zip(thetas, self.masks):
-            if t.numel() > _CHUNK:
+            if t.numel() > _sizes.CHUNK:
                 flat, fm = t.reshape(-1), (m.reshape(-1) if m is not None else None)
-                for lo, hi in _spans(t.numel()):
+                for lo, hi in _sizes.spans(t.numel()):
                     c = flat[lo:hi].to(torch.float64)
                     sq = sq + (c if fm is None else torch.where(fm[lo:hi], c, 0.0)).pow(2).sum().to(device)
                 count = count + (float(t.numel()) if m is None else m.sum().to(device))
@@ -160,7 +161,7 @@ class _JointLine:
         self.h = self.h0
         a_t, rss, vnorm = [], [], []
         for i in range(len(names)):
-            if self.ev.shadow[self.keys[i]].numel() > _CHUNK:  # a chunk of g and v at a time
+            if self.ev.shadow[self.keys[i]].numel() > _sizes.CHUNK:  # a chunk of g and v at a time
                 a_i = sq_i = vsq_i = None
                 for (_, _, g), (_, _, v) in zip(self._g64_chunks(i), self._chunks(i)):
                     vsq_c = v.pow(2).sum()
@@ -208,7 +209,7 @@ class _JointLine:
         theta = self.ev.shadow[self.keys[i]]
         flat = self.grads[self.names[i]].detach().reshape(-1)
         bad_any = None
-        for lo, hi in _spans(theta.numel()):
+        for lo, hi in _sizes.spans(theta.numel()):
             g = flat[lo:hi].to(device=theta.device, dtype=torch.float64, copy=True)
             bad = _nonfinite(g)
             bad_any = bad.any() if bad_any is None else bad_any | bad.any()
@@ -245,7 +246,7 @@ class _JointLine:
     def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
         """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""
         i = self.names.index(name)
-        if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
+        if g_ref.numel() > _sizes.CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
             a_ref, sq, _ = _chunked_terms(g_ref, self._chunks(i, g_ref))
             return a_ref.to(self.device), sq.to(self.device)
         v = self.direction(i, g_ref)
@@ -282,7 +283,7 @@ class _JointLine:
 
         def move(i: int) -> Callable[[Tensor], None]:
             def apply(theta: Tensor) -> None:
-                if theta.numel() > _CHUNK:  # elementwise: the same values a chunk at a time
+                if theta.numel() > _sizes.CHUNK:  # elementwise: the same values a chunk at a time
                     flat = theta.view(-1)
                     for lo, hi, v in self._chunks(i):
                         flat[lo:hi].add_((s * self.h) * v)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradwatch import _sizes
 from gradwatch._evaluation import _dtype_name, _HostValues, _native_gradients
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.replay import ReplayState
@@ -75,37 +76,20 @@ _SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2,
 _FOURTH_DIFF_NOISE = math.sqrt(70.0)
 
 
-#: Elements :func:`_nonfinite` and :func:`_moved` take at once (bounds their temporaries).
-_CHUNK = 1 << 18
-
-
-def _spans(n: int) -> list[tuple[int, int]]:
-    """The chunks ``[lo, hi)`` of :data:`_CHUNK` elements a tensor of ``n`` elements is taken
-    in (a tail under 16 elements joins the last chunk: drawn in chunks of a multiple of 16,
-    at least 16 each, CPU normal draws equal those of one call)."""
-    out, lo = [], 0
-    while lo < n:
-        hi = min(n, lo + _CHUNK)
-        if n - hi < 16:
-            hi = n
-        out.append((lo, hi))
-        lo = hi
-    return out
-
-
 def _nonfinite(t: Tensor) -> Tensor:
     """``~torch.isfinite(t)`` of a floating tensor, a chunk at a time for a large contiguous
     tensor (it makes a temporary of ``t``'s size). Computed as ``isnan(t - t)``: ``t - t``
     is NaN exactly where ``t`` is NaN or ±Inf (and 0 elsewhere), two kernels where
     ``isfinite`` runs five, which matters on tiny tensors (``assert_gradients``)."""
     t = t.detach()
-    if t.numel() <= _CHUNK or not t.is_contiguous():
+    if t.numel() <= _sizes.CHUNK or not t.is_contiguous():
         return torch.isnan(t - t)
     out = torch.empty(t.shape, dtype=torch.bool, device=t.device)
     flat, dest = t.reshape(-1), out.view(-1)
-    for lo in range(0, flat.numel(), _CHUNK):
-        part = flat[lo : lo + _CHUNK]
-        dest[lo : lo + _CHUNK] = torch.isnan(part - part)
+    chunk = _sizes.CHUNK
+    for lo in range(0, flat.numel(), chunk):
+        part = flat[lo : lo + chunk]
+        dest[lo : lo + chunk] = torch.isnan(part - part)
     return out
 
 
@@ -122,7 +106,7 @@ def _gap(g: Tensor, g_ref: Tensor, host: _HostValues) -> dict[str, int]:
 def _gap_values(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
     """:func:`_gap`'s device values, with one tensor-sized float64 temporary at a time
     (computed while the reference backward produces ``g_ref``)."""
-    if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk at a time
+    if g_ref.numel() > _sizes.CHUNK and g_ref.is_contiguous():  # a chunk at a time
         return _chunked_gap(g, g_ref)
     diff = g.detach().to(device=g_ref.device, dtype=torch.float64, copy=True).reshape(-1)
     diff.sub_(g_ref.reshape(-1))
@@ -139,7 +123,7 @@ def _chunked_gap(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
     flat_g, flat_r = g.detach().reshape(-1), g_ref.reshape(-1)
     gap = ref = None
     maxima, where = [], []
-    for lo, hi in _spans(g_ref.numel()):
+    for lo, hi in _sizes.spans(g_ref.numel()):
         r = flat_r[lo:hi]
         d = flat_g[lo:hi].to(device=g_ref.device, dtype=torch.float64, copy=True).sub_(r)
         gap_c, ref_c = d.pow(2).sum(), r.pow(2).sum()
@@ -159,9 +143,9 @@ def _chunked_gap(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
 def _square_sum(g: Tensor) -> Tensor:
     """Sum of the squares of the finite elements of ``g``, in float64 (one float64
     temporary, or one chunk of it for a large tensor)."""
-    if g.numel() > _CHUNK and g.is_contiguous():
+    if g.numel() > _sizes.CHUNK and g.is_contiguous():
         flat, total = g.detach().reshape(-1), None
-        for lo, hi in _spans(g.numel()):
+        for lo, hi in _sizes.spans(g.numel()):
             t = flat[lo:hi].to(torch.float64, copy=True)
             part = t.masked_fill_(~torch.isfinite(t), 0.0).pow_(2).sum()
             total = part if total is None else total + part
@@ -343,9 +327,9 @@ def _measure_spread(
             b = g1.get(name)
             if b is None:
                 return None
-            if a.numel() > _CHUNK and a.is_contiguous() and b.is_contiguous():  # a chunk at a time
+            if a.numel() > _sizes.CHUNK and a.is_contiguous() and b.is_contiguous():  # a chunk at a time
                 fa, fb, total = a.reshape(-1), b.reshape(-1), None
-                for lo, hi in _spans(a.numel()):
+                for lo, hi in _sizes.spans(a.numel()):
                     d = fa[lo:hi].to(torch.float64, copy=True).sub_(fb[lo:hi])
                     part = d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).pow_(2).sum()
                     total = part if total is None else total + part
@@ -378,15 +362,16 @@ def _measure_spread(
 
 def _moved(p: Tensor, sign: Tensor, rel: float) -> Tensor:
     """``(p64 + rel·|p64|·(2·sign - 1)).to(p.dtype)`` with ``p64`` the float64 value of ``p``,
-    computed a chunk of :data:`_CHUNK` elements at a time (the same values as at once)."""
-    if not p.is_contiguous() or p.numel() <= _CHUNK:  # at once (the same values)
+    computed a chunk of :data:`~gradwatch._sizes.CHUNK` elements at a time (the same values as at once)."""
+    if not p.is_contiguous() or p.numel() <= _sizes.CHUNK:  # at once (the same values)
         p64 = p.to(torch.float64)
         return (p64 + rel * p64.abs() * (sign.to(torch.float64) * 2 - 1)).to(p.dtype)
     out = torch.empty_like(p)
     flat, signs, dest = p.reshape(-1), sign.reshape(-1), out.view(-1)
-    for lo in range(0, flat.numel(), _CHUNK):
-        p64 = flat[lo : lo + _CHUNK].to(torch.float64)
-        dest[lo : lo + _CHUNK] = (p64 + rel * p64.abs() * (signs[lo : lo + _CHUNK].to(torch.float64) * 2 - 1)).to(p.dtype)
+    chunk = _sizes.CHUNK
+    for lo in range(0, flat.numel(), chunk):
+        p64 = flat[lo : lo + chunk].to(torch.float64)
+        dest[lo : lo + chunk] = (p64 + rel * p64.abs() * (signs[lo : lo + chunk].to(torch.float64) * 2 - 1)).to(p.dtype)
     return out
 
 

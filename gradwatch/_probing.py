@@ -16,9 +16,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradwatch import _sizes
 from gradwatch._evaluation import _Evaluation, _HostValues
-
-from gradwatch._judging import _CHUNK, _NOISE_ULPS, _Judge, _loss_noise, _nonfinite, _ratio, _spans
+from gradwatch._judging import _NOISE_ULPS, _Judge, _loss_noise, _nonfinite, _ratio
 from gradwatch.kinks import _ProbeKinks, _Reference
 from gradwatch.report import Probe, TensorCheck
 
@@ -230,7 +230,7 @@ def _direction_chunks(theta: Tensor, seed: int, mask: Tensor | None = None) -> I
     direction of a large tensor without holding it."""
     gen = torch.Generator(device=theta.device).manual_seed(seed)
     flat_mask = mask.reshape(-1) if mask is not None else None
-    for lo, hi in _spans(theta.numel()):
+    for lo, hi in _sizes.spans(theta.numel()):
         v = torch.randn(hi - lo, generator=gen, device=theta.device, dtype=torch.float64)
         yield lo, hi, (v if flat_mask is None else v.masked_fill_(~flat_mask[lo:hi], 0.0))
 
@@ -238,8 +238,8 @@ def _direction_chunks(theta: Tensor, seed: int, mask: Tensor | None = None) -> I
 def _direction(theta: Tensor, seed: int, mask: Tensor | None = None) -> Tensor:
     """The Gaussian direction of a direction probe, in float64 on the parameter's device,
     zero where ``mask`` (the eligible elements, :class:`_Excluded`) is False. A tensor of
-    more than :data:`_CHUNK` elements is drawn a chunk at a time (:func:`_direction_chunks`)."""
-    if theta.numel() > _CHUNK:
+    more than :data:`~gradwatch._sizes.CHUNK` elements is drawn a chunk at a time (:func:`_direction_chunks`)."""
+    if theta.numel() > _sizes.CHUNK:
         v = torch.empty(theta.shape, device=theta.device, dtype=torch.float64)
         flat = v.view(-1)
         for lo, hi, part in _direction_chunks(theta, seed, mask):
@@ -267,10 +267,10 @@ def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | Non
     """``h`` of a direction probe: ``base_step · max(1, RMS of θ)``, over the eligible elements
     (a chunk at a time for a large tensor: no temporary of its size)."""
     eligible = theta64.numel() if excluded is None else max(theta64.numel() - excluded.count, 1)
-    if theta64.numel() > _CHUNK and theta64.is_contiguous():
+    if theta64.numel() > _sizes.CHUNK and theta64.is_contiguous():
         flat, total = theta64.reshape(-1), None
         mask = excluded.mask.reshape(-1) if excluded is not None else None
-        for lo, hi in _spans(theta64.numel()):
+        for lo, hi in _sizes.spans(theta64.numel()):
             c = flat[lo:hi] if mask is None else torch.where(mask[lo:hi], flat[lo:hi], 0.0)
             part = c.to(torch.float64).pow(2).sum()
             total = part if total is None else total + part
@@ -287,7 +287,7 @@ def _ref_terms(g_ref: Tensor, spec: tuple[str, int], mask: Tensor | None) -> tup
     if kind == "coordinate":
         a_ref = g_ref.reshape(-1)[value].to(torch.float64).clone()  # not a view: g_ref is freed
         return a_ref, a_ref.abs()
-    if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
+    if g_ref.numel() > _sizes.CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
         a_ref, sq, _ = _chunked_terms(g_ref, _direction_chunks(g_ref, value, mask))
         return a_ref, sq.sqrt()
     v = _direction(g_ref, value, mask)
@@ -403,10 +403,10 @@ class _Line:
                 theta.view(-1)[self.index] = (self.orig + s * self.h).to(theta.dtype)
         else:
             def move(theta: Tensor) -> None:
-                if theta.numel() > _CHUNK:  # elementwise, so the same values a chunk at a time
+                if theta.numel() > _sizes.CHUNK:  # elementwise, so the same values a chunk at a time
                     flat = theta.view(-1)
                     chunks = (_direction_chunks(theta, self.seed, self.mask) if self.v is None else
-                              ((lo, hi, self.v.reshape(-1)[lo:hi]) for lo, hi in _spans(theta.numel())))
+                              ((lo, hi, self.v.reshape(-1)[lo:hi]) for lo, hi in _sizes.spans(theta.numel())))
                     for lo, hi, v in chunks:
                         flat[lo:hi].add_((s * self.h) * v)
                     return
@@ -462,7 +462,7 @@ def _probe(
     theta = ev.shadow[key]
     base_step = step if step is not None else ev.step(theta.dtype)
     # a large float64 copy probed in place: its direction is drawn a chunk at a time at each use
-    chunked = (kind == "direction" and theta.dtype == torch.float64 and theta.numel() > _CHUNK
+    chunked = (kind == "direction" and theta.dtype == torch.float64 and theta.numel() > _sizes.CHUNK
                and theta.is_contiguous() and ev.in_place(key) and (g_ref is None or terms is not None))
     line = _Line(theta, kind, None if kind == "direction" else value, base_step, excluded,
                  seed=value if kind == "direction" else None)  # its step first
@@ -483,11 +483,11 @@ def _probe(
             g = gv = None
             a, sq, vsq = _chunked_terms(grad.to(theta.device), _direction_chunks(theta, value, mask))
             rss, vnorm = sq.sqrt(), vsq.sqrt()
-        elif theta.dtype == torch.float64 and theta.numel() > _CHUNK:  # no temporary of the tensor's size
+        elif theta.dtype == torch.float64 and theta.numel() > _sizes.CHUNK:  # no temporary of the tensor's size
             g = None
             flat_v = v.reshape(-1)
             a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
-                                                              for lo, hi in _spans(theta.numel())))
+                                                              for lo, hi in _sizes.spans(theta.numel())))
             gv = None
             rss, vnorm = sq.sqrt(), torch.linalg.vector_norm(v)
         elif theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
@@ -572,7 +572,7 @@ def _locate(
     key = f"model.{tc.name}"
     theta = ev.shadow[key]
     numel = theta.numel()
-    chunked = (theta.dtype == torch.float64 and numel > _CHUNK and theta.is_contiguous() and ev.in_place(key)
+    chunked = (theta.dtype == torch.float64 and numel > _sizes.CHUNK and theta.is_contiguous() and ev.in_place(key)
                and (g_ref is None or isinstance(g_ref, _RefView)))
     if tc.gap_ratio > 1.0 and tc.gap_index is not None:
         flat = int(np.ravel_multi_index(tc.gap_index, tc.shape)) if tc.shape else 0
@@ -671,7 +671,7 @@ def _bisect_in_chunks(
 
     lo, hi, kept = 0, numel, None
     while hi - lo > 1:
-        if kept is None and hi - lo <= _CHUNK:  # one chunk left: keep its reference and direction
+        if kept is None and hi - lo <= _sizes.CHUNK:  # one chunk left: keep its reference and direction
             c = reference(lambda g, lo=lo, hi=hi: g[lo:hi].to(torch.float64, copy=True))
             v = torch.cat([v for _, _, v in spans(c.new_zeros(()).expand(numel), lo, hi)])
             kept = (lo, c * v)

@@ -95,7 +95,7 @@ copy is more than a quarter of the shadow (a module-local check of one large Lin
 its reference in a backward of its own, without its copy (the forward widens the parameter
 where it is used), so its copy and its reference gradient are never held together. Points
 are made in place on the shadow, one tensor at a time, and undone by copying the parameter
-back (exactly; never by subtracting); directions of tensors above ``_CHUNK`` elements are
+back (exactly; never by subtracting); directions of tensors above ``_sizes.CHUNK`` elements are
 drawn again from their seeds a chunk at a time at every use, also in the bisection of a
 failure. The precision test's two native replays run with the shadow released (made again
 from the parameters when needed). Under data parallelism (``reduce``) the reference is
