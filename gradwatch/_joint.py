@@ -50,13 +50,12 @@ from torch import Tensor
 
 from gradwatch import _sizes
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _Judge, _loss_noise, _nonfinite, _ratio, _summary
+from gradwatch._judging import _Judge, _KinkRow, _loss_noise, _nonfinite, _ratio, _summary
 from gradwatch._probing import (
     _chunked_terms,
     _direction,
     _direction_chunks,
     _Excluded,
-    _KinkRow,
     _locate,
     _probe,
 )

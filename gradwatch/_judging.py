@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -24,7 +24,6 @@ from gradwatch.report import KinkEvent, Probe, TensorCheck
 
 if TYPE_CHECKING:
     from gradwatch._evaluation import _Evaluation
-    from gradwatch._probing import _KinkRow
 
 __all__: list[str] = []
 
@@ -580,6 +579,16 @@ def _ratio(num: float, den: float) -> float:
 
 def _where(flat: int, shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat, shape)) + "]"
+
+
+class _KinkRow(NamedTuple):
+    """The kink record of one probe: device results and their host indices (made by
+    :mod:`gradwatch._probing` and :mod:`gradwatch._joint`, read by :func:`_attach_kinks`)."""
+
+    kinks: _ProbeKinks
+    crossed: range
+    margin: range
+    replacement: bool
 
 
 def _attach_kinks(tc: TensorCheck, log: list[_KinkRow], values: list[float], near: float) -> TensorCheck:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping, NamedTuple
+from typing import Any, Callable, Iterator, Mapping
 
 import numpy as np
 import torch
@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from gradwatch import _sizes
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _NOISE_ULPS, _Judge, _loss_noise, _nonfinite, _ratio
+from gradwatch._judging import _NOISE_ULPS, _Judge, _KinkRow, _loss_noise, _nonfinite, _ratio
 from gradwatch.kinks import _ProbeKinks, _Reference
 from gradwatch.report import Probe, TensorCheck
 
@@ -133,15 +133,6 @@ def _plan(
         specs += [("direction", int(torch.randint(0, 2**62, (1,), generator=gen))) for _ in range(directions)]
         plan[name] = specs
     return plan
-
-
-class _KinkRow(NamedTuple):
-    """The kink record of one probe: device results and their host indices."""
-
-    kinks: _ProbeKinks
-    crossed: range
-    margin: range
-    replacement: bool
 
 
 def _resample(
