@@ -189,7 +189,7 @@ class _Evaluation:
             self.batch_reason = "native precision evaluates sequentially"
         else:
             self.batched, self.batch_reason = None, None
-        self.loss0: Tensor | None = None  # the sequential unperturbed loss, set by check()
+        self.loss0: Tensor | None = None  # the sequential unperturbed loss, set after the unperturbed pass
         self.own_reference = False  # no unperturbed pass: each probe's +h pass is its kink reference
         self.batch = batch
         self.replay = replay
@@ -315,6 +315,13 @@ class _Evaluation:
             return self.loss_dtype
         low = self.ops.lowest
         return self.loss_dtype if _EPS.get(self.loss_dtype, 0.0) > _EPS[low] else low
+
+    @property
+    def usable(self) -> bool:
+        """False when probing would measure nothing: the float64 evaluation returned a loss
+        below float64 (:attr:`lossy`) or cannot draw the training forward's random numbers
+        (:attr:`unreplayable`); the check is then unreliable."""
+        return not (self.lossy or self.unreplayable)
 
     @property
     def unreplayable(self) -> str | None:

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping, NamedTuple
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -36,6 +36,8 @@ RTOL = {
     "float16": 0.1,
     "bfloat16": 0.2,
 }
+#: Precisions below float32, whose rounding a move by float32 ulps does not re-randomise.
+_BELOW_FLOAT32 = ("tf32", "float16", "bfloat16")
 #: Code-test tolerance against the float64 reference, relative and absolute (× the
 #: tensor's own reference RMS, so a tensor with small gradients is judged at its scale).
 _REF_RTOL = 1e-6
@@ -205,6 +207,33 @@ def _replay_problem(
             f"(relative tolerance {rtol:g}): the model does not behave the same on the {mode} evaluation"
         )
     return None
+
+
+def _unreliable(
+    ev: _Evaluation, train: float | None, native: float | None, replayed: float | None, precision: str, own: bool,
+    spread: float,
+) -> str | None:
+    """Why a check whose losses are finite cannot be trusted, or None: the float64 evaluation
+    cannot draw the training forward's random numbers, the replay does not reproduce the
+    training loss (:func:`_replay_problem`), the loss underflows in the training precision
+    (:func:`_underflow`), or the float64 evaluation returned a loss below float64.
+
+    ``replayed``: the replayed loss (None: not compared); ``precision``: the training
+    precision; ``own``: the training loss is the native replay's own; ``spread``: the
+    measured run-to-run spread of the native loss (:func:`_loss_spread`)."""
+    mode = ev.mode
+    reason = ev.unreplayable or _replay_problem(train, native, replayed, _SHADOW_RTOL[precision], own, mode,
+                                                spread=spread)
+    if reason is None:
+        reason = _underflow(native if native is not None else train, replayed, precision, mode)
+    if reason is None and ev.lossy:
+        reason = (
+            f"`loss_fn` returned a {_dtype_name(ev.loss_dtype)} loss on the float64 copy of the "
+            "model: something casts to a lower precision "
+            "(such as .float()), so central differences would measure rounding noise; keep the loss in "
+            "the dtype of its inputs"
+        )
+    return reason
 
 
 def _underflow(native: float | None, replayed: float | None, precision: str, mode: str) -> str | None:
@@ -427,16 +456,20 @@ class _Judge:
     """Turns fetched probe values into :class:`Probe` and :class:`TensorCheck` verdicts."""
 
     def __init__(
-        self, *, reduce: Callable[[Tensor], Tensor] | None, values: list[float], noise: float, rtol: float,
-        scale: float, ref_scale: float | None, native: bool, loss: float = 0.0, eps: float = 0.0,
-        gaps: Mapping[str, Mapping[str, int]] | None = None, spread: _Spread | None = None, low: bool = False,
+        self, *, values: list[float], noise: float, precision: str, eps: float = 0.0, native: bool,
+        loss: float = 0.0, scale: float, ref_scale: float | None, gaps: Mapping[str, Mapping[str, int]] | None = None,
+        spread: _Spread | None = None,
     ) -> None:
-        """``loss``: the replayed loss and ``eps``: the gradient dtype's eps, for the absolute
-        floor without a reference; ``gaps``: :func:`_gap` per tensor (their reference RMS
-        sets each tensor's own code-test floor); ``spread``: :func:`_measure_spread`;
-        ``low``: the gradient was computed in a precision below float32 (TF32, fp16/bf16),
-        whose rounding a move by float32 ulps does not re-randomise."""
-        self.reduce = reduce
+        """``values``: the check's fetched values; ``noise``: the loss noise (:func:`_loss_noise`);
+        ``precision``: the precision the gradient was computed in (its tolerance :data:`RTOL`;
+        below float32, TF32 and fp16/bf16, whose rounding a move by float32 ulps does not
+        re-randomise, the precision test keeps its floor); ``eps``: the gradient dtype's eps
+        and ``loss``: the replayed loss, for the absolute floor without a reference;
+        ``native``: the losses were evaluated natively; ``scale`` and ``ref_scale``: the RMS of
+        the model's gradient and of its float64 reference (None: no reference); ``gaps``:
+        :func:`_gap` per tensor (their reference RMS sets each tensor's own code-test floor);
+        ``spread``: :func:`_measure_spread`."""
+        rtol = RTOL[precision]
         self.values = values
         self.noise = noise
         self.rtol = rtol
@@ -449,7 +482,7 @@ class _Judge:
         self.eps = eps
         self.gaps = gaps or {}
         self.spread = spread
-        self.low = low
+        self.low = precision in _BELOW_FLOAT32
         self.branch_note = _branch_note(spread, values)
         self._name: str | None = None  # the tensor last judged (its floor, for a later probe)
 

@@ -4,11 +4,15 @@ One room of the engine (see :mod:`gradwatch.engine`): the elements of each tenso
 are never probed (:func:`_exclusions`), the seeded probe plan, the points ``θ ± s·h·v``
 of a probe and their central differences, the replacement of coordinates that crossed a
 kink, and the bisection that localises a failing direction.
+
+What every probe of one check shares (the evaluation, the step, the unperturbed pass, the
+excluded elements, the data-parallel mean) travels as one :class:`_CheckContext`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping
 
@@ -52,6 +56,46 @@ class _Excluded:
     def count(self) -> int:
         """Number of excluded elements."""
         return len(self.flat)
+
+
+@dataclass(frozen=True, eq=False)
+class _CheckContext:
+    """What every probe of one check shares, fixed once its unperturbed pass has run.
+
+    Attributes:
+        ev: The evaluation the probes run on.
+        step: The base step ``h`` of the probes; None takes the evaluation's default for
+            the parameter dtype (:meth:`base_step`).
+        signature: The kink reference of the unperturbed pass (None: kinks are not recorded,
+            or each probe's ``+h`` pass is its own reference).
+        loss0: The unperturbed loss in float64 (None: no unperturbed pass, see
+            :attr:`gradwatch._evaluation._Evaluation.own_reference`).
+        excluded: The elements of each tensor that are never probed (:func:`_exclusions`).
+        reduce: The cross-process mean of data-parallel training, applied at every host
+            transfer (None: one process).
+    """
+
+    ev: _Evaluation
+    step: float | None
+    signature: _Reference | None
+    loss0: Tensor | None
+    excluded: Mapping[str, _Excluded]
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+    def base_step(self, dtype: torch.dtype) -> float:
+        """The base step of a tensor of ``dtype``: :attr:`step`, else the evaluation's default."""
+        return self.step if self.step is not None else self.ev.step(dtype)
+
+    def at_step(self, step: float | None) -> "_CheckContext":
+        """This context with base step ``step``."""
+        return dataclasses.replace(self, step=step)
+
+    def on(self, ev: _Evaluation, grads: Mapping[str, Tensor]) -> "_CheckContext":
+        """This context on evaluation ``ev`` (one with ``±2h`` passes, in a check that measured
+        no noise), from an unperturbed pass of its own (no reference gradient) run now."""
+        loss0, signature, _ = ev.base(grads, reference=False)
+        ev.loss0 = loss0
+        return dataclasses.replace(self, ev=ev, signature=signature, loss0=loss0)
 
 
 def _exclusions(params: Mapping[str, Tensor], model: nn.Module) -> dict[str, _Excluded]:
@@ -136,9 +180,8 @@ def _plan(
 
 
 def _resample(
-    ev: _Evaluation, grad_map: dict[str, Tensor], refs: Mapping[str, Tensor | None], rows: dict[str, list],
-    kink_log: dict[str, list], seed: int, budget: int, step: float | None, ref: _Reference, loss0: Tensor,
-    host: _HostValues, excluded: Mapping[str, _Excluded] | None = None,
+    ctx: _CheckContext, grad_map: dict[str, Tensor], refs: Mapping[str, Tensor | None], rows: dict[str, list],
+    kink_log: dict[str, list], seed: int, budget: int, host: _HostValues,
 ) -> None:
     """Replace coordinate probes that crossed a kink by fresh coordinates, up to ``budget``
     per tensor, drawn from a generator seeded by ``seed`` (deterministic given the seed).
@@ -148,7 +191,7 @@ def _resample(
     since every round but the last draws a replacement. Excluded elements are never drawn.
     """
     gen = torch.Generator().manual_seed(seed ^ _RESAMPLE_SALT)
-    excluded = excluded or {}
+    excluded = ctx.excluded
     taken = {name: {v for kind, v, _ in rs if kind == "coordinate"} for name, rs in rows.items()}
     for name, ex in excluded.items():
         if name in taken:
@@ -175,9 +218,8 @@ def _resample(
             next(iter(views.values())).source.fetch(views, {n: [("coordinate", i) for i in drawn[n]] for n in views})
         for name, fresh in drawn.items():
             start = len(kink_log[name])
-            rows[name] += _probe_tensor(ev, name, grad_map[name], refs[name], [("coordinate", i) for i in fresh], step,
-                                        ref, loss0, host, kink_log[name], replacement=True,
-                                        excluded=excluded.get(name))
+            rows[name] += _probe_tensor(ctx, name, grad_map[name], refs[name], [("coordinate", i) for i in fresh],
+                                        host, kink_log[name], replacement=True)
             pending[name] = kink_log[name][start:]
 
 
@@ -427,31 +469,29 @@ class _Line:
 
 
 def _probe_tensor(
-    ev: _Evaluation, name: str, grad: Tensor, g_ref: Tensor | None, specs: list, step: float | None,
-    ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
-    replacement: bool = False, excluded: _Excluded | None = None,
+    ctx: _CheckContext, name: str, grad: Tensor, g_ref: Tensor | None, specs: list, host: _HostValues,
+    kink_log: list | None = None, replacement: bool = False,
 ) -> list:
     """Evaluate every probe of one tensor; returns ``(kind, value, host indices)`` per probe.
 
     With a kink reference, one :class:`_KinkRow` per probe is appended to ``kink_log``.
     """
-    return [_probe(ev, name, grad, g_ref, spec, step, ref, loss0, host, kink_log, replacement, excluded)
-            for spec in specs]
+    return [_probe(ctx, name, grad, g_ref, spec, host, kink_log, replacement) for spec in specs]
 
 
 def _probe(
-    ev: _Evaluation, name: str, grad: Tensor, g_ref: Tensor | None, spec: tuple[str, int], step: float | None,
-    ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
-    replacement: bool = False, excluded: _Excluded | None = None,
+    ctx: _CheckContext, name: str, grad: Tensor, g_ref: Tensor | None, spec: tuple[str, int], host: _HostValues,
+    kink_log: list | None = None, replacement: bool = False,
 ) -> tuple[str, int, dict[str, int]]:
     """Evaluate one probe at ±h and ±2h (±h only without Richardson); returns host
-    indices of its device scalars. A direction is zero on the ``excluded`` elements."""
+    indices of its device scalars. A direction is zero on the tensor's excluded elements."""
     kind, value = spec
+    ev, ref, loss0, excluded = ctx.ev, ctx.signature, ctx.loss0, ctx.excluded.get(name)
     key = f"model.{name}"
     # first: a reference pass may make the float64 copy again (see _Evaluation._widened_pass)
     terms = g_ref.of(spec) if isinstance(g_ref, _RefView) else None
     theta = ev.shadow[key]
-    base_step = step if step is not None else ev.step(theta.dtype)
+    base_step = ctx.base_step(theta.dtype)
     # a large float64 copy probed in place: its direction is drawn a chunk at a time at each use
     chunked = (kind == "direction" and theta.dtype == torch.float64 and theta.numel() > _sizes.CHUNK
                and theta.is_contiguous() and ev.in_place(key) and (g_ref is None or terms is not None))
@@ -545,21 +585,19 @@ def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | N
     return nominal + (a - (g * taken).sum())  # remove the part of the difference the rounded points add
 
 
-def _locate(
-    ev: _Evaluation, judge: _Judge, tc: TensorCheck, grad: Tensor, g_ref: Tensor | None, step: float | None,
-    signature: Any, loss0: Tensor, excluded: _Excluded | None = None,
-) -> Probe | None:
+def _locate(ctx: _CheckContext, judge: _Judge, tc: TensorCheck, grad: Tensor, g_ref: Tensor | None) -> Probe | None:
     """The element responsible for a failure, confirmed by a coordinate probe; None if already named.
 
     A precision gap is located where ``|g - g_ref|`` is largest. A failing direction is
     bisected over the flat index (row-major, so rows first, then columns): each level
     evaluates the direction restricted to the first half and follows the half with the
     larger disagreement, one host transfer per level. The direction is zero on the
-    ``excluded`` elements, and a bisection that ends on one names none.
+    excluded elements, and a bisection that ends on one names none.
     """
     judged = [p for p in tc.probes if not p.kink]
     if any(p.failed and p.kind == "coordinate" for p in judged):
         return None
+    ev, excluded = ctx.ev, ctx.excluded.get(tc.name)
     key = f"model.{tc.name}"
     theta = ev.shadow[key]
     numel = theta.numel()
@@ -574,12 +612,12 @@ def _locate(
             return None
         worst = max(failing, key=lambda p: _ratio(p.error, p.tolerance))
         err = worst.numerical - (worst.reference if worst.reference is not None else worst.autograd)
-        base_step = step if step is not None else ev.step(theta.dtype)
+        base_step = ctx.base_step(theta.dtype)
         if chunked:  # nothing of the tensor's size held but its float64 copy
             h = _direction_step(theta, base_step, excluded)
             del theta  # a reference pass may replace the copy (see _Evaluation._widened_pass)
-            flat = _bisect_in_chunks(ev, judge, tc.name, grad, g_ref, worst.direction_seed, excluded, h, err)
-            return _confirm(ev, judge, tc, flat, False, grad, g_ref, step, signature, loss0, excluded)
+            flat = _bisect_in_chunks(ctx, tc.name, grad, g_ref, worst.direction_seed, h, err)
+            return _confirm(ctx, judge, tc, flat, False, grad, g_ref)
         if isinstance(g_ref, _RefView):  # the whole reference of this tensor, again
             g_ref = g_ref.tensor()
         cmp = (g_ref if g_ref is not None else grad).detach().to(device=theta.device, dtype=torch.float64)
@@ -600,31 +638,30 @@ def _locate(
             else:
                 up, _ = ev({**ev.shadow, key: (theta64 + h * part).to(theta.dtype).reshape(theta.shape)})
                 down, _ = ev({**ev.shadow, key: (theta64 - h * part).to(theta.dtype).reshape(theta.shape)})
-            level = _HostValues(judge.reduce)  # one transfer per level; the same decision on every rank
+            level = _HostValues(ctx.reduce)  # one transfer per level; the same decision on every rank
             i = level.add((up.to(torch.float64) - down.to(torch.float64)) / (2 * h) - (cmp * part).sum())
             left = level.fetch()[i]
             right = err - left
             lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
         flat, gap = lo, False
-    return _confirm(ev, judge, tc, flat, gap, grad, g_ref, step, signature, loss0, excluded)
+    return _confirm(ctx, judge, tc, flat, gap, grad, g_ref)
 
 
 def _confirm(
-    ev: _Evaluation, judge: _Judge, tc: TensorCheck, flat: int, gap: bool, grad: Tensor, g_ref: Tensor | None,
-    step: float | None, signature: Any, loss0: Tensor, excluded: _Excluded | None,
+    ctx: _CheckContext, judge: _Judge, tc: TensorCheck, flat: int, gap: bool, grad: Tensor, g_ref: Tensor | None,
 ) -> Probe | None:
     """The coordinate probe of element ``flat`` that confirms a localisation (None when the
     element is excluded from probing)."""
+    excluded = ctx.excluded.get(tc.name)
     if excluded is not None and bool(np.isin(flat, excluded.flat)):
         return None
-    host = _HostValues(judge.reduce)
-    kind, value, idx = _probe(ev, tc.name, grad, g_ref, ("coordinate", flat), step, signature, loss0, host)
+    host = _HostValues(ctx.reduce)
+    kind, value, idx = _probe(ctx, tc.name, grad, g_ref, ("coordinate", flat), host)
     return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch(), name=tc.name)
 
 
 def _bisect_in_chunks(
-    ev: _Evaluation, judge: _Judge, name: str, grad: Tensor, g_ref: "_RefView | None", seed: int,
-    excluded: _Excluded | None, h: Tensor, err: float,
+    ctx: _CheckContext, name: str, grad: Tensor, g_ref: "_RefView | None", seed: int, h: Tensor, err: float,
 ) -> int:
     """:func:`_locate`'s bisection of a failing direction over a large float64 copy, holding
     nothing else of its size: the direction restricted to ``[lo, mid)`` is drawn a chunk
@@ -632,6 +669,7 @@ def _bisect_in_chunks(
     ``[lo, mid)`` takes a float64 backward of its own (the reference is not kept) until
     ``[lo, hi)`` fits in one chunk, whose reference and direction are then kept. The same
     halves, points and decisions as the bisection of the whole tensors."""
+    ev, excluded = ctx.ev, ctx.excluded.get(name)
     key = f"model.{name}"
     numel = ev.shadow[key].numel()
     mask = excluded.mask if excluded is not None else None
@@ -675,7 +713,7 @@ def _bisect_in_chunks(
             ref = kept[1][lo - kept[0] : mid - kept[0]].sum()
         else:
             ref = reference(lambda g, lo=lo, mid=mid: restricted(g, lo, mid))
-        level = _HostValues(judge.reduce)  # one transfer per level; the same decision on every rank
+        level = _HostValues(ctx.reduce)  # one transfer per level; the same decision on every rank
         i = level.add((up.to(torch.float64) - down.to(torch.float64)) / (2 * h) - ref)
         left = level.fetch()[i]
         right = err - left
@@ -691,10 +729,8 @@ _FLAT_STEP = 1e-2
 _FLAT_ULPS = 1e3
 
 
-def _flat_probes(
-    ev: _Evaluation, rows: Mapping[str, list], values: list[float], reduce: Callable | None, grad_eps: float,
-    loss: float, excluded: Mapping[str, _Excluded] | None = None,
-) -> None:
+def _flat_probes(ctx: _CheckContext, rows: Mapping[str, list], values: list[float], grad_eps: float,
+                 loss: float) -> None:
     """Mark probes whose perturbed losses were all equal (numerical value exactly 0) where
     autograd predicts a change well above the loss's rounding, and whose loss does move at
     the step :data:`_FLAT_STEP`: rounding flattened the loss there, so 0 is no
@@ -703,6 +739,7 @@ def _flat_probes(
     evaluations per such probe (rare: a tensor whose true gradient is 0 predicts no
     change, and an ``|autograd|`` within the gradient's rounding noise of ``|L|`` is no
     prediction), one transfer."""
+    ev, excluded = ctx.ev, ctx.excluded
     eps = float(torch.finfo(ev.loss_dtype if ev.loss_dtype is not None else torch.float64).eps)
     candidates = []
     for name, probes in rows.items():
@@ -717,7 +754,7 @@ def _flat_probes(
             candidates.append((name, kind, value, idx, threshold))
     if not candidates:
         return
-    host = _HostValues(reduce)
+    host = _HostValues(ctx.reduce)
     moved = []
     for name, kind, value, idx, _ in candidates:
         key = f"model.{name}"
@@ -736,26 +773,24 @@ def _flat_probes(
 
 
 def _remeasure(
-    ev: _Evaluation, judge: _Judge, tc: TensorCheck, rows: list, grad: Tensor, g_ref: Tensor | None,
-    every: Mapping[str, Tensor], step: float | None, values: list[float], gstats: tuple[int, int],
-    gap: Mapping[str, int] | None, excluded: _Excluded | None = None,
+    ctx: _CheckContext, judge: _Judge, tc: TensorCheck, rows: list, grad: Tensor, g_ref: Tensor | None,
+    values: list[float], gstats: tuple[int, int], gap: Mapping[str, int] | None,
 ) -> TensorCheck:
     """A failing tensor of a check that measured no noise (``richardson=False``): its
     failing probes are evaluated again at ``±h`` and ``±2h`` from a recorded unperturbed
-    pass, so their error bars get the truncation estimate and the loss noise measured
-    from their own fourth differences, and the tensor is judged again. A fail verdict
-    stands only if it survives its measured noise. ``rows`` is updated in place."""
-    loss0, signature, _ = ev.base(every, reference=False)
-    ev.loss0 = loss0
-    host = _HostValues(judge.reduce)
+    pass (``ctx``, from :meth:`_CheckContext.on`), so their error bars get the truncation
+    estimate and the loss noise measured from their own fourth differences, and the tensor
+    is judged again. A fail verdict stands only if it survives its measured noise. ``rows``
+    and ``values`` are updated in place."""
+    host = _HostValues(ctx.reduce)
     failing = [i for i, p in enumerate(tc.probes) if p.failed]
-    fresh = {i: _probe(ev, tc.name, grad, g_ref, rows[i][:2], step, signature, loss0, host, excluded=excluded) for i in failing}
-    i_loss0 = host.add(loss0)
+    fresh = {i: _probe(ctx, tc.name, grad, g_ref, rows[i][:2], host) for i in failing}
+    i_loss0 = host.add(ctx.loss0)
     offset = len(values)
     values.extend(host.fetch())
     for i, (kind, value, idx) in fresh.items():
         rows[i] = (kind, value, {k: j + offset for k, j in idx.items()})
-    measured = _loss_noise({tc.name: [rows[i] for i in failing]}, values, ev, values[i_loss0 + offset])
+    measured = _loss_noise({tc.name: [rows[i] for i in failing]}, values, ctx.ev, values[i_loss0 + offset])
     again = copy.copy(judge)
     again.noise = max(judge.noise, measured)
     return again.tensor(tc.name, tc.shape, rows, gstats, gap)
