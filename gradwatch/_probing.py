@@ -14,7 +14,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator, Mapping
+from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
 import numpy as np
 import torch
@@ -486,63 +486,102 @@ def _probe(
     """Evaluate one probe at ±h and ±2h (±h only without Richardson); returns host
     indices of its device scalars. A direction is zero on the tensor's excluded elements."""
     kind, value = spec
-    ev, ref, loss0, excluded = ctx.ev, ctx.signature, ctx.loss0, ctx.excluded.get(name)
+    ev, excluded = ctx.ev, ctx.excluded.get(name)
     key = f"model.{name}"
     # first: a reference pass may make the float64 copy again (see _Evaluation._widened_pass)
     terms = g_ref.of(spec) if isinstance(g_ref, _RefView) else None
     theta = ev.shadow[key]
-    base_step = ctx.base_step(theta.dtype)
     # a large float64 copy probed in place: its direction is drawn a chunk at a time at each use
     chunked = (kind == "direction" and theta.dtype == torch.float64 and theta.numel() > _sizes.CHUNK
                and theta.is_contiguous() and ev.in_place(key) and (g_ref is None or terms is not None))
-    line = _Line(theta, kind, None if kind == "direction" else value, base_step, excluded,
+    line = _Line(theta, kind, None if kind == "direction" else value, ctx.base_step(theta.dtype), excluded,
                  seed=value if kind == "direction" else None)  # its step first
     mask = excluded.mask if excluded is not None else None
-    v = _direction(theta, value, mask) if kind == "direction" and not chunked else None
-    line.v = v
-    if kind == "coordinate":
-        g = None
-        a = grad.detach().reshape(-1)[value].to(device=theta.device, dtype=torch.float64)
+    line.v = _direction(theta, value, mask) if kind == "direction" and not chunked else None
+    t = _probe_terms(line, grad, g_ref, terms)
+    losses, points, kinks = _passes(ev, line, key, ctx.signature)
+    kink = kinks.any_crossed() if kinks is not None else False
+    if kinks is not None and kink_log is not None:
+        kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
+    n1 = _difference(line, losses, points, 1.0, t.g, t.a)
+    lmax = torch.stack([x.abs() for x in losses.values()]).max()
+    out = {"a": t.a, "rss": t.rss, "vnorm": t.vnorm, "n1": n1, "n2": n1, "lmax": lmax, "h": line.h, "kink": kink}
+    if ev.own_reference:
+        out["mid"] = (losses[1.0] + losses[-1.0]) / 2
+    if 2.0 in losses:
+        out["n2"] = _difference(line, losses, points, 2.0, t.g, t.a)
+        out["fourth"] = losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * ctx.loss0
+    if t.a_ref is not None:
+        out["a_ref"], out["rss_ref"] = t.a_ref, t.rss_ref
+    return kind, value, {k: host.add(x) for k, x in out.items()}
+
+
+class _Terms(NamedTuple):
+    """What one probe compares its central differences with, on the device (float64)."""
+
+    a: Tensor  # <g, v> of the gradient under test
+    rss: Tensor  # ‖g∘v‖, the root sum of squares of its terms (never cancels)
+    vnorm: Tensor  # ‖v‖
+    a_ref: Tensor | None  # <g_ref, v> of the float64 reference (None: no reference)
+    rss_ref: Tensor | None  # ‖g_ref∘v‖
+    g: Tensor | None  # the gradient in float64, kept when the points are rounded (for _difference)
+
+
+def _probe_terms(line: _Line, grad: Tensor, g_ref: Tensor | None, terms: tuple[Tensor, Tensor] | None) -> _Terms:
+    """The :class:`_Terms` of the probe along ``line``; ``terms``: the reference's, when taken
+    already (:class:`_RefView`). A direction the line does not keep (a large float64 copy) is
+    drawn a chunk at a time: no temporary of the tensor's size."""
+    theta = line.theta
+    if line.coordinate:
+        a = grad.detach().reshape(-1)[line.index].to(device=theta.device, dtype=torch.float64)
         rss, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=theta.device)
         if terms is not None:
             a_ref, rss_ref = terms
         else:
-            a_ref = g_ref.reshape(-1)[value].to(torch.float64) if g_ref is not None else None
+            a_ref = g_ref.reshape(-1)[line.index].to(torch.float64) if g_ref is not None else None
             rss_ref = a_ref.abs() if a_ref is not None else None
+        return _Terms(a, rss, vnorm, a_ref, rss_ref, None)
+    v = line.v
+    g = gv = None
+    if v is None:  # chunked: no temporary of the tensor's size
+        a, sq, vsq = _chunked_terms(grad.to(theta.device), _direction_chunks(theta, line.seed, line.mask))
+        rss, vnorm = sq.sqrt(), vsq.sqrt()
+    elif theta.dtype == torch.float64 and theta.numel() > _sizes.CHUNK:  # no temporary of the tensor's size
+        flat_v = v.reshape(-1)
+        a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
+                                                          for lo, hi in _sizes.spans(theta.numel())))
+        rss, vnorm = sq.sqrt(), torch.linalg.vector_norm(v)
+    elif theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
+        gv = grad.detach().to(device=theta.device, dtype=torch.float64, copy=True).reshape(theta.shape)
+        gv.mul_(v)
     else:
-        if chunked:  # no temporary of the tensor's size
-            g = gv = None
-            a, sq, vsq = _chunked_terms(grad.to(theta.device), _direction_chunks(theta, value, mask))
-            rss, vnorm = sq.sqrt(), vsq.sqrt()
-        elif theta.dtype == torch.float64 and theta.numel() > _sizes.CHUNK:  # no temporary of the tensor's size
-            g = None
-            flat_v = v.reshape(-1)
-            a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
-                                                              for lo, hi in _sizes.spans(theta.numel())))
-            gv = None
-            rss, vnorm = sq.sqrt(), torch.linalg.vector_norm(v)
-        elif theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
-            g = None
-            gv = grad.detach().to(device=theta.device, dtype=torch.float64, copy=True).reshape(theta.shape)
-            gv.mul_(v)
-        else:
-            g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
-            gv = g * v
-        if gv is not None:
-            a, rss, vnorm = gv.sum(), torch.linalg.vector_norm(gv), torch.linalg.vector_norm(v)
-        if terms is not None:
-            a_ref, rss_ref = terms
-        elif g_ref is not None:
-            rv = g_ref.to(torch.float64) * v
-            a_ref, rss_ref = rv.sum(), torch.linalg.vector_norm(rv)
-            del rv
-        else:
-            a_ref = rss_ref = None
-        del gv
+        g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
+        gv = g * v
+    if gv is not None:
+        a, rss, vnorm = gv.sum(), torch.linalg.vector_norm(gv), torch.linalg.vector_norm(v)
+    del gv
+    if terms is not None:
+        a_ref, rss_ref = terms
+    elif g_ref is not None:
+        rv = g_ref.to(torch.float64) * v
+        a_ref, rss_ref = rv.sum(), torch.linalg.vector_norm(rv)
+        del rv
+    else:
+        a_ref = rss_ref = None
+    return _Terms(a, rss, vnorm, a_ref, rss_ref, g)
+
+
+def _passes(
+    ev: _Evaluation, line: _Line, key: str, ref: _Reference | None,
+) -> tuple[dict[float, Tensor], dict[float, Tensor | None], _ProbeKinks | None]:
+    """The losses at the points of ``line`` (``θ ± h·v``, and ``θ ± 2h·v`` with Richardson
+    passes), what :func:`_difference` needs of each point, and the kink record of the probe
+    against ``ref`` (the unperturbed pass's; with own-reference probes, the probe's ``+h``
+    pass). Batched in one vmapped call when the evaluation allows it and no kink is recorded."""
     losses, points = {}, {}
     if ev.own_reference:
         losses[1.0], points[1.0], ref = line.record(ev, key)
-    kinks = _ProbeKinks(ref, theta.device) if ref is not None else None
+    kinks = _ProbeKinks(ref, line.theta.device) if ref is not None else None
     batched = None
     if kinks is None and ev.batched is not False:
         points = {s: line.point(s) for s in ev.signs}
@@ -554,20 +593,7 @@ def _probe(
         for s in ev.signs:
             if s not in losses:
                 losses[s], points[s] = line.run(ev, key, s, kinks)
-    kink = kinks.any_crossed() if kinks is not None else False
-    if kinks is not None and kink_log is not None:
-        kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
-    n1 = _difference(line, losses, points, 1.0, g, a)
-    lmax = torch.stack([x.abs() for x in losses.values()]).max()
-    out = {"a": a, "rss": rss, "vnorm": vnorm, "n1": n1, "n2": n1, "lmax": lmax, "h": line.h, "kink": kink}
-    if ev.own_reference:
-        out["mid"] = (losses[1.0] + losses[-1.0]) / 2
-    if 2.0 in losses:
-        out["n2"] = _difference(line, losses, points, 2.0, g, a)
-        out["fourth"] = losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * loss0
-    if a_ref is not None:
-        out["a_ref"], out["rss_ref"] = a_ref, rss_ref
-    return kind, value, {k: host.add(x) for k, x in out.items()}
+    return losses, points, kinks
 
 
 def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | None, a: Tensor) -> Tensor:
