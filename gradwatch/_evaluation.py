@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradwatch._float64 import _EPS, _Float64Ops, _NativeDraws
+# _dtype_name is re-exported: engine, _judging and local import it from here
+from gradwatch._float64 import _EPS, _dtype_name, _Float64Ops, _NativeDraws
 from gradwatch.kinks import _BranchRecorder, _ProbeKinks, _Reference
 from gradwatch.replay import (
     ReplayState,
@@ -60,10 +61,6 @@ def _apply_reduce(reduce: Callable[[Tensor], Tensor], stacked: Tensor) -> Tensor
             f"{tuple(getattr(reduced, 'shape', ()))}"
         )
     return reduced
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _choose_precision(precision: str, model: nn.Module, replay: ReplayState, budget: int) -> tuple[str, str]:
