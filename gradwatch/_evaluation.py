@@ -16,7 +16,8 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call
 
-from gradwatch._float64 import _EPS, _Float64Ops, _NativeDraws
+# _dtype_name is re-exported: engine, _judging and local import it from here
+from gradwatch._float64 import _EPS, _dtype_name, _Float64Ops, _NativeDraws
 from gradwatch.kinks import _BranchRecorder, _ProbeKinks, _Reference
 from gradwatch.replay import (
     ReplayState,
@@ -60,10 +61,6 @@ def _apply_reduce(reduce: Callable[[Tensor], Tensor], stacked: Tensor) -> Tensor
             f"{tuple(getattr(reduced, 'shape', ()))}"
         )
     return reduced
-
-
-def _dtype_name(dtype: torch.dtype) -> str:
-    return str(dtype).replace("torch.", "")
 
 
 def _choose_precision(precision: str, model: nn.Module, replay: ReplayState, budget: int) -> tuple[str, str]:
@@ -189,7 +186,7 @@ class _Evaluation:
             self.batch_reason = "native precision evaluates sequentially"
         else:
             self.batched, self.batch_reason = None, None
-        self.loss0: Tensor | None = None  # the sequential unperturbed loss, set by check()
+        self.loss0: Tensor | None = None  # the sequential unperturbed loss, set after the unperturbed pass
         self.own_reference = False  # no unperturbed pass: each probe's +h pass is its kink reference
         self.batch = batch
         self.replay = replay
@@ -315,6 +312,13 @@ class _Evaluation:
             return self.loss_dtype
         low = self.ops.lowest
         return self.loss_dtype if _EPS.get(self.loss_dtype, 0.0) > _EPS[low] else low
+
+    @property
+    def usable(self) -> bool:
+        """False when probing would measure nothing: the float64 evaluation returned a loss
+        below float64 (:attr:`lossy`) or cannot draw the training forward's random numbers
+        (:attr:`unreplayable`); the check is then unreliable."""
+        return not (self.lossy or self.unreplayable)
 
     @property
     def unreplayable(self) -> str | None:

@@ -102,7 +102,8 @@ _LIFT = _overloads("lift_fresh", "lift_fresh_copy")
 _FUSED_SDPA = {1: "flash attention", 2: "memory-efficient attention", 3: "cuDNN attention", 4: "an overrideable backend"}
 
 
-def _name(dtype: torch.dtype) -> str:
+def _dtype_name(dtype: torch.dtype) -> str:
+    """``float32`` for ``torch.float32``: a dtype as reports and messages name it."""
     return str(dtype).replace("torch.", "")
 
 
@@ -231,10 +232,10 @@ class _Float64Ops:
             where = "(outside modules)" if module is None else (module or "(model)")
             op = func.overloadpacket.__name__
             if src is not None and src.dtype == dtype:  # a lower-precision tensor made inside (torch.tensor, from_numpy)
-                self.sites.append(f"{where}: {op} of a {_name(dtype)} tensor->float64")
+                self.sites.append(f"{where}: {op} of a {_dtype_name(dtype)} tensor->float64")
             else:
-                src_name = _name(src.dtype) if src is not None else "new"
-                self.sites.append(f"{where}: {op} {src_name}->{_name(dtype)}")
+                src_name = _dtype_name(src.dtype) if src is not None else "new"
+                self.sites.append(f"{where}: {op} {src_name}->{_dtype_name(dtype)}")
 
     def _note(self, out: Any) -> None:
         if isinstance(out, Tensor):
@@ -370,7 +371,7 @@ class _SdpaWatch(TorchFunctionMode):
                 if backend in _FUSED_SDPA:
                     self.ops.unreplayable = (
                         f"F.scaled_dot_product_attention with dropout_p={p:g} runs {_FUSED_SDPA[backend]} in "
-                        f"{_name(native)} on {q.device.type} in the training forward, whose dropout masks come "
+                        f"{_dtype_name(native)} on {q.device.type} in the training forward, whose dropout masks come "
                         "from the kernel's own RNG; the float64 replay runs the math path and cannot draw the same "
                         "masks, so no tensor is judged (set dropout to 0 for checked steps, or select the math "
                         "backend with torch.nn.attention.sdpa_kernel(SDPBackend.MATH))"

@@ -48,14 +48,15 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from gradwatch import _sizes
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _CHUNK, _Judge, _loss_noise, _nonfinite, _ratio, _spans, _summary
+from gradwatch._judging import _Judge, _KinkRow, _loss_noise, _nonfinite, _ratio, _summary
 from gradwatch._probing import (
+    _CheckContext,
     _chunked_terms,
     _direction,
     _direction_chunks,
     _Excluded,
-    _KinkRow,
     _locate,
     _probe,
 )
@@ -126,7 +127,7 @@ class _JointLine:
         self._in_place = [ev.in_place(k) for k in self.keys]  # float64 copies, moved in place
         finite, norms = [], []
         for i in range(len(names)):
-            if thetas[i].numel() > _CHUNK:  # a chunk at a time
+            if thetas[i].numel() > _sizes.CHUNK:  # a chunk at a time
                 sq = None
                 for _, _, g in self._g64_chunks(i, finite):
                     sq = g.pow_(2).sum() if sq is None else sq + g.pow_(2).sum()
@@ -144,9 +145,9 @@ class _JointLine:
         self.weights = weights
         sq, count = 0, 0
         for t, m in zip(thetas, self.masks):
-            if t.numel() > _CHUNK:
+            if t.numel() > _sizes.CHUNK:
                 flat, fm = t.reshape(-1), (m.reshape(-1) if m is not None else None)
-                for lo, hi in _spans(t.numel()):
+                for lo, hi in _sizes.spans(t.numel()):
                     c = flat[lo:hi].to(torch.float64)
                     sq = sq + (c if fm is None else torch.where(fm[lo:hi], c, 0.0)).pow(2).sum().to(device)
                 count = count + (float(t.numel()) if m is None else m.sum().to(device))
@@ -160,7 +161,7 @@ class _JointLine:
         self.h = self.h0
         a_t, rss, vnorm = [], [], []
         for i in range(len(names)):
-            if self.ev.shadow[self.keys[i]].numel() > _CHUNK:  # a chunk of g and v at a time
+            if self.ev.shadow[self.keys[i]].numel() > _sizes.CHUNK:  # a chunk of g and v at a time
                 a_i = sq_i = vsq_i = None
                 for (_, _, g), (_, _, v) in zip(self._g64_chunks(i), self._chunks(i)):
                     vsq_c = v.pow(2).sum()
@@ -208,7 +209,7 @@ class _JointLine:
         theta = self.ev.shadow[self.keys[i]]
         flat = self.grads[self.names[i]].detach().reshape(-1)
         bad_any = None
-        for lo, hi in _spans(theta.numel()):
+        for lo, hi in _sizes.spans(theta.numel()):
             g = flat[lo:hi].to(device=theta.device, dtype=torch.float64, copy=True)
             bad = _nonfinite(g)
             bad_any = bad.any() if bad_any is None else bad_any | bad.any()
@@ -245,7 +246,7 @@ class _JointLine:
     def reference_terms(self, name: str, g_ref: Tensor) -> tuple[Tensor, Tensor]:
         """``<g_ref, v_t>`` and ``‖g_ref∘v_t‖²`` of tensor ``name`` (while the backward produces ``g_ref``)."""
         i = self.names.index(name)
-        if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
+        if g_ref.numel() > _sizes.CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
             a_ref, sq, _ = _chunked_terms(g_ref, self._chunks(i, g_ref))
             return a_ref.to(self.device), sq.to(self.device)
         v = self.direction(i, g_ref)
@@ -282,7 +283,7 @@ class _JointLine:
 
         def move(i: int) -> Callable[[Tensor], None]:
             def apply(theta: Tensor) -> None:
-                if theta.numel() > _CHUNK:  # elementwise: the same values a chunk at a time
+                if theta.numel() > _sizes.CHUNK:  # elementwise: the same values a chunk at a time
                     flat = theta.view(-1)
                     for lo, hi, v in self._chunks(i):
                         flat[lo:hi].add_((s * self.h) * v)
@@ -336,9 +337,7 @@ def _joint_lines(
     return out
 
 
-def _joint_probes(
-    ev: _Evaluation, lines: list[tuple[int, _JointLine]], signature: Any, loss0: Tensor | None, host: _HostValues,
-) -> list[_JointRow]:
+def _joint_probes(ctx: _CheckContext, lines: list[tuple[int, _JointLine]], host: _HostValues) -> list[_JointRow]:
     """Evaluate the joint probes ``lines`` (:func:`_joint_lines`); their device values
     join ``host`` (the check's one transfer). A probe that crossed a kink is redone at a
     smaller step (one small transfer per retry, see the module notes)."""
@@ -347,7 +346,7 @@ def _joint_probes(
         names = line.names
         for attempt in range(_RETRIES + 1):
             line.h = line.h0 * _SHRINK**attempt if attempt else line.h0
-            values, kinks = _evaluate(ev, line, signature, loss0)
+            values, kinks = _evaluate(ctx, line)
             if kinks is None or attempt == _RETRIES:
                 break
             check = _HostValues(host.reduce)  # every process takes the same decision
@@ -359,11 +358,11 @@ def _joint_probes(
     return out
 
 
-def _evaluate(ev: _Evaluation, line: _JointLine, signature: Any, loss0: Tensor | None) -> tuple[dict, Any]:
+def _evaluate(ctx: _CheckContext, line: _JointLine) -> tuple[dict, Any]:
     """The passes of one joint probe at ``line.h``: device values as :func:`_probe` returns them."""
+    ev, ref, loss0 = ctx.ev, ctx.signature, ctx.loss0
     losses: dict[float, Tensor] = {}
     points: dict[float, dict] = {}
-    ref = signature
     if ev.own_reference:  # no unperturbed pass: the +h pass is the kink reference
         with line.at(1.0) as (state, points[1.0]):
             loss, ref = ev(state)
@@ -404,12 +403,12 @@ def _judge_joint(judge: _Judge, row: _JointRow) -> Probe:
                                at_kink=any(m == 0.0 for m in margins))
 
 
-def _group(ev: _Evaluation, judge: _Judge, row: _JointRow, probe: Probe) -> str:
+def _group(ctx: _CheckContext, row: _JointRow, probe: Probe) -> str:
     """Group testing: bisect the failing joint probe over its tensors; returns the name
     of the tensor holding (the larger part of) the disagreement. Each level evaluates the
     direction restricted to the first half at ``±h`` and follows the half whose
     disagreement is larger; one host transfer per level."""
-    line = row.line
+    ev, line = ctx.ev, row.line
     cmp = line.a_ref_t if (line.a_ref_t is not None and probe.reference is not None) else line.a_t
     err = probe.numerical - (probe.reference if probe.reference is not None else probe.autograd)
     lo, hi = 0, len(line.names)
@@ -419,7 +418,7 @@ def _group(ev: _Evaluation, judge: _Judge, row: _JointRow, probe: Probe) -> str:
             up, _ = ev(state, record=False)
         with line.at(-1.0, lo, mid) as (state, down_pt):
             down, _ = ev(state, record=False)
-        level = _HostValues(judge.reduce)  # the same decision on every process
+        level = _HostValues(ctx.reduce)  # the same decision on every process
         i = level.add(line.difference(up, down, (up_pt, down_pt), 1.0, lo, mid) - torch.stack(cmp[lo:mid]).sum())
         left = level.fetch()[i]
         right = err - left
@@ -428,9 +427,8 @@ def _group(ev: _Evaluation, judge: _Judge, row: _JointRow, probe: Probe) -> str:
 
 
 def _joint_verdicts(
-    ev: _Evaluation, judge: _Judge, rows: list[_JointRow], tensors: dict[str, TensorCheck],
-    grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], step: float | None,
-    signature: Any, loss0: Tensor | None, localize: bool, excluded: Mapping[str, _Excluded] | None = None,
+    ctx: _CheckContext, judge: _Judge, rows: list[_JointRow], tensors: dict[str, TensorCheck],
+    grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], localize: bool,
     measured: Callable[[], _Evaluation] | None = None,
 ) -> tuple[tuple[Probe, ...], dict[str, TensorCheck]]:
     """The joint probes and the tensor verdicts they change.
@@ -472,35 +470,11 @@ def _joint_verdicts(
                         reason=f"the joint probe over {len(covered)} tensors failed; not narrowed down (localize=False)",
                     )
             return probes, out
-        name = _group(ev, judge, row, worst)
+        name = _group(ctx, row, worst)
         for n in unverified - {name}:
             out[n] = dataclasses.replace(out[n], verdict="skipped", reason=(
                 f"not verified: the joint probe over {len(covered)} tensors failed and group testing named '{name}'"))
-        i = row.names.index(name)
-        mask = excluded.get(name) if excluded else None
-        # confirmed along the same direction, from the step the joint probe ended at, shrunk on kinks
-        small = (step if step is not None else ev.step(ev.shadow[f"model.{name}"].dtype)) * _FIRST
-        small *= _SHRINK ** (row.attempts - 1)
-        if measured is not None:  # from the check's own step: at the joint's, rounding inside the forward dominates
-            small = step if step is not None else ev.step(ev.shadow[f"model.{name}"].dtype)
-        by, judge_by, sig_by, loss0_by = ev, judge, signature, loss0
-        if measured is not None:  # no noise measured: confirm from an unperturbed pass with ±2h passes
-            by = measured()
-            loss0_by, sig_by, _ = by.base(grads, reference=False)
-            by.loss0 = loss0_by
-        for attempt in range(_RETRIES + 1):
-            host = _HostValues(judge.reduce)
-            kind, value, idx = _probe(by, name, grads[name], refs.get(name), ("direction", row.line.seeds[i]), small,
-                                      sig_by, loss0_by, host, excluded=mask)
-            i_loss0 = host.add(loss0_by) if measured is not None else None
-            fetched = host.fetch()
-            if measured is not None:
-                judge_by = copy.copy(judge)
-                judge_by.noise = max(judge.noise, _loss_noise({name: [(kind, value, idx)]}, fetched, by, fetched[i_loss0]))
-            confirm = judge_by.probe(kind, value, idx, out[name].shape, values=fetched)
-            if not confirm.kink:
-                break
-            small *= _SHRINK
+        confirm, small = _confirm_joint(ctx, judge, row, name, grads, refs, out[name].shape, measured)
         if measured is not None and not confirm.failed and not confirm.kink:
             for n in unverified:
                 out[n] = dataclasses.replace(out[n], verdict="skipped", reason=(
@@ -509,21 +483,9 @@ def _joint_verdicts(
             if name not in unverified:
                 out[name] = dataclasses.replace(out[name], probes=out[name].probes + (confirm,))
             return probes, out
-        tc = out[name]
-        ratio = max(_ratio(worst.error, worst.tolerance), _ratio(confirm.error, confirm.tolerance))
-        if confirm.failed:
-            why = None
-        elif confirm.kink:
-            why = ("the joint probe failed and group testing named this tensor; its own direction probe along the "
-                   "same direction crossed a kink at every step tried")
-        else:
-            why = ("the joint probe failed and group testing named this tensor; its own direction probe along the "
-                   f"same direction passed (err/tol {_ratio(confirm.error, confirm.tolerance):.3g})")
-        tc = dataclasses.replace(tc, verdict="fail", probes=tc.probes + (confirm,), reason=why,
-                                 error_ratio=max(ratio, tc.error_ratio) if not math.isnan(tc.error_ratio) else ratio,
-                                 **_summary([p for p in tc.probes + (confirm,) if not p.kink]))
+        tc = _named(out[name], worst, confirm)
         if tc.located is None:
-            located = _locate(ev, judge, tc, grads[name], refs.get(name), small, signature, loss0, mask)
+            located = _locate(ctx.at_step(small), judge, tc, grads[name], refs.get(name))
             if located is not None:
                 tc = dataclasses.replace(tc, located=located)
         out[name] = tc
@@ -548,3 +510,56 @@ def _joint_verdicts(
                 reason=f"verified jointly: the joint probe over {len(covered)} tensors passed (Report.joint)",
             )
     return probes, out
+
+
+def _confirm_joint(
+    ctx: _CheckContext, judge: _Judge, row: _JointRow, name: str, grads: Mapping[str, Tensor],
+    refs: Mapping[str, Tensor | None], shape: tuple[int, ...], measured: Callable[[], _Evaluation] | None,
+) -> tuple[Probe, float]:
+    """The direction probe of tensor ``name`` (named by group testing) along its part of the
+    failing joint probe ``row``, and the step it ended at: from the step the joint probe
+    ended at, shrunk on kinks (up to :data:`_RETRIES` times); in a check that measured no
+    noise (``measured``), from the check's own step and an unperturbed pass of its own, judged
+    with the noise it measures."""
+    ev = ctx.ev
+    i = row.names.index(name)
+    # confirmed along the same direction, from the step the joint probe ended at, shrunk on kinks
+    small = ctx.base_step(ev.shadow[f"model.{name}"].dtype) * _FIRST
+    small *= _SHRINK ** (row.attempts - 1)
+    if measured is not None:  # from the check's own step: at the joint's, rounding inside the forward dominates
+        small = ctx.base_step(ev.shadow[f"model.{name}"].dtype)
+    by, judge_by = ctx, judge
+    if measured is not None:  # no noise measured: confirm from an unperturbed pass with ±2h passes
+        by = ctx.on(measured(), grads)
+    spec = ("direction", row.line.seeds[i])
+    for _ in range(_RETRIES + 1):
+        host = _HostValues(ctx.reduce)
+        kind, value, idx = _probe(by.at_step(small), name, grads[name], refs.get(name), spec, host)
+        i_loss0 = host.add(by.loss0) if measured is not None else None
+        fetched = host.fetch()
+        if measured is not None:
+            judge_by = copy.copy(judge)
+            noise = _loss_noise({name: [(kind, value, idx)]}, fetched, by.ev, fetched[i_loss0])
+            judge_by.noise = max(judge.noise, noise)
+        confirm = judge_by.probe(kind, value, idx, shape, values=fetched)
+        if not confirm.kink:
+            break
+        small *= _SHRINK
+    return confirm, small
+
+
+def _named(tc: TensorCheck, worst: Probe, confirm: Probe) -> TensorCheck:
+    """The failing verdict of the tensor group testing named for the failing joint probe
+    ``worst``, with its confirming direction probe ``confirm``."""
+    ratio = max(_ratio(worst.error, worst.tolerance), _ratio(confirm.error, confirm.tolerance))
+    if confirm.failed:
+        why = None
+    elif confirm.kink:
+        why = ("the joint probe failed and group testing named this tensor; its own direction probe along the "
+               "same direction crossed a kink at every step tried")
+    else:
+        why = ("the joint probe failed and group testing named this tensor; its own direction probe along the "
+               f"same direction passed (err/tol {_ratio(confirm.error, confirm.tolerance):.3g})")
+    return dataclasses.replace(tc, verdict="fail", probes=tc.probes + (confirm,), reason=why,
+                               error_ratio=max(ratio, tc.error_ratio) if not math.isnan(tc.error_ratio) else ratio,
+                               **_summary([p for p in tc.probes + (confirm,) if not p.kink]))

@@ -10,12 +10,13 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from typing import TYPE_CHECKING, Any, Callable, Mapping
+from typing import TYPE_CHECKING, Any, Mapping, NamedTuple
 
 import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradwatch import _sizes
 from gradwatch._evaluation import _dtype_name, _HostValues, _native_gradients
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.replay import ReplayState
@@ -23,7 +24,6 @@ from gradwatch.report import KinkEvent, Probe, TensorCheck
 
 if TYPE_CHECKING:
     from gradwatch._evaluation import _Evaluation
-    from gradwatch._probing import _KinkRow
 
 __all__: list[str] = []
 
@@ -36,6 +36,8 @@ RTOL = {
     "float16": 0.1,
     "bfloat16": 0.2,
 }
+#: Precisions below float32, whose rounding a move by float32 ulps does not re-randomise.
+_BELOW_FLOAT32 = ("tf32", "float16", "bfloat16")
 #: Code-test tolerance against the float64 reference, relative and absolute (× the
 #: tensor's own reference RMS, so a tensor with small gradients is judged at its scale).
 _REF_RTOL = 1e-6
@@ -75,37 +77,20 @@ _SHADOW_RTOL = {"float64": 1e-9, "float32": 1e-3, "tf32": 1e-2, "float16": 5e-2,
 _FOURTH_DIFF_NOISE = math.sqrt(70.0)
 
 
-#: Elements :func:`_nonfinite` and :func:`_moved` take at once (bounds their temporaries).
-_CHUNK = 1 << 18
-
-
-def _spans(n: int) -> list[tuple[int, int]]:
-    """The chunks ``[lo, hi)`` of :data:`_CHUNK` elements a tensor of ``n`` elements is taken
-    in (a tail under 16 elements joins the last chunk: drawn in chunks of a multiple of 16,
-    at least 16 each, CPU normal draws equal those of one call)."""
-    out, lo = [], 0
-    while lo < n:
-        hi = min(n, lo + _CHUNK)
-        if n - hi < 16:
-            hi = n
-        out.append((lo, hi))
-        lo = hi
-    return out
-
-
 def _nonfinite(t: Tensor) -> Tensor:
     """``~torch.isfinite(t)`` of a floating tensor, a chunk at a time for a large contiguous
     tensor (it makes a temporary of ``t``'s size). Computed as ``isnan(t - t)``: ``t - t``
     is NaN exactly where ``t`` is NaN or ±Inf (and 0 elsewhere), two kernels where
     ``isfinite`` runs five, which matters on tiny tensors (``assert_gradients``)."""
     t = t.detach()
-    if t.numel() <= _CHUNK or not t.is_contiguous():
+    if t.numel() <= _sizes.CHUNK or not t.is_contiguous():
         return torch.isnan(t - t)
     out = torch.empty(t.shape, dtype=torch.bool, device=t.device)
     flat, dest = t.reshape(-1), out.view(-1)
-    for lo in range(0, flat.numel(), _CHUNK):
-        part = flat[lo : lo + _CHUNK]
-        dest[lo : lo + _CHUNK] = torch.isnan(part - part)
+    chunk = _sizes.CHUNK
+    for lo in range(0, flat.numel(), chunk):
+        part = flat[lo : lo + chunk]
+        dest[lo : lo + chunk] = torch.isnan(part - part)
     return out
 
 
@@ -122,7 +107,7 @@ def _gap(g: Tensor, g_ref: Tensor, host: _HostValues) -> dict[str, int]:
 def _gap_values(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
     """:func:`_gap`'s device values, with one tensor-sized float64 temporary at a time
     (computed while the reference backward produces ``g_ref``)."""
-    if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk at a time
+    if g_ref.numel() > _sizes.CHUNK and g_ref.is_contiguous():  # a chunk at a time
         return _chunked_gap(g, g_ref)
     diff = g.detach().to(device=g_ref.device, dtype=torch.float64, copy=True).reshape(-1)
     diff.sub_(g_ref.reshape(-1))
@@ -139,7 +124,7 @@ def _chunked_gap(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
     flat_g, flat_r = g.detach().reshape(-1), g_ref.reshape(-1)
     gap = ref = None
     maxima, where = [], []
-    for lo, hi in _spans(g_ref.numel()):
+    for lo, hi in _sizes.spans(g_ref.numel()):
         r = flat_r[lo:hi]
         d = flat_g[lo:hi].to(device=g_ref.device, dtype=torch.float64, copy=True).sub_(r)
         gap_c, ref_c = d.pow(2).sum(), r.pow(2).sum()
@@ -159,9 +144,9 @@ def _chunked_gap(g: Tensor, g_ref: Tensor) -> dict[str, Tensor]:
 def _square_sum(g: Tensor) -> Tensor:
     """Sum of the squares of the finite elements of ``g``, in float64 (one float64
     temporary, or one chunk of it for a large tensor)."""
-    if g.numel() > _CHUNK and g.is_contiguous():
+    if g.numel() > _sizes.CHUNK and g.is_contiguous():
         flat, total = g.detach().reshape(-1), None
-        for lo, hi in _spans(g.numel()):
+        for lo, hi in _sizes.spans(g.numel()):
             t = flat[lo:hi].to(torch.float64, copy=True)
             part = t.masked_fill_(~torch.isfinite(t), 0.0).pow_(2).sum()
             total = part if total is None else total + part
@@ -222,6 +207,33 @@ def _replay_problem(
             f"(relative tolerance {rtol:g}): the model does not behave the same on the {mode} evaluation"
         )
     return None
+
+
+def _unreliable(
+    ev: _Evaluation, train: float | None, native: float | None, replayed: float | None, precision: str, own: bool,
+    spread: float,
+) -> str | None:
+    """Why a check whose losses are finite cannot be trusted, or None: the float64 evaluation
+    cannot draw the training forward's random numbers, the replay does not reproduce the
+    training loss (:func:`_replay_problem`), the loss underflows in the training precision
+    (:func:`_underflow`), or the float64 evaluation returned a loss below float64.
+
+    ``replayed``: the replayed loss (None: not compared); ``precision``: the training
+    precision; ``own``: the training loss is the native replay's own; ``spread``: the
+    measured run-to-run spread of the native loss (:func:`_loss_spread`)."""
+    mode = ev.mode
+    reason = ev.unreplayable or _replay_problem(train, native, replayed, _SHADOW_RTOL[precision], own, mode,
+                                                spread=spread)
+    if reason is None:
+        reason = _underflow(native if native is not None else train, replayed, precision, mode)
+    if reason is None and ev.lossy:
+        reason = (
+            f"`loss_fn` returned a {_dtype_name(ev.loss_dtype)} loss on the float64 copy of the "
+            "model: something casts to a lower precision "
+            "(such as .float()), so central differences would measure rounding noise; keep the loss in "
+            "the dtype of its inputs"
+        )
+    return reason
 
 
 def _underflow(native: float | None, replayed: float | None, precision: str, mode: str) -> str | None:
@@ -343,9 +355,9 @@ def _measure_spread(
             b = g1.get(name)
             if b is None:
                 return None
-            if a.numel() > _CHUNK and a.is_contiguous() and b.is_contiguous():  # a chunk at a time
+            if a.numel() > _sizes.CHUNK and a.is_contiguous() and b.is_contiguous():  # a chunk at a time
                 fa, fb, total = a.reshape(-1), b.reshape(-1), None
-                for lo, hi in _spans(a.numel()):
+                for lo, hi in _sizes.spans(a.numel()):
                     d = fa[lo:hi].to(torch.float64, copy=True).sub_(fb[lo:hi])
                     part = d.nan_to_num_(nan=0.0, posinf=0.0, neginf=0.0).pow_(2).sum()
                     total = part if total is None else total + part
@@ -378,15 +390,16 @@ def _measure_spread(
 
 def _moved(p: Tensor, sign: Tensor, rel: float) -> Tensor:
     """``(p64 + rel·|p64|·(2·sign - 1)).to(p.dtype)`` with ``p64`` the float64 value of ``p``,
-    computed a chunk of :data:`_CHUNK` elements at a time (the same values as at once)."""
-    if not p.is_contiguous() or p.numel() <= _CHUNK:  # at once (the same values)
+    computed a chunk of :data:`~gradwatch._sizes.CHUNK` elements at a time (the same values as at once)."""
+    if not p.is_contiguous() or p.numel() <= _sizes.CHUNK:  # at once (the same values)
         p64 = p.to(torch.float64)
         return (p64 + rel * p64.abs() * (sign.to(torch.float64) * 2 - 1)).to(p.dtype)
     out = torch.empty_like(p)
     flat, signs, dest = p.reshape(-1), sign.reshape(-1), out.view(-1)
-    for lo in range(0, flat.numel(), _CHUNK):
-        p64 = flat[lo : lo + _CHUNK].to(torch.float64)
-        dest[lo : lo + _CHUNK] = (p64 + rel * p64.abs() * (signs[lo : lo + _CHUNK].to(torch.float64) * 2 - 1)).to(p.dtype)
+    chunk = _sizes.CHUNK
+    for lo in range(0, flat.numel(), chunk):
+        p64 = flat[lo : lo + chunk].to(torch.float64)
+        dest[lo : lo + chunk] = (p64 + rel * p64.abs() * (signs[lo : lo + chunk].to(torch.float64) * 2 - 1)).to(p.dtype)
     return out
 
 
@@ -443,16 +456,20 @@ class _Judge:
     """Turns fetched probe values into :class:`Probe` and :class:`TensorCheck` verdicts."""
 
     def __init__(
-        self, *, reduce: Callable[[Tensor], Tensor] | None, values: list[float], noise: float, rtol: float,
-        scale: float, ref_scale: float | None, native: bool, loss: float = 0.0, eps: float = 0.0,
-        gaps: Mapping[str, Mapping[str, int]] | None = None, spread: _Spread | None = None, low: bool = False,
+        self, *, values: list[float], noise: float, precision: str, eps: float = 0.0, native: bool,
+        loss: float = 0.0, scale: float, ref_scale: float | None, gaps: Mapping[str, Mapping[str, int]] | None = None,
+        spread: _Spread | None = None,
     ) -> None:
-        """``loss``: the replayed loss and ``eps``: the gradient dtype's eps, for the absolute
-        floor without a reference; ``gaps``: :func:`_gap` per tensor (their reference RMS
-        sets each tensor's own code-test floor); ``spread``: :func:`_measure_spread`;
-        ``low``: the gradient was computed in a precision below float32 (TF32, fp16/bf16),
-        whose rounding a move by float32 ulps does not re-randomise."""
-        self.reduce = reduce
+        """``values``: the check's fetched values; ``noise``: the loss noise (:func:`_loss_noise`);
+        ``precision``: the precision the gradient was computed in (its tolerance :data:`RTOL`;
+        below float32, TF32 and fp16/bf16, whose rounding a move by float32 ulps does not
+        re-randomise, the precision test keeps its floor); ``eps``: the gradient dtype's eps
+        and ``loss``: the replayed loss, for the absolute floor without a reference;
+        ``native``: the losses were evaluated natively; ``scale`` and ``ref_scale``: the RMS of
+        the model's gradient and of its float64 reference (None: no reference); ``gaps``:
+        :func:`_gap` per tensor (their reference RMS sets each tensor's own code-test floor);
+        ``spread``: :func:`_measure_spread`."""
+        rtol = RTOL[precision]
         self.values = values
         self.noise = noise
         self.rtol = rtol
@@ -465,7 +482,7 @@ class _Judge:
         self.eps = eps
         self.gaps = gaps or {}
         self.spread = spread
-        self.low = low
+        self.low = precision in _BELOW_FLOAT32
         self.branch_note = _branch_note(spread, values)
         self._name: str | None = None  # the tensor last judged (its floor, for a later probe)
 
@@ -595,6 +612,16 @@ def _ratio(num: float, den: float) -> float:
 
 def _where(flat: int, shape: tuple[int, ...]) -> str:
     return "[" + ", ".join(str(int(i)) for i in np.unravel_index(flat, shape)) + "]"
+
+
+class _KinkRow(NamedTuple):
+    """The kink record of one probe: device results and their host indices (made by
+    :mod:`gradwatch._probing` and :mod:`gradwatch._joint`, read by :func:`_attach_kinks`)."""
+
+    kinks: _ProbeKinks
+    crossed: range
+    margin: range
+    replacement: bool
 
 
 def _attach_kinks(tc: TensorCheck, log: list[_KinkRow], values: list[float], near: float) -> TensorCheck:

@@ -4,11 +4,15 @@ One room of the engine (see :mod:`gradwatch.engine`): the elements of each tenso
 are never probed (:func:`_exclusions`), the seeded probe plan, the points ``θ ± s·h·v``
 of a probe and their central differences, the replacement of coordinates that crossed a
 kink, and the bisection that localises a failing direction.
+
+What every probe of one check shares (the evaluation, the step, the unperturbed pass, the
+excluded elements, the data-parallel mean) travels as one :class:`_CheckContext`.
 """
 
 from __future__ import annotations
 
 import copy
+import dataclasses
 from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Mapping, NamedTuple
 
@@ -16,9 +20,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from gradwatch import _sizes
 from gradwatch._evaluation import _Evaluation, _HostValues
-
-from gradwatch._judging import _CHUNK, _NOISE_ULPS, _Judge, _loss_noise, _nonfinite, _ratio, _spans
+from gradwatch._judging import _NOISE_ULPS, _Judge, _KinkRow, _loss_noise, _nonfinite, _ratio
 from gradwatch.kinks import _ProbeKinks, _Reference
 from gradwatch.report import Probe, TensorCheck
 
@@ -52,6 +56,46 @@ class _Excluded:
     def count(self) -> int:
         """Number of excluded elements."""
         return len(self.flat)
+
+
+@dataclass(frozen=True, eq=False)
+class _CheckContext:
+    """What every probe of one check shares, fixed once its unperturbed pass has run.
+
+    Attributes:
+        ev: The evaluation the probes run on.
+        step: The base step ``h`` of the probes; None takes the evaluation's default for
+            the parameter dtype (:meth:`base_step`).
+        signature: The kink reference of the unperturbed pass (None: kinks are not recorded,
+            or each probe's ``+h`` pass is its own reference).
+        loss0: The unperturbed loss in float64 (None: no unperturbed pass, see
+            :attr:`gradwatch._evaluation._Evaluation.own_reference`).
+        excluded: The elements of each tensor that are never probed (:func:`_exclusions`).
+        reduce: The cross-process mean of data-parallel training, applied at every host
+            transfer (None: one process).
+    """
+
+    ev: _Evaluation
+    step: float | None
+    signature: _Reference | None
+    loss0: Tensor | None
+    excluded: Mapping[str, _Excluded]
+    reduce: Callable[[Tensor], Tensor] | None = None
+
+    def base_step(self, dtype: torch.dtype) -> float:
+        """The base step of a tensor of ``dtype``: :attr:`step`, else the evaluation's default."""
+        return self.step if self.step is not None else self.ev.step(dtype)
+
+    def at_step(self, step: float | None) -> "_CheckContext":
+        """This context with base step ``step``."""
+        return dataclasses.replace(self, step=step)
+
+    def on(self, ev: _Evaluation, grads: Mapping[str, Tensor]) -> "_CheckContext":
+        """This context on evaluation ``ev`` (one with ``±2h`` passes, in a check that measured
+        no noise), from an unperturbed pass of its own (no reference gradient) run now."""
+        loss0, signature, _ = ev.base(grads, reference=False)
+        ev.loss0 = loss0
+        return dataclasses.replace(self, ev=ev, signature=signature, loss0=loss0)
 
 
 def _exclusions(params: Mapping[str, Tensor], model: nn.Module) -> dict[str, _Excluded]:
@@ -135,19 +179,9 @@ def _plan(
     return plan
 
 
-class _KinkRow(NamedTuple):
-    """The kink record of one probe: device results and their host indices."""
-
-    kinks: _ProbeKinks
-    crossed: range
-    margin: range
-    replacement: bool
-
-
 def _resample(
-    ev: _Evaluation, grad_map: dict[str, Tensor], refs: Mapping[str, Tensor | None], rows: dict[str, list],
-    kink_log: dict[str, list], seed: int, budget: int, step: float | None, ref: _Reference, loss0: Tensor,
-    host: _HostValues, excluded: Mapping[str, _Excluded] | None = None,
+    ctx: _CheckContext, grad_map: dict[str, Tensor], refs: Mapping[str, Tensor | None], rows: dict[str, list],
+    kink_log: dict[str, list], seed: int, budget: int, host: _HostValues,
 ) -> None:
     """Replace coordinate probes that crossed a kink by fresh coordinates, up to ``budget``
     per tensor, drawn from a generator seeded by ``seed`` (deterministic given the seed).
@@ -157,7 +191,7 @@ def _resample(
     since every round but the last draws a replacement. Excluded elements are never drawn.
     """
     gen = torch.Generator().manual_seed(seed ^ _RESAMPLE_SALT)
-    excluded = excluded or {}
+    excluded = ctx.excluded
     taken = {name: {v for kind, v, _ in rs if kind == "coordinate"} for name, rs in rows.items()}
     for name, ex in excluded.items():
         if name in taken:
@@ -184,9 +218,8 @@ def _resample(
             next(iter(views.values())).source.fetch(views, {n: [("coordinate", i) for i in drawn[n]] for n in views})
         for name, fresh in drawn.items():
             start = len(kink_log[name])
-            rows[name] += _probe_tensor(ev, name, grad_map[name], refs[name], [("coordinate", i) for i in fresh], step,
-                                        ref, loss0, host, kink_log[name], replacement=True,
-                                        excluded=excluded.get(name))
+            rows[name] += _probe_tensor(ctx, name, grad_map[name], refs[name], [("coordinate", i) for i in fresh],
+                                        host, kink_log[name], replacement=True)
             pending[name] = kink_log[name][start:]
 
 
@@ -230,7 +263,7 @@ def _direction_chunks(theta: Tensor, seed: int, mask: Tensor | None = None) -> I
     direction of a large tensor without holding it."""
     gen = torch.Generator(device=theta.device).manual_seed(seed)
     flat_mask = mask.reshape(-1) if mask is not None else None
-    for lo, hi in _spans(theta.numel()):
+    for lo, hi in _sizes.spans(theta.numel()):
         v = torch.randn(hi - lo, generator=gen, device=theta.device, dtype=torch.float64)
         yield lo, hi, (v if flat_mask is None else v.masked_fill_(~flat_mask[lo:hi], 0.0))
 
@@ -238,8 +271,8 @@ def _direction_chunks(theta: Tensor, seed: int, mask: Tensor | None = None) -> I
 def _direction(theta: Tensor, seed: int, mask: Tensor | None = None) -> Tensor:
     """The Gaussian direction of a direction probe, in float64 on the parameter's device,
     zero where ``mask`` (the eligible elements, :class:`_Excluded`) is False. A tensor of
-    more than :data:`_CHUNK` elements is drawn a chunk at a time (:func:`_direction_chunks`)."""
-    if theta.numel() > _CHUNK:
+    more than :data:`~gradwatch._sizes.CHUNK` elements is drawn a chunk at a time (:func:`_direction_chunks`)."""
+    if theta.numel() > _sizes.CHUNK:
         v = torch.empty(theta.shape, device=theta.device, dtype=torch.float64)
         flat = v.view(-1)
         for lo, hi, part in _direction_chunks(theta, seed, mask):
@@ -267,10 +300,10 @@ def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | Non
     """``h`` of a direction probe: ``base_step · max(1, RMS of θ)``, over the eligible elements
     (a chunk at a time for a large tensor: no temporary of its size)."""
     eligible = theta64.numel() if excluded is None else max(theta64.numel() - excluded.count, 1)
-    if theta64.numel() > _CHUNK and theta64.is_contiguous():
+    if theta64.numel() > _sizes.CHUNK and theta64.is_contiguous():
         flat, total = theta64.reshape(-1), None
         mask = excluded.mask.reshape(-1) if excluded is not None else None
-        for lo, hi in _spans(theta64.numel()):
+        for lo, hi in _sizes.spans(theta64.numel()):
             c = flat[lo:hi] if mask is None else torch.where(mask[lo:hi], flat[lo:hi], 0.0)
             part = c.to(torch.float64).pow(2).sum()
             total = part if total is None else total + part
@@ -287,7 +320,7 @@ def _ref_terms(g_ref: Tensor, spec: tuple[str, int], mask: Tensor | None) -> tup
     if kind == "coordinate":
         a_ref = g_ref.reshape(-1)[value].to(torch.float64).clone()  # not a view: g_ref is freed
         return a_ref, a_ref.abs()
-    if g_ref.numel() > _CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
+    if g_ref.numel() > _sizes.CHUNK and g_ref.is_contiguous():  # a chunk of the direction at a time
         a_ref, sq, _ = _chunked_terms(g_ref, _direction_chunks(g_ref, value, mask))
         return a_ref, sq.sqrt()
     v = _direction(g_ref, value, mask)
@@ -403,10 +436,10 @@ class _Line:
                 theta.view(-1)[self.index] = (self.orig + s * self.h).to(theta.dtype)
         else:
             def move(theta: Tensor) -> None:
-                if theta.numel() > _CHUNK:  # elementwise, so the same values a chunk at a time
+                if theta.numel() > _sizes.CHUNK:  # elementwise, so the same values a chunk at a time
                     flat = theta.view(-1)
                     chunks = (_direction_chunks(theta, self.seed, self.mask) if self.v is None else
-                              ((lo, hi, self.v.reshape(-1)[lo:hi]) for lo, hi in _spans(theta.numel())))
+                              ((lo, hi, self.v.reshape(-1)[lo:hi]) for lo, hi in _sizes.spans(theta.numel())))
                     for lo, hi, v in chunks:
                         flat[lo:hi].add_((s * self.h) * v)
                     return
@@ -436,82 +469,119 @@ class _Line:
 
 
 def _probe_tensor(
-    ev: _Evaluation, name: str, grad: Tensor, g_ref: Tensor | None, specs: list, step: float | None,
-    ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
-    replacement: bool = False, excluded: _Excluded | None = None,
+    ctx: _CheckContext, name: str, grad: Tensor, g_ref: Tensor | None, specs: list, host: _HostValues,
+    kink_log: list | None = None, replacement: bool = False,
 ) -> list:
     """Evaluate every probe of one tensor; returns ``(kind, value, host indices)`` per probe.
 
     With a kink reference, one :class:`_KinkRow` per probe is appended to ``kink_log``.
     """
-    return [_probe(ev, name, grad, g_ref, spec, step, ref, loss0, host, kink_log, replacement, excluded)
-            for spec in specs]
+    return [_probe(ctx, name, grad, g_ref, spec, host, kink_log, replacement) for spec in specs]
 
 
 def _probe(
-    ev: _Evaluation, name: str, grad: Tensor, g_ref: Tensor | None, spec: tuple[str, int], step: float | None,
-    ref: _Reference | None, loss0: Tensor, host: _HostValues, kink_log: list | None = None,
-    replacement: bool = False, excluded: _Excluded | None = None,
+    ctx: _CheckContext, name: str, grad: Tensor, g_ref: Tensor | None, spec: tuple[str, int], host: _HostValues,
+    kink_log: list | None = None, replacement: bool = False,
 ) -> tuple[str, int, dict[str, int]]:
     """Evaluate one probe at ±h and ±2h (±h only without Richardson); returns host
-    indices of its device scalars. A direction is zero on the ``excluded`` elements."""
+    indices of its device scalars. A direction is zero on the tensor's excluded elements."""
     kind, value = spec
+    ev, excluded = ctx.ev, ctx.excluded.get(name)
     key = f"model.{name}"
     # first: a reference pass may make the float64 copy again (see _Evaluation._widened_pass)
     terms = g_ref.of(spec) if isinstance(g_ref, _RefView) else None
     theta = ev.shadow[key]
-    base_step = step if step is not None else ev.step(theta.dtype)
     # a large float64 copy probed in place: its direction is drawn a chunk at a time at each use
-    chunked = (kind == "direction" and theta.dtype == torch.float64 and theta.numel() > _CHUNK
+    chunked = (kind == "direction" and theta.dtype == torch.float64 and theta.numel() > _sizes.CHUNK
                and theta.is_contiguous() and ev.in_place(key) and (g_ref is None or terms is not None))
-    line = _Line(theta, kind, None if kind == "direction" else value, base_step, excluded,
+    line = _Line(theta, kind, None if kind == "direction" else value, ctx.base_step(theta.dtype), excluded,
                  seed=value if kind == "direction" else None)  # its step first
     mask = excluded.mask if excluded is not None else None
-    v = _direction(theta, value, mask) if kind == "direction" and not chunked else None
-    line.v = v
-    if kind == "coordinate":
-        g = None
-        a = grad.detach().reshape(-1)[value].to(device=theta.device, dtype=torch.float64)
+    line.v = _direction(theta, value, mask) if kind == "direction" and not chunked else None
+    t = _probe_terms(line, grad, g_ref, terms)
+    losses, points, kinks = _passes(ev, line, key, ctx.signature)
+    kink = kinks.any_crossed() if kinks is not None else False
+    if kinks is not None and kink_log is not None:
+        kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
+    n1 = _difference(line, losses, points, 1.0, t.g, t.a)
+    lmax = torch.stack([x.abs() for x in losses.values()]).max()
+    out = {"a": t.a, "rss": t.rss, "vnorm": t.vnorm, "n1": n1, "n2": n1, "lmax": lmax, "h": line.h, "kink": kink}
+    if ev.own_reference:
+        out["mid"] = (losses[1.0] + losses[-1.0]) / 2
+    if 2.0 in losses:
+        out["n2"] = _difference(line, losses, points, 2.0, t.g, t.a)
+        out["fourth"] = losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * ctx.loss0
+    if t.a_ref is not None:
+        out["a_ref"], out["rss_ref"] = t.a_ref, t.rss_ref
+    return kind, value, {k: host.add(x) for k, x in out.items()}
+
+
+class _Terms(NamedTuple):
+    """What one probe compares its central differences with, on the device (float64)."""
+
+    a: Tensor  # <g, v> of the gradient under test
+    rss: Tensor  # ‖g∘v‖, the root sum of squares of its terms (never cancels)
+    vnorm: Tensor  # ‖v‖
+    a_ref: Tensor | None  # <g_ref, v> of the float64 reference (None: no reference)
+    rss_ref: Tensor | None  # ‖g_ref∘v‖
+    g: Tensor | None  # the gradient in float64, kept when the points are rounded (for _difference)
+
+
+def _probe_terms(line: _Line, grad: Tensor, g_ref: Tensor | None, terms: tuple[Tensor, Tensor] | None) -> _Terms:
+    """The :class:`_Terms` of the probe along ``line``; ``terms``: the reference's, when taken
+    already (:class:`_RefView`). A direction the line does not keep (a large float64 copy) is
+    drawn a chunk at a time: no temporary of the tensor's size."""
+    theta = line.theta
+    if line.coordinate:
+        a = grad.detach().reshape(-1)[line.index].to(device=theta.device, dtype=torch.float64)
         rss, vnorm = a.abs(), torch.ones((), dtype=torch.float64, device=theta.device)
         if terms is not None:
             a_ref, rss_ref = terms
         else:
-            a_ref = g_ref.reshape(-1)[value].to(torch.float64) if g_ref is not None else None
+            a_ref = g_ref.reshape(-1)[line.index].to(torch.float64) if g_ref is not None else None
             rss_ref = a_ref.abs() if a_ref is not None else None
+        return _Terms(a, rss, vnorm, a_ref, rss_ref, None)
+    v = line.v
+    g = gv = None
+    if v is None:  # chunked: no temporary of the tensor's size
+        a, sq, vsq = _chunked_terms(grad.to(theta.device), _direction_chunks(theta, line.seed, line.mask))
+        rss, vnorm = sq.sqrt(), vsq.sqrt()
+    elif theta.dtype == torch.float64 and theta.numel() > _sizes.CHUNK:  # no temporary of the tensor's size
+        flat_v = v.reshape(-1)
+        a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
+                                                          for lo, hi in _sizes.spans(theta.numel())))
+        rss, vnorm = sq.sqrt(), torch.linalg.vector_norm(v)
+    elif theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
+        gv = grad.detach().to(device=theta.device, dtype=torch.float64, copy=True).reshape(theta.shape)
+        gv.mul_(v)
     else:
-        if chunked:  # no temporary of the tensor's size
-            g = gv = None
-            a, sq, vsq = _chunked_terms(grad.to(theta.device), _direction_chunks(theta, value, mask))
-            rss, vnorm = sq.sqrt(), vsq.sqrt()
-        elif theta.dtype == torch.float64 and theta.numel() > _CHUNK:  # no temporary of the tensor's size
-            g = None
-            flat_v = v.reshape(-1)
-            a, sq, _ = _chunked_terms(grad.to(theta.device), ((lo, hi, flat_v[lo:hi].clone())
-                                                              for lo, hi in _spans(theta.numel())))
-            gv = None
-            rss, vnorm = sq.sqrt(), torch.linalg.vector_norm(v)
-        elif theta.dtype == torch.float64:  # points not rounded: <g, v> needs no float64 g kept
-            g = None
-            gv = grad.detach().to(device=theta.device, dtype=torch.float64, copy=True).reshape(theta.shape)
-            gv.mul_(v)
-        else:
-            g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
-            gv = g * v
-        if gv is not None:
-            a, rss, vnorm = gv.sum(), torch.linalg.vector_norm(gv), torch.linalg.vector_norm(v)
-        if terms is not None:
-            a_ref, rss_ref = terms
-        elif g_ref is not None:
-            rv = g_ref.to(torch.float64) * v
-            a_ref, rss_ref = rv.sum(), torch.linalg.vector_norm(rv)
-            del rv
-        else:
-            a_ref = rss_ref = None
-        del gv
+        g = grad.detach().to(device=theta.device, dtype=torch.float64).reshape(theta.shape)
+        gv = g * v
+    if gv is not None:
+        a, rss, vnorm = gv.sum(), torch.linalg.vector_norm(gv), torch.linalg.vector_norm(v)
+    del gv
+    if terms is not None:
+        a_ref, rss_ref = terms
+    elif g_ref is not None:
+        rv = g_ref.to(torch.float64) * v
+        a_ref, rss_ref = rv.sum(), torch.linalg.vector_norm(rv)
+        del rv
+    else:
+        a_ref = rss_ref = None
+    return _Terms(a, rss, vnorm, a_ref, rss_ref, g)
+
+
+def _passes(
+    ev: _Evaluation, line: _Line, key: str, ref: _Reference | None,
+) -> tuple[dict[float, Tensor], dict[float, Tensor | None], _ProbeKinks | None]:
+    """The losses at the points of ``line`` (``θ ± h·v``, and ``θ ± 2h·v`` with Richardson
+    passes), what :func:`_difference` needs of each point, and the kink record of the probe
+    against ``ref`` (the unperturbed pass's; with own-reference probes, the probe's ``+h``
+    pass). Batched in one vmapped call when the evaluation allows it and no kink is recorded."""
     losses, points = {}, {}
     if ev.own_reference:
         losses[1.0], points[1.0], ref = line.record(ev, key)
-    kinks = _ProbeKinks(ref, theta.device) if ref is not None else None
+    kinks = _ProbeKinks(ref, line.theta.device) if ref is not None else None
     batched = None
     if kinks is None and ev.batched is not False:
         points = {s: line.point(s) for s in ev.signs}
@@ -523,20 +593,7 @@ def _probe(
         for s in ev.signs:
             if s not in losses:
                 losses[s], points[s] = line.run(ev, key, s, kinks)
-    kink = kinks.any_crossed() if kinks is not None else False
-    if kinks is not None and kink_log is not None:
-        kink_log.append(_KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), replacement))
-    n1 = _difference(line, losses, points, 1.0, g, a)
-    lmax = torch.stack([x.abs() for x in losses.values()]).max()
-    out = {"a": a, "rss": rss, "vnorm": vnorm, "n1": n1, "n2": n1, "lmax": lmax, "h": line.h, "kink": kink}
-    if ev.own_reference:
-        out["mid"] = (losses[1.0] + losses[-1.0]) / 2
-    if 2.0 in losses:
-        out["n2"] = _difference(line, losses, points, 2.0, g, a)
-        out["fourth"] = losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * loss0
-    if a_ref is not None:
-        out["a_ref"], out["rss_ref"] = a_ref, rss_ref
-    return kind, value, {k: host.add(x) for k, x in out.items()}
+    return losses, points, kinks
 
 
 def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | None, a: Tensor) -> Tensor:
@@ -554,25 +611,23 @@ def _difference(line: _Line, losses: dict, points: dict, s: float, g: Tensor | N
     return nominal + (a - (g * taken).sum())  # remove the part of the difference the rounded points add
 
 
-def _locate(
-    ev: _Evaluation, judge: _Judge, tc: TensorCheck, grad: Tensor, g_ref: Tensor | None, step: float | None,
-    signature: Any, loss0: Tensor, excluded: _Excluded | None = None,
-) -> Probe | None:
+def _locate(ctx: _CheckContext, judge: _Judge, tc: TensorCheck, grad: Tensor, g_ref: Tensor | None) -> Probe | None:
     """The element responsible for a failure, confirmed by a coordinate probe; None if already named.
 
     A precision gap is located where ``|g - g_ref|`` is largest. A failing direction is
     bisected over the flat index (row-major, so rows first, then columns): each level
     evaluates the direction restricted to the first half and follows the half with the
     larger disagreement, one host transfer per level. The direction is zero on the
-    ``excluded`` elements, and a bisection that ends on one names none.
+    excluded elements, and a bisection that ends on one names none.
     """
     judged = [p for p in tc.probes if not p.kink]
     if any(p.failed and p.kind == "coordinate" for p in judged):
         return None
+    ev, excluded = ctx.ev, ctx.excluded.get(tc.name)
     key = f"model.{tc.name}"
     theta = ev.shadow[key]
     numel = theta.numel()
-    chunked = (theta.dtype == torch.float64 and numel > _CHUNK and theta.is_contiguous() and ev.in_place(key)
+    chunked = (theta.dtype == torch.float64 and numel > _sizes.CHUNK and theta.is_contiguous() and ev.in_place(key)
                and (g_ref is None or isinstance(g_ref, _RefView)))
     if tc.gap_ratio > 1.0 and tc.gap_index is not None:
         flat = int(np.ravel_multi_index(tc.gap_index, tc.shape)) if tc.shape else 0
@@ -583,12 +638,12 @@ def _locate(
             return None
         worst = max(failing, key=lambda p: _ratio(p.error, p.tolerance))
         err = worst.numerical - (worst.reference if worst.reference is not None else worst.autograd)
-        base_step = step if step is not None else ev.step(theta.dtype)
+        base_step = ctx.base_step(theta.dtype)
         if chunked:  # nothing of the tensor's size held but its float64 copy
             h = _direction_step(theta, base_step, excluded)
             del theta  # a reference pass may replace the copy (see _Evaluation._widened_pass)
-            flat = _bisect_in_chunks(ev, judge, tc.name, grad, g_ref, worst.direction_seed, excluded, h, err)
-            return _confirm(ev, judge, tc, flat, False, grad, g_ref, step, signature, loss0, excluded)
+            flat = _bisect_in_chunks(ctx, tc.name, grad, g_ref, worst.direction_seed, h, err)
+            return _confirm(ctx, judge, tc, flat, False, grad, g_ref)
         if isinstance(g_ref, _RefView):  # the whole reference of this tensor, again
             g_ref = g_ref.tensor()
         cmp = (g_ref if g_ref is not None else grad).detach().to(device=theta.device, dtype=torch.float64)
@@ -609,31 +664,30 @@ def _locate(
             else:
                 up, _ = ev({**ev.shadow, key: (theta64 + h * part).to(theta.dtype).reshape(theta.shape)})
                 down, _ = ev({**ev.shadow, key: (theta64 - h * part).to(theta.dtype).reshape(theta.shape)})
-            level = _HostValues(judge.reduce)  # one transfer per level; the same decision on every rank
+            level = _HostValues(ctx.reduce)  # one transfer per level; the same decision on every rank
             i = level.add((up.to(torch.float64) - down.to(torch.float64)) / (2 * h) - (cmp * part).sum())
             left = level.fetch()[i]
             right = err - left
             lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
         flat, gap = lo, False
-    return _confirm(ev, judge, tc, flat, gap, grad, g_ref, step, signature, loss0, excluded)
+    return _confirm(ctx, judge, tc, flat, gap, grad, g_ref)
 
 
 def _confirm(
-    ev: _Evaluation, judge: _Judge, tc: TensorCheck, flat: int, gap: bool, grad: Tensor, g_ref: Tensor | None,
-    step: float | None, signature: Any, loss0: Tensor, excluded: _Excluded | None,
+    ctx: _CheckContext, judge: _Judge, tc: TensorCheck, flat: int, gap: bool, grad: Tensor, g_ref: Tensor | None,
 ) -> Probe | None:
     """The coordinate probe of element ``flat`` that confirms a localisation (None when the
     element is excluded from probing)."""
+    excluded = ctx.excluded.get(tc.name)
     if excluded is not None and bool(np.isin(flat, excluded.flat)):
         return None
-    host = _HostValues(judge.reduce)
-    kind, value, idx = _probe(ev, tc.name, grad, g_ref, ("coordinate", flat), step, signature, loss0, host)
+    host = _HostValues(ctx.reduce)
+    kind, value, idx = _probe(ctx, tc.name, grad, g_ref, ("coordinate", flat), host)
     return judge.probe(kind, value, idx, tc.shape, gap=not gap, values=host.fetch(), name=tc.name)
 
 
 def _bisect_in_chunks(
-    ev: _Evaluation, judge: _Judge, name: str, grad: Tensor, g_ref: "_RefView | None", seed: int,
-    excluded: _Excluded | None, h: Tensor, err: float,
+    ctx: _CheckContext, name: str, grad: Tensor, g_ref: "_RefView | None", seed: int, h: Tensor, err: float,
 ) -> int:
     """:func:`_locate`'s bisection of a failing direction over a large float64 copy, holding
     nothing else of its size: the direction restricted to ``[lo, mid)`` is drawn a chunk
@@ -641,6 +695,7 @@ def _bisect_in_chunks(
     ``[lo, mid)`` takes a float64 backward of its own (the reference is not kept) until
     ``[lo, hi)`` fits in one chunk, whose reference and direction are then kept. The same
     halves, points and decisions as the bisection of the whole tensors."""
+    ev, excluded = ctx.ev, ctx.excluded.get(name)
     key = f"model.{name}"
     numel = ev.shadow[key].numel()
     mask = excluded.mask if excluded is not None else None
@@ -671,7 +726,7 @@ def _bisect_in_chunks(
 
     lo, hi, kept = 0, numel, None
     while hi - lo > 1:
-        if kept is None and hi - lo <= _CHUNK:  # one chunk left: keep its reference and direction
+        if kept is None and hi - lo <= _sizes.CHUNK:  # one chunk left: keep its reference and direction
             c = reference(lambda g, lo=lo, hi=hi: g[lo:hi].to(torch.float64, copy=True))
             v = torch.cat([v for _, _, v in spans(c.new_zeros(()).expand(numel), lo, hi)])
             kept = (lo, c * v)
@@ -684,7 +739,7 @@ def _bisect_in_chunks(
             ref = kept[1][lo - kept[0] : mid - kept[0]].sum()
         else:
             ref = reference(lambda g, lo=lo, mid=mid: restricted(g, lo, mid))
-        level = _HostValues(judge.reduce)  # one transfer per level; the same decision on every rank
+        level = _HostValues(ctx.reduce)  # one transfer per level; the same decision on every rank
         i = level.add((up.to(torch.float64) - down.to(torch.float64)) / (2 * h) - ref)
         left = level.fetch()[i]
         right = err - left
@@ -700,10 +755,8 @@ _FLAT_STEP = 1e-2
 _FLAT_ULPS = 1e3
 
 
-def _flat_probes(
-    ev: _Evaluation, rows: Mapping[str, list], values: list[float], reduce: Callable | None, grad_eps: float,
-    loss: float, excluded: Mapping[str, _Excluded] | None = None,
-) -> None:
+def _flat_probes(ctx: _CheckContext, rows: Mapping[str, list], values: list[float], grad_eps: float,
+                 loss: float) -> None:
     """Mark probes whose perturbed losses were all equal (numerical value exactly 0) where
     autograd predicts a change well above the loss's rounding, and whose loss does move at
     the step :data:`_FLAT_STEP`: rounding flattened the loss there, so 0 is no
@@ -712,6 +765,7 @@ def _flat_probes(
     evaluations per such probe (rare: a tensor whose true gradient is 0 predicts no
     change, and an ``|autograd|`` within the gradient's rounding noise of ``|L|`` is no
     prediction), one transfer."""
+    ev, excluded = ctx.ev, ctx.excluded
     eps = float(torch.finfo(ev.loss_dtype if ev.loss_dtype is not None else torch.float64).eps)
     candidates = []
     for name, probes in rows.items():
@@ -726,7 +780,7 @@ def _flat_probes(
             candidates.append((name, kind, value, idx, threshold))
     if not candidates:
         return
-    host = _HostValues(reduce)
+    host = _HostValues(ctx.reduce)
     moved = []
     for name, kind, value, idx, _ in candidates:
         key = f"model.{name}"
@@ -745,26 +799,24 @@ def _flat_probes(
 
 
 def _remeasure(
-    ev: _Evaluation, judge: _Judge, tc: TensorCheck, rows: list, grad: Tensor, g_ref: Tensor | None,
-    every: Mapping[str, Tensor], step: float | None, values: list[float], gstats: tuple[int, int],
-    gap: Mapping[str, int] | None, excluded: _Excluded | None = None,
+    ctx: _CheckContext, judge: _Judge, tc: TensorCheck, rows: list, grad: Tensor, g_ref: Tensor | None,
+    values: list[float], gstats: tuple[int, int], gap: Mapping[str, int] | None,
 ) -> TensorCheck:
     """A failing tensor of a check that measured no noise (``richardson=False``): its
     failing probes are evaluated again at ``±h`` and ``±2h`` from a recorded unperturbed
-    pass, so their error bars get the truncation estimate and the loss noise measured
-    from their own fourth differences, and the tensor is judged again. A fail verdict
-    stands only if it survives its measured noise. ``rows`` is updated in place."""
-    loss0, signature, _ = ev.base(every, reference=False)
-    ev.loss0 = loss0
-    host = _HostValues(judge.reduce)
+    pass (``ctx``, from :meth:`_CheckContext.on`), so their error bars get the truncation
+    estimate and the loss noise measured from their own fourth differences, and the tensor
+    is judged again. A fail verdict stands only if it survives its measured noise. ``rows``
+    and ``values`` are updated in place."""
+    host = _HostValues(ctx.reduce)
     failing = [i for i, p in enumerate(tc.probes) if p.failed]
-    fresh = {i: _probe(ev, tc.name, grad, g_ref, rows[i][:2], step, signature, loss0, host, excluded=excluded) for i in failing}
-    i_loss0 = host.add(loss0)
+    fresh = {i: _probe(ctx, tc.name, grad, g_ref, rows[i][:2], host) for i in failing}
+    i_loss0 = host.add(ctx.loss0)
     offset = len(values)
     values.extend(host.fetch())
     for i, (kind, value, idx) in fresh.items():
         rows[i] = (kind, value, {k: j + offset for k, j in idx.items()})
-    measured = _loss_noise({tc.name: [rows[i] for i in failing]}, values, ev, values[i_loss0 + offset])
+    measured = _loss_noise({tc.name: [rows[i] for i in failing]}, values, ctx.ev, values[i_loss0 + offset])
     again = copy.copy(judge)
     again.noise = max(judge.noise, measured)
     return again.tensor(tc.name, tc.shape, rows, gstats, gap)

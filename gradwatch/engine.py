@@ -71,15 +71,24 @@ Numerics (see ``shared/design.md`` §3 and the README):
   there, and :attr:`~gradwatch.report.TensorCheck.excluded` says so. Empty tensors are
   skipped, and a loss that underflows in the training precision makes the check unreliable.
 
-The engine has three rooms of its own; :func:`check` only wires them together:
+:func:`check` validates its arguments, binds the probe options into one
+:class:`~gradwatch.ProbeOptions` and runs ``_check_with``, the check every caller inside
+gradwatch runs with such an object. ``_check_with`` only wires the engine's four rooms
+together, step by step (the gradients under test, the tensors to check, the probes, one
+host transfer, the replay's fidelity, the verdicts):
 
 * :mod:`gradwatch._evaluation`: evaluating the loss at given parameters from the
   replayed state (float64 or native, sequential or vmapped), and one host transfer;
 * :mod:`gradwatch._probing`: the probe plan, the points and central differences of a
-  probe, kink resampling and the bisection that localises a failure;
-* :mod:`gradwatch._judging`: tolerances, replay fidelity, loss noise and verdicts.
+  probe, kink resampling and the bisection that localises a failure; what every probe of
+  a check shares travels as one ``_CheckContext``;
+* :mod:`gradwatch._judging`: tolerances, replay fidelity, loss noise and verdicts;
 * :mod:`gradwatch._joint`: joint probes over every tensor, their kink retries at smaller
   steps, group testing and the verdicts they give.
+
+The rooms import each other in one direction only (``_evaluation`` <- ``_judging`` <-
+``_probing`` <- ``_joint`` <- ``engine``), and take large tensors a chunk of
+:data:`gradwatch._sizes.CHUNK` elements at a time.
 
 All probe arithmetic stays on the model's device; results reach the host in one
 transfer per check (plus one per bisection level when a direction fails, and one before
@@ -95,7 +104,7 @@ copy is more than a quarter of the shadow (a module-local check of one large Lin
 its reference in a backward of its own, without its copy (the forward widens the parameter
 where it is used), so its copy and its reference gradient are never held together. Points
 are made in place on the shadow, one tensor at a time, and undone by copying the parameter
-back (exactly; never by subtracting); directions of tensors above ``_CHUNK`` elements are
+back (exactly; never by subtracting); directions of tensors above ``_sizes.CHUNK`` elements are
 drawn again from their seeds a chunk at a time at every use, also in the bisection of a
 failure. The precision test's two native replays run with the shadow released (made again
 from the parameters when needed). Under data parallelism (``reduce``) the reference is
@@ -125,8 +134,8 @@ from gradwatch._evaluation import (
     _reduced,
     _short,
 )
+from gradwatch._joint import _joint_lines, _joint_probes, _joint_verdicts, _JointRow
 from gradwatch._judging import (
-    _SHADOW_RTOL,
     RTOL,
     _attach_kinks,
     _gap_values,
@@ -138,11 +147,12 @@ from gradwatch._judging import (
     _loss_spread,
     _measure_spread,
     _nonfinite_loss,
-    _replay_problem,
     _square_sum,
-    _underflow,
+    _unreliable,
 )
 from gradwatch._probing import (
+    _CheckContext,
+    _Excluded,
     _exclusions,
     _flat_probes,
     _locate,
@@ -154,30 +164,14 @@ from gradwatch._probing import (
     _remeasure,
     _resample,
 )
-from gradwatch._joint import _joint_lines, _joint_probes, _joint_verdicts
-from gradwatch._validate import (
-    _callable,
-    _kink_options,
-    _module,
-    _one_of,
-    _positive_float,
-    _positive_int,
-    _probe_options,
-    _seed,
-)
-from gradwatch.options import ProbeOptions
+from gradwatch._validate import _callable, _module, _one_of, _seed
+from gradwatch.options import DEFAULT_SHADOW_BYTES, PRECISIONS, ProbeOptions, _batched_conflict
 from gradwatch.replay import ReplayState, _isolated, _LossModule, capture
 from gradwatch.report import Report, TensorCheck
 
 __all__ = ["check", "DEFAULT_STEP", "DEFAULT_SHADOW_BYTES", "PRECISIONS", "RTOL"]
 
-#: Largest float64 copy of parameters and buffers ``precision="auto"`` makes (2 GiB).
-DEFAULT_SHADOW_BYTES = 2 * 2**30
-#: Where perturbed losses are evaluated.
-PRECISIONS = ("float64", "native", "auto")
-
 _GRADS = ("autograd", "existing")
-_EVALUATIONS = ("auto", "batched", "sequential")
 _NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
 #: True while a caller runs :func:`check` with a ``train_loss`` that the replay itself
 #: computed (``assert_gradients``, as ``grads="autograd"`` does inside): the training loss
@@ -193,25 +187,6 @@ def _train_is_replay(flag: bool) -> Iterator[None]:
         yield
     finally:
         _TRAIN_IS_REPLAY.reset(token)
-
-
-def _check_with(
-    model: nn.Module,
-    loss_fn: Callable[[nn.Module, Any], Tensor],
-    batch: Any,
-    options: ProbeOptions,
-    *,
-    seed: int | None = None,
-    grads: str | Mapping[str, Tensor] = "autograd",
-    replay: ReplayState | None = None,
-    train_loss: Tensor | float | None = None,
-    names: Collection[str] | None = None,
-    reduce: Callable[[Tensor], Tensor] | None = None,
-) -> Report:
-    """:func:`check` with its probe options as one :class:`~gradwatch.ProbeOptions` (what
-    every caller inside gradwatch uses)."""
-    return check(model, loss_fn, batch, seed=seed, grads=grads, replay=replay, train_loss=train_loss, names=names,
-                 reduce=reduce, **dataclasses.asdict(options))
 
 
 def check(
@@ -345,31 +320,18 @@ def check(
         >>> check(model, loss_fn, batch, seed=0).ok
         True
     """
-    started = time.perf_counter()
     _module("model", model)
     _callable("loss_fn", loss_fn)
     seed = _seed("seed", seed)
-    _probe_options(coordinates, directions, kinks, min_directions=0, joint=joint)
-    _kink_options(kink_resamples, near_kink_margin)
     if reduce is not None:
         _callable("reduce", reduce)
-    _one_of("evaluation", evaluation, _EVALUATIONS)
-    if evaluation == "batched" and (kinks or reduce is not None):
-        raise ValueError(
-            "`evaluation='batched'` cannot record kinks (one pass per evaluation is needed) nor run with `reduce` "
-            f"(every process must run the same forwards); pass kinks=False and reduce=None or evaluation='auto', "
-            f"got evaluation={evaluation!r}, kinks={kinks!r}, reduce={reduce!r}"
-        )
-    if step is not None:
-        _positive_float("step", step)
-    _one_of("precision", precision, PRECISIONS)
-    _positive_int("max_shadow_bytes", max_shadow_bytes)
-    if not isinstance(localize, bool):
-        raise ValueError(f"`localize` must be a bool, got {localize!r}")
-    if not isinstance(richardson, bool):
-        raise ValueError(f"`richardson` must be a bool, got {richardson!r}")
-    if not isinstance(reference, bool):
-        raise ValueError(f"`reference` must be a bool, got {reference!r}")
+    if evaluation == "batched" and (kinks is True or reduce is not None):  # names `reduce` too, unlike the options'
+        raise ValueError(f"{_batched_conflict(evaluation, kinks)}, reduce={reduce!r}")
+    options = ProbeOptions(
+        coordinates=coordinates, directions=directions, joint=joint, step=step, precision=precision,
+        max_shadow_bytes=max_shadow_bytes, evaluation=evaluation, kinks=kinks, kink_resamples=kink_resamples,
+        near_kink_margin=near_kink_margin, richardson=richardson, reference=reference, localize=localize,
+    )
     _grads_option(grads)
     if replay is not None and not isinstance(replay, ReplayState):
         raise TypeError(f"`replay` must be a gradwatch.ReplayState from gradwatch.capture(), got {type(replay).__name__}")
@@ -379,191 +341,129 @@ def check(
             f"with grads='existing' or a mapping, got grads='autograd' with replay={type(replay).__name__}, "
             f"train_loss={train_loss!r}"
         )
+    if names is not None:
+        names = _names(names, dict(model.named_parameters()))
+    return _check_with(model, loss_fn, batch, options, seed=seed, grads=grads, replay=replay, train_loss=train_loss,
+                       names=names, reduce=reduce)
+
+
+def _check_with(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    options: ProbeOptions,
+    *,
+    seed: int | None = None,
+    grads: str | Mapping[str, Tensor] = "autograd",
+    replay: ReplayState | None = None,
+    train_loss: Tensor | float | None = None,
+    names: Collection[str] | None = None,
+    reduce: Callable[[Tensor], Tensor] | None = None,
+) -> Report:
+    """:func:`check` with its probe options as one :class:`~gradwatch.ProbeOptions`: the check
+    every caller inside gradwatch runs. The other arguments are :func:`check`'s, not validated
+    again (``options`` validated itself).
+
+    The steps: the gradients under test (:func:`_gradients`) and the tensors to check
+    (:func:`_select`); the probes, in float64 when it runs (:func:`_probe_all`, native
+    otherwise); what the verdicts need of the device, in one host transfer
+    (:func:`_queue_statistics`); whether the replay can be trusted; the verdicts of each
+    tensor (:func:`_tensor_verdict`) and of the joint probes.
+    """
+    started = time.perf_counter()
     if seed is None:
         seed = secrets.randbits(62)
-
     params = dict(model.named_parameters())
-    if names is not None:
-        names = _names(names, params)
-    host = _HostValues(reduce)
     with _isolated(model):
-        if grads == "autograd":
-            replay = capture(model)
-            train_loss, grad_map = _autograd_gradients(model, loss_fn, batch, replay, params)
-        else:
-            grad_map = _given_gradients(grads, params)
-            if replay is None:
-                replay = capture(model)
-            if train_loss is not None:
-                train_loss = _loss_value("train_loss", train_loss)
-        skipped = _skip_reasons(params, grad_map)
-        excluded = _exclusions({n: params[n] for n in grad_map if n not in skipped}, model)
-        skipped.update({n: f"every element is excluded ({ex.description})" for n, ex in excluded.items()
-                        if ex.count == params[n].numel()})
-        every = {n: g for n, g in grad_map.items() if n not in skipped}  # sets the probes and tolerances
-        if names is not None:
-            skipped.update({n: _NOT_SELECTED for n in params if n not in names and n not in skipped})
-        grad_map = {n: g for n, g in every.items() if n not in skipped}
-        if not grad_map:
-            raise ValueError(
-                "`model` has no parameter with a gradient to check: "
-                + "; ".join(f"{n}: {r}" for n, r in skipped.items())
-                if skipped
-                else "`model` has no parameters"
-            )
-        first_grad = next(iter(grad_map.values()))
+        # the gradients under test, the tensors to check, the precisions
+        replay, train_loss, given = _gradients(model, loss_fn, batch, grads, replay, train_loss, params)
+        selection = _select(model, params, given, names)
+        request = _Request(model, loss_fn, batch, replay, options, seed, reduce)
+        first_grad = next(iter(selection.checked.values()))
+        eps = float(torch.finfo(first_grad.dtype).eps)
         grad_precision = _grad_precision(first_grad, replay, model)
-        mode, mode_reason = _choose_precision(precision, model, replay, max_shadow_bytes)
-        how = evaluation
-        # The smallest check (±h only, no reference gradient, sequential) skips the
-        # unperturbed pass: each probe's +h pass is its own kink reference, and the
-        # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
-        own = not richardson and not reference and coordinates + directions + joint > 0
-        plan = _plan(every, seed, coordinates, directions, excluded)
-
-        def evaluate(mode: str) -> tuple:
-            ev = _Evaluation(model, loss_fn, batch, replay, kinks, mode, how, reduce is not None, richardson)
-            ev.own_reference = own and ev.batched is False
-            lines = _joint_lines(ev, grad_map, seed, joint, step, excluded)
-            # the reference gradient is never held whole: what the probes, the joint lines and the
-            # precision test need of it is computed as the float64 backward produces each tensor's
-            stats = _ReferenceStats(grad_map, plan, [line for _, line in lines], excluded, gap=richardson)
-            loss0, signature, ref_stats = ev.base(every, reference, stats=None if reduce is not None else stats)
-            ev.loss0 = loss0
-            held = None
-            if ref_stats is not None and reduce is not None:  # data parallel: the mean over ranks, as .grad
-                held = _reduced(ref_stats, reduce)
-                ref_stats = {name: stats(name, g) for name, g in held.items()}
-            kink_log: dict[str, list] = {name: [] for name in grad_map}
-            source = _References(ev, every, excluded, held)
-            refs = {name: _RefView(name, ref_stats[name]["terms"], source) if ref_stats is not None else None
-                    for name in grad_map}
-            if ref_stats is not None:
-                for j, (_, line) in enumerate(lines):
-                    line.set_reference([ref_stats[n]["joint"][j] for n in line.names])
-            rows = {
-                name: _probe_tensor(ev, name, grad_map[name], refs[name], plan[name], step, signature, loss0,
-                                    host, kink_log[name], excluded=excluded.get(name))
-                for name in grad_map if not (ev.lossy or ev.unreplayable)  # else unreliable: no point in probing
-            }
-            jrows = [] if ev.lossy or ev.unreplayable else _joint_probes(ev, lines, signature, loss0, host)
-            return ev, loss0, signature, ref_stats, kink_log, refs, rows, jrows
-
+        mode, mode_reason = _choose_precision(options.precision, model, replay, options.max_shadow_bytes)
+        plan = _plan(selection.every, seed, options.coordinates, options.directions, selection.excluded)
+        # the probes, in float64 if it runs ("auto" falls back to native), queued for one host transfer
+        host = _HostValues(reduce)
         try:
-            evaluation, loss0, signature, ref_grads, kink_log, refs, rows, jrows = evaluate(mode)
+            probed = _probe_all(request, selection, plan, mode, host)
         except Exception as err:
-            if precision != "auto" or mode != "float64":
+            if options.precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
             host = _HostValues(reduce)  # drop what the float64 attempt queued
-            evaluation, loss0, signature, ref_grads, kink_log, refs, rows, jrows = evaluate(mode)
+            probed = _probe_all(request, selection, plan, mode, host)
+        ctx = probed.ctx
         replayed_train = grads == "autograd" or (_TRAIN_IS_REPLAY.get() and train_loss is not None)
-        native_loss = train_loss if replayed_train else evaluation.native()
-        probe = not (evaluation.lossy or evaluation.unreplayable)
-        if probe and (signature is not None or evaluation.own_reference and kinks) and kink_resamples:
-            _resample(evaluation, grad_map, refs, rows, kink_log, seed, kink_resamples, step, signature, loss0, host,
-                      excluded)
+        native_loss = train_loss if replayed_train else ctx.ev.native()
+        usable = ctx.ev.usable
+        if usable and (ctx.signature is not None or ctx.ev.own_reference and options.kinks) and options.kink_resamples:
+            _resample(ctx, selection.checked, probed.refs, probed.rows, probed.kink_log, seed, options.kink_resamples,
+                      host)
         # checks that compute the reference and measure their noise (richardson) also measure the
         # rounding of the training precision and run the precision test; the smallest check (no ±2h
         # passes) judges the backward code against the reference alone: two native replays fewer
-        precision_test = ref_grads is not None and probe and richardson
+        precision_test = probed.ref_stats is not None and usable and options.richardson
         # the training step replayed, without tensor hooks on the parameters, is the spread's replay at θ
-        at = (train_loss, grad_map) if (replayed_train and isinstance(train_loss, Tensor) and
-                                        not any(params[n]._backward_hooks for n in grad_map)) else None
-        spread = _measure_spread(evaluation, params, list(grad_map), signature, seed, host, at) if precision_test else None
-        gstats = {name: _grad_stats(g, host) for name, g in grad_map.items()}
-        gaps = {name: {k: host.add(v) for k, v in ref_grads[name]["gap"].items()}
-                for name in grad_map} if precision_test else {}
-        scale = _gradient_rms(every, host)
-        ref_scale = _gradient_rms(every, host, {n: r["square"] for n, r in ref_grads.items()}) if ref_grads else None
-        if loss0 is None:  # own-reference probes: the first probe's midpoint stands for L(θ)
-            first = next(idx for rs in [*rows.values(), [(None, None, r.idx) for r in jrows]] for _, _, idx in rs)
-            i_loss0, i_mid_kink = first["mid"], first["kink"]
-        else:
-            i_loss0, i_mid_kink = host.add(loss0), None
+        at = (train_loss, selection.checked) if (
+            replayed_train and isinstance(train_loss, Tensor)
+            and not any(params[n]._backward_hooks for n in selection.checked)) else None
+        spread = (_measure_spread(ctx.ev, params, list(selection.checked), ctx.signature, seed, host, at)
+                  if precision_test else None)
+        stats = _queue_statistics(selection, probed, precision_test, host)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
         i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
         values = host.fetch()
 
+        # whether the check can be trusted, then the verdicts
         train = values[i_train] if i_train is not None else train_loss
         native = values[i_native] if i_native is not None else None
-        replayed = values[i_loss0]
+        replayed = values[stats.loss0]
         reason = None
         nonfinite = _nonfinite_loss(train, replayed)
         if nonfinite is None:
             # a midpoint across a kink is O(h·slope) from L(θ), not O(h²): only the native replay is
             # compared then (that probe is not judged anyway)
-            across = i_mid_kink is not None and values[i_mid_kink] > 0
-            reason = evaluation.unreplayable or _replay_problem(
-                train, native, None if across else replayed, _SHADOW_RTOL[grad_precision], replayed_train, mode,
-                spread=_loss_spread(spread, values, native),
-            )
-            if reason is None:
-                reason = _underflow(native if native is not None else train, None if across else replayed,
-                                    grad_precision, mode)
-            if reason is None and evaluation.lossy:
-                reason = (
-                    f"`loss_fn` returned a {_dtype_name(evaluation.loss_dtype)} loss on the float64 copy of the "
-                    "model: something casts to a lower precision "
-                    "(such as .float()), so central differences would measure rounding noise; keep the loss in "
-                    "the dtype of its inputs"
-                )
+            across = stats.mid_kink is not None and values[stats.mid_kink] > 0
+            reason = _unreliable(ctx.ev, train, native, None if across else replayed, grad_precision, replayed_train,
+                                 _loss_spread(spread, values, native))
         if reason is None and nonfinite is None:
-            _flat_probes(evaluation, rows, values, reduce, float(torch.finfo(first_grad.dtype).eps), replayed, excluded)
-        noise = _loss_noise({**rows, "": [("joint", r.seed, r.idx) for r in jrows]}, values, evaluation, replayed)
+            _flat_probes(ctx, probed.rows, values, eps, replayed)
+        noise = _loss_noise({**probed.rows, "": [("joint", r.seed, r.idx) for r in probed.jrows]}, values, ctx.ev,
+                            replayed)
         judge = _Judge(
-            reduce=reduce,
-            values=values,
-            noise=noise,
-            rtol=RTOL[grad_precision],
-            scale=values[scale],
-            ref_scale=values[ref_scale] if ref_scale is not None else None,
-            native=mode == "native",
-            loss=replayed,
-            eps=float(torch.finfo(first_grad.dtype).eps),
-            gaps=gaps,
-            spread=spread,
-            low=grad_precision in ("tf32", "float16", "bfloat16"),
+            values=values, noise=noise, precision=grad_precision, eps=eps, native=mode == "native", loss=replayed,
+            scale=values[stats.scale], ref_scale=values[stats.ref_scale] if stats.ref_scale is not None else None,
+            gaps=stats.gaps, spread=spread,
         )
-        tensors: dict[str, TensorCheck] = {}
         # an evaluation with ±2h passes, for failures of a check that measured no noise
-        measured = None if richardson else (
-            lambda: _Evaluation(model, loss_fn, batch, replay, kinks, mode, "sequential", reduce is not None,
-                                share=evaluation)
-        )
+        measured = None if options.richardson else (
+            lambda: request.evaluation(mode, "sequential", richardson=True, share=ctx.ev))
+        tensors: dict[str, TensorCheck] = {}
         for name, p in params.items():
             shape = tuple(p.shape)
-            if name in skipped:
-                tensors[name] = TensorCheck(name, shape, "skipped", reason=skipped[name])
+            if name in selection.skipped:
+                tensors[name] = TensorCheck(name, shape, "skipped", reason=selection.skipped[name])
             elif nonfinite is not None:
                 tensors[name] = TensorCheck(name, shape, "nonfinite", reason=nonfinite)
             elif reason is not None:
                 tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
             else:
-                tensors[name] = judge.tensor(name, shape, rows[name], gstats[name], gaps.get(name))
-                if not richardson and tensors[name].verdict == "fail":  # noise not measured: measure it first
-                    tensors[name] = _remeasure(measured(), judge, tensors[name], rows[name], grad_map[name], refs[name],
-                                               every, step, values, gstats[name], gaps.get(name),
-                                               excluded.get(name))
-                tensors[name] = _attach_kinks(tensors[name], kink_log[name], values, near_kink_margin)
-                if localize and tensors[name].verdict == "fail":
-                    located = _locate(evaluation, judge, tensors[name], grad_map[name], refs[name], step, signature,
-                                      loss0, excluded.get(name))
-                    if located is not None:
-                        tensors[name] = dataclasses.replace(tensors[name], located=located)
-            if name in excluded:
-                tensors[name] = dataclasses.replace(tensors[name], excluded=excluded[name].description,
-                                                    excluded_count=excluded[name].count)
+                tensors[name] = _tensor_verdict(name, shape, selection, probed, judge, stats, options, measured)
+            if name in selection.excluded:
+                tensors[name] = dataclasses.replace(tensors[name], excluded=selection.excluded[name].description,
+                                                    excluded_count=selection.excluded[name].count)
         joint_probes: tuple = ()
-        if jrows and nonfinite is None and reason is None:
-            joint_probes, tensors = _joint_verdicts(evaluation, judge, jrows, tensors, grad_map, refs, step,
-                                                    signature, loss0, localize, excluded, measured)
+        if probed.jrows and nonfinite is None and reason is None:
+            joint_probes, tensors = _joint_verdicts(ctx, judge, probed.jrows, tensors, selection.checked, probed.refs,
+                                                    options.localize, measured)
     return Report(
         tensors=tensors,
         seed=seed,
         precision=mode,
         precision_reason=mode_reason,
-        reference=ref_grads is not None,
+        reference=probed.ref_stats is not None,
         grad_dtype=_dtype_name(first_grad.dtype),
         grad_precision=grad_precision,
         train_loss=train,
@@ -571,12 +471,221 @@ def check(
         reliable=reason is None,
         reason=reason,
         seconds=time.perf_counter() - started,
-        evaluation="batched" if evaluation.batched else "sequential",
-        evaluation_reason=evaluation.batch_reason,
-        kept_casts=evaluation.kept_casts[0],
-        kept_cast_sites=evaluation.kept_casts[1],
+        evaluation="batched" if ctx.ev.batched else "sequential",
+        evaluation_reason=ctx.ev.batch_reason,
+        kept_casts=ctx.ev.kept_casts[0],
+        kept_cast_sites=ctx.ev.kept_casts[1],
         joint=joint_probes,
     )
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class _Request:
+    """What one check evaluates: the loss of ``model`` on ``batch`` from the ``replay`` state,
+    probed as ``options`` say with the probe sampler's ``seed``; ``reduce``: the data-parallel
+    mean (None: one process)."""
+
+    model: nn.Module
+    loss_fn: Callable[[nn.Module, Any], Tensor]
+    batch: Any
+    replay: ReplayState
+    options: ProbeOptions
+    seed: int
+    reduce: Callable[[Tensor], Tensor] | None
+
+    def evaluation(self, mode: str, how: str, *, richardson: bool, share: _Evaluation | None = None) -> _Evaluation:
+        """An evaluation of the loss in ``mode`` ("float64" or "native"), batched or
+        sequential as ``how`` asks, with ``±2h`` passes when ``richardson``; ``share``: an
+        evaluation whose float64 copy it uses."""
+        return _Evaluation(self.model, self.loss_fn, self.batch, self.replay, self.options.kinks, mode, how,
+                           self.reduce is not None, richardson, share=share)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Selection:
+    """Which tensors a check probes, and why the others are not.
+
+    Attributes:
+        skipped: Why each parameter that is not checked is not (frozen, no gradient, every
+            element excluded, not selected by ``names``).
+        excluded: The elements of each tensor that are never probed (:func:`_exclusions`).
+        every: Every usable gradient, by name: it sets the probe plan and the gradient scale
+            of the tolerances, also where ``names`` checks fewer tensors.
+        checked: The gradients checked (``every`` less the tensors ``names`` leaves out).
+    """
+
+    skipped: dict[str, str]
+    excluded: dict[str, _Excluded]
+    every: dict[str, Tensor]
+    checked: dict[str, Tensor]
+
+
+@dataclasses.dataclass
+class _Probed:
+    """What probing the checked tensors left on the device, before the check's host transfer.
+
+    Attributes:
+        ctx: What every probe shares: the evaluation, the step, the unperturbed pass.
+        ref_stats: Per tensor, what :class:`_ReferenceStats` took of its float64 reference
+            gradient (None: no reference).
+        refs: Per checked tensor, its float64 reference (None: no reference).
+        kink_log: Per checked tensor, the kink record of each probe.
+        rows: Per checked tensor, ``(kind, value, host indices)`` of each probe (empty when
+            the evaluation is not usable).
+        jrows: The joint probes.
+    """
+
+    ctx: _CheckContext
+    ref_stats: dict[str, dict[str, Any]] | None
+    refs: dict[str, _RefView | None]
+    kink_log: dict[str, list]
+    rows: dict[str, list]
+    jrows: list[_JointRow]
+
+
+@dataclasses.dataclass(frozen=True)
+class _Statistics:
+    """Host indices of what the verdicts need besides the probes (queued for the check's transfer).
+
+    Attributes:
+        gstats: Per checked tensor, whether its gradient holds a non-finite value, and the first.
+        gaps: Per checked tensor, the precision test's distance from the reference (only
+            when the precision test runs).
+        scale: The RMS of every usable gradient (``G``).
+        ref_scale: The RMS of their float64 reference (``G_ref``; None without a reference).
+        loss0: The replayed loss ``L(θ)``.
+        mid_kink: Whether the probe whose midpoint stands for ``L(θ)`` crossed a kink (None:
+            ``L(θ)`` was evaluated).
+    """
+
+    gstats: dict[str, tuple[int, int]]
+    gaps: dict[str, dict[str, int]]
+    scale: int
+    ref_scale: int | None
+    loss0: int
+    mid_kink: int | None
+
+
+def _gradients(
+    model: nn.Module, loss_fn: Callable, batch: Any, grads: str | Mapping[str, Tensor], replay: ReplayState | None,
+    train_loss: Tensor | float | None, params: dict[str, nn.Parameter],
+) -> tuple[ReplayState, Tensor | float | None, dict[str, Tensor]]:
+    """The gradients under test, the state the training forward started from and its loss:
+    computed here for ``grads="autograd"`` (a training step replayed from the current state),
+    else the given ones (``replay`` None: the current state)."""
+    if grads == "autograd":
+        replay = capture(model)
+        train_loss, grad_map = _autograd_gradients(model, loss_fn, batch, replay, params)
+        return replay, train_loss, grad_map
+    grad_map = _given_gradients(grads, params)
+    if replay is None:
+        replay = capture(model)
+    if train_loss is not None:
+        train_loss = _loss_value("train_loss", train_loss)
+    return replay, train_loss, grad_map
+
+
+def _select(
+    model: nn.Module, params: dict[str, nn.Parameter], grad_map: dict[str, Tensor], names: Collection[str] | None,
+) -> _Selection:
+    """The tensors with a usable gradient, their excluded elements, and those ``names`` selects;
+    raises ValueError when there is nothing to check."""
+    skipped = _skip_reasons(params, grad_map)
+    excluded = _exclusions({n: params[n] for n in grad_map if n not in skipped}, model)
+    skipped.update({n: f"every element is excluded ({ex.description})" for n, ex in excluded.items()
+                    if ex.count == params[n].numel()})
+    every = {n: g for n, g in grad_map.items() if n not in skipped}  # sets the probes and tolerances
+    if names is not None:
+        skipped.update({n: _NOT_SELECTED for n in params if n not in names and n not in skipped})
+    checked = {n: g for n, g in every.items() if n not in skipped}
+    if not checked:
+        raise ValueError(
+            "`model` has no parameter with a gradient to check: "
+            + "; ".join(f"{n}: {r}" for n, r in skipped.items())
+            if skipped
+            else "`model` has no parameters"
+        )
+    return _Selection(skipped, excluded, every, checked)
+
+
+def _probe_all(
+    request: _Request, selection: _Selection, plan: dict[str, list], mode: str, host: _HostValues,
+) -> _Probed:
+    """Evaluate the unperturbed pass (with the float64 reference gradient when the options ask
+    for it), every planned probe and the joint probes in ``mode``; their device values join
+    ``host``. Nothing is probed when the evaluation is not usable (the check is unreliable)."""
+    options, checked, excluded = request.options, selection.checked, selection.excluded
+    ev = request.evaluation(mode, options.evaluation, richardson=options.richardson)
+    # The smallest check (±h only, no reference gradient, sequential) skips the
+    # unperturbed pass: each probe's +h pass is its own kink reference, and the
+    # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
+    ev.own_reference = not options.richardson and not options.reference and ev.batched is False
+    lines = _joint_lines(ev, checked, request.seed, options.joint, options.step, excluded)
+    # the reference gradient is never held whole: what the probes, the joint lines and the
+    # precision test need of it is computed as the float64 backward produces each tensor's
+    stats = _ReferenceStats(checked, plan, [line for _, line in lines], excluded, gap=options.richardson)
+    loss0, signature, ref_stats = ev.base(selection.every, options.reference,
+                                          stats=None if request.reduce is not None else stats)
+    ev.loss0 = loss0
+    held = None
+    if ref_stats is not None and request.reduce is not None:  # data parallel: the mean over ranks, as .grad
+        held = _reduced(ref_stats, request.reduce)
+        ref_stats = {name: stats(name, g) for name, g in held.items()}
+    ctx = _CheckContext(ev, options.step, signature, loss0, excluded, request.reduce)
+    kink_log: dict[str, list] = {name: [] for name in checked}
+    source = _References(ev, selection.every, excluded, held)
+    refs = {name: _RefView(name, ref_stats[name]["terms"], source) if ref_stats is not None else None
+            for name in checked}
+    if ref_stats is not None:
+        for j, (_, line) in enumerate(lines):
+            line.set_reference([ref_stats[n]["joint"][j] for n in line.names])
+    rows = {
+        name: _probe_tensor(ctx, name, checked[name], refs[name], plan[name], host, kink_log[name])
+        for name in checked if ev.usable  # else unreliable: no point in probing
+    }
+    jrows = _joint_probes(ctx, lines, host) if ev.usable else []
+    return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows)
+
+
+def _queue_statistics(
+    selection: _Selection, probed: _Probed, precision_test: bool, host: _HostValues,
+) -> _Statistics:
+    """Queue on ``host`` what the verdicts need besides the probes: the non-finite flags of
+    each gradient, the precision test's gaps, the gradient scales and the replayed loss."""
+    ref_stats = probed.ref_stats
+    gstats = {name: _grad_stats(g, host) for name, g in selection.checked.items()}
+    gaps = {name: {k: host.add(v) for k, v in ref_stats[name]["gap"].items()}
+            for name in selection.checked} if precision_test else {}
+    scale = _gradient_rms(selection.every, host)
+    squares = {n: r["square"] for n, r in ref_stats.items()} if ref_stats else None
+    ref_scale = _gradient_rms(selection.every, host, squares) if ref_stats else None
+    if probed.ctx.loss0 is None:  # own-reference probes: the first probe's midpoint stands for L(θ)
+        first = next(idx for rs in [*probed.rows.values(), [(None, None, r.idx) for r in probed.jrows]]
+                     for _, _, idx in rs)
+        loss0, mid_kink = first["mid"], first["kink"]
+    else:
+        loss0, mid_kink = host.add(probed.ctx.loss0), None
+    return _Statistics(gstats, gaps, scale, ref_scale, loss0, mid_kink)
+
+
+def _tensor_verdict(
+    name: str, shape: tuple[int, ...], selection: _Selection, probed: _Probed, judge: _Judge, stats: _Statistics,
+    options: ProbeOptions, measured: Callable[[], _Evaluation] | None,
+) -> TensorCheck:
+    """The verdict of one checked tensor from its probes: a failure in a check that measured
+    no noise is measured again first (``measured``: a factory of an evaluation with ``±2h``
+    passes), kink events are attached, and a failure is localised (``options.localize``)."""
+    ctx, rows, grad, g_ref = probed.ctx, probed.rows[name], selection.checked[name], probed.refs[name]
+    gstats, gap = stats.gstats[name], stats.gaps.get(name)
+    tc = judge.tensor(name, shape, rows, gstats, gap)
+    if not options.richardson and tc.verdict == "fail":  # noise not measured: measure it first
+        tc = _remeasure(ctx.on(measured(), selection.every), judge, tc, rows, grad, g_ref, judge.values, gstats, gap)
+    tc = _attach_kinks(tc, probed.kink_log[name], judge.values, options.near_kink_margin)
+    if options.localize and tc.verdict == "fail":
+        located = _locate(ctx, judge, tc, grad, g_ref)
+        if located is not None:
+            tc = dataclasses.replace(tc, located=located)
+    return tc
 
 
 class _ReferenceStats:

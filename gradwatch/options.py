@@ -89,6 +89,7 @@ class ProbeOptions:
     localize: bool = True
 
     def __post_init__(self) -> None:
+        # in the order gradwatch.check validated its arguments (the first bad one is named)
         _non_negative_int("coordinates", self.coordinates)
         _non_negative_int("directions", self.directions)
         _non_negative_int("joint", self.joint)
@@ -96,21 +97,27 @@ class ProbeOptions:
             raise ValueError(
                 f"`coordinates` + `directions` must be at least 1, got {self.coordinates} + {self.directions}"
             )
+        _bool("kinks", self.kinks)
+        _non_negative_int("kink_resamples", self.kink_resamples)
+        _positive_float("near_kink_margin", self.near_kink_margin)
+        _one_of("evaluation", self.evaluation, EVALUATIONS)
+        if self.evaluation == "batched" and self.kinks:
+            raise ValueError(_batched_conflict(self.evaluation, self.kinks))
         if self.step is not None:
             _positive_float("step", self.step)
         _one_of("precision", self.precision, PRECISIONS)
         _positive_int("max_shadow_bytes", self.max_shadow_bytes)
-        _one_of("evaluation", self.evaluation, EVALUATIONS)
-        for name in ("kinks", "richardson", "reference", "localize"):
+        for name in ("localize", "richardson", "reference"):
             _bool(name, getattr(self, name))
-        if self.evaluation == "batched" and self.kinks:
-            raise ValueError(
-                "`evaluation='batched'` cannot record kinks (one pass per evaluation is needed) nor run with "
-                "`reduce` (every process must run the same forwards); pass kinks=False and reduce=None or "
-                f"evaluation='auto', got evaluation={self.evaluation!r}, kinks={self.kinks!r}"
-            )
-        _non_negative_int("kink_resamples", self.kink_resamples)
-        _positive_float("near_kink_margin", self.near_kink_margin)
+
+
+def _batched_conflict(evaluation: str, kinks: Any) -> str:
+    """Why ``evaluation='batched'`` cannot run here (:func:`gradwatch.check` adds its ``reduce``)."""
+    return (
+        "`evaluation='batched'` cannot record kinks (one pass per evaluation is needed) nor run with "
+        "`reduce` (every process must run the same forwards); pass kinks=False and reduce=None or "
+        f"evaluation='auto', got evaluation={evaluation!r}, kinks={kinks!r}"
+    )
 
 
 def _options(name: str, value: Any) -> ProbeOptions:

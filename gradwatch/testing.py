@@ -18,33 +18,35 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, Collection, Mapping
 
 import torch
 from torch import Tensor, nn
 
-from gradwatch._validate import (
-    _callable,
-    _kink_options,
-    _module,
-    _non_negative_int,
-    _one_of,
-    _probe_options,
-    _seed,
-)
+from gradwatch._validate import _bool, _callable, _module, _seed
 from gradwatch.engine import (
     _NOT_SELECTED,
-    PRECISIONS,
     _autograd_gradients,
+    _check_with,
     _given_gradients,
     _grads_option,
+    _names,
     _train_is_replay,
-    check,
 )
+from gradwatch.options import ProbeOptions
 from gradwatch.replay import _restore_attrs, _restore_rng, capture
 from gradwatch.report import Report, _handle
 
-__all__ = ["assert_gradients"]
+__all__ = ["assert_gradients", "TEST_OPTIONS"]
+
+#: The probe options of :func:`assert_gradients` by default, for a test rather than a
+#: training step: every perturbed loss evaluated on a float64 copy of the model (a model
+#: that cannot run in float64 raises instead of falling back), one joint probe first, then,
+#: when the per-tensor stage runs, 16 random coordinates and 4 random directions per tensor,
+#: and up to 8 replacement coordinates per tensor for those that crossed a kink. The seed
+#: (0, the same probes on every run) is :func:`assert_gradients`' own argument.
+TEST_OPTIONS = ProbeOptions(coordinates=16, directions=4, joint=1, precision="float64", kink_resamples=8)
 
 #: A tensor whose gradient RMS is below this fraction of the RMS over the checked tensors
 #: weighs too little in a joint probe (its weight is floored, see :mod:`gradwatch._joint`):
@@ -58,24 +60,24 @@ def assert_gradients(
     batch: Any,
     *,
     grads: str | Mapping[str, Tensor] = "autograd",
-    coordinates: int = 16,
-    directions: int = 4,
-    precision: str = "float64",
+    coordinates: int = TEST_OPTIONS.coordinates,
+    directions: int = TEST_OPTIONS.directions,
+    precision: str = TEST_OPTIONS.precision,
     seed: int | None = 0,
-    kinks: bool = True,
-    kink_resamples: int = 8,
-    near_kink_margin: float = 10.0,
-    step: float | None = None,
+    kinks: bool = TEST_OPTIONS.kinks,
+    kink_resamples: int = TEST_OPTIONS.kink_resamples,
+    near_kink_margin: float = TEST_OPTIONS.near_kink_margin,
+    step: float | None = TEST_OPTIONS.step,
     names: Collection[str] | None = None,
     allow_unverified: bool = False,
-    joint: int = 1,
+    joint: int = TEST_OPTIONS.joint,
     thorough: bool = False,
 ) -> Report:
     """Assert that autograd's gradient of ``loss_fn(model, batch)`` matches central differences.
 
-    The check is :func:`gradwatch.check` with test-time defaults: perturbed losses
-    evaluated on a float64 copy of the model, and ``seed=0`` so that a test draws the
-    same probes on every run. It runs in two stages:
+    The check is :func:`gradwatch.check` with test-time defaults (:data:`TEST_OPTIONS`):
+    perturbed losses evaluated on a float64 copy of the model, and ``seed=0`` so that a
+    test draws the same probes on every run. It runs in two stages:
 
     1. Joint probes first (``joint``, default 1): every element of the gradient is
        compared with autograd's gradient of the float64 copy (the reference: a tensor
@@ -174,15 +176,17 @@ def assert_gradients(
     _module("model", model)
     _callable("loss_fn", loss_fn)
     _grads_option(grads)
-    _probe_options(coordinates, directions, kinks, min_directions=0)
-    _non_negative_int("joint", joint)
-    if not isinstance(thorough, bool):
-        raise ValueError(f"`thorough` must be a bool, got {thorough!r}")
-    _kink_options(kink_resamples, near_kink_margin)
-    _one_of("precision", precision, PRECISIONS)
+    options = dataclasses.replace(
+        TEST_OPTIONS, coordinates=coordinates, directions=directions, joint=joint, precision=precision, kinks=kinks,
+        kink_resamples=kink_resamples, near_kink_margin=near_kink_margin, step=step,
+    )
+    if coordinates + directions == 0:  # the per-tensor stage runs whenever the joint stage does not pass
+        raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
+    _bool("thorough", thorough)
     _seed("seed", seed)
-    if not isinstance(allow_unverified, bool):
-        raise ValueError(f"`allow_unverified` must be a bool, got {allow_unverified!r}")
+    _bool("allow_unverified", allow_unverified)
+    if names is not None:
+        names = _names(names, dict(model.named_parameters()))
 
     replay, train_loss = None, None
     if isinstance(grads, str):
@@ -206,17 +210,16 @@ def assert_gradients(
             for n, p in params.items()
             if p.requires_grad and p.is_floating_point()
         }
-    options = dict(replay=replay, train_loss=train_loss, seed=seed, precision=precision, kinks=kinks,
-                   kink_resamples=kink_resamples, near_kink_margin=near_kink_margin, step=step)
+    # the check of this test with given probe options and tensors (names)
+    run = functools.partial(_check_with, model, loss_fn, batch, grads=grads, seed=seed, replay=replay,
+                            train_loss=train_loss)
     report = None
     # with grads="autograd", train_loss is the replay's own loss: check replays it no second time
     with _train_is_replay(train_loss is not None):
-        if joint and not thorough:  # joint probes first: per-tensor probes only when they do not pass cleanly
-            report = _joint_check(model, loss_fn, batch, grads, names, joint,
-                                  dict(coordinates=coordinates, directions=directions), options)
+        if options.joint and not thorough:  # joint probes first: per-tensor probes only when they do not pass cleanly
+            report = _joint_check(run, grads, names, options)
         if report is None:
-            report = check(model, loss_fn, batch, grads=grads, coordinates=coordinates, directions=directions,
-                           joint=joint, names=names, **options)
+            report = run(options, names=names)
     if allow_unverified:
         _handle(report, "raise")
         return report
@@ -238,29 +241,29 @@ def assert_gradients(
 
 
 def _joint_check(
-    model: nn.Module, loss_fn: Callable, batch: Any, grads: Any, names: Collection[str] | None, joint: int,
-    per_tensor: dict[str, int], options: dict[str, Any],
+    run: Callable[..., Report], grads: Any, names: Collection[str] | None, options: ProbeOptions,
 ) -> Report | None:
     """The check by joint probes, or None when it did not pass cleanly.
 
     Every element of the gradient is compared with the float64 reference (the precision
-    test), and ``joint`` joint probes verify the reference numerically. Tensors whose
+    test), and ``options.joint`` joint probes verify the reference numerically. Tensors whose
     gradient is far smaller than the others' (:func:`_scale_groups`) would weigh almost
-    nothing in a joint probe: a second check gives them per-tensor probes (``per_tensor``),
-    and the two reports are merged. Anything but a clean pass (a failure, a tensor not
-    verified because every joint probe crossed a kink, an unreliable replay) returns
-    None: the per-tensor check of every tensor then names each wrong tensor and its element.
+    nothing in a joint probe: a second check gives them per-tensor probes (the coordinates
+    and directions of ``options``), and the two reports are merged. Anything but a clean
+    pass (a failure, a tensor not verified because every joint probe crossed a kink, an
+    unreliable replay) returns None: the per-tensor check of every tensor then names each
+    wrong tensor and its element. ``run(options, names=...)`` runs one check.
     """
     first, rest = _scale_groups(grads, names) if isinstance(grads, Mapping) else (None, [])
     merged: Report | None = None
-    for group, plan in [(first, dict(coordinates=0, directions=0, joint=joint, localize=False)),
-                        (rest, dict(per_tensor, joint=0, localize=False))]:
+    for group, stage in [(first, dataclasses.replace(options, coordinates=0, directions=0, localize=False)),
+                         (rest, dataclasses.replace(options, joint=0, localize=False))]:
         if group is not None and not group:
             continue
-        report = check(model, loss_fn, batch, grads=grads, names=names if group is None else group, **plan, **options)
+        report = run(stage, names=names if group is None else group)
         covered = [t for t in report.tensors.values() if t.reason != _NOT_SELECTED]
         clean = report.reliable and report.ok and all(t.verdict in ("pass", "skipped") for t in covered)
-        if not clean or (plan["joint"] and all(p.kink for p in report.joint)):
+        if not clean or (stage.joint and all(p.kink for p in report.joint)):
             return None
         if merged is None:
             merged = report

@@ -517,18 +517,16 @@ def test_float64_check_holds_one_copy_of_the_parameters_and_two_tensor_sized_tem
 
 @pytest.mark.parametrize("name", ["bugs/transposed", "sparse/wrong_row", "correct/cnn_bn_pool", "correct/transformer"])
 def test_tensors_taken_a_chunk_at_a_time_give_the_same_report(name: str, monkeypatch) -> None:
-    # memory (issue 14): tensors above _CHUNK elements are drawn, moved and summed a chunk at a
+    # memory (issue 14): tensors above _sizes.CHUNK elements are drawn, moved and summed a chunk at a
     # time; here every tensor above 64 elements is, and the report is that of the whole tensors
     import gradwatch._evaluation
-    import gradwatch._joint
-    import gradwatch._judging
+    import gradwatch._sizes
 
     zoo_of = {"bugs": BUGS, "sparse": SPARSE_BUGS, "correct": CORRECT}
     group, key = name.split("/")
     case = zoo_of[group][key](0)
     whole = check(case.model, case.loss_fn, case.batch, seed=0)
-    for module in (gradwatch._judging, gradwatch._probing, gradwatch._joint):
-        monkeypatch.setattr(module, "_CHUNK", 64)
+    monkeypatch.setattr(gradwatch._sizes, "CHUNK", 64)
     # and a tensor of more than 64 elements and 1/4 of the model gets a reference backward of its own
     monkeypatch.setattr(gradwatch._evaluation, "_ALONE_ELEMENTS", 64)
     chunked = check(case.model, case.loss_fn, case.batch, seed=0)

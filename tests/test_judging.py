@@ -391,6 +391,7 @@ def test_nonfinite_marks_exactly_nan_and_inf(monkeypatch, dtype) -> None:
     """``_nonfinite`` (``isnan(t - t)``, cheaper than ``~isfinite``) agrees with ``~isfinite``
     on every kind of value, whole and a chunk at a time."""
     import gradwatch._judging as judging
+    import gradwatch._sizes
 
     big = torch.finfo(dtype).max
     values = [0.0, -0.0, 1.0, -2.5, big, -big, torch.finfo(dtype).tiny / 4, math.inf, -math.inf, math.nan]
@@ -398,5 +399,5 @@ def test_nonfinite_marks_exactly_nan_and_inf(monkeypatch, dtype) -> None:
     expected = ~torch.isfinite(t)
     assert torch.equal(judging._nonfinite(t), expected)
     assert torch.equal(judging._nonfinite(t.reshape(7, -1).t()), expected.reshape(7, -1).t())  # strided
-    monkeypatch.setattr(judging, "_CHUNK", 16)
+    monkeypatch.setattr(gradwatch._sizes, "CHUNK", 16)
     assert torch.equal(judging._nonfinite(t), expected)
