@@ -59,9 +59,9 @@ def main(out: pathlib.Path) -> None:
         result["raise"] = type(err).__name__
     # the whole-model check raising on rank 1 alone: rank 0 raises at the check's next collective
     # (the guard's error flag) instead of waiting for rank 1 there
-    import gradwatch.hf
+    import gradwatch._watch
 
-    with raising(gradwatch.hf, "_budgeted_check", active=rank == 1, message="planted: this process's check raised"):
+    with raising(gradwatch._watch, "_check_with", active=rank == 1, message="planted: this process's check raised"):
         result["check_raise"] = error_of(lambda: train(gpt2(), watch(), out / "check_raise", steps=1, **overrides))
     result["lines"] = lines
     finish(out, rank, result)

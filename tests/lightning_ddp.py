@@ -134,9 +134,9 @@ def main(out: pathlib.Path, namespace: str) -> None:
         result["raise"] = type(err).__name__
     # the whole-model check raising on rank 1 alone: rank 0 raises at its next collective of
     # the check (the guard's error flag) instead of waiting for rank 1 there
-    import gradwatch.lightning
+    import gradwatch._watch
 
-    with raising(gradwatch.lightning, "_budgeted_check", active=rank == 1, message="planted: this rank's check raised"):
+    with raising(gradwatch._watch, "_check_with", active=rank == 1, message="planted: this rank's check raised"):
         result["check_raise"] = error_of(lambda: fit(CORRECT["mlp_relu_dropout"], lambda report: None, max_steps=1))
     result["namespaces"] = [ns for ns in ("pytorch_lightning", "lightning.pytorch") if ns in sys.modules]
     finish(out, rank, result)

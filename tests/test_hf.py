@@ -339,14 +339,15 @@ def test_import_gradwatch_hf_does_not_import_transformers() -> None:
         ({"loss_fn": 3}, TypeError, "`loss_fn` must be callable"),
         ({"on_failure": "ignore"}, ValueError, "`on_failure`"),
         ({"max_overhead": 1.5}, ValueError, "`max_overhead`"),
-        ({"precision": "fp32"}, ValueError, "`precision`"),
+        ({"options": {"precision": "fp32"}}, ValueError, "`precision`"),
+        ({"sinks": [3]}, TypeError, "`sinks` must be None or a list of sinks"),
         ({"modules": "attn"}, ValueError, "`modules` must be None, 'suspects' or a list"),
         ({"modules": [1]}, ValueError, "`modules` must be None, 'suspects' or a list"),
     ],
 )
 def test_bad_arguments(kwargs, error, match) -> None:
-    with pytest.raises(error, match=match):
-        GradWatchTrainerCallback(**kwargs)
+    with pytest.raises(error, match=match):  # the probe options are one object, validated when made
+        GradWatchTrainerCallback(**{k: gradwatch.ProbeOptions(**v) if k == "options" else v for k, v in kwargs.items()})
     with pytest.raises(TypeError):
         GradWatchTrainerCallback(10)  # type: ignore[misc]  # keyword-only
 

@@ -804,20 +804,22 @@ def test_callback_class_is_a_callback_of_each_loaded_namespace_and_survives_pick
         ({"on_failure": "ignore"}, ValueError, "`on_failure`"),
         ({"seed": -1}, ValueError, "`seed`"),
         ({"prefix": ""}, ValueError, "`prefix`"),
-        ({"coordinates": -1}, ValueError, "`coordinates`"),
-        ({"coordinates": 0, "directions": 0}, ValueError, "at least 1"),
-        ({"kinks": "yes"}, ValueError, "`kinks`"),
-        ({"directions": 0}, ValueError, "`directions` must be at least 1"),
-        ({"precision": "fp32"}, ValueError, "`precision` must be one of 'float64', 'native', 'auto', got 'fp32'"),
-        ({"kink_resamples": -1}, ValueError, "`kink_resamples`"),
-        ({"near_kink_margin": 0}, ValueError, "`near_kink_margin`"),
+        ({"options": {"coordinates": -1}}, ValueError, "`coordinates`"),
+        ({"options": {"coordinates": 0, "directions": 0}}, ValueError, "at least 1"),
+        ({"options": {"kinks": "yes"}}, ValueError, "`kinks`"),
+        ({"options": {"directions": 0}}, ValueError, "`directions` must be at least 1"),
+        ({"options": {"precision": "fp32"}}, ValueError,
+         "`precision` must be one of 'float64', 'native', 'auto', got 'fp32'"),
+        ({"options": {"kink_resamples": -1}}, ValueError, "`kink_resamples`"),
+        ({"sinks": "tb"}, TypeError, "`sinks` must be None or a list of sinks"),
+        ({"options": {"near_kink_margin": 0}}, ValueError, "`near_kink_margin`"),
         ({"max_overhead": 0}, ValueError, r"`max_overhead` must be None or a fraction in \(0, 1\].*got 0"),
         ({"max_overhead": 1.5}, ValueError, "`max_overhead`"),
     ],
 )
 def test_bad_arguments(kwargs, error, match) -> None:
-    with pytest.raises(error, match=match):
-        GradWatchCallback(**kwargs)
+    with pytest.raises(error, match=match):  # the probe options are one object, validated when made
+        GradWatchCallback(**{k: gradwatch.ProbeOptions(**v) if k == "options" else v for k, v in kwargs.items()})
 
 
 def test_configuration_is_keyword_only() -> None:
