@@ -66,7 +66,7 @@ __all__ = [
     "register_reference",
 ]
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 
 def __getattr__(name: str):

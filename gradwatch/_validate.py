@@ -62,36 +62,10 @@ def _module(name: str, value: Any) -> Any:
     return value
 
 
-def _probe_options(coordinates: Any, directions: Any, kinks: Any, *, min_directions: int = 1, joint: Any = 0) -> None:
-    """Validate the probe arguments shared by ``check`` and the adapters.
-
-    The adapters keep at least one random direction per tensor: it is what catches
-    errors confined to a few elements. ``check`` itself allows 0 (targeted tests).
-    """
-    _non_negative_int("coordinates", coordinates)
-    _non_negative_int("directions", directions)
-    if directions < min_directions:
-        raise ValueError(
-            "`directions` must be at least 1: a random direction over the whole tensor is what catches "
-            f"errors confined to a few elements, got {directions!r}"
-        )
-    _non_negative_int("joint", joint)
-    if coordinates + directions + joint == 0:
-        raise ValueError(f"`coordinates` + `directions` must be at least 1, got {coordinates} + {directions}")
-    if not isinstance(kinks, bool):
-        raise ValueError(f"`kinks` must be a bool, got {kinks!r}")
-
-
 def _callable(name: str, value: Any) -> Any:
     if not callable(value):
         raise TypeError(f"`{name}` must be callable, got {type(value).__name__} {value!r}")
     return value
-
-
-def _kink_options(kink_resamples: Any, near_kink_margin: Any) -> None:
-    """Validate the kink arguments shared by ``check`` and the adapters."""
-    _non_negative_int("kink_resamples", kink_resamples)
-    _positive_float("near_kink_margin", near_kink_margin)
 
 
 def _argparse_type(check: Any, convert: Any = str) -> Any:

@@ -320,6 +320,66 @@ class _Watch:
         _handle(report, self.on_failure)
 
 
+class _Watched:
+    """What every adapter exposes of its core (``self._watch``): the options and the reports."""
+
+    _watch: _Watch
+
+    @property
+    def options(self) -> ProbeOptions:
+        """The probe options (:class:`~gradwatch.ProbeOptions`)."""
+        return self._watch.options
+
+    @property
+    def every_n_steps(self) -> int:
+        """The smallest gap between two checks."""
+        return self._watch.every_n_steps
+
+    @property
+    def max_overhead(self) -> float | None:
+        """Largest fraction of the training time spent checking (``None``: no budget)."""
+        return self._watch.max_overhead
+
+    @property
+    def on_failure(self) -> OnFailure:
+        """What a failing check does: ``"warn"``, ``"raise"`` or a callable."""
+        return self._watch.on_failure
+
+    @property
+    def prefix(self) -> str:
+        """First component of the logged keys."""
+        return self._watch.prefix
+
+    @property
+    def modules(self) -> Any:
+        """The ``modules`` option, as given."""
+        return self._watch.modules
+
+    @property
+    def seed(self) -> int:
+        """The base seed in use (rank zero's under several processes)."""
+        return self._watch.seed
+
+    @seed.setter
+    def seed(self, value: int) -> None:
+        self._watch.seed = value
+
+    @property
+    def reports(self) -> list[tuple[int, Report]]:
+        """``(step, Report)`` for each check."""
+        return self._watch.reports
+
+    @property
+    def last_report(self) -> Report | None:
+        """The latest report, or ``None`` before the first check."""
+        return self._watch.reports[-1][1] if self._watch.reports else None
+
+    @property
+    def suspects(self) -> dict[str, str]:
+        """With ``modules="suspects"``, after the first check: qualified module name -> why it is one."""
+        return self._watch.suspects
+
+
 class _LocalRecording:
     """The module-local recordings of one check step: ``targets`` (qualified name -> module) and,
     with ``ops``, one call of each custom op with a registered reference (``turns``: the

@@ -25,10 +25,10 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import Tensor, nn
 
 from gradwatch._validate import _callable
-from gradwatch._watch import _BackwardRoots, _Capture, _LocalRecording, _Watch
+from gradwatch._watch import _BackwardRoots, _Capture, _LocalRecording, _Watch, _Watched
 from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
-from gradwatch.report import OnFailure, Report
+from gradwatch.report import OnFailure
 from gradwatch.sinks import Sink, TensorBoardSink
 
 __all__ = ["GradWatchTrainerCallback"]
@@ -37,7 +37,7 @@ __all__ = ["GradWatchTrainerCallback"]
 _TRAINER_FRAMES = 8
 
 
-class GradWatchTrainerCallback:
+class GradWatchTrainerCallback(_Watched):
     """Checks, every ``every_n_steps`` optimizer steps, the gradient ``transformers.Trainer`` uses.
 
     A ``transformers.TrainerCallback`` (the class is built on first use, so that importing
@@ -159,21 +159,6 @@ class GradWatchTrainerCallback:
         self._pending: _Pending | None = None
         self._tensorboard: TensorBoardSink | None = None
 
-    options = property(lambda self: self._watch.options, doc="The probe options (:class:`~gradwatch.ProbeOptions`).")
-    every_n_steps = property(lambda self: self._watch.every_n_steps, doc="The smallest gap between two checks.")
-    max_overhead = property(lambda self: self._watch.max_overhead, doc="The overhead budget (None: none).")
-    on_failure = property(lambda self: self._watch.on_failure, doc="What a failing check does.")
-    prefix = property(lambda self: self._watch.prefix, doc="First component of the logged keys.")
-    modules = property(lambda self: self._watch.modules, doc="The ``modules`` option, as given.")
-    seed = property(lambda self: self._watch.seed, doc="The base seed in use (the main process's).")
-    reports = property(lambda self: self._watch.reports, doc="``(global_step, Report)`` for each check.")
-    suspects = property(lambda self: self._watch.suspects,
-                        doc="Qualified module name -> why it is a suspect (after the first check).")
-
-    @property
-    def last_report(self) -> Report | None:
-        """The latest report, or ``None`` before the first check."""
-        return self.reports[-1][1] if self.reports else None
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:

@@ -30,16 +30,16 @@ from torch import Tensor, nn
 
 from gradwatch._sharded import _LocalGrads, _sharding
 from gradwatch._validate import _callable, _module
-from gradwatch._watch import _BackwardRoots, _Capture, _Watch
+from gradwatch._watch import _BackwardRoots, _Capture, _Watch, _Watched
 from gradwatch.options import ProbeOptions
 from gradwatch.replay import capture
-from gradwatch.report import OnFailure, Report
+from gradwatch.report import OnFailure
 from gradwatch.sinks import Sink, TensorBoardSink
 
 __all__ = ["GradWatch"]
 
 
-class GradWatch:
+class GradWatch(_Watched):
     """Checks, every ``every_n_steps`` steps, the gradient a training step produced.
 
     On a check step, :meth:`step` captures the RNG states and buffers before your
@@ -181,24 +181,10 @@ class GradWatch:
         self._step = 0
         self._sharded = _sharding(model)  # raises for sharding that cannot be checked
 
-    options = property(lambda self: self._watch.options, doc="The probe options (:class:`~gradwatch.ProbeOptions`).")
-    every_n_steps = property(lambda self: self._watch.every_n_steps, doc="The smallest gap between two checks.")
-    max_overhead = property(lambda self: self._watch.max_overhead, doc="The overhead budget (None: none).")
-    on_failure = property(lambda self: self._watch.on_failure, doc="What a failing check does.")
-    seed = property(lambda self: self._watch.seed, doc="The base seed in use (rank zero's under fully_shard).")
-    reports = property(lambda self: self._watch.reports, doc="``(step, Report)`` for each check.")
-    suspects = property(lambda self: self._watch.suspects,
-                        doc="Qualified module name -> why it is a suspect (after the first check).")
-
     @property
     def global_step(self) -> int:
         """Number of :meth:`step` blocks entered so far."""
         return self._step
-
-    @property
-    def last_report(self) -> Report | None:
-        """The latest report, or ``None`` before the first check."""
-        return self.reports[-1][1] if self.reports else None
 
     def is_check_step(self, step: int | None = None) -> bool:
         """Whether ``step`` (default: the next one) is a check step as planned now.

@@ -36,7 +36,7 @@ from typing_extensions import override
 
 from gradwatch._sharded import _LocalGrads, _sharding
 from gradwatch._validate import _callable, _non_negative_int, _seed
-from gradwatch._watch import _Capture, _Watch
+from gradwatch._watch import _Capture, _LocalRecording, _Watch, _Watched
 from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import OnFailure, Report, _check_prefix, _check_report, metrics
@@ -61,7 +61,7 @@ _INSTEAD = (
 )
 
 
-class GradWatchCallback:
+class GradWatchCallback(_Watched):
     """Checks, every ``every_n_steps`` optimizer steps, the gradient the optimizer uses.
 
     A callback for ``lightning.pytorch.Trainer`` and for ``pytorch_lightning.Trainer``.
@@ -190,30 +190,6 @@ class GradWatchCallback:
         self._sharded: str | None = None  # "fsdp2" once a check step found fully_shard units
         self._pending: _Pending | None = None
         self._logger_sinks: list[Sink] | None = None
-
-    options = property(lambda self: self._watch.options, doc="The probe options (:class:`~gradwatch.ProbeOptions`).")
-    every_n_steps = property(lambda self: self._watch.every_n_steps, doc="The smallest gap between two checks.")
-    max_overhead = property(lambda self: self._watch.max_overhead, doc="The overhead budget (None: none).")
-    on_failure = property(lambda self: self._watch.on_failure, doc="What a failing check does.")
-    prefix = property(lambda self: self._watch.prefix, doc="First component of the logged keys.")
-    modules = property(lambda self: self._watch.modules, doc="The ``modules`` option, as given.")
-    reports = property(lambda self: self._watch.reports, doc="``(global_step, Report)`` for each check.")
-    suspects = property(lambda self: self._watch.suspects,
-                        doc="Qualified module name -> why it is a suspect (after the first check).")
-
-    @property
-    def seed(self) -> int:
-        """The base seed in use (rank zero's, broadcast at setup; restored from a checkpoint on resume)."""
-        return self._watch.seed
-
-    @seed.setter
-    def seed(self, value: int) -> None:
-        self._watch.seed = value
-
-    @property
-    def last_report(self) -> Report | None:
-        """The latest report, or ``None`` before the first check."""
-        return self.reports[-1][1] if self.reports else None
 
     @property
     def state_key(self) -> str:
