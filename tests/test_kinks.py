@@ -373,8 +373,8 @@ def test_resampling_budget_bounds_the_replacements() -> None:
 def test_kink_arguments_are_validated(kwargs, match) -> None:
     with pytest.raises(ValueError, match=match):
         check(Scalar(torch.relu), _loss, None, **kwargs)
-    with pytest.raises(ValueError, match=match):
-        GradWatch(Scalar(torch.relu), _loss, **kwargs)
+    with pytest.raises(ValueError, match=match):  # the adapters take them in one ProbeOptions
+        GradWatch(Scalar(torch.relu), _loss, options=gradwatch.ProbeOptions(**kwargs))
 
 
 def test_near_kink_margin_sets_what_counts_as_near() -> None:
