@@ -73,21 +73,22 @@ Numerics (see ``shared/design.md`` §3 and the README):
 
 :func:`check` validates its arguments, binds the probe options into one
 :class:`~gradwatch.ProbeOptions` and runs ``_check_with``, the check every caller inside
-gradwatch runs with such an object. ``_check_with`` only wires the engine's four rooms
+gradwatch runs with such an object. ``_check_with`` only wires the engine's five rooms
 together, step by step (the gradients under test, the tensors to check, the probes, one
 host transfer, the replay's fidelity, the verdicts):
 
 * :mod:`gradwatch._evaluation`: evaluating the loss at given parameters from the
   replayed state (float64 or native, sequential or vmapped), and one host transfer;
 * :mod:`gradwatch._probing`: the probe plan, the points and central differences of a
-  probe, kink resampling and the bisection that localises a failure; what every probe of
-  a check shares travels as one ``_CheckContext``;
+  probe and kink resampling; what every probe of a check shares travels as one
+  ``_CheckContext``;
+* :mod:`gradwatch._locating`: a failure measured again and localised to an element;
 * :mod:`gradwatch._judging`: tolerances, replay fidelity, loss noise and verdicts;
 * :mod:`gradwatch._joint`: joint probes over every tensor, their kink retries at smaller
   steps, group testing and the verdicts they give.
 
 The rooms import each other in one direction only (``_evaluation`` <- ``_judging`` <-
-``_probing`` <- ``_joint`` <- ``engine``), and take large tensors a chunk of
+``_probing`` <- ``_locating`` <- ``_joint`` <- ``engine``), and take large tensors a chunk of
 :data:`gradwatch._sizes.CHUNK` elements at a time.
 
 All probe arithmetic stays on the model's device; results reach the host in one
@@ -150,18 +151,17 @@ from gradwatch._judging import (
     _square_sum,
     _unreliable,
 )
+from gradwatch._locating import _locate, _remeasure
 from gradwatch._probing import (
     _CheckContext,
     _Excluded,
     _exclusions,
     _flat_probes,
-    _locate,
     _plan,
     _probe_tensor,
     _ref_terms,
     _References,
     _RefView,
-    _remeasure,
     _resample,
 )
 from gradwatch._validate import _callable, _module, _one_of, _seed
