@@ -98,9 +98,9 @@ probing: which parameters hold non-finite values).
 Memory: a float64 check holds one float64 copy of the parameters (the shadow) and,
 transiently, about one float64 tensor of the size of one parameter tensor. The float64
 reference gradient is never held whole: a tensor hook hands each tensor's to
-:class:`_ReferenceStats` as the backward produces it (the terms of the planned probes and
-joint directions, the precision test's gap, the sum of squares), and what a failure or a
-kink resample needs later is taken from the float64 backward run again. A tensor whose
+:class:`~gradwatch._gradients._ReferenceStats` as the backward produces it (the terms of the
+planned probes and joint directions, the precision test's gap, the sum of squares), and what a
+failure or a kink resample needs later is taken from the float64 backward run again. A tensor whose
 copy is more than a quarter of the shadow (a module-local check of one large Linear) gets
 its reference in a backward of its own, without its copy (the forward widens the parameter
 where it is used), so its copy and its reference gradient are never held together. Points
@@ -131,15 +131,21 @@ from gradwatch._evaluation import (
     _Evaluation,
     _HostValues,
     _loss_value,
-    _native_loss,
     _reduced,
-    _short,
+)
+from gradwatch._gradients import (
+    _NOT_SELECTED,
+    _autograd_gradients,
+    _given_gradients,
+    _grads_option,
+    _names,
+    _ReferenceStats,
+    _skip_reasons,
 )
 from gradwatch._joint import _joint_lines, _joint_probes, _joint_verdicts, _JointRow
 from gradwatch._judging import (
     RTOL,
     _attach_kinks,
-    _gap_values,
     _grad_precision,
     _grad_stats,
     _gradient_rms,
@@ -148,7 +154,6 @@ from gradwatch._judging import (
     _loss_spread,
     _measure_spread,
     _nonfinite_loss,
-    _square_sum,
     _unreliable,
 )
 from gradwatch._locating import _locate, _remeasure
@@ -159,20 +164,17 @@ from gradwatch._probing import (
     _flat_probes,
     _plan,
     _probe_tensor,
-    _ref_terms,
     _References,
     _RefView,
     _resample,
 )
-from gradwatch._validate import _callable, _module, _one_of, _seed
+from gradwatch._validate import _callable, _module, _seed
 from gradwatch.options import DEFAULT_SHADOW_BYTES, PRECISIONS, ProbeOptions, _batched_conflict
-from gradwatch.replay import ReplayState, _isolated, _LossModule, capture
+from gradwatch.replay import ReplayState, _isolated, capture
 from gradwatch.report import Report, TensorCheck
 
 __all__ = ["check", "DEFAULT_STEP", "DEFAULT_SHADOW_BYTES", "PRECISIONS", "RTOL"]
 
-_GRADS = ("autograd", "existing")
-_NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
 #: True while a caller runs :func:`check` with a ``train_loss`` that the replay itself
 #: computed (``assert_gradients``, as ``grads="autograd"`` does inside): the training loss
 #: then is the native replay, so no second one is run to compare with it.
@@ -686,94 +688,3 @@ def _tensor_verdict(
         if located is not None:
             tc = dataclasses.replace(tc, located=located)
     return tc
-
-
-class _ReferenceStats:
-    """What a check needs of each tensor's float64 reference gradient ``g_ref``, computed
-    from ``g_ref`` alone (one tensor-sized temporary at a time), so the reference is never
-    held whole: the terms ``<g_ref, v>`` of its planned probes, its terms of each joint
-    direction, the precision test's distance from the gradient under test (``gap``), and
-    the sum of its squares (for ``G_ref``)."""
-
-    def __init__(self, grads: Mapping[str, Tensor], plan: Mapping[str, list], lines: list,
-                 excluded: Mapping[str, Any], *, gap: bool) -> None:
-        self.grads, self.plan, self.lines, self.excluded, self.gap = grads, plan, lines, excluded, gap
-
-    def __call__(self, name: str, g_ref: Tensor) -> dict[str, Any]:
-        out: dict[str, Any] = {"square": _square_sum(g_ref)}
-        if name not in self.grads:  # not checked in this check: only its share of G_ref
-            return out
-        mask = self.excluded[name].mask if name in self.excluded else None
-        out["terms"] = {tuple(spec): _ref_terms(g_ref, tuple(spec), mask) for spec in self.plan[name]}
-        out["joint"] = [line.reference_terms(name, g_ref) for line in self.lines]
-        if self.gap:
-            out["gap"] = _gap_values(self.grads[name], g_ref)
-        return out
-
-
-def _autograd_gradients(
-    model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, params: dict[str, nn.Parameter]
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Run the training forward on cloned buffers and take ``torch.autograd.grad``."""
-    trainable = {n: p for n, p in params.items() if p.requires_grad}
-    if not trainable:
-        raise ValueError(
-            f"`model` has no parameter with requires_grad=True to check ({len(params)} parameters, all frozen)"
-        )
-    loss = _native_loss(_LossModule(model, loss_fn), batch, replay, grad=True)
-    if not loss.requires_grad:
-        raise ValueError("`loss_fn` returned a loss that does not require grad: no parameter reaches it")
-    grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
-    return loss.detach(), {n: g for n, g in zip(trainable, grads) if g is not None}
-
-
-def _grads_option(grads: Any) -> str | Mapping[str, Tensor]:
-    """Validate a ``grads`` argument: "autograd", "existing" or a mapping name -> Tensor."""
-    if isinstance(grads, str):
-        return _one_of("grads", grads, _GRADS)
-    if not isinstance(grads, Mapping):
-        raise ValueError(f"`grads` must be 'autograd', 'existing' or a mapping name -> Tensor, got {grads!r}")
-    return grads
-
-
-def _given_gradients(grads: str | Mapping[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-    if grads == "existing":
-        return {n: p.grad.detach() for n, p in params.items() if p.requires_grad and p.grad is not None}
-    out = {}
-    for name, g in grads.items():
-        if name not in params:
-            raise ValueError(f"`grads` names {name!r}, which is not a parameter of `model`")
-        if not isinstance(g, Tensor):
-            raise TypeError(f"`grads[{name!r}]` must be a Tensor, got {type(g).__name__}")
-        if tuple(g.shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"`grads[{name!r}]` must have the parameter's shape {tuple(params[name].shape)}, got {tuple(g.shape)}"
-            )
-        out[name] = g.detach()
-    return out
-
-
-def _names(names: Any, params: Mapping[str, nn.Parameter]) -> frozenset[str]:
-    if isinstance(names, str) or not isinstance(names, Collection):
-        raise ValueError(f"`names` must be None or a collection of parameter names, got {_short(names)}")
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        raise ValueError(f"`names` must name parameters of `model`, got unknown {unknown!r}")
-    return frozenset(names)
-
-
-def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) -> dict[str, str]:
-    """Why each parameter without a usable gradient is skipped."""
-    reasons = {}
-    for name, p in params.items():
-        if not p.requires_grad:
-            reasons[name] = "frozen (requires_grad=False)"
-        elif not p.is_floating_point():
-            reasons[name] = f"not a floating-point parameter ({p.dtype})"
-        elif name not in grad_map:
-            reasons[name] = "no gradient in this step (unused by the loss, or .grad is None)"
-        elif not grad_map[name].is_floating_point():
-            reasons[name] = f"gradient is not floating-point ({grad_map[name].dtype})"
-        elif p.numel() == 0:
-            reasons[name] = f"empty tensor (shape {tuple(p.shape)}): no element to check"
-    return reasons
