@@ -4,79 +4,50 @@
 decide when to call it and which gradient to compare; it returns a frozen
 :class:`~gradwatch.report.Report`.
 
-Numerics (see ``shared/design.md`` §3 and the README):
+Numerics in short (for users: ``docs/how-it-works.md``; the design: ``shared/design.md``
+§3; every tolerance in full: :class:`gradwatch._judging._Judge`):
 
 * ``precision="float64"`` evaluates every perturbed loss on a float64 copy of the
-  parameters, buffers and floating inputs (``torch.func.functional_call``), from the
-  RNG state and buffers the training forward started from, so dropout masks and batch
-  statistics match. Inside it, casts to a lower precision keep float64 and random ops
-  draw in the native dtype (:mod:`gradwatch._float64`). ``"native"`` evaluates in the model's own dtype with a step scaled
-  to it; ``"auto"`` takes float64 when the copy fits ``max_shadow_bytes`` and the model
-  runs in float64, native otherwise.
-* Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``. The numerical value
-  is the central difference ``D(h)`` in float64 and the five-point value
-  ``(4·D(h) - D(2h)) / 3`` natively. Its error bar adds the truncation estimate
-  ``|D(h) - D(2h)| / 3`` and the rounding of the loss, measured from the fourth
-  difference of the same evaluations (whose smooth part cancels).
-* In float64 the engine also takes autograd's gradient of the float64 copy, the
-  *reference*: the same backward code (custom Functions, module hooks) run without
-  low-precision rounding. Two tests follow, and a tensor fails if either does:
-
-  - the code test, per probe: ``|numerical - reference| <= 3·error_bar +
-    1e-6·(‖g_ref∘v‖ + G_t·‖v‖) + 1e-9·G_ref·‖v‖``: a wrong backward formula is wrong in
-    float64 too, so it is judged at float64 accuracy, and the absolute floor scales
-    with the tensor's own reference RMS ``G_t`` (a bug in a tensor whose gradients
-    are 1e-6 of the model's is caught; a true gradient of 0 stays quiet);
-  - the precision test, per tensor: ``‖g - g_ref‖ <= max(rtol·‖g_ref‖, k_n·s) +
-    max(eps·G_ref, 8·eps·|L|)·√n``, where ``s = ‖g(θ) - g(θ')‖`` is *measured*: the
-    native gradient replayed at ``θ`` and at ``θ`` moved by 4 ulps (random signs),
-    which re-randomises the rounding of every op (and shows nondeterministic
-    kernels), amplified by the conditioning of the computation as the training
-    gradient's own rounding is; ``k_n = 4 + 30/√n``. It catches what only the
-    training gradient has: tensor hooks, code that edits ``.grad`` (neither is part
-    of the replays), a kernel wrong only in low precision (wrong in both replays).
-    Below float32 (TF32, bf16/fp16 autocast), whose rounding a move by float32 ulps
-    does not re-randomise, ``rtol`` from :data:`RTOL` keeps its floor ``rtol/2·G_ref``.
-    The replay at ``θ`` also records the branches of the non-smooth ops: where the
-    training precision took another branch than the float64 pass (an element within
-    rounding of a kink), the precision test is not applied and each tensor says why.
-
-  Without a reference (native precision, the smallest budgeted check, or a backward
-  that fails in float64) the code test uses ``rtol·‖g∘v‖ + max(rtol/2·G, 8·eps·|L|)·‖v‖``
-  instead. ``‖g∘v‖`` (the root sum of squares of the terms of ``<g, v>``) never cancels,
-  so a direction whose terms cancel raises no false alarm; ``G`` (the RMS of the model's
-  gradient) is the floor for a tensor whose true gradient is 0, such as a conv bias
-  before BatchNorm, and ``8·eps·|L|`` the floor when every gradient is 0 or rounding
-  noise. A check that measured no noise (``richardson=False``) re-measures a failing
-  probe at ``±2h`` from an unperturbed pass before the fail stands, and a probe whose
-  perturbed losses were equal although the loss moves at a larger step (rounding
-  flattened it) is not judged (``Probe.flat``).
-* Probes whose perturbed passes took another branch of a non-smooth op than the
-  unperturbed pass are marked as kinks and never count towards a failure. Crossed
-  coordinates are replaced by fresh ones (``kink_resamples`` per tensor), and every
-  non-smooth op a probe moved is reported with its module and margin
-  (:mod:`gradwatch.kinks`).
-* Joint probes (``joint``, :mod:`gradwatch._joint`): one random direction over every
-  checked tensor at once, each tensor's term weighted alike, judged like a direction
-  probe; so one probe (two float64 passes) covers the whole model. A passing one
-  verifies the tensors without a verdict of their own; a failing one is bisected over
-  the tensors (group testing), and the tensor it names is confirmed and localised.
-* A failing tensor is localised: a failing coordinate names its element, a precision
-  gap its largest element, and a failing direction is bisected over the flat index
-  (rows first, then columns) and confirmed by a coordinate probe.
-* Elements that cannot be probed are left out once per check
-  (:func:`gradwatch._probing._exclusions`): the ``padding_idx`` row of ``nn.Embedding``
-  and ``nn.EmbeddingBag`` (PyTorch gives it no gradient by design) and non-finite
-  parameter values (masked ``-inf`` logits). Coordinates avoid them, directions are zero
-  there, and :attr:`~gradwatch.report.TensorCheck.excluded` says so. Empty tensors are
-  skipped, and a loss that underflows in the training precision makes the check unreliable.
+  parameters, buffers and floating inputs, from the RNG state and buffers the training
+  forward started from (lower-precision casts keep float64, random ops draw in the native
+  dtype: :mod:`gradwatch._float64`); ``"native"`` evaluates in the model's own dtype with
+  a step scaled to it; ``"auto"`` takes float64 when the copy fits ``max_shadow_bytes``
+  and the model runs in float64, native otherwise.
+* Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``: the central
+  difference ``D(h)`` in float64, ``(4·D(h) - D(2h)) / 3`` natively, with an error bar
+  of ``|D(h) - D(2h)| / 3`` plus the loss's rounding, measured from their fourth
+  difference.
+* In float64 the engine also takes the *reference*, autograd's gradient of the float64
+  copy, and a tensor fails either of two tests. The code test, per probe:
+  ``|numerical - reference| <= 3·error_bar + 1e-6·(‖g_ref∘v‖ + G_t·‖v‖) +
+  1e-9·G_ref·‖v‖`` (``G_t``: the tensor's own reference RMS). The precision test, per
+  tensor: ``‖g - g_ref‖ <= max(rtol·‖g_ref‖, k_n·s) + max(eps·G_ref, 8·eps·|L|)·√n``,
+  ``s`` the measured spread of the native gradient replayed at ``θ`` and 4 ulps away,
+  ``k_n = 4 + 30/√n`` (below float32 the floor stays ``rtol/2·G_ref``); not applied
+  where the training precision took another branch of a non-smooth op than the float64
+  pass. Without a reference the code test allows ``rtol·‖g∘v‖ + max(rtol/2·G,
+  8·eps·|L|)·‖v‖`` (``G``: the model's gradient RMS). A check without ``±2h`` passes
+  measures a failing probe again before the fail stands; a probe whose losses rounding
+  flattened is not judged (``Probe.flat``).
+* Probes that took another branch of a non-smooth op than the unperturbed pass are kinks
+  and never count towards a failure; crossed coordinates are replaced (``kink_resamples``
+  per tensor), and every op a probe moved is reported (:mod:`gradwatch.kinks`).
+* Joint probes (:mod:`gradwatch._joint`) probe every checked tensor along one direction;
+  a failing one is bisected over the tensors. A failing tensor is localised to an element
+  (:mod:`gradwatch._locating`).
+* Elements that cannot be probed (``padding_idx`` rows, non-finite parameter values) are
+  left out once per check (:func:`gradwatch._probing._exclusions`); empty tensors are
+  skipped, and a loss that underflows in the training precision makes the check
+  unreliable.
 
 :func:`check` validates its arguments, binds the probe options into one
 :class:`~gradwatch.ProbeOptions` and runs ``_check_with``, the check every caller inside
-gradwatch runs with such an object. ``_check_with`` only wires the engine's five rooms
+gradwatch runs with such an object. ``_check_with`` only wires the engine's rooms
 together, step by step (the gradients under test, the tensors to check, the probes, one
 host transfer, the replay's fidelity, the verdicts):
 
+* :mod:`gradwatch._gradients`: the gradients under test, which tensors are skipped, and
+  what the check takes of the float64 reference gradient as the backward produces it;
 * :mod:`gradwatch._evaluation`: evaluating the loss at given parameters from the
   replayed state (float64 or native, sequential or vmapped), and one host transfer;
 * :mod:`gradwatch._probing`: the probe plan, the points and central differences of a
@@ -88,7 +59,8 @@ host transfer, the replay's fidelity, the verdicts):
   steps, group testing and the verdicts they give.
 
 The rooms import each other in one direction only (``_evaluation`` <- ``_judging`` <-
-``_probing`` <- ``_locating`` <- ``_joint`` <- ``engine``), and take large tensors a chunk of
+``_probing`` <- ``_locating`` <- ``_joint`` <- ``engine``, and ``_probing`` <-
+``_gradients`` <- ``engine``), and take large tensors a chunk of
 :data:`gradwatch._sizes.CHUNK` elements at a time.
 
 All probe arithmetic stays on the model's device; results reach the host in one
@@ -97,19 +69,16 @@ probing: which parameters hold non-finite values).
 
 Memory: a float64 check holds one float64 copy of the parameters (the shadow) and,
 transiently, about one float64 tensor of the size of one parameter tensor. The float64
-reference gradient is never held whole: a tensor hook hands each tensor's to
-:class:`~gradwatch._gradients._ReferenceStats` as the backward produces it (the terms of the
-planned probes and joint directions, the precision test's gap, the sum of squares), and what a
-failure or a kink resample needs later is taken from the float64 backward run again. A tensor whose
-copy is more than a quarter of the shadow (a module-local check of one large Linear) gets
-its reference in a backward of its own, without its copy (the forward widens the parameter
-where it is used), so its copy and its reference gradient are never held together. Points
-are made in place on the shadow, one tensor at a time, and undone by copying the parameter
-back (exactly; never by subtracting); directions of tensors above ``_sizes.CHUNK`` elements are
-drawn again from their seeds a chunk at a time at every use, also in the bisection of a
-failure. The precision test's two native replays run with the shadow released (made again
-from the parameters when needed). Under data parallelism (``reduce``) the reference is
-all-reduced and held whole. Batched evaluation stacks the perturbed copies of the probed tensor.
+reference gradient is never held whole (:class:`~gradwatch._gradients._ReferenceStats`;
+what a failure or a kink resample needs later comes from the float64 backward run again),
+and a tensor whose copy is a large share of the shadow gets it in a backward of its own,
+without its copy (:data:`gradwatch._evaluation._ALONE`). Points are made in place on the
+shadow, one tensor at a time, and undone by copying the parameter back (exactly; never by
+subtracting); directions of tensors above ``_sizes.CHUNK`` elements are drawn again from
+their seeds a chunk at a time at every use, also in the bisection of a failure. The
+precision test's two native replays run with the shadow released. Under data parallelism
+(``reduce``) the reference is all-reduced and held whole. Batched evaluation stacks the
+perturbed copies of the probed tensor.
 """
 
 from __future__ import annotations
