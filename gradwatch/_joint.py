@@ -31,7 +31,7 @@ the unperturbed pass did not (the difference quotient is then judged as if smoot
 Localisation: a failing joint probe is bisected over the tensor list (group testing:
 the direction restricted to the first half of the tensors, one host transfer per
 level, ``⌈log2 T⌉`` levels), the tensor it names is confirmed by a direction probe of
-its own along the same direction, and :func:`~gradwatch._probing._locate` then names
+its own along the same direction, and :func:`~gradwatch._locating._locate` then names
 the element.
 """
 
@@ -51,15 +51,8 @@ from torch import Tensor
 from gradwatch import _sizes
 from gradwatch._evaluation import _Evaluation, _HostValues
 from gradwatch._judging import _Judge, _KinkRow, _loss_noise, _nonfinite, _ratio, _summary
-from gradwatch._probing import (
-    _CheckContext,
-    _chunked_terms,
-    _direction,
-    _direction_chunks,
-    _Excluded,
-    _locate,
-    _probe,
-)
+from gradwatch._locating import _locate
+from gradwatch._probing import _CheckContext, _chunked_terms, _direction, _direction_chunks, _Excluded, _probe
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.report import Probe, TensorCheck
 

@@ -4,90 +4,63 @@
 decide when to call it and which gradient to compare; it returns a frozen
 :class:`~gradwatch.report.Report`.
 
-Numerics (see ``shared/design.md`` §3 and the README):
+Numerics in short (for users: ``docs/how-it-works.md``; the design: ``shared/design.md``
+§3; every tolerance in full: :class:`gradwatch._judging._Judge`):
 
 * ``precision="float64"`` evaluates every perturbed loss on a float64 copy of the
-  parameters, buffers and floating inputs (``torch.func.functional_call``), from the
-  RNG state and buffers the training forward started from, so dropout masks and batch
-  statistics match. Inside it, casts to a lower precision keep float64 and random ops
-  draw in the native dtype (:mod:`gradwatch._float64`). ``"native"`` evaluates in the model's own dtype with a step scaled
-  to it; ``"auto"`` takes float64 when the copy fits ``max_shadow_bytes`` and the model
-  runs in float64, native otherwise.
-* Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``. The numerical value
-  is the central difference ``D(h)`` in float64 and the five-point value
-  ``(4·D(h) - D(2h)) / 3`` natively. Its error bar adds the truncation estimate
-  ``|D(h) - D(2h)| / 3`` and the rounding of the loss, measured from the fourth
-  difference of the same evaluations (whose smooth part cancels).
-* In float64 the engine also takes autograd's gradient of the float64 copy, the
-  *reference*: the same backward code (custom Functions, module hooks) run without
-  low-precision rounding. Two tests follow, and a tensor fails if either does:
-
-  - the code test, per probe: ``|numerical - reference| <= 3·error_bar +
-    1e-6·(‖g_ref∘v‖ + G_t·‖v‖) + 1e-9·G_ref·‖v‖``: a wrong backward formula is wrong in
-    float64 too, so it is judged at float64 accuracy, and the absolute floor scales
-    with the tensor's own reference RMS ``G_t`` (a bug in a tensor whose gradients
-    are 1e-6 of the model's is caught; a true gradient of 0 stays quiet);
-  - the precision test, per tensor: ``‖g - g_ref‖ <= max(rtol·‖g_ref‖, k_n·s) +
-    max(eps·G_ref, 8·eps·|L|)·√n``, where ``s = ‖g(θ) - g(θ')‖`` is *measured*: the
-    native gradient replayed at ``θ`` and at ``θ`` moved by 4 ulps (random signs),
-    which re-randomises the rounding of every op (and shows nondeterministic
-    kernels), amplified by the conditioning of the computation as the training
-    gradient's own rounding is; ``k_n = 4 + 30/√n``. It catches what only the
-    training gradient has: tensor hooks, code that edits ``.grad`` (neither is part
-    of the replays), a kernel wrong only in low precision (wrong in both replays).
-    Below float32 (TF32, bf16/fp16 autocast), whose rounding a move by float32 ulps
-    does not re-randomise, ``rtol`` from :data:`RTOL` keeps its floor ``rtol/2·G_ref``.
-    The replay at ``θ`` also records the branches of the non-smooth ops: where the
-    training precision took another branch than the float64 pass (an element within
-    rounding of a kink), the precision test is not applied and each tensor says why.
-
-  Without a reference (native precision, the smallest budgeted check, or a backward
-  that fails in float64) the code test uses ``rtol·‖g∘v‖ + max(rtol/2·G, 8·eps·|L|)·‖v‖``
-  instead. ``‖g∘v‖`` (the root sum of squares of the terms of ``<g, v>``) never cancels,
-  so a direction whose terms cancel raises no false alarm; ``G`` (the RMS of the model's
-  gradient) is the floor for a tensor whose true gradient is 0, such as a conv bias
-  before BatchNorm, and ``8·eps·|L|`` the floor when every gradient is 0 or rounding
-  noise. A check that measured no noise (``richardson=False``) re-measures a failing
-  probe at ``±2h`` from an unperturbed pass before the fail stands, and a probe whose
-  perturbed losses were equal although the loss moves at a larger step (rounding
-  flattened it) is not judged (``Probe.flat``).
-* Probes whose perturbed passes took another branch of a non-smooth op than the
-  unperturbed pass are marked as kinks and never count towards a failure. Crossed
-  coordinates are replaced by fresh ones (``kink_resamples`` per tensor), and every
-  non-smooth op a probe moved is reported with its module and margin
-  (:mod:`gradwatch.kinks`).
-* Joint probes (``joint``, :mod:`gradwatch._joint`): one random direction over every
-  checked tensor at once, each tensor's term weighted alike, judged like a direction
-  probe; so one probe (two float64 passes) covers the whole model. A passing one
-  verifies the tensors without a verdict of their own; a failing one is bisected over
-  the tensors (group testing), and the tensor it names is confirmed and localised.
-* A failing tensor is localised: a failing coordinate names its element, a precision
-  gap its largest element, and a failing direction is bisected over the flat index
-  (rows first, then columns) and confirmed by a coordinate probe.
-* Elements that cannot be probed are left out once per check
-  (:func:`gradwatch._probing._exclusions`): the ``padding_idx`` row of ``nn.Embedding``
-  and ``nn.EmbeddingBag`` (PyTorch gives it no gradient by design) and non-finite
-  parameter values (masked ``-inf`` logits). Coordinates avoid them, directions are zero
-  there, and :attr:`~gradwatch.report.TensorCheck.excluded` says so. Empty tensors are
-  skipped, and a loss that underflows in the training precision makes the check unreliable.
+  parameters, buffers and floating inputs, from the RNG state and buffers the training
+  forward started from (lower-precision casts keep float64, random ops draw in the native
+  dtype: :mod:`gradwatch._float64`); ``"native"`` evaluates in the model's own dtype with
+  a step scaled to it; ``"auto"`` takes float64 when the copy fits ``max_shadow_bytes``
+  and the model runs in float64, native otherwise.
+* Each probe takes four evaluations, ``θ ± h·v`` and ``θ ± 2h·v``: the central
+  difference ``D(h)`` in float64, ``(4·D(h) - D(2h)) / 3`` natively, with an error bar
+  of ``|D(h) - D(2h)| / 3`` plus the loss's rounding, measured from their fourth
+  difference.
+* In float64 the engine also takes the *reference*, autograd's gradient of the float64
+  copy, and a tensor fails either of two tests. The code test, per probe:
+  ``|numerical - reference| <= 3·error_bar + 1e-6·(‖g_ref∘v‖ + G_t·‖v‖) +
+  1e-9·G_ref·‖v‖`` (``G_t``: the tensor's own reference RMS). The precision test, per
+  tensor: ``‖g - g_ref‖ <= max(rtol·‖g_ref‖, k_n·s) + max(eps·G_ref, 8·eps·|L|)·√n``,
+  ``s`` the measured spread of the native gradient replayed at ``θ`` and 4 ulps away,
+  ``k_n = 4 + 30/√n`` (below float32 the floor stays ``rtol/2·G_ref``); not applied
+  where the training precision took another branch of a non-smooth op than the float64
+  pass. Without a reference the code test allows ``rtol·‖g∘v‖ + max(rtol/2·G,
+  8·eps·|L|)·‖v‖`` (``G``: the model's gradient RMS). A check without ``±2h`` passes
+  measures a failing probe again before the fail stands; a probe whose losses rounding
+  flattened is not judged (``Probe.flat``).
+* Probes that took another branch of a non-smooth op than the unperturbed pass are kinks
+  and never count towards a failure; crossed coordinates are replaced (``kink_resamples``
+  per tensor), and every op a probe moved is reported (:mod:`gradwatch.kinks`).
+* Joint probes (:mod:`gradwatch._joint`) probe every checked tensor along one direction;
+  a failing one is bisected over the tensors. A failing tensor is localised to an element
+  (:mod:`gradwatch._locating`).
+* Elements that cannot be probed (``padding_idx`` rows, non-finite parameter values) are
+  left out once per check (:func:`gradwatch._probing._exclusions`); empty tensors are
+  skipped, and a loss that underflows in the training precision makes the check
+  unreliable.
 
 :func:`check` validates its arguments, binds the probe options into one
 :class:`~gradwatch.ProbeOptions` and runs ``_check_with``, the check every caller inside
-gradwatch runs with such an object. ``_check_with`` only wires the engine's four rooms
+gradwatch runs with such an object. ``_check_with`` only wires the engine's rooms
 together, step by step (the gradients under test, the tensors to check, the probes, one
 host transfer, the replay's fidelity, the verdicts):
 
+* :mod:`gradwatch._gradients`: the gradients under test, which tensors are skipped, and
+  what the check takes of the float64 reference gradient as the backward produces it;
 * :mod:`gradwatch._evaluation`: evaluating the loss at given parameters from the
   replayed state (float64 or native, sequential or vmapped), and one host transfer;
 * :mod:`gradwatch._probing`: the probe plan, the points and central differences of a
-  probe, kink resampling and the bisection that localises a failure; what every probe of
-  a check shares travels as one ``_CheckContext``;
+  probe and kink resampling; what every probe of a check shares travels as one
+  ``_CheckContext``;
+* :mod:`gradwatch._locating`: a failure measured again and localised to an element;
 * :mod:`gradwatch._judging`: tolerances, replay fidelity, loss noise and verdicts;
 * :mod:`gradwatch._joint`: joint probes over every tensor, their kink retries at smaller
   steps, group testing and the verdicts they give.
 
 The rooms import each other in one direction only (``_evaluation`` <- ``_judging`` <-
-``_probing`` <- ``_joint`` <- ``engine``), and take large tensors a chunk of
+``_probing`` <- ``_locating`` <- ``_joint`` <- ``engine``, and ``_probing`` <-
+``_gradients`` <- ``engine``), and take large tensors a chunk of
 :data:`gradwatch._sizes.CHUNK` elements at a time.
 
 All probe arithmetic stays on the model's device; results reach the host in one
@@ -96,19 +69,16 @@ probing: which parameters hold non-finite values).
 
 Memory: a float64 check holds one float64 copy of the parameters (the shadow) and,
 transiently, about one float64 tensor of the size of one parameter tensor. The float64
-reference gradient is never held whole: a tensor hook hands each tensor's to
-:class:`_ReferenceStats` as the backward produces it (the terms of the planned probes and
-joint directions, the precision test's gap, the sum of squares), and what a failure or a
-kink resample needs later is taken from the float64 backward run again. A tensor whose
-copy is more than a quarter of the shadow (a module-local check of one large Linear) gets
-its reference in a backward of its own, without its copy (the forward widens the parameter
-where it is used), so its copy and its reference gradient are never held together. Points
-are made in place on the shadow, one tensor at a time, and undone by copying the parameter
-back (exactly; never by subtracting); directions of tensors above ``_sizes.CHUNK`` elements are
-drawn again from their seeds a chunk at a time at every use, also in the bisection of a
-failure. The precision test's two native replays run with the shadow released (made again
-from the parameters when needed). Under data parallelism (``reduce``) the reference is
-all-reduced and held whole. Batched evaluation stacks the perturbed copies of the probed tensor.
+reference gradient is never held whole (:class:`~gradwatch._gradients._ReferenceStats`;
+what a failure or a kink resample needs later comes from the float64 backward run again),
+and a tensor whose copy is a large share of the shadow gets it in a backward of its own,
+without its copy (:data:`gradwatch._evaluation._ALONE`). Points are made in place on the
+shadow, one tensor at a time, and undone by copying the parameter back (exactly; never by
+subtracting); directions of tensors above ``_sizes.CHUNK`` elements are drawn again from
+their seeds a chunk at a time at every use, also in the bisection of a failure. The
+precision test's two native replays run with the shadow released. Under data parallelism
+(``reduce``) the reference is all-reduced and held whole. Batched evaluation stacks the
+perturbed copies of the probed tensor.
 """
 
 from __future__ import annotations
@@ -130,15 +100,21 @@ from gradwatch._evaluation import (
     _Evaluation,
     _HostValues,
     _loss_value,
-    _native_loss,
     _reduced,
-    _short,
+)
+from gradwatch._gradients import (
+    _NOT_SELECTED,
+    _autograd_gradients,
+    _given_gradients,
+    _grads_option,
+    _names,
+    _ReferenceStats,
+    _skip_reasons,
 )
 from gradwatch._joint import _joint_lines, _joint_probes, _joint_verdicts, _JointRow
 from gradwatch._judging import (
     RTOL,
     _attach_kinks,
-    _gap_values,
     _grad_precision,
     _grad_stats,
     _gradient_rms,
@@ -147,32 +123,27 @@ from gradwatch._judging import (
     _loss_spread,
     _measure_spread,
     _nonfinite_loss,
-    _square_sum,
     _unreliable,
 )
+from gradwatch._locating import _locate, _remeasure
 from gradwatch._probing import (
     _CheckContext,
     _Excluded,
     _exclusions,
     _flat_probes,
-    _locate,
     _plan,
     _probe_tensor,
-    _ref_terms,
     _References,
     _RefView,
-    _remeasure,
     _resample,
 )
-from gradwatch._validate import _callable, _module, _one_of, _seed
+from gradwatch._validate import _callable, _module, _seed
 from gradwatch.options import DEFAULT_SHADOW_BYTES, PRECISIONS, ProbeOptions, _batched_conflict
-from gradwatch.replay import ReplayState, _isolated, _LossModule, capture
+from gradwatch.replay import ReplayState, _isolated, capture
 from gradwatch.report import Report, TensorCheck
 
 __all__ = ["check", "DEFAULT_STEP", "DEFAULT_SHADOW_BYTES", "PRECISIONS", "RTOL"]
 
-_GRADS = ("autograd", "existing")
-_NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
 #: True while a caller runs :func:`check` with a ``train_loss`` that the replay itself
 #: computed (``assert_gradients``, as ``grads="autograd"`` does inside): the training loss
 #: then is the native replay, so no second one is run to compare with it.
@@ -686,94 +657,3 @@ def _tensor_verdict(
         if located is not None:
             tc = dataclasses.replace(tc, located=located)
     return tc
-
-
-class _ReferenceStats:
-    """What a check needs of each tensor's float64 reference gradient ``g_ref``, computed
-    from ``g_ref`` alone (one tensor-sized temporary at a time), so the reference is never
-    held whole: the terms ``<g_ref, v>`` of its planned probes, its terms of each joint
-    direction, the precision test's distance from the gradient under test (``gap``), and
-    the sum of its squares (for ``G_ref``)."""
-
-    def __init__(self, grads: Mapping[str, Tensor], plan: Mapping[str, list], lines: list,
-                 excluded: Mapping[str, Any], *, gap: bool) -> None:
-        self.grads, self.plan, self.lines, self.excluded, self.gap = grads, plan, lines, excluded, gap
-
-    def __call__(self, name: str, g_ref: Tensor) -> dict[str, Any]:
-        out: dict[str, Any] = {"square": _square_sum(g_ref)}
-        if name not in self.grads:  # not checked in this check: only its share of G_ref
-            return out
-        mask = self.excluded[name].mask if name in self.excluded else None
-        out["terms"] = {tuple(spec): _ref_terms(g_ref, tuple(spec), mask) for spec in self.plan[name]}
-        out["joint"] = [line.reference_terms(name, g_ref) for line in self.lines]
-        if self.gap:
-            out["gap"] = _gap_values(self.grads[name], g_ref)
-        return out
-
-
-def _autograd_gradients(
-    model: nn.Module, loss_fn: Callable, batch: Any, replay: ReplayState, params: dict[str, nn.Parameter]
-) -> tuple[Tensor, dict[str, Tensor]]:
-    """Run the training forward on cloned buffers and take ``torch.autograd.grad``."""
-    trainable = {n: p for n, p in params.items() if p.requires_grad}
-    if not trainable:
-        raise ValueError(
-            f"`model` has no parameter with requires_grad=True to check ({len(params)} parameters, all frozen)"
-        )
-    loss = _native_loss(_LossModule(model, loss_fn), batch, replay, grad=True)
-    if not loss.requires_grad:
-        raise ValueError("`loss_fn` returned a loss that does not require grad: no parameter reaches it")
-    grads = torch.autograd.grad(loss, list(trainable.values()), allow_unused=True)
-    return loss.detach(), {n: g for n, g in zip(trainable, grads) if g is not None}
-
-
-def _grads_option(grads: Any) -> str | Mapping[str, Tensor]:
-    """Validate a ``grads`` argument: "autograd", "existing" or a mapping name -> Tensor."""
-    if isinstance(grads, str):
-        return _one_of("grads", grads, _GRADS)
-    if not isinstance(grads, Mapping):
-        raise ValueError(f"`grads` must be 'autograd', 'existing' or a mapping name -> Tensor, got {grads!r}")
-    return grads
-
-
-def _given_gradients(grads: str | Mapping[str, Tensor], params: dict[str, nn.Parameter]) -> dict[str, Tensor]:
-    if grads == "existing":
-        return {n: p.grad.detach() for n, p in params.items() if p.requires_grad and p.grad is not None}
-    out = {}
-    for name, g in grads.items():
-        if name not in params:
-            raise ValueError(f"`grads` names {name!r}, which is not a parameter of `model`")
-        if not isinstance(g, Tensor):
-            raise TypeError(f"`grads[{name!r}]` must be a Tensor, got {type(g).__name__}")
-        if tuple(g.shape) != tuple(params[name].shape):
-            raise ValueError(
-                f"`grads[{name!r}]` must have the parameter's shape {tuple(params[name].shape)}, got {tuple(g.shape)}"
-            )
-        out[name] = g.detach()
-    return out
-
-
-def _names(names: Any, params: Mapping[str, nn.Parameter]) -> frozenset[str]:
-    if isinstance(names, str) or not isinstance(names, Collection):
-        raise ValueError(f"`names` must be None or a collection of parameter names, got {_short(names)}")
-    unknown = [n for n in names if n not in params]
-    if unknown:
-        raise ValueError(f"`names` must name parameters of `model`, got unknown {unknown!r}")
-    return frozenset(names)
-
-
-def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) -> dict[str, str]:
-    """Why each parameter without a usable gradient is skipped."""
-    reasons = {}
-    for name, p in params.items():
-        if not p.requires_grad:
-            reasons[name] = "frozen (requires_grad=False)"
-        elif not p.is_floating_point():
-            reasons[name] = f"not a floating-point parameter ({p.dtype})"
-        elif name not in grad_map:
-            reasons[name] = "no gradient in this step (unused by the loss, or .grad is None)"
-        elif not grad_map[name].is_floating_point():
-            reasons[name] = f"gradient is not floating-point ({grad_map[name].dtype})"
-        elif p.numel() == 0:
-            reasons[name] = f"empty tensor (shape {tuple(p.shape)}): no element to check"
-    return reasons

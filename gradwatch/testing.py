@@ -24,16 +24,9 @@ from typing import Any, Callable, Collection, Mapping
 import torch
 from torch import Tensor, nn
 
+from gradwatch._gradients import _NOT_SELECTED, _autograd_gradients, _given_gradients, _grads_option, _names
 from gradwatch._validate import _bool, _callable, _module, _seed
-from gradwatch.engine import (
-    _NOT_SELECTED,
-    _autograd_gradients,
-    _check_with,
-    _given_gradients,
-    _grads_option,
-    _names,
-    _train_is_replay,
-)
+from gradwatch.engine import _check_with, _train_is_replay
 from gradwatch.options import ProbeOptions
 from gradwatch.replay import _restore_attrs, _restore_rng, capture
 from gradwatch.report import Report, _handle

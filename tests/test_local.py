@@ -596,7 +596,7 @@ def test_local_check_of_one_large_linear_never_holds_its_float64_copy_with_anoth
     # together with its float64 reference gradient (a backward of its own widens the
     # parameter inside the forward) nor with a whole direction (drawn a chunk at a time at
     # each use): before, both doubled the copy (2.8x its size at the peak, measured)
-    import gradwatch.engine
+    import gradwatch._gradients
 
     class Linear(nn.Linear):  # with ``wrong``: the weight's gradient x1.02 on 1/8 of the rows
         def forward(self, x):
@@ -617,14 +617,14 @@ def test_local_check_of_one_large_linear_never_holds_its_float64_copy_with_anoth
         if module.weight.dtype == torch.float64:
             at_forward.append(_float64_storages(shape))
 
-    stats = gradwatch.engine._ReferenceStats.__call__
+    stats = gradwatch._gradients._ReferenceStats.__call__
 
     def counted(self, name, g_ref):
         if name == "module.weight":
             at_reference.append(_float64_storages(shape))
         return stats(self, name, g_ref)
 
-    monkeypatch.setattr(gradwatch.engine._ReferenceStats, "__call__", counted)
+    monkeypatch.setattr(gradwatch._gradients._ReferenceStats, "__call__", counted)
     model[2].register_forward_pre_hook(pre)
     report = _check_record(rec.records["2"], seed=0, options=gradwatch.ProbeOptions(precision="float64"))
     assert report.precision == "float64" and report.reference
