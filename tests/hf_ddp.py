@@ -61,7 +61,7 @@ def main(out: pathlib.Path) -> None:
     # (the guard's error flag) instead of waiting for rank 1 there
     import gradwatch._watch
 
-    with raising(gradwatch._watch, "_check_with", active=rank == 1, message="planted: this process's check raised"):
+    with raising(gradwatch._watch._Watch, "_budgeted", active=rank == 1, message="planted: this process's check raised"):
         result["check_raise"] = error_of(lambda: train(gpt2(), watch(), out / "check_raise", steps=1, **overrides))
     result["lines"] = lines
     finish(out, rank, result)

@@ -136,7 +136,7 @@ def main(out: pathlib.Path, namespace: str) -> None:
     # the check (the guard's error flag) instead of waiting for rank 1 there
     import gradwatch._watch
 
-    with raising(gradwatch._watch, "_check_with", active=rank == 1, message="planted: this rank's check raised"):
+    with raising(gradwatch._watch._Watch, "_budgeted", active=rank == 1, message="planted: this rank's check raised"):
         result["check_raise"] = error_of(lambda: fit(CORRECT["mlp_relu_dropout"], lambda report: None, max_steps=1))
     result["namespaces"] = [ns for ns in ("pytorch_lightning", "lightning.pytorch") if ns in sys.modules]
     finish(out, rank, result)
