@@ -41,19 +41,29 @@ __all__ = ["_Suspects", "_discover", "_modules_option", "_resolve_modules"]
 class _Suspects(TorchFunctionMode):
     """Around one forward: the modules whose forward runs custom backward code.
 
-    ``names`` maps qualified module names to why: a custom ``autograd.Function`` (found on
-    the autograd graph of the module's outputs), a ``torch.library`` custom op, or a
-    tensor hook registered in its forward. The innermost module is named; the model
-    itself is not (the whole-model check covers it).
+    ``names`` (set on exit, in forward order) maps qualified module names to why: a custom
+    ``autograd.Function`` (found on the autograd graph of the modules' outputs), a
+    ``torch.library`` custom op, or a tensor hook registered in its forward; a module's
+    first one in forward order is its reason. The innermost module whose forward ran it is
+    named; the model itself is not (the whole-model check covers it).
+
+    A Function's call is not seen by a ``TorchFunctionMode``; its node on the graph is,
+    and autograd numbers the nodes of a thread in the order they are made. So each module
+    call keeps the node numbers its forward spanned, the graph of every module's outputs is
+    walked once in all (down to the nodes made before the forward), and each Function node
+    found goes to the innermost call whose span holds its number: also a Function between
+    two child modules, whose walks share no node with it.
     """
 
     def __init__(self, model: nn.Module) -> None:
         super().__init__()
         self.model = model
         self.names: dict[str, str] = {}
-        self._stack: list[str] = []
-        self._visited: set[int] = set()
-        self._boundary: list[set[int]] = []
+        self._stack: list[tuple[str, int]] = []  # open forwards: (name, first node number)
+        self._calls: list[tuple[int, int, int, str]] = []  # finished forwards: (first, end, depth, name)
+        self._found: list[tuple[int, str | None, str]] = []  # (node number, module or None: to attribute, why)
+        self._visited: set = set()  # nodes walked (held, so that no other node takes their id)
+        self._start: int | None = None  # the first node number of the first forward
         self._stack_handles: list = []
 
     def __enter__(self):
@@ -66,51 +76,76 @@ class _Suspects(TorchFunctionMode):
         for h in self._stack_handles:
             h.remove()
         self._stack_handles.clear()
-        return super().__exit__(*exc)
+        self._visited.clear()  # the graph goes with the forward's outputs
+        try:
+            self._name()
+        finally:
+            out = super().__exit__(*exc)
+        return out
 
     def _flag(self, why: str) -> None:
-        if self._stack and self._stack[-1]:
-            self.names.setdefault(self._stack[-1], why)
+        if self._stack:
+            self._found.append((_next_node_number(), self._stack[-1][0], why))
 
     def _pre(self, name: str) -> Callable:
         def hook(module, args, kwargs):
-            self._stack.append(name)
-            self._boundary.append({id(t.grad_fn) for t in pytree.tree_leaves((args, kwargs))
-                                   if isinstance(t, Tensor) and t.grad_fn is not None})
+            first = _next_node_number()
+            self._start = first if self._start is None else self._start
+            self._stack.append((name, first))
             return None
 
         return hook
 
     def _post(self, name: str) -> Callable:
         def hook(module, args, kwargs, output):
-            boundary = self._boundary.pop() if self._boundary else set()
             try:
-                found = self._walk(output, boundary)
-                if found and name:
-                    self.names.setdefault(name, f"custom autograd.Function {found}")
+                self._walk(output)
             finally:
                 if self._stack:
-                    self._stack.pop()
+                    _, first = self._stack.pop()
+                    self._calls.append((first, _next_node_number(), len(self._stack), name))
             return None
 
         return hook
 
-    def _walk(self, output: Any, boundary: set[int]) -> str | None:
+    def _walk(self, output: Any) -> None:
+        """Note the custom Function nodes on the graph of ``output`` not walked yet."""
         from torch.autograd.function import BackwardCFunction
 
         todo = [t.grad_fn for t in pytree.tree_leaves(output) if isinstance(t, Tensor) and t.grad_fn is not None]
-        found = None
         while todo:
             node = todo.pop()
-            if node is None or id(node) in self._visited or id(node) in boundary:
+            if node is None or node in self._visited:
                 continue
-            self._visited.add(id(node))
+            number = node._sequence_nr()
+            if number < self._start:  # made before the forward, as is all it reads
+                continue
+            self._visited.add(node)
             if isinstance(node, BackwardCFunction):
                 cls = getattr(node, "_forward_cls", None)
                 if cls is not None and cls is not _Tap and not cls.__module__.startswith("torch."):
-                    found = found or cls.__name__
+                    self._found.append((number, None, f"custom autograd.Function {cls.__name__}"))
             todo.extend(fn for fn, _ in node.next_functions)
-        return found
+
+    def _name(self) -> None:
+        """``names`` from what was found: each Function node to the innermost call that made it
+        (calls nest: one sweep over both in node order), then the first reason of each module."""
+        calls = sorted(self._calls, key=lambda c: (c[0], -c[1], c[2]))  # by first node, outer before inner
+        found = sorted(self._found, key=lambda f: f[0])  # stable: a flag before the node it precedes
+        open_: list[tuple[int, int, int, str]] = []
+        i = 0
+        for number, name, why in found:
+            if name is None:
+                while i < len(calls) and calls[i][0] <= number:
+                    while open_ and open_[-1][1] <= calls[i][0]:
+                        open_.pop()
+                    open_.append(calls[i])
+                    i += 1
+                while open_ and open_[-1][1] <= number:
+                    open_.pop()
+                name = open_[-1][3] if open_ else ""
+            if name:
+                self.names.setdefault(name, why)
 
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
@@ -121,6 +156,11 @@ class _Suspects(TorchFunctionMode):
         elif func is Tensor.register_hook:
             self._flag("tensor hook registered in its forward")
         return func(*args, **kwargs)
+
+
+def _next_node_number() -> int:
+    """The sequence number autograd gives the next graph node made in this thread."""
+    return torch._C._autograd._get_sequence_nr()
 
 
 def _modules_option(modules: Any) -> Any:

@@ -324,6 +324,140 @@ def test_suspects_are_the_modules_with_custom_backward_code():
     assert not any("::" in n for n in none.last_report.tensors) and none.last_report.modules == ()
 
 
+_SILU_SCALE = {"scale": 1.0}  # != 1: the planted bug of _SiLU's backward
+
+
+class _SiLU(torch.autograd.Function):
+    """x * sigmoid(x) with a hand-written backward, scaled by ``_SILU_SCALE`` (1: right)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x)
+        return x * torch.sigmoid(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        (x,) = ctx.saved_tensors
+        s = torch.sigmoid(x)
+        return g * s * (1 + x * (1 - s)) * _SILU_SCALE["scale"]
+
+
+class _Rope(torch.autograd.Function):
+    """A RoPE-like rotation of the last dimension's pairs by fixed angles (its backward rotates back)."""
+
+    @staticmethod
+    def forward(ctx, x):
+        cos, sin = _rope_angles(x)
+        ctx.save_for_backward(cos, sin)
+        x1, x2 = x.chunk(2, -1)
+        return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], -1)
+
+    @staticmethod
+    def backward(ctx, g):
+        cos, sin = ctx.saved_tensors
+        g1, g2 = g.chunk(2, -1)
+        return torch.cat([g1 * cos + g2 * sin, -g1 * sin + g2 * cos], -1)
+
+
+def _rope_angles(x):
+    pos = torch.arange(x.shape[-2], dtype=x.dtype)[:, None]
+    freq = torch.arange(1, x.shape[-1] // 2 + 1, dtype=x.dtype)[None, :]
+    return torch.cos(pos * freq), torch.sin(pos * freq)
+
+
+class _Between(nn.Module):  # the issue's repro: the Function between two child modules
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.b(_SiLU.apply(self.a(x)))
+
+
+class _SwiGLU(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.gate, self.up, self.down = nn.Linear(6, 8), nn.Linear(6, 8), nn.Linear(8, 6)
+
+    def forward(self, x):
+        return self.down(_SiLU.apply(self.gate(x)) * self.up(x))
+
+
+class _RopeAttention(nn.Module):  # RoPE as a custom Function on q and k, then SDPA, then the output projection
+    def __init__(self):
+        super().__init__()
+        self.q, self.k, self.v, self.o = (nn.Linear(6, 6) for _ in range(4))
+
+    def forward(self, x):
+        q, k = _Rope.apply(self.q(x)), _Rope.apply(self.k(x))
+        return self.o(nn.functional.scaled_dot_product_attention(q, k, self.v(x), is_causal=True))
+
+
+class _RopeEagerAttention(_RopeAttention):  # the same with the attention written out
+    def forward(self, x):
+        q, k = _Rope.apply(self.q(x)), _Rope.apply(self.k(x))
+        mask = torch.ones(x.shape[-2], x.shape[-2], dtype=torch.bool).triu(1)
+        weights = (q @ k.transpose(-1, -2) / q.shape[-1] ** 0.5).masked_fill(mask, float("-inf")).softmax(-1)
+        return self.o(weights @ self.v(x))
+
+
+class _Plain(nn.Module):  # the same shapes, torch ops only
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Linear(6, 6), nn.Linear(6, 6)
+
+    def forward(self, x):
+        return self.b(nn.functional.silu(self.a(x)))
+
+
+class _Stack(nn.Module):
+    """``block`` in a model; ``top=True`` applies the Function in the model's own forward (not a suspect)."""
+
+    def __init__(self, block, top=False):
+        super().__init__()
+        self.block, self.top, self.head = block, top, nn.Linear(6, 3)
+
+    def forward(self, x):
+        h = self.block(x)
+        return self.head(_SiLU.apply(h) if self.top else h).mean(1)
+
+
+@pytest.mark.parametrize("block, top, expected", [
+    (_Between, False, {"block": "custom autograd.Function _SiLU"}),
+    (_SwiGLU, False, {"block": "custom autograd.Function _SiLU"}),
+    (_RopeAttention, False, {"block": "custom autograd.Function _Rope"}),
+    (_RopeEagerAttention, False, {"block": "custom autograd.Function _Rope"}),
+    (lambda: nn.Sequential(_SwiGLU()), False, {"block.0": "custom autograd.Function _SiLU"}),  # innermost
+    (_Plain, False, {}),
+    (_Plain, True, {}),  # the model itself is never a suspect
+])
+def test_suspects_include_a_function_between_child_modules_and_before_sdpa(block, top, expected):
+    """Issue 22 item 6: a custom Function anywhere in a module's forward names that module, also
+    between two child modules (whose graph walks used to hide it) and before SDPA."""
+    torch.manual_seed(0)
+    watch = _one_check(_Stack(block(), top), _attn_batch(0))
+    assert watch.suspects == expected
+    assert {m.module for m in watch.last_report.modules} == set(expected)
+
+
+def test_a_function_between_child_modules_is_checked_locally_and_its_planted_bug_named():
+    torch.manual_seed(0)
+    model = _Stack(_SwiGLU())
+    _SILU_SCALE["scale"] = 1.05  # the SiLU backward 5% too large: only what flows back through the gate is wrong
+    try:
+        report = _one_check(model, _attn_batch(0)).last_report
+    finally:
+        _SILU_SCALE["scale"] = 1.0
+    assert [(m.module, m.precision) for m in report.modules] == [("block", "float64")]
+    local = {n: t.verdict for n, t in report.tensors.items() if "::" in n}  # no input[0]: the batch needs no gradient
+    assert local == {"block::gate.weight": "fail", "block::gate.bias": "fail",
+                     "block::up.weight": "pass", "block::up.bias": "pass",
+                     "block::down.weight": "pass", "block::down.bias": "pass"}, str(report)
+    assert "this module's own backward" in report.tensors["block::gate.weight"].message
+    torch.manual_seed(0)
+    assert _one_check(_Stack(_SwiGLU()), _attn_batch(0)).last_report.ok
+
+
 def test_auto_prefers_module_local_float64_checks_when_the_whole_model_does_not_fit(bug):
     bug("dk")
     torch.manual_seed(0)
