@@ -14,6 +14,7 @@ Example:
 transformers until a callback is used, so ``import gradwatch`` imports none of them.
 """
 
+from gradwatch.capsule import Capsule, load_capsule
 from gradwatch.engine import check
 from gradwatch.hook import GradWatch
 from gradwatch.kinks import register_kink
@@ -38,6 +39,7 @@ from gradwatch.sinks import KinkWarnings, LoggingSink, TensorBoardSink
 from gradwatch.testing import assert_gradients
 
 __all__ = [
+    "Capsule",
     "GradWatch",
     "GradWatchCallback",
     "GradWatchTrainerCallback",
@@ -61,6 +63,7 @@ __all__ = [
     "capture",
     "check",
     "check_module",
+    "load_capsule",
     "metrics",
     "register_kink",
     "register_reference",

@@ -38,6 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
+from gradwatch._capsules import _CapsuleWriter
 from gradwatch._recording import _OpCalls, _Recording
 from gradwatch._references import _REFERENCES_BY_OP
 from gradwatch._schedule import _Schedule
@@ -99,6 +100,7 @@ class _Watch:
         modules: ``"suspects"``, ``None`` or a list of modules (or their names) checked locally.
         sinks: Sinks every report is written to besides the default ones (the ``gradwatch``
             logging line, kink warnings) and the adapter's framework logger.
+        capsules: The directory failing checks write their capsules to (:mod:`gradwatch.capsule`), or None.
     """
 
     def __init__(
@@ -112,6 +114,7 @@ class _Watch:
         prefix: str = "gradwatch",
         modules: Any = "suspects",
         sinks: Sequence[Sink] | None = None,
+        capsules: str | None = None,
     ) -> None:
         options = _options("options", options)
         if options.directions < 1:
@@ -140,6 +143,7 @@ class _Watch:
         self.op_turns: dict[str, int] = {}  # which call of each registered custom op the next check records
         self._targets: Any = None  # once resolved on the model: None, "suspects" or qualified name -> module
         self._resolved = False
+        self.capsules = _CapsuleWriter(capsules)
 
     def reset_sinks(self) -> None:
         """Fresh default sinks (a new run: kink warnings name each tensor once per run)."""
@@ -243,7 +247,8 @@ class _Watch:
             capture.grads, capture.replay = {}, None  # what the module-local checks need is in the records
             if records:
                 local = self._local_checks(capture, records, seed, guard, references)
-                report = self._merge_local(report, step, local, whole=skip is None, guard=guard)
+                report = self._merge_local(report, step, local, whole=skip is None, guard=guard,
+                                           records=None if capture.distributed else records, seed=seed)
         return report
 
     def _whole_skipped(self, model: nn.Module, records: Mapping[str, Any], *, sharded: bool) -> str | None:
@@ -284,7 +289,9 @@ class _Watch:
         schedule.done(step, report.seconds, len(report.probes))
         if guard is not None:
             schedule.next_step = int(guard.broadcast(schedule.next_step))
-        return dataclasses.replace(report, step=step)
+        report = dataclasses.replace(report, step=step)
+        self.capsules.whole(report, model, capture.batch, grads, capture.replay, train_loss, seed, options, names)
+        return report
 
     def _local_checks(self, capture: _Capture, records: Mapping[str, Any], seed: int, guard: _Guard | None,
                       references: Mapping[str, tuple]) -> Callable[[], list[Report]]:
@@ -296,12 +303,19 @@ class _Watch:
         return partial(_local_reports, capture.recording.recordings(), seed, self.options)
 
     def _merge_local(self, report: Report, step: int, local_reports: Callable[[], list[Report]], *,
-                     whole: bool, guard: _Guard | None) -> Report:
+                     whole: bool, guard: _Guard | None, records: Mapping[str, Any] | None = None,
+                     seed: int = 0) -> Report:
         """``report`` with the module-local reports added; their time counts against the budget
-        (``whole``: the whole model was checked too, else the local checks are the check)."""
+        (``whole``: the whole model was checked too, else the local checks are the check).
+        ``records``: a failing one gets a capsule (single-process checks: their seeds as
+        :func:`~gradwatch.local._local_reports` derives them)."""
         started = time.perf_counter()
-        report = _merge(report, local_reports())
+        local = local_reports()
+        report = _merge(report, local)
         seconds = time.perf_counter() - started
+        if records is not None:
+            seeds = [_derive_seed(seed, i + 1) for i in range(len(records))]
+            self.capsules.local(step, records, local, seeds, self.options)
         if whole:
             self.schedule.add(step, seconds)
         else:

@@ -460,7 +460,93 @@ def _parser() -> argparse.ArgumentParser:
                "  gradwatch demo --steps 100 --every 20 --logdir /tmp/gw",
     )
     demo._add_arguments(demo_parser)
+
+    repro = commands.add_parser(
+        "repro", formatter_class=formatter,
+        help="rerun the check a failing step saved as a capsule (exit 1 when it fails again)",
+        description="Load a capsule (<logdir>/gradwatch/capsules/step-<N>-<module>.pt, written by a failing\n"
+                    "check) and rerun that check with the gradients training produced: the same verdicts and\n"
+                    "numbers on the same device and precision. A module-local capsule rebuilds the module\n"
+                    "from its class path (no arguments) unless --module names a class or factory; a whole-model\n"
+                    "capsule needs Python (gradwatch.load_capsule(path).check(model, loss_fn)).\n\n"
+                    "exit status: 0 the check passes, 1 it fails, 2 usage error or an unusable capsule.",
+        epilog="examples:\n"
+               "  gradwatch repro runs/gradwatch/capsules/step-40000-blocks.3.attn.pt\n"
+               "  gradwatch repro CAPSULE --module mypkg.layers:make_attention --device cpu\n"
+               "  gradwatch repro CAPSULE --pytest > tests/test_repro_attn.py   then fix, and run pytest",
+    )
+    repro.add_argument("capsule", metavar="CAPSULE", help="the capsule file (.pt)")
+    repro.add_argument("--module", metavar="PKG.MOD:NAME",
+                       help="class or no-argument factory of the module (or the custom op) to load the capsule into")
+    repro.add_argument("--device", help="where to replay (default: where it was written when available, else cpu)")
+    repro.add_argument("--pytest", action="store_true",
+                       help="print a pytest file that reruns the check with the module's own backward instead")
     return parser
+
+
+def _import_target(spec: str) -> Any:
+    module_name, _, qualname = spec.partition(":")
+    import importlib
+
+    obj: Any = importlib.import_module(module_name)
+    for part in qualname.split("."):
+        obj = getattr(obj, part)
+    return obj
+
+
+def _pytest_file(capsule: Any, spec: str | None) -> str:
+    """A pytest file that rebuilds the module and reruns the capsule's check with its own backward."""
+    spec = spec or capsule.target
+    if capsule.is_op and spec == capsule.target:
+        build, imports = "None  # the custom op, found by its name", ""
+        hint = capsule.data.get("import_hint")
+        imports = f"import {hint}  # defines {capsule.target}\n" if hint else ""
+    else:
+        module_name, _, qualname = spec.partition(":")
+        head = qualname.split(".")[0]
+        imports = f"from {module_name} import {head}\n"
+        build = f"{qualname}()" if not capsule.is_op else qualname
+    test = "test_" + "".join(c if c.isalnum() else "_" for c in f"step_{capsule.step}_{capsule.name}")
+    return (f'"""Reruns the gradient check that failed at step {capsule.step} ({capsule.name}), from its capsule:\n'
+            f'it fails until the backward is fixed. Written by `gradwatch repro --pytest`."""\n\n'
+            f"import gradwatch\n{imports}\nCAPSULE = {capsule.path!r}\n\n\n"
+            f"def {test}():\n"
+            f"    capsule = gradwatch.load_capsule(CAPSULE)\n"
+            f"    report = capsule.check({build}, grads=\"autograd\")  # the module's own backward, now\n"
+            f"    assert report.ok, str(report)\n")
+
+
+def _repro(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
+    from gradwatch.capsule import load_capsule
+
+    try:
+        capsule = load_capsule(args.capsule)
+    except (OSError, ValueError) as error:
+        err.write(f"gradwatch repro: error: {error}\n")
+        return 2
+    if capsule.kind == "model":
+        err.write(f"gradwatch repro: error: {args.capsule} is a whole-model capsule: rerun it in Python with "
+                  "gradwatch.load_capsule(path).check(model, loss_fn)\n")
+        return 2
+    if args.pytest:
+        out.write(_pytest_file(capsule, args.module))
+        return 0
+    try:
+        module = None
+        if args.module is not None:
+            target = _import_target(args.module)
+            module = target if capsule.is_op else target()
+        note = capsule.replay_note(args.device)
+        report = capsule.check(module, device=args.device)
+    except (ImportError, AttributeError, ValueError, RuntimeError) as error:
+        err.write(f"gradwatch repro: error: {type(error).__name__}: {error}\n")
+        return 2
+    if note:
+        err.write(f"gradwatch repro: {note}\n")
+    for line in capsule.missing:
+        err.write(f"gradwatch repro: left out of the capsule: {line}\n")
+    out.write(str(report) + "\n")
+    return 0 if report.ok else 1
 
 
 def _report(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
@@ -511,4 +597,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "report":
         return _report(args, sys.stdout, sys.stderr)
+    if args.command == "repro":
+        return _repro(args, sys.stdout, sys.stderr)
     return _demo(args)

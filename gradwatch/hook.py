@@ -28,6 +28,7 @@ from typing import Any, Callable, Iterator, Sequence
 
 from torch import Tensor, nn
 
+from gradwatch._capsules import _capsule_dir, _capsules_option
 from gradwatch._sharded import _LocalGrads, _sharding
 from gradwatch._validate import _callable, _module
 from gradwatch._watch import _BackwardRoots, _Capture, _Watch, _Watched
@@ -127,6 +128,13 @@ class GradWatch(_Watched):
         sinks: More sinks each report is written to (objects with ``write(report, step)``:
             wandb, MLflow, ...), besides the ``gradwatch`` logging line, the kink warnings
             and the TensorBoard writer.
+        capsules: Where a failing check writes its capsules (everything needed to rerun it
+            offline: :mod:`gradwatch.capsule`, ``gradwatch repro``): ``None`` or ``True``
+            (default): ``<logdir>/gradwatch/capsules`` (the writer's ``log_dir``), none without
+            one; a directory; ``False``: none. The first failure of each module (and of the
+            whole model) is kept, at most 8 capsules and 256 MiB per run, 32 MiB each (a
+            larger one leaves tensors out and says so); a write that fails warns once and
+            training goes on.
 
     Attributes:
         reports: ``(step, Report)`` for each check.
@@ -155,12 +163,15 @@ class GradWatch(_Watched):
         scaler: Any = None,
         modules: Any = "suspects",
         sinks: Sequence[Sink] | None = None,
+        capsules: str | bool | None = None,
     ) -> None:
         _module("model", model)
         _callable("loss_fn", loss_fn)
         _scaler("scaler", scaler)
+        capsules = _capsules_option("capsules", capsules)
         self._watch = _Watch(options=options, every_n_steps=every_n_steps, max_overhead=max_overhead,
-                             on_failure=on_failure, seed=seed, prefix=prefix, modules=modules, sinks=sinks)
+                             on_failure=on_failure, seed=seed, prefix=prefix, modules=modules, sinks=sinks,
+                             capsules=_capsule_dir(capsules, logdir or getattr(writer, "log_dir", None)))
         self._watch.resolve(model)
         if writer is not None and logdir is not None:
             raise ValueError(f"pass `writer` or `logdir`, not both; got writer={writer!r}, logdir={logdir!r}")

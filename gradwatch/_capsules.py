@@ -1,0 +1,113 @@
+"""Writing capsules during training (private): the watch core's one call after a check.
+
+:class:`_CapsuleWriter` keeps the run's caps (the first failure per module and per op, at
+most ``max_count`` capsules and ``max_total_bytes`` bytes per run, ``max_bytes`` per capsule),
+writes on rank zero only, and never stops training: a write that fails gives one
+``UserWarning`` and no capsule is written after it. It reads the tensors it saves (clones),
+draws no random number and changes neither the model nor the report.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+import warnings
+from typing import Any, Callable, Mapping
+
+import torch
+from torch import Tensor, nn
+
+from gradwatch.capsule import _model_capsule, _module_capsule, _save
+from gradwatch.options import ProbeOptions
+from gradwatch.replay import ReplayState
+from gradwatch.report import Report
+
+__all__: list[str] = []
+
+MAX_BYTES = 32 * 2**20  # one capsule
+MAX_COUNT = 8  # capsules per run
+MAX_TOTAL_BYTES = 256 * 2**20  # per run
+
+
+def _capsules_option(name: str, value: Any) -> Any:
+    """``None`` (capsules next to the adapter's logs, when it has some), ``False`` (none),
+    ``True`` (next to the logs, the same as None), or a directory (str / PathLike)."""
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, (str, os.PathLike)) and os.fspath(value):
+        return os.fspath(value)
+    raise ValueError(f"`{name}` must be None, a bool or a directory path, got {value!r}"[:300])
+
+
+def _capsule_dir(option: Any, logdir: str | None) -> str | None:
+    """Where an adapter's capsules go: an explicit directory, else ``<logdir>/gradwatch/capsules``."""
+    if option is False:
+        return None
+    if isinstance(option, str):
+        return option
+    return None if logdir is None else os.path.join(logdir, "gradwatch", "capsules")
+
+
+def _file_name(step: int, name: str) -> str:
+    return f"step-{step}-{re.sub(r'[^A-Za-z0-9_.-]+', '_', name) or 'model'}.pt"
+
+
+class _CapsuleWriter:
+    """The capsules of one run (see the module docstring)."""
+
+    def __init__(self, directory: str | None, *, max_bytes: int = MAX_BYTES, max_count: int = MAX_COUNT,
+                 max_total_bytes: int = MAX_TOTAL_BYTES) -> None:
+        self.directory = directory
+        self.max_bytes, self.max_count, self.max_total_bytes = max_bytes, max_count, max_total_bytes
+        self.written: dict[str, str] = {}  # module name ("" for the whole model) -> path
+        self.total_bytes = 0
+        self.seconds = 0.0
+        self.broken = False  # a write failed: no more attempts this run
+
+    def _open(self, key: str) -> bool:
+        if self.directory is None or self.broken or key in self.written or len(self.written) >= self.max_count:
+            return False
+        if self.total_bytes >= self.max_total_bytes:
+            return False
+        dist = torch.distributed
+        return not (dist.is_available() and dist.is_initialized() and dist.get_rank() != 0)
+
+    def _write(self, key: str, step: int, build: Callable[[int], dict]) -> None:
+        started = time.perf_counter()
+        try:
+            budget = min(self.max_bytes, self.max_total_bytes - self.total_bytes)
+            data = build(budget)
+            os.makedirs(self.directory, exist_ok=True)
+            path = os.path.join(self.directory, _file_name(step, key if key else "model"))
+            size = _save(data, path)
+        except Exception as err:  # noqa: BLE001 (never stop the training for a capsule)
+            self.broken = True
+            warnings.warn(f"gradwatch: could not write a capsule under {self.directory!r} "
+                          f"({type(err).__name__}: {err}); training goes on, no more capsules this run",
+                          UserWarning, stacklevel=4)
+            return
+        finally:
+            self.seconds += time.perf_counter() - started
+        self.written[key] = path
+        self.total_bytes += size
+
+    def whole(self, report: Report, model: nn.Module, batch: Any, grads: Mapping[str, Tensor],
+              replay: ReplayState | None, train_loss: Any, seed: int, options: ProbeOptions, names: Any) -> None:
+        """After the whole-model check: a capsule when it failed."""
+        if report.ok or not self._open(""):
+            return
+        self._write("", report.step, lambda budget: _model_capsule(
+            model, step=report.step, seed=seed, options=options, batch=batch, grads=grads, replay=replay,
+            train_loss=train_loss, names=names, max_bytes=budget))
+
+    def local(self, step: int, records: Mapping[str, Any], reports: list[Report], seeds: list[int],
+              options: ProbeOptions) -> None:
+        """After the module-local checks (``reports``/``seeds`` in ``records`` order): a capsule per
+        failing module (a failing tensor or a failing reference comparison)."""
+        for (name, record), report, seed in zip(records.items(), reports, seeds):
+            if report.ok or not self._open(name):
+                continue
+            self._write(name, step, lambda budget: _module_capsule(
+                record, step=step, seed=seed, options=options, max_bytes=budget,
+                device=next((t.device for t in record.leaves if isinstance(t, Tensor)), None)))

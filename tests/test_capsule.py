@@ -1,0 +1,318 @@
+"""Capsules (gradwatch.capsule): a failing check saved, loaded safely and rerun offline with the
+same verdicts and numbers; the generated pytest file fails on the buggy code and passes on the fixed."""
+
+from __future__ import annotations
+
+import os
+import pickle
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import pytest
+import torch
+
+import gradwatch
+from gradwatch._references import _REFERENCES_BY_OP
+from gradwatch.capsule import load_capsule
+from gradwatch.cli import main
+from tests._attn_op import BUG, AttnNet, attention, reference_attention
+from zoo import BUGS, assert_same_state, training_state
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+@pytest.fixture
+def bug():
+    def plant(mode):
+        BUG["mode"] = mode
+    yield plant
+    BUG["mode"] = None
+
+
+@pytest.fixture
+def op_reference():
+    gradwatch.register_reference(attention, lambda q, k, v: reference_attention(None, q, k, v))
+    yield
+    _REFERENCES_BY_OP.pop("gwtest::attention", None)
+
+
+def _train(model, loss_fn, batches, *, capsules, optimizer=True, **kwargs):
+    watch = gradwatch.GradWatch(model, loss_fn, every_n_steps=1, max_overhead=None, seed=0, capsules=capsules,
+                                **kwargs)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1) if optimizer else None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", gradwatch.GradientCheckWarning)
+        for batch in batches:
+            if opt is not None:
+                opt.zero_grad()
+            with watch.step(batch):
+                loss_fn(model, batch).backward()
+            if opt is not None:
+                opt.step()
+    return watch, opt
+
+
+def _numbers(tensors):
+    return [(p.autograd, p.numerical) for t in tensors.values() for p in t.probes]
+
+
+def _same_part(training, replayed):
+    """The replayed report equals the training report's part (verdicts, probe numbers)."""
+    part = {n: training.tensors[n] for n in replayed.tensors}
+    assert {n: t.verdict for n, t in replayed.tensors.items()} == {n: t.verdict for n, t in part.items()}
+    assert _numbers(replayed.tensors) == _numbers(part)
+    assert [(r.name, r.verdict, r.rel_diff) for r in replayed.references] == [
+        (r.name, r.verdict, r.rel_diff) for r in training.references if r.name in {x.name for x in replayed.references}]
+
+
+def _attn_batch(seed):
+    return torch.randn(3, 5, 6, generator=torch.Generator().manual_seed(seed))
+
+
+def _attn_loss(model, x):
+    return model(x).square().mean()
+
+
+@pytest.mark.parametrize("name", ["wrong_sign", "bias_mean", "ignores_grad_output", "accidental_detach",
+                                  "hook_rescale", "wrong_index"])
+def test_zoo_bug_capsules_replay_with_the_same_verdicts_and_numbers(name, tmp_path):
+    case = BUGS[name](0)
+    watch, _ = _train(case.model, case.loss_fn, [case.batch], capsules=str(tmp_path), optimizer=False)
+    report = watch.last_report
+    assert not report.ok
+    written = watch._watch.capsules.written
+    assert "" in written and os.path.basename(written[""]) == "step-0-model.pt"
+    for key, path in written.items():
+        capsule = load_capsule(path)
+        assert capsule.missing == () and capsule.step == 0
+        fresh = BUGS[name](0).model
+        if capsule.kind == "model":
+            replayed = capsule.check(fresh, case.loss_fn)
+        else:
+            replayed = capsule.check(dict(fresh.named_modules())[capsule.name])
+        assert not replayed.ok
+        _same_part(report, replayed)
+
+
+@pytest.mark.parametrize("mode", ["dq", "dk", "contiguous"])
+def test_attention_op_capsules_replay_with_the_same_verdicts_and_numbers(mode, bug, op_reference, tmp_path):
+    bug(mode)
+    torch.manual_seed(0)
+    model = AttnNet()
+    watch, _ = _train(model, _attn_loss, [_attn_batch(0)], capsules=str(tmp_path), optimizer=False)
+    report = watch.last_report
+    assert not report.ok, str(report)
+    written = watch._watch.capsules.written
+    assert {"attn", "gwtest::attention"} <= set(written), written
+    for key in ("attn", "gwtest::attention"):
+        capsule = load_capsule(written[key])
+        replayed = capsule.check()  # rebuilt from the class path / found by the op's name
+        assert not replayed.ok
+        _same_part(report, replayed)
+    op = load_capsule(written["gwtest::attention"])
+    assert op.is_op and op.target == "gwtest::attention"
+    assert os.path.basename(op.path) == "step-0-gwtest_attention.pt"
+
+
+def test_the_correct_twin_capsule_passes_and_a_fix_makes_autograd_pass(bug, tmp_path):
+    bug("dq")
+    torch.manual_seed(0)
+    watch, _ = _train(AttnNet(), _attn_loss, [_attn_batch(0)], capsules=str(tmp_path), optimizer=False)
+    capsule = load_capsule(watch._watch.capsules.written["attn"])
+    assert not capsule.check(grads="autograd").ok  # still the buggy backward
+    bug(None)
+    assert not capsule.check().ok  # the training's gradients stay wrong
+    assert capsule.check(grads="autograd").ok  # the fixed backward on the same inputs and grad_out
+    # the correct twin, written by hand (forced): passes on replay
+    from gradwatch._capsules import _CapsuleWriter
+    from gradwatch._recording import _Recording
+    from tests._attn_op import FusedAttention
+
+    attn = FusedAttention()
+    q, k, v = (torch.randn(2, 4, 4, requires_grad=True) for _ in range(3))
+    with _Recording({"attn": attn}) as rec:
+        attn(q, k, v).sum().backward()
+    writer = _CapsuleWriter(str(tmp_path / "twin"))
+    writer._write("attn", 7, lambda budget: gradwatch.capsule._module_capsule(
+        rec.records["attn"], step=7, seed=3, options=gradwatch.ProbeOptions(), max_bytes=budget))
+    twin = load_capsule(writer.written["attn"])
+    assert twin.check().ok and twin.check(grads="autograd").ok
+
+
+def _pytest(tmp_path, source, name):
+    test = tmp_path / f"test_{name}.py"
+    test.write_text(source)
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([ROOT, os.path.join(ROOT, "tests"), str(tmp_path)]),
+               OMP_NUM_THREADS="1")
+    return subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(test)],
+                          cwd=str(tmp_path), env=env, capture_output=True, text=True, timeout=300)
+
+
+def test_generated_pytest_fails_on_the_buggy_code_and_passes_on_the_fixed(bug, tmp_path, capsys):
+    bug("dq")
+    torch.manual_seed(0)
+    watch, _ = _train(AttnNet(), _attn_loss, [_attn_batch(0)], capsules=str(tmp_path / "caps"), optimizer=False)
+    bug(None)
+    path = watch._watch.capsules.written["attn"]
+    (tmp_path / "buggy_attn.py").write_text(textwrap.dedent("""
+        from tests._attn_op import BUG, FusedAttention
+        BUG["mode"] = "dq"
+    """))
+    for spec, passes in (("buggy_attn:FusedAttention", False), (None, True)):
+        argv = ["repro", path, "--pytest"] + (["--module", spec] if spec else [])
+        assert main(argv) == 0
+        source = capsys.readouterr().out
+        assert "gradwatch.load_capsule" in source and 'grads="autograd"' in source
+        run = _pytest(tmp_path, source, "buggy" if spec else "fixed")
+        assert (run.returncode == 0) == passes, run.stdout[-3000:]
+
+
+def test_generated_pytest_for_a_zoo_module_with_a_factory(tmp_path, capsys):
+    case = BUGS["wrong_sign"](0)
+    watch, _ = _train(case.model, case.loss_fn, [case.batch], capsules=str(tmp_path / "caps"), optimizer=False)
+    path = watch._watch.capsules.written["fc1"]
+    (tmp_path / "layers.py").write_text(textwrap.dedent("""
+        from zoo import CustomLinear
+        def buggy():
+            return CustomLinear(8, 16, bug="wrong_sign")
+        def fixed():
+            return CustomLinear(8, 16)
+    """))
+    results = {}
+    for factory in ("buggy", "fixed"):
+        assert main(["repro", path, "--pytest", "--module", f"layers:{factory}"]) == 0
+        results[factory] = _pytest(tmp_path, capsys.readouterr().out, factory).returncode
+    assert results["buggy"] != 0 and results["fixed"] == 0
+
+
+def test_repro_command_prints_the_report_and_exits_1(bug, tmp_path, capsys):
+    bug("dk")
+    torch.manual_seed(0)
+    watch, _ = _train(AttnNet(), _attn_loss, [_attn_batch(0)], capsules=str(tmp_path), optimizer=False)
+    path = watch._watch.capsules.written["attn"]
+    assert main(["repro", path, "--device", "cpu"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL" in out and "attn::input[1]" in out
+    bug(None)
+    assert main(["repro", path]) == 1  # the recorded gradients are the training's: still failing
+    capsys.readouterr()
+    assert main(["repro", str(tmp_path / "nope.pt")]) == 2
+    assert main(["repro", watch._watch.capsules.written[""]]) == 2  # whole model: Python only
+    assert "check(model, loss_fn)" in capsys.readouterr().err
+
+
+class _Evil:
+    def __reduce__(self):
+        return (os.system, ("touch pwned",))
+
+
+class _Custom:
+    pass
+
+
+def test_a_tampered_capsule_is_refused(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    evil = tmp_path / "evil.pt"
+    torch.save({"format": "gradwatch-capsule", "version": 1, "x": _Evil()}, evil)
+    with pytest.raises(ValueError, match="not a gradwatch capsule.*unsafe"):
+        load_capsule(evil)
+    assert not (tmp_path / "pwned").exists()
+    custom = tmp_path / "custom.pt"
+    torch.save({"format": "gradwatch-capsule", "obj": _Custom()}, custom)
+    with pytest.raises(ValueError, match=str(custom)):
+        load_capsule(custom)
+    raw = tmp_path / "raw.pt"
+    raw.write_bytes(pickle.dumps(_Evil(), protocol=2))
+    with pytest.raises(ValueError, match="not a gradwatch capsule"):
+        load_capsule(raw)
+    plain = tmp_path / "plain.pt"
+    torch.save({"weights": torch.ones(2)}, plain)
+    with pytest.raises(ValueError, match="no 'gradwatch-capsule' format key"):
+        load_capsule(plain)
+    assert not (tmp_path / "pwned").exists()
+
+
+def _two_steps(directory):
+    case = BUGS["wrong_sign"](0)
+    batches = [case.batch, BUGS["wrong_sign"](1).batch]
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        watch, opt = _train(case.model, case.loss_fn, batches, capsules=directory)
+    mine = [w for w in caught if "could not write a capsule" in str(w.message)]
+    return watch, training_state(case.model, opt), mine
+
+
+def test_training_is_bit_identical_with_capsules_and_unwritable_directories_warn_once(tmp_path):
+    off, state_off, warned = _two_steps(False)
+    assert warned == [] and off._watch.capsules.written == {}
+    on, state_on, warned = _two_steps(str(tmp_path / "caps"))
+    assert warned == [] and set(on._watch.capsules.written) == {"", "fc1"}  # the first failure of each only
+    assert sorted(os.listdir(tmp_path / "caps")) == ["step-0-fc1.pt", "step-0-model.pt"]
+    assert_same_state(state_off, state_on)
+    assert [(s, r.verdict, _numbers(r.tensors)) for s, r in on.reports] == [
+        (s, r.verdict, _numbers(r.tensors)) for s, r in off.reports]
+    (tmp_path / "file").write_text("")
+    _, state_bad, warned = _two_steps(str(tmp_path / "file" / "caps"))  # a path under a regular file
+    assert len(warned) == 1 and issubclass(warned[0].category, UserWarning)
+    assert_same_state(state_off, state_bad)
+
+
+def test_a_read_only_directory_warns_once_and_training_goes_on(tmp_path):
+    _, state_off, _ = _two_steps(False)
+    readonly = tmp_path / "ro"
+    readonly.mkdir()
+    os.chmod(readonly, 0o500)
+    try:
+        if os.access(readonly, os.W_OK):
+            pytest.skip("running as root: a read-only directory is writable")
+        _, state_ro, warned = _two_steps(str(readonly))
+        assert len(warned) == 1
+        assert_same_state(state_off, state_ro)
+    finally:
+        os.chmod(readonly, 0o700)
+
+
+def test_capsules_sit_next_to_the_logs_and_respect_the_caps(tmp_path):
+    case = BUGS["wrong_sign"](0)
+    watch, _ = _train(case.model, case.loss_fn, [case.batch], capsules=None, optimizer=False,
+                      logdir=str(tmp_path / "runs"))
+    watch.close()
+    assert sorted(os.listdir(tmp_path / "runs" / "gradwatch" / "capsules")) == ["step-0-fc1.pt", "step-0-model.pt"]
+    case = BUGS["wrong_sign"](0)
+    watch, _ = _train(case.model, case.loss_fn, [], capsules=str(tmp_path / "one"), optimizer=False)
+    watch._watch.capsules.max_count = 1
+    _train_into(watch, case)
+    assert len(os.listdir(tmp_path / "one")) == 1
+    case = BUGS["wrong_sign"](0)
+    watch, _ = _train(case.model, case.loss_fn, [], capsules=str(tmp_path / "small"), optimizer=False)
+    watch._watch.capsules.max_bytes = 1000
+    _train_into(watch, case)
+    writer = watch._watch.capsules
+    assert writer.total_bytes == sum(os.path.getsize(p) for p in writer.written.values())
+    model_capsule = load_capsule(writer.written[""])
+    assert any(line.startswith(("batch", "grads", "state", "replay")) for line in model_capsule.missing)
+    assert all(os.path.getsize(p) < 1000 + 20_000 for p in writer.written.values())  # tensors capped; header only
+    with pytest.raises(ValueError, match="lacks"):
+        load_capsule(writer.written["fc1"]).check(BUGS["wrong_sign"](0).model.fc1)
+    case = BUGS["wrong_sign"](0)
+    watch, _ = _train(case.model, case.loss_fn, [], capsules=str(tmp_path / "total"), optimizer=False)
+    watch._watch.capsules.max_total_bytes = 1
+    _train_into(watch, case)
+    assert len(watch._watch.capsules.written) <= 1
+
+
+def _train_into(watch, case):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with watch.step(case.batch):
+            case.loss_fn(case.model, case.batch).backward()
+
+
+def test_capsules_option_is_validated(tmp_path):
+    case = BUGS["wrong_sign"](0)
+    for bad in (3, "", ["x"]):
+        with pytest.raises(ValueError, match="`capsules`"):
+            gradwatch.GradWatch(case.model, case.loss_fn, capsules=bad)
+    assert gradwatch.GradWatch(case.model, case.loss_fn)._watch.capsules.directory is None  # no logs: none
