@@ -249,9 +249,12 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
     logged = set(tags)
 
     def series(tag: str) -> _Series:
-        """``(step, value)`` points of a scalar tag (none if never logged), one per step: in
-        file order, a later point of a step replaces an earlier one."""
-        points = {event.step: event.value for event in accumulator.Scalars(tag)} if tag in logged else {}
+        """``(step, value)`` points of a scalar tag (none if never logged), one per step: a
+        later point of a step (by wall time, then file order) replaces an earlier one. Event
+        files are read in name order, which is not the order they were written in (a writer's
+        counter going from 9 to 10 sorts first), so the wall time decides."""
+        events = sorted(accumulator.Scalars(tag), key=lambda e: e.wall_time) if tag in logged else []
+        points = {event.step: event.value for event in events}
         return tuple(sorted(points.items()))
 
     failures = series(f"{prefix}/{_FAILURES}")

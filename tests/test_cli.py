@@ -135,13 +135,16 @@ def test_summarize_groups_runs_and_keeps_every_point(tmp_path, reports) -> None:
     assert len(runs[0].tensors[0].rel_error) == 16
 
 
-def test_report_notes_steps_logged_twice_and_keeps_the_last(tmp_path, reports, capsys) -> None:
+@pytest.mark.parametrize("writers_before", [0, 9])
+def test_report_notes_steps_logged_twice_and_keeps_the_last(tmp_path, reports, capsys, writers_before) -> None:
+    for i in range(writers_before):  # event file names count writers: the 10th sorts before the 9th
+        SummaryWriter(str(tmp_path / "other" / str(i))).close()
     _write(tmp_path, [(0, reports["fail"]), (10, reports["fail"])])
     _write(tmp_path, [(0, reports["pass"]), (10, reports["pass"])])  # a second training into the same directory
     assert cli.main(["report", str(tmp_path)]) == 0
     out = capsys.readouterr().out
     assert "note: 2 steps were logged more than once" in out
-    assert f"run {tmp_path}: 2 checks, 0 failing" in out
+    assert f"run {tmp_path}: 2 checks, 0 failing" in out, out
 
 
 def test_report_prefix_option_and_its_hint(tmp_path, reports, capsys) -> None:
