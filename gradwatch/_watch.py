@@ -145,6 +145,13 @@ class _Watch:
         self._resolved = False
         self.capsules = _CapsuleWriter(capsules)
 
+    def set_capsule_dir(self, directory: str | None) -> None:
+        """Failing checks write their capsules to ``directory`` from now on (``None``: none), with
+        the caps of a new run (an adapter that knows its logs only when training starts)."""
+        old = self.capsules
+        self.capsules = _CapsuleWriter(directory, max_bytes=old.max_bytes, max_count=old.max_count,
+                                       max_total_bytes=old.max_total_bytes)
+
     def reset_sinks(self) -> None:
         """Fresh default sinks (a new run: kink warnings name each tensor once per run)."""
         self.sinks = [LoggingSink(), KinkWarnings()]

@@ -16,6 +16,7 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import os
 import sys
 import warnings
 from dataclasses import dataclass, field
@@ -24,6 +25,7 @@ from typing import Any, Callable, Mapping, Sequence
 
 from torch import Tensor, nn
 
+from gradwatch._capsules import _capsule_dir, _capsules_option
 from gradwatch._validate import _callable
 from gradwatch._watch import _BackwardRoots, _Capture, _LocalRecording, _Watch, _Watched
 from gradwatch.options import ProbeOptions
@@ -117,6 +119,16 @@ class GradWatchTrainerCallback(_Watched):
         sinks: More sinks each report is written to on the main process (objects with
             ``write(report, step)``), besides the ``gradwatch`` logging line, the kink
             warnings and the Trainer's TensorBoard.
+        capsules: Where a failing check writes its capsules (everything needed to rerun it
+            offline: :mod:`gradwatch.capsule`, ``gradwatch repro``), on the main process only,
+            as :class:`gradwatch.GradWatch` does: ``None`` or ``True`` (default):
+            ``<logging_dir>/gradwatch/capsules``, resolved in ``on_train_begin``:
+            ``args.logging_dir`` (transformers 4), else the directory of the Trainer's
+            TensorBoard callback (transformers 5: ``report_to="tensorboard"``,
+            ``TENSORBOARD_LOGGING_DIR``); none without one. A directory; ``False``: none.
+            Module-local capsules are written for single-process checks only. A whole-model
+            capsule is replayed with the loss the check used (``loss_fn``, or the model's own
+            ``outputs.loss``): ``capsule.check(model, loss_fn)``.
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every process.
@@ -147,7 +159,9 @@ class GradWatchTrainerCallback(_Watched):
         options: ProbeOptions | None = None,
         modules: Any = "suspects",
         sinks: Sequence[Sink] | None = None,
+        capsules: str | bool | None = None,
     ) -> None:
+        self._capsules = _capsules_option("capsules", capsules)  # the directory is known in on_train_begin
         self._watch = _Watch(options=options, every_n_steps=every_n_steps, max_overhead=max_overhead,
                              on_failure=on_failure, seed=seed, prefix=prefix, modules=modules, sinks=sinks)
         if loss_fn is not None:
@@ -168,6 +182,11 @@ class GradWatchTrainerCallback(_Watched):
         self._trainer = trainer
         self._watch.reset_sinks()
         self._watch.forget_modules()
+        capsules = None  # the main process writes them (the core's writer checks the rank too)
+        if state.is_world_process_zero:
+            capsules = _capsule_dir(self._capsules, _logging_dir(args, trainer) if self._capsules in (None, True)
+                                    else None)
+        self._watch.set_capsule_dir(capsules)
         sharded = _sharding(trainer)
         self._enabled = sharded is None
         if sharded is not None:
@@ -422,6 +441,16 @@ def _sharding(trainer: Any) -> str | None:
             return name
     tp_size = getattr(trainer, "get_tp_size", lambda: 1)()
     return f"tensor parallelism (tp_size={tp_size})" if tp_size > 1 else None
+
+
+def _logging_dir(args: Any, trainer: Any) -> str | None:
+    """The Trainer's logging directory: ``args.logging_dir`` (transformers 4), else its TensorBoard
+    callback's (transformers 5, set in that callback's ``on_train_begin``, which runs before ours), or None."""
+    path = getattr(args, "logging_dir", None)
+    if path is None:
+        path = next((getattr(c, "logging_dir", None) for c in trainer.callback_handler.callbacks
+                     if type(c).__name__ == "TensorBoardCallback"), None)
+    return None if path is None else os.fspath(path)
 
 
 def _tensorboard_writer(trainer: Any) -> Any:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import copy
 import functools
 import importlib
+import os
 import sys
 import warnings
 from collections.abc import Mapping
@@ -34,6 +35,7 @@ import torch
 from torch import Tensor, nn
 from typing_extensions import override
 
+from gradwatch._capsules import _capsule_dir, _capsules_option
 from gradwatch._sharded import _LocalGrads, _sharding
 from gradwatch._validate import _callable, _non_negative_int, _seed
 from gradwatch._watch import _Capture, _LocalRecording, _Watch, _Watched
@@ -147,6 +149,14 @@ class GradWatchCallback(_Watched):
         sinks: More sinks each report is written to on rank zero (objects with
             ``write(report, step)``), besides the ``gradwatch`` logging line, the kink
             warnings and the Trainer's loggers.
+        capsules: Where a failing check writes its capsules (everything needed to rerun it
+            offline: :mod:`gradwatch.capsule`, ``gradwatch repro``), on rank zero only, as
+            :class:`gradwatch.GradWatch` does: ``None`` or ``True`` (default):
+            ``<log_dir>/gradwatch/capsules`` under the first logger's directory (its
+            ``log_dir``, the ``trainer.log_dir`` of a TensorBoard or CSV logger, else its
+            ``save_dir``), resolved in ``setup`` of each fit; none with ``logger=False``; a
+            directory; ``False``: none. Module-local capsules are written for single-process
+            checks only (not under DDP or ``fully_shard``).
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every rank.
@@ -177,8 +187,10 @@ class GradWatchCallback(_Watched):
         options: ProbeOptions | None = None,
         modules: Any = "suspects",
         sinks: Sequence[Sink] | None = None,
+        capsules: str | bool | None = None,
     ) -> None:
         super().__init__()
+        self._capsules = _capsules_option("capsules", capsules)  # the directory is known in setup
         self._watch = _Watch(options=options, every_n_steps=every_n_steps, max_overhead=max_overhead,
                              on_failure=on_failure, seed=seed, prefix=prefix, modules=modules, sinks=sinks)
         if loss_fn is not None:
@@ -223,6 +235,10 @@ class GradWatchCallback(_Watched):
                 )
             self._warned_sharded = True
             return
+        capsules = None  # rank zero writes them (the core's writer checks the rank too)
+        if trainer.is_global_zero:
+            capsules = _capsule_dir(self._capsules, _log_dir(trainer) if self._capsules in (None, True) else None)
+        self._watch.set_capsule_dir(capsules)
         self.seed = int(trainer.strategy.broadcast(self.seed, src=0))
         self._watch.seed_shared = True
         self._watch.reset_sinks()
@@ -448,6 +464,16 @@ def _rebuild(cls: type, namespaces: tuple[str, ...]) -> GradWatchCallback:
     for ns in namespaces:
         importlib.import_module(ns)
     return object.__new__(_with_callbacks(cls, namespaces))
+
+
+def _log_dir(trainer: pl.Trainer) -> str | None:
+    """The first logger's directory, as ``trainer.log_dir`` names it (without its broadcast:
+    read on rank zero only), or None without a logger."""
+    if not trainer.loggers:
+        return None
+    logger = trainer.loggers[0]
+    path = logger.log_dir if _is_a(logger, "TensorBoardLogger", "CSVLogger") else getattr(logger, "save_dir", None)
+    return None if path is None else os.fspath(path)
 
 
 def _sink_for(logger: Any, prefix: str) -> Sink:

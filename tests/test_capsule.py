@@ -1,5 +1,6 @@
 """Capsules (gradwatch.capsule): a failing check saved, loaded safely and rerun offline with the
-same verdicts and numbers; the generated pytest file fails on the buggy code and passes on the fixed."""
+same verdicts and numbers (from GradWatch, the Lightning callback and the HF Trainer callback, next to
+their logs); the generated pytest file fails on the buggy code and passes on the fixed."""
 
 from __future__ import annotations
 
@@ -316,3 +317,123 @@ def test_capsules_option_is_validated(tmp_path):
         with pytest.raises(ValueError, match="`capsules`"):
             gradwatch.GradWatch(case.model, case.loss_fn, capsules=bad)
     assert gradwatch.GradWatch(case.model, case.loss_fn)._watch.capsules.directory is None  # no logs: none
+
+
+# ----------------------------------------------------------------------------- the callbacks
+def _fit_lightning(tmp_path, **kwargs):
+    """The zoo's wrong_sign bug trained one step by Lightning under the callback (``kwargs``: the
+    callback's ``capsules`` and the Trainer's ``logger``)."""
+    from lightning_zoo import api
+    from test_lightning import _fit
+
+    lit = api("lightning.pytorch")
+    module = lit.ZooModule(BUGS["wrong_sign"](0))
+    callback = gradwatch.GradWatchCallback(every_n_steps=1, max_overhead=None, seed=0, on_failure=lambda r: None,
+                                           capsules=kwargs.pop("capsules", None))
+    logger = kwargs.pop("logger")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # Lightning's advice (workers, logging interval)
+        _fit(module, callback, max_steps=1, logger=logger(lit) if callable(logger) else logger,
+             default_root_dir=str(tmp_path), **kwargs)
+    assert not callback.last_report.ok
+    return lit, module, callback
+
+
+@pytest.mark.parametrize("logger", ["tensorboard", "csv"])
+def test_lightning_capsules_sit_next_to_the_loggers_logs_and_replay(logger, tmp_path):
+    make = {"tensorboard": lambda lit: lit.loggers.TensorBoardLogger(str(tmp_path), name="tb"),
+            "csv": lambda lit: lit.loggers.CSVLogger(str(tmp_path), name="csv")}[logger]
+    lit, module, callback = _fit_lightning(tmp_path, logger=make)
+    log_dir = module.trainer.loggers[0].log_dir
+    directory = os.path.join(log_dir, "gradwatch", "capsules")
+    assert callback._watch.capsules.directory == directory
+    assert sorted(os.listdir(directory)) == ["step-0-model.pt", "step-0-net.fc1.pt"]
+    report = callback.last_report
+    for name in os.listdir(directory):
+        capsule = load_capsule(os.path.join(directory, name))
+        assert capsule.missing == () and capsule.step == 0
+        fresh = lit.ZooModule(BUGS["wrong_sign"](0))
+        if capsule.kind == "model":
+            replayed = capsule.check(fresh, fresh.loss)  # the loss training_step returns
+        else:
+            replayed = capsule.check(dict(fresh.named_modules())[capsule.name])
+        assert not replayed.ok
+        _same_part(report, replayed)
+
+
+def test_lightning_capsules_false_none_without_a_logger_and_a_directory(tmp_path):
+    _, module, callback = _fit_lightning(
+        tmp_path, capsules=False, logger=lambda lit: lit.loggers.TensorBoardLogger(str(tmp_path), name="tb"))
+    assert callback._watch.capsules.directory is None
+    assert os.path.isdir(module.trainer.loggers[0].log_dir)
+    _, _, callback = _fit_lightning(tmp_path / "nolog", logger=False)  # no logs: no capsule, no failure
+    assert callback._watch.capsules.directory is None and callback._watch.capsules.written == {}
+    assert list(tmp_path.rglob("capsules")) == []
+    _fit_lightning(tmp_path, capsules=str(tmp_path / "mine"), logger=False)  # a directory: there
+    assert sorted(os.listdir(tmp_path / "mine")) == ["step-0-model.pt", "step-0-net.fc1.pt"]
+
+
+def _hf_logs(tmp_path, monkeypatch):
+    """Trainer arguments logging to ``tmp_path/logs``: ``args.logging_dir`` (transformers 4) or
+    ``TENSORBOARD_LOGGING_DIR`` (transformers 5, where TrainingArguments has no logging_dir)."""
+    import dataclasses
+
+    from transformers import TrainingArguments
+
+    logs = tmp_path / "logs"
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(logs))
+    fields = {f.name for f in dataclasses.fields(TrainingArguments)}
+    return logs, {"report_to": "tensorboard", **({"logging_dir": str(logs)} if "logging_dir" in fields else {})}
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*loss_type=None.*")
+@pytest.mark.filterwarnings("ignore::gradwatch.KinkWarning")
+def test_hf_capsules_sit_next_to_the_trainers_logs_and_replay(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from test_hf import BUGGY, BUGGY_LOCAL, causal_lm_loss, gpt2, train, watch
+
+    logs, overrides = _hf_logs(tmp_path, monkeypatch)
+    callback = watch()
+    train(gpt2(bug=True), callback, tmp_path / "out", steps=1, **overrides)
+    report = callback.last_report
+    assert sorted(t.name for t in report.failures) == [BUGGY, BUGGY_LOCAL], str(report)
+    directory = logs / "gradwatch" / "capsules"
+    assert sorted(os.listdir(directory)) == ["step-0-model.pt", "step-0-transformer.h.1.mlp.c_fc.pt"]
+    for name in os.listdir(directory):
+        capsule = load_capsule(directory / name)
+        assert capsule.missing == () and capsule.step == 0
+        fresh = gpt2(bug=True)
+        if capsule.kind == "model":
+            replayed = capsule.check(fresh, causal_lm_loss)  # the loss_fn the callback was given
+        else:
+            replayed = capsule.check(dict(fresh.named_modules())[capsule.name])
+        assert not replayed.ok
+        _same_part(report, replayed)
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*loss_type=None.*")
+@pytest.mark.filterwarnings("ignore::gradwatch.KinkWarning")
+def test_hf_capsules_false_writes_none(tmp_path, monkeypatch):
+    pytest.importorskip("transformers")
+    from test_hf import gpt2, train, watch
+
+    logs, overrides = _hf_logs(tmp_path, monkeypatch)
+    callback = watch(capsules=False)
+    train(gpt2(bug=True), callback, tmp_path / "out", steps=1, **overrides)
+    assert not callback.last_report.ok and os.path.isdir(logs)
+    assert callback._watch.capsules.directory is None and list(tmp_path.rglob("capsules")) == []
+
+
+@pytest.mark.parametrize("adapter", ["lightning", "hf"])
+def test_callbacks_validate_capsules(adapter):
+    if adapter == "hf":
+        pytest.importorskip("transformers")
+        from gradwatch.hf import GradWatchTrainerCallback as Callback
+    else:
+        from gradwatch.lightning import GradWatchCallback as Callback
+    for bad in (3, "", ["x"]):
+        with pytest.raises(ValueError, match="`capsules`"):
+            Callback(capsules=bad)
+    assert Callback()._watch.capsules.directory is None  # known when training starts

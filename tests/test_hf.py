@@ -343,6 +343,7 @@ def test_import_gradwatch_hf_does_not_import_transformers() -> None:
         ({"sinks": [3]}, TypeError, "`sinks` must be None or a list of sinks"),
         ({"modules": "attn"}, ValueError, "`modules` must be None, 'suspects' or a list"),
         ({"modules": [1]}, ValueError, "`modules` must be None, 'suspects' or a list"),
+        ({"capsules": 3}, ValueError, "`capsules` must be None, a bool or a directory path, got 3"),
     ],
 )
 def test_bad_arguments(kwargs, error, match) -> None:

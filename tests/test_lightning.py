@@ -815,6 +815,7 @@ def test_callback_class_is_a_callback_of_each_loaded_namespace_and_survives_pick
         ({"options": {"near_kink_margin": 0}}, ValueError, "`near_kink_margin`"),
         ({"max_overhead": 0}, ValueError, r"`max_overhead` must be None or a fraction in \(0, 1\].*got 0"),
         ({"max_overhead": 1.5}, ValueError, "`max_overhead`"),
+        ({"capsules": 3}, ValueError, "`capsules` must be None, a bool or a directory path, got 3"),
     ],
 )
 def test_bad_arguments(kwargs, error, match) -> None:
