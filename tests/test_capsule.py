@@ -18,18 +18,10 @@ import gradwatch
 from gradwatch._references import _REFERENCES_BY_OP
 from gradwatch.capsule import load_capsule
 from gradwatch.cli import main
-from tests._attn_op import BUG, AttnNet, attention, reference_attention
+from tests._attn_op import AttnNet, attention, reference_attention
 from zoo import BUGS, assert_same_state, training_state
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
-
-@pytest.fixture
-def bug():
-    def plant(mode):
-        BUG["mode"] = mode
-    yield plant
-    BUG["mode"] = None
 
 
 @pytest.fixture

@@ -34,7 +34,6 @@ import gradwatch.lightning as gwl
 from gradwatch import GradientCheckError, GradientCheckWarning, Report
 from gradwatch.lightning import GradWatchCallback, LightningLoggerSink
 from lightning_zoo import NAMESPACES, api, attention_case, loader, trainer_kwargs
-from tests._attn_op import BUG as ATTN_BUG
 from zoo import BUGS, CORRECT, TRAINING_ONLY_BUGS, assert_log_lines, assert_same_state, training_state
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent
@@ -567,18 +566,11 @@ def test_fit_with_the_callback_is_bit_identical_to_fit_without(overrides, lit) -
 
 
 # ----------------------------------------------------------------------------- 4b. module-local checks
-@pytest.fixture
-def attn_bug():
-    """Plant a bug in the attention op's backward; always reset afterwards."""
-    yield lambda mode: ATTN_BUG.update(mode=mode)
-    ATTN_BUG["mode"] = None
-
-
 @pytest.mark.parametrize("mode, wrong", [(None, set()), ("dk", {"net.attn::input[1]"})])
-def test_module_local_check_names_a_planted_attention_bug_at_defaults(attn_bug, mode, wrong, lit) -> None:
+def test_module_local_check_names_a_planted_attention_bug_at_defaults(bug, mode, wrong, lit) -> None:
     """GradWatchCallback() at its defaults finds the custom op (a suspect) and checks it alone: a bug in
     its backward is named as ``<module>::input[k]``; the correct op stays quiet. No hook stays behind."""
-    attn_bug(mode)
+    bug(mode)
     module = lit.ZooModule(attention_case(0))
     callback = GradWatchCallback(seed=0, on_failure=_collect)
     _fit(module, callback, max_steps=1)
@@ -592,8 +584,8 @@ def test_module_local_check_names_a_planted_attention_bug_at_defaults(attn_bug, 
     assert not module.net.attn._forward_hooks and not module.net.attn._forward_pre_hooks
 
 
-def test_module_local_checks_follow_modules_and_record_only_the_checked_backward(attn_bug, lit) -> None:
-    attn_bug("dq")
+def test_module_local_checks_follow_modules_and_record_only_the_checked_backward(bug, lit) -> None:
+    bug("dq")
     module = lit.ZooModule(attention_case(1))
     off = GradWatchCallback(seed=0, every_n_steps=1, max_overhead=None, on_failure=_collect, modules=None)
     _fit(module, off, max_steps=1)

@@ -13,18 +13,9 @@ import gradwatch
 from gradwatch._recording import _Recording
 from gradwatch._references import _REFERENCES_BY_CLASS
 from gradwatch.local import _check_record
-from tests._attn_op import BUG, FusedAttention, reference_attention
+from tests._attn_op import FusedAttention, reference_attention
 from tests._attn_op import AttnNet as _AttnNet
 from zoo import ScaledGrad
-
-
-@pytest.fixture
-def bug():
-    """Set the planted bug of the attention op's backward; always reset afterwards."""
-    def plant(mode):
-        BUG["mode"] = mode
-    yield plant
-    BUG["mode"] = None
 
 
 @pytest.fixture
