@@ -93,13 +93,14 @@ class _CapsuleWriter:
         self.total_bytes += size
 
     def whole(self, report: Report, model: nn.Module, batch: Any, grads: Mapping[str, Tensor],
-              replay: ReplayState | None, train_loss: Any, seed: int, options: ProbeOptions, names: Any) -> None:
+              replay: ReplayState | None, train_loss: Any, seed: int, options: ProbeOptions, names: Any,
+              loss_factor: tuple[str, Any] | None = None) -> None:
         """After the whole-model check: a capsule when it failed."""
         if report.ok or not self._open(""):
             return
         self._write("", report.step, lambda budget: _model_capsule(
             model, step=report.step, seed=seed, options=options, batch=batch, grads=grads, replay=replay,
-            train_loss=train_loss, names=names, max_bytes=budget))
+            train_loss=train_loss, names=names, loss_factor=loss_factor, max_bytes=budget))
 
     def local(self, step: int, records: Mapping[str, Any], reports: list[Report], seeds: list[int],
               options: ProbeOptions) -> None:

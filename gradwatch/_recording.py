@@ -69,7 +69,9 @@ class _Record:
         spec: Tree spec of ``(args, kwargs)``; ``leaves`` their leaves (tensors cloned, detached).
         inputs: Leaf index -> ``input[...]`` name of the floating leaves that required grad.
         outputs: The floating output leaves (cloned, detached), by output leaf index.
-        grad_outputs: Gradient that flowed into each of those outputs (None: none did).
+        grad_outputs: Gradient that flowed into each of those outputs (None: none did), contiguous.
+        grad_output_strides: The strides that gradient arrived with (a capsule's autograd replay
+            rebuilds that memory layout: a backward may mishandle a non-contiguous one).
         grad_inputs: ``input[...]`` name -> the module's own contribution to its gradient.
         param_grads: Parameter name (relative to the module) -> gradient of this step.
         replay: RNG state, buffers and autocast the forward started from.
@@ -84,6 +86,7 @@ class _Record:
     inputs: dict = dataclasses.field(default_factory=dict)
     outputs: dict = dataclasses.field(default_factory=dict)
     grad_outputs: dict = dataclasses.field(default_factory=dict)
+    grad_output_strides: dict = dataclasses.field(default_factory=dict)
     grad_inputs: dict = dataclasses.field(default_factory=dict)
     param_grads: dict = dataclasses.field(default_factory=dict)
     replay: ReplayState | None = None
@@ -103,6 +106,8 @@ class _Record:
         kind, k = key
         store = self.grad_outputs if kind == "out" else self.grad_inputs
         g = grad.detach().clone()
+        if kind == "out":
+            self.grad_output_strides[k] = tuple(grad.stride())
         store[k] = g if store.get(k) is None else store[k] + g
 
     def problem(self) -> str | None:

@@ -69,7 +69,10 @@ class _Capture:
     (what data-parallel training hands the optimizer). ``local_grads``: under ``fully_shard``,
     this rank's local gradients, whose mean over ranks ``grads`` is; the parameters are then
     gathered for the check. The core drops ``grads`` and ``replay`` once the whole-model check
-    is done (memory for the module-local checks).
+    is done (memory for the module-local checks). ``loss_factor``: how ``loss_fn`` derives from
+    the user's loss, ``("div", n)`` (Lightning's accumulation) or ``("mul", factor)`` (the HF
+    Trainer's factor tensor); kept in the whole-model capsule so the user's plain loss replays
+    it. None: the user's loss itself.
     """
 
     step: int
@@ -85,6 +88,7 @@ class _Capture:
     distributed: bool = False
     average: bool = False
     local_grads: Mapping[str, Tensor] | None = None
+    loss_factor: tuple[str, Any] | None = None
 
 
 class _Watch:
@@ -297,7 +301,8 @@ class _Watch:
         if guard is not None:
             schedule.next_step = int(guard.broadcast(schedule.next_step))
         report = dataclasses.replace(report, step=step)
-        self.capsules.whole(report, model, capture.batch, grads, capture.replay, train_loss, seed, options, names)
+        self.capsules.whole(report, model, capture.batch, grads, capture.replay, train_loss, seed, options, names,
+                            loss_factor=capture.loss_factor)
         return report
 
     def _local_checks(self, capture: _Capture, records: Mapping[str, Any], seed: int, guard: _Guard | None,

@@ -180,6 +180,7 @@ def _module_capsule(record: _Record, *, step: int, seed: int, options: ProbeOpti
                 "inputs": dict(record.inputs),
                 "outputs": _tensors(record.outputs),
                 "grad_outputs": {i: None if g is None else g.detach().clone() for i, g in record.grad_outputs.items()},
+                "grad_output_strides": {i: list(s) for i, s in record.grad_output_strides.items()},
                 "grad_inputs": _tensors(record.grad_inputs),
                 "param_grads": _tensors(record.param_grads),
                 "replay": _encode_replay(record.replay),
@@ -200,13 +201,16 @@ def _module_capsule(record: _Record, *, step: int, seed: int, options: ProbeOpti
 
 def _model_capsule(model: nn.Module, *, step: int, seed: int, options: ProbeOptions, batch: Any,
                    grads: Mapping[str, Tensor], replay: ReplayState | None, train_loss: Any,
-                   names: Any, max_bytes: int | None = None) -> dict:
-    """The capsule of a whole-model check; groups that do not fit ``max_bytes`` are left out."""
+                   names: Any, loss_factor: tuple[str, Any] | None = None, max_bytes: int | None = None) -> dict:
+    """The capsule of a whole-model check; groups that do not fit ``max_bytes`` are left out.
+    ``loss_factor``: ``("div", n)`` or ``("mul", factor)``, what the check's loss applied to the
+    user's loss (None: nothing)."""
     device = next((p.device for p in model.parameters()), None)
     data = _header("model", "", step, seed, options, device)
     data.update(target=_class_path(model), op=False, import_hint=None,
                 names=None if names is None else list(names),
-                train_loss=None if train_loss is None else float(train_loss))
+                train_loss=None if train_loss is None else float(train_loss),
+                loss_factor=None if loss_factor is None else [loss_factor[0], _encode(loss_factor[1])])
     groups: list[tuple[str, Callable[[], Any]]] = [
         ("grads", lambda: _tensors(grads)),
         ("replay", lambda: None if replay is None else _encode_replay(replay)),
@@ -312,7 +316,9 @@ class Capsule:
             module: The module (its class as in training; the captured parameters and buffers are
                 loaded into it), a custom op, or ``None`` to rebuild it from :attr:`target`.
                 For a ``"model"`` capsule: the model (required).
-            loss_fn: ``loss_fn(model, batch)`` of a ``"model"`` capsule (required there).
+            loss_fn: ``loss_fn(model, batch)`` of a ``"model"`` capsule (required there): the
+                user's loss; the factor training applied to it (Lightning's division under
+                gradient accumulation, the HF Trainer's factor) is in the capsule and applied here.
             device: Where to replay (default: where it was written when available, else CPU).
             grads: ``"recorded"``: the gradients training produced (the same report);
                 ``"autograd"``: recomputed here by the module's own backward (what a fix changes).
@@ -379,7 +385,8 @@ def _check_module(capsule: Capsule, module: Any, device: torch.device, grads: st
                      grad_outputs={i: None if g is None else g.to(device) for i, g in rec["grad_outputs"].items()},
                      grad_inputs={k: g.to(device) for k, g in rec["grad_inputs"].items()},
                      param_grads={k: g.to(device) for k, g in rec["param_grads"].items()},
-                     replay=_decode_replay(rec["replay"], module, device))
+                     replay=_decode_replay(rec["replay"], module, device),
+                     grad_output_strides={i: tuple(s) for i, s in rec.get("grad_output_strides", {}).items()})
     if grads == "autograd":
         record.grad_inputs, record.param_grads = _recompute(record)
         with torch.no_grad():  # the outputs of the module as it is now (its training loss)
@@ -423,15 +430,32 @@ def _recompute(record: _Record) -> tuple[dict, dict]:
         _restore_rng(record.replay.rng)
         _restore_buffers(module, record.replay.buffers)
         outs = pytree.tree_leaves(_call(record, leaves))
-        pairs = [(outs[i], g) for i, g in record.grad_outputs.items()
+        pairs = [(outs[i], _strided(g.to(outs[i].dtype), record.grad_output_strides.get(i)))
+                 for i, g in record.grad_outputs.items()
                  if g is not None and isinstance(outs[i], Tensor) and outs[i].requires_grad]
         wrt = [*xs.values(), *params.values()]
-        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g.to(o.dtype) for o, g in pairs], allow_unused=True)
+        got = torch.autograd.grad([o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True)
     _restore_buffers(module, saved)
     got_x, got_p = got[:len(xs)], got[len(xs):]
     grad_inputs = {record.inputs[i]: g for i, g in zip(xs, got_x) if g is not None}
     param_grads = {n: g for n, g in zip(params, got_p) if g is not None}
     return grad_inputs, param_grads
+
+
+def _strided(g: Tensor, strides: tuple | None) -> Tensor:
+    """``g`` in the memory layout training's ``grad_out`` had (``strides``; None: as it is)."""
+    if strides is None or len(strides) != g.dim() or tuple(strides) == g.stride():
+        return g
+    # an expanded gradient (stride 0, e.g. of .sum()): one slice of it, expanded back
+    zero = [d for d, (n, s) in enumerate(zip(g.shape, strides)) if s == 0 and n > 1]
+    part = g
+    for d in zero:
+        part = part.narrow(d, 0, 1)
+    try:
+        out = torch.empty_strided(part.shape, strides, dtype=g.dtype, device=g.device).copy_(part)
+    except RuntimeError:  # another overlapping layout: contiguous, as recorded
+        return g
+    return out.expand(g.shape) if zero else out
 
 
 def _check_model(capsule: Capsule, model: nn.Module, loss_fn: Callable, device: torch.device, grads: str) -> Report:
@@ -442,6 +466,7 @@ def _check_model(capsule: Capsule, model: nn.Module, loss_fn: Callable, device: 
     model.to(device)
     batch = _decode(data["batch"], device)
     names = data.get("names")
+    loss_fn = _factored(loss_fn, data.get("loss_factor"), device)
     if grads == "autograd":
         with _isolated(model):
             if data.get("replay") is not None:
@@ -456,6 +481,24 @@ def _check_model(capsule: Capsule, model: nn.Module, loss_fn: Callable, device: 
                              grads={k: g.to(device) for k, g in data["grads"].items()}, replay=replay,
                              train_loss=data.get("train_loss"), names=names)
     return dataclasses.replace(report, step=capsule.step)
+
+
+def _factored(loss_fn: Callable, factor: Any, device: torch.device) -> Callable:
+    """``loss_fn`` with the stored factor applied with the adapter's arithmetic (bitwise the same):
+    Lightning's ``loss / n`` (``lightning._divided``), the HF Trainer's ``loss * factor`` (``hf._scaled``)."""
+    if factor is None:
+        return loss_fn
+    how, value = factor[0], _decode(factor[1], device)
+    if how not in ("div", "mul"):
+        raise ValueError(f"unknown loss factor {how!r} in the capsule")
+
+    def factored(model: nn.Module, batch: Any) -> Tensor:
+        loss = loss_fn(model, batch)
+        if how == "div":
+            return loss / value
+        return loss * value.to(device=loss.device, dtype=loss.dtype)
+
+    return factored
 
 
 def load_capsule(path: str | os.PathLike, *, map_location: Any = "cpu") -> Capsule:

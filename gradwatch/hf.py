@@ -287,11 +287,13 @@ class GradWatchTrainerCallback(_Watched):
         scale = scaler.get_scale() if scaler is not None and scaler.is_enabled() else None  # of this backward
         loss_fn = self.loss_fn or pending.default or _trainer_loss(trainer)
         multi = trainer.accelerator.num_processes > 1
+        applied = factor if scale is None else factor / scale
         checked = _Capture(
-            pending.step, trainer.model, partial(_scaled, loss_fn, factor if scale is None else factor / scale),
+            pending.step, trainer.model, partial(_scaled, loss_fn, applied),
             pending.inputs, pending.replay, dict(pending.grads), pending.loss * factor,  # before clipping
             recording=pending.recording, scale=scale, distributed=multi,
             average=multi,  # what DDP hands the optimizer: the mean over processes
+            loss_factor=("mul", applied),
         )
         del pending
         self._watch.check_step(checked, sinks=self._sinks(trainer), write=trainer.is_world_process_zero())

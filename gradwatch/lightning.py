@@ -348,6 +348,7 @@ class GradWatchCallback(_Watched):
             # the optimizer gets the mean over ranks (the window's last backward syncs)
             average=scaled and not fsdp,
             local_grads=pending.recorder.grads if fsdp else None,
+            loss_factor=("div", pending.accumulate) if pending.accumulate > 1 else None,
         )
         del pending, grads
         with _metric_states_kept(pl_module):  # a re-run training_step may update torchmetrics states

@@ -134,6 +134,21 @@ def test_the_correct_twin_capsule_passes_and_a_fix_makes_autograd_pass(bug, tmp_
     assert twin.check().ok and twin.check(grads="autograd").ok
 
 
+def test_autograd_replay_rebuilds_a_non_contiguous_grad_out(bug, tmp_path):
+    """AttnNet's op gets a non-contiguous grad_output (a slice of torch.cat's gradient): the capsule
+    keeps its strides, so grads="autograd" still triggers the "contiguous" bug, and a fix passes."""
+    bug("contiguous")
+    torch.manual_seed(0)
+    watch, _ = _train(AttnNet(), _attn_loss, [_attn_batch(0)], capsules=str(tmp_path), optimizer=False)
+    capsule = load_capsule(watch._watch.capsules.written["attn"])
+    strides = capsule.data["record"]["grad_output_strides"]
+    assert strides and all(s != list(torch.empty(g.shape).stride())
+                           for s, g in zip(strides.values(), capsule.data["record"]["grad_outputs"].values()))
+    assert not capsule.check(grads="autograd").ok  # the buggy backward, on the layout training gave it
+    bug(None)
+    assert capsule.check(grads="autograd").ok  # fixed
+
+
 def _pytest(tmp_path, source, name):
     test = tmp_path / f"test_{name}.py"
     test.write_text(source)
@@ -351,6 +366,19 @@ def test_lightning_capsules_sit_next_to_the_loggers_logs_and_replay(logger, tmp_
             replayed = capsule.check(dict(fresh.named_modules())[capsule.name])
         assert not replayed.ok
         _same_part(report, replayed)
+
+
+def test_lightning_accumulation_capsule_replays_with_the_plain_loss(tmp_path):
+    """Under accumulate_grad_batches=2 the check's loss is training_step's / 2: the capsule holds
+    that factor, so the plain loss replays the same verdicts and numbers."""
+    lit, module, callback = _fit_lightning(tmp_path, capsules=str(tmp_path / "caps"), logger=False,
+                                           accumulate_grad_batches=2)
+    capsule = load_capsule(tmp_path / "caps" / "step-0-model.pt")
+    assert capsule.data["loss_factor"] == ["div", 2]
+    fresh = lit.ZooModule(BUGS["wrong_sign"](0))
+    replayed = capsule.check(fresh, fresh.loss)
+    assert not replayed.ok
+    _same_part(callback.last_report, replayed)
 
 
 def test_lightning_capsules_false_none_without_a_logger_and_a_directory(tmp_path):
