@@ -102,13 +102,12 @@ class _CapsuleWriter:
             model, step=report.step, seed=seed, options=options, batch=batch, grads=grads, replay=replay,
             train_loss=train_loss, names=names, loss_factor=loss_factor, max_bytes=budget))
 
-    def local(self, step: int, records: Mapping[str, Any], reports: list[Report], seeds: list[int],
-              options: ProbeOptions) -> None:
-        """After the module-local checks (``reports``/``seeds`` in ``records`` order): a capsule per
+    def local(self, step: int, records: Mapping[str, Any], reports: list[Report], options: ProbeOptions) -> None:
+        """After the module-local checks (``reports`` in ``records`` order, each with the seed its check used): a capsule per
         failing module (a failing tensor or a failing reference comparison)."""
-        for (name, record), report, seed in zip(records.items(), reports, seeds):
+        for (name, record), report in zip(records.items(), reports):
             if report.ok or not self._open(name):
                 continue
             self._write(name, step, lambda budget: _module_capsule(
-                record, step=step, seed=seed, options=options, max_bytes=budget,
+                record, step=step, seed=report.seed, options=options, max_bytes=budget,
                 device=next((t.device for t in record.leaves if isinstance(t, Tensor)), None)))

@@ -259,7 +259,7 @@ class _Watch:
             if records:
                 local = self._local_checks(capture, records, seed, guard, references)
                 report = self._merge_local(report, step, local, whole=skip is None, guard=guard,
-                                           records=None if capture.distributed else records, seed=seed)
+                                           records=None if capture.distributed else records)
         return report
 
     def _whole_skipped(self, model: nn.Module, records: Mapping[str, Any], *, sharded: bool) -> str | None:
@@ -315,19 +315,17 @@ class _Watch:
         return partial(_local_reports, capture.recording.recordings(), seed, self.options)
 
     def _merge_local(self, report: Report, step: int, local_reports: Callable[[], list[Report]], *,
-                     whole: bool, guard: _Guard | None, records: Mapping[str, Any] | None = None,
-                     seed: int = 0) -> Report:
+                     whole: bool, guard: _Guard | None, records: Mapping[str, Any] | None = None) -> Report:
         """``report`` with the module-local reports added; their time counts against the budget
         (``whole``: the whole model was checked too, else the local checks are the check).
-        ``records``: a failing one gets a capsule (single-process checks: their seeds as
-        :func:`~gradwatch.local._local_reports` derives them)."""
+        ``records``: a failing one gets a capsule (single-process checks; each local report carries
+        the seed its check used)."""
         started = time.perf_counter()
         local = local_reports()
         report = _merge(report, local)
         seconds = time.perf_counter() - started
         if records is not None:
-            seeds = [_derive_seed(seed, i + 1) for i in range(len(records))]
-            self.capsules.local(step, records, local, seeds, self.options)
+            self.capsules.local(step, records, local, self.options)
         if whole:
             self.schedule.add(step, seconds)
         else:

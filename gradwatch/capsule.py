@@ -516,6 +516,8 @@ def load_capsule(path: str | os.PathLike, *, map_location: Any = "cpu") -> Capsu
             (unsafe: it is not loaded).
         OSError: When the file cannot be read.
     """
+    if not isinstance(path, (str, os.PathLike)):
+        raise TypeError(f"`path` must be a str or os.PathLike, got {type(path).__name__} {path!r}"[:300])
     path = os.fspath(path)
     try:
         data = torch.load(path, map_location=map_location, weights_only=True)

@@ -457,3 +457,9 @@ def test_callbacks_validate_capsules(adapter):
         with pytest.raises(ValueError, match="`capsules`"):
             Callback(capsules=bad)
     assert Callback()._watch.capsules.directory is None  # known when training starts
+
+
+@pytest.mark.parametrize("path", [3, None, ["step-0-model.pt"]])
+def test_load_capsule_names_a_path_of_the_wrong_type(path):
+    with pytest.raises(TypeError, match=r"`path` must be a str or os.PathLike, got "):
+        load_capsule(path)
