@@ -41,6 +41,10 @@ _BELOW_FLOAT32 = ("tf32", "float16", "bfloat16")
 #: Code-test tolerance against the float64 reference, relative and absolute (× the
 #: tensor's own reference RMS, so a tensor with small gradients is judged at its scale).
 _REF_RTOL = 1e-6
+#: The same, by the precision the float64 evaluation was measured to compute in
+#: (:mod:`gradwatch._precision`): a kernel that computes in float32 inside has a float32
+#: backward too, so its reference gradient is only that accurate.
+_MEASURED_REF_RTOL = {"float64": _REF_RTOL, "~float32": RTOL["float32"], "below float32": RTOL["tf32"]}
 #: Code-test absolute floor as a fraction of the whole model's reference RMS ``G_ref``:
 #: far above float64 rounding of a gradient that is truly 0, far below any real gradient.
 _REF_GLOBAL = 1e-9
@@ -294,6 +298,18 @@ def _loss_noise(rows: Mapping[str, list], values: list[float], ev: _Evaluation, 
     return max(measured, floor)
 
 
+def _tensor_noise(rows: Mapping[str, list], values: list[float]) -> dict[str, float]:
+    """Per tensor, the loss noise its own probes' fourth differences measured (kinked probes
+    left out; see :func:`_loss_noise`), where it has any."""
+    out = {}
+    for name, probes in rows.items():
+        fourth = [values[idx["fourth"]] for _, _, idx in probes if "fourth" in idx and not values[idx["kink"]]]
+        fourth = [f for f in fourth if math.isfinite(f)]
+        if fourth:
+            out[name] = math.sqrt(sum(f * f for f in fourth) / len(fourth)) / _FOURTH_DIFF_NOISE
+    return out
+
+
 @dataclasses.dataclass
 class _Spread:
     """Host indices of what :func:`_measure_spread` measured (see :func:`_Judge.tensor`)."""
@@ -462,7 +478,8 @@ class _Judge:
     def __init__(
         self, *, values: list[float], noise: float, precision: str, eps: float = 0.0, native: bool,
         loss: float = 0.0, scale: float, ref_scale: float | None, gaps: Mapping[str, Mapping[str, int]] | None = None,
-        spread: _Spread | None = None, coarse: bool = False,
+        spread: _Spread | None = None, coarse: bool = False, tensor_noise: Mapping[str, float] | None = None,
+        measured: str = "float64",
     ) -> None:
         """``values``: the check's fetched values; ``noise``: the loss noise (:func:`_loss_noise`);
         ``precision``: the precision the gradient was computed in (its tolerance :data:`RTOL`;
@@ -474,10 +491,16 @@ class _Judge:
         :func:`_gap` per tensor (their reference RMS sets each tensor's own code-test floor);
         ``spread``: :func:`_measure_spread`; ``coarse``: no precision test ran (the
         smallest check), so the gradient's gap from the reference is judged against
-        :data:`_COARSE_RTOL` of it (a hook or an edited ``.grad``)."""
+        :data:`_COARSE_RTOL` of it (a hook or an edited ``.grad``); ``tensor_noise``: the
+        loss noise each tensor's own probes measured (:func:`_tensor_noise`): a tensor
+        upstream of a kernel that rounds sees more than the check's pooled ``noise``, and its
+        probes take the larger; ``measured``: the precision the float64 evaluation was
+        measured to compute in (its reference is that accurate: :data:`_MEASURED_REF_RTOL`)."""
         rtol = RTOL[precision]
         self.values = values
         self.noise = noise
+        self.tensor_noise = tensor_noise or {}
+        self.ref_rtol = _MEASURED_REF_RTOL[measured]
         self.rtol = rtol
         loss_floor = _NOISE_ULPS * eps * abs(loss) if math.isfinite(loss) else 0.0
         self.loss_floor = loss_floor
@@ -501,7 +524,7 @@ class _Judge:
             return None
         gap = self.gaps.get(name if name is not None else self._name)
         own = self.values[gap["ref_rms"]] if gap is not None and "ref_rms" in gap else self.ref_scale
-        return _REF_RTOL * own + self.ref_atol
+        return self.ref_rtol * own + self.ref_atol
 
     def probe(
         self, kind: str, value: int, idx: Mapping[str, int], shape: tuple[int, ...], *, gap: bool = True,
@@ -514,14 +537,16 @@ class _Judge:
         v = {k: values[i] for k, i in idx.items()}
         n1, n2, h = v["n1"], v["n2"], v["h"]
         numerical = (4 * n1 - n2) / 3 if self.native else n1
-        rounding = self.noise * (0.95 if self.native else math.sqrt(0.5)) / h if h > 0 else math.inf
+        noise = max(self.noise, self.tensor_noise.get(name if name is not None else self._name, 0.0))
+        rounding = noise * (0.95 if self.native else math.sqrt(0.5)) / h if h > 0 else math.inf
         error_bar = abs(n1 - n2) / 3.0 + rounding
         a, a_ref = v["a"], v.get("a_ref")
         grad_tolerance = _ERROR_BAR_MULT * error_bar + self.rtol * v["rss"] + self.atol * v["vnorm"]
         grad_error = math.nan
         if a_ref is not None and gap:  # the code test: against the float64 reference
             error = abs(numerical - a_ref)
-            tolerance = _ERROR_BAR_MULT * error_bar + _REF_RTOL * v["rss_ref"] + self._ref_atol(name) * v["vnorm"]
+            tolerance = (_ERROR_BAR_MULT * error_bar + self.ref_rtol * v["rss_ref"]
+                         + self._ref_atol(name) * v["vnorm"])
             grad_error = abs(numerical - a)  # and the gradient training used
             compared = a_ref
         else:

@@ -121,6 +121,7 @@ from gradwatch._judging import (
     _gradient_rms,
     _Judge,
     _loss_noise,
+    _tensor_noise,
     _loss_spread,
     _measure_spread,
     _nonfinite_loss,
@@ -411,6 +412,9 @@ def _check_with(
             values=values, noise=noise, precision=grad_precision, eps=eps, native=mode == "native", loss=replayed,
             scale=values[stats.scale], ref_scale=values[stats.ref_scale] if stats.ref_scale is not None else None,
             gaps=stats.gaps, spread=spread, coarse=not precision_test,
+            tensor_noise=_tensor_noise(probed.rows, values) if mode == "native" or (
+                probed.noise is not None and probed.noise.precision != "float64") else None,
+            measured=probed.noise.precision if probed.noise is not None else "float64",
         )
         # an evaluation with ±2h passes, for failures of a check that measured no noise
         measured = None if options.richardson else (
