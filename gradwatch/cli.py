@@ -73,6 +73,7 @@ __all__ = ["RunSummary", "TensorSummary", "main", "summarize"]
 _FAILURES = "failures"  # <prefix>/failures: one point per check
 _FAIL_THRESHOLD = "fail_threshold"
 _FAILED, _REL_ERROR, _ERROR_RATIO, _KINKS = "failed", "rel_error", "error_ratio", "kinks"  # <prefix>/<kind>/<param>
+_INCONCLUSIVE, _RESOLVING = "inconclusive", "resolving_power"  # <prefix>/<kind>/<param>
 _WORST = "worst"  # <prefix>/worst/<k>: error_ratio of the k-th worst tensor
 # module-local comparisons with a registered reference: <prefix>/<kind>/<module>::<quantity>, and a count per check
 _REF_FAILED, _REF_REL_DIFF, _REF_ERROR_RATIO = "reference_failed", "reference_rel_diff", "reference_error_ratio"
@@ -97,6 +98,10 @@ class TensorSummary:
         error_ratio: ``(step, error / tolerance)`` points; above the run's
             ``fail_threshold`` the tensor failed.
         kinks: Probes that crossed a kink, summed over the checks.
+        inconclusive_steps: Steps at which its verdict was "inconclusive" (the check
+            could not have failed an error of ``gradwatch.RESOLVING_BOUND``).
+        resolving_power: ``(step, resolving power)`` points: the smallest relative
+            gradient error each check would have failed.
     """
 
     name: str
@@ -105,6 +110,13 @@ class TensorSummary:
     rel_error: _Series
     error_ratio: _Series
     kinks: int
+    inconclusive_steps: tuple[int, ...] = ()
+    resolving_power: _Series = ()
+
+    @property
+    def worst_resolving_power(self) -> tuple[int, float] | None:
+        """``(step, value)`` of the coarsest check (largest resolving power), None if never judged."""
+        return max(self.resolving_power, key=lambda p: p[1], default=None)
 
     @property
     def first_failing_step(self) -> int | None:
@@ -128,6 +140,8 @@ class TensorSummary:
             "checks": self.checks,
             "failing_checks": len(self.failing_steps),
             "first_failing_step": self.first_failing_step,
+            "inconclusive_checks": len(self.inconclusive_steps),
+            "worst_resolving_power": None if self.worst_resolving_power is None else self.worst_resolving_power[1],
             "worst_rel_error": None if rel is None else rel[1],
             "worst_rel_error_step": None if rel is None else rel[0],
             "worst_error_ratio": None if ratio is None else ratio[1],
@@ -272,6 +286,8 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
             rel_error=series(f"{prefix}/{_REL_ERROR}/{name}"),
             error_ratio=series(f"{prefix}/{_ERROR_RATIO}/{name}"),
             kinks=round(sum(value for _, value in series(f"{prefix}/{_KINKS}/{name}"))),
+            inconclusive_steps=tuple(step for step, value in series(f"{prefix}/{_INCONCLUSIVE}/{name}") if value > 0),
+            resolving_power=series(f"{prefix}/{_RESOLVING}/{name}"),
         ))
     ref_tag = f"{prefix}/{_REF_FAILED}/"
     for name in [tag[len(ref_tag):] for tag in tags if tag.startswith(ref_tag)]:  # a row per reference comparison
@@ -315,7 +331,7 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
 
 def _table(runs: Sequence[RunSummary], out: TextIO, top: int | None = None) -> None:
     header = ("", "tensor", "checks", "failing", "first failing step", "worst rel_error", "at step",
-              "worst error/tol", "at step", "kinks")
+              "worst error/tol", "at step", "kinks", "inconclusive", "resolving")
     for i, run in enumerate(runs):
         if i:
             out.write("\n")
@@ -341,13 +357,14 @@ def _table(runs: Sequence[RunSummary], out: TextIO, top: int | None = None) -> N
                       " and every failing one (--top)\n")
         rows = [header]
         for t in tensors:
-            rel, ratio = t.worst_rel_error, t.worst_error_ratio
+            rel, ratio, power = t.worst_rel_error, t.worst_error_ratio, t.worst_resolving_power
+            status = "FAIL" if t.failing_steps else "INCONCLUSIVE" if t.inconclusive_steps else "ok"
             rows.append((
-                "FAIL" if t.failing_steps else "ok", t.name, str(t.checks), str(len(t.failing_steps)),
+                status, t.name, str(t.checks), str(len(t.failing_steps)),
                 "-" if t.first_failing_step is None else str(t.first_failing_step),
                 _fmt(None if rel is None else rel[1]), "-" if rel is None else str(rel[0]),
                 _fmt(None if ratio is None else ratio[1]), "-" if ratio is None else str(ratio[0]),
-                str(t.kinks),
+                str(t.kinks), str(len(t.inconclusive_steps)), _fmt(None if power is None else power[1]),
             ))
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
         for row in rows:

@@ -951,6 +951,14 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/fail_threshold      1.0, the error_ratio above which a tensor fails
                                      (a reference line for the dashboard)
         <prefix>/failed/<param>      1 when that tensor's verdict is "fail", else 0
+        <prefix>/inconclusive/<param>  1 when that tensor's verdict is "inconclusive"
+                                     (the check could not resolve an error of
+                                     RESOLVING_BOUND), else 0
+        <prefix>/resolving_power/<param>  smallest relative gradient error that
+                                     tensor's check would have failed
+        <prefix>/resolving_bound     RESOLVING_BOUND (a reference line: above it a
+                                     tensor is inconclusive, not passed)
+        <prefix>/inconclusive        tensors with verdict "inconclusive"
         <prefix>/kinks/<param>       probes of that tensor that crossed a kink
         <prefix>/precision_gap/<param>  relative gap to the same code's float64
                                      gradient (float64 evaluation only)
@@ -1011,8 +1019,11 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
             out[f"{prefix}/precision_gap/{name}"] = t.precision_gap
         if not math.isnan(t.error_ratio):
             out[f"{prefix}/error_ratio/{name}"] = t.error_ratio
+        if not math.isnan(t.resolving_power):
+            out[f"{prefix}/resolving_power/{name}"] = t.resolving_power
         if t.verdict != "skipped":
             out[f"{prefix}/failed/{name}"] = float(t.verdict == "fail")
+            out[f"{prefix}/inconclusive/{name}"] = float(t.verdict == "inconclusive")
             out[f"{prefix}/kinks/{name}"] = float(t.kink_count)
     if not math.isnan(report.rel_error_max):
         out[f"{prefix}/rel_error_max"] = report.rel_error_max
@@ -1023,6 +1034,8 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
     if not math.isnan(report.kink_margin_min):
         out[f"{prefix}/kink_margin_min"] = report.kink_margin_min
     out[f"{prefix}/failures"] = float(len(report.failures))
+    out[f"{prefix}/inconclusive"] = float(sum(t.verdict == "inconclusive" for t in report.tensors.values()))
+    out[f"{prefix}/resolving_bound"] = RESOLVING_BOUND
     out[f"{prefix}/check_seconds"] = report.seconds
     for k, t in enumerate(report.worst_tensors()):
         out[f"{prefix}/worst/{k}"] = t.error_ratio
