@@ -1193,7 +1193,8 @@ def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> 
         # θ unless the float64 pass ran no non-smooth op: the training step of grads="autograd" stands for it)
         replays = 2 if name == "mlp_relu_dropout" else 1
         assert n_full - len(calls) == 2 * probes + replays - (1 + 4 * failed if failed else 0)
-        assert all(math.isnan(t.gap_ratio) for t in short.tensors.values())
+        # no precision test, but the gradient's gap from the reference is judged coarsely (a hook, an edited .grad)
+        assert all(t.gap_ratio < 1 for t in short.tensors.values())
         assert not any(math.isnan(t.gap_ratio) for t in full.tensors.values())
         assert {t.name for t in short.failures} == case.wrong, str(short)
         assert all(0 < p.error_bar < math.inf for p in short.probes)
