@@ -73,6 +73,11 @@ _ATOL_RATIO = 0.5
 #: with the central differences: above its precision's tolerance and this fraction of the
 #: derivative, it fails (a hook or an edited ``.grad``: a factor of 2 is a gross error).
 _COARSE_RTOL = 1e-2
+#: Resolving power: a derivative is taken to be at least this multiple of the gradient dtype's
+#: rounding of ``|L|`` (:data:`_NOISE_ULPS`): a gradient that is 0 at that rounding (a bias
+#: before BatchNorm, a model whose loss does not depend on a tensor) has no relative error to
+#: resolve; it is judged against that absolute floor.
+_ZERO_FLOOR = 100.0
 #: Multiple of the numerical error bar added to the tolerance.
 _ERROR_BAR_MULT = 3.0
 #: Smallest loss rounding assumed, in units of the evaluation dtype's eps × |L|.
@@ -553,10 +558,10 @@ class _Judge:
             error = abs(numerical - a)
             tolerance = grad_tolerance
             compared = a
-        # the derivative's size: at least the model's gradient RMS along v, and at least the
-        # gradient dtype's rounding of |L| over the bound (a gradient that is 0 at the loss's rounding
-        # is judged absolutely, with no relative error to resolve)
-        size = max(abs(numerical), abs(compared), self.scale * v["vnorm"], self.loss_floor * v["vnorm"] / RESOLVING_BOUND)
+        # the derivative's size: at least the model's gradient RMS along v, and at least
+        # _ZERO_FLOOR times the gradient dtype's rounding of |L| (a gradient that is 0 at the loss's
+        # rounding is judged absolutely, against that floor)
+        size = max(abs(numerical), abs(compared), self.scale * v["vnorm"], _ZERO_FLOOR * self.loss_floor * v["vnorm"])
         return Probe(
             kind=kind,
             index=tuple(int(i) for i in np.unravel_index(value, shape)) if kind == "coordinate" else None,
@@ -692,11 +697,10 @@ def _broken_note(judged: list[Probe]) -> str:
 
 def _unresolved(best: Probe) -> bool:
     """Whether the probe that resolves a tensor best (smallest :attr:`Probe.resolving_power`)
-    still could not have failed an error of :data:`RESOLVING_BOUND`, because of the check's own
-    numerical noise: its tolerance is mostly the error bar. A tolerance set by the gradient's
-    precision (bfloat16's 0.2) or by the loss's rounding floor (a gradient that is 0) is what
-    that gradient can be checked to, not a failure of the check to resolve it."""
-    return best.resolving_power > RESOLVING_BOUND and 2 * _ERROR_BAR_MULT * best.error_bar >= best.tolerance
+    still could not have failed an error of :data:`RESOLVING_BOUND`: the check's own noise, or
+    the tolerance of a low training precision (bfloat16's 0.2 without a float64 reference), kept
+    it from seeing an error of that size."""
+    return best.resolving_power > RESOLVING_BOUND
 
 
 def _unresolved_note(best: Probe) -> str:
