@@ -170,6 +170,7 @@ def local_params(model: Any) -> dict[str, list]:
 def main(out: pathlib.Path) -> None:
     import torch
 
+    import gradwatch
     import gradwatch._watch
     from _ranks import error_of, finish, raising
     from gradwatch import GradientCheckError
@@ -205,6 +206,13 @@ def main(out: pathlib.Path) -> None:
         result["trainer_fixed"] = summary(fixed)
         plain = trainer_run(ex, out / "plain", planted_bug=False, steps=1)  # no callback: the same shards
         result["identical"] = local_params(watched.model) == local_params(plain.model)
+        # the whole model's float64 copy over max_shadow_bytes: never gathered; the named module alone is
+        small = callback(ex, modules=["transformer.h.1.mlp.act"], options=gradwatch.ProbeOptions(
+            coordinates=1, directions=1, kinks=False, max_shadow_bytes=1))
+        trainer_run(ex, out / "too_big", planted_bug=True, callback=small, steps=1)
+        result["too_big"] = {**summary(small), "whole": sorted({t.verdict for n, t in small.last_report.tensors.items()
+                                                                if "::" not in n}),
+                             "reason": small.last_report.reason}
         try:
             trainer_run(ex, out / "raise", planted_bug=True, callback=callback(ex, on_failure="raise"), steps=1)
             result["trainer_raise"] = None

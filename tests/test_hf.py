@@ -344,12 +344,16 @@ def test_fsdp2_accelerate_loop_and_trainer_two_processes(tmp_path) -> None:
             assert set(res[key]["verdicts"]) == {"pass"} and all(res[key]["reliable"]), (key, res[key])
         assert res["identical"] is True  # the Trainer's shards after a step, with and without the callback
         assert res["trainer_raise"] == "GradientCheckError"  # on_failure="raise" leaves train() on both ranks
+        # too large to gather (max_shadow_bytes=1): the named kernel alone is gathered and checked, and fails
+        too_big = res["too_big"]
+        assert too_big["failing"] == [["transformer.h.1.mlp.act::input[0]"]] and too_big["whole"] == ["skipped"], res
+        assert "max_shadow_bytes" in too_big["reason"], too_big
         # the check raising on rank 1 alone: rank 0 raised too, at the check's next collective
     for key in ("loop_check_raise", "trainer_check_raise"):
         assert results[1][key] == "planted: this process's check raised", results[1]
         assert "raised on 1 other rank(s) of 2" in results[0][key], results[0]
     # the same probes judged on the cross-rank means: the same numbers on both ranks
-    for key in ("loop_bug", "loop_fixed", "trainer_bug", "trainer_fixed"):
+    for key in ("loop_bug", "loop_fixed", "trainer_bug", "trainer_fixed", "too_big"):
         assert results[0][key] == results[1][key], key
 
 
