@@ -11,12 +11,12 @@ Each rank writes ``OUTDIR/rank<r>.json`` with what it saw.
 
 **What stops FSDP on CPU, and the one line changed here.** accelerate 1.16.0 turns an FSDP plugin
 into ``DistributedType.FSDP`` only for accelerator back ends: in ``AcceleratorState.__init__``
-(``accelerate/state.py``) the branch ``elif self.distributed_type in [DistributedType.MULTI_GPU,
+(``accelerate/state.py``, line 947) the branch ``elif self.distributed_type in [DistributedType.MULTI_GPU,
 DistributedType.MULTI_MLU, ..., DistributedType.MULTI_NEURON]:`` is the only place that runs
-``self.distributed_type = DistributedType.FSDP`` and ``self.fsdp_plugin = fsdp_plugin``. On CPU
+``self.distributed_type = DistributedType.FSDP`` (line 974) and ``self.fsdp_plugin = fsdp_plugin``. On CPU
 the type is ``MULTI_CPU``, not in that list, so the plugin is dropped without an error or a
 warning: ``Trainer.is_fsdp_enabled`` (``getattr(self.accelerator.state, "fsdp_plugin", None) is
-not None``, transformers 5.25 ``trainer.py``) is False and the Trainer trains with DDP
+not None``, transformers 5.25 ``trainer.py`` line 875) is False and the Trainer trains with DDP
 (``DistributedDataParallel``, plain ``Parameter``s). :func:`fsdp_on_cpu` makes that one decision
 as on a GPU (``distributed_type = FSDP``, the plugin kept); everything else is accelerate's and the
 Trainer's own FSDP2 code: ``fsdp2_prepare_model`` (``fully_shard`` of each ``GPT2Block`` and the
