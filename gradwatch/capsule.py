@@ -349,16 +349,18 @@ class Capsule:
             notes.append(f"capsule written on {self.device}, replayed on {dev}: verdicts are expected to hold, "
                          "numbers may differ in the last digits")
         recorded, now = self.data.get("precision") or {}, _precision_state()
-        tf32 = [k for k in ("float32_matmul_precision", "cuda_matmul_allow_tf32", "cudnn_allow_tf32")
-                if k in recorded and recorded[k] != now[k]]
-        if tf32 and "cuda" in {dev.type, getattr(written, "type", None)}:
-            notes.append("float32 math settings differ from training's: " + ", ".join(
-                f"{k} {recorded[k]!r} then, {now[k]!r} now" for k in tf32))
-        elif written is not None and written.type == "cuda" and dev.type != "cuda" and (
-                recorded.get("cudnn_allow_tf32") or recorded.get("cuda_matmul_allow_tf32")):
-            notes.append(f"training's float32 math on {self.device} allowed TF32 "
-                         f"(matmul {recorded.get('cuda_matmul_allow_tf32')}, cuDNN {recorded.get('cudnn_allow_tf32')}); "
-                         f"{dev.type} has none: float32 results are more precise here")
+        then_cuda, now_cuda = getattr(written, "type", None) == "cuda", dev.type == "cuda"
+        if then_cuda and now_cuda:
+            changed = [k for k in now if k in recorded and recorded[k] != now[k]]
+            if changed:
+                notes.append("float32 math settings differ from training's: " + ", ".join(
+                    f"{k} {recorded[k]!r} then, {now[k]!r} now" for k in changed))
+        elif then_cuda and _tf32(recorded):
+            notes.append(f"training's float32 math on {self.device} allowed TF32 ({_tf32(recorded)}); {dev.type} has "
+                         "none: float32 results are more precise here")
+        elif now_cuda and _tf32(now):
+            notes.append(f"this replay's float32 math on {dev} allows TF32 ({_tf32(now)}); training on "
+                         f"{self.device} had none")
         for device_type, (enabled, dtype) in _recorded_autocast(self.data).items():
             if enabled and device_type != dev.type:
                 notes.append(f"training ran under {device_type} autocast ({dtype}), which does not apply on "
@@ -417,6 +419,15 @@ class Capsule:
         if self.kind == "model":
             return _check_model(self, module, loss_fn, dev, grads)
         return _check_module(self, module, dev, grads)
+
+
+def _tf32(precision: Mapping[str, Any]) -> str:
+    """Which of the float32 math settings allow TF32 on CUDA ("" for none)."""
+    on = [name for key, name in (("cuda_matmul_allow_tf32", "matmul"), ("cudnn_allow_tf32", "cuDNN"))
+          if precision.get(key)]
+    if precision.get("float32_matmul_precision", "highest") != "highest" and "matmul" not in on:
+        on.append(f"float32_matmul_precision {precision['float32_matmul_precision']!r}")
+    return ", ".join(on)
 
 
 def _recorded_autocast(data: Mapping[str, Any]) -> dict:

@@ -59,6 +59,7 @@ import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
 
@@ -539,13 +540,17 @@ def _repro(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.module is not None:
             target = _import_target(args.module)
             module = target if capsule.is_op else target()
-        note = capsule.replay_note(args.device)
-        report = capsule.check(module, device=args.device)
+        if module is None:
+            module = capsule.build()
+        notes = capsule.replay_notes(module, args.device)
+        with warnings.catch_warnings():  # the same notes, written below
+            warnings.filterwarnings("ignore", message="gradwatch capsule replay", category=UserWarning)
+            report = capsule.check(module, device=args.device)
     except (ImportError, AttributeError, ValueError, RuntimeError) as error:
         err.write(f"gradwatch repro: error: {type(error).__name__}: {error}\n")
         return 2
-    if note:
-        err.write(f"gradwatch repro: {note}\n")
+    for note in notes:
+        err.write(f"gradwatch repro: note: {note}\n")
     for line in capsule.missing:
         err.write(f"gradwatch repro: left out of the capsule: {line}\n")
     out.write(str(report) + "\n")
