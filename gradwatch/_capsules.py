@@ -14,6 +14,7 @@ so (:attr:`gradwatch.capsule.Capsule.processes`).
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -69,6 +70,18 @@ class _CapsuleWriter:
         self.total_bytes = 0
         self.seconds = 0.0
         self.broken = False  # a write failed: no more attempts this run
+
+    def named(self, report: Report) -> Report:
+        """``report`` with the capsule of each failing tensor and reference comparison
+        (:attr:`Report.capsules`): its module's (``<module>::<tensor>``) or the whole model's."""
+        if report.ok or not self.written:
+            return report
+        names = {}
+        for name in [t.name for t in report.failures] + [f"{r.name} (reference)" for r in report.reference_failures]:
+            key = name.removesuffix(" (reference)").rsplit("::", 1)[0] if "::" in name else ""
+            if key in self.written:
+                names[name] = self.written[key]
+        return dataclasses.replace(report, capsules=names) if names else report
 
     def wants(self, keys: Any = ("",)) -> bool:
         """Whether a failure of one of ``keys`` (module names, ``""`` the whole model) would be

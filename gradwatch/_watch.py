@@ -223,6 +223,7 @@ class _Watch:
             if guard is not None:
                 guard.abort()  # the other processes raise at their next collective instead of waiting
             raise
+        report = self.capsules.named(report)  # each failing tensor's capsule, for the sinks and on_failure
         self.record(report, sinks=sinks, write=write)
         return report
 

@@ -532,3 +532,55 @@ def test_a_capsule_written_on_cuda_replays_on_cpu_saying_what_differs(bug, tmp_p
     zoo = load_capsule(watch._watch.capsules.written["fc1"])
     assert any("float32 -> float64" in note for note in zoo.replay_notes(BUGS["wrong_sign"](0).model.fc1.double()))
     assert zoo.replay_notes(BUGS["wrong_sign"](0).model.fc1) == ()
+
+
+# ----------------------------------------------------------------------------- naming capsules
+def test_reports_the_dashboard_and_gradwatch_report_name_each_failing_tensors_capsule(tmp_path, capsys):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gradwatch import cli
+
+    case = BUGS["wrong_sign"](0)
+    runs = tmp_path / "runs"
+    watch, _ = _train(case.model, case.loss_fn, [case.batch, BUGS["wrong_sign"](1).batch], capsules=None,
+                      logdir=str(runs))
+    watch.close()
+    directory = runs / "gradwatch" / "capsules"
+    model, fc1 = str(directory / "step-0-model.pt"), str(directory / "step-0-fc1.pt")
+    for step, report in watch.reports:  # step 1 names the capsules of step 0 (the first failure is kept)
+        assert {t.name for t in report.failures} == {"fc1.weight", "fc1::weight"}, str(report)
+        assert dict(report.capsules) == {"fc1.weight": model, "fc1::weight": fc1}, (step, report.capsules)
+        assert f"| `fc1::weight` | `{fc1}` |" in report.capsule_markdown()
+        assert f"capsule of 'fc1::weight': {fc1} (rerun: gradwatch repro {fc1})" in str(report)
+    with pytest.raises(gradwatch.GradientCheckError, match="capsule of 'fc1.weight'"):
+        gradwatch.report._handle(watch.last_report, "raise")
+    # the dashboard: a text per check, under the key the CLI reads
+    acc = EventAccumulator(str(runs), size_guidance={"tensors": 0})
+    acc.Reload()
+    tag = f"gradwatch/{cli._CAPSULES}/text_summary"
+    assert [e.step for e in acc.Tensors(tag)] == [0, 1]
+    # gradwatch report: a line per failing tensor naming its capsule, and "capsule" in --json
+    assert main(["report", str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert f"capsule of 'fc1.weight': {model}\n" in out and f"capsule of 'fc1::weight': {fc1}\n" in out, out
+    assert main(["report", str(runs), "--json"]) == 1
+    tensors = {t["tensor"]: t["capsule"] for t in json.loads(capsys.readouterr().out)["runs"][0]["tensors"]}
+    assert tensors["fc1.weight"] == model and tensors["fc1::weight"] == fc1 and tensors["fc1.bias"] is None
+    # a passing check names none, and writes no capsules text
+    ok = gradwatch.check(BUGS["wrong_sign"](0).model.fc2, lambda m, x: m(x).sum(), torch.randn(3, 16), seed=0)
+    assert ok.ok and ok.capsules == {} and ok.capsule_markdown() == "" and "capsule" not in str(ok)
+
+
+def test_a_failing_reference_comparison_names_its_modules_capsule(tmp_path):
+    from gradwatch._capsules import _CapsuleWriter
+    from gradwatch.report import ReferenceCheck, Report
+
+    report = Report(tensors={}, seed=0, step=3,
+                    references=(ReferenceCheck("attn", "input[0]", "fail", rel_diff=0.5, tolerance=1e-3,
+                                               error_ratio=500.0),))
+    writer = _CapsuleWriter(str(tmp_path))
+    writer.written = {"attn": str(tmp_path / "step-3-attn.pt")}
+    named = writer.named(report)
+    assert dict(named.capsules) == {"attn::input[0] (reference)": str(tmp_path / "step-3-attn.pt")}
