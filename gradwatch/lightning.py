@@ -155,8 +155,11 @@ class GradWatchCallback(_Watched):
             ``<log_dir>/gradwatch/capsules`` under the first logger's directory (its
             ``log_dir``, the ``trainer.log_dir`` of a TensorBoard or CSV logger, else its
             ``save_dir``), resolved in ``setup`` of each fit; none with ``logger=False``; a
-            directory; ``False``: none. Module-local capsules are written for single-process
-            checks only (not under DDP or ``fully_shard``).
+            directory; ``False``: none. Under DDP or ``fully_shard`` rank zero's capsules hold its
+            own batch (or module inputs) and its own gradients, before they are averaged over
+            ranks, so that one process replays like with like (``Capsule.processes`` says so);
+            under DDP that takes a copy of rank zero's gradients on check steps while a capsule
+            may still be written.
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every rank.
