@@ -160,7 +160,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         f.write(fixed)
     print(f"4. the kernel fixed ({FIXED_LINE!r}); pytest {test}")
     after = _pytest(workdir, test)
-    return {"workdir": workdir, "report": report, "capsule": capsule, "repro": repro, "test": test,
+    return {"workdir": workdir, "watch": watch, "report": report, "capsule": capsule, "repro": repro, "test": test,
             "pytest_before_fix": before, "pytest_after_fix": after}
 
 

@@ -67,6 +67,7 @@ class _CapsuleWriter:
         self.directory = directory
         self.max_bytes, self.max_count, self.max_total_bytes = max_bytes, max_count, max_total_bytes
         self.written: dict[str, str] = {}  # module name ("" for the whole model) -> path
+        self.sizes: dict[str, tuple[int, float]] = {}  # module name -> (bytes written, seconds to build and write)
         self.total_bytes = 0
         self.seconds = 0.0
         self.broken = False  # a write failed: no more attempts this run
@@ -111,8 +112,10 @@ class _CapsuleWriter:
                           UserWarning, stacklevel=4)
             return
         finally:
-            self.seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.seconds += seconds
         self.written[key] = path
+        self.sizes[key] = (size, seconds)
         self.total_bytes += size
 
     def whole(self, report: Report, model: nn.Module, batch: Any, grads: Mapping[str, Tensor],

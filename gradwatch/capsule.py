@@ -20,6 +20,13 @@ gradients training produced, which gives the training report's verdicts and numb
 given module's own backward on the recorded inputs, which is what a fix changes.
 ``gradwatch repro CAPSULE`` does the same from the command line.
 
+Under several processes (DDP, FSDP2) rank zero writes the capsule: its own batch (or the
+module's inputs and ``grad_out`` on rank zero) and its own gradients, before they were
+averaged over the processes, so that one process replays like with like (the training's
+verdicts; rank zero's numbers, not the cross-rank means): :attr:`Capsule.processes` says so.
+:meth:`Capsule.replay_notes` says what else differs from training (device, TF32, autocast,
+dtypes); :meth:`Capsule.check` warns with them.
+
 Example:
     >>> import gradwatch, torch, tempfile, os
     >>> lin = torch.nn.Linear(3, 2)
