@@ -687,9 +687,9 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
 
 
 def _replay_rank_zero_capsules(results, directory, namespace: str) -> None:
-    """The capsules of the first failing check under DDP: written by rank 0 alone (the whole model
+    """The capsules of the first failing check under DDP or fully_shard: written by rank 0 alone (the whole model
     and the suspect net.fc1), replayed in this process with the training's verdicts; the gradients
-    they hold are rank 0's own (its backward on its batch gives the same probe values), not DDP's mean."""
+    they hold are rank 0's own (its backward on its batch gives the same probe values), not the mean."""
     from gradwatch.capsule import load_capsule
 
     assert results[1]["bug"]["written"] == {}
@@ -724,6 +724,7 @@ def _probe_values(report) -> dict:
 def test_model_parallel_fsdp2_two_cpu_processes(tmp_path, namespace: str) -> None:
     """ModelParallelStrategy with fully_shard in configure_model: checked like DDP."""
     results = _two_ranks("lightning_fsdp.py", tmp_path / "fsdp", namespace, timeout=240)
+    _replay_rank_zero_capsules(results, tmp_path / "fsdp" / "caps", namespace)
     for rank, res in results.items():
         assert res["correct"]["verdicts"] == ["pass", "pass"] and all(res["correct"]["reliable"]), (rank, res)
         assert res["bug"]["failing"] == [["net.fc1.weight"], ["net.fc1.weight"]], (rank, res["bug"]["reports"])
