@@ -6,8 +6,9 @@ The walk-through of the README's "Debug a failure", end to end, in a work direct
    ``autograd.Function`` computes ``scale * tanh(x)`` with a hand-written backward that has a
    planted bug (``1 - t`` where ``1 - t * t`` belongs).
 2. Training with ``GradWatch`` catches it: the whole-model check names the layer before it
-   (``0.weight``, ``0.bias``: their gradients flow through the bug) and the module-local check of the layer (a suspect: it runs custom backward code)
-   names its input gradient ``1::input[0]``. The failing check writes capsules next to the logs,
+   (``0.weight``, ``0.bias``: their gradients flow through the bug) and the module-local check
+   of the layer (a suspect: it runs custom backward code) names its input gradient
+   ``1::input[0]``. The failing check writes capsules next to the logs,
    ``runs/gradwatch/capsules/step-0-1.pt`` for the layer.
 3. ``gradwatch repro CAPSULE`` reruns that check offline: the same report, exit status 1.
 4. ``gradwatch repro CAPSULE --pytest`` writes a test that loads the capsule into a fresh
@@ -123,7 +124,8 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     from gradwatch import cli
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--workdir", default=None, help="where the kernel, the logs and the test go (default: a new temp dir)")
+    parser.add_argument("--workdir", default=None,
+                        help="where the kernel, the logs and the test go (default: a new temp dir)")
     parser.add_argument("--steps", type=int, default=2, help="training steps (each one checked)")
     args = parser.parse_args(argv)
     workdir = os.path.abspath(args.workdir or tempfile.mkdtemp(prefix="gradwatch-debug-"))

@@ -130,8 +130,8 @@ class _CapsuleWriter:
         def build(budget: int) -> dict:
             data = _model_capsule(
                 model, step=report.step, seed=seed, options=options, batch=batch,
-                grads=grads if own is None else own.unscaled(), replay=replay, train_loss=train_loss, names=names, loss_factor=loss_factor, max_bytes=budget,
-                processes=processes)
+                grads=grads if own is None else own.unscaled(), replay=replay, train_loss=train_loss, names=names,
+                loss_factor=loss_factor, max_bytes=budget, processes=processes)
             if own is not None and own.grads is None:
                 data.pop("grads", None)
                 data["missing"].append("grads: only their mean over processes was recorded, not this process's "
@@ -142,9 +142,10 @@ class _CapsuleWriter:
 
     def local(self, step: int, records: Mapping[str, Any], reports: list[Report], options: ProbeOptions,
               own: Mapping[str, tuple] | None = None) -> None:
-        """After the module-local checks (``reports`` in ``records`` order, each with the seed its check used): a capsule per
-        failing module (a failing tensor or a failing reference comparison). ``own``: under several
-        processes, each record's own ``(param_grads, grad_inputs)`` (:func:`_own_records`)."""
+        """After the module-local checks (``reports`` in ``records`` order, each with the seed its
+        check used): a capsule per failing module (a failing tensor or a failing reference
+        comparison). ``own``: under several processes, each record's own ``(param_grads,
+        grad_inputs)`` (:func:`_own_records`)."""
         processes = None if own is None else _processes(*_rank_and_world())
         for (name, record), report in zip(records.items(), reports):
             if report.ok or not self._open(name):

@@ -8,7 +8,8 @@ worst relative error and worst error/tolerance with their steps, and the kink cr
 (sum of ``<prefix>/kinks/<param>``), the tensors with the largest error/tolerance at the
 run's last check (``<prefix>/worst/<k>``, named by the ``error_ratio`` of that step), then
 the run's checks and failing checks, and the capsule of each failing tensor (``gradwatch repro``
-reruns it; read from the ``<prefix>/capsules`` text the TensorBoard sink writes); ``--top N`` keeps the table to the N tensors with the
+reruns it; read from the ``<prefix>/capsules`` text the TensorBoard sink writes); ``--top N`` keeps the
+table to the N tensors with the
 largest worst error/tolerance (failing tensors always shown), for models with hundreds of
 tensors. Module-local tensors (``<module>::<tensor>``) have rows like any tensor; comparisons
 with a registered reference have a row ``<module>::<quantity> (reference)`` (``rel_error``
@@ -81,7 +82,7 @@ _WORST = "worst"  # <prefix>/worst/<k>: error_ratio of the k-th worst tensor
 # module-local comparisons with a registered reference: <prefix>/<kind>/<module>::<quantity>, and a count per check
 _REF_FAILED, _REF_REL_DIFF, _REF_ERROR_RATIO = "reference_failed", "reference_rel_diff", "reference_error_ratio"
 _REF_FAILURES = "reference_failures"
-_CAPSULES = "capsules"  # <prefix>/capsules: a markdown text naming each failing tensor's capsule (Report.capsule_markdown)
+_CAPSULES = "capsules"  # <prefix>/capsules: a text naming each failing tensor's capsule (Report.capsule_markdown)
 _WORST_SHOWN = 5  # ranks on the table's "worst at the last check" line (--json has all)
 
 _PLOT_MISSING = "`--plot` needs matplotlib: pip install 'gradwatch[plot]'"
@@ -234,7 +235,8 @@ def summarize(logdir: str | os.PathLike[str], *, prefix: str = "gradwatch") -> l
     from tensorboard.backend.event_processing import event_accumulator, io_wrapper
 
     # 0 = keep every point of that kind; the other kinds are not read
-    guidance = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0,  # tensors: the texts (capsules) event_accumulator.HISTOGRAMS: 1,
+    # (tensors: the texts, every one kept for the capsules; histograms, images, audio: not read)
+    guidance = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0, event_accumulator.HISTOGRAMS: 1,
                 event_accumulator.COMPRESSED_HISTOGRAMS: 1, event_accumulator.IMAGES: 1, event_accumulator.AUDIO: 1}
     runs, other_prefixes, event_dirs = [], set(), 0
     for path in sorted(io_wrapper.GetLogdirSubdirectories(logdir)):

@@ -207,8 +207,9 @@ def test_capsules_are_written_by_rank_zero_and_replay_in_one_process(tmp_path) -
                 recorded, mine = _probe_values(replayed), _probe_values(own)
                 common = sorted(set(recorded) & set(mine), key=str)
                 assert len(common) >= 4, (recorded, mine)
-                assert torch.allclose(torch.tensor([recorded[k] for k in common]), torch.tensor([mine[k] for k in common]),
-                                      rtol=1e-4, atol=1e-7), [(k, recorded[k], mine[k]) for k in common]
+                assert torch.allclose(torch.tensor([recorded[k] for k in common]),
+                                      torch.tensor([mine[k] for k in common]), rtol=1e-4, atol=1e-7), \
+                    [(k, recorded[k], mine[k]) for k in common]
         finally:
             BUG["mode"] = None
 
