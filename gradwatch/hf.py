@@ -138,7 +138,8 @@ class GradWatchTrainerCallback(_Watched):
             ``args.logging_dir`` (transformers 4), else the directory of the Trainer's
             TensorBoard callback (transformers 5: ``report_to="tensorboard"``,
             ``TENSORBOARD_LOGGING_DIR``); none without one. A directory; ``False``: none.
-            Module-local capsules are written for single-process checks only. A whole-model
+            With several processes the main process's capsules hold its own micro-batch (or
+            module inputs) and its own gradients, before they are averaged. A whole-model
             capsule is replayed with the loss the check used (``loss_fn``, or the model's own
             ``outputs.loss``): ``capsule.check(model, loss_fn)``.
 

@@ -311,6 +311,21 @@ def test_two_processes_agree_and_only_the_main_one_logs(tmp_path) -> None:
     # the same probes on the cross-process means: identical numbers, and rank zero's seed
     for key in ("correct", "bug"):
         assert results[0][key] == results[1][key]
+    # capsules: rank 0 alone wrote them (its own micro-batch and gradients, the Trainer's factor), and
+    # they replay in this process with the training's verdicts, from the plain loss
+    assert results[1]["capsules"]["written"] == {}
+    written = results[0]["capsules"]["written"]
+    assert set(written) == {"", BUGGY_LOCAL.split("::")[0]}, written
+    training = results[0]["capsules"]["tensors"][0]
+    for path in written.values():
+        capsule = gradwatch.load_capsule(path)
+        assert capsule.missing == () and (capsule.processes["rank"], capsule.processes["world_size"]) == (0, 2)
+        fresh = gpt2(bug=True)
+        with pytest.warns(UserWarning, match="written by process 0 of 2"):
+            replayed = (capsule.check(fresh, causal_lm_loss) if capsule.kind == "model"
+                        else capsule.check(dict(fresh.named_modules())[capsule.name]))
+        assert not replayed.ok and replayed.reliable, str(replayed)
+        assert {n: t.verdict for n, t in replayed.tensors.items()} == {n: training[n] for n in replayed.tensors}
     assert len(results[0]["lines"]) == 3 and results[1]["lines"] == []  # 2 bug checks + the raise, rank zero only
 
 
