@@ -16,8 +16,8 @@ rounding noise. :data:`_DIRECTIONS` such lines give the measured loss noise ``σ
 ``ε = σ/|L|`` the probes take the base step ``ε^(1/3)`` (float64's 6e-6 at least) and the
 error bars use ``σ`` as their floor.
 
-It costs ``4·_DIRECTIONS`` evaluations and one host transfer per check (before the probes,
-whose step it sets), and holds no tensor-sized copy: each parameter is moved in place on
+It costs 4 evaluations and one host transfer per check (before the probes, whose step it
+sets), 12 and one more where the evaluation is below float64, and holds no tensor-sized copy: each parameter is moved in place on
 the float64 copy, a chunk at a time, and restored by copying the parameter back.
 """
 
@@ -40,11 +40,13 @@ __all__: list[str] = []
 #: Relative move of every parameter: ``2^-21`` ≈ 4.8e-7, about 4–8 float32 units in the last
 #: place (every float32 rounding inside the forward is redone) and ~2e9 float64 ones.
 _RELATIVE = 2.0**-21
-#: Lines measured (each a fourth difference: one sample of the noise). One: the measured
-#: precision is told apart by orders of magnitude (float64 ~1e-16, float32 inside ~1e-9 of
-#: ``|L|``), the step goes as its cube root, and the error bars also take the noise the
-#: probes' own fourth differences measure.
+#: Lines measured (each a fourth difference: one sample of the noise). One tells the
+#: precision apart (float64 ~1e-16 of ``|L|``, float32 inside ~1e-9: orders of magnitude);
+#: where it finds the evaluation below float64, :data:`_MORE_DIRECTIONS` more make the
+#: noise the error bars take a mean of several samples (one sample of a normal variable is
+#: below half its scale 38% of the time, the mean square of four 9%).
 _DIRECTIONS = 1
+_MORE_DIRECTIONS = 3
 #: Noise of the fourth difference in units of the loss noise.
 _FOURTH = math.sqrt(70.0)
 #: Below this relative noise the evaluation is float64 (a few hundred float64 units: sums of
@@ -69,8 +71,25 @@ def _measure_noise(ev: _Evaluation, keys: list[str], seed: int, reduce: Callable
     if loss0 is None:
         loss0, _ = ev(ev.shadow, record=False)
     base = loss0.detach().to(torch.float64)
+    f, loss = _fourths(ev, keys, seed, reduce, base, range(_DIRECTIONS))
+    if all(math.isfinite(x) for x in f) and _relative(_rms(f), loss) > _FLOAT64:  # below float64: more samples
+        f += _fourths(ev, keys, seed, reduce, base, range(_DIRECTIONS, _DIRECTIONS + _MORE_DIRECTIONS))[0]
+    if not all(math.isfinite(x) for x in f):
+        return math.inf, loss
+    return _rms(f), loss
+
+
+def _rms(fourths: list[float]) -> float:
+    """The loss noise that fourth differences measured: their RMS over ``√70``."""
+    return math.sqrt(sum(x * x for x in fourths) / len(fourths)) / _FOURTH
+
+
+def _fourths(ev: _Evaluation, keys: list[str], seed: int, reduce: Callable[[Tensor], Tensor] | None, base: Tensor,
+             lines: range) -> tuple[list[float], float]:
+    """The fourth differences of the loss along each of ``lines`` (host values, one transfer)
+    and ``|L(θ)|``."""
     fourths = []
-    for d in range(_DIRECTIONS):
+    for d in lines:
         losses = {}
         for s in (1.0, -1.0, 2.0, -2.0):
             with ev.moved((key, _mover(s, (seed * 1000003 + 7919 * d + i) % 2**62))
@@ -82,10 +101,7 @@ def _measure_noise(ev: _Evaluation, keys: list[str], seed: int, reduce: Callable
     i_f = host.extend(torch.stack(fourths).abs())
     i_l = host.add(base.abs())
     values = host.fetch()
-    f = [values[i] for i in i_f]
-    if not all(math.isfinite(x) for x in f):
-        return math.inf, values[i_l]
-    return math.sqrt(sum(x * x for x in f) / len(f)) / _FOURTH, values[i_l]
+    return [values[i] for i in i_f], values[i_l]
 
 
 def _mover(s: float, seed: int) -> Callable[[Tensor], None]:
