@@ -22,6 +22,7 @@ from gradwatch.local import check_module, register_reference
 from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import (
+    RESOLVING_BOUND,
     GradientCheckError,
     GradientCheckWarning,
     KinkEvent,
@@ -39,6 +40,7 @@ from gradwatch.sinks import KinkWarnings, LoggingSink, TensorBoardSink
 from gradwatch.testing import assert_gradients
 
 __all__ = [
+    "RESOLVING_BOUND",
     "Capsule",
     "GradWatch",
     "GradWatchCallback",

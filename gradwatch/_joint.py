@@ -50,7 +50,7 @@ from torch import Tensor
 
 from gradwatch import _sizes
 from gradwatch._evaluation import _Evaluation, _HostValues
-from gradwatch._judging import _Judge, _KinkRow, _loss_noise, _nonfinite, _ratio, _summary
+from gradwatch._judging import _Judge, _KinkRow, _loss_noise, _nonfinite, _ratio, _summary, _unresolved, _unresolved_note
 from gradwatch._locating import _locate
 from gradwatch._probing import _CheckContext, _chunked_terms, _direction, _direction_chunks, _Excluded, _probe
 from gradwatch.kinks import _ProbeKinks
@@ -476,6 +476,11 @@ def _joint_verdicts(
             if name not in unverified:
                 out[name] = dataclasses.replace(out[name], probes=out[name].probes + (confirm,))
             return probes, out
+        if out[name].reference_broken and not (confirm.grad_error > confirm.grad_tolerance):
+            # the joint probe failed on the float64 path that tensor's own probes found broken; the
+            # training gradient agrees with the central differences along it too
+            out[name] = dataclasses.replace(out[name], probes=out[name].probes + (confirm,))
+            return probes, out
         tc = _named(out[name], worst, confirm)
         if tc.located is None:
             located = _locate(ctx.at_step(small), judge, tc, grads[name], refs.get(name))
@@ -494,13 +499,18 @@ def _joint_verdicts(
         ratio = _ratio(p.error, p.tolerance)
         compared = p.reference if p.reference is not None else p.autograd
         denom = abs(p.numerical) + abs(compared)
+        best = min((q for _, q in judged), key=lambda q: q.resolving_power)
+        unresolved = _unresolved(best)
         for n in unverified:
             gap = out[n].gap_ratio
             out[n] = dataclasses.replace(
-                out[n], verdict="pass", rel_error=_ratio(abs(p.numerical - p.autograd), denom),
+                out[n], verdict="inconclusive" if unresolved else "pass",
+                rel_error=_ratio(abs(p.numerical - p.autograd), denom),
                 error_bar=_ratio(p.error_bar, denom),
                 error_ratio=max(ratio, gap) if not math.isnan(gap) else ratio,
-                reason=f"verified jointly: the joint probe over {len(covered)} tensors passed (Report.joint)",
+                resolving_power=best.resolving_power,
+                reason=(_unresolved_note(best) + " (the joint probe over every tensor)") if unresolved else
+                f"verified jointly: the joint probe over {len(covered)} tensors passed (Report.joint)",
             )
     return probes, out
 

@@ -20,7 +20,7 @@ from gradwatch import _sizes
 from gradwatch._evaluation import _dtype_name, _HostValues, _native_gradients
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.replay import ReplayState
-from gradwatch.report import KinkEvent, Probe, TensorCheck
+from gradwatch.report import RESOLVING_BOUND, KinkEvent, Probe, TensorCheck
 
 if TYPE_CHECKING:
     from gradwatch._evaluation import _Evaluation
@@ -41,6 +41,10 @@ _BELOW_FLOAT32 = ("tf32", "float16", "bfloat16")
 #: Code-test tolerance against the float64 reference, relative and absolute (× the
 #: tensor's own reference RMS, so a tensor with small gradients is judged at its scale).
 _REF_RTOL = 1e-6
+#: The same, by the precision the float64 evaluation was measured to compute in
+#: (:mod:`gradwatch._precision`): a kernel that computes in float32 inside has a float32
+#: backward too, so its reference gradient is only that accurate.
+_MEASURED_REF_RTOL = {"float64": _REF_RTOL, "~float32": RTOL["float32"], "below float32": RTOL["tf32"]}
 #: Code-test absolute floor as a fraction of the whole model's reference RMS ``G_ref``:
 #: far above float64 rounding of a gradient that is truly 0, far below any real gradient.
 _REF_GLOBAL = 1e-9
@@ -65,6 +69,15 @@ _SPREAD_LOSS_MULT = 8.0
 _SPREAD_LOSS_CAP = 1e-3
 #: Absolute tolerance as a fraction of ``rtol`` times the gradient RMS.
 _ATOL_RATIO = 0.5
+#: Without a precision test (the smallest check), the training gradient is still compared
+#: with the central differences: above its precision's tolerance and this fraction of the
+#: derivative, it fails (a hook or an edited ``.grad``: a factor of 2 is a gross error).
+_COARSE_RTOL = 1e-2
+#: Resolving power: a derivative is taken to be at least this multiple of the gradient dtype's
+#: rounding of ``|L|`` (:data:`_NOISE_ULPS`): a gradient that is 0 at that rounding (a bias
+#: before BatchNorm, a model whose loss does not depend on a tensor) has no relative error to
+#: resolve; it is judged against that absolute floor.
+_ZERO_FLOOR = 100.0
 #: Multiple of the numerical error bar added to the tolerance.
 _ERROR_BAR_MULT = 3.0
 #: Smallest loss rounding assumed, in units of the evaluation dtype's eps × |L|.
@@ -290,6 +303,18 @@ def _loss_noise(rows: Mapping[str, list], values: list[float], ev: _Evaluation, 
     return max(measured, floor)
 
 
+def _tensor_noise(rows: Mapping[str, list], values: list[float]) -> dict[str, float]:
+    """Per tensor, the loss noise its own probes' fourth differences measured (kinked probes
+    left out; see :func:`_loss_noise`), where it has any."""
+    out = {}
+    for name, probes in rows.items():
+        fourth = [values[idx["fourth"]] for _, _, idx in probes if "fourth" in idx and not values[idx["kink"]]]
+        fourth = [f for f in fourth if math.isfinite(f)]
+        if fourth:
+            out[name] = math.sqrt(sum(f * f for f in fourth) / len(fourth)) / _FOURTH_DIFF_NOISE
+    return out
+
+
 @dataclasses.dataclass
 class _Spread:
     """Host indices of what :func:`_measure_spread` measured (see :func:`_Judge.tensor`)."""
@@ -458,7 +483,8 @@ class _Judge:
     def __init__(
         self, *, values: list[float], noise: float, precision: str, eps: float = 0.0, native: bool,
         loss: float = 0.0, scale: float, ref_scale: float | None, gaps: Mapping[str, Mapping[str, int]] | None = None,
-        spread: _Spread | None = None,
+        spread: _Spread | None = None, coarse: bool = False, tensor_noise: Mapping[str, float] | None = None,
+        measured: str = "float64",
     ) -> None:
         """``values``: the check's fetched values; ``noise``: the loss noise (:func:`_loss_noise`);
         ``precision``: the precision the gradient was computed in (its tolerance :data:`RTOL`;
@@ -468,20 +494,30 @@ class _Judge:
         ``native``: the losses were evaluated natively; ``scale`` and ``ref_scale``: the RMS of
         the model's gradient and of its float64 reference (None: no reference); ``gaps``:
         :func:`_gap` per tensor (their reference RMS sets each tensor's own code-test floor);
-        ``spread``: :func:`_measure_spread`."""
+        ``spread``: :func:`_measure_spread`; ``coarse``: no precision test ran (the
+        smallest check), so the gradient's gap from the reference is judged against
+        :data:`_COARSE_RTOL` of it (a hook or an edited ``.grad``); ``tensor_noise``: the
+        loss noise each tensor's own probes measured (:func:`_tensor_noise`): a tensor
+        upstream of a kernel that rounds sees more than the check's pooled ``noise``, and its
+        probes take the larger; ``measured``: the precision the float64 evaluation was
+        measured to compute in (its reference is that accurate: :data:`_MEASURED_REF_RTOL`)."""
         rtol = RTOL[precision]
         self.values = values
         self.noise = noise
+        self.tensor_noise = tensor_noise or {}
+        self.ref_rtol = _MEASURED_REF_RTOL[measured]
         self.rtol = rtol
         loss_floor = _NOISE_ULPS * eps * abs(loss) if math.isfinite(loss) else 0.0
         self.loss_floor = loss_floor
         self.atol = max(_ATOL_RATIO * rtol * scale, loss_floor)
         self.ref_atol = _REF_GLOBAL * ref_scale if ref_scale is not None else None
         self.ref_scale = ref_scale
+        self.scale = ref_scale if ref_scale is not None else scale  # the model's gradient RMS, G
         self.native = native
         self.eps = eps
         self.gaps = gaps or {}
         self.spread = spread
+        self.coarse = coarse
         self.low = precision in _BELOW_FLOAT32
         self.branch_note = _branch_note(spread, values)
         self._name: str | None = None  # the tensor last judged (its floor, for a later probe)
@@ -493,7 +529,7 @@ class _Judge:
             return None
         gap = self.gaps.get(name if name is not None else self._name)
         own = self.values[gap["ref_rms"]] if gap is not None and "ref_rms" in gap else self.ref_scale
-        return _REF_RTOL * own + self.ref_atol
+        return self.ref_rtol * own + self.ref_atol
 
     def probe(
         self, kind: str, value: int, idx: Mapping[str, int], shape: tuple[int, ...], *, gap: bool = True,
@@ -506,15 +542,26 @@ class _Judge:
         v = {k: values[i] for k, i in idx.items()}
         n1, n2, h = v["n1"], v["n2"], v["h"]
         numerical = (4 * n1 - n2) / 3 if self.native else n1
-        rounding = self.noise * (0.95 if self.native else math.sqrt(0.5)) / h if h > 0 else math.inf
+        noise = max(self.noise, self.tensor_noise.get(name if name is not None else self._name, 0.0))
+        rounding = noise * (0.95 if self.native else math.sqrt(0.5)) / h if h > 0 else math.inf
         error_bar = abs(n1 - n2) / 3.0 + rounding
         a, a_ref = v["a"], v.get("a_ref")
+        grad_tolerance = _ERROR_BAR_MULT * error_bar + self.rtol * v["rss"] + self.atol * v["vnorm"]
+        grad_error = math.nan
         if a_ref is not None and gap:  # the code test: against the float64 reference
             error = abs(numerical - a_ref)
-            tolerance = _ERROR_BAR_MULT * error_bar + _REF_RTOL * v["rss_ref"] + self._ref_atol(name) * v["vnorm"]
+            tolerance = (_ERROR_BAR_MULT * error_bar + self.ref_rtol * v["rss_ref"]
+                         + self._ref_atol(name) * v["vnorm"])
+            grad_error = abs(numerical - a)  # and the gradient training used
+            compared = a_ref
         else:
             error = abs(numerical - a)
-            tolerance = _ERROR_BAR_MULT * error_bar + self.rtol * v["rss"] + self.atol * v["vnorm"]
+            tolerance = grad_tolerance
+            compared = a
+        # the derivative's size: at least the model's gradient RMS along v, and at least
+        # _ZERO_FLOOR times the gradient dtype's rounding of |L| (a gradient that is 0 at the loss's
+        # rounding is judged absolutely, against that floor)
+        size = max(abs(numerical), abs(compared), self.scale * v["vnorm"], _ZERO_FLOOR * self.loss_floor * v["vnorm"])
         return Probe(
             kind=kind,
             index=tuple(int(i) for i in np.unravel_index(value, shape)) if kind == "coordinate" else None,
@@ -528,6 +575,9 @@ class _Judge:
             kink=bool(v["kink"]),
             reference=a_ref,
             flat=bool(v.get("flat", 0.0)),
+            grad_error=grad_error,
+            grad_tolerance=grad_tolerance if a_ref is not None and gap else math.nan,
+            resolving_power=_ratio(tolerance, size),
         )
 
     def tensor(
@@ -562,9 +612,17 @@ class _Judge:
                 "gap_index": tuple(int(i) for i in np.unravel_index(int(values[gap["worst"]]), shape)),
             }
         judged = [p for p in probes if not p.kink and not p.flat]
-        ratios += [_ratio(p.error, p.tolerance) for p in judged]
-        gap_fails = self.branch_note is None and gap_fields.get("gap_ratio", 0.0) > 1.0
-        failed = any(p.failed for p in judged) or gap_fails
+        broken = _reference_broken(judged)
+        if broken:  # the training gradient is what the central differences confirm
+            ratios = [_ratio(p.grad_error, p.grad_tolerance) for p in judged]
+        else:
+            ratios += [_ratio(p.error, p.tolerance) for p in judged]
+        gap_fails = self.branch_note is None and gap_fields.get("gap_ratio", 0.0) > 1.0 and not broken
+        failed = any(p.failed for p in judged) and not broken or gap_fails
+        if gap is None and not broken:  # no precision test: a gross edit of the training gradient
+            coarse = [p for p in judged if _coarse_fail(p)]
+            failed = failed or bool(coarse)
+            ratios += [_ratio(p.grad_error, max(p.grad_tolerance, _COARSE_RTOL * abs(p.numerical))) for p in coarse]
         flat = sum(p.flat for p in probes)
         if not judged and not failed and flat:
             return TensorCheck(name, shape, "skipped", probes=probes, reason=_FLAT + " (every probe)", **gap_fields)
@@ -572,11 +630,18 @@ class _Judge:
             return TensorCheck(name, shape, "kink", probes=probes,
                                reason="every probe crossed a kink of a non-smooth op", **gap_fields)
         notes = [self.branch_note] if gap is not None and self.branch_note else []
+        notes += [_broken_note(judged)] if broken else []
         notes += [f"{_FLAT} ({flat} of {len(probes)} probes)"] if flat else []
+        best = min(judged, key=lambda p: p.resolving_power, default=None)
+        power = best.resolving_power if best is not None else math.nan
+        verdict = "fail" if failed else "pass"
+        if not failed and best is not None and _unresolved(best):
+            verdict = "inconclusive"
+            notes.insert(0, _unresolved_note(best))
         note = "; ".join(notes) or None
-        return TensorCheck(name, shape, "fail" if failed else "pass", **_summary(judged),
+        return TensorCheck(name, shape, verdict, **_summary(judged),
                            error_ratio=float(max(ratios, default=math.nan)), probes=probes, reason=note,
-                           **gap_fields)
+                           resolving_power=power, reference_broken=broken, **gap_fields)
 
     def _gap_limit(self, name: str, ref_norm: float, numel: int) -> float:
         """The precision test's limit for ``‖g - g_ref‖``.
@@ -591,11 +656,62 @@ class _Judge:
         gradient is 0 or rounding noise, where no tensor sets a scale."""
         sqrt_n = math.sqrt(numel)
         loss_floor = self.loss_floor * sqrt_n  # holds when every gradient is 0 or rounding noise
+        if self.coarse:  # no precision test: gross edits only
+            return (max(_COARSE_RTOL, self.rtol) * ref_norm
+                    + max(_ATOL_RATIO * self.rtol * self.ref_scale * sqrt_n, loss_floor))
         if self.spread is None or name not in self.spread.grads:
             return self.rtol * ref_norm + max(_ATOL_RATIO * self.rtol * self.ref_scale * sqrt_n, loss_floor)
         measured = (_SPREAD_MULT + _SPREAD_SMALL / sqrt_n) * self.values[self.spread.grads[name]]
         floor = (_ATOL_RATIO * self.rtol if self.low else self.eps) * self.ref_scale * sqrt_n
         return max(self.rtol * ref_norm, measured) + max(floor, loss_floor)
+
+
+def _coarse_fail(p: Probe) -> bool:
+    """The training gradient disagrees with the central differences grossly (see :data:`_COARSE_RTOL`)."""
+    return math.isfinite(p.grad_error) and p.grad_error > max(p.grad_tolerance, _COARSE_RTOL * abs(p.numerical))
+
+
+def _reference_broken(judged: list[Probe]) -> bool:
+    """The float64 reference, not the training gradient, disagrees with the central
+    differences: some probe fails the code test, every probe's training gradient agrees
+    with the central differences within its precision, and where the code test fails the
+    reference differs from the training gradient beyond that precision too (a real bug in
+    the backward is in both, so they agree)."""
+    failing = [p for p in judged if p.failed]
+    if not failing or not all(math.isfinite(p.grad_error) for p in judged):
+        return False
+    return (all(p.grad_error <= p.grad_tolerance for p in judged)
+            and all(abs(p.autograd - p.reference) > p.grad_tolerance for p in failing))
+
+
+def _broken_note(judged: list[Probe]) -> str:
+    """Why a tensor whose reference is broken passes, naming the worst disagreement."""
+    worst = max((p for p in judged if p.failed), key=lambda p: _ratio(p.error, p.tolerance))
+    return (
+        f"the float64 path is broken, not the training gradient: at {worst.where} autograd's gradient of the "
+        f"float64 copy is {worst.reference:.3g} where the central differences give {worst.numerical:.3g} and the "
+        f"training gradient {worst.autograd:.3g} (which they verify); a kernel that is wrong only in float64 "
+        "(training does not use it)"
+    )
+
+
+def _unresolved(best: Probe) -> bool:
+    """Whether the probe that resolves a tensor best (smallest :attr:`Probe.resolving_power`)
+    still could not have failed an error of :data:`RESOLVING_BOUND`: the check's own noise, or
+    the tolerance of a low training precision (bfloat16's 0.2 without a float64 reference), kept
+    it from seeing an error of that size."""
+    return best.resolving_power > RESOLVING_BOUND
+
+
+def _unresolved_note(best: Probe) -> str:
+    """Why a tensor with no failure is inconclusive, and what resolves it."""
+    return (
+        f"inconclusive: this check could not have failed a gradient error below {best.resolving_power:.2g} "
+        f"(bound {RESOLVING_BOUND:g}; numerical error bar {best.error_bar:.2g} on a derivative of "
+        f"{abs(best.numerical):.2g}): the loss evaluation is too coarse for this tensor; give the kernel a float64 "
+        "path, register a reference (gradwatch.register_reference) or check the module locally "
+        "(gradwatch.check_module)"
+    )
 
 
 _FLAT = (

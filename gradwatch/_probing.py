@@ -26,7 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from gradwatch import _sizes
-from gradwatch._evaluation import _Evaluation, _HostValues
+from gradwatch._evaluation import DEFAULT_STEP, _Evaluation, _HostValues
 from gradwatch._judging import _NOISE_ULPS, _KinkRow, _nonfinite
 from gradwatch.kinks import _ProbeKinks, _Reference
 
@@ -301,8 +301,24 @@ def _chunked_terms(g: Tensor, chunks: Iterator[tuple[int, int, Tensor]]) -> tupl
 
 
 def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | None) -> Tensor:
-    """``h`` of a direction probe: ``base_step · max(1, RMS of θ)``, over the eligible elements
-    (a chunk at a time for a large tensor: no temporary of its size)."""
+    """``h`` of a direction probe: ``base_step`` times the tensor's magnitude (:func:`_magnitude`)."""
+    return base_step * _magnitude(_rms(theta64, excluded), base_step)
+
+
+def _magnitude(rms: Tensor, base_step: float) -> Tensor:
+    """The scale of a tensor's steps: at float64's step (``DEFAULT_STEP`` and below),
+    ``max(1, RMS of θ)``, which such a step leaves far below any magnitude that matters; at
+    a larger step (native precision, or a float64 evaluation measured to compute in float32
+    inside) the RMS itself (1 for an all-zero tensor), so a tensor of small values is not
+    moved by more than it holds."""
+    if base_step <= DEFAULT_STEP:
+        return torch.clamp(rms, min=1.0)
+    return torch.where(rms > 0, rms, torch.ones_like(rms))
+
+
+def _rms(theta64: Tensor, excluded: _Excluded | None) -> Tensor:
+    """RMS of ``θ`` over its eligible elements (a chunk at a time for a large tensor: no
+    temporary of its size)."""
     eligible = theta64.numel() if excluded is None else max(theta64.numel() - excluded.count, 1)
     if theta64.numel() > _sizes.CHUNK and theta64.is_contiguous():
         flat, total = theta64.reshape(-1), None
@@ -311,11 +327,10 @@ def _direction_step(theta64: Tensor, base_step: float, excluded: _Excluded | Non
             c = flat[lo:hi] if mask is None else torch.where(mask[lo:hi], flat[lo:hi], 0.0)
             part = c.to(torch.float64).pow(2).sum()
             total = part if total is None else total + part
-        return base_step * torch.clamp((total / eligible).sqrt(), min=1.0)
+        return (total / eligible).sqrt()
     if excluded is None:
-        return base_step * torch.clamp(theta64.pow(2).mean().sqrt(), min=1.0)
-    rms = (torch.where(excluded.mask, theta64, 0.0).pow(2).sum() / eligible).sqrt()
-    return base_step * torch.clamp(rms, min=1.0)
+        return theta64.to(torch.float64).pow(2).mean().sqrt()
+    return (torch.where(excluded.mask, theta64, 0.0).to(torch.float64).pow(2).sum() / eligible).sqrt()
 
 
 def _ref_terms(g_ref: Tensor, spec: tuple[str, int], mask: Tensor | None) -> tuple[Tensor, Tensor]:
@@ -408,7 +423,10 @@ class _Line:
         if self.coordinate:
             self.index = value
             self.orig = theta.reshape(-1)[value].to(torch.float64)
-            self.h = base_step * torch.clamp(self.orig.abs(), min=1.0)
+            if base_step <= DEFAULT_STEP:  # float64's step: max(1, |θ_i|)
+                self.h = base_step * torch.clamp(self.orig.abs(), min=1.0)
+            else:  # a larger step: the element's or the tensor's magnitude (see _magnitude)
+                self.h = base_step * torch.maximum(self.orig.abs(), _magnitude(_rms(theta, excluded), base_step))
         else:
             self.v, self.seed = value, seed
             self.theta64 = theta.to(torch.float64)  # no copy in float64 evaluation

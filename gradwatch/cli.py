@@ -78,6 +78,7 @@ __all__ = ["RunSummary", "TensorSummary", "main", "summarize"]
 _FAILURES = "failures"  # <prefix>/failures: one point per check
 _FAIL_THRESHOLD = "fail_threshold"
 _FAILED, _REL_ERROR, _ERROR_RATIO, _KINKS = "failed", "rel_error", "error_ratio", "kinks"  # <prefix>/<kind>/<param>
+_INCONCLUSIVE, _RESOLVING = "inconclusive", "resolving_power"  # <prefix>/<kind>/<param>
 _WORST = "worst"  # <prefix>/worst/<k>: error_ratio of the k-th worst tensor
 # module-local comparisons with a registered reference: <prefix>/<kind>/<module>::<quantity>, and a count per check
 _REF_FAILED, _REF_REL_DIFF, _REF_ERROR_RATIO = "reference_failed", "reference_rel_diff", "reference_error_ratio"
@@ -103,6 +104,10 @@ class TensorSummary:
         error_ratio: ``(step, error / tolerance)`` points; above the run's
             ``fail_threshold`` the tensor failed.
         kinks: Probes that crossed a kink, summed over the checks.
+        inconclusive_steps: Steps at which its verdict was "inconclusive" (the check
+            could not have failed an error of ``gradwatch.RESOLVING_BOUND``).
+        resolving_power: ``(step, resolving power)`` points: the smallest relative
+            gradient error each check would have failed.
         capsule: The capsule file the last check naming one gave this tensor (``gradwatch
             repro CAPSULE`` reruns it), or None.
     """
@@ -113,7 +118,14 @@ class TensorSummary:
     rel_error: _Series
     error_ratio: _Series
     kinks: int
+    inconclusive_steps: tuple[int, ...] = ()
+    resolving_power: _Series = ()
     capsule: str | None = None
+
+    @property
+    def worst_resolving_power(self) -> tuple[int, float] | None:
+        """``(step, value)`` of the coarsest check (largest resolving power), None if never judged."""
+        return max(self.resolving_power, key=lambda p: p[1], default=None)
 
     @property
     def first_failing_step(self) -> int | None:
@@ -137,6 +149,8 @@ class TensorSummary:
             "checks": self.checks,
             "failing_checks": len(self.failing_steps),
             "first_failing_step": self.first_failing_step,
+            "inconclusive_checks": len(self.inconclusive_steps),
+            "worst_resolving_power": None if self.worst_resolving_power is None else self.worst_resolving_power[1],
             "worst_rel_error": None if rel is None else rel[1],
             "worst_rel_error_step": None if rel is None else rel[0],
             "worst_error_ratio": None if ratio is None else ratio[1],
@@ -284,6 +298,8 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
             rel_error=series(f"{prefix}/{_REL_ERROR}/{name}"),
             error_ratio=series(f"{prefix}/{_ERROR_RATIO}/{name}"),
             kinks=round(sum(value for _, value in series(f"{prefix}/{_KINKS}/{name}"))),
+            inconclusive_steps=tuple(step for step, value in series(f"{prefix}/{_INCONCLUSIVE}/{name}") if value > 0),
+            resolving_power=series(f"{prefix}/{_RESOLVING}/{name}"),
         ))
     ref_tag = f"{prefix}/{_REF_FAILED}/"
     for name in [tag[len(ref_tag):] for tag in tags if tag.startswith(ref_tag)]:  # a row per reference comparison
@@ -344,7 +360,7 @@ def _with_capsules(run: RunSummary, accumulator: Any, prefix: str) -> RunSummary
 
 def _table(runs: Sequence[RunSummary], out: TextIO, top: int | None = None) -> None:
     header = ("", "tensor", "checks", "failing", "first failing step", "worst rel_error", "at step",
-              "worst error/tol", "at step", "kinks")
+              "worst error/tol", "at step", "kinks", "inconclusive", "resolving")
     for i, run in enumerate(runs):
         if i:
             out.write("\n")
@@ -370,13 +386,14 @@ def _table(runs: Sequence[RunSummary], out: TextIO, top: int | None = None) -> N
                       " and every failing one (--top)\n")
         rows = [header]
         for t in tensors:
-            rel, ratio = t.worst_rel_error, t.worst_error_ratio
+            rel, ratio, power = t.worst_rel_error, t.worst_error_ratio, t.worst_resolving_power
+            status = "FAIL" if t.failing_steps else "INCONCLUSIVE" if t.inconclusive_steps else "ok"
             rows.append((
-                "FAIL" if t.failing_steps else "ok", t.name, str(t.checks), str(len(t.failing_steps)),
+                status, t.name, str(t.checks), str(len(t.failing_steps)),
                 "-" if t.first_failing_step is None else str(t.first_failing_step),
                 _fmt(None if rel is None else rel[1]), "-" if rel is None else str(rel[0]),
                 _fmt(None if ratio is None else ratio[1]), "-" if ratio is None else str(ratio[0]),
-                str(t.kinks),
+                str(t.kinks), str(len(t.inconclusive_steps)), _fmt(None if power is None else power[1]),
             ))
         widths = [max(len(row[c]) for row in rows) for c in range(len(header))]
         for row in rows:

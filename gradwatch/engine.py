@@ -86,6 +86,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
+import math
 import secrets
 import time
 from typing import Any, Callable, Collection, Iterator, Mapping
@@ -120,12 +121,14 @@ from gradwatch._judging import (
     _gradient_rms,
     _Judge,
     _loss_noise,
+    _tensor_noise,
     _loss_spread,
     _measure_spread,
     _nonfinite_loss,
     _unreliable,
 )
 from gradwatch._locating import _locate, _remeasure
+from gradwatch._precision import _SAFETY, _measure_noise, _measured_step, _precision_name, _relative
 from gradwatch._probing import (
     _CheckContext,
     _Excluded,
@@ -403,10 +406,15 @@ def _check_with(
             _flat_probes(ctx, probed.rows, values, eps, replayed)
         noise = _loss_noise({**probed.rows, "": [("joint", r.seed, r.idx) for r in probed.jrows]}, values, ctx.ev,
                             replayed)
+        if probed.noise is not None and math.isfinite(probed.noise.sigma):
+            noise = max(noise, _SAFETY * probed.noise.sigma)
         judge = _Judge(
             values=values, noise=noise, precision=grad_precision, eps=eps, native=mode == "native", loss=replayed,
             scale=values[stats.scale], ref_scale=values[stats.ref_scale] if stats.ref_scale is not None else None,
-            gaps=stats.gaps, spread=spread,
+            gaps=stats.gaps, spread=spread, coarse=not precision_test,
+            tensor_noise=_tensor_noise(probed.rows, values) if mode == "native" or (
+                probed.noise is not None and probed.noise.precision != "float64") else None,
+            measured=probed.noise.precision if probed.noise is not None else "float64",
         )
         # an evaluation with ±2h passes, for failures of a check that measured no noise
         measured = None if options.richardson else (
@@ -444,6 +452,8 @@ def _check_with(
         seconds=time.perf_counter() - started,
         evaluation="batched" if ctx.ev.batched else "sequential",
         evaluation_reason=ctx.ev.batch_reason,
+        measured_precision=probed.noise.precision if probed.noise is not None else None,
+        loss_noise=probed.noise.relative if probed.noise is not None else None,
         kept_casts=ctx.ev.kept_casts[0],
         kept_cast_sites=ctx.ev.kept_casts[1],
         joint=joint_probes,
@@ -512,6 +522,17 @@ class _Probed:
     kink_log: dict[str, list]
     rows: dict[str, list]
     jrows: list[_JointRow]
+    noise: _Noise | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class _Noise:
+    """The measured rounding noise of the float64 evaluation (:mod:`gradwatch._precision`):
+    ``sigma`` absolute, ``relative`` to ``|L(θ)|``, and what that says it computes in."""
+
+    sigma: float
+    relative: float
+    precision: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -594,15 +615,16 @@ def _probe_all(
     lines = _joint_lines(ev, checked, request.seed, options.joint, options.step, excluded)
     # the reference gradient is never held whole: what the probes, the joint lines and the
     # precision test need of it is computed as the float64 backward produces each tensor's
-    stats = _ReferenceStats(checked, plan, [line for _, line in lines], excluded, gap=options.richardson)
+    stats = _ReferenceStats(checked, plan, [line for _, line in lines], excluded, gap=True)
     loss0, signature, ref_stats = ev.base(selection.every, options.reference,
                                           stats=None if request.reduce is not None else stats)
     ev.loss0 = loss0
+    step, noise = _measured(request, ev, selection, loss0, lines)
     held = None
     if ref_stats is not None and request.reduce is not None:  # data parallel: the mean over ranks, as .grad
         held = _reduced(ref_stats, request.reduce)
         ref_stats = {name: stats(name, g) for name, g in held.items()}
-    ctx = _CheckContext(ev, options.step, signature, loss0, excluded, request.reduce)
+    ctx = _CheckContext(ev, step, signature, loss0, excluded, request.reduce)
     kink_log: dict[str, list] = {name: [] for name in checked}
     source = _References(ev, selection.every, excluded, held)
     refs = {name: _RefView(name, ref_stats[name]["terms"], source) if ref_stats is not None else None
@@ -615,7 +637,33 @@ def _probe_all(
         for name in checked if ev.usable  # else unreliable: no point in probing
     }
     jrows = _joint_probes(ctx, lines, host) if ev.usable else []
-    return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows)
+    return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows, noise)
+
+
+def _measured(
+    request: _Request, ev: _Evaluation, selection: _Selection, loss0: Tensor | None, lines: list,
+) -> tuple[float | None, _Noise | None]:
+    """The base step of the probes and the measured noise of the float64 evaluation
+    (:mod:`gradwatch._precision`); the joint ``lines`` are rescaled to that step. A step the
+    options set is kept, and native evaluation measures nothing (its dtype is what it computes
+    in)."""
+    options = request.options
+    # the smallest check (no unperturbed pass) measures nothing up front: a probe that fails it
+    # is measured again with ±2h passes before the verdict stands (see _remeasure)
+    if not ev.float64 or not ev.usable or loss0 is None:
+        return options.step, None
+    sigma, loss = _measure_noise(ev, [f"model.{n}" for n in selection.every], request.seed, request.reduce, loss0)
+    relative = _relative(sigma, loss)
+    noise = _Noise(sigma, relative, _precision_name(relative))
+    if options.step is not None:
+        return options.step, noise
+    step = _measured_step(relative, options.richardson)
+    if step <= DEFAULT_STEP:
+        return None, noise
+    for _, line in lines:
+        line.h0 = line.h0 * (step / DEFAULT_STEP)
+        line.h = line.h0
+    return step, noise
 
 
 def _queue_statistics(
@@ -625,8 +673,9 @@ def _queue_statistics(
     each gradient, the precision test's gaps, the gradient scales and the replayed loss."""
     ref_stats = probed.ref_stats
     gstats = {name: _grad_stats(g, host) for name, g in selection.checked.items()}
+    # without the precision test (the smallest check) the gap is still judged, coarsely
     gaps = {name: {k: host.add(v) for k, v in ref_stats[name]["gap"].items()}
-            for name in selection.checked} if precision_test else {}
+            for name in selection.checked} if ref_stats is not None else {}
     scale = _gradient_rms(selection.every, host)
     squares = {n: r["square"] for n, r in ref_stats.items()} if ref_stats else None
     ref_scale = _gradient_rms(selection.every, host, squares) if ref_stats else None

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable, Mapping, Union
 
 __all__ = [
+    "RESOLVING_BOUND",
     "VERDICTS",
     "GradientCheckError",
     "GradientCheckWarning",
@@ -35,7 +36,13 @@ __all__ = [
     "metrics",
 ]
 
-VERDICTS = ("pass", "fail", "kink", "nonfinite", "skipped")
+VERDICTS = ("pass", "fail", "inconclusive", "kink", "nonfinite", "skipped")
+
+#: A tensor whose check could not have failed a relative gradient error below this
+#: (its :attr:`TensorCheck.resolving_power`) is ``"inconclusive"``, never ``"pass"``: 5%,
+#: well above what a float64 evaluation resolves (~1e-6) or a kernel computing in float32
+#: inside (~1e-4 with the measured step), below the errors real backward bugs make.
+RESOLVING_BOUND = 0.05
 
 #: Ranks of the worst-tensors chart: ``<prefix>/worst/0`` .. ``<prefix>/worst/9``.
 _WORST_TENSORS = 10
@@ -171,6 +178,12 @@ class Probe:
         flat: The perturbed losses were all equal although the loss moves at a larger
             step: rounding to a lower precision inside the forward flattened it, so
             the numerical value 0 measures nothing; such probes are not judged.
+        grad_error: With a float64 reference, ``|numerical - autograd|``: the gradient
+            training used, compared with the central differences too (NaN without one).
+        grad_tolerance: Its tolerance, in the training gradient's precision.
+        resolving_power: The smallest relative error of this directional derivative the
+            probe would have failed: ``tolerance / max(|numerical|, |compared|, G·‖v‖)``
+            (``G``: the RMS of the model's gradient).
     """
 
     kind: str
@@ -188,6 +201,9 @@ class Probe:
     replacement: bool = False
     reference: float | None = None
     flat: bool = False
+    grad_error: float = math.nan
+    grad_tolerance: float = math.nan
+    resolving_power: float = math.nan
 
     @property
     def rel_error(self) -> float:
@@ -215,10 +231,19 @@ class TensorCheck:
     Attributes:
         name: The ``named_parameters()`` name.
         shape: The parameter's shape.
-        verdict: One of ``"pass"``, ``"fail"``, ``"kink"`` (every probe crossed a
-            kink, nothing could be verified), ``"nonfinite"`` (NaN/Inf in the gradient
-            or a perturbed loss) or ``"skipped"`` (frozen, no gradient, or the check
-            was unreliable).
+        verdict: One of ``"pass"``, ``"fail"``, ``"inconclusive"`` (nothing failed, but
+            the check could not have failed an error below :data:`RESOLVING_BOUND`: see
+            ``resolving_power``; ``reason`` says why and what resolves it), ``"kink"``
+            (every probe crossed a kink, nothing could be verified), ``"nonfinite"``
+            (NaN/Inf in the gradient or a perturbed loss) or ``"skipped"`` (frozen, no
+            gradient, or the check was unreliable).
+        resolving_power: The smallest relative gradient error this check would have
+            failed: the best :attr:`Probe.resolving_power` of its judged probes. A pass
+            means a bug above it would have failed here; NaN when nothing was judged.
+        reference_broken: The float64 path of the code is wrong: autograd's gradient of
+            the float64 copy disagrees with central differences while the training
+            gradient agrees with them (the training gradient is verified; a kernel whose
+            float64 backward is broken, not used in training).
         rel_error: Seed-article relative error over the probes that crossed no kink,
             ``||n - a|| / (||n|| + ||a||)``; NaN when there is none.
         error_bar: Numerical error of the check in the same relative units.
@@ -254,6 +279,8 @@ class TensorCheck:
     rel_error: float = math.nan
     error_bar: float = math.nan
     error_ratio: float = math.nan
+    resolving_power: float = math.nan
+    reference_broken: bool = False
     probes: tuple[Probe, ...] = ()
     reason: str | None = None
     kink_events: tuple[KinkEvent, ...] = ()
@@ -422,6 +449,12 @@ class Report:
         evaluation: How the perturbed losses were evaluated: ``"batched"`` (vmapped
             over many probes per call) or ``"sequential"`` (one call per evaluation).
         evaluation_reason: Why the evaluation was sequential, else ``None``.
+        measured_precision: What the float64 evaluation really computes in, measured from
+            how its loss moves under tiny moves of every parameter (``"float64"``,
+            ``"~float32"`` when a kernel casts to float32 inside, ``"below float32"``), or
+            ``None`` (native evaluation: its dtype). Steps and error bars follow it.
+        loss_noise: The measured rounding noise of one loss evaluation relative to ``|L|``
+            (``None``: not measured).
         kept_casts: Casts to a lower floating precision (``.float()``, ``.to(torch.float32)``,
             ``dtype=`` arguments) that the float64 evaluation kept in float64, per evaluation.
         kept_cast_sites: ``"module: op float64->float32"`` of the first few of them.
@@ -455,6 +488,8 @@ class Report:
     step: int | None = None
     evaluation: str = "sequential"
     evaluation_reason: str | None = None
+    measured_precision: str | None = None
+    loss_noise: float | None = None
     kept_casts: int = 0
     kept_cast_sites: tuple[str, ...] = ()
     joint: tuple[Probe, ...] = ()
@@ -560,7 +595,8 @@ class Report:
 
     @property
     def verdict(self) -> str:
-        """``"fail"``, ``"unreliable"``, ``"nonfinite"``, ``"skipped"`` or ``"pass"`` for the whole check.
+        """``"fail"``, ``"unreliable"``, ``"nonfinite"``, ``"skipped"``, ``"inconclusive"`` (no
+        tensor passed, some could not be resolved) or ``"pass"`` for the whole check.
 
         ``"skipped"``: an adapter decided not to check this step (``reason`` says why,
         such as a GradScaler skipping the optimizer step); every tensor is skipped.
@@ -574,6 +610,8 @@ class Report:
             return "unreliable"
         if self.tensors and all(t.verdict == "skipped" for t in self.tensors.values()):
             return "skipped"
+        if "inconclusive" in verdicts and "pass" not in verdicts:  # nothing verified
+            return "inconclusive"
         return "pass"
 
     def summary(self, *, max_chars: int | None = None) -> str:
@@ -782,6 +820,15 @@ class Report:
                 + (f"; {len(near) - 3} more" if len(near) > 3 else "")
                 + (f"; {self.kink_resamples} coordinates redrawn" if self.kink_resamples else "")
             )
+        broken = [t.name for t in self.tensors.values() if t.reference_broken]
+        if broken:
+            lines.append("  float64 path broken (the training gradient verified without it): "
+                         + ", ".join(f"'{n}'" for n in broken))
+        if self.measured_precision not in (None, "float64"):
+            lines.append(
+                f"  the float64 evaluation computes in {self.measured_precision} inside (measured loss noise "
+                f"{_fmt(self.loss_noise)} of |L|, a kernel that casts down): steps and error bars follow it"
+            )
         if self.kept_casts:
             lines.append(
                 f"  kept float64 through {self.kept_casts} cast(s) to a lower precision: "
@@ -946,6 +993,14 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
         <prefix>/fail_threshold      1.0, the error_ratio above which a tensor fails
                                      (a reference line for the dashboard)
         <prefix>/failed/<param>      1 when that tensor's verdict is "fail", else 0
+        <prefix>/inconclusive/<param>  1 when that tensor's verdict is "inconclusive"
+                                     (the check could not resolve an error of
+                                     RESOLVING_BOUND), else 0
+        <prefix>/resolving_power/<param>  smallest relative gradient error that
+                                     tensor's check would have failed
+        <prefix>/resolving_bound     RESOLVING_BOUND (a reference line: above it a
+                                     tensor is inconclusive, not passed)
+        <prefix>/inconclusive        tensors with verdict "inconclusive"
         <prefix>/kinks/<param>       probes of that tensor that crossed a kink
         <prefix>/precision_gap/<param>  relative gap to the same code's float64
                                      gradient (float64 evaluation only)
@@ -1008,8 +1063,11 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
             out[f"{prefix}/precision_gap/{name}"] = t.precision_gap
         if not math.isnan(t.error_ratio):
             out[f"{prefix}/error_ratio/{name}"] = t.error_ratio
+        if not math.isnan(t.resolving_power):
+            out[f"{prefix}/resolving_power/{name}"] = t.resolving_power
         if t.verdict != "skipped":
             out[f"{prefix}/failed/{name}"] = float(t.verdict == "fail")
+            out[f"{prefix}/inconclusive/{name}"] = float(t.verdict == "inconclusive")
             out[f"{prefix}/kinks/{name}"] = float(t.kink_count)
     if not math.isnan(report.rel_error_max):
         out[f"{prefix}/rel_error_max"] = report.rel_error_max
@@ -1020,6 +1078,8 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
     if not math.isnan(report.kink_margin_min):
         out[f"{prefix}/kink_margin_min"] = report.kink_margin_min
     out[f"{prefix}/failures"] = float(len(report.failures))
+    out[f"{prefix}/inconclusive"] = float(sum(t.verdict == "inconclusive" for t in report.tensors.values()))
+    out[f"{prefix}/resolving_bound"] = RESOLVING_BOUND
     out[f"{prefix}/check_seconds"] = report.seconds
     for k, t in enumerate(report.worst_tensors()):
         out[f"{prefix}/worst/{k}"] = t.error_ratio

@@ -169,6 +169,7 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
         "error/tolerance: worst tensor vs fail threshold": chart("(error_ratio_max|fail_threshold)"),
         "rel_error: worst tensor": chart("rel_error_max"),
         "failures and failed per tensor": chart("(failures|failed/.*)"),
+        "inconclusive tensors (could not resolve an error of resolving_bound)": chart("(inconclusive|inconclusive/.*)"),
         "kink_fraction (probes that crossed a kink)": chart("kink_fraction"),
         "kink_margin_min (below 1: crossed)": chart("kink_margin_min"),
         "kinks per tensor (probes that crossed)": chart("kinks/.*"),
@@ -193,6 +194,7 @@ def _layout(prefix: str, names: tuple[str, ...]) -> dict[str, dict[str, list]]:
             f"{group}: rel_error": chart(f"rel_error/{alt}"),
             f"{group}: error_bar": chart(f"error_bar/{alt}"),
             f"{group}: precision_gap": chart(f"precision_gap/{alt}"),
+            f"{group}: resolving_power vs bound": chart(f"(resolving_power/{alt}|resolving_bound)"),
         }
     return layout
 

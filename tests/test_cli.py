@@ -52,7 +52,7 @@ def _rows(out: str) -> dict[str, list[str]]:
     for line in out.splitlines():
         if line.startswith("run "):
             run = line.split(":")[0][4:]
-        elif line.startswith("  ") and run is not None and line.split()[0] in ("ok", "FAIL"):
+        elif line.startswith("  ") and run is not None and line.split()[0] in ("ok", "FAIL", "INCONCLUSIVE"):
             cells = line.split()
             rows[f"{run}/{cells[1]}"] = cells
     return rows
@@ -95,6 +95,25 @@ def test_report_names_the_worst_tensors_of_the_last_check_and_top_keeps_the_tabl
     clean = max(((n, t.error_ratio) for n, t in reports["clean"].tensors.items() if t.verdict != "skipped"),
                 key=lambda kv: kv[1])[0]
     assert sorted(rows) == sorted(["bug/fc1.bias", f"clean/{clean}"])
+
+
+def test_report_shows_inconclusive_tensors_and_their_resolving_power(tmp_path, reports, capsys) -> None:
+    import dataclasses
+
+    clean = reports["clean"]
+    name = next(n for n, t in clean.tensors.items() if t.verdict == "pass")
+    coarse = dataclasses.replace(clean.tensors[name], verdict="inconclusive", resolving_power=0.3)
+    unresolved = dataclasses.replace(clean, tensors={**clean.tensors, name: coarse})
+    assert metrics(unresolved)[f"gradwatch/inconclusive/{name}"] == 1.0 and metrics(unresolved)["gradwatch/inconclusive"] == 1
+    _write(tmp_path, [(0, clean), (5, unresolved)])
+    assert cli.main(["report", str(tmp_path)]) == 0  # not a failure
+    rows = _rows(capsys.readouterr().out)
+    row = rows[f"{tmp_path}/{name}"]
+    assert row[0] == "INCONCLUSIVE" and row[10:12] == ["1", _fmt(0.3)]
+    assert all(r[0] == "ok" and r[10] == "0" for n, r in rows.items() if not n.endswith("/" + name))
+    assert cli.main(["report", str(tmp_path), "--json"]) == 0
+    tensors = {t["tensor"]: t for t in json.loads(capsys.readouterr().out)["runs"][0]["tensors"]}
+    assert tensors[name]["inconclusive_checks"] == 1 and tensors[name]["worst_resolving_power"] == pytest.approx(0.3)
 
 
 def test_report_of_a_clean_log_exits_0(tmp_path, reports, capsys) -> None:

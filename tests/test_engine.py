@@ -130,8 +130,14 @@ def test_step_sets_the_central_difference_step() -> None:
     batch = (torch.randn(4, 3), torch.randint(0, 2, (4,)))
     report = check(model, classification_loss, batch, seed=0, step=1e-4, coordinates=6, directions=1)
     steps = {p.index: p.step for p in report.tensors["weight"].probes}
-    assert steps[(0, 0)] == pytest.approx(5e-4)  # scaled by max(1, |θ|)
-    assert steps[(1, 2)] == pytest.approx(1e-4)
+    # above float64's own step, scaled by the element's magnitude or the tensor's RMS, the larger
+    rms = float(model.weight.detach().double().pow(2).mean().sqrt())
+    assert steps[(0, 0)] == pytest.approx(5e-4)
+    assert steps[(1, 2)] == pytest.approx(1e-4 * max(abs(float(model.weight[1, 2])), rms))
+    # float64's own step keeps max(1, |θ|)
+    report = check(model, classification_loss, batch, seed=0, coordinates=6, directions=1)
+    steps = {p.index: p.step for p in report.tensors["weight"].probes}
+    assert steps[(0, 0)] == pytest.approx(5 * 6e-6) and steps[(1, 2)] == pytest.approx(6e-6)
     assert report.ok
 
 
@@ -867,7 +873,7 @@ def test_padding_idx_row_is_never_probed_and_the_report_says_so() -> None:
         case.model.emb.weight[0] = 1e3  # a huge padding row would otherwise set h
         ex = gradwatch._probing._exclusions({"emb.weight": case.model.emb.weight}, case.model)["emb.weight"]
         h = gradwatch._probing._direction_step(case.model.emb.weight.double(), 1.0, ex)
-        assert float(h) == pytest.approx(max(1.0, float(case.model.emb.weight[1:].double().pow(2).mean().sqrt())))
+        assert float(h) == pytest.approx(float(case.model.emb.weight[1:].double().pow(2).mean().sqrt()))
 
 
 def test_padding_idx_of_embedding_bag_is_excluded_and_bugs_elsewhere_are_still_caught() -> None:
@@ -1187,7 +1193,8 @@ def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> 
         # θ unless the float64 pass ran no non-smooth op: the training step of grads="autograd" stands for it)
         replays = 2 if name == "mlp_relu_dropout" else 1
         assert n_full - len(calls) == 2 * probes + replays - (1 + 4 * failed if failed else 0)
-        assert all(math.isnan(t.gap_ratio) for t in short.tensors.values())
+        # no precision test, but the gradient's gap from the reference is judged coarsely (a hook, an edited .grad)
+        assert all(t.gap_ratio < 1 for t in short.tensors.values())
         assert not any(math.isnan(t.gap_ratio) for t in full.tensors.values())
         assert {t.name for t in short.failures} == case.wrong, str(short)
         assert all(0 < p.error_bar < math.inf for p in short.probes)

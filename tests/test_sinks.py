@@ -28,6 +28,7 @@ from torch.utils.tensorboard import SummaryWriter
 from gradwatch import (
     GradWatch, KinkWarning, KinkWarnings, LoggingSink, Probe, Report, TensorBoardSink, TensorCheck, check, metrics,
 )
+import gradwatch
 from gradwatch.report import _fmt
 from zoo import BUGS, CORRECT
 
@@ -104,7 +105,11 @@ def test_metrics_scheme_and_prefix() -> None:
     assert m["x/y/rel_error_max"] == max(t.rel_error for t in report.tensors.values())
     assert m["x/y/kink_fraction"] == report.kink_fraction
     assert {k.split("/")[2] for k in m if k.count("/") == 3} == {
-        "rel_error", "error_bar", "precision_gap", "error_ratio", "failed", "kinks", "worst"}
+        "rel_error", "error_bar", "precision_gap", "error_ratio", "failed", "inconclusive", "resolving_power", "kinks",
+        "worst"}
+    assert m["x/y/resolving_bound"] == gradwatch.RESOLVING_BOUND and m["x/y/inconclusive"] == 0.0
+    assert all(m[f"x/y/resolving_power/{n}"] == t.resolving_power <= gradwatch.RESOLVING_BOUND
+               for n, t in report.tensors.items())
     # worst/<k>: the error_ratio of every judged tensor, largest first, 10 at most
     ratios = sorted((t.error_ratio for t in report.tensors.values() if not math.isnan(t.error_ratio)), reverse=True)
     assert len(ratios) == 10 and [m[f"x/y/worst/{k}"] for k in range(10)] == ratios and "x/y/worst/10" not in m
@@ -261,6 +266,8 @@ def test_tensorboard_serves_the_dashboard_layout_scalars_histogram_and_table(tmp
             "rel_error: worst tensor": {"gradwatch/rel_error_max"},
             "failures and failed per tensor":
                 {f"gradwatch/failed/{n}" for n in names} | {"gradwatch/failures"},
+            "inconclusive tensors (could not resolve an error of resolving_bound)":
+                {f"gradwatch/inconclusive/{n}" for n in names} | {"gradwatch/inconclusive"},
             "kink_fraction (probes that crossed a kink)": {"gradwatch/kink_fraction"},
             "kink_margin_min (below 1: crossed)": set(),  # no non-smooth op here
             "kinks per tensor (probes that crossed)": {f"gradwatch/kinks/{n}" for n in names},
@@ -272,6 +279,8 @@ def test_tensorboard_serves_the_dashboard_layout_scalars_histogram_and_table(tmp
             expected[f"{module}: rel_error"] = {f"gradwatch/rel_error/{n}" for n in mine}
             expected[f"{module}: error_bar"] = {f"gradwatch/error_bar/{n}" for n in mine}
             expected[f"{module}: precision_gap"] = {f"gradwatch/precision_gap/{n}" for n in mine}
+            expected[f"{module}: resolving_power vs bound"] = {
+                f"gradwatch/resolving_power/{n}" for n in mine} | {"gradwatch/resolving_bound"}
         matched = {
             title: {t for t in tags if any(re.match(rx, t) for rx in regexes)}
             for category in charts.values() for title, regexes in category.items()
@@ -398,7 +407,7 @@ def test_dashboard_of_a_deep_model_groups_by_layer_ranks_the_worst_and_charts_la
         charts = {c["title"]: {ch["title"]: ch["multiline"]["tag"] for ch in c["chart"]} for c in categories}
         assert list(charts) == ["gradwatch"] + [f"gradwatch: module layers.{i}" for i in range(12)] + [
             "gradwatch: module head", "gradwatch: module late"]
-        assert sum(map(len, charts.values())) == 7 + 14 * 4  # not one chart per tensor
+        assert sum(map(len, charts.values())) == 8 + 14 * 5  # not one chart per tensor
 
         def served(regex: str) -> dict[str, list]:
             return get(f"/data/plugin/custom_scalars/scalars?run=run&tag={q(regex)}")["tag_to_events"]

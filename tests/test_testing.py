@@ -99,7 +99,8 @@ def test_a_correct_op_is_verified_by_joint_probes_in_a_few_passes() -> None:
     assert report.verdict == thorough.verdict == "pass"
     assert all(not t.probes and t.reason.startswith("verified jointly") for t in report.tensors.values())
     assert [p.kind for p in report.joint] == ["joint"] and not report.joint[0].kink
-    assert len(fast_calls) <= 10 < 100 < len(slow_calls)
+    # (4 of them measure the precision the evaluation computes in: gradwatch._precision)
+    assert len(fast_calls) <= 14 < 100 < len(slow_calls)
 
 
 def test_a_smooth_op_takes_one_native_replay_besides_the_training_step() -> None:
