@@ -19,7 +19,7 @@ kernel between torch layers), a batch, the loss, and the kernel module with inpu
 ``gradwatch.check_module``.
 
 Example:
-    >>> case = KERNELS["rmsnorm"]                                   # doctest: +SKIP
+    >>> case = KERNELS["swiglu"]                                    # doctest: +SKIP
     >>> model, batch = case.model(bug=True, seed=0), case.batch(0)  # doctest: +SKIP
     >>> gradwatch.check(model, case.loss_fn, batch, seed=0).ok      # doctest: +SKIP
     False
@@ -136,7 +136,7 @@ class RMSNorm(nn.Module):
     input gradient is wrong whenever ``N`` is not a power of two.
 
     Example:
-        >>> RMSNorm(48)(torch.randn(4, 48)).shape  # doctest: +SKIP
+        >>> RMSNorm(48)(torch.randn(4, 48)).shape
         torch.Size([4, 48])
     """
 
@@ -218,7 +218,7 @@ class FusedCrossEntropy(nn.Module):
     is left out of the sum), so every logit gradient is a few percent off.
 
     Example:
-        >>> FusedCrossEntropy()(torch.randn(4, 16), torch.tensor([0, 3, 1, 15])).shape  # doctest: +SKIP
+        >>> FusedCrossEntropy()(torch.randn(4, 16), torch.tensor([0, 3, 1, 15])).shape
         torch.Size([4])
     """
 
@@ -289,7 +289,7 @@ class SwiGLU(nn.Module):
     Planted bug: ``silu'(a)`` written as ``σ(a)(1 + a·σ(a))`` instead of ``σ(a)(1 + a(1 − σ(a)))``.
 
     Example:
-        >>> SwiGLU()(torch.randn(4, 64)).shape  # doctest: +SKIP
+        >>> SwiGLU()(torch.randn(4, 64)).shape
         torch.Size([4, 32])
     """
 
@@ -387,7 +387,7 @@ class CausalConv1d(nn.Module):
     Planted bug: the backward indexes ``dy`` with the strides of a contiguous tensor.
 
     Example:
-        >>> CausalConv1d(8, 4)(torch.randn(2, 16, 8)).shape  # doctest: +SKIP
+        >>> CausalConv1d(8, 4)(torch.randn(2, 16, 8)).shape
         torch.Size([2, 8, 16])
     """
 
@@ -466,7 +466,7 @@ class GeluTanh(nn.Module):
     Planted bug: the derivative of ``0.044715·x³`` written as ``0.044715·x²``.
 
     Example:
-        >>> GeluTanh()(torch.randn(4, 8)).shape  # doctest: +SKIP
+        >>> GeluTanh()(torch.randn(4, 8)).shape
         torch.Size([4, 8])
     """
 
@@ -569,7 +569,7 @@ class LayerNorm(nn.Module):
     Planted bug (float32 too): the last row of the batch is left out of ``dw`` and ``db``.
 
     Example:
-        >>> LayerNorm(64)(torch.randn(4, 64)).shape  # doctest: +SKIP
+        >>> LayerNorm(64)(torch.randn(4, 64)).shape
         torch.Size([4, 64])
     """
 
