@@ -589,14 +589,17 @@ _FEATURES, _CLASSES, _BATCH = 8, 4, 16
 
 
 class _Sandwich(nn.Module):
-    """``Linear -> [× scale] -> kernel -> [Tanh] -> Linear``: the kernel between torch layers."""
+    """``Linear -> [× scale] -> kernel -> [Tanh] -> Linear``: the kernel between torch layers.
+
+    The last Linear is frozen: its gradient does not go through the kernel's backward, and
+    every checked tensor costs the interpreter some 20 kernel launches per check."""
 
     def __init__(self, kernel: nn.Module, width: int, out_width: int, *, scale: float = 1.0,
                  tanh: bool = False) -> None:
         super().__init__()
         self.inp = nn.Linear(_FEATURES, width, bias=False)
         self.kernel = kernel
-        self.out = nn.Linear(out_width, _CLASSES, bias=False)
+        self.out = nn.Linear(out_width, _CLASSES, bias=False).requires_grad_(False)  # a frozen head
         self.scale, self.tanh = scale, tanh
 
     def forward(self, x: Tensor) -> Tensor:
@@ -618,14 +621,14 @@ class _CrossEntropyNet(nn.Module):
 
 
 class _ConvNet(nn.Module):
-    """``Linear -> causal conv (channels-first out) -> pointwise Conv1d to the classes -> mean
-    over time``: the pointwise conv hands the kernel a non-contiguous ``dy``."""
+    """``Linear -> causal conv (channels-first out) -> Tanh -> pointwise Conv1d to the classes
+    (frozen) -> mean over time``: the pointwise conv hands the kernel a non-contiguous ``dy``."""
 
     def __init__(self, bug: bool, channels: int = 8, kernel_size: int = 4) -> None:
         super().__init__()
         self.inp = nn.Linear(_FEATURES, channels, bias=False)
         self.kernel = CausalConv1d(channels, kernel_size, bug=bug)
-        self.head = nn.Conv1d(channels, _CLASSES, 1, bias=False)
+        self.head = nn.Conv1d(channels, _CLASSES, 1, bias=False).requires_grad_(False)  # a frozen head
 
     def forward(self, x: Tensor) -> Tensor:
         return self.head(torch.tanh(self.kernel(self.inp(x)))).mean(-1)

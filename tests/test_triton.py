@@ -3,7 +3,7 @@ Triton's interpreter: every planted backward bug is caught, no correct kernel ra
 alarm, a kernel without float64 is checked in its own precision.
 
 Each kernel sits in a small model (``Linear -> kernel -> Linear``) checked three ways:
-``gradwatch.check`` (whole model, 20 seeds), ``gradwatch.check_module`` (the kernel alone, 20
+``gradwatch.check`` (whole model, 20 seeds), ``gradwatch.check_module`` (the kernel alone, 10
 seeds) and ``gradwatch.GradWatch`` training (5 seeds). The assertions marked ``xfail(strict=True)``
 fail on the engine of issue 22 because of the numerics problems it lists (verdicts in float64
 tolerances on kernels that compute in float32 inside, a broken float64 path blamed on the
@@ -29,9 +29,10 @@ import torch.nn.functional as F  # noqa: E402
 import gradwatch  # noqa: E402
 from _triton_kernels import KERNELS  # noqa: E402
 
-#: Seeds per assertion. GradWatch's step-0 check is a whole-model check plus a module-local
-#: one, so it gets fewer seeds to keep this file within a couple of minutes on 2 CPU cores.
-SEEDS = {"check": range(20), "module": range(20), "watch": range(5)}
+#: Seeds per assertion: 20 for the whole-model check, fewer for the module-local check and for
+#: GradWatch (whose step-0 check is both), to keep this file near 100 s of CPU time: every
+#: perturbed loss is a kernel launch in the interpreter (1-6 ms).
+SEEDS = {"check": range(20), "module": range(10), "watch": range(5)}
 
 
 # --------------------------------------------------------------------------- the kernels themselves
@@ -163,7 +164,7 @@ def test_kernel_without_float64_is_checked_in_its_own_precision() -> None:
     for seed in range(3):
         report = gradwatch.check(case.model(seed=seed), case.loss_fn, case.batch(seed), seed=seed)
         assert report.precision == "native" and report.reliable, report
-        assert {t.verdict for t in report.tensors.values()} == {"pass"}, report
+        assert report.tensors["inp.weight"].verdict == "pass", report  # the one trained tensor (the head is frozen)
         module, inputs = case.module(seed=seed)
         local = gradwatch.check_module(module, inputs, seed=seed)
         assert local.precision == "native" and local.ok and local.tensors["input[0]"].verdict == "pass", local
