@@ -15,7 +15,7 @@ Prints false alarms / checks on the correct version (a run whose report failed),
 planted on the buggy one, the median over every judged tensor of
 ``TensorCheck.resolving_power`` (the smallest relative gradient error that check would have
 failed; NaN before gradwatch reports it), the median ``error_ratio``, and how often each
-tensor verdict was seen (pass/fail/skipped/inconclusive/...).
+tensor verdict was seen (pass/fail/skipped/inconclusive/...; frozen tensors left out).
 """
 
 from __future__ import annotations
@@ -51,17 +51,18 @@ def _to(value, device):
 
 
 def _run(case, bug: bool, mode: str, seed: int, steps: int, device: str):
-    """One check of ``case``; returns the reports it produced."""
+    """One check of ``case``; returns the reports it produced and the names of frozen tensors."""
     import torch
 
     import gradwatch
 
     if mode == "module":
         module, inputs = case.module(bug=bug, seed=seed)
-        return [gradwatch.check_module(module.to(device), _to(inputs, device), seed=seed)]
+        return [gradwatch.check_module(module.to(device), _to(inputs, device), seed=seed)], set()
     model = case.model(bug=bug, seed=seed).to(device)
+    frozen = {n for n, p in model.named_parameters() if not p.requires_grad}
     if mode == "check":
-        return [gradwatch.check(model, case.loss_fn, _to(case.batch(seed), device), seed=seed)]
+        return [gradwatch.check(model, case.loss_fn, _to(case.batch(seed), device), seed=seed)], frozen
     watch = gradwatch.GradWatch(model, case.loss_fn, seed=seed)
     opt = torch.optim.Adam(model.parameters(), lr=1e-2)
     for step in range(steps):
@@ -70,7 +71,7 @@ def _run(case, bug: bool, mode: str, seed: int, steps: int, device: str):
         with watch.step(batch):
             case.loss_fn(model, batch).backward()
         opt.step()
-    return [report for _, report in watch.reports]
+    return [report for _, report in watch.reports], frozen
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -105,7 +106,7 @@ def main(argv: list[str] | None = None) -> None:
                 for seed in range(args.seeds):
                     t0 = time.perf_counter()
                     try:
-                        reports = _run(case, bug, mode, seed, args.steps, args.device)
+                        reports, frozen = _run(case, bug, mode, seed, args.steps, args.device)
                     except Exception as exc:  # a crash is a result too
                         errors.append(f"seed {seed}: {type(exc).__name__}: {exc}"[:160])
                         flagged.append(False)
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> None:
                         seconds += time.perf_counter() - t0
                     flagged.append(any(not r.ok for r in reports))
                     for report in reports:
-                        for tc in report.tensors.values():
+                        for tc in (t for n, t in report.tensors.items() if n not in frozen):
                             verdicts[tc.verdict] += 1
                             powers.append(getattr(tc, "resolving_power", math.nan))
                             ratios.append(tc.error_ratio)

@@ -105,9 +105,36 @@ def test_kernels_compute_in_float32_inside_on_float64_inputs() -> None:
 
 # --------------------------------------------------------------------------- gradwatch on them
 
-#: (kernel, version, mode) assertions that fail on the engine of issue 22, with the reason
-#: (filled from `benchmarks/triton_kernels.py --seeds 20` on that engine).
-_XFAIL: dict[tuple[str, str, str], str] = {}
+_F32 = ("issue 22: the kernel computes in float32 inside but is judged with float64 tolerances "
+        "(the check does not measure the precision its evaluations really have)")
+_FALSE_ALARM = _F32 + ": a correct kernel fails"
+_MISSED = _F32 + ": float32 noise hides a planted bug of a few percent, which passes instead of failing or " \
+                 "being reported inconclusive"
+_NATIVE_MISSED = ("issue 22: the kernel has no float64, the native-precision check misses a 2% bug (passes "
+                  "instead of failing or being reported inconclusive)")
+_BROKEN_F64 = ("issue 22 item 5: the kernel's float64 backward is wrong, and the training gradient, which "
+               "agrees with the central differences, is blamed")
+
+#: (kernel, version, mode) assertions that fail on the engine of issue 22 (main at 0.2.0, measured
+#: with this file): the first wrong seed is in the test's assertion message.
+_XFAIL: dict[tuple[str, str, str], str] = {
+    ("rmsnorm", "correct", "watch"): _FALSE_ALARM,  # seed 1: 'inp.weight' rel_err 0.013, tolerance 0.010
+    ("rmsnorm", "correct", "module"): _FALSE_ALARM,  # seed 0: 'input[0]' direction autograd 40, numerical 8
+    ("rmsnorm", "bug", "check"): _MISSED,  # seeds 0, 10 of 20
+    ("rmsnorm", "bug", "module"): _MISSED,  # seeds 2, 9 of 10
+    ("rmsnorm_1e-3", "correct", "module"): _FALSE_ALARM + " (inputs of scale 1e-3)",  # seed 2
+    ("rmsnorm_1e-3", "bug", "check"): _MISSED,  # seeds 0, 6, 18 of 20
+    ("cross_entropy", "bug", "check"): _MISSED,  # 6 of 20 seeds
+    ("cross_entropy", "bug", "watch"): _MISSED,  # seeds 1, 2 of 5
+    ("cross_entropy", "bug", "module"): _MISSED,  # 6 of 10 seeds
+    ("swiglu", "correct", "module"): _FALSE_ALARM,  # seed 1
+    ("causal_conv", "correct", "watch"): _FALSE_ALARM,  # seed 4: 'kernel::input[0]'
+    ("causal_conv", "correct", "module"): _FALSE_ALARM,  # seed 8: rel_err 5.5e-4 over a tolerance below the noise
+    ("gelu_no_fp64", "bug", "check"): _NATIVE_MISSED,  # seeds 2, 8, 16 of 20
+    ("layernorm_bad_fp64", "correct", "check"): _BROKEN_F64,  # every seed
+    ("layernorm_bad_fp64", "correct", "watch"): _BROKEN_F64,
+    ("layernorm_bad_fp64", "correct", "module"): _BROKEN_F64,
+}
 
 
 def _reports(case, bug: bool, mode: str, seed: int) -> list:
@@ -139,22 +166,20 @@ def _cases():
         for version in ("correct", "bug"):
             for mode in ("check", "watch", "module"):
                 reason = _XFAIL.get((name, version, mode))
-                marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+                marks = [pytest.mark.xfail(strict=True, raises=AssertionError, reason=reason)] if reason else []
                 yield pytest.param(name, version, mode, marks=marks, id=f"{name}-{version}-{mode}")
 
 
 @pytest.mark.parametrize(("name", "version", "mode"), list(_cases()))
 def test_planted_bugs_are_caught_and_correct_kernels_pass(name, version, mode) -> None:
     case = KERNELS[name]
-    wrong = []
-    for seed in SEEDS[mode]:
+    for seed in SEEDS[mode]:  # stops at the first wrong seed: benchmarks/triton_kernels.py counts them all
         reports = _reports(case, version == "bug", mode, seed)
         failed = [t for r in reports for t in r.tensors.values() if t.verdict == "fail"]
-        if version == "bug" and not failed:
-            wrong.append((seed, "missed", {k: t.verdict for r in reports for k, t in r.tensors.items()}))
-        if version == "correct" and (failed or not all(r.ok for r in reports)):
-            wrong.append((seed, "false alarm", [t.message or t.name for t in failed][:2]))
-    assert not wrong, wrong
+        if version == "bug":
+            assert failed, (seed, "missed", {k: t.verdict for r in reports for k, t in r.tensors.items()})
+        else:
+            assert not failed and all(r.ok for r in reports), (seed, "false alarm", [t.message for t in failed][:2])
 
 
 def test_kernel_without_float64_is_checked_in_its_own_precision() -> None:
