@@ -7,9 +7,10 @@ and cast the result back. Their loss then carries float32 rounding, ~1e8 times f
 and central differences at float64's step (6e-6) measure that rounding instead of the
 derivative. So the precision is measured, not assumed from dtypes:
 
-every floating parameter of the float64 copy is moved by ``s·r·|θ|`` with random signs,
-``s ∈ {1, -1, 2, -2}`` and ``r`` = :data:`_RELATIVE` (a few float32 units in the last
-place, which re-rounds every float32 cast inside, and ~1e9 float64 ones). The fourth
+every floating parameter of the float64 copy is moved by ``s·r·w·θ`` (``w`` 0.5 or 1.5 at
+random, see :func:`_mover`), ``s ∈ {1, -1, 2, -2}`` and ``r`` = :data:`_RELATIVE` (a few
+float32 units in the last place, which re-rounds every float32 cast inside, and ~1e9 float64
+ones). The fourth
 difference ``L(2) + L(-2) - 4L(1) - 4L(-1) + 6L(0)`` cancels the smooth part of the loss
 up to ``O(r^4)`` (far below float64 rounding) and leaves ``√70`` times the evaluation's
 rounding noise. :data:`_DIRECTIONS` such lines give the measured loss noise ``σ``; with
@@ -105,14 +106,19 @@ def _fourths(ev: _Evaluation, keys: list[str], seed: int, reduce: Callable[[Tens
 
 
 def _mover(s: float, seed: int) -> Callable[[Tensor], None]:
-    """Move a float64 tensor in place by ``s·r·|θ|`` with random signs (drawn per chunk from
-    ``seed``: the same signs at every ``s``)."""
+    """Move a float64 tensor in place by ``s·r·w·θ``, ``w`` 0.5 or 1.5 at random (from ``seed``
+    and each element's index: the same at every ``s``). Every element moves away from 0 or
+    towards it together, so sums of many of them (a layer's outputs, a kernel's inputs) move
+    by ~``r`` too and are re-rounded in float32 (random signs would cancel in such sums, below
+    float32's resolution); pre-activations keep their signs (no ReLU kink is crossed) except
+    within ~``r`` of 0; the random part keeps a scale-invariant model (BatchNorm) moving."""
 
     def move(theta: Tensor) -> None:
         flat = theta.view(-1)
         for lo, hi in _sizes.spans(flat.numel()):
             part = flat[lo:hi]
-            part.addcmul_(part.abs(), _signs(lo, hi, seed, theta.device, theta.dtype), value=s * _RELATIVE)
+            weights = _signs(lo, hi, seed, theta.device, theta.dtype).mul_(0.5).add_(1.0)  # 0.5 or 1.5
+            part.addcmul_(part, weights, value=s * _RELATIVE)
 
     return move
 
