@@ -108,6 +108,7 @@ from gradwatch._gradients import (
     _given_gradients,
     _grads_option,
     _names,
+    _own_probes,
     _ReferenceStats,
     _skip_reasons,
 )
@@ -184,6 +185,7 @@ def check(
     reduce: Callable[[Tensor], Tensor] | None = None,
     evaluation: str = "auto",
     joint: int = 1,
+    per_tensor: str = "auto",
 ) -> Report:
     """Compare the gradient of ``loss_fn(model, batch)`` with central differences.
 
@@ -272,6 +274,15 @@ def check(
             ``report.joint`` (``Probe.kind == "joint"``). 0 disables them; with
             ``joint`` > 0, ``coordinates`` and ``directions`` may both be 0 (only the
             joint probes: the adapters' checks under a budget).
+        per_tensor: Which checked tensors get their own ``coordinates`` and
+            ``directions``: ``"all"``, or ``"auto"``: all of them in a check of at most 16
+            tensors (or natively, or without joint probe or float64 reference); above
+            that the joint probes, group testing and the float64 reference's precision
+            test verify every tensor, and only tensors whose gradient RMS is below 1e-3 of
+            the model's (which a joint probe weighs too little; at most 16) get probes of
+            their own. The others are reported ``pass`` "verified jointly" (or ``fail``
+            when a joint probe names them), so a check costs about the same on 600
+            tensors as on 20.
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
@@ -302,6 +313,7 @@ def check(
         coordinates=coordinates, directions=directions, joint=joint, step=step, precision=precision,
         max_shadow_bytes=max_shadow_bytes, evaluation=evaluation, kinks=kinks, kink_resamples=kink_resamples,
         near_kink_margin=near_kink_margin, richardson=richardson, reference=reference, localize=localize,
+        per_tensor=per_tensor,
     )
     _grads_option(grads)
     if replay is not None and not isinstance(replay, ReplayState):
@@ -358,7 +370,7 @@ def _check_with(
         # the probes, in float64 if it runs ("auto" falls back to native), queued for one host transfer
         host = _HostValues(reduce)
         try:
-            probed = _probe_all(request, selection, plan, mode, host)
+            probed = _probe_all(request, selection, _tensor_plan(plan, selection, options, mode, reduce), mode, host)
         except Exception as err:
             if options.precision != "auto" or mode != "float64":
                 raise
@@ -577,6 +589,18 @@ def _select(
             else "`model` has no parameters"
         )
     return _Selection(skipped, excluded, every, checked)
+
+
+def _tensor_plan(
+    plan: dict[str, list], selection: _Selection, options: ProbeOptions, mode: str,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> dict[str, list]:
+    """The probes of each tensor's own: ``plan`` with ``per_tensor="all"``, natively, without a
+    joint probe or without the float64 reference; else :func:`_own_probes` (above 16 tensors,
+    only those a joint probe weighs too little keep theirs)."""
+    if options.per_tensor == "all" or mode != "float64" or not options.joint or not options.reference:
+        return plan
+    return _own_probes(plan, selection.checked, reduce)
 
 
 def _probe_all(
