@@ -138,6 +138,7 @@ from gradwatch._probing import (
     _RefView,
     _resample,
 )
+from gradwatch import _sizes
 from gradwatch._validate import _callable, _module, _seed
 from gradwatch.options import DEFAULT_SHADOW_BYTES, PRECISIONS, ProbeOptions, _batched_conflict
 from gradwatch.replay import ReplayState, _isolated, capture
@@ -351,8 +352,29 @@ def _check_with(
     (:func:`_select`); the probes, in float64 when it runs (:func:`_probe_all`, native
     otherwise); what the verdicts need of the device, in one host transfer
     (:func:`_queue_statistics`); whether the replay can be trusted; the verdicts of each
-    tensor (:func:`_tensor_verdict`) and of the joint probes.
+    tensor (:func:`_tensor_verdict`) and of the joint probes. What the check freed goes back
+    to the system at its end (:func:`gradwatch._sizes.release`).
     """
+    report = _check_once(model, loss_fn, batch, options, seed=seed, grads=grads, replay=replay,
+                         train_loss=train_loss, names=names, reduce=reduce)
+    _sizes.release()  # the float64 copy and what the stages freed
+    return report
+
+
+def _check_once(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    options: ProbeOptions,
+    *,
+    seed: int | None,
+    grads: str | Mapping[str, Tensor],
+    replay: ReplayState | None,
+    train_loss: Tensor | float | None,
+    names: Collection[str] | None,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> Report:
+    """The body of :func:`_check_with` (its locals, the float64 copy included, are freed when it returns)."""
     started = time.perf_counter()
     if seed is None:
         seed = secrets.randbits(62)
@@ -394,6 +416,7 @@ def _check_with(
             and not any(params[n]._backward_hooks for n in selection.checked)) else None
         spread = (_measure_spread(ctx.ev, params, list(selection.checked), ctx.signature, seed, host, at)
                   if precision_test else None)
+        _sizes.release()
         stats = _queue_statistics(selection, probed, precision_test, host)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
         i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
@@ -616,12 +639,14 @@ def _probe_all(
     # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
     ev.own_reference = not options.richardson and not options.reference and ev.batched is False
     lines = _joint_lines(ev, checked, request.seed, options.joint, options.step, excluded)
+    _sizes.release()  # the chunks their terms were summed from
     # the reference gradient is never held whole: what the probes, the joint lines and the
     # precision test need of it is computed as the float64 backward produces each tensor's
     stats = _ReferenceStats(checked, plan, [line for _, line in lines], excluded, gap=options.richardson)
     loss0, signature, ref_stats = ev.base(selection.every, options.reference,
                                           stats=None if request.reduce is not None else stats)
     ev.loss0 = loss0
+    _sizes.release()  # the float64 activations of the reference pass
     held = None
     if ref_stats is not None and request.reduce is not None:  # data parallel: the mean over ranks, as .grad
         held = _reduced(ref_stats, request.reduce)
@@ -634,10 +659,11 @@ def _probe_all(
     if ref_stats is not None:
         for j, (_, line) in enumerate(lines):
             line.set_reference([ref_stats[n]["joint"][j] for n in line.names])
-    rows = {
-        name: _probe_tensor(ctx, name, checked[name], refs[name], plan[name], host, kink_log[name])
-        for name in checked if ev.usable  # else unreliable: no point in probing
-    }
+    rows = {}
+    for name in checked if ev.usable else ():  # else unreliable: no point in probing
+        rows[name] = _probe_tensor(ctx, name, checked[name], refs[name], plan[name], host, kink_log[name])
+        if plan[name]:
+            _sizes.release()
     jrows = _joint_probes(ctx, lines, host) if ev.usable else []
     return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows)
 
