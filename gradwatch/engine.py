@@ -88,7 +88,7 @@ import contextvars
 import dataclasses
 import secrets
 import time
-from typing import Any, Callable, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -357,7 +357,7 @@ def _check_with(
     """
     report = _check_once(model, loss_fn, batch, options, seed=seed, grads=grads, replay=replay,
                          train_loss=train_loss, names=names, reduce=reduce)
-    _sizes.release()  # the float64 copy and what the stages freed
+    _sizes.released(_bytes64(model.parameters()))  # the float64 copy and what the stages freed
     return report
 
 
@@ -416,7 +416,7 @@ def _check_once(
             and not any(params[n]._backward_hooks for n in selection.checked)) else None
         spread = (_measure_spread(ctx.ev, params, list(selection.checked), ctx.signature, seed, host, at)
                   if precision_test else None)
-        _sizes.release()
+        _sizes.released(_bytes64(selection.every.values()))  # the native replays
         stats = _queue_statistics(selection, probed, precision_test, host)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
         i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
@@ -614,6 +614,12 @@ def _select(
     return _Selection(skipped, excluded, every, checked)
 
 
+def _bytes64(tensors: Iterable[Tensor]) -> int:
+    """Bytes of a float64 copy of ``tensors``: about what a stage of the check frees (for
+    :func:`gradwatch._sizes.released`, which gives memory back to the system every few MiB)."""
+    return 8 * sum(t.numel() for t in tensors)
+
+
 def _tensor_plan(
     plan: dict[str, list], selection: _Selection, options: ProbeOptions, mode: str,
     reduce: Callable[[Tensor], Tensor] | None,
@@ -639,14 +645,14 @@ def _probe_all(
     # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
     ev.own_reference = not options.richardson and not options.reference and ev.batched is False
     lines = _joint_lines(ev, checked, request.seed, options.joint, options.step, excluded)
-    _sizes.release()  # the chunks their terms were summed from
+    _sizes.released(_bytes64(checked.values()))  # the chunks their terms were summed from
     # the reference gradient is never held whole: what the probes, the joint lines and the
     # precision test need of it is computed as the float64 backward produces each tensor's
     stats = _ReferenceStats(checked, plan, [line for _, line in lines], excluded, gap=options.richardson)
     loss0, signature, ref_stats = ev.base(selection.every, options.reference,
                                           stats=None if request.reduce is not None else stats)
     ev.loss0 = loss0
-    _sizes.release()  # the float64 activations of the reference pass
+    _sizes.released(_bytes64(selection.every.values()))  # the float64 activations of the reference pass
     held = None
     if ref_stats is not None and request.reduce is not None:  # data parallel: the mean over ranks, as .grad
         held = _reduced(ref_stats, request.reduce)
@@ -663,7 +669,7 @@ def _probe_all(
     for name in checked if ev.usable else ():  # else unreliable: no point in probing
         rows[name] = _probe_tensor(ctx, name, checked[name], refs[name], plan[name], host, kink_log[name])
         if plan[name]:
-            _sizes.release()
+            _sizes.released(_bytes64([checked[name]]))
     jrows = _joint_probes(ctx, lines, host) if ev.usable else []
     return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows)
 
