@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from _common import add_common_args, header
+from _common import ManySmall, add_common_args, header
 from gradwatch._recording import _Recording
 from gradwatch.local import _local_reports
 
@@ -89,31 +89,6 @@ def _classification_loss(model, batch):
     return F.cross_entropy(model(x), y)
 
 
-class _Bottleneck(nn.Module):
-    """A residual bottleneck block: ``x + Linear(16, 256)(tanh(Linear(256, 16)(x)))``."""
-
-    def __init__(self, width: int = 256, inner: int = 16) -> None:
-        super().__init__()
-        self.down, self.up = nn.Linear(width, inner), nn.Linear(inner, width)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return x + self.up(torch.tanh(self.down(x)))
-
-
-class _ManySmall(nn.Module):
-    """Many small tensors behind a wide trunk: Linear(384, 2048), tanh, Linear(2048, 256), ``blocks``
-    bottleneck blocks and a 10-way head; 150 blocks: 606 tensors, 2.6M parameters."""
-
-    def __init__(self, blocks: int = 150, width: int = 2048) -> None:
-        super().__init__()
-        self.trunk = nn.Sequential(nn.Linear(384, width), nn.Tanh(), nn.Linear(width, 256))
-        self.blocks = nn.Sequential(*(_Bottleneck() for _ in range(blocks)))
-        self.head = nn.Linear(256, 10)
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.head(self.blocks(self.trunk(x)))
-
-
 class _Pooled(nn.Module):
     """One large embedding, mean-pooled over the tokens, and a 10-way head."""
 
@@ -139,7 +114,7 @@ LAYOUTS = {
                   lambda g, tiny: torch.randint(0, 64 if tiny else 32768, (64, 16), generator=g)),
     "many": ("many small tensors behind a wide trunk: 606 tensors (Linear(384, 2048), Linear(2048, 256), "
              "150 x [Linear(256, 16), tanh, Linear(16, 256)], head), batch 64 x 384",
-             lambda tiny: _ManySmall(2 if tiny else 150, 32 if tiny else 2048),
+             lambda tiny: ManySmall(2 if tiny else 150, 32 if tiny else 2048),
              lambda g, tiny: torch.randn(64, 384, generator=g)),
 }
 
