@@ -268,8 +268,6 @@ def _direction_chunks(theta: Tensor, seed: int, mask: Tensor | None = None) -> I
     gen = torch.Generator(device=theta.device).manual_seed(seed)
     flat_mask = mask.reshape(-1) if mask is not None else None
     for lo, hi in _sizes.spans(theta.numel()):
-        if theta.device.type == "cpu":  # the chunk temporaries back to the system (see _sizes.release)
-            _sizes.released(8 * (hi - lo))
         v = torch.randn(hi - lo, generator=gen, device=theta.device, dtype=torch.float64)
         yield lo, hi, (v if flat_mask is None else v.masked_fill_(~flat_mask[lo:hi], 0.0))
 

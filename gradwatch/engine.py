@@ -666,11 +666,14 @@ def _probe_all(
         for j, (_, line) in enumerate(lines):
             line.set_reference([ref_stats[n]["joint"][j] for n in line.names])
     rows = {}
+    # a model whose float64 copy is a few MiB: the passes' activations back to the system after each tensor
+    large = _bytes64(selection.every.values()) >= _sizes.TRIM_BYTES
     for name in checked if ev.usable else ():  # else unreliable: no point in probing
         rows[name] = _probe_tensor(ctx, name, checked[name], refs[name], plan[name], host, kink_log[name])
-        if plan[name]:
-            _sizes.released(_bytes64([checked[name]]))
+        if plan[name] and large:
+            _sizes.release()
     jrows = _joint_probes(ctx, lines, host) if ev.usable else []
+    _sizes.released(_bytes64(selection.every.values()))
     return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows)
 
 
