@@ -247,7 +247,7 @@ class _Deep(nn.Module):
         return h
 
 
-def _deep(case) -> nn.Module:
+def _with_tail(case) -> nn.Module:
     with torch.no_grad():
         width = case.model(case.batch[0]).shape[-1]
     return _Deep(case.model, width)
@@ -262,7 +262,7 @@ def _check_quietly(model, case, **kwargs):
 @pytest.mark.parametrize("bug", sorted(BUGS) + sorted(SPARSE_BUGS) + sorted(TRAINING_ONLY_BUGS))
 def test_many_tensors_default_check_flags_each_planted_bug_with_few_own_probes(bug: str) -> None:
     case = (BUGS.get(bug) or SPARSE_BUGS.get(bug) or TRAINING_ONLY_BUGS[bug])(0)
-    model = _deep(case)
+    model = _with_tail(case)
     report = _check_quietly(model, case)
     assert len(report.tensors) > _OWN_PROBES
     failed = {t.name.removeprefix("inner.") for t in report.failures}
@@ -276,7 +276,7 @@ def test_many_tensors_default_check_flags_each_planted_bug_with_few_own_probes(b
 def test_many_tensors_default_check_keeps_correct_models_quiet_and_cheap(name: str) -> None:
     case = CORRECT[name](0)
     try:
-        model = _deep(case)
+        model = _with_tail(case)
     except (IndexError, RuntimeError, TypeError):
         pytest.skip("outputs that are no batch of vectors")
     report = _check_quietly(model, case)
@@ -289,7 +289,7 @@ def test_many_tensors_default_check_keeps_correct_models_quiet_and_cheap(name: s
 
 def test_per_tensor_all_probes_every_tensor_and_auto_keeps_small_checks_unchanged() -> None:
     case = CORRECT["layernorm_gelu"](0)
-    model = _deep(case)
+    model = _with_tail(case)
     every = _check_quietly(model, case, per_tensor="all")
     assert all(t.probes for t in every.tensors.values() if t.verdict != "skipped")
     auto = _check_quietly(model, case)
@@ -306,7 +306,7 @@ def test_per_tensor_all_probes_every_tensor_and_auto_keeps_small_checks_unchange
 
 def test_tensors_a_joint_probe_weighs_too_little_keep_their_own_probes() -> None:
     case = BUGS["small_gradient"](0)  # a branch scaled by 1e-6: its gradients are 1e-6 of the model's
-    report = _check_quietly(_deep(case), case)
+    report = _check_quietly(_with_tail(case), case)
     assert report.tensors["inner.small.weight"].probes and report.tensors["inner.small.bias"].probes
     assert not report.tensors["tail.0.weight"].probes
     assert {t.name for t in report.failures} == {"inner.small.bias"}
