@@ -76,8 +76,8 @@ class ProbeOptions:
             above that the joint probes (group testing where one fails) and the float64
             reference's precision test verify every tensor, and only the tensors a joint
             probe weighs too little (gradient RMS below 1e-3 of the model's, at most 16 of
-            them) get probes of their own, so the cost of a check does not grow with the
-            number of tensors.
+            them) get probes of their own, and the check takes at least 2 joint probes, so
+            the cost of a check does not grow with the number of tensors.
 
     Example:
         >>> ProbeOptions(kinks=False, evaluation="batched").evaluation

@@ -285,6 +285,7 @@ def test_many_tensors_default_check_keeps_correct_models_quiet_and_cheap(name: s
     assert len(own) <= _OWN_PROBES, own
     jointly = [t for t in report.tensors.values() if t.verdict == "pass" and not t.probes]
     assert jointly and all("verified jointly" in t.reason for t in jointly)
+    assert len(report.joint) == 2  # two joint directions where tensors have no probes of their own
 
 
 def test_per_tensor_all_probes_every_tensor_and_auto_keeps_small_checks_unchanged() -> None:
@@ -300,6 +301,7 @@ def test_per_tensor_all_probes_every_tensor_and_auto_keeps_small_checks_unchange
     b = _check_quietly(small.model, small, per_tensor="all")
     assert [(n, [p.numerical for p in t.probes]) for n, t in a.tensors.items()] == \
         [(n, [p.numerical for p in t.probes]) for n, t in b.tensors.items()]
+    assert len(a.joint) == len(b.joint) == 1
     with pytest.raises(ValueError, match="`per_tensor` must be one of"):
         gradwatch.ProbeOptions(per_tensor="some")
 
