@@ -77,7 +77,9 @@ class ProbeOptions:
             reference's precision test verify every tensor, and only the tensors a joint
             probe weighs too little (gradient RMS below 1e-3 of the model's, at most 16 of
             them) get probes of their own, and the check takes at least 2 joint probes, so
-            the cost of a check does not grow with the number of tensors.
+            the cost of a check does not grow with the number of tensors. The adapters'
+            checks take ``"all"``: their schedule sizes each tensor's probes within the
+            overhead budget.
 
     Example:
         >>> ProbeOptions(kinks=False, evaluation="batched").evaluation
