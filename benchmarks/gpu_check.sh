@@ -8,10 +8,15 @@
 #   5. a tiny transformer with SDPA attention dropout (dropout_p=0.1, control 0.0) checked by
 #      GradWatch under bf16 and fp16 autocast: each report's verdict, reliability and reason;
 #   6. module-local checks and the reference comparison of a custom attention op with planted
-#      dq/dk/grad_output-contiguity bugs, fp32 and bf16 autocast (benchmarks/local_check.py).
+#      dq/dk/grad_output-contiguity bugs, fp32 and bf16 autocast (benchmarks/local_check.py);
+#   7. the Hugging Face Trainer under FSDP2 (accelerate's fully_shard) with GradWatchTrainerCallback,
+#      the model of examples/hf_trainer.py with its planted bug and fixed (benchmarks/hf_fsdp.py):
+#      torchrun with one process per visible GPU (one GPU: an FSDP2 world of size 1 over NCCL, the
+#      whole fully_shard path without sharding across ranks), 2 gloo processes with --device cpu.
 # It prints the device name first and the seconds of each part; a failing part is reported
 # and the others still run (the exit status is then 1). Needs torch, pytorch-lightning and
-# tensorboard (no transformers); about 5-8 minutes on one GPU (estimate: not yet run on a GPU).
+# tensorboard, and transformers + accelerate for part 7 (which fails, saying so, without them);
+# about 5-8 minutes on one GPU (estimate: not yet run on a GPU).
 #
 # Run from the repository root:  bash benchmarks/gpu_check.sh                  (cuda, full sizes)
 #                                bash benchmarks/gpu_check.sh --device cpu     (the same on CPU)
@@ -32,9 +37,14 @@ done
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 if [[ "$QUICK" == 1 ]]; then
-  SEEDS=1; PAIRS=1; STEPS=20; REPEATS=1; SDPA_STEPS=1; COST_MODELS="mlp"; WIDTH=512
+  SEEDS=1; PAIRS=1; STEPS=20; REPEATS=1; SDPA_STEPS=1; COST_MODELS="mlp"; WIDTH=512; HF_STEPS=2; HF_EVERY=2
 else
-  SEEDS=3; PAIRS=5; STEPS=300; REPEATS=2; SDPA_STEPS=3; COST_MODELS="cnn transformer mlp"; WIDTH=2048
+  SEEDS=3; PAIRS=5; STEPS=300; REPEATS=2; SDPA_STEPS=3; COST_MODELS="cnn transformer mlp"; WIDTH=2048; HF_STEPS=6; HF_EVERY=3
+fi
+if [[ "$DEVICE" == cuda* ]]; then
+  NPROC=$("$PY" -c "import torch; print(max(1, torch.cuda.device_count()))" 2>/dev/null || echo 1)
+else
+  NPROC=2
 fi
 
 echo "## device: $DEVICE (quick=$QUICK)"
@@ -71,6 +81,8 @@ part check_cost "$PY" benchmarks/check_cost.py --device "$DEVICE" --repeats "$RE
 part memory "$PY" benchmarks/memory.py --device "$DEVICE" --width "$WIDTH"
 part sdpa_dropout "$PY" benchmarks/sdpa_dropout.py --device "$DEVICE" --steps "$SDPA_STEPS" --dtypes bfloat16 float16
 part local_check "$PY" benchmarks/local_check.py --device "$DEVICE" --seeds "$SEEDS"
+part hf_fsdp "$PY" -m torch.distributed.run --standalone --nproc_per_node "$NPROC" benchmarks/hf_fsdp.py \
+  --device "${DEVICE%%:*}" --steps "$HF_STEPS" --every "$HF_EVERY"
 
 echo
 echo "## total $((SECONDS - TOTAL)) s; failed parts: ${FAILED[*]:-none}"

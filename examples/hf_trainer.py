@@ -88,6 +88,20 @@ def causal_lm_loss(model: nn.Module, inputs: dict) -> torch.Tensor:
     return total / inputs["num_items_in_batch"]
 
 
+def build_model(*, planted_bug: bool, seed: int = 0) -> GPT2LMHeadModel:
+    """A tiny random-init GPT-2 with ``FusedGELU`` patched into every block (``planted_bug``: the wrong backward).
+
+    Example:
+        >>> model = build_model(planted_bug=True)  # doctest: +SKIP
+    """
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
+                                       bos_token_id=0, eos_token_id=0))
+    for block in model.transformer.h:  # the "kernel" patched into every block
+        block.mlp.act = FusedGELU(planted_bug=planted_bug)
+    return model
+
+
 def main(argv: list[str] | None = None) -> GradWatchTrainerCallback:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps (default 40)")
@@ -99,11 +113,7 @@ def main(argv: list[str] | None = None) -> GradWatchTrainerCallback:
 
     warnings.filterwarnings("ignore", ".*loss_type=None.*")
     logging.getLogger("transformers").setLevel(logging.ERROR)
-    torch.manual_seed(args.seed)
-    model = GPT2LMHeadModel(GPT2Config(n_layer=2, n_embd=32, n_head=2, vocab_size=VOCAB, n_positions=SEQ,
-                                       bos_token_id=0, eos_token_id=0))
-    for block in model.transformer.h:  # the "kernel" patched into every block
-        block.mlp.act = FusedGELU(planted_bug=not args.fixed)
+    model = build_model(planted_bug=not args.fixed, seed=args.seed)
     failures: list[Report] = []
     # max_overhead=None: a demonstration, so every check probes every tensor; in real
     # training keep the default budget (2% of the training time, spent in turn over the tensors)

@@ -5,10 +5,16 @@ most ``max_count`` capsules and ``max_total_bytes`` bytes per run, ``max_bytes``
 writes on rank zero only, and never stops training: a write that fails gives one
 ``UserWarning`` and no capsule is written after it. It reads the tensors it saves (clones),
 draws no random number and changes neither the model nor the report.
+
+Under several processes (DDP, FSDP2) the capsule is rank zero's: its batch (or the module's
+recorded inputs and ``grad_out``) with its *own* gradients, before they were averaged over the
+processes, so that one process replays like with like; the capsule's ``processes`` entry says
+so (:attr:`gradwatch.capsule.Capsule.processes`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import time
@@ -18,7 +24,7 @@ from typing import Any, Callable, Mapping
 import torch
 from torch import Tensor, nn
 
-from gradwatch.capsule import _model_capsule, _module_capsule, _save
+from gradwatch.capsule import _model_capsule, _module_capsule, _processes, _save
 from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState
 from gradwatch.report import Report
@@ -61,9 +67,27 @@ class _CapsuleWriter:
         self.directory = directory
         self.max_bytes, self.max_count, self.max_total_bytes = max_bytes, max_count, max_total_bytes
         self.written: dict[str, str] = {}  # module name ("" for the whole model) -> path
+        self.sizes: dict[str, tuple[int, float]] = {}  # module name -> (bytes written, seconds to build and write)
         self.total_bytes = 0
         self.seconds = 0.0
         self.broken = False  # a write failed: no more attempts this run
+
+    def named(self, report: Report) -> Report:
+        """``report`` with the capsule of each failing tensor and reference comparison
+        (:attr:`Report.capsules`): its module's (``<module>::<tensor>``) or the whole model's."""
+        if report.ok or not self.written:
+            return report
+        names = {}
+        for name in [t.name for t in report.failures] + [f"{r.name} (reference)" for r in report.reference_failures]:
+            key = name.removesuffix(" (reference)").rsplit("::", 1)[0] if "::" in name else ""
+            if key in self.written:
+                names[name] = self.written[key]
+        return dataclasses.replace(report, capsules=names) if names else report
+
+    def wants(self, keys: Any = ("",)) -> bool:
+        """Whether a failure of one of ``keys`` (module names, ``""`` the whole model) would be
+        written by this process now (what to keep for it is then worth recording)."""
+        return any(self._open(key) for key in keys)
 
     def _open(self, key: str) -> bool:
         if self.directory is None or self.broken or key in self.written or len(self.written) >= self.max_count:
@@ -88,26 +112,79 @@ class _CapsuleWriter:
                           UserWarning, stacklevel=4)
             return
         finally:
-            self.seconds += time.perf_counter() - started
+            seconds = time.perf_counter() - started
+            self.seconds += seconds
         self.written[key] = path
+        self.sizes[key] = (size, seconds)
         self.total_bytes += size
 
     def whole(self, report: Report, model: nn.Module, batch: Any, grads: Mapping[str, Tensor],
               replay: ReplayState | None, train_loss: Any, seed: int, options: ProbeOptions, names: Any,
-              loss_factor: tuple[str, Any] | None = None) -> None:
-        """After the whole-model check: a capsule when it failed."""
+              loss_factor: tuple[str, Any] | None = None, own: "_Own | None" = None) -> None:
+        """After the whole-model check: a capsule when it failed. ``own``: under several processes,
+        this process's own gradients (``grads`` are then their mean, not saved)."""
         if report.ok or not self._open(""):
             return
-        self._write("", report.step, lambda budget: _model_capsule(
-            model, step=report.step, seed=seed, options=options, batch=batch, grads=grads, replay=replay,
-            train_loss=train_loss, names=names, loss_factor=loss_factor, max_bytes=budget))
+        processes = None if own is None else _processes(*_rank_and_world())
 
-    def local(self, step: int, records: Mapping[str, Any], reports: list[Report], options: ProbeOptions) -> None:
-        """After the module-local checks (``reports`` in ``records`` order, each with the seed its check used): a capsule per
-        failing module (a failing tensor or a failing reference comparison)."""
+        def build(budget: int) -> dict:
+            data = _model_capsule(
+                model, step=report.step, seed=seed, options=options, batch=batch,
+                grads=grads if own is None else own.unscaled(), replay=replay, train_loss=train_loss, names=names,
+                loss_factor=loss_factor, max_bytes=budget, processes=processes)
+            if own is not None and own.grads is None:
+                data.pop("grads", None)
+                data["missing"].append("grads: only their mean over processes was recorded, not this process's "
+                                       "own; replay with check(model, loss_fn, grads='autograd')")
+            return data
+
+        self._write("", report.step, build)
+
+    def local(self, step: int, records: Mapping[str, Any], reports: list[Report], options: ProbeOptions,
+              own: Mapping[str, tuple] | None = None) -> None:
+        """After the module-local checks (``reports`` in ``records`` order, each with the seed its
+        check used): a capsule per failing module (a failing tensor or a failing reference
+        comparison). ``own``: under several processes, each record's own ``(param_grads,
+        grad_inputs)`` (:func:`_own_records`)."""
+        processes = None if own is None else _processes(*_rank_and_world())
         for (name, record), report in zip(records.items(), reports):
             if report.ok or not self._open(name):
                 continue
             self._write(name, step, lambda budget: _module_capsule(
                 record, step=step, seed=report.seed, options=options, max_bytes=budget,
-                device=next((t.device for t in record.leaves if isinstance(t, Tensor)), None)))
+                device=next((t.device for t in record.leaves if isinstance(t, Tensor)), None),
+                own=None if own is None else own.get(name, ({}, {})), processes=processes))
+
+
+class _Own:
+    """This process's own gradients of a distributed check step (before averaging), as recorded:
+    ``grads`` (None: not recorded) and the GradScaler ``scale`` they still carry (None: none)."""
+
+    def __init__(self, grads: Mapping[str, Tensor] | None, scale: float | None) -> None:
+        self.grads, self.scale = grads, scale
+
+    def unscaled(self) -> dict[str, Tensor]:
+        grads = dict(self.grads or {})
+        return grads if self.scale is None else {n: g / self.scale for n, g in grads.items()}
+
+
+def _own_records(records: Mapping[str, Any], local: Mapping[str, Tensor] | None) -> dict[str, tuple]:
+    """Each record's own ``(param_grads, grad_inputs)`` before a distributed check averages them;
+    ``local``: the local gradients by model-level name (under ``fully_shard``, where the record's
+    own tensor hooks do not see the gathered parameters)."""
+    out = {}
+    for name, record in records.items():
+        if local is None:
+            params = dict(record.param_grads)
+        else:
+            prefix = f"{name}." if name else ""
+            params = {p: local[prefix + p] for p, _ in record.module.named_parameters() if prefix + p in local}
+        out[name] = (params, dict(record.grad_inputs))
+    return out
+
+
+def _rank_and_world() -> tuple[int, int]:
+    dist = torch.distributed
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1

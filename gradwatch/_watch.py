@@ -38,7 +38,7 @@ import torch
 from torch import Tensor, nn
 from torch.overrides import TorchFunctionMode
 
-from gradwatch._capsules import _CapsuleWriter
+from gradwatch._capsules import _CapsuleWriter, _Own, _own_records
 from gradwatch._recording import _OpCalls, _Recording
 from gradwatch._references import _REFERENCES_BY_OP
 from gradwatch._schedule import _Schedule
@@ -72,7 +72,9 @@ class _Capture:
     is done (memory for the module-local checks). ``loss_factor``: how ``loss_fn`` derives from
     the user's loss, ``("div", n)`` (Lightning's accumulation) or ``("mul", factor)`` (the HF
     Trainer's factor tensor); kept in the whole-model capsule so the user's plain loss replays
-    it. None: the user's loss itself.
+    it. None: the user's loss itself. ``own_grads``: when ``distributed`` and ``grads`` already are
+    the mean over processes (DDP's ``.grad``), this process's own gradients of the backward, for
+    its capsule (recorded only where one would be written; None: not recorded).
     """
 
     step: int
@@ -89,6 +91,7 @@ class _Capture:
     average: bool = False
     local_grads: Mapping[str, Tensor] | None = None
     loss_factor: tuple[str, Any] | None = None
+    own_grads: Mapping[str, Tensor] | None = None
 
 
 class _Watch:
@@ -220,6 +223,7 @@ class _Watch:
             if guard is not None:
                 guard.abort()  # the other processes raise at their next collective instead of waiting
             raise
+        report = self.capsules.named(report)  # each failing tensor's capsule, for the sinks and on_failure
         self.record(report, sinks=sinks, write=write)
         return report
 
@@ -241,9 +245,12 @@ class _Watch:
                     "(fp16 overflow); the scale is lowered and no gradient of this step reaches the optimizer"
                 )
                 return _skipped_report(model, seed, step, reason)
+        own = _own_grads(capture) if capture.distributed and self.capsules.wants() else None  # for its capsule
         if capture.average and reduce is not None and grads:
             grads = _reduced(grads, reduce)  # this process's own gradient: the mean, as DDP averages
         records = capture.recording.records() if capture.recording is not None else {}
+        own_records = (_own_records(records, capture.local_grads)  # before the checks average them
+                       if capture.distributed and records and self.capsules.wants(records) else None)
         sharded = capture.local_grads is not None
         skip = self._whole_skipped(model, records, sharded=sharded)
         with ExitStack() as gathered:
@@ -253,13 +260,13 @@ class _Watch:
                     gathered.enter_context(_unsharded(module))
                 if records:  # the records agreed across ranks, their gradients averaged
                     references = _share_records(records, capture.local_grads, capture.grads, guard)
-            report = self._budgeted(capture, grads, train_loss, seed, guard, skip)
-            del grads
+            report = self._budgeted(capture, grads, train_loss, seed, guard, skip, own)
+            del grads, own
             capture.grads, capture.replay = {}, None  # what the module-local checks need is in the records
             if records:
                 local = self._local_checks(capture, records, seed, guard, references)
                 report = self._merge_local(report, step, local, whole=skip is None, guard=guard,
-                                           records=None if capture.distributed else records)
+                                           records=records, own=own_records)
         return report
 
     def _whole_skipped(self, model: nn.Module, records: Mapping[str, Any], *, sharded: bool) -> str | None:
@@ -277,10 +284,11 @@ class _Watch:
         )
 
     def _budgeted(self, capture: _Capture, grads: Mapping[str, Tensor], train_loss: Tensor | float | None,
-                  seed: int, guard: _Guard | None, skip: str | None) -> Report:
+                  seed: int, guard: _Guard | None, skip: str | None, own: _Own | None = None) -> Report:
         """The whole-model check within the schedule's budget; under several processes every one
         checks rank zero's plan (the same tensors with the same probes). ``skip``: why the whole
-        model is not checked (every tensor ``skipped``)."""
+        model is not checked (every tensor ``skipped``); ``own``: this process's own gradients,
+        for its capsule under several processes."""
         schedule, model, step = self.schedule, capture.model, capture.step
         if skip is not None:
             schedule.plan([])  # closes the timing of the training step
@@ -303,7 +311,7 @@ class _Watch:
             schedule.next_step = int(guard.broadcast(schedule.next_step))
         report = dataclasses.replace(report, step=step)
         self.capsules.whole(report, model, capture.batch, grads, capture.replay, train_loss, seed, options, names,
-                            loss_factor=capture.loss_factor)
+                            loss_factor=capture.loss_factor, own=own)
         return report
 
     def _local_checks(self, capture: _Capture, records: Mapping[str, Any], seed: int, guard: _Guard | None,
@@ -316,17 +324,18 @@ class _Watch:
         return partial(_local_reports, capture.recording.recordings(), seed, self.options)
 
     def _merge_local(self, report: Report, step: int, local_reports: Callable[[], list[Report]], *,
-                     whole: bool, guard: _Guard | None, records: Mapping[str, Any] | None = None) -> Report:
+                     whole: bool, guard: _Guard | None, records: Mapping[str, Any] | None = None,
+                     own: Mapping[str, tuple] | None = None) -> Report:
         """``report`` with the module-local reports added; their time counts against the budget
         (``whole``: the whole model was checked too, else the local checks are the check).
-        ``records``: a failing one gets a capsule (single-process checks; each local report carries
-        the seed its check used)."""
+        ``records``: a failing one gets a capsule (each local report carries the seed its check
+        used; ``own``: under several processes, each record's own gradients)."""
         started = time.perf_counter()
         local = local_reports()
         report = _merge(report, local)
         seconds = time.perf_counter() - started
         if records is not None:
-            self.capsules.local(step, records, local, self.options)
+            self.capsules.local(step, records, local, self.options, own=own)
         if whole:
             self.schedule.add(step, seconds)
         else:
@@ -471,6 +480,15 @@ class _BackwardRoots(TorchFunctionMode):
         for r in self.roots[1:]:
             total = total + r.reshape(()).to(total.device)
         return total
+
+
+def _own_grads(capture: _Capture) -> _Own:
+    """This process's own gradients of a distributed step (for its capsule), with the scale they carry."""
+    if capture.local_grads is not None:  # fully_shard: recorded in the backward
+        return _Own(capture.local_grads, capture.scale)
+    if capture.average:  # grads are this process's, averaged by the core
+        return _Own(capture.grads, capture.scale if capture.grads_scaled else None)
+    return _Own(capture.own_grads, capture.scale)  # recorded in the backward by the adapter, or None
 
 
 def _all_finite(grads: Iterable[Tensor], reduce: Callable[[Tensor], Tensor] | None) -> bool:

@@ -20,6 +20,13 @@ gradients training produced, which gives the training report's verdicts and numb
 given module's own backward on the recorded inputs, which is what a fix changes.
 ``gradwatch repro CAPSULE`` does the same from the command line.
 
+Under several processes (DDP, FSDP2) rank zero writes the capsule: its own batch (or the
+module's inputs and ``grad_out`` on rank zero) and its own gradients, before they were
+averaged over the processes, so that one process replays like with like (the training's
+verdicts; rank zero's numbers, not the cross-rank means): :attr:`Capsule.processes` says so.
+:meth:`Capsule.replay_notes` says what else differs from training (device, TF32, autocast,
+dtypes); :meth:`Capsule.check` warns with them.
+
 Example:
     >>> import gradwatch, torch, tempfile, os
     >>> lin = torch.nn.Linear(3, 2)
@@ -42,6 +49,7 @@ import dataclasses
 import importlib
 import os
 import pickle
+import warnings
 from typing import Any, Callable, Mapping
 
 import numpy as np
@@ -162,11 +170,16 @@ def _op_hint(op: str) -> str | None:
 
 # --------------------------------------------------------------------------- building (the writer's side)
 def _module_capsule(record: _Record, *, step: int, seed: int, options: ProbeOptions,
-                    max_bytes: int | None = None, device: Any = None) -> dict:
-    """The capsule of one module-local check (``record`` as the check saw it)."""
+                    max_bytes: int | None = None, device: Any = None,
+                    own: tuple[Mapping[str, Tensor], Mapping[str, Tensor]] | None = None,
+                    processes: Mapping[str, Any] | None = None) -> dict:
+    """The capsule of one module-local check (``record`` as the check saw it). Under several
+    processes, ``own``: this process's own ``(param_grads, grad_inputs)`` of the record (before
+    they were averaged over processes), and ``processes``: :func:`_processes`' description."""
     module = record.module
     op = module.op_name if isinstance(module, _OpModule) else None
-    data = _header("module", record.name, step, seed, options, device)
+    data = _header("module", record.name, step, seed, options, device, processes)
+    param_grads, grad_inputs = own if own is not None else (record.param_grads, record.grad_inputs)
     data.update(target=op if op is not None else _class_path(module), op=op is not None,
                 import_hint=_op_hint(op) if op is not None else None)
     try:
@@ -181,8 +194,8 @@ def _module_capsule(record: _Record, *, step: int, seed: int, options: ProbeOpti
                 "outputs": _tensors(record.outputs),
                 "grad_outputs": {i: None if g is None else g.detach().clone() for i, g in record.grad_outputs.items()},
                 "grad_output_strides": {i: list(s) for i, s in record.grad_output_strides.items()},
-                "grad_inputs": _tensors(record.grad_inputs),
-                "param_grads": _tensors(record.param_grads),
+                "grad_inputs": _tensors(grad_inputs),
+                "param_grads": _tensors(param_grads),
                 "replay": _encode_replay(record.replay),
             },
         }
@@ -201,12 +214,14 @@ def _module_capsule(record: _Record, *, step: int, seed: int, options: ProbeOpti
 
 def _model_capsule(model: nn.Module, *, step: int, seed: int, options: ProbeOptions, batch: Any,
                    grads: Mapping[str, Tensor], replay: ReplayState | None, train_loss: Any,
-                   names: Any, loss_factor: tuple[str, Any] | None = None, max_bytes: int | None = None) -> dict:
+                   names: Any, loss_factor: tuple[str, Any] | None = None, max_bytes: int | None = None,
+                   processes: Mapping[str, Any] | None = None) -> dict:
     """The capsule of a whole-model check; groups that do not fit ``max_bytes`` are left out.
     ``loss_factor``: ``("div", n)`` or ``("mul", factor)``, what the check's loss applied to the
-    user's loss (None: nothing)."""
+    user's loss (None: nothing). Under several processes ``grads`` are this process's own (of
+    ``batch``, before averaging) and ``processes`` says so (:func:`_processes`)."""
     device = next((p.device for p in model.parameters()), None)
-    data = _header("model", "", step, seed, options, device)
+    data = _header("model", "", step, seed, options, device, processes)
     data.update(target=_class_path(model), op=False, import_hint=None,
                 names=None if names is None else list(names),
                 train_loss=None if train_loss is None else float(train_loss),
@@ -234,10 +249,27 @@ def _model_capsule(model: nn.Module, *, step: int, seed: int, options: ProbeOpti
     return data
 
 
-def _header(kind: str, name: str, step: int, seed: int, options: ProbeOptions, device: Any) -> dict:
+def _header(kind: str, name: str, step: int, seed: int, options: ProbeOptions, device: Any,
+            processes: Mapping[str, Any] | None = None) -> dict:
     return {"format": FORMAT, "version": VERSION, "kind": kind, "name": name, "step": int(step), "seed": int(seed),
             "options": dataclasses.asdict(options), "device": None if device is None else str(device),
-            "torch": str(torch.__version__), "missing": []}
+            "torch": str(torch.__version__), "precision": _precision_state(),
+            "processes": None if processes is None else dict(processes), "missing": []}
+
+
+def _precision_state() -> dict:
+    """The float32 math settings the check ran under (TF32 on CUDA)."""
+    return {"float32_matmul_precision": torch.get_float32_matmul_precision(),
+            "cuda_matmul_allow_tf32": bool(torch.backends.cuda.matmul.allow_tf32),
+            "cudnn_allow_tf32": bool(torch.backends.cudnn.allow_tf32)}
+
+
+def _processes(rank: int, world_size: int) -> dict:
+    """What a capsule written under ``world_size`` processes holds: process ``rank``'s own part."""
+    return {"rank": int(rank), "world_size": int(world_size),
+            "gradients": f"process {rank}'s own gradients of its own batch (before they were averaged over "
+                         f"{world_size} processes); training judged the mean over processes, the replay "
+                         f"judges process {rank}'s part alone"}
 
 
 def _save(data: dict, path: str) -> int:
@@ -300,13 +332,64 @@ class Capsule:
             raise ValueError(f"cannot rebuild {self.target} with no arguments ({type(err).__name__}: {err}): "
                              "pass the module to check(module), or --module pkg.mod:factory") from err
 
+    @property
+    def processes(self) -> Mapping[str, Any] | None:
+        """Under several processes (DDP, FSDP2): ``{"rank", "world_size", "gradients"}``, what the
+        capsule holds (the writing process's own batch and gradients, not their mean over
+        processes); ``None`` for a single-process check."""
+        return self.data.get("processes")
+
+    def replay_notes(self, module: Any = None, device: Any = None) -> tuple[str, ...]:
+        """Lines saying where the replay differs from the training check: another device, other
+        TF32 settings, an autocast state that does not apply on the replay's device, parameters
+        of another dtype in ``module`` (the captured ones are cast into it), or a capsule of one
+        process among several. Empty when none does.
+
+        Example:
+            >>> capsule.replay_notes(device="cpu")  # doctest: +SKIP
+            ('capsule written on cuda:0, replayed on cpu: ...',)
+        """
+        dev = _device(self, device)
+        notes = []
+        written = torch.device(self.device) if self.device is not None else None
+        if written is not None and written.type != dev.type:
+            notes.append(f"capsule written on {self.device}, replayed on {dev}: verdicts are expected to hold, "
+                         "numbers may differ in the last digits")
+        recorded, now = self.data.get("precision") or {}, _precision_state()
+        then_cuda, now_cuda = getattr(written, "type", None) == "cuda", dev.type == "cuda"
+        if then_cuda and now_cuda:
+            changed = [k for k in now if k in recorded and recorded[k] != now[k]]
+            if changed:
+                notes.append("float32 math settings differ from training's: " + ", ".join(
+                    f"{k} {recorded[k]!r} then, {now[k]!r} now" for k in changed))
+        elif then_cuda and _tf32(recorded):
+            notes.append(f"training's float32 math on {self.device} allowed TF32 ({_tf32(recorded)}); {dev.type} has "
+                         "none: float32 results are more precise here")
+        elif now_cuda and _tf32(now):
+            notes.append(f"this replay's float32 math on {dev} allows TF32 ({_tf32(now)}); training on "
+                         f"{self.device} had none")
+        for device_type, (enabled, dtype) in _recorded_autocast(self.data).items():
+            if enabled and device_type != dev.type:
+                notes.append(f"training ran under {device_type} autocast ({dtype}), which does not apply on "
+                             f"{dev.type}: its ops run in their own dtypes here")
+        if isinstance(module, nn.Module):
+            state = self.data.get("state") or {}
+            mine = {**dict(module.named_parameters()), **dict(module.named_buffers())}
+            cast = sorted({f"{state[k].dtype} -> {mine[k].dtype}".replace("torch.", "") for k in state
+                           if k in mine and state[k].is_floating_point() and state[k].dtype != mine[k].dtype})
+            if cast:
+                notes.append(f"the module's parameters have another dtype than training's ({', '.join(cast)}): "
+                             "the captured values are cast into it")
+        if self.processes is not None:
+            notes.append(f"written by process {self.processes['rank']} of {self.processes['world_size']}: "
+                         f"{self.processes['gradients']}; verdicts are expected to hold, numbers differ from "
+                         "the training report's")
+        return tuple(notes)
+
     def replay_note(self, device: Any = None) -> str | None:
-        """A line saying the replay runs on another device than the training check, else None."""
-        device = str(_device(self, device))
-        if self.device is not None and torch.device(self.device).type != torch.device(device).type:
-            return (f"capsule written on {self.device}, replayed on {device}: verdicts are expected to hold, "
-                    "numbers may differ in the last digits")
-        return None
+        """:meth:`replay_notes` (without a module) in one line, or None."""
+        notes = self.replay_notes(device=device)
+        return "; ".join(notes) if notes else None
 
     def check(self, module: Any = None, loss_fn: Callable[[nn.Module, Any], Tensor] | None = None, *,
               device: Any = None, grads: str = "recorded") -> Report:
@@ -332,11 +415,32 @@ class Capsule:
         if grads not in ("recorded", "autograd"):
             raise ValueError(f"`grads` must be 'recorded' or 'autograd', got {grads!r}")
         dev = _device(self, device)
+        if self.kind == "model" and (not isinstance(module, nn.Module) or loss_fn is None):
+            raise ValueError("a whole-model capsule needs check(model, loss_fn)")
+        if self.kind != "model" and module is None:
+            _need(self, "record", "state")
+            module = self.build()
+        notes = self.replay_notes(module, dev)
+        if notes:
+            warnings.warn("gradwatch capsule replay: " + "; ".join(notes), UserWarning, stacklevel=2)
         if self.kind == "model":
-            if not isinstance(module, nn.Module) or loss_fn is None:
-                raise ValueError("a whole-model capsule needs check(model, loss_fn)")
             return _check_model(self, module, loss_fn, dev, grads)
         return _check_module(self, module, dev, grads)
+
+
+def _tf32(precision: Mapping[str, Any]) -> str:
+    """Which of the float32 math settings allow TF32 on CUDA ("" for none)."""
+    on = [name for key, name in (("cuda_matmul_allow_tf32", "matmul"), ("cudnn_allow_tf32", "cuDNN"))
+          if precision.get(key)]
+    if precision.get("float32_matmul_precision", "highest") != "highest" and "matmul" not in on:
+        on.append(f"float32_matmul_precision {precision['float32_matmul_precision']!r}")
+    return ", ".join(on)
+
+
+def _recorded_autocast(data: Mapping[str, Any]) -> dict:
+    """The autocast state of the captured forward: ``{device_type: (enabled, dtype name)}``."""
+    replay = (data.get("record") or {}).get("replay") if data.get("kind") == "module" else data.get("replay")
+    return {d: (bool(e), dt) for d, (e, dt) in ((replay or {}).get("autocast") or {}).items()}
 
 
 def _device(capsule: Capsule, device: Any) -> torch.device:

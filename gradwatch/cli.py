@@ -7,7 +7,9 @@ tensor the checks, failing checks, first failing step (``<prefix>/failed/<param>
 worst relative error and worst error/tolerance with their steps, and the kink crossings
 (sum of ``<prefix>/kinks/<param>``), the tensors with the largest error/tolerance at the
 run's last check (``<prefix>/worst/<k>``, named by the ``error_ratio`` of that step), then
-the run's checks and failing checks; ``--top N`` keeps the table to the N tensors with the
+the run's checks and failing checks, and the capsule of each failing tensor (``gradwatch repro``
+reruns it; read from the ``<prefix>/capsules`` text the TensorBoard sink writes); ``--top N`` keeps the
+table to the N tensors with the
 largest worst error/tolerance (failing tensors always shown), for models with hundreds of
 tensors. Module-local tensors (``<module>::<tensor>``) have rows like any tensor; comparisons
 with a registered reference have a row ``<module>::<quantity> (reference)`` (``rel_error``
@@ -41,7 +43,8 @@ error and error/tolerance over the steps per tensor, log scale, with the fail th
                             "failing_checks": int, "first_failing_step": int | null,
                             "worst_rel_error": float | null, "worst_rel_error_step": int | null,
                             "worst_error_ratio": float | null, "worst_error_ratio_step": int | null,
-                            "kinks": int}]}]}   # probes that crossed a kink, all checks
+                            "kinks": int,     # probes that crossed a kink, all checks
+                            "capsule": str | null}]}]}   # its capsule file (<prefix>/capsules text), if any
 
 Example:
     >>> main(["report", "runs"])  # doctest: +SKIP
@@ -54,11 +57,13 @@ Example:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import functools
 import json
 import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Sequence, TextIO
 
@@ -77,6 +82,7 @@ _WORST = "worst"  # <prefix>/worst/<k>: error_ratio of the k-th worst tensor
 # module-local comparisons with a registered reference: <prefix>/<kind>/<module>::<quantity>, and a count per check
 _REF_FAILED, _REF_REL_DIFF, _REF_ERROR_RATIO = "reference_failed", "reference_rel_diff", "reference_error_ratio"
 _REF_FAILURES = "reference_failures"
+_CAPSULES = "capsules"  # <prefix>/capsules: a text naming each failing tensor's capsule (Report.capsule_markdown)
 _WORST_SHOWN = 5  # ranks on the table's "worst at the last check" line (--json has all)
 
 _PLOT_MISSING = "`--plot` needs matplotlib: pip install 'gradwatch[plot]'"
@@ -97,6 +103,8 @@ class TensorSummary:
         error_ratio: ``(step, error / tolerance)`` points; above the run's
             ``fail_threshold`` the tensor failed.
         kinks: Probes that crossed a kink, summed over the checks.
+        capsule: The capsule file the last check naming one gave this tensor (``gradwatch
+            repro CAPSULE`` reruns it), or None.
     """
 
     name: str
@@ -105,6 +113,7 @@ class TensorSummary:
     rel_error: _Series
     error_ratio: _Series
     kinks: int
+    capsule: str | None = None
 
     @property
     def first_failing_step(self) -> int | None:
@@ -133,6 +142,7 @@ class TensorSummary:
             "worst_error_ratio": None if ratio is None else ratio[1],
             "worst_error_ratio_step": None if ratio is None else ratio[0],
             "kinks": self.kinks,
+            "capsule": self.capsule,
         }
 
 
@@ -225,7 +235,8 @@ def summarize(logdir: str | os.PathLike[str], *, prefix: str = "gradwatch") -> l
     from tensorboard.backend.event_processing import event_accumulator, io_wrapper
 
     # 0 = keep every point of that kind; the other kinds are not read
-    guidance = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 1, event_accumulator.HISTOGRAMS: 1,
+    # (tensors: the texts, every one kept for the capsules; histograms, images, audio: not read)
+    guidance = {event_accumulator.SCALARS: 0, event_accumulator.TENSORS: 0, event_accumulator.HISTOGRAMS: 1,
                 event_accumulator.COMPRESSED_HISTOGRAMS: 1, event_accumulator.IMAGES: 1, event_accumulator.AUDIO: 1}
     runs, other_prefixes, event_dirs = [], set(), 0
     for path in sorted(io_wrapper.GetLogdirSubdirectories(logdir)):
@@ -236,7 +247,8 @@ def summarize(logdir: str | os.PathLike[str], *, prefix: str = "gradwatch") -> l
         if f"{prefix}/{_FAILURES}" not in tags:
             other_prefixes.update(t[: -len(_FAILURES) - 1] for t in tags if t.endswith(f"/{_FAILURES}"))
             continue
-        runs.append(_run_summary(accumulator, tags, os.path.relpath(path, logdir), path, prefix))
+        run = _run_summary(accumulator, tags, os.path.relpath(path, logdir), path, prefix)
+        runs.append(_with_capsules(run, accumulator, prefix))
     if not runs:
         found = "no event files" if not event_dirs else (
             f"{event_dirs} director{'y' if event_dirs == 1 else 'ies'} with event files")
@@ -313,6 +325,23 @@ def _run_summary(accumulator: Any, tags: Sequence[str], run: str, path: str, pre
     )
 
 
+def _with_capsules(run: RunSummary, accumulator: Any, prefix: str) -> RunSummary:
+    """``run`` with each tensor's capsule, from the rows of the ``<prefix>/capsules`` texts
+    (``| `name` | `path` |``; a later check's row replaces an earlier one)."""
+    tag = f"{prefix}/{_CAPSULES}/text_summary"
+    if tag not in accumulator.Tags().get("tensors", []):
+        return run
+    named: dict[str, str] = {}
+    for event in sorted(accumulator.Tensors(tag), key=lambda e: e.wall_time):
+        text = b"".join(event.tensor_proto.string_val).decode("utf-8", "replace")
+        for line in text.splitlines():
+            cells = line.split("`")
+            if line.startswith("| `") and len(cells) >= 5:
+                named[cells[1]] = cells[3]
+    tensors = tuple(dataclasses.replace(t, capsule=named.get(t.name, t.capsule)) for t in run.tensors)
+    return dataclasses.replace(run, tensors=tensors)
+
+
 def _table(runs: Sequence[RunSummary], out: TextIO, top: int | None = None) -> None:
     header = ("", "tensor", "checks", "failing", "first failing step", "worst rel_error", "at step",
               "worst error/tol", "at step", "kinks")
@@ -354,6 +383,9 @@ def _table(runs: Sequence[RunSummary], out: TextIO, top: int | None = None) -> N
             cells = [row[0].ljust(widths[0]), row[1].ljust(widths[1])]
             cells += [cell.rjust(w) for cell, w in zip(row[2:], widths[2:])]
             out.write("  " + "  ".join(cells).rstrip() + "\n")
+        for t in tensors:
+            if t.capsule is not None and t.failing_steps:
+                out.write(f"  capsule of {t.name!r}: {t.capsule}\n")
     checks = sum(len(r.steps) for r in runs)
     failing = sum(len(r.failing_steps) for r in runs)
     failed_runs = sum(r.failed for r in runs)
@@ -539,13 +571,17 @@ def _repro(args: argparse.Namespace, out: TextIO, err: TextIO) -> int:
         if args.module is not None:
             target = _import_target(args.module)
             module = target if capsule.is_op else target()
-        note = capsule.replay_note(args.device)
-        report = capsule.check(module, device=args.device)
+        if module is None:
+            module = capsule.build()
+        notes = capsule.replay_notes(module, args.device)
+        with warnings.catch_warnings():  # the same notes, written below
+            warnings.filterwarnings("ignore", message="gradwatch capsule replay", category=UserWarning)
+            report = capsule.check(module, device=args.device)
     except (ImportError, AttributeError, ValueError, RuntimeError) as error:
         err.write(f"gradwatch repro: error: {type(error).__name__}: {error}\n")
         return 2
-    if note:
-        err.write(f"gradwatch repro: {note}\n")
+    for note in notes:
+        err.write(f"gradwatch repro: note: {note}\n")
     for line in capsule.missing:
         err.write(f"gradwatch repro: left out of the capsule: {line}\n")
     out.write(str(report) + "\n")

@@ -26,6 +26,8 @@ from typing import Any, Callable, Mapping, Sequence
 from torch import Tensor, nn
 
 from gradwatch._capsules import _capsule_dir, _capsules_option
+from gradwatch._sharded import _LocalGrads
+from gradwatch._sharded import _sharding as _model_sharding
 from gradwatch._validate import _callable
 from gradwatch._watch import _BackwardRoots, _Capture, _LocalRecording, _Watch, _Watched
 from gradwatch.options import ProbeOptions
@@ -69,8 +71,18 @@ class GradWatchTrainerCallback(_Watched):
     * with several processes (DDP through accelerate), the local gradients are averaged
       across processes (what DDP hands the optimizer), every process runs the same
       probes on its local batch and the results are averaged before judging, so all
-      processes report the same verdicts; only the main process logs. Sharded training
-      (FSDP, DeepSpeed, tensor parallel) is not checked: the callback warns once.
+      processes report the same verdicts; only the main process logs;
+    * under FSDP2 (``TrainingArguments(fsdp=True, fsdp_config={"fsdp_version": 2})``: accelerate
+      applies ``fully_shard``), as :class:`gradwatch.GradWatch` does under ``fully_shard``: the
+      gradient compared is the mean over processes of each one's local gradient of the check
+      micro-batch, recorded on the unsharded parameters inside each FSDP unit's forward (before
+      the reduce-scatter and clipping); for the check the parameters are gathered (a full copy of
+      the model) with FSDP's hooks suspended, and every process runs the same probes on its own
+      micro-batch, averaged before judging. When the check raises on one process the others raise
+      too instead of waiting. When the whole model's float64 copy is over ``max_shadow_bytes`` only
+      the ``modules`` named are gathered and checked. FSDP1 (``fsdp_version=1``), DeepSpeed, XLA
+      FSDP, Megatron-LM and tensor parallelism are not checked: the callback warns once, naming what
+      it found, why, and what to use instead.
 
     Reports go to the ``gradwatch`` logger (one line per check), to
     :class:`~gradwatch.KinkWarning`\\ s, and to the Trainer's TensorBoard
@@ -126,7 +138,8 @@ class GradWatchTrainerCallback(_Watched):
             ``args.logging_dir`` (transformers 4), else the directory of the Trainer's
             TensorBoard callback (transformers 5: ``report_to="tensorboard"``,
             ``TENSORBOARD_LOGGING_DIR``); none without one. A directory; ``False``: none.
-            Module-local capsules are written for single-process checks only. A whole-model
+            With several processes the main process's capsules hold its own micro-batch (or
+            module inputs) and its own gradients, before they are averaged. A whole-model
             capsule is replayed with the loss the check used (``loss_fn``, or the model's own
             ``outputs.loss``): ``capsule.check(model, loss_fn)``.
 
@@ -170,13 +183,14 @@ class GradWatchTrainerCallback(_Watched):
         self._trainer: Any = None
         self._enabled = True
         self._warned_sharded = False
+        self._fsdp = False  # whether the Trainer's model is sharded with fully_shard (FSDP2)
         self._pending: _Pending | None = None
         self._tensorboard: TensorBoardSink | None = None
 
 
     # ------------------------------------------------------------------ events
     def on_train_begin(self, args: Any, state: Any, control: Any, **kwargs: Any) -> None:
-        """Find the Trainer, refuse sharded training, and share the main process's seed."""
+        """Find the Trainer, refuse sharding it cannot check, and share the main process's seed."""
         trainer = _calling_trainer()
         self._disarm()  # a capture left armed by an interrupted train()
         self._trainer = trainer
@@ -187,19 +201,15 @@ class GradWatchTrainerCallback(_Watched):
             capsules = _capsule_dir(self._capsules, _logging_dir(args, trainer) if self._capsules in (None, True)
                                     else None)
         self._watch.set_capsule_dir(capsules)
-        sharded = _sharding(trainer)
-        self._enabled = sharded is None
-        if sharded is not None:
+        refused = _refused(trainer)  # the model is prepared (sharded) before on_train_begin
+        self._enabled = refused is None
+        if refused is not None:
             if not self._warned_sharded and state.is_world_process_zero:
-                warnings.warn(
-                    f"GradWatchTrainerCallback does not check gradients under {sharded} yet: its parameters are "
-                    "sharded across processes. Training continues unchecked; use DDP (or a single device) for "
-                    "gradient checks.",
-                    UserWarning,
-                    stacklevel=2,
-                )
+                warnings.warn(f"GradWatchTrainerCallback does not check gradients under {refused}. Training "
+                              "continues unchecked.", UserWarning, stacklevel=2)
             self._warned_sharded = True
             return
+        self._fsdp = _model_sharding(trainer.model) == "fsdp2"
         if trainer.accelerator.num_processes > 1:
             self._watch.seed = int(self._broadcast(self.seed))
         self._watch.seed_shared = True
@@ -225,12 +235,16 @@ class GradWatchTrainerCallback(_Watched):
             num_items = kw.get("num_items_in_batch", a[1] if len(a) > 1 else None)
             if num_items is not None:  # the Trainer's token count over the window (and processes)
                 inputs_copy[_NUM_ITEMS] = num_items
-            multi = trainer.accelerator.num_processes > 1
+            multi = trainer.accelerator.num_processes > 1 or self._fsdp
             targets = self._watch.targets(module, _trainer_loss(trainer), inputs_copy, pending.replay,
-                                          distributed=multi)
+                                          distributed=multi, sharded=self._fsdp)
             pending.recording = self._watch.recording(module, targets, ops=not multi)
+            if self._fsdp:  # this rank's local gradients, recorded on the gathered parameters before reduce-scatter
+                pending.recorder = _LocalGrads(module, names=[  # the checked modules' only when the model is too big
+                    f"{m}.{p}" if m else p for m, sub in targets.items() for p, _ in sub.named_parameters()
+                ] if self._watch.too_big(module) else None)
             fed: dict[str, Any] = {}
-            hook = module.register_forward_hook(partial(_keep_forward, fed), with_kwargs=True)
+            hook = module.register_forward_hook(partial(_keep_forward, fed, pending), with_kwargs=True)
             roots = _BackwardRoots()  # records the autocast state the forward runs under
             try:
                 pending.recording.__enter__()  # exited at the check: records this micro-batch only
@@ -243,18 +257,20 @@ class GradWatchTrainerCallback(_Watched):
                 hook.remove()
             if roots.autocast is not None:
                 pending.replay = dataclasses.replace(pending.replay, autocast=roots.autocast)
-            model_loss = _output_loss(fed.get("output"))
-            if _scalar_with_grad(model_loss) and fed.get("inputs") is not None:  # the model's own outputs.loss
-                loss, pending.inputs, pending.default = model_loss, fed["inputs"], _model_loss
+            if "loss" in fed and fed["inputs"] is not None:  # the model's own outputs.loss, hooked in the forward
+                pending.loss, pending.inputs, pending.default = fed["loss"], fed["inputs"], _model_loss
             else:  # the model returns none (compute_loss_func, label smoothing): compute_loss's loss
+                if "factor" in fed:
+                    fed["factor"].remove()
                 loss, pending.inputs, pending.default = (out[0] if isinstance(out, tuple) else out), inputs_copy, None
-            if _scalar_with_grad(loss):
-                pending.loss = loss.detach()
-                pending.handles.append(loss.register_hook(partial(_keep_factor, pending)))
+                if _scalar_with_grad(loss):
+                    pending.loss = loss.detach()
+                    pending.handles.append(loss.register_hook(partial(_keep_factor, pending)))
+            if pending.loss is not None:
                 pending.handles += [
                     p.register_hook(partial(_keep_grad, pending.grads, name))
                     for name, p in module.named_parameters()
-                    if p.requires_grad
+                    if p.requires_grad and pending.recorder is None  # FSDP2: shards; the recorder has the gradients
                 ]
             return out
 
@@ -288,11 +304,16 @@ class GradWatchTrainerCallback(_Watched):
         loss_fn = self.loss_fn or pending.default or _trainer_loss(trainer)
         multi = trainer.accelerator.num_processes > 1
         applied = factor if scale is None else factor / scale
+        fsdp = pending.recorder is not None
+        # FSDP2: the local gradients' mean over ranks (collectives, the same on every rank), what the
+        # reduce-scatter hands the optimizer; otherwise this process's own gradients, averaged in the check
+        grads = pending.recorder.mean(trainer.model) if fsdp else dict(pending.grads)
         checked = _Capture(
             pending.step, trainer.model, partial(_scaled, loss_fn, applied),
-            pending.inputs, pending.replay, dict(pending.grads), pending.loss * factor,  # before clipping
-            recording=pending.recording, scale=scale, distributed=multi,
-            average=multi,  # what DDP hands the optimizer: the mean over processes
+            pending.inputs, pending.replay, grads, pending.loss * factor,  # before clipping
+            recording=pending.recording, scale=scale, distributed=multi or fsdp,
+            average=multi and not fsdp,  # what DDP hands the optimizer: the mean over processes
+            local_grads=pending.recorder.grads if fsdp else None,
             loss_factor=("mul", applied),
         )
         del pending
@@ -321,6 +342,8 @@ class GradWatchTrainerCallback(_Watched):
             for handle in pending.handles:
                 handle.remove()
             pending.handles.clear()
+            if pending.recorder is not None:
+                pending.recorder.remove()  # its hooks only: the gradients it recorded stay
             if pending.recording is not None:
                 pending.recording.close()
         return pending
@@ -355,6 +378,7 @@ class _Pending:
     grads: dict[str, Tensor] = field(default_factory=dict)
     handles: list[Any] = field(default_factory=list)
     recording: _LocalRecording | None = None  # the module-local recordings of this micro-batch
+    recorder: _LocalGrads | None = None  # FSDP2: this rank's local gradients of the micro-batch's backward
 
 
 def _keep_factor(pending: _Pending, grad: Tensor) -> None:
@@ -362,11 +386,21 @@ def _keep_factor(pending: _Pending, grad: Tensor) -> None:
     pending.factor = grad.detach().reshape(())
 
 
-def _keep_forward(fed: dict[str, Any], module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-    """Forward hook on the model: the inputs the Trainer fed it (keywords only) and its output."""
-    if "output" not in fed:
-        fed["inputs"] = None if args else dict(kwargs)
-        fed["output"] = output
+def _keep_forward(fed: dict[str, Any], pending: _Pending, module: nn.Module, args: tuple, kwargs: dict,
+                  output: Any) -> None:
+    """Forward hook on the model: the inputs the Trainer fed it (keywords only) and its ``outputs.loss``,
+    whose value is copied and whose factor hook is registered right here: ``compute_loss`` may scale
+    that very tensor in place afterwards (``loss *= num_processes`` when tokens are averaged across
+    processes; under FSDP2 no wrapper copies the output first), and a hook registered before an
+    in-place change receives the gradient of the value before it."""
+    if "inputs" in fed:
+        return
+    fed["inputs"] = None if args else dict(kwargs)
+    loss = _output_loss(output)
+    if _scalar_with_grad(loss):
+        fed["loss"] = loss.detach().clone()
+        fed["factor"] = loss.register_hook(partial(_keep_factor, pending))
+        pending.handles.append(fed["factor"])
 
 
 def _output_loss(output: Any) -> Any:
@@ -431,18 +465,37 @@ def _calling_trainer() -> Any:
     )
 
 
-def _sharding(trainer: Any) -> str | None:
-    """What shards the parameters of this Trainer's training, or None."""
-    if getattr(trainer, "is_fsdp_enabled", False):
-        return "FSDP"
-    if getattr(trainer, "is_deepspeed_enabled", False):
-        return "DeepSpeed"
+#: What to use instead of a sharding the callback does not check.
+_INSTEAD = ("to check gradients, shard with FSDP2 (`TrainingArguments(fsdp=True, fsdp_config={'fsdp_version': 2})`, "
+            "torch.distributed.fsdp.fully_shard) or train with DDP")
+
+
+def _refused(trainer: Any) -> str | None:
+    """What shards this Trainer's parameters in a way the callback does not check, why, and what to
+    use instead; None for a single process, DDP and FSDP2 (``fully_shard``)."""
     kind = str(getattr(trainer.accelerator, "distributed_type", ""))
-    for name in ("FSDP", "DEEPSPEED", "MEGATRON_LM", "XLA"):
-        if name in kind:
-            return name
+    if getattr(trainer, "is_deepspeed_enabled", False) or "DEEPSPEED" in kind:
+        return ("DeepSpeed: ZeRO partitions the parameters and keeps, accumulates and clips the gradients in its "
+                f"own buffers, which gradwatch cannot read before they are reduced; {_INSTEAD}")
+    if getattr(trainer, "is_fsdp_xla_enabled", False) or "XLA" in kind:
+        return f"FSDP/XLA (torch_xla): gradwatch cannot gather XLA-sharded parameters; {_INSTEAD}"
+    if "MEGATRON_LM" in kind:
+        return f"Megatron-LM: its tensor-parallel layers split parameters that gradwatch cannot gather; {_INSTEAD}"
+    if getattr(trainer, "is_fsdp_enabled", False) or "FSDP" in kind:
+        plugin = getattr(getattr(trainer.accelerator, "state", None), "fsdp_plugin", None)
+        version = getattr(plugin, "fsdp_version", 1)
+        if version != 2:
+            return (f"FSDP1 (fsdp_version={version}, FullyShardedDataParallel): each unit's parameters are "
+                    f"flattened into one sharded FlatParameter that gradwatch cannot map back to the model's "
+                    f"tensors; {_INSTEAD}")
     tp_size = getattr(trainer, "get_tp_size", lambda: 1)()
-    return f"tensor parallelism (tp_size={tp_size})" if tp_size > 1 else None
+    if tp_size > 1:
+        return f"tensor parallelism (tp_size={tp_size}): its DTensor parameters are split across processes; {_INSTEAD}"
+    try:  # the model itself: FSDP1 flat parameters or tensor-parallel DTensors, however they came about
+        _model_sharding(trainer.model)
+    except ValueError as err:
+        return f"this sharding: {err}"
+    return None
 
 
 def _logging_dir(args: Any, trainer: Any) -> str | None:

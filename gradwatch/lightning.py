@@ -155,8 +155,11 @@ class GradWatchCallback(_Watched):
             ``<log_dir>/gradwatch/capsules`` under the first logger's directory (its
             ``log_dir``, the ``trainer.log_dir`` of a TensorBoard or CSV logger, else its
             ``save_dir``), resolved in ``setup`` of each fit; none with ``logger=False``; a
-            directory; ``False``: none. Module-local capsules are written for single-process
-            checks only (not under DDP or ``fully_shard``).
+            directory; ``False``: none. Under DDP or ``fully_shard`` rank zero's capsules hold its
+            own batch (or module inputs) and its own gradients, before they are averaged over
+            ranks, so that one process replays like with like (``Capsule.processes`` says so);
+            under DDP that takes a copy of rank zero's gradients on check steps while a capsule
+            may still be written.
 
     Attributes:
         reports: ``(global_step, Report)`` for each check, on every rank.
@@ -275,8 +278,11 @@ class GradWatchCallback(_Watched):
             recorder = _LocalGrads(pl_module, names=[
                 f"{m}.{p}" if m else p for m, module in targets.items() for p, _ in module.named_parameters()
             ] if self._watch.too_big(pl_module) else None)
+        own = None  # DDP's .grad will be the mean over ranks: this rank's own gradients, for its capsule
+        if distributed and not self._sharded and accumulate == 1 and self._watch.capsules.wants():
+            own = _OwnGrads(pl_module)
         pending = self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay,
-                                           recorder=recorder)
+                                           recorder=recorder, own=own)
         # custom ops with a reference are recorded on one process only (as the hook does without FSDP)
         pending.recording = self._watch.recording(pl_module, targets, ops=trainer.world_size == 1)
         pending.recording.__enter__()  # exited when the checked backward is done or the step dropped
@@ -349,6 +355,7 @@ class GradWatchCallback(_Watched):
             average=scaled and not fsdp,
             local_grads=pending.recorder.grads if fsdp else None,
             loss_factor=("div", pending.accumulate) if pending.accumulate > 1 else None,
+            own_grads=pending.own.grads if pending.own is not None else None,
         )
         del pending, grads
         with _metric_states_kept(pl_module):  # a re-run training_step may update torchmetrics states
@@ -409,14 +416,36 @@ class _Pending:
     loss: Tensor | None = None
     recorder: _LocalGrads | None = None  # fully_shard: records the local gradients of the backward
     recording: _LocalRecording | None = None  # the module-local recordings of the checked backward
+    own: "_OwnGrads | None" = None  # DDP: this rank's own gradients of the backward (for its capsule)
 
     def release(self) -> None:
         """Remove every hook this step registered (idempotent)."""
         if self.recorder is not None:
             self.recorder.remove()
+        if self.own is not None:
+            self.own.remove()
         if self.recording is not None:
             self.recording.close()
 
+
+
+class _OwnGrads:
+    """Copies of the gradients one rank's backward sends to each parameter, before DDP averages
+    them into ``.grad`` (DDP may write the mean into the very tensor a hook sees: copied)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.grads: dict[str, Tensor] = {}
+        self._handles = [p.register_hook(partial(self._keep, name)) for name, p in model.named_parameters()
+                         if p.requires_grad]
+
+    def _keep(self, name: str, grad: Tensor) -> None:
+        previous = self.grads.get(name)
+        self.grads[name] = grad.detach().clone() if previous is None else previous + grad.detach()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
 
 
 def _loaded_namespaces() -> tuple[str, ...]:

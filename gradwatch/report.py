@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable, Mapping, Union
 
 __all__ = [
@@ -434,6 +434,10 @@ class Report:
         references: Comparisons of module-local checks with registered references
             (:class:`ReferenceCheck`); a failing one fails the report.
         modules: How each module-local check ran (:class:`ModuleCheck`).
+        capsules: The capsule (:mod:`gradwatch.capsule`, ``gradwatch repro``) of each failing
+            tensor, and of each failing reference comparison (``"<module>::<quantity> (reference)"``),
+            when the adapter wrote one: name -> file path. The first failure of a module (or of
+            the whole model) is kept, so a later failure names that earlier capsule.
     """
 
     tensors: Mapping[str, TensorCheck]
@@ -456,6 +460,7 @@ class Report:
     joint: tuple[Probe, ...] = ()
     references: tuple[ReferenceCheck, ...] = ()
     modules: tuple[ModuleCheck, ...] = ()
+    capsules: Mapping[str, str] = field(default_factory=dict)
 
     @property
     def ok(self) -> bool:
@@ -661,6 +666,27 @@ class Report:
             text += "\n\n" + "\n".join(refs)
         return text
 
+    def capsule_markdown(self) -> str:
+        """A markdown table naming the capsule of each failing tensor ("" when none was written).
+
+        The logged text ``<prefix>/capsules``, which ``gradwatch report`` reads back.
+
+        Example:
+            >>> print(report.capsule_markdown())  # doctest: +SKIP
+            gradwatch step 200: the capsules of the failing tensors (rerun: gradwatch repro CAPSULE)
+            <BLANKLINE>
+            | tensor | capsule |
+            |---|---|
+            | `0.bias` | `runs/gradwatch/capsules/step-200-model.pt` |
+        """
+        if not self.capsules:
+            return ""
+        step = "" if self.step is None else f" step {self.step}"
+        rows = [f"gradwatch{step}: the capsules of the failing tensors (rerun: gradwatch repro CAPSULE)", "",
+                "| tensor | capsule |", "|---|---|"]
+        rows += [f"| `{name}` | `{path}` |" for name, path in self.capsules.items()]
+        return "\n".join(rows)
+
     def worst_tensors(self, n: int = _WORST_TENSORS) -> list[TensorCheck]:
         """The ``n`` judged tensors with the largest ``error_ratio``, largest first.
 
@@ -770,6 +796,7 @@ class Report:
                 for m in self.modules))
         lines += ["  " + t.message for t in self.failures]
         lines += ["  " + r.message for r in self.reference_failures]
+        lines += _capsule_lines(self)
         return "\n".join(lines)
 
 
@@ -885,9 +912,24 @@ def _index(index: tuple[int, ...] | None) -> str:
 
 
 def _report_failure_text(report: Report) -> str:
-    """Text of a failing report: the summary line, then one message per failure."""
+    """Text of a failing report: the summary line, then one message per failure, then the capsules."""
     return "\n".join([report.summary()] + [t.message for t in report.failures]
-                     + [r.message for r in report.reference_failures])
+                     + [r.message for r in report.reference_failures] + _capsule_lines(report))
+
+
+def _capsule_lines(report: Report) -> list[str]:
+    """``  capsule PATH: name, name`` per capsule of the failing tensors."""
+    by_path: dict[str, list[str]] = {}
+    for name, path in report.capsules.items():
+        by_path.setdefault(path, []).append(name)
+    lines = []
+    for path, names in by_path.items():
+        listed = ", ".join(repr(n) for n in names)
+        if any("::" in n for n in names):  # a module-local capsule
+            lines.append(f"  capsule of {listed}: {path} (rerun: gradwatch repro {path})")
+        else:
+            lines.append(f"  capsule of {listed}: {path} (rerun: gradwatch.load_capsule(path).check(model, loss_fn))")
+    return lines
 
 
 def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
@@ -932,7 +974,9 @@ def metrics(report: Report, *, prefix: str = "gradwatch") -> dict[str, float]:
     ``<prefix>/probe_rel_error`` (:attr:`Report.probe_rel_errors`), the markdown
     texts ``<prefix>/report`` (:meth:`Report.markdown`) and ``<prefix>/worst_tensors``
     (:meth:`Report.worst_markdown`, the tensor of each ``worst/<k>`` rank), plus
-    ``<prefix>/kinks`` (:meth:`Report.kink_markdown`) when probes came near kinks, and
+    ``<prefix>/kinks`` (:meth:`Report.kink_markdown`) when probes came near kinks,
+    ``<prefix>/capsules`` (:meth:`Report.capsule_markdown`, each failing tensor's capsule file,
+    read back by ``gradwatch report``) when a failing check wrote or names capsules, and
     a custom-scalars layout (the ``Custom Scalars`` dashboard) charting these keys, at
     the first check and again when a check names a new tensor.
 

@@ -83,7 +83,8 @@ class TensorBoardSink:
     def write(self, report: Report, step: int) -> None:
         """Log the report at ``step``: the scalars of the key scheme, the per-probe
         histogram, the table of every tensor, the worst-tensors table, the kink table when
-        probes came near kinks, and the dashboard layout when it lacks a tensor."""
+        probes came near kinks, the capsule of each failing tensor when there are some, and the
+        dashboard layout when it lacks a tensor."""
         _check_report(report)
         _non_negative_int("step", step)
         self._lay_out(report)
@@ -99,6 +100,9 @@ class TensorBoardSink:
         kinks = report.kink_markdown()
         if kinks:
             self.writer.add_text(f"{self.prefix}/kinks", kinks, step)
+        capsules = report.capsule_markdown()
+        if capsules:
+            self.writer.add_text(f"{self.prefix}/capsules", capsules, step)
         flush = getattr(self.writer, "flush", None)
         if callable(flush):
             flush()

@@ -127,7 +127,7 @@ def attention_case(seed: int):
     import torch
     from torch import nn
 
-    from _attn_op import FusedAttention
+    from tests._attn_op import FusedAttention
     from zoo import Case, classification_loss
 
     class Net(nn.Module):
@@ -150,7 +150,7 @@ def attention_case(seed: int):
 def scenario_attention(rank: int) -> dict[str, Any]:
     """Module-local checks of the fused attention op under FSDP: its input gradients (dq, dk)."""
     import gradwatch
-    from _attn_op import BUG, FusedAttention, reference_attention
+    from tests._attn_op import BUG, FusedAttention, reference_attention
     from gradwatch._references import _REFERENCES_BY_CLASS
 
     watch = dict(every_n_steps=1, max_overhead=None, on_failure=lambda report: None)
@@ -170,6 +170,30 @@ def scenario_attention(rank: int) -> dict[str, Any]:
              "references": [[(c.name, c.verdict, c.error_ratio) for c in r.references] for _, r in gw.reports]}
             for gw in runs
         ]
+    return out
+
+
+def scenario_capsules(rank: int) -> dict[str, Any]:
+    """Capsules under FSDP2: both ranks pass the same directory, rank 0 alone writes (its own
+    batch, records and local gradients); the test replays them in one process."""
+    import os
+
+    from tests._attn_op import BUG
+    from zoo import BUGS
+
+    out: dict[str, Any] = {}
+    for name, build, mode in (("wrong_sign", BUGS["wrong_sign"], None), ("attention", attention_case, "dk")):
+        directory = os.path.join(os.environ["GW_CAPSULES"], name)
+        BUG["mode"] = mode
+        try:
+            gw = train(build, steps=1, watch=dict(every_n_steps=1, max_overhead=None, seed=0, capsules=directory,
+                                                  on_failure=lambda report: None))[2]
+        finally:
+            BUG["mode"] = None
+        (_, report), = gw.reports
+        out[name] = {"verdicts": {n: t.verdict for n, t in report.tensors.items()},
+                     "references": {r.name: r.verdict for r in report.references},
+                     "written": gw._watch.capsules.written}
     return out
 
 

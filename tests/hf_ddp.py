@@ -49,9 +49,11 @@ def main(out: pathlib.Path) -> None:
     trainer = train(gpt2(), correct, out / "correct", **overrides)
     rank = trainer.args.process_index
     result: dict[str, Any] = {"world": trainer.args.world_size, "correct": summary(correct)}
-    bug = watch(seed=None)
+    bug = watch(seed=None, capsules=str(out / "caps"))  # the same directory on both; rank 0 alone writes
     train(gpt2(bug=True), bug, out / "bug", **overrides)
     result["bug"] = summary(bug)
+    result["capsules"] = {"written": bug._watch.capsules.written,
+                          "tensors": [{n: t.verdict for n, t in r.tensors.items()} for _, r in bug.reports]}
     try:
         train(gpt2(bug=True), watch(on_failure="raise"), out / "raise", steps=1, **overrides)
         result["raise"] = None

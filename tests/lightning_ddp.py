@@ -65,10 +65,11 @@ def main(out: pathlib.Path, namespace: str) -> None:
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             self.losses.append(float(outputs["loss"]))
 
-    def fit(build, on_failure, logger=None, extra=(), max_overhead=None, every_n_steps=1, max_steps=2, accumulate=1):
+    def fit(build, on_failure, logger=None, extra=(), max_overhead=None, every_n_steps=1, max_steps=2, accumulate=1,
+            capsules=None):
         module = ZooModule(build(0))
         callback = GradWatchCallback(every_n_steps=every_n_steps, max_overhead=max_overhead,
-                                     on_failure=on_failure)  # seed drawn per rank, broadcast
+                                     on_failure=on_failure, capsules=capsules)  # seed drawn per rank, broadcast
         trainer = pl.Trainer(
             strategy="ddp", accelerator="cpu", devices=2, max_steps=max_steps, logger=logger or False,
             callbacks=[callback, *extra], enable_progress_bar=False, enable_model_summary=False,
@@ -91,8 +92,10 @@ def main(out: pathlib.Path, namespace: str) -> None:
     rank = trainer.global_rank
     result: dict[str, Any] = {"correct": summary(correct), "logged_steps": logger.steps, "local_losses": losses.losses,
                               "is_callback": isinstance(correct, pl.Callback)}
-    _, bug = fit(BUGS["wrong_sign"], lambda report: None)
-    result["bug"] = summary(bug)
+    # capsules: both ranks name the same directory, rank 0 alone writes (its own batch and gradients)
+    _, bug = fit(BUGS["wrong_sign"], lambda report: None, capsules=str(out / "caps"))
+    result["bug"] = {**summary(bug), "written": bug._watch.capsules.written,
+                     "tensors": [{n: t.verdict for n, t in r.tensors.items()} for _, r in bug.reports]}
     # accumulation: the first micro-batch's backward runs without DDP's all-reduce (local .grad)
     _, accumulated = fit(CORRECT["mlp_relu_dropout"], lambda report: None, accumulate=2)
     result["accumulated"] = summary(accumulated)

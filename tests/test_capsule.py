@@ -446,6 +446,35 @@ def test_hf_capsules_false_writes_none(tmp_path, monkeypatch):
     assert callback._watch.capsules.directory is None and list(tmp_path.rglob("capsules")) == []
 
 
+@pytest.mark.filterwarnings("ignore::FutureWarning")
+@pytest.mark.filterwarnings("ignore:.*loss_type=None.*")
+@pytest.mark.filterwarnings("ignore::gradwatch.KinkWarning")
+def test_hf_accumulation_capsule_replays_with_the_plain_loss(tmp_path):
+    """gradient_accumulation_steps=2 with a model the Trainer does not pass the token count to: the
+    Trainer divides each micro-batch's loss by 2 before backward. The capsule holds that factor, so the
+    model's plain loss replays the training's verdicts and numbers."""
+    pytest.importorskip("transformers")
+    from transformers import Trainer, TrainingArguments
+
+    from test_hf import BUGGY, TokenData, gpt2, watch
+
+    callback = watch(loss_fn=None, capsules=str(tmp_path / "caps"))  # the model's own outputs.loss
+    args = TrainingArguments(output_dir=str(tmp_path / "out"), max_steps=1, gradient_accumulation_steps=2,
+                             report_to="none", use_cpu=True, save_strategy="no", logging_strategy="no",
+                             disable_tqdm=True, per_device_train_batch_size=4, seed=0, data_seed=0)
+    trainer = Trainer(model=gpt2(bug=True), args=args, train_dataset=TokenData(), callbacks=[callback])
+    trainer.model_accepts_loss_kwargs = False  # no num_items_in_batch: the Trainer divides by the 2 micro-batches
+    trainer.train()
+    report = callback.last_report
+    assert BUGGY in {t.name for t in report.failures}, str(report)
+    capsule = load_capsule(tmp_path / "caps" / "step-0-model.pt")
+    how, factor = capsule.data["loss_factor"]
+    assert how == "mul" and float(factor) == 0.5
+    replayed = capsule.check(gpt2(bug=True), lambda model, inputs: model(**inputs).loss)  # the plain loss
+    assert not replayed.ok and replayed.reliable
+    _same_part(report, replayed)
+
+
 @pytest.mark.parametrize("adapter", ["lightning", "hf"])
 def test_callbacks_validate_capsules(adapter):
     if adapter == "hf":
@@ -463,3 +492,95 @@ def test_callbacks_validate_capsules(adapter):
 def test_load_capsule_names_a_path_of_the_wrong_type(path):
     with pytest.raises(TypeError, match=r"`path` must be a str or os.PathLike, got "):
         load_capsule(path)
+
+
+# ----------------------------------------------------------------------------- cross-device
+def test_a_capsule_written_on_cuda_replays_on_cpu_saying_what_differs(bug, tmp_path, capsys):
+    """A capsule whose recorded device is "cuda:0" (its metadata edited: no GPU here), TF32 allowed
+    and float16 autocast on CUDA: it replays on CPU with the same verdicts and numbers, and the replay
+    says what differs (Python: one UserWarning; the CLI: notes on stderr)."""
+    from gradwatch.capsule import _save
+
+    bug("dk")
+    torch.manual_seed(0)
+    watch, _ = _train(AttnNet(), _attn_loss, [_attn_batch(0)], capsules=str(tmp_path), optimizer=False)
+    path = watch._watch.capsules.written["attn"]
+    here = load_capsule(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # written and replayed on the CPU: nothing to say
+        assert here.replay_notes() == () and not here.check().ok
+    data = torch.load(path, weights_only=True)
+    data["device"] = "cuda:0"
+    data["precision"] = {**data["precision"], "cuda_matmul_allow_tf32": True, "cudnn_allow_tf32": True}
+    data["record"]["replay"]["autocast"]["cuda"] = [True, "float16"]
+    gpu = str(tmp_path / "gpu.pt")
+    _save(data, gpu)
+    capsule = load_capsule(gpu)
+    with pytest.warns(UserWarning, match="gradwatch capsule replay") as caught:
+        replayed = capsule.check()
+    message = str(caught[0].message)
+    assert "written on cuda:0, replayed on cpu" in message and "TF32" in message, message
+    assert "cuda autocast (float16)" in message, message
+    assert not replayed.ok
+    _same_part(watch.last_report, replayed)
+    assert main(["repro", gpu]) == 1
+    err = capsys.readouterr().err
+    assert "note: capsule written on cuda:0, replayed on cpu" in err and "UserWarning" not in err, err
+    # a module of another dtype: the captured float32 parameters are cast into it, and the replay says so
+    fc1 = BUGS["wrong_sign"](0)
+    watch, _ = _train(fc1.model, fc1.loss_fn, [fc1.batch], capsules=str(tmp_path / "zoo"), optimizer=False)
+    zoo = load_capsule(watch._watch.capsules.written["fc1"])
+    assert any("float32 -> float64" in note for note in zoo.replay_notes(BUGS["wrong_sign"](0).model.fc1.double()))
+    assert zoo.replay_notes(BUGS["wrong_sign"](0).model.fc1) == ()
+
+
+# ----------------------------------------------------------------------------- naming capsules
+def test_reports_the_dashboard_and_gradwatch_report_name_each_failing_tensors_capsule(tmp_path, capsys):
+    import json
+
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from gradwatch import cli
+
+    case = BUGS["wrong_sign"](0)
+    runs = tmp_path / "runs"
+    watch, _ = _train(case.model, case.loss_fn, [case.batch, BUGS["wrong_sign"](1).batch], capsules=None,
+                      logdir=str(runs))
+    watch.close()
+    directory = runs / "gradwatch" / "capsules"
+    model, fc1 = str(directory / "step-0-model.pt"), str(directory / "step-0-fc1.pt")
+    for step, report in watch.reports:  # step 1 names the capsules of step 0 (the first failure is kept)
+        assert {t.name for t in report.failures} == {"fc1.weight", "fc1::weight"}, str(report)
+        assert dict(report.capsules) == {"fc1.weight": model, "fc1::weight": fc1}, (step, report.capsules)
+        assert f"| `fc1::weight` | `{fc1}` |" in report.capsule_markdown()
+        assert f"capsule of 'fc1::weight': {fc1} (rerun: gradwatch repro {fc1})" in str(report)
+    with pytest.raises(gradwatch.GradientCheckError, match="capsule of 'fc1.weight'"):
+        gradwatch.report._handle(watch.last_report, "raise")
+    # the dashboard: a text per check, under the key the CLI reads
+    acc = EventAccumulator(str(runs), size_guidance={"tensors": 0})
+    acc.Reload()
+    tag = f"gradwatch/{cli._CAPSULES}/text_summary"
+    assert [e.step for e in acc.Tensors(tag)] == [0, 1]
+    # gradwatch report: a line per failing tensor naming its capsule, and "capsule" in --json
+    assert main(["report", str(runs)]) == 1
+    out = capsys.readouterr().out
+    assert f"capsule of 'fc1.weight': {model}\n" in out and f"capsule of 'fc1::weight': {fc1}\n" in out, out
+    assert main(["report", str(runs), "--json"]) == 1
+    tensors = {t["tensor"]: t["capsule"] for t in json.loads(capsys.readouterr().out)["runs"][0]["tensors"]}
+    assert tensors["fc1.weight"] == model and tensors["fc1::weight"] == fc1 and tensors["fc1.bias"] is None
+    # a passing check names none, and writes no capsules text
+    ok = gradwatch.check(BUGS["wrong_sign"](0).model.fc2, lambda m, x: m(x).sum(), torch.randn(3, 16), seed=0)
+    assert ok.ok and ok.capsules == {} and ok.capsule_markdown() == "" and "capsule" not in str(ok)
+
+
+def test_a_failing_reference_comparison_names_its_modules_capsule(tmp_path):
+    from gradwatch._capsules import _CapsuleWriter
+    from gradwatch.report import ReferenceCheck, Report
+
+    report = Report(tensors={}, seed=0, step=3,
+                    references=(ReferenceCheck("attn", "input[0]", "fail", rel_diff=0.5, tolerance=1e-3,
+                                               error_ratio=500.0),))
+    writer = _CapsuleWriter(str(tmp_path))
+    writer.written = {"attn": str(tmp_path / "step-3-attn.pt")}
+    named = writer.named(report)
+    assert dict(named.capsules) == {"attn::input[0] (reference)": str(tmp_path / "step-3-attn.pt")}

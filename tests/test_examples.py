@@ -156,3 +156,20 @@ def test_hf_trainer_example_with_the_fix_passes(tmp_path, capsys) -> None:
     callback = example.main(["--steps", "1", "--every", "20", "--fixed", "--output", str(tmp_path)])
     assert capsys.readouterr().out.splitlines()[-2].startswith("gradwatch: PASS in all 1 checks")
     assert all(r.ok for _, r in callback.reports)
+
+
+def test_debug_a_failure_walk_through_catches_reproduces_and_proves_the_fix(tmp_path, capsys) -> None:
+    example = _load("debug_a_failure")
+    result = example.main(["--workdir", str(tmp_path)])
+    out = capsys.readouterr().out
+    report = result["report"]
+    # the check caught the planted backward bug: the layer's input gradient, in its module-local check
+    assert "1::input[0]" in {t.name for t in report.failures} and "1::scale" not in {t.name for t in report.failures}
+    capsule = tmp_path / "runs" / "gradwatch" / "capsules" / "step-0-1.pt"
+    assert result["capsule"] == str(capsule) and capsule.exists()
+    # gradwatch repro: the same failing report again (exit status 1)
+    assert result["repro"] == 1 and "1::input[0]  fail" in out
+    # the generated test fails on the buggy kernel and passes once the kernel is fixed
+    assert result["pytest_before_fix"] != 0 and result["pytest_after_fix"] == 0
+    assert "1 failed" in out and "1 passed" in out
+    assert example.FIXED_LINE in (tmp_path / "my_kernels.py").read_text()

@@ -31,11 +31,11 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def run_two(tmp_path: pathlib.Path, scenario: str, timeout: float = 120) -> dict[int, dict]:
+def run_two(tmp_path: pathlib.Path, scenario: str, timeout: float = 120, **extra_env: str) -> dict[int, dict]:
     """Run ``tests/fsdp_script.py SCENARIO`` as ranks 0 and 1; their JSON results by rank."""
     out = tmp_path / scenario
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]),
-           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2"}
+           "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "WORLD_SIZE": "2", **extra_env}
     procs = [
         subprocess.Popen([sys.executable, str(ROOT / "tests" / "fsdp_script.py"), str(out), scenario],
                          env={**env, "RANK": str(r), "LOCAL_RANK": str(r)},
@@ -161,3 +161,59 @@ def test_a_rank_raising_inside_the_check_hangs_nothing(tmp_path) -> None:
             assert "head::weight      pass" in report, report
     # sharding gradwatch cannot gather is refused at once, with what to use instead
     assert "tensor parallelism" in results[0]["tensor_parallel"] and "fully_shard" in results[0]["tensor_parallel"]
+
+
+def test_capsules_are_written_by_rank_zero_and_replay_in_one_process(tmp_path) -> None:
+    # both ranks pass the same directory; rank 0 alone writes: its own batch (module: its recorded
+    # inputs and grad_out) with its own local gradients, before FSDP averaged them, so that one
+    # process replays like with like (the same verdicts; the numbers are rank 0's part)
+    import warnings
+
+    from fsdp_script import attention_case
+    from gradwatch.capsule import load_capsule
+    from tests._attn_op import BUG
+    from zoo import BUGS
+
+    caps = tmp_path / "caps"
+    results = run_two(tmp_path, "capsules", GW_CAPSULES=str(caps))
+    for name, build, mode, keys in (("wrong_sign", BUGS["wrong_sign"], None, {"", "fc1"}),
+                                    ("attention", attention_case, "dk", {"", "attn"})):
+        assert results[1][name]["written"] == {}, name
+        written = results[0][name]["written"]
+        assert set(written) == keys, (name, written)
+        assert sorted(os.listdir(caps / name)) == sorted(os.path.basename(p) for p in written.values())
+        training = results[0][name]["verdicts"]
+        assert training == results[1][name]["verdicts"] and "fail" in training.values()
+        BUG["mode"] = mode
+        try:
+            for path in written.values():
+                capsule = load_capsule(path)
+                assert capsule.missing == () and capsule.step == 0, capsule.missing
+                assert (capsule.processes["rank"], capsule.processes["world_size"]) == (0, 2)
+                case = build(0)
+                target = case.model if capsule.kind == "model" else dict(case.model.named_modules())[capsule.name]
+                args = (case.loss_fn,) if capsule.kind == "model" else ()
+                with warnings.catch_warnings(record=True) as caught:
+                    warnings.simplefilter("always")
+                    replayed = capsule.check(target, *args)
+                assert any("written by process 0 of 2" in str(w.message) for w in caught)
+                assert not replayed.ok and replayed.reliable, str(replayed)
+                assert {n: t.verdict for n, t in replayed.tensors.items()} == {n: training[n] for n in replayed.tensors}
+                # like with like: the recorded gradients are rank 0's own (the module's own backward on
+                # rank 0's batch, or inputs and grad_out, gives the same probe values), not the mean over ranks
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore")
+                    own = capsule.check(build(0).model if capsule.kind == "model" else target, *args, grads="autograd")
+                recorded, mine = _probe_values(replayed), _probe_values(own)
+                common = sorted(set(recorded) & set(mine), key=str)
+                assert len(common) >= 4, (recorded, mine)
+                assert torch.allclose(torch.tensor([recorded[k] for k in common]),
+                                      torch.tensor([mine[k] for k in common]), rtol=1e-4, atol=1e-7), \
+                    [(k, recorded[k], mine[k]) for k in common]
+        finally:
+            BUG["mode"] = None
+
+
+def _probe_values(report) -> dict:
+    """``<g, v>`` of each probe by (tensor, kind, element, direction seed)."""
+    return {(n, p.kind, p.index, p.direction_seed): p.autograd for n, t in report.tensors.items() for p in t.probes}

@@ -17,6 +17,7 @@ import pathlib
 import subprocess
 import sys
 import warnings
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -310,7 +311,98 @@ def test_two_processes_agree_and_only_the_main_one_logs(tmp_path) -> None:
     # the same probes on the cross-process means: identical numbers, and rank zero's seed
     for key in ("correct", "bug"):
         assert results[0][key] == results[1][key]
+    # capsules: rank 0 alone wrote them (its own micro-batch and gradients, the Trainer's factor), and
+    # they replay in this process with the training's verdicts, from the plain loss
+    assert results[1]["capsules"]["written"] == {}
+    written = results[0]["capsules"]["written"]
+    assert set(written) == {"", BUGGY_LOCAL.split("::")[0]}, written
+    training = results[0]["capsules"]["tensors"][0]
+    for path in written.values():
+        capsule = gradwatch.load_capsule(path)
+        assert capsule.missing == () and (capsule.processes["rank"], capsule.processes["world_size"]) == (0, 2)
+        fresh = gpt2(bug=True)
+        with pytest.warns(UserWarning, match="written by process 0 of 2"):
+            replayed = (capsule.check(fresh, causal_lm_loss) if capsule.kind == "model"
+                        else capsule.check(dict(fresh.named_modules())[capsule.name]))
+        assert not replayed.ok and replayed.reliable, str(replayed)
+        assert {n: t.verdict for n, t in replayed.tensors.items()} == {n: training[n] for n in replayed.tensors}
     assert len(results[0]["lines"]) == 3 and results[1]["lines"] == []  # 2 bug checks + the raise, rank zero only
+
+
+# ----------------------------------------------------------------------------- FSDP2
+_ACTS = {f"transformer.h.{i}.mlp.act::input[0]" for i in (0, 1)}  # the example's patched kernels, checked locally
+_DOWNSTREAM = {"transformer.h.1.mlp.c_proj.weight", "transformer.h.1.mlp.c_proj.bias", "transformer.ln_f.weight",
+               "transformer.ln_f.bias"}  # after the last patched activation: their gradients stay right
+
+
+def test_fsdp2_accelerate_loop_and_trainer_two_processes(tmp_path) -> None:
+    """accelerate's FSDP2 (fully_shard) on 2 CPU processes (gloo), the model of examples/hf_trainer.py:
+    (a) an Accelerator loop watched by GradWatch, (b) the Trainer (accumulation 2, clipping) watched by
+    the callback. On CPU accelerate drops the FSDP plugin (tests/hf_fsdp.py says where); the script
+    keeps it, as on a GPU."""
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), str(ROOT / "tests")]), "OMP_NUM_THREADS": "1"}
+    for key in ("RANK", "LOCAL_RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+                           str(ROOT / "tests" / "hf_fsdp.py"), str(tmp_path)],
+                          env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    results = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    names = {n for n, _ in gpt2().named_parameters()}  # the example's model has the same tensors
+    wrong = sorted(names - _DOWNSTREAM | _ACTS)  # every tensor upstream of a patched GELU, and the kernels
+    for res in results:
+        assert res["world"] == 2 and res["loop_sharded"] == res["trainer_sharded"] == ["DTensor"], res
+        # the planted bug, on both ranks: the whole-model check and the kernels' local checks
+        assert res["loop_bug"]["failing"] == [wrong] and res["trainer_bug"]["failing"] == [wrong, wrong], res
+        assert all(res["loop_bug"]["reliable"] + res["trainer_bug"]["reliable"]), res
+        for key in ("loop_fixed", "trainer_fixed"):  # the fixed kernel: quiet
+            assert set(res[key]["verdicts"]) == {"pass"} and all(res[key]["reliable"]), (key, res[key])
+        assert res["identical"] is True  # the Trainer's shards after a step, with and without the callback
+        assert res["trainer_raise"] == "GradientCheckError"  # on_failure="raise" leaves train() on both ranks
+        # too large to gather (max_shadow_bytes=1): the named kernel alone is gathered and checked, and fails
+        too_big = res["too_big"]
+        assert too_big["failing"] == [["transformer.h.1.mlp.act::input[0]"]] and too_big["whole"] == ["skipped"], res
+        assert "max_shadow_bytes" in too_big["reason"], too_big
+        # the check raising on rank 1 alone: rank 0 raised too, at the check's next collective
+    for key in ("loop_check_raise", "trainer_check_raise"):
+        assert results[1][key] == "planted: this process's check raised", results[1]
+        assert "raised on 1 other rank(s) of 2" in results[0][key], results[0]
+    # the same probes judged on the cross-rank means: the same numbers on both ranks
+    for key in ("loop_bug", "loop_fixed", "trainer_bug", "trainer_fixed", "too_big"):
+        assert results[0][key] == results[1][key], key
+
+
+def _trainer_stub(**attributes):
+    """A ``Trainer`` (not initialised) with ``attributes``, for the refusals alone."""
+    trainer = object.__new__(Trainer)
+    trainer.__dict__.update(callback_handler=SimpleNamespace(callbacks=[]), model=gpt2(), **attributes)
+    return trainer
+
+
+@pytest.mark.parametrize("attributes, found", [
+    (dict(is_fsdp_enabled=True, accelerator=SimpleNamespace(state=SimpleNamespace(
+        fsdp_plugin=SimpleNamespace(fsdp_version=1)), distributed_type="DistributedType.FSDP")),
+     r"under FSDP1 \(fsdp_version=1, FullyShardedDataParallel\): .*FlatParameter"),
+    (dict(is_deepspeed_enabled=True, accelerator=SimpleNamespace(distributed_type="DistributedType.DEEPSPEED")),
+     r"under DeepSpeed: ZeRO partitions"),
+], ids=["fsdp1", "deepspeed"])
+def test_fsdp1_and_deepspeed_are_refused_naming_what_was_found_and_the_alternative(attributes, found) -> None:
+    callback = GradWatchTrainerCallback()
+    trainer = _trainer_stub(**attributes)
+    state = SimpleNamespace(is_world_process_zero=True, global_step=0)
+    args = SimpleNamespace(logging_dir=None)
+
+    def train(self):  # noqa: ANN001  (on_train_begin finds the Trainer as `self` up the stack)
+        callback.on_train_begin(args, state, None)
+
+    with pytest.warns(UserWarning, match=found + r".*Training continues unchecked") as caught:
+        train(trainer)
+    assert "fsdp_config={'fsdp_version': 2}" in str(caught[0].message) and "DDP" in str(caught[0].message)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        train(trainer)  # once
+    callback.on_step_begin(args, state, None)
+    assert callback._pending is None and "compute_loss" not in trainer.__dict__  # nothing armed
 
 
 # ----------------------------------------------------------------------------- API

@@ -651,6 +651,7 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
         assert res["raise"] == "GradientCheckError", (rank, res)
     # every rank judged the same probes on the cross-rank mean: identical numbers
     assert results[0]["bug"]["numbers"] == results[1]["bug"]["numbers"]
+    _replay_rank_zero_capsules(results, tmp_path / "ddp" / "caps", namespace)
     assert results[0]["correct"]["numbers"] == results[1]["correct"]["numbers"]
     # accumulation: the first micro-batch's local gradients are averaged over ranks as DDP does at the
     # window's end (compared unaveraged, every tensor of this correct model failed)
@@ -685,10 +686,46 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
     assert all(namespace in res["namespaces"] and res["is_callback"] for res in results.values()), results
 
 
+def _replay_rank_zero_capsules(results, directory, namespace: str) -> None:
+    """The capsules of the first failing check under DDP or fully_shard: written by rank 0 alone (the whole model
+    and the suspect net.fc1), replayed in this process with the training's verdicts; the gradients
+    they hold are rank 0's own (its backward on its batch gives the same probe values), not the mean."""
+    from gradwatch.capsule import load_capsule
+
+    assert results[1]["bug"]["written"] == {}
+    written = results[0]["bug"]["written"]
+    assert set(written) == {"", "net.fc1"} and sorted(os.listdir(directory)) == ["step-0-model.pt", "step-0-net.fc1.pt"]
+    training = results[0]["bug"]["tensors"][0]
+    lit = api(namespace)
+    for path in written.values():
+        capsule = load_capsule(path)
+        assert capsule.missing == () and (capsule.processes["rank"], capsule.processes["world_size"]) == (0, 2)
+        fresh = lit.ZooModule(BUGS["wrong_sign"](0))
+        target = fresh if capsule.kind == "model" else dict(fresh.named_modules())[capsule.name]
+        args = (fresh.loss,) if capsule.kind == "model" else ()
+        with pytest.warns(UserWarning, match="written by process 0 of 2"):
+            replayed = capsule.check(target, *args)
+        assert not replayed.ok and replayed.reliable, str(replayed)
+        assert {n: t.verdict for n, t in replayed.tensors.items()} == {n: training[n] for n in replayed.tensors}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            own = capsule.check(target, *args, grads="autograd")
+        recorded, mine = _probe_values(replayed), _probe_values(own)
+        common = sorted(set(recorded) & set(mine), key=str)
+        # (the seed is drawn per run: which probes both reruns share varies, at least one here)
+        assert len(common) >= 1 and all(math.isclose(recorded[k], mine[k], rel_tol=1e-4, abs_tol=1e-7)
+                                        for k in common), [(k, recorded[k], mine[k]) for k in common]
+
+
+def _probe_values(report) -> dict:
+    return {(n, p.kind, p.index, p.direction_seed): p.autograd for n, t in report.tensors.items() for p in t.probes}
+
+
 @pytest.mark.parametrize("namespace", NAMESPACES)
 def test_model_parallel_fsdp2_two_cpu_processes(tmp_path, namespace: str) -> None:
     """ModelParallelStrategy with fully_shard in configure_model: checked like DDP."""
     results = _two_ranks("lightning_fsdp.py", tmp_path / "fsdp", namespace, timeout=240)
+    _replay_rank_zero_capsules(results, tmp_path / "fsdp" / "caps", namespace)
     for rank, res in results.items():
         assert res["correct"]["verdicts"] == ["pass", "pass"] and all(res["correct"]["reliable"]), (rank, res)
         assert res["bug"]["failing"] == [["net.fc1.weight"], ["net.fc1.weight"]], (rank, res["bug"]["reports"])
