@@ -11,7 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["MODELS", "add_common_args", "batches", "build", "classification_loss", "header", "sync"]
+__all__ = ["MODELS", "ManySmall", "add_common_args", "batches", "build", "classification_loss", "header", "sync"]
 
 
 class SmallCNN(nn.Module):
@@ -44,6 +44,31 @@ class SmallTransformer(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.encoder(self.embed(x)).mean(1))
+
+
+class _Bottleneck(nn.Module):
+    """A residual bottleneck block: ``x + Linear(16, 256)(tanh(Linear(256, 16)(x)))``."""
+
+    def __init__(self, width: int = 256, inner: int = 16) -> None:
+        super().__init__()
+        self.down, self.up = nn.Linear(width, inner), nn.Linear(inner, width)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.up(torch.tanh(self.down(x)))
+
+
+class ManySmall(nn.Module):
+    """Many small tensors behind a wide trunk: Linear(384, 2048), tanh, Linear(2048, 256), ``blocks``
+    bottleneck blocks and a 10-way head; 150 blocks: 606 tensors, 2.6M parameters."""
+
+    def __init__(self, blocks: int = 150, width: int = 2048) -> None:
+        super().__init__()
+        self.trunk = nn.Sequential(nn.Linear(384, width), nn.Tanh(), nn.Linear(width, 256))
+        self.blocks = nn.Sequential(*(_Bottleneck() for _ in range(blocks)))
+        self.head = nn.Linear(256, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.blocks(self.trunk(x)))
 
 
 def _small_mlp() -> nn.Module:

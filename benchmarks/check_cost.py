@@ -8,8 +8,17 @@ and moves results to the host once per check. Each row: median over REPEATS of o
 with COORDINATES coordinates and DIRECTIONS directions per tensor on the gradient of the
 same training step.
 
+A second table (issue 24): the cost of a one-off ``gradwatch.check(model, loss_fn, batch)`` at
+defaults (``grads="autograd"``, every option at its default) and of ``assert_gradients`` at
+defaults, in training steps (forward, backward and ``zero_grad`` of the same model and batch,
+median of 5), against the number of parameter tensors: a 2048-wide trunk and 11, 49 or 150
+bottleneck blocks ``Linear(256, 16)``, tanh, ``Linear(16, 256)`` (50, 202 and 606 tensors; batch
+64). ``per_tensor="all"`` (every tensor its own coordinates and directions, the cost before
+issue 24) is timed up to ``--all-upto`` tensors.
+
 Run:  python benchmarks/check_cost.py
       python benchmarks/check_cost.py --device cuda
+      python benchmarks/check_cost.py --tensors-only     (only the second table)
 """
 
 from __future__ import annotations
@@ -22,7 +31,7 @@ import time
 import torch
 
 import gradwatch
-from _common import MODELS, add_common_args, batches, build, classification_loss, header, sync
+from _common import MODELS, ManySmall, add_common_args, batches, build, classification_loss, header, sync
 
 
 #: The gradwatch variants timed: the default (kinks recorded, sequential), and without kink
@@ -59,6 +68,63 @@ def seed_article_loop(model, batch, coords: list[tuple[str, int]], h: float, dev
     return time.perf_counter() - start
 
 
+#: Bottleneck blocks of the models of the second table: 6 + 4 * blocks tensors (50, 202, 606).
+BLOCKS = (11, 49, 150)
+
+
+def _train_step_seconds(model, batch, device: str, repeats: int = 5) -> float:
+    """Median seconds of one training step (forward, backward, zero_grad) of ``model`` on ``batch``."""
+    times = []
+    for _ in range(repeats + 1):  # the first warms up
+        sync(device)
+        start = time.perf_counter()
+        classification_loss(model, batch).backward()
+        model.zero_grad(set_to_none=True)
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times[1:])
+
+
+def _timed(fn) -> tuple[float, object]:
+    start = time.perf_counter()
+    out = fn()
+    return time.perf_counter() - start, out
+
+
+def tensor_counts(args) -> None:
+    """The cost of a one-off check at defaults against the number of parameter tensors (issue 24)."""
+    print("\n# one-off check at defaults against the number of parameter tensors: 2048-wide trunk + bottleneck "
+          "blocks [Linear(256, 16), tanh, Linear(16, 256)], batch 64 x 384")
+    print(f"{'tensors':>7} {'params':>8} {'step ms':>8} {'call':44} {'s':>8} {'steps':>8} {'own probes':>10} "
+          f"{'evaluation':>10}")
+    warm = ManySmall(2, 32).to(args.device)  # imports and first-call costs are not the check's
+    wbatch = (torch.randn(64, 384, device=args.device), torch.randint(0, 10, (64,), device=args.device))
+    gradwatch.check(warm, classification_loss, wbatch, seed=0)
+    for blocks in BLOCKS:
+        torch.manual_seed(0)
+        model = ManySmall(blocks).to(args.device)
+        g = torch.Generator().manual_seed(0)
+        batch = (torch.randn(64, 384, generator=g).to(args.device), torch.randint(0, 10, (64,), generator=g).to(args.device))
+        tensors = len(list(model.parameters()))
+        params = sum(p.numel() for p in model.parameters())
+        step = _train_step_seconds(model, batch, args.device)
+        calls = {
+            "gradwatch.check(model, loss_fn, batch)": lambda: gradwatch.check(model, classification_loss, batch, seed=0),
+            "gradwatch.assert_gradients(model, loss_fn, batch)":
+                lambda: gradwatch.assert_gradients(model, classification_loss, batch),
+        }
+        if tensors <= args.all_upto:
+            calls["check(..., per_tensor='all')  (before issue 24)"] = (
+                lambda: gradwatch.check(model, classification_loss, batch, seed=0, per_tensor="all"))
+        for label, call in calls.items():
+            seconds, report = _timed(call)
+            own = sum(1 for t in report.tensors.values() if t.probes)
+            print(f"{tensors:7d} {params / 1e6:7.2f}M {1e3 * step:8.1f} {label:44} {seconds:8.2f} {seconds / step:8.0f} "
+                  f"{own:10d} {report.evaluation:>10}  {'ok' if report.ok else 'FAIL'}")
+    print("# steps = seconds of the call / seconds of one training step; own probes = tensors with probes of their "
+          "own (the others are verified by the joint probe and the float64 reference's precision test)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
@@ -66,8 +132,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--directions", type=int, default=1)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
+    parser.add_argument("--tensors-only", action="store_true", help="only the table against the number of tensors")
+    parser.add_argument("--all-upto", type=int, default=60,
+                        help="time per_tensor='all' on models of at most this many tensors (default 60)")
     args = parser.parse_args(argv)
     header(args)
+    if args.tensors_only:
+        return tensor_counts(args)
     print(f"# per tensor: {args.coordinates} coordinates + {args.directions} directions; "
           f"median of {args.repeats} checks")
     print(f"{'model':12} {'method':46} {'probes':>6} {'evals':>6} {'s/check':>8} {'ms/probe':>9} {'ms/eval':>8} "
@@ -108,6 +179,7 @@ def main(argv: list[str] | None = None) -> None:
     print("# vs seed loop = (seconds per probe) / (seed loop seconds per probe); below 1 is faster. "
           "localize=False, so a failing tensor costs no extra evaluations; with kinks=False probes that cross a "
           "ReLU/max-pool kink are judged and can fail ('fails': tensors failed, none are real bugs)")
+    tensor_counts(args)
 
 
 if __name__ == "__main__":

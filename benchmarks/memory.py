@@ -61,7 +61,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import gradwatch
-from _common import add_common_args, header
+from _common import ManySmall, add_common_args, header
 from gradwatch._recording import _Recording
 from gradwatch.local import _local_reports
 
@@ -84,6 +84,50 @@ def loss_fn(model, batch):
     return F.mse_loss(model(x), y)
 
 
+def _classification_loss(model, batch):
+    x, y = batch
+    return F.cross_entropy(model(x), y)
+
+
+class _Pooled(nn.Module):
+    """One large embedding, mean-pooled over the tokens, and a 10-way head."""
+
+    def __init__(self, rows: int = 32768, dim: int = 256) -> None:
+        super().__init__()
+        self.embed, self.head = nn.Embedding(rows, dim), nn.Linear(dim, 10)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.embed(x).mean(1))
+
+
+def _gelu_mlp(width: int = 1536, layers: int = 6) -> nn.Module:
+    return nn.Sequential(*(m for _ in range(layers) for m in (nn.Linear(width, width), nn.GELU())), nn.Linear(width, 10))
+
+
+#: The three layouts of issue 24 (batch 64, cross-entropy on 10 classes): name -> (description, builder of
+#: the model at full and at warm-up size, input maker).
+LAYOUTS = {
+    "mid": ("many mid-size tensors: 6 x Linear(1536, 1536) + GELU, 10-way head, batch 64 x 1536",
+            lambda tiny: _gelu_mlp(32 if tiny else 1536), lambda g, tiny: torch.randn(64, 32 if tiny else 1536, generator=g)),
+    "embedding": ("one huge embedding: Embedding(32768, 256), mean-pooled, 10-way head, batch 64 x 16 tokens",
+                  lambda tiny: _Pooled(64 if tiny else 32768, 8 if tiny else 256),
+                  lambda g, tiny: torch.randint(0, 64 if tiny else 32768, (64, 16), generator=g)),
+    "many": ("many small tensors behind a wide trunk: 606 tensors (Linear(384, 2048), Linear(2048, 256), "
+             "150 x [Linear(256, 16), tanh, Linear(16, 256)], head), batch 64 x 384",
+             lambda tiny: ManySmall(2 if tiny else 150, 32 if tiny else 2048),
+             lambda g, tiny: torch.randn(64, 384, generator=g)),
+}
+
+
+def _layout(name: str, device: str, tiny: bool = False):
+    """The model and batch of layout ``name`` (``tiny``: the warm-up model of the same kind)."""
+    _, build, inputs = LAYOUTS[name]
+    torch.manual_seed(0)
+    model = build(tiny).to(device)
+    g = torch.Generator().manual_seed(0)
+    return model, (inputs(g, tiny).to(device), torch.randint(0, 10, (64,), generator=g).to(device))
+
+
 def _vm(key: str) -> float:
     with open("/proc/self/status") as f:
         return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ":")) / MIB
@@ -99,6 +143,10 @@ CHECKS = {
 #: Modes of a child process besides CHECKS: the plain step, the step recorded for a
 #: module-local check of the second Linear, and that check.
 LOCAL = ("record", "local")
+#: Modes of the layouts table besides "train" and the default check: the check as a new user calls it
+#: after training (``grads="autograd"``: the check takes the gradient itself), and the forward of the
+#: model in float64 keeping its graph (the float64 activations of one forward and backward).
+AUTOGRAD, FLOAT64_STEP = "default, grads='autograd'", "float64 step"
 
 
 def _module_sizes(width: int, rows: int) -> tuple[float, float]:
@@ -107,20 +155,26 @@ def _module_sizes(width: int, rows: int) -> tuple[float, float]:
     return 8 * (width * width + width + rows * width) / MIB, 4 * 4 * rows * width / MIB
 
 
-def _run(mode: str, model: nn.Module, batch) -> tuple[str, float, float]:
+def _run(mode: str, model: nn.Module, batch, loss_fn=loss_fn) -> tuple[str, float, float]:
     """One training step (recorded for mode "record"/"local") and the check of ``mode``;
     returns the check's precision/evaluation, its seconds, and the RSS after the step."""
     recording = _Recording({"2": model[2]}, model=model) if mode in LOCAL else None
+    if mode == FLOAT64_STEP:  # the float64 forward only: the activations it saves for a backward
+        loss = loss_fn(model, batch)
+        return "-", float("nan"), _vm("VmRSS") + 0 * float(loss)
     if recording is None:
         loss_fn(model, batch).backward()
     else:
         with recording:
             loss_fn(model, batch).backward()
     trained = _vm("VmRSS")
-    if mode in ("train", "record"):
+    if mode in ("train", "record", FLOAT64_STEP):
         return "-", float("nan"), trained
     started = time.perf_counter()
-    if mode == "local":
+    if mode == AUTOGRAD:
+        model.zero_grad(set_to_none=True)
+        report = gradwatch.check(model, loss_fn, batch, seed=0, precision="float64")
+    elif mode == "local":
         (report,) = _local_reports(recording, 0, gradwatch.ProbeOptions(precision="float64"))
     else:
         report = gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, precision="float64", **CHECKS[mode])
@@ -141,19 +195,31 @@ def _reset_peak() -> None:
         f.write("5")
 
 
-def child(mode: str, device: str, width: int, layers: int, rows: int) -> None:
-    _warm_up(mode, device)
-    model, batch = _model_and_batch(device, width, layers, rows)
+def child(mode: str, device: str, width: int, layers: int, rows: int, layout: str | None = None) -> None:
+    if layout is None:
+        _warm_up(mode, device)
+        model, batch = _model_and_batch(device, width, layers, rows)
+        loss = loss_fn
+    else:
+        _run(mode, *_layout(layout, device, tiny=True), _classification_loss)
+        model, batch = _layout(layout, device)
+        loss = _classification_loss
+        if mode == FLOAT64_STEP:
+            model, batch = model.double(), (batch[0].double() if batch[0].is_floating_point() else batch[0], batch[1])
     _reset_peak()  # not the temporaries of building the model either
     before = _vm("VmRSS")
-    evaluation, seconds, trained = _run(mode, model, batch)
+    evaluation, seconds, trained = _run(mode, model, batch, loss)
     print(f"{_vm('VmHWM') - before:.1f} {_vm('VmRSS') - trained:.1f} {seconds:.1f} {evaluation}")
 
 
-def _measure(args, mode: str, width: int, layers: int, rows: int) -> tuple[float, float, float, str]:
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": "65536"}
+def _measure(args, mode: str, width: int = 0, layers: int = 0, rows: int = 0,
+             layout: str | None = None, glibc_default: bool = False) -> tuple[float, float, float, str]:
+    env = {k: v for k, v in os.environ.items() if k != "MALLOC_MMAP_THRESHOLD_"}
+    if not glibc_default:
+        env["MALLOC_MMAP_THRESHOLD_"] = "65536"
     cmd = [sys.executable, __file__, "--child", mode, "--device", args.device, "--threads", str(args.threads),
            "--width", str(width), "--layers", str(layers), "--rows", str(rows)]
+    cmd += ["--layout", layout] if layout is not None else []
     out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env).stdout.split()
     return float(out[-4]), float(out[-3]), float(out[-2]), out[-1]
 
@@ -183,19 +249,58 @@ def _big(args) -> None:
           "   (/ the module's float64 copy + activations)")
 
 
+def _layouts(args) -> None:
+    """The table of issue 24: for each layout the training step's own peak, what a default float64
+    check adds above it, and that as a multiple of the float64 copy of the parameters."""
+    print("\n# issue 24 layouts: default whole-model check (precision='float64'), peak RSS of a fresh process, MiB")
+    print(f"{'layout':10} {'malloc':9} {'check':26} {'tensors':>7} {'f64 copy':>9} {'f64 acts':>9} {'step peak':>10} "
+          f"{'check adds':>11} {'/ f64 copy':>11} {'/ (copy+acts)':>14} {'held after':>11} {'s/check':>8}")
+    for name in args.layouts:
+        model, _ = _layout(name, "cpu")
+        tensors = len(list(model.parameters()))
+        copy64 = 8 * sum(p.numel() for p in model.parameters()) / MIB
+        del model
+        for glibc in (False, True):
+            train = _measure(args, "train", layout=name, glibc_default=glibc)[0]
+            # the float64 activations: the peak of a float64 forward that keeps its graph
+            acts = _measure(args, FLOAT64_STEP, layout=name, glibc_default=glibc)[0]
+            for mode in ("default (sequential)", AUTOGRAD):
+                peak, held, seconds, _ = _measure(args, mode, layout=name, glibc_default=glibc)
+                extra = peak - train
+                label = "default, grads='existing'" if mode != AUTOGRAD else mode
+                print(f"{name:10} {'default' if glibc else 'mmap 64K':9} {label:26} {tensors:7d} {copy64:9.1f} "
+                      f"{acts:9.1f} {train:10.1f} {extra:11.1f} {extra / copy64:11.2f} {extra / (copy64 + acts):14.2f} "
+                      f"{held:11.1f} {seconds:8.1f}")
+    for name in args.layouts:
+        print(f"# {name}: {LAYOUTS[name][0]}")
+    print("# malloc: 'mmap 64K' = MALLOC_MMAP_THRESHOLD_=65536 (the resident size follows the live tensors), "
+          "'default' = glibc as a user runs it (dynamic mmap threshold: freed heap memory stays resident)")
+    print("# f64 acts: peak of a float64 forward of the same model that keeps its graph (the activations a "
+          "backward needs); "
+          "grads='autograd': the check after a training step as a new user calls it (it takes the gradient itself)")
+    print("# target (issue 24): check adds <= 1.5 x the float64 copy (plus the float64 activations of one forward "
+          "and backward where those dominate)")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add_common_args(parser)
     parser.add_argument("--width", type=int, default=2048, help="width of the 4 Linear layers (default 2048)")
     parser.add_argument("--no-big", action="store_true", help="skip the 1 GiB model (16 x Linear(4096, 4096))")
-    parser.add_argument("--child", choices=["train", *CHECKS, *LOCAL], help=argparse.SUPPRESS)
+    parser.add_argument("--child", choices=["train", *CHECKS, *LOCAL, AUTOGRAD, FLOAT64_STEP], help=argparse.SUPPRESS)
     parser.add_argument("--layers", type=int, default=4, help=argparse.SUPPRESS)
     parser.add_argument("--rows", type=int, default=64, help=argparse.SUPPRESS)
+    parser.add_argument("--layout", choices=list(LAYOUTS), help=argparse.SUPPRESS)
+    parser.add_argument("--layouts", nargs="*", default=list(LAYOUTS), choices=list(LAYOUTS),
+                        help="issue 24 layouts to measure (default: all three; none: skip)")
+    parser.add_argument("--only-layouts", action="store_true", help="print only the issue 24 layouts table")
     args = parser.parse_args(argv)
     if args.child:
         torch.set_num_threads(args.threads)
-        return child(args.child, args.device, args.width, args.layers, args.rows)
+        return child(args.child, args.device, args.width, args.layers, args.rows, args.layout)
     header(args)
+    if args.only_layouts:
+        return _layouts(args)
     model, batch = _model_and_batch(args.device, args.width)
     n = sum(p.numel() for p in model.parameters())
     largest = max(p.numel() for p in model.parameters())
@@ -234,6 +339,8 @@ def main(argv: list[str] | None = None) -> None:
         module64, acts = _module_sizes(args.width, 64)
         print(f"module-local check of one Linear: adds {local:.1f} MiB above the recorded step = {ratio:.2f} x its "
               f"float64 copy + input ({module64:.1f} MiB) + recorded activations ({acts:.1f} MiB); {seconds:.1f} s")
+    if args.layouts and not args.device.startswith("cuda"):
+        _layouts(args)
     if not args.no_big and not args.device.startswith("cuda"):
         _big(args)
 

@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.func import functional_call
 
 # _dtype_name is re-exported: engine, _judging and local import it from here
+from gradwatch import _sizes
 from gradwatch._float64 import _EPS, _dtype_name, _Float64Ops, _NativeDraws
 from gradwatch.kinks import _BranchRecorder, _ProbeKinks, _Reference
 from gradwatch.replay import (
@@ -570,6 +571,8 @@ def _streamed(name: str, stats: Callable[[str, Tensor], Any], results: dict[str,
         if grad is None:  # a backward that gives this tensor no gradient: a zero gradient, as unused
             return None
         results[name] = stats(name, grad.detach())
+        if grad.device.type == "cpu":  # its temporaries back to the system (see _sizes.release)
+            _sizes.released(grad.numel() * grad.element_size())
         return torch.zeros((), dtype=grad.dtype, device=grad.device).expand(grad.shape)
 
     return hook

@@ -3,7 +3,8 @@
 Beside the rooms of the engine (see :mod:`gradwatch.engine`): the gradients under test
 (computed here for ``grads="autograd"`` by a training step replayed on cloned buffers, or
 the given ``.grad`` or mapping, validated), the ``names`` selection, why a parameter is
-not checked, and :class:`_ReferenceStats`, which takes what a check needs of each
+not checked, which checked tensors get probes of their own (:func:`_own_probes`), and
+:class:`_ReferenceStats`, which takes what a check needs of each
 tensor's float64 reference gradient as the backward produces it, so the reference is
 never held whole.
 
@@ -19,7 +20,7 @@ from typing import Any, Callable, Collection, Mapping
 import torch
 from torch import Tensor, nn
 
-from gradwatch._evaluation import _native_loss, _short
+from gradwatch._evaluation import _HostValues, _native_loss, _short
 from gradwatch._judging import _gap_values, _square_sum
 from gradwatch._probing import _ref_terms
 from gradwatch._validate import _one_of
@@ -29,6 +30,12 @@ __all__: list[str] = []
 
 _GRADS = ("autograd", "existing")
 _NOT_SELECTED = "not selected for this check (checked in turn within the overhead budget)"
+#: ``per_tensor="auto"``: a check of more tensors than this gives probes of their own only to
+#: the tensors a joint probe weighs too little, at most this many (:func:`_own_probes`).
+_OWN_PROBES = 16
+#: A tensor whose gradient RMS is below this fraction of the RMS over the checked tensors
+#: weighs too little in a joint probe (its weight is floored, see :mod:`gradwatch._joint`).
+_LOW_RATIO = 1e-3
 
 
 def _grads_option(grads: Any) -> str | Mapping[str, Tensor]:
@@ -100,6 +107,32 @@ def _skip_reasons(params: dict[str, nn.Parameter], grad_map: dict[str, Tensor]) 
         elif p.numel() == 0:
             reasons[name] = f"empty tensor (shape {tuple(p.shape)}): no element to check"
     return reasons
+
+
+def _own_probes(
+    plan: Mapping[str, list], checked: Mapping[str, Tensor], reduce: Callable[[Tensor], Tensor] | None,
+) -> dict[str, list]:
+    """The probe plan of ``per_tensor="auto"`` over the ``checked`` gradients: ``plan`` itself
+    for at most :data:`_OWN_PROBES` tensors; above that only the tensors whose gradient RMS is
+    below :data:`_LOW_RATIO` of the RMS over every checked tensor keep their probes (the
+    smallest first, at most :data:`_OWN_PROBES`), the others' lists are emptied: the joint
+    probes and the float64 reference's precision test verify them, and group testing gives
+    the tensor a failing joint probe names a probe of its own. The probes kept are the ones
+    ``plan`` drew for those tensors. One host transfer (the squared norms; averaged across
+    processes with ``reduce``, so every process keeps the same probes)."""
+    names = [n for n in checked if plan.get(n)]
+    if len(names) <= _OWN_PROBES:
+        return dict(plan)
+    host = _HostValues(reduce)
+    idx = [host.add(_square_sum(checked[n].detach())) for n in names]
+    values = host.fetch()
+    sq = [values[i] for i in idx]
+    numel = [checked[n].numel() for n in names]
+    finite = [(q, k) for q, k in zip(sq, numel) if q == q and q != float("inf")]
+    rms2 = sum(q for q, _ in finite) / max(sum(k for _, k in finite), 1)
+    low = sorted((q / k, n) for n, q, k in zip(names, sq, numel) if q / k < _LOW_RATIO**2 * rms2)
+    keep = {n for _, n in low[:_OWN_PROBES]}
+    return {n: (specs if n in keep or n not in checked else []) for n, specs in plan.items()}
 
 
 class _ReferenceStats:

@@ -421,10 +421,9 @@ def _moved(p: Tensor, sign: Tensor, rel: float) -> Tensor:
         return (p64 + rel * p64.abs() * (sign.to(torch.float64) * 2 - 1)).to(p.dtype)
     out = torch.empty_like(p)
     flat, signs, dest = p.reshape(-1), sign.reshape(-1), out.view(-1)
-    chunk = _sizes.CHUNK
-    for lo in range(0, flat.numel(), chunk):
-        p64 = flat[lo : lo + chunk].to(torch.float64)
-        dest[lo : lo + chunk] = (p64 + rel * p64.abs() * (signs[lo : lo + chunk].to(torch.float64) * 2 - 1)).to(p.dtype)
+    for lo, hi in _sizes.spans(flat.numel()):  # (memory back to the system every few chunks)
+        p64 = flat[lo:hi].to(torch.float64)
+        dest[lo:hi] = (p64 + rel * p64.abs() * (signs[lo:hi].to(torch.float64) * 2 - 1)).to(p.dtype)
     return out
 
 

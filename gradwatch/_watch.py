@@ -300,7 +300,8 @@ class _Watch:
         if guard is not None:
             names, coordinates, directions, richardson = guard.broadcast((names, coordinates, directions, richardson))
             schedule.richardson = richardson
-        options = dataclasses.replace(self.options, coordinates=coordinates, directions=directions,
+        # the schedule sized each tensor's probes within the overhead budget: every selected tensor gets them
+        options = dataclasses.replace(self.options, coordinates=coordinates, directions=directions, per_tensor="all",
                                       **schedule.check_options())
         report = _check_with(model, capture.loss_fn, capture.batch, options, grads=dict(grads), replay=capture.replay,
                              train_loss=train_loss, seed=seed, reduce=guard.reduce if guard is not None else None,

@@ -89,7 +89,7 @@ import dataclasses
 import math
 import secrets
 import time
-from typing import Any, Callable, Collection, Iterator, Mapping
+from typing import Any, Callable, Collection, Iterable, Iterator, Mapping
 
 import torch
 from torch import Tensor, nn
@@ -109,6 +109,7 @@ from gradwatch._gradients import (
     _given_gradients,
     _grads_option,
     _names,
+    _own_probes,
     _ReferenceStats,
     _skip_reasons,
 )
@@ -140,6 +141,7 @@ from gradwatch._probing import (
     _RefView,
     _resample,
 )
+from gradwatch import _sizes
 from gradwatch._validate import _callable, _module, _seed
 from gradwatch.options import DEFAULT_SHADOW_BYTES, PRECISIONS, ProbeOptions, _batched_conflict
 from gradwatch.replay import ReplayState, _isolated, capture
@@ -187,6 +189,7 @@ def check(
     reduce: Callable[[Tensor], Tensor] | None = None,
     evaluation: str = "auto",
     joint: int = 1,
+    per_tensor: str = "auto",
 ) -> Report:
     """Compare the gradient of ``loss_fn(model, batch)`` with central differences.
 
@@ -275,6 +278,15 @@ def check(
             ``report.joint`` (``Probe.kind == "joint"``). 0 disables them; with
             ``joint`` > 0, ``coordinates`` and ``directions`` may both be 0 (only the
             joint probes: the adapters' checks under a budget).
+        per_tensor: Which checked tensors get their own ``coordinates`` and
+            ``directions``: ``"all"``, or ``"auto"``: all of them in a check of at most 16
+            tensors (or natively, or without joint probe or float64 reference); above
+            that the joint probes, group testing and the float64 reference's precision
+            test verify every tensor, and only tensors whose gradient RMS is below 1e-3 of
+            the model's (which a joint probe weighs too little; at most 16) get probes of
+            their own; the check then takes at least 2 joint probes. The others are
+            reported ``pass`` "verified jointly" (or ``fail`` when a joint probe names
+            them), so a check costs about the same on 600 tensors as on 20.
 
     Returns:
         A :class:`~gradwatch.report.Report`. ``report.ok`` is False when a tensor
@@ -305,6 +317,7 @@ def check(
         coordinates=coordinates, directions=directions, joint=joint, step=step, precision=precision,
         max_shadow_bytes=max_shadow_bytes, evaluation=evaluation, kinks=kinks, kink_resamples=kink_resamples,
         near_kink_margin=near_kink_margin, richardson=richardson, reference=reference, localize=localize,
+        per_tensor=per_tensor,
     )
     _grads_option(grads)
     if replay is not None and not isinstance(replay, ReplayState):
@@ -342,8 +355,29 @@ def _check_with(
     (:func:`_select`); the probes, in float64 when it runs (:func:`_probe_all`, native
     otherwise); what the verdicts need of the device, in one host transfer
     (:func:`_queue_statistics`); whether the replay can be trusted; the verdicts of each
-    tensor (:func:`_tensor_verdict`) and of the joint probes.
+    tensor (:func:`_tensor_verdict`) and of the joint probes. What the check freed goes back
+    to the system at its end (:func:`gradwatch._sizes.release`).
     """
+    report = _check_once(model, loss_fn, batch, options, seed=seed, grads=grads, replay=replay,
+                         train_loss=train_loss, names=names, reduce=reduce)
+    _sizes.released(_bytes64(model.parameters()))  # the float64 copy and what the stages freed
+    return report
+
+
+def _check_once(
+    model: nn.Module,
+    loss_fn: Callable[[nn.Module, Any], Tensor],
+    batch: Any,
+    options: ProbeOptions,
+    *,
+    seed: int | None,
+    grads: str | Mapping[str, Tensor],
+    replay: ReplayState | None,
+    train_loss: Tensor | float | None,
+    names: Collection[str] | None,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> Report:
+    """The body of :func:`_check_with` (its locals, the float64 copy included, are freed when it returns)."""
     started = time.perf_counter()
     if seed is None:
         seed = secrets.randbits(62)
@@ -361,7 +395,11 @@ def _check_with(
         # the probes, in float64 if it runs ("auto" falls back to native), queued for one host transfer
         host = _HostValues(reduce)
         try:
-            probed = _probe_all(request, selection, plan, mode, host)
+            own = _tensor_plan(plan, selection, options, mode, reduce)
+            if any(plan[n] and not own[n] for n in selection.checked) and options.joint < _JOINT_WITHOUT_OWN:
+                # tensors without probes of their own: a second joint direction (a miss needs both to miss)
+                request = dataclasses.replace(request, options=dataclasses.replace(options, joint=_JOINT_WITHOUT_OWN))
+            probed = _probe_all(request, selection, own, mode, host)
         except Exception as err:
             if options.precision != "auto" or mode != "float64":
                 raise
@@ -385,6 +423,7 @@ def _check_with(
             and not any(params[n]._backward_hooks for n in selection.checked)) else None
         spread = (_measure_spread(ctx.ev, params, list(selection.checked), ctx.signature, seed, host, at)
                   if precision_test else None)
+        _sizes.released(_bytes64(selection.every.values()))  # the native replays
         stats = _queue_statistics(selection, probed, precision_test, host)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
         i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
@@ -600,6 +639,30 @@ def _select(
     return _Selection(skipped, excluded, every, checked)
 
 
+#: Joint probes of a check in which ``per_tensor="auto"`` left tensors without probes of their
+#: own: a single random direction misses a wrong gradient with probability about
+#: ``tolerance / error`` (about 1% on the README's transformer), two independent ones need both to miss.
+_JOINT_WITHOUT_OWN = 2
+
+
+def _bytes64(tensors: Iterable[Tensor]) -> int:
+    """Bytes of a float64 copy of ``tensors``: about what a stage of the check frees (for
+    :func:`gradwatch._sizes.released`, which gives memory back to the system every few MiB)."""
+    return 8 * sum(t.numel() for t in tensors)
+
+
+def _tensor_plan(
+    plan: dict[str, list], selection: _Selection, options: ProbeOptions, mode: str,
+    reduce: Callable[[Tensor], Tensor] | None,
+) -> dict[str, list]:
+    """The probes of each tensor's own: ``plan`` with ``per_tensor="all"``, natively, without a
+    joint probe or without the float64 reference; else :func:`_own_probes` (above 16 tensors,
+    only those a joint probe weighs too little keep theirs)."""
+    if options.per_tensor == "all" or mode != "float64" or not options.joint or not options.reference:
+        return plan
+    return _own_probes(plan, selection.checked, reduce)
+
+
 def _probe_all(
     request: _Request, selection: _Selection, plan: dict[str, list], mode: str, host: _HostValues,
 ) -> _Probed:
@@ -613,12 +676,14 @@ def _probe_all(
     # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
     ev.own_reference = not options.richardson and not options.reference and ev.batched is False
     lines = _joint_lines(ev, checked, request.seed, options.joint, options.step, excluded)
+    _sizes.released(_bytes64(checked.values()))  # the chunks their terms were summed from
     # the reference gradient is never held whole: what the probes, the joint lines and the
     # precision test need of it is computed as the float64 backward produces each tensor's
     stats = _ReferenceStats(checked, plan, [line for _, line in lines], excluded, gap=True)
     loss0, signature, ref_stats = ev.base(selection.every, options.reference,
                                           stats=None if request.reduce is not None else stats)
     ev.loss0 = loss0
+    _sizes.released(_bytes64(selection.every.values()))  # the float64 activations of the reference pass
     step, noise = _measured(request, ev, selection, loss0, lines)
     held = None
     if ref_stats is not None and request.reduce is not None:  # data parallel: the mean over ranks, as .grad
@@ -632,11 +697,15 @@ def _probe_all(
     if ref_stats is not None:
         for j, (_, line) in enumerate(lines):
             line.set_reference([ref_stats[n]["joint"][j] for n in line.names])
-    rows = {
-        name: _probe_tensor(ctx, name, checked[name], refs[name], plan[name], host, kink_log[name])
-        for name in checked if ev.usable  # else unreliable: no point in probing
-    }
+    rows = {}
+    # a model whose float64 copy is a few MiB: the passes' activations back to the system after each tensor
+    large = _bytes64(selection.every.values()) >= _sizes.TRIM_BYTES
+    for name in checked if ev.usable else ():  # else unreliable: no point in probing
+        rows[name] = _probe_tensor(ctx, name, checked[name], refs[name], plan[name], host, kink_log[name])
+        if plan[name] and large:
+            _sizes.release()
     jrows = _joint_probes(ctx, lines, host) if ev.usable else []
+    _sizes.released(_bytes64(selection.every.values()))
     return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows, noise)
 
 

@@ -28,7 +28,7 @@ from typing import Any
 
 from gradwatch._validate import _bool, _non_negative_int, _one_of, _positive_float, _positive_int
 
-__all__ = ["ProbeOptions", "DEFAULT_SHADOW_BYTES", "PRECISIONS", "EVALUATIONS"]
+__all__ = ["ProbeOptions", "DEFAULT_SHADOW_BYTES", "PRECISIONS", "EVALUATIONS", "PER_TENSOR"]
 
 #: Largest float64 copy of parameters and buffers ``precision="auto"`` makes (2 GiB).
 DEFAULT_SHADOW_BYTES = 2 * 2**30
@@ -36,6 +36,8 @@ DEFAULT_SHADOW_BYTES = 2 * 2**30
 PRECISIONS = ("float64", "native", "auto")
 #: How the perturbed losses of a probe are evaluated.
 EVALUATIONS = ("auto", "batched", "sequential")
+#: Which checked tensors get probes of their own (``ProbeOptions.per_tensor``).
+PER_TENSOR = ("auto", "all")
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -68,6 +70,16 @@ class ProbeOptions:
             and the measured rounding noise); False halves the evaluations per probe.
         reference: In float64 evaluation, also take autograd's gradient of the float64 copy.
         localize: Narrow a failing tensor down to an element.
+        per_tensor: Which checked tensors get their own ``coordinates`` and ``directions``.
+            ``"all"``: every one. ``"auto"``: every one when a check covers at most 16
+            tensors, or evaluates natively, or has no joint probe or no float64 reference;
+            above that the joint probes (group testing where one fails) and the float64
+            reference's precision test verify every tensor, and only the tensors a joint
+            probe weighs too little (gradient RMS below 1e-3 of the model's, at most 16 of
+            them) get probes of their own, and the check takes at least 2 joint probes, so
+            the cost of a check does not grow with the number of tensors. The adapters'
+            checks take ``"all"``: their schedule sizes each tensor's probes within the
+            overhead budget.
 
     Example:
         >>> ProbeOptions(kinks=False, evaluation="batched").evaluation
@@ -87,6 +99,7 @@ class ProbeOptions:
     richardson: bool = True
     reference: bool = True
     localize: bool = True
+    per_tensor: str = "auto"
 
     def __post_init__(self) -> None:
         # in the order gradwatch.check validated its arguments (the first bad one is named)
@@ -109,6 +122,7 @@ class ProbeOptions:
         _positive_int("max_shadow_bytes", self.max_shadow_bytes)
         for name in ("localize", "richardson", "reference"):
             _bool(name, getattr(self, name))
+        _one_of("per_tensor", self.per_tensor, PER_TENSOR)
 
 
 def _batched_conflict(evaluation: str, kinks: Any) -> str:

@@ -24,7 +24,14 @@ from typing import Any, Callable, Collection, Mapping
 import torch
 from torch import Tensor, nn
 
-from gradwatch._gradients import _NOT_SELECTED, _autograd_gradients, _given_gradients, _grads_option, _names
+from gradwatch._gradients import (
+    _LOW_RATIO,
+    _NOT_SELECTED,
+    _autograd_gradients,
+    _given_gradients,
+    _grads_option,
+    _names,
+)
 from gradwatch._validate import _bool, _callable, _module, _seed
 from gradwatch.engine import _check_with, _train_is_replay
 from gradwatch.options import ProbeOptions
@@ -43,8 +50,8 @@ TEST_OPTIONS = ProbeOptions(coordinates=16, directions=4, joint=1, precision="fl
 
 #: A tensor whose gradient RMS is below this fraction of the RMS over the checked tensors
 #: weighs too little in a joint probe (its weight is floored, see :mod:`gradwatch._joint`):
-#: it gets per-tensor probes at once.
-_GROUP_RATIO = 1e-3
+#: it gets per-tensor probes at once (the same ratio as a check's ``per_tensor="auto"``).
+_GROUP_RATIO = _LOW_RATIO
 
 
 def assert_gradients(
@@ -211,8 +218,8 @@ def assert_gradients(
     with _train_is_replay(train_loss is not None):
         if options.joint and not thorough:  # joint probes first: per-tensor probes only when they do not pass cleanly
             report = _joint_check(run, grads, names, options)
-        if report is None:
-            report = run(options, names=names)
+        if report is None:  # every tensor its own probes, however many there are: each wrong one is named
+            report = run(dataclasses.replace(options, per_tensor="all"), names=names)
     if allow_unverified:
         _handle(report, "raise")
         return report

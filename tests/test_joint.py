@@ -12,7 +12,8 @@ from torch import nn
 import gradwatch
 from gradwatch import GradWatch, KinkWarning, check
 from gradwatch._evaluation import DEFAULT_STEP
-from zoo import BUGS, CORRECT, SPARSE_BUGS, ScaledGrad
+from gradwatch._gradients import _OWN_PROBES
+from zoo import BUGS, CORRECT, SPARSE_BUGS, TRAINING_ONLY_BUGS, ScaledGrad
 
 JOINT_ONLY = {"coordinates": 0, "directions": 0}
 SMALLEST = {**JOINT_ONLY, "richardson": False, "reference": False}
@@ -226,3 +227,88 @@ def test_joint_passes_run_without_the_kink_recorder_when_the_model_has_no_kink(m
     compared.clear()
     report = check(relu.model, relu.loss_fn, relu.batch, seed=0, **JOINT_ONLY)
     assert report.ok and sum(compared) >= 4  # ±h, ±2h of the joint probe, and the precision test's replay
+
+
+# --------------------------------------------------------------- per_tensor="auto" (issue 24 item 3)
+class _Deep(nn.Module):
+    """A zoo model followed by 12 residual tanh blocks on its outputs: 24 more tensors, so a
+    check covers more than the 16 tensors below which every tensor gets its own probes."""
+
+    def __init__(self, inner: nn.Module, width: int) -> None:
+        super().__init__()
+        self.inner = inner
+        torch.manual_seed(1)
+        self.tail = nn.ModuleList(nn.Linear(width, width) for _ in range(12))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.inner(x)
+        for layer in self.tail:
+            h = h + 0.5 * torch.tanh(layer(h))
+        return h
+
+
+def _with_tail(case) -> nn.Module:
+    with torch.no_grad():
+        width = case.model(case.batch[0]).shape[-1]
+    return _Deep(case.model, width)
+
+
+def _check_quietly(model, case, **kwargs):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", KinkWarning)
+        return check(model, case.loss_fn, case.batch, seed=0, **kwargs)
+
+
+@pytest.mark.parametrize("bug", sorted(BUGS) + sorted(SPARSE_BUGS) + sorted(TRAINING_ONLY_BUGS))
+def test_many_tensors_default_check_flags_each_planted_bug_with_few_own_probes(bug: str) -> None:
+    case = (BUGS.get(bug) or SPARSE_BUGS.get(bug) or TRAINING_ONLY_BUGS[bug])(0)
+    model = _with_tail(case)
+    report = _check_quietly(model, case)
+    assert len(report.tensors) > _OWN_PROBES
+    failed = {t.name.removeprefix("inner.") for t in report.failures}
+    # group testing names one wrong tensor per failing joint probe; the precision test flags each
+    assert failed and failed <= case.wrong, (failed, case.wrong)
+    own = [n for n, t in report.tensors.items() if t.probes]
+    assert len(own) <= _OWN_PROBES + 1, own  # + the tensor group testing named
+
+
+@pytest.mark.parametrize("name", sorted(CORRECT))
+def test_many_tensors_default_check_keeps_correct_models_quiet_and_cheap(name: str) -> None:
+    case = CORRECT[name](0)
+    try:
+        model = _with_tail(case)
+    except (IndexError, RuntimeError, TypeError):
+        pytest.skip("outputs that are no batch of vectors")
+    report = _check_quietly(model, case)
+    assert report.reliable and report.ok, report.summary()
+    own = [n for n, t in report.tensors.items() if t.probes]
+    assert len(own) <= _OWN_PROBES, own
+    jointly = [t for t in report.tensors.values() if t.verdict == "pass" and not t.probes]
+    assert jointly and all("verified jointly" in t.reason for t in jointly)
+    assert len(report.joint) == 2  # two joint directions where tensors have no probes of their own
+
+
+def test_per_tensor_all_probes_every_tensor_and_auto_keeps_small_checks_unchanged() -> None:
+    case = CORRECT["layernorm_gelu"](0)
+    model = _with_tail(case)
+    every = _check_quietly(model, case, per_tensor="all")
+    assert all(t.probes for t in every.tensors.values() if t.verdict != "skipped")
+    auto = _check_quietly(model, case)
+    assert sum(bool(t.probes) for t in auto.tensors.values()) < len(auto.tensors) // 2
+    # at most 16 tensors: "auto" is "all", probe for probe
+    small = CORRECT["layernorm_gelu"](0)
+    a = _check_quietly(small.model, small)
+    b = _check_quietly(small.model, small, per_tensor="all")
+    assert [(n, [p.numerical for p in t.probes]) for n, t in a.tensors.items()] == \
+        [(n, [p.numerical for p in t.probes]) for n, t in b.tensors.items()]
+    assert len(a.joint) == len(b.joint) == 1
+    with pytest.raises(ValueError, match="`per_tensor` must be one of"):
+        gradwatch.ProbeOptions(per_tensor="some")
+
+
+def test_tensors_a_joint_probe_weighs_too_little_keep_their_own_probes() -> None:
+    case = BUGS["small_gradient"](0)  # a branch scaled by 1e-6: its gradients are 1e-6 of the model's
+    report = _check_quietly(_with_tail(case), case)
+    assert report.tensors["inner.small.weight"].probes and report.tensors["inner.small.bias"].probes
+    assert not report.tensors["tail.0.weight"].probes
+    assert {t.name for t in report.failures} == {"inner.small.bias"}
