@@ -500,6 +500,9 @@ def _joint_verdicts(
         compared = p.reference if p.reference is not None else p.autograd
         denom = abs(p.numerical) + abs(compared)
         best = min((q for _, q in judged), key=lambda q: q.resolving_power)
+        # each tensor's term is weighted alike, so one holds ~1/√n of the joint derivative: an error
+        # of δ in its gradient moves the joint probe by ~δ/√n of it
+        best = dataclasses.replace(best, resolving_power=best.resolving_power * math.sqrt(len(covered)))
         unresolved = _unresolved(best)
         for n in unverified:
             gap = out[n].gap_ratio
