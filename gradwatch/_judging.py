@@ -670,6 +670,14 @@ def _coarse_fail(p: Probe) -> bool:
     return math.isfinite(p.grad_error) and p.grad_error > max(p.grad_tolerance, _COARSE_RTOL * abs(p.numerical))
 
 
+def _training_confirmed(p: Probe) -> bool:
+    """A probe that fails the code test where the training gradient agrees with the central
+    differences and the reference differs from it beyond its precision (see
+    :func:`_reference_broken`)."""
+    return (p.failed and math.isfinite(p.grad_error) and p.grad_error <= p.grad_tolerance
+            and abs(p.autograd - p.reference) > p.grad_tolerance)
+
+
 def _reference_broken(judged: list[Probe]) -> bool:
     """The float64 reference, not the training gradient, disagrees with the central
     differences: some probe fails the code test, every probe's training gradient agrees

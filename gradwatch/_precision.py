@@ -32,6 +32,7 @@ from torch import Tensor
 
 from gradwatch import _sizes
 from gradwatch._evaluation import DEFAULT_STEP, _HostValues
+from gradwatch.kinks import _ProbeKinks, _Reference
 
 if TYPE_CHECKING:
     from gradwatch._evaluation import _Evaluation
@@ -62,47 +63,62 @@ _MAX_STEP = 1e-2
 
 
 def _measure_noise(ev: _Evaluation, keys: list[str], seed: int, reduce: Callable[[Tensor], Tensor] | None,
-                   loss0: Tensor | None) -> tuple[float, float]:
+                   loss0: Tensor | None, signature: _Reference | None = None) -> tuple[float, float]:
     """The measured rounding noise ``σ`` of one evaluation of the loss, and ``|L(θ)|``, on the
     host (one transfer; under data parallelism the mean over processes, so every process
-    takes the same step). ``loss0``: the unperturbed float64 loss when evaluated already."""
+    takes the same step). ``loss0``: the unperturbed float64 loss when evaluated already;
+    ``signature``: its kink reference (None: kinks not recorded): a line whose passes took
+    another branch of a non-smooth op (a ReLU input within ~1e-6 of 0) measured a kink, not
+    rounding, and is left out (none left: 0, float64's own step)."""
     keys = [k for k in keys if ev.in_place(k) and ev.shadow[k].is_floating_point() and ev.shadow[k].numel()]
     if not keys:
         return 0.0, 0.0
     if loss0 is None:
         loss0, _ = ev(ev.shadow, record=False)
     base = loss0.detach().to(torch.float64)
-    f, loss = _fourths(ev, keys, seed, reduce, base, range(_DIRECTIONS))
+    measure = _Lines(ev, keys, seed, reduce, base, signature)
+    f, loss = measure(range(_DIRECTIONS))
     if all(math.isfinite(x) for x in f) and _relative(_rms(f), loss) > _FLOAT64:  # below float64: more samples
-        f += _fourths(ev, keys, seed, reduce, base, range(_DIRECTIONS, _DIRECTIONS + _MORE_DIRECTIONS))[0]
+        f += measure(range(_DIRECTIONS, _DIRECTIONS + _MORE_DIRECTIONS))[0]
     if not all(math.isfinite(x) for x in f):
         return math.inf, loss
     return _rms(f), loss
 
 
 def _rms(fourths: list[float]) -> float:
-    """The loss noise that fourth differences measured: their RMS over ``√70``."""
-    return math.sqrt(sum(x * x for x in fourths) / len(fourths)) / _FOURTH
+    """The loss noise that fourth differences measured: their RMS over ``√70`` (0 for none)."""
+    return math.sqrt(sum(x * x for x in fourths) / len(fourths)) / _FOURTH if fourths else 0.0
 
 
-def _fourths(ev: _Evaluation, keys: list[str], seed: int, reduce: Callable[[Tensor], Tensor] | None, base: Tensor,
-             lines: range) -> tuple[list[float], float]:
-    """The fourth differences of the loss along each of ``lines`` (host values, one transfer)
-    and ``|L(θ)|``."""
-    fourths = []
-    for d in lines:
-        losses = {}
-        for s in (1.0, -1.0, 2.0, -2.0):
-            with ev.moved((key, _mover(s, (seed * 1000003 + 7919 * d + i) % 2**62))
-                          for i, key in enumerate(keys)) as shadow:
-                losses[s], _ = ev(shadow, record=False)
-            losses[s] = losses[s].detach().to(torch.float64)
-        fourths.append(losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * base)
-    host = _HostValues(reduce)
-    i_f = host.extend(torch.stack(fourths).abs())
-    i_l = host.add(base.abs())
-    values = host.fetch()
-    return [values[i] for i in i_f], values[i_l]
+class _Lines:
+    """The measuring lines of one check (see the module notes)."""
+
+    def __init__(self, ev: _Evaluation, keys: list[str], seed: int, reduce: Callable[[Tensor], Tensor] | None,
+                 base: Tensor, signature: _Reference | None) -> None:
+        self.ev, self.keys, self.seed, self.reduce, self.base = ev, keys, seed, reduce, base
+        self.signature = signature if signature is not None and len(signature) else None
+
+    def __call__(self, lines: range) -> tuple[list[float], float]:
+        """The fourth differences of the loss along each of ``lines`` that crossed no kink (host
+        values, one transfer) and ``|L(θ)|``."""
+        ev, fourths, crossed = self.ev, [], []
+        for d in lines:
+            kinks = _ProbeKinks(self.signature, self.base.device) if self.signature is not None else None
+            losses = {}
+            for s in (1.0, -1.0, 2.0, -2.0):
+                with ev.moved((key, _mover(s, (self.seed * 1000003 + 7919 * d + i) % 2**62))
+                              for i, key in enumerate(self.keys)) as shadow:
+                    loss, _ = ev(shadow, kinks=kinks.next_pass(margins=False) if kinks is not None else None,
+                                 record=False)
+                losses[s] = loss.detach().to(torch.float64)
+            fourths.append(losses[2.0] + losses[-2.0] - 4 * (losses[1.0] + losses[-1.0]) + 6 * self.base)
+            crossed.append(kinks.any_crossed().to(torch.float64) if kinks is not None else self.base.new_zeros(()))
+        host = _HostValues(self.reduce)
+        i_f = host.extend(torch.stack(fourths).abs())
+        i_c = host.extend(torch.stack(crossed))
+        i_l = host.add(self.base.abs())
+        values = host.fetch()
+        return [values[i] for i, c in zip(i_f, i_c) if values[c] == 0], values[i_l]
 
 
 def _mover(s: float, seed: int) -> Callable[[Tensor], None]:

@@ -548,3 +548,27 @@ def _sinks_option(sinks: Any) -> list[Sink]:
                         f"got {sinks!r}"[:300])
     return list(sinks)
 
+
+class _TensorHooks:
+    """Records the gradient each backward of the step sends to each parameter (after the
+    parameter's own tensor hooks, so a hook that rescales a gradient is checked too), summed
+    over the backwards. ``copy``: keep copies (DDP may write the mean over ranks into the very
+    tensor a hook sees: a rank's own gradients for its capsule)."""
+
+    def __init__(self, model: nn.Module, *, copy: bool = False) -> None:
+        self.grads: dict[str, Tensor] = {}
+        self._copy = copy
+        self._handles = [p.register_hook(partial(self._keep, name)) for name, p in model.named_parameters()
+                         if p.requires_grad]
+
+    def _keep(self, name: str, grad: Tensor) -> None:
+        previous = self.grads.get(name)
+        if previous is not None:
+            self.grads[name] = previous + grad.detach()
+        else:
+            self.grads[name] = grad.detach().clone() if self._copy else grad.detach()
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []

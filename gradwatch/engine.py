@@ -684,7 +684,7 @@ def _probe_all(
                                           stats=None if request.reduce is not None else stats)
     ev.loss0 = loss0
     _sizes.released(_bytes64(selection.every.values()))  # the float64 activations of the reference pass
-    step, noise = _measured(request, ev, selection, loss0, lines)
+    step, noise = _measured(request, ev, selection, loss0, lines, signature)
     held = None
     if ref_stats is not None and request.reduce is not None:  # data parallel: the mean over ranks, as .grad
         held = _reduced(ref_stats, request.reduce)
@@ -711,6 +711,7 @@ def _probe_all(
 
 def _measured(
     request: _Request, ev: _Evaluation, selection: _Selection, loss0: Tensor | None, lines: list,
+    signature: Any = None,
 ) -> tuple[float | None, _Noise | None]:
     """The base step of the probes and the measured noise of the float64 evaluation
     (:mod:`gradwatch._precision`); the joint ``lines`` are rescaled to that step. A step the
@@ -721,7 +722,8 @@ def _measured(
     # is measured again with ±2h passes before the verdict stands (see _remeasure)
     if not ev.float64 or not ev.usable or loss0 is None:
         return options.step, None
-    sigma, loss = _measure_noise(ev, [f"model.{n}" for n in selection.every], request.seed, request.reduce, loss0)
+    sigma, loss = _measure_noise(ev, [f"model.{n}" for n in selection.every], request.seed, request.reduce, loss0,
+                                 signature)
     relative = _relative(sigma, loss)
     noise = _Noise(sigma, relative, _precision_name(relative))
     if options.step is not None:

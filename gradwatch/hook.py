@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import dataclasses
 from contextlib import contextmanager
-from functools import partial
 from typing import Any, Callable, Iterator, Sequence
 
 from torch import Tensor, nn
@@ -31,7 +30,7 @@ from torch import Tensor, nn
 from gradwatch._capsules import _capsule_dir, _capsules_option
 from gradwatch._sharded import _LocalGrads, _sharding
 from gradwatch._validate import _callable, _module
-from gradwatch._watch import _BackwardRoots, _Capture, _Watch, _Watched
+from gradwatch._watch import _BackwardRoots, _Capture, _TensorHooks, _Watch, _Watched
 from gradwatch.options import ProbeOptions
 from gradwatch.replay import capture
 from gradwatch.report import OnFailure
@@ -267,25 +266,6 @@ class GradWatch(_Watched):
 
     def __exit__(self, *exc: Any) -> None:
         self.close()
-
-
-class _TensorHooks:
-    """Records the gradient each backward of the step sends to each parameter (after the
-    parameter's own tensor hooks, so a hook that rescales a gradient is checked too)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.grads: dict[str, Tensor] = {}
-        self._handles = [p.register_hook(partial(self._keep, name)) for name, p in model.named_parameters()
-                         if p.requires_grad]
-
-    def _keep(self, name: str, grad: Tensor) -> None:
-        previous = self.grads.get(name)
-        self.grads[name] = grad.detach() if previous is None else previous + grad.detach()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def _scaler(name: str, value: Any) -> Any:

@@ -38,7 +38,7 @@ from typing_extensions import override
 from gradwatch._capsules import _capsule_dir, _capsules_option
 from gradwatch._sharded import _LocalGrads, _sharding
 from gradwatch._validate import _callable, _non_negative_int, _seed
-from gradwatch._watch import _Capture, _LocalRecording, _Watch, _Watched
+from gradwatch._watch import _Capture, _LocalRecording, _TensorHooks, _Watch, _Watched
 from gradwatch.options import ProbeOptions
 from gradwatch.replay import ReplayState, capture
 from gradwatch.report import OnFailure, Report, _check_prefix, _check_report, metrics
@@ -280,7 +280,7 @@ class GradWatchCallback(_Watched):
             ] if self._watch.too_big(pl_module) else None)
         own = None  # DDP's .grad will be the mean over ranks: this rank's own gradients, for its capsule
         if distributed and not self._sharded and accumulate == 1 and self._watch.capsules.wants():
-            own = _OwnGrads(pl_module)
+            own = _TensorHooks(pl_module, copy=True)
         pending = self._pending = _Pending(trainer.global_step, batch, batch_idx, accumulate, replay,
                                            recorder=recorder, own=own)
         # custom ops with a reference are recorded on one process only (as the hook does without FSDP)
@@ -416,7 +416,7 @@ class _Pending:
     loss: Tensor | None = None
     recorder: _LocalGrads | None = None  # fully_shard: records the local gradients of the backward
     recording: _LocalRecording | None = None  # the module-local recordings of the checked backward
-    own: "_OwnGrads | None" = None  # DDP: this rank's own gradients of the backward (for its capsule)
+    own: "_TensorHooks | None" = None  # DDP: this rank's own gradients of the backward (for its capsule)
 
     def release(self) -> None:
         """Remove every hook this step registered (idempotent)."""
@@ -427,25 +427,6 @@ class _Pending:
         if self.recording is not None:
             self.recording.close()
 
-
-
-class _OwnGrads:
-    """Copies of the gradients one rank's backward sends to each parameter, before DDP averages
-    them into ``.grad`` (DDP may write the mean into the very tensor a hook sees: copied)."""
-
-    def __init__(self, model: nn.Module) -> None:
-        self.grads: dict[str, Tensor] = {}
-        self._handles = [p.register_hook(partial(self._keep, name)) for name, p in model.named_parameters()
-                         if p.requires_grad]
-
-    def _keep(self, name: str, grad: Tensor) -> None:
-        previous = self.grads.get(name)
-        self.grads[name] = grad.detach().clone() if previous is None else previous + grad.detach()
-
-    def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
 
 
 def _loaded_namespaces() -> tuple[str, ...]:

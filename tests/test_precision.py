@@ -19,6 +19,7 @@ from torch import nn
 
 import gradwatch
 from gradwatch import RESOLVING_BOUND, check
+from test_judging import _Bfloat16RoundTrip  # a loss that is a staircase at any float64 step
 from zoo import CORRECT, Mlp, classification_loss
 
 
@@ -150,25 +151,11 @@ def test_every_pass_resolves_errors_below_the_bound() -> None:
                         assert p.resolving_power <= p.tolerance / abs(p.numerical) if p.numerical else True
 
 
-class _RoundTrip(torch.autograd.Function):
-    """Truncates to bfloat16 precision (NumPy bit masks, straight-through backward): a loss that
-    is a staircase at any step a float64 probe takes."""
-
-    @staticmethod
-    def forward(ctx, x):
-        bits = x.detach().cpu().numpy().astype(np.float32).view(np.int32) & np.int32(-65536)
-        return torch.from_numpy(bits.view(np.float32)).to(x)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad
-
-
 def test_a_check_too_coarse_to_resolve_a_tensor_says_inconclusive_not_pass() -> None:
     # before: "pass" at rel_error 0.97 and 1.0 (nothing verified), and a false alarm at seed 2
     for seed in range(3):
         torch.manual_seed(seed)
-        model = Mlp(nn.Linear(8, 16), lambda h: torch.tanh(_RoundTrip.apply(h)), 16)
+        model = Mlp(nn.Linear(8, 16), lambda h: torch.tanh(_Bfloat16RoundTrip.apply(h)), 16)
         gen = torch.Generator().manual_seed(seed)
         batch = (torch.randn(32, 8, generator=gen), torch.randint(0, 3, (32,), generator=gen))
         report = check(model, classification_loss, batch, seed=seed)
@@ -211,23 +198,29 @@ class _ScaleLayer(nn.Module):
         return _Scale.apply(x, self.w)
 
 
+@pytest.mark.parametrize("smallest", [False, True], ids=["full", "smallest"])
 @pytest.mark.parametrize("bug", [False, True])
-def test_a_broken_float64_path_is_reported_and_not_blamed_on_the_training_gradient(bug: bool, monkeypatch) -> None:
-    # before: FAIL "'1.w'[...]: autograd=... rel_err=1 ... look at tensor hooks, code that edits .grad"
+def test_a_broken_float64_path_is_reported_and_not_blamed_on_the_training_gradient(bug: bool, smallest: bool,
+                                                                                    monkeypatch) -> None:
+    # before: FAIL "'1.w'[...]: autograd=... rel_err=1 ... look at tensor hooks, code that edits .grad";
+    # the smallest check (the adapters' first: the joint probe alone, a coarse gap test) failed every
+    # tensor whose float64 gradient the broken path touches
     monkeypatch.setattr(_Scale, "bug", bug)
+    options = {"richardson": False, "coordinates": 0, "directions": 0, "kink_resamples": 0} if smallest else {}
     for seed in range(3):
         torch.manual_seed(seed)
         model = nn.Sequential(nn.Linear(8, 16), _ScaleLayer(), nn.Tanh(), nn.Linear(16, 4))
         batch = (torch.randn(16, 8), torch.randint(0, 4, (16,)))
-        report = check(model, _loss, batch, seed=seed)
+        report = check(model, _loss, batch, seed=seed, **options)
         t = report.tensors["1.w"]
         if bug:  # wrong in training too: a failure, whatever the float64 path does
-            assert [f.name for f in report.failures] == ["1.w"] and not t.reference_broken, str(report)
+            assert "1.w" in [f.name for f in report.failures] and not t.reference_broken, str(report)
             continue
         assert report.ok and t.verdict == "pass" and t.reference_broken, str(report)
         assert "float64 path is broken, not the training gradient" in t.reason
         assert "float64 path broken (the training gradient verified without it): '1.w'" in str(report)
-        assert not any(u.reference_broken for n, u in report.tensors.items() if n != "1.w")
+        if not smallest:
+            assert not any(u.reference_broken for n, u in report.tensors.items() if n != "1.w")
 
 
 @pytest.mark.parametrize("name", ["mlp_relu_dropout", "cnn_bn_pool"])
