@@ -78,6 +78,10 @@ _COARSE_RTOL = 1e-2
 #: before BatchNorm, a model whose loss does not depend on a tensor) has no relative error to
 #: resolve; it is judged against that absolute floor.
 _ZERO_FLOOR = 100.0
+#: With a float64 reference, a tensor whose float64 gradient along a probe is above this
+#: fraction of the model's ``G_ref`` is resolved relative to its own gradient (see
+#: :meth:`_Judge.probe`).
+_ZERO_REL = 1e-12
 #: Multiple of the numerical error bar added to the tolerance.
 _ERROR_BAR_MULT = 3.0
 #: Smallest loss rounding assumed, in units of the evaluation dtype's eps × |L|.
@@ -557,10 +561,17 @@ class _Judge:
             error = abs(numerical - a)
             tolerance = grad_tolerance
             compared = a
-        # the derivative's size: at least the model's gradient RMS along v, and at least
-        # _ZERO_FLOOR times the gradient dtype's rounding of |L| (a gradient that is 0 at the loss's
-        # rounding is judged absolutely, against that floor)
-        size = max(abs(numerical), abs(compared), self.scale * v["vnorm"], _ZERO_FLOOR * self.loss_floor * v["vnorm"])
+        # the derivative's size: at least the model's gradient RMS along v and _ZERO_FLOOR times the
+        # gradient dtype's rounding of |L| (a gradient that is 0 at the loss's rounding is judged
+        # absolutely, against that floor); with a float64 reference, a tensor's own probe takes the
+        # tensor's own gradient along v instead, unless that is 0 at the model's scale (a bias
+        # before BatchNorm): a small but real gradient (a layer behind a layer scale of 1e-6) is
+        # resolved relative to itself
+        floor = max(self.scale * v["vnorm"], _ZERO_FLOOR * self.loss_floor * v["vnorm"])
+        if kind != "joint" and a_ref is not None and gap and self.ref_scale > self.loss_floor and (
+                v["rss_ref"] > _ZERO_REL * self.ref_scale * v["vnorm"]):
+            floor = v["rss_ref"]
+        size = max(abs(numerical), abs(compared), floor)
         return Probe(
             kind=kind,
             index=tuple(int(i) for i in np.unravel_index(value, shape)) if kind == "coordinate" else None,
