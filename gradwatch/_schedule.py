@@ -35,12 +35,6 @@ Budget accounting (``max_overhead`` = check seconds / training seconds):
   ReLU/max-pool networks. Costs are predicted from the seconds per loss evaluation
   measured at the previous check (before the first check: the duration of the
   training step itself).
-* The first check (step 0) runs whatever it costs, and is charged at most one
-  interval's share of the budget (``max_overhead · every_n_steps`` training steps): it
-  pays one-off costs (the first float64 copy, module-local recordings) and is the
-  smallest check, so a first check that costs more than the budget does not starve
-  the next ones for the rest of a short run (a first check worth 8% of 600 steps of
-  training at a 2% budget deferred the second past step 2,400).
 """
 
 from __future__ import annotations
@@ -81,7 +75,6 @@ class _Schedule:
         self.seconds_per_eval: float | None = None
         self._mark: float | None = None  # perf_counter at the start of the running step
         self.richardson = True  # whether the planned check's probes take the ±2h passes
-        self._first: tuple[int, float] | None = None  # the first check's step and what it may still be charged
 
     # --------------------------------------------------------------------- hot path
     def begin(self, step: int, *, defer: bool = True) -> bool:
@@ -148,36 +141,22 @@ class _Schedule:
     def done(self, step: int, seconds: float, probes: int) -> None:
         """After the check of ``step``: it took ``seconds`` for ``probes`` probes of
         single tensors (besides its joint probe)."""
-        if self.checks == 0 and self.max_overhead is not None:  # at most one interval's share
-            self._first = (step, self.max_overhead * self.every_n_steps * self._step_seconds())
         self.checks += 1
-        charged = self._charged(step, seconds)
-        self.check_seconds += charged
+        self.check_seconds += seconds
         if self.richardson:
             evals = _FIXED_EVALS + _EVALS_PER_PROBE * (probes + _JOINT_PROBES)
         else:
             evals = _FIXED_EVALS_SMALLEST + _EVALS_PER_SHORT_PROBE * (probes + _JOINT_PROBES)
-        # what the first check was charged predicts the next (its one-off costs do not recur; if
-        # they do, the second check's full cost corrects the estimate)
-        self.seconds_per_eval = charged / evals
+        self.seconds_per_eval = seconds / evals
         self.next_step = step + max(self.every_n_steps, self._steps_to_afford())
         self._mark = time.perf_counter()
 
     def add(self, step: int, seconds: float) -> None:
         """After :meth:`done`: ``seconds`` more spent checking ``step`` (module-local checks)
         count against the budget, and training time is measured from now."""
-        self.check_seconds += self._charged(step, seconds)
+        self.check_seconds += seconds
         self.next_step = step + max(self.every_n_steps, self._steps_to_afford())
         self._mark = time.perf_counter()
-
-    def _charged(self, step: int, seconds: float) -> float:
-        """What ``seconds`` spent on the check of ``step`` cost the budget: all of it, except
-        for the first check, which is charged up to one interval's share in all."""
-        if self._first is None or self._first[0] != step:
-            return seconds
-        charged = min(seconds, self._first[1])
-        self._first = (step, self._first[1] - charged)
-        return charged
 
     def is_planned(self, step: int) -> bool:
         """Whether ``step`` is a check step as planned now (the budget may defer it)."""
