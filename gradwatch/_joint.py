@@ -186,7 +186,7 @@ class _JointLine:
         self.a = torch.stack(self.a_t).sum()
         self.rss = torch.stack(rss).sum().sqrt()
         self.vnorm = torch.stack(vnorm).sum().sqrt()
-        self.a_ref_t = self.a_ref = self.rss_ref = None
+        self.a_ref_t = self.a_ref = self.rss_ref = self.rss_ref_t = None
 
     def _g64(self, i: int, finite: list | None = None) -> Tensor:
         """The gradient of tensor ``i`` in float64, zero where it is not finite (a copy;
@@ -264,6 +264,7 @@ class _JointLine:
         self.a_ref_t = [a for a, _ in terms]
         self.a_ref = torch.stack(self.a_ref_t).sum()
         self.rss_ref = torch.stack([sq for _, sq in terms]).sum().sqrt()
+        self.rss_ref_t = [sq for _, sq in terms]  # per tensor: its share of the probe (its resolving power)
 
     @contextmanager
     def at(self, s: float, lo: int = 0, hi: int | None = None) -> Iterator[tuple[dict, dict | None]]:
@@ -322,6 +323,7 @@ class _JointRow(NamedTuple):
     idx: dict[str, int]
     kinks: _KinkRow | None
     attempts: int
+    shares: range | None = None  # host indices: per tensor, ‖w_t·g_ref_t∘v_t‖ (None: no reference)
 
 
 def _joint_lines(
@@ -357,7 +359,9 @@ def _joint_probes(ctx: _CheckContext, lines: list[tuple[int, _JointLine]], host:
             if not check.fetch()[i] > 0:
                 break
         row = _KinkRow(kinks, host.extend(kinks.crossed), host.extend(kinks.margin), False) if kinks else None
-        out.append(_JointRow(jseed, names, line, {k: host.add(x) for k, x in values.items()}, row, attempt + 1))
+        shares = host.extend(torch.stack(line.rss_ref_t).sqrt()) if line.rss_ref_t is not None else None
+        out.append(_JointRow(jseed, names, line, {k: host.add(x) for k, x in values.items()}, row, attempt + 1,
+                             shares))
     return out
 
 
@@ -511,23 +515,45 @@ def _joint_verdicts(
         ratio = _ratio(p.error, p.tolerance)
         compared = p.reference if p.reference is not None else p.autograd
         denom = abs(p.numerical) + abs(compared)
-        best = min((q for _, q in judged), key=lambda q: q.resolving_power)
-        # each tensor's term is weighted alike, so one holds ~1/√n of the joint derivative: an error
-        # of δ in its gradient moves the joint probe by ~δ/√n of it
-        best = dataclasses.replace(best, resolving_power=best.resolving_power * math.sqrt(len(covered)))
-        unresolved = _unresolved(best)
+        row, best = min(judged, key=lambda rq: rq[1].resolving_power)
         for n in unverified:
             gap = out[n].gap_ratio
+            mine = dataclasses.replace(best, resolving_power=_share_power(row, best, n, judge.values))
+            unresolved = _unresolved(mine)
             out[n] = dataclasses.replace(
                 out[n], verdict="inconclusive" if unresolved else "pass",
                 rel_error=_ratio(abs(p.numerical - p.autograd), denom),
                 error_bar=_ratio(p.error_bar, denom),
                 error_ratio=max(ratio, gap) if not math.isnan(gap) else ratio,
-                resolving_power=best.resolving_power,
-                reason=(_unresolved_note(best) + " (the joint probe over every tensor)") if unresolved else
-                f"verified jointly: the joint probe over {len(covered)} tensors passed (Report.joint)",
+                resolving_power=mine.resolving_power,
+                reason=(_unresolved_note(mine) + " (its share of the joint probe over every tensor)") if unresolved
+                else f"verified jointly: the joint probe over {len(covered)} tensors passed (Report.joint)",
             )
     return probes, out
+
+
+#: A tensor whose share of a joint probe is below this fraction of the whole is taken to have a
+#: gradient of 0 at the model's scale (a bias before BatchNorm): judged with the joint probe's
+#: own resolving power times √n, not relative to its share.
+_ZERO_SHARE = 1e-9
+
+
+def _share_power(row: _JointRow, probe: Probe, name: str, values: list[float]) -> float:
+    """The resolving power of a passing joint probe for one tensor it covers: the smallest
+    relative error of that tensor's gradient that would have moved the probe beyond its
+    tolerance, ``tolerance / ‖w_t·g_ref_t∘v_t‖`` (the root sum of squares of the tensor's
+    float64 reference terms, weighted as in the probe). A tensor whose gradient the joint
+    weighs at its floor (a layer behind a small layer scale) gets a coarse one: it is
+    inconclusive, not passed, unless its own probes resolve it. Without a reference, and for a
+    tensor whose float64 gradient is 0 at the model's scale, each tensor is taken to hold
+    ~1/√n of the probe."""
+    shares = [values[i] for i in row.shares] if row.shares is not None else []
+    whole = math.sqrt(sum(x * x for x in shares))
+    mine = shares[row.names.index(name)] if shares and name in row.names else 0.0
+    size = _ratio(probe.tolerance, probe.resolving_power)  # the joint derivative's size (its floors included)
+    if mine <= _ZERO_SHARE * max(whole, size):
+        return probe.resolving_power * math.sqrt(len(row.names))
+    return _ratio(probe.tolerance, mine)
 
 
 def _broken_reference(out: dict[str, TensorCheck], covered: list[str], unverified: set[str]) -> dict[str, TensorCheck]:

@@ -52,8 +52,12 @@ def test_correct_zoo_models_stay_quiet_across_seeds(name: str) -> None:
                 report = check(case.model, case.loss_fn, case.batch, seed=seed, **options)
             assert report.ok, (seed, options, str(report))
             assert report.joint[0].error <= report.joint[0].tolerance
-            if options:  # no probe of their own: every tensor is verified jointly
-                assert all(t.verdict == "pass" and "verified jointly" in t.reason
+            if options:  # no probe of their own: every tensor is verified jointly, or says it could not be
+                # (layer_scale: the tensors behind a 1e-4 layer scale hold too small a share of the joint
+                # probe to resolve a 5% error of their own gradient; judged against the float64 reference)
+                behind = name == "layer_scale" and options.get("reference", True)
+                assert all(t.verdict == "pass" and "verified jointly" in t.reason or behind and (
+                           t.verdict == "inconclusive" and "its share of the joint probe" in t.reason)
                            for t in report.tensors.values() if not (t.reason or "").startswith("empty tensor"))
 
 
