@@ -18,6 +18,7 @@ from torch import Tensor, nn
 
 from gradwatch import _sizes
 from gradwatch._evaluation import _dtype_name, _HostValues, _native_gradients
+from gradwatch._precision import _SAFETY, _Noise
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.replay import ReplayState
 from gradwatch.report import RESOLVING_BOUND, KinkEvent, Probe, TensorCheck
@@ -486,8 +487,8 @@ class _Judge:
     def __init__(
         self, *, values: list[float], noise: float, precision: str, eps: float = 0.0, native: bool,
         loss: float = 0.0, scale: float, ref_scale: float | None, gaps: Mapping[str, Mapping[str, int]] | None = None,
-        spread: _Spread | None = None, coarse: bool = False, tensor_noise: Mapping[str, float] | None = None,
-        measured: str = "float64",
+        spread: _Spread | None = None, coarse: bool = False, measured: _Noise | None = None,
+        rows: Mapping[str, list] | None = None,
     ) -> None:
         """``values``: the check's fetched values; ``noise``: the loss noise (:func:`_loss_noise`);
         ``precision``: the precision the gradient was computed in (its tolerance :data:`RTOL`;
@@ -499,16 +500,21 @@ class _Judge:
         :func:`_gap` per tensor (their reference RMS sets each tensor's own code-test floor);
         ``spread``: :func:`_measure_spread`; ``coarse``: no precision test ran (the
         smallest check), so the gradient's gap from the reference is judged against
-        :data:`_COARSE_RTOL` of it (a hook or an edited ``.grad``); ``tensor_noise``: the
-        loss noise each tensor's own probes measured (:func:`_tensor_noise`): a tensor
-        upstream of a kernel that rounds sees more than the check's pooled ``noise``, and its
-        probes take the larger; ``measured``: the precision the float64 evaluation was
-        measured to compute in (its reference is that accurate: :data:`_MEASURED_REF_RTOL`)."""
+        :data:`_COARSE_RTOL` of it (a hook or an edited ``.grad``); ``measured``: the noise
+        the float64 evaluation was measured to have (:mod:`gradwatch._precision`; None: not
+        measured): :data:`~gradwatch._precision._SAFETY` times it floors ``noise``, and its
+        reference is as accurate as the precision it says (:data:`_MEASURED_REF_RTOL`);
+        ``rows``: the probes per tensor: natively or below float64, each tensor's probes take
+        the loss noise they measured themselves when larger (:func:`_tensor_noise`: a tensor
+        upstream of a kernel that rounds sees more than the check's pooled ``noise``)."""
         rtol = RTOL[precision]
         self.values = values
+        if measured is not None and math.isfinite(measured.sigma):
+            noise = max(noise, _SAFETY * measured.sigma)
         self.noise = noise
-        self.tensor_noise = tensor_noise or {}
-        self.ref_rtol = _MEASURED_REF_RTOL[measured]
+        below = native or (measured is not None and measured.precision != "float64")
+        self.tensor_noise = _tensor_noise(rows, values) if rows is not None and below else {}
+        self.ref_rtol = _MEASURED_REF_RTOL[measured.precision if measured is not None else "float64"]
         self.rtol = rtol
         loss_floor = _NOISE_ULPS * eps * abs(loss) if math.isfinite(loss) else 0.0
         self.loss_floor = loss_floor

@@ -13,18 +13,22 @@ float32 units in the last place, which re-rounds every float32 cast inside, and 
 ones). The fourth
 difference ``L(2) + L(-2) - 4L(1) - 4L(-1) + 6L(0)`` cancels the smooth part of the loss
 up to ``O(r^4)`` (far below float64 rounding) and leaves ``√70`` times the evaluation's
-rounding noise. :data:`_DIRECTIONS` such lines give the measured loss noise ``σ``; with
-``ε = σ/|L|`` the probes take the base step ``ε^(1/3)`` (float64's 6e-6 at least) and the
-error bars use ``σ`` as their floor.
+rounding noise. The lines give the measured loss noise ``σ`` (:class:`_Noise`); with
+``ε = σ/|L|`` the probes take the base step :func:`_measured_step` (``ε^(1/4)`` with the ±2h
+passes, ``ε^(1/3)`` without; float64's 6e-6 at least, 1e-2 at most), the error bars take
+:data:`_SAFETY` times ``σ`` as their floor, and the reference gradient the tolerance of the
+precision measured (:class:`gradwatch._judging._Judge`).
 
 It costs 4 evaluations and one host transfer per check (before the probes, whose step it
-sets), 12 and one more where the evaluation is below float64, and holds no tensor-sized copy: each parameter is moved in place on
-the float64 copy, a chunk at a time, and restored by copying the parameter back.
+sets), 12 more and one more transfer where the evaluation is below float64, and holds no
+tensor-sized copy: each parameter is moved in place on the float64 copy, a chunk at a time,
+and restored by copying the parameter back.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Callable
 
 import torch
@@ -62,19 +66,27 @@ _SAFETY = 2.0
 _MAX_STEP = 1e-2
 
 
+@dataclass(frozen=True)
+class _Noise:
+    """The measured rounding noise of a float64 evaluation: ``sigma`` absolute, ``relative``
+    to ``|L(θ)|``, and what that says it computes in (:func:`_precision_name`)."""
+
+    sigma: float
+    relative: float
+    precision: str
+
+
 def _measure_noise(ev: _Evaluation, keys: list[str], seed: int, reduce: Callable[[Tensor], Tensor] | None,
-                   loss0: Tensor | None, signature: _Reference | None = None) -> tuple[float, float]:
+                   loss0: Tensor, signature: _Reference | None) -> tuple[float, float]:
     """The measured rounding noise ``σ`` of one evaluation of the loss, and ``|L(θ)|``, on the
     host (one transfer; under data parallelism the mean over processes, so every process
-    takes the same step). ``loss0``: the unperturbed float64 loss when evaluated already;
-    ``signature``: its kink reference (None: kinks not recorded): a line whose passes took
-    another branch of a non-smooth op (a ReLU input within ~1e-6 of 0) measured a kink, not
-    rounding, and is left out (none left: 0, float64's own step)."""
+    takes the same step). ``loss0``: the unperturbed float64 loss; ``signature``: its kink
+    reference (None: kinks not recorded): a line whose passes took another branch of a
+    non-smooth op (a ReLU input within ~1e-6 of 0) measured a kink, not rounding, and is left
+    out (none left: 0, float64's own step)."""
     keys = [k for k in keys if ev.in_place(k) and ev.shadow[k].is_floating_point() and ev.shadow[k].numel()]
     if not keys:
         return 0.0, 0.0
-    if loss0 is None:
-        loss0, _ = ev(ev.shadow, record=False)
     base = loss0.detach().to(torch.float64)
     measure = _Lines(ev, keys, seed, reduce, base, signature)
     f, loss = measure(range(_DIRECTIONS))

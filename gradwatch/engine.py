@@ -86,7 +86,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-import math
 import secrets
 import time
 from typing import Any, Callable, Collection, Iterable, Iterator, Mapping
@@ -122,14 +121,13 @@ from gradwatch._judging import (
     _gradient_rms,
     _Judge,
     _loss_noise,
-    _tensor_noise,
     _loss_spread,
     _measure_spread,
     _nonfinite_loss,
     _unreliable,
 )
 from gradwatch._locating import _locate, _remeasure
-from gradwatch._precision import _SAFETY, _measure_noise, _measured_step, _precision_name, _relative
+from gradwatch._precision import _measure_noise, _measured_step, _Noise, _precision_name, _relative
 from gradwatch._probing import (
     _CheckContext,
     _Excluded,
@@ -144,6 +142,7 @@ from gradwatch._probing import (
 from gradwatch import _sizes
 from gradwatch._validate import _callable, _module, _seed
 from gradwatch.options import DEFAULT_SHADOW_BYTES, PRECISIONS, ProbeOptions, _batched_conflict
+from gradwatch.kinks import _Reference
 from gradwatch.replay import ReplayState, _isolated, capture
 from gradwatch.report import Report, TensorCheck
 
@@ -445,15 +444,10 @@ def _check_once(
             _flat_probes(ctx, probed.rows, values, eps, replayed)
         noise = _loss_noise({**probed.rows, "": [("joint", r.seed, r.idx) for r in probed.jrows]}, values, ctx.ev,
                             replayed)
-        if probed.noise is not None and math.isfinite(probed.noise.sigma):
-            noise = max(noise, _SAFETY * probed.noise.sigma)
         judge = _Judge(
             values=values, noise=noise, precision=grad_precision, eps=eps, native=mode == "native", loss=replayed,
             scale=values[stats.scale], ref_scale=values[stats.ref_scale] if stats.ref_scale is not None else None,
-            gaps=stats.gaps, spread=spread, coarse=not precision_test,
-            tensor_noise=_tensor_noise(probed.rows, values) if mode == "native" or (
-                probed.noise is not None and probed.noise.precision != "float64") else None,
-            measured=probed.noise.precision if probed.noise is not None else "float64",
+            gaps=stats.gaps, spread=spread, coarse=not precision_test, measured=probed.noise, rows=probed.rows,
         )
         # an evaluation with ±2h passes, for failures of a check that measured no noise
         measured = None if options.richardson else (
@@ -563,15 +557,6 @@ class _Probed:
     jrows: list[_JointRow]
     noise: _Noise | None = None
 
-
-@dataclasses.dataclass(frozen=True)
-class _Noise:
-    """The measured rounding noise of the float64 evaluation (:mod:`gradwatch._precision`):
-    ``sigma`` absolute, ``relative`` to ``|L(θ)|``, and what that says it computes in."""
-
-    sigma: float
-    relative: float
-    precision: str
 
 
 @dataclasses.dataclass(frozen=True)
@@ -711,7 +696,7 @@ def _probe_all(
 
 def _measured(
     request: _Request, ev: _Evaluation, selection: _Selection, loss0: Tensor | None, lines: list,
-    signature: Any = None,
+    signature: _Reference | None,
 ) -> tuple[float | None, _Noise | None]:
     """The base step of the probes and the measured noise of the float64 evaluation
     (:mod:`gradwatch._precision`); the joint ``lines`` are rescaled to that step. A step the
