@@ -70,7 +70,7 @@ _SPREAD_LOSS_MULT = 8.0
 _SPREAD_LOSS_CAP = 1e-3
 #: Absolute tolerance as a fraction of ``rtol`` times the gradient RMS.
 _ATOL_RATIO = 0.5
-#: Without a precision test (the smallest check), the training gradient is still compared
+#: Without a float64 reference (no gap to judge), the training gradient is still compared
 #: with the central differences: above its precision's tolerance and this fraction of the
 #: derivative, it fails (a hook or an edited ``.grad``: a factor of 2 is a gross error).
 _COARSE_RTOL = 1e-2
@@ -487,7 +487,7 @@ class _Judge:
     def __init__(
         self, *, values: list[float], noise: float, precision: str, eps: float = 0.0, native: bool,
         loss: float = 0.0, scale: float, ref_scale: float | None, gaps: Mapping[str, Mapping[str, int]] | None = None,
-        spread: _Spread | None = None, coarse: bool = False, measured: _Noise | None = None,
+        spread: _Spread | None = None, measured: _Noise | None = None,
         rows: Mapping[str, list] | None = None,
     ) -> None:
         """``values``: the check's fetched values; ``noise``: the loss noise (:func:`_loss_noise`);
@@ -498,9 +498,8 @@ class _Judge:
         ``native``: the losses were evaluated natively; ``scale`` and ``ref_scale``: the RMS of
         the model's gradient and of its float64 reference (None: no reference); ``gaps``:
         :func:`_gap` per tensor (their reference RMS sets each tensor's own code-test floor);
-        ``spread``: :func:`_measure_spread`; ``coarse``: no precision test ran (the
-        smallest check), so the gradient's gap from the reference is judged against
-        :data:`_COARSE_RTOL` of it (a hook or an edited ``.grad``); ``measured``: the noise
+        ``spread``: :func:`_measure_spread` (None: no precision test ran, the gap is judged
+        against the precision's tolerance alone, see :meth:`gaps_beyond`); ``measured``: the noise
         the float64 evaluation was measured to have (:mod:`gradwatch._precision`; None: not
         measured): :data:`~gradwatch._precision._SAFETY` times it floors ``noise``, and its
         reference is as accurate as the precision it says (:data:`_MEASURED_REF_RTOL`);
@@ -526,7 +525,6 @@ class _Judge:
         self.eps = eps
         self.gaps = gaps or {}
         self.spread = spread
-        self.coarse = coarse
         self.low = precision in _BELOW_FLOAT32
         self.branch_note = _branch_note(spread, values)
         self._name: str | None = None  # the tensor last judged (its floor, for a later probe)
@@ -669,17 +667,30 @@ class _Judge:
         (or below float32, whose rounding a move by float32 ulps does not re-randomise,
         so the floor stays a fraction of the model's gradient):
         ``rtol·‖g_ref‖ + max(rtol/2·G_ref, 8·eps·|L|)·√n``. The ``|L|`` floor holds when every
-        gradient is 0 or rounding noise, where no tensor sets a scale."""
+        gradient is 0 or rounding noise, where no tensor sets a scale, and for a tensor whose own
+        float64 gradient is (a bias before BatchNorm: its float32 gradient is rounding noise of
+        larger terms): an RMS at most ``8·eps·|L|``. A tensor whose gradient sets a scale above
+        it is judged without it, or it would excuse a hook that edits 1/8 of its rows by 2% (a
+        BERT layer whose gradient RMS is 50 times ``8·eps·|L|``)."""
         sqrt_n = math.sqrt(numel)
-        loss_floor = self.loss_floor * sqrt_n  # holds when every gradient is 0 or rounding noise
-        if self.coarse:  # no precision test: gross edits only
-            return (max(_COARSE_RTOL, self.rtol) * ref_norm
-                    + max(_ATOL_RATIO * self.rtol * self.ref_scale * sqrt_n, loss_floor))
+        own = self.values[self.gaps[name]["ref_rms"]] if name in self.gaps else 0.0
+        loss_floor = self.loss_floor * sqrt_n if min(own, self.ref_scale) <= self.loss_floor else 0.0
         if self.spread is None or name not in self.spread.grads:
             return self.rtol * ref_norm + max(_ATOL_RATIO * self.rtol * self.ref_scale * sqrt_n, loss_floor)
         measured = (_SPREAD_MULT + _SPREAD_SMALL / sqrt_n) * self.values[self.spread.grads[name]]
         floor = (_ATOL_RATIO * self.rtol if self.low else self.eps) * self.ref_scale * sqrt_n
         return max(self.rtol * ref_norm, measured) + max(floor, loss_floor)
+
+    def gaps_beyond(self, grads: Mapping[str, Tensor]) -> bool:
+        """Whether some gradient of ``grads`` is farther from its float64 reference than the
+        precision test's limit allows without a measured spread (``rtol·‖g_ref‖`` plus the
+        floors): a check that ran no precision test (the smallest) runs it then, since
+        only the measured spread tells rounding from a hook or an edited ``.grad`` there."""
+        values = self.values
+        return any(
+            values[gap["gap"]] > self._gap_limit(name, values[gap["ref_norm"]], grads[name].numel())
+            for name, gap in self.gaps.items() if name in grads
+        )
 
 
 def _coarse_fail(p: Probe) -> bool:

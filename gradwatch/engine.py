@@ -124,6 +124,7 @@ from gradwatch._judging import (
     _loss_spread,
     _measure_spread,
     _nonfinite_loss,
+    _Spread,
     _unreliable,
 )
 from gradwatch._locating import _locate, _remeasure
@@ -414,7 +415,8 @@ def _check_once(
                       host)
         # checks that compute the reference and measure their noise (richardson) also measure the
         # rounding of the training precision and run the precision test; the smallest check (no ±2h
-        # passes) judges the backward code against the reference alone: two native replays fewer
+        # passes) runs it only for a gradient farther from the reference than the precision's
+        # tolerance: two native replays fewer when none is
         precision_test = probed.ref_stats is not None and usable and options.richardson
         # the training step replayed, without tensor hooks on the parameters, is the spread's replay at θ
         at = (train_loss, selection.checked) if (
@@ -444,11 +446,22 @@ def _check_once(
             _flat_probes(ctx, probed.rows, values, eps, replayed)
         noise = _loss_noise({**probed.rows, "": [("joint", r.seed, r.idx) for r in probed.jrows]}, values, ctx.ev,
                             replayed)
-        judge = _Judge(
-            values=values, noise=noise, precision=grad_precision, eps=eps, native=mode == "native", loss=replayed,
-            scale=values[stats.scale], ref_scale=values[stats.ref_scale] if stats.ref_scale is not None else None,
-            gaps=stats.gaps, spread=spread, coarse=not precision_test, measured=probed.noise, rows=probed.rows,
-        )
+
+        def judging(values: list[float], spread: _Spread | None) -> _Judge:
+            return _Judge(
+                values=values, noise=noise, precision=grad_precision, eps=eps, native=mode == "native", loss=replayed,
+                scale=values[stats.scale], ref_scale=values[stats.ref_scale] if stats.ref_scale is not None else None,
+                gaps=stats.gaps, spread=spread, measured=probed.noise, rows=probed.rows,
+            )
+
+        judge = judging(values, spread)
+        if (stats.gaps and not precision_test and usable and reason is None and nonfinite is None
+                and judge.gaps_beyond(selection.checked)):
+            # the smallest check: a gradient farther from the reference than the precision's tolerance
+            # (a hook, an edited .grad, or rounding the precision test excuses) runs the precision test now
+            spread = _measure_spread(ctx.ev, params, list(selection.checked), ctx.signature, seed, host, at)
+            values = host.fetch()
+            judge = judging(values, spread)
         # an evaluation with ±2h passes, for failures of a check that measured no noise
         measured = None if options.richardson else (
             lambda: request.evaluation(mode, "sequential", richardson=True, share=ctx.ev))
@@ -729,7 +742,8 @@ def _queue_statistics(
     each gradient, the precision test's gaps, the gradient scales and the replayed loss."""
     ref_stats = probed.ref_stats
     gstats = {name: _grad_stats(g, host) for name, g in selection.checked.items()}
-    # without the precision test (the smallest check) the gap is still judged, coarsely
+    # without the precision test (the smallest check) the gap is still judged: beyond the precision's
+    # tolerance, the precision test runs then (see _check_once)
     gaps = {name: {k: host.add(v) for k, v in ref_stats[name]["gap"].items()}
             for name in selection.checked} if ref_stats is not None else {}
     scale = _gradient_rms(selection.every, host)

@@ -722,6 +722,49 @@ def test_precision_gap_is_localised_at_the_element_a_hook_changed() -> None:
     assert {t.name for t in report.failures} == {"fc1.weight"}
 
 
+@pytest.mark.parametrize("model", ["custom_function", "layernorm_gelu", "lstm"])
+def test_the_smallest_check_catches_a_hook_that_edits_an_eighth_of_the_rows_by_two_percent(model: str) -> None:
+    """The adapters' step-0 check (the joint probe alone, no ±2h passes) judges ``.grad``'s gap
+    from the float64 reference against the precision's tolerance; a gap beyond it runs the
+    precision test then (two native replays), which a hook is not part of. Before: the gap was
+    judged against 1% of the gradient, and such a hook passed every seed with a claimed
+    resolving power of 1e-4."""
+    smallest = {"richardson": False, "coordinates": 0, "directions": 0, "kink_resamples": 0}
+    for seed in range(3):
+        case = CORRECT[model](seed)
+        name, p = max(((n, p) for n, p in case.model.named_parameters() if p.dim() == 2), key=lambda np_: np_[1].numel())
+        rows = max(1, p.shape[0] // 8)
+
+        def edit(grad, rows=rows):
+            grad = grad.clone()
+            grad[:rows] *= 1.02
+            return grad
+
+        clean = check(case.model, case.loss_fn, case.batch, grads=_training_grads(case), seed=seed, **smallest)
+        assert clean.ok, str(clean)
+        case.model.get_parameter(name).register_hook(edit)
+        report = check(case.model, case.loss_fn, case.batch, grads=_training_grads(case), seed=seed, **smallest)
+        assert [t.name for t in report.failures] == [name], str(report)
+        tc = report.tensors[name]
+        assert tc.gap_ratio > 1 and tc.gap_index[0] < rows, str(report)
+
+
+def test_the_smallest_check_runs_the_precision_test_only_for_a_gap_beyond_the_tolerance(monkeypatch) -> None:
+    import gradwatch.engine as engine
+
+    runs = []
+    real = engine._measure_spread
+    monkeypatch.setattr(engine, "_measure_spread", lambda *a, **k: runs.append(1) or real(*a, **k))
+    smallest = {"richardson": False, "coordinates": 0, "directions": 0, "kink_resamples": 0}
+    case = CORRECT["custom_function"](0)
+    check(case.model, case.loss_fn, case.batch, grads=_training_grads(case), seed=0, **smallest)
+    assert runs == []  # a correct float32 gradient is within rtol of the reference: no replay
+    case.model.fc1.weight.register_hook(lambda g: g * 1.001)  # 10x float32's tolerance of 1e-4
+    report = check(case.model, case.loss_fn, case.batch, grads=_training_grads(case), seed=0, **smallest)
+    assert runs == [1]
+    assert [t.name for t in report.failures] == ["fc1.weight"], str(report)
+
+
 def _training_grads(case) -> dict[str, torch.Tensor]:
     """The gradient a training backward sends to each parameter (tensor hooks applied)."""
     case.model.zero_grad()

@@ -139,3 +139,31 @@ def test_planted_bug_in_a_deep_linear_is_caught_and_named(name: str, layer: str,
     assert report.reliable, report.reason
     assert [t.name for t in report.failures] == [f"{layer}.weight"], str(report)
     assert report.failures[0].message.startswith(f"'{layer}.weight'")
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_hook_that_edits_an_eighth_of_a_deep_bert_weight_by_two_percent_fails_the_first_watched_step(
+        seed: int) -> None:
+    """GradWatch at its defaults: step 0 is the smallest check (the joint probe alone). Before, the
+    gap of ``.grad`` from the float64 reference was judged against 1% of it, then against a floor
+    of ``8·eps·|L|`` per element (2% of this layer's gradient RMS): the hook passed, claiming a
+    resolving power of 6e-4."""
+    torch.manual_seed(seed)
+    config = transformers.BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                     intermediate_size=64, max_position_embeddings=32)
+    model = transformers.BertForMaskedLM(config).train()  # dropout 0.1, replayed
+    weight = model.bert.encoder.layer[1].output.dense.weight
+
+    def edit(grad):
+        grad = grad.clone()
+        grad[: weight.shape[0] // 8] *= 1.02
+        return grad
+
+    weight.register_hook(edit)
+    ids = torch.randint(2, 64, (4, 12), generator=torch.Generator().manual_seed(seed))
+    batch = {"input_ids": ids, "labels": ids}
+    watch = gradwatch.GradWatch(model, own_loss, seed=seed, on_failure=lambda report: None)
+    with watch.step(batch):
+        own_loss(model, batch).backward()
+    report = watch.last_report
+    assert [t.name for t in report.failures] == ["bert.encoder.layer.1.output.dense.weight"], str(report)
