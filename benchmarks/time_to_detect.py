@@ -145,9 +145,12 @@ def _run(model_name: str, where: str, seed: int, steps: int) -> dict:
                 module_name, _, pname = name.rpartition(".")
                 whole = next((t for t in failed if t.name == name), None)
                 out["tensor"] = whole is not None and {t.name for t in failed} <= {name, local_name(module_name, pname)}
-                worst = whole.worst if out["tensor"] else None
-                out["element"] = bool(worst is not None and worst.index is not None
-                                      and (rows is None or worst.index[0] in rows))
+                # the element: located by the whole-model check, or by the module-local one (a failure
+                # that a module-local check of the same step covers is located there)
+                local = next((t for t in failed if t.name == local_name(module_name, pname)), None)
+                worst = next((t.worst for t in (whole, local) if t is not None and t.worst is not None
+                              and t.worst.index is not None), None) if out["tensor"] else None
+                out["element"] = bool(worst is not None and (rows is None or worst.index[0] in rows))
                 break
     return out
 

@@ -61,7 +61,7 @@ from gradwatch._judging import (
     _unresolved,
     _unresolved_note,
 )
-from gradwatch._locating import _locate
+from gradwatch._locating import _locate, _located_there
 from gradwatch._probing import _CheckContext, _chunked_terms, _direction, _direction_chunks, _Excluded, _probe
 from gradwatch.kinks import _ProbeKinks
 from gradwatch.report import Probe, TensorCheck
@@ -436,7 +436,7 @@ def _group(ctx: _CheckContext, row: _JointRow, probe: Probe) -> str:
 def _joint_verdicts(
     ctx: _CheckContext, judge: _Judge, rows: list[_JointRow], tensors: dict[str, TensorCheck],
     grads: Mapping[str, Tensor], refs: Mapping[str, Tensor | None], localize: bool,
-    measured: Callable[[], _Evaluation] | None = None,
+    measured: Callable[[], _Evaluation] | None = None, located_locally: Mapping[str, str] | None = None,
 ) -> tuple[tuple[Probe, ...], dict[str, TensorCheck]]:
     """The joint probes and the tensor verdicts they change.
 
@@ -445,7 +445,8 @@ def _joint_verdicts(
       ``reason`` saying so and its ``rel_error``/``error_ratio`` those of the joint probe.
     * A failing one is bisected over its tensors (``localize``): the tensor it names
       fails, with a confirming direction probe added to its probes and the element
-      located; tensors with no verdict of their own are reported ``skipped`` (not
+      located (by the module-local check of the same step when ``located_locally`` names the
+      tensor); tensors with no verdict of their own are reported ``skipped`` (not
       verified). Without ``localize`` they all fail ("somewhere in these tensors").
     * A joint probe that crossed a kink at every step it tried verifies nothing.
     * In a check that measured no noise (``measured``: a factory of an evaluation with
@@ -498,7 +499,9 @@ def _joint_verdicts(
             out[name] = dataclasses.replace(out[name], probes=out[name].probes + (confirm,))
             return probes, out
         tc = _named(out[name], worst, confirm)
-        if tc.located is None:
+        if tc.located is None and located_locally and name in located_locally:
+            tc = _located_there(tc, located_locally[name])
+        elif tc.located is None:
             located = _locate(ctx.at_step(small), judge, tc, grads[name], refs.get(name))
             if located is not None:
                 tc = dataclasses.replace(tc, located=located)

@@ -16,6 +16,7 @@ It imports :mod:`gradwatch._evaluation`, :mod:`gradwatch._judging` and
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
@@ -115,6 +116,13 @@ def _locate(ctx: _CheckContext, judge: _Judge, tc: TensorCheck, grad: Tensor, g_
             lo, hi, err = (lo, mid, left) if abs(left) >= abs(right) else (mid, hi, right)
         flat, gap = lo, False
     return _confirm(ctx, judge, tc, flat, gap, grad, g_ref)
+
+
+def _located_there(tc: TensorCheck, local: str) -> TensorCheck:
+    """A failing tensor that a module-local check of the same step covers (as ``local``,
+    ``'module::param'``): that check, which evaluates its module alone, locates the element."""
+    note = f"its element is located by the module-local check of the same step (see '{local}')"
+    return dataclasses.replace(tc, reason=f"{tc.reason}; {note}" if tc.reason else note)
 
 
 def _confirm(

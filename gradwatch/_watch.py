@@ -51,7 +51,7 @@ from gradwatch.local import _float64_bytes, _local_reports, _merge
 from gradwatch._seeds import _derive_seed
 from gradwatch.options import ProbeOptions, _options
 from gradwatch.replay import _DEVICE_TYPES, ReplayState, _capture_autocast
-from gradwatch.report import OnFailure, Report, TensorCheck, _check_on_failure, _check_prefix, _handle
+from gradwatch.report import OnFailure, Report, TensorCheck, _check_on_failure, _check_prefix, _handle, local_name
 from gradwatch.sinks import KinkWarnings, LoggingSink, Sink
 
 __all__: list[str] = []
@@ -260,7 +260,7 @@ class _Watch:
                     gathered.enter_context(_unsharded(module))
                 if records:  # the records agreed across ranks, their gradients averaged
                     references = _share_records(records, capture.local_grads, capture.grads, guard)
-            report = self._budgeted(capture, grads, train_loss, seed, guard, skip, own)
+            report = self._budgeted(capture, grads, train_loss, seed, guard, skip, own, _located_locally(records))
             del grads, own
             capture.grads, capture.replay = {}, None  # what the module-local checks need is in the records
             if records:
@@ -284,11 +284,13 @@ class _Watch:
         )
 
     def _budgeted(self, capture: _Capture, grads: Mapping[str, Tensor], train_loss: Tensor | float | None,
-                  seed: int, guard: _Guard | None, skip: str | None, own: _Own | None = None) -> Report:
+                  seed: int, guard: _Guard | None, skip: str | None, own: _Own | None = None,
+                  located_locally: Mapping[str, str] | None = None) -> Report:
         """The whole-model check within the schedule's budget; under several processes every one
         checks rank zero's plan (the same tensors with the same probes). ``skip``: why the whole
         model is not checked (every tensor ``skipped``); ``own``: this process's own gradients,
-        for its capsule under several processes."""
+        for its capsule under several processes; ``located_locally``: the tensors the module-local
+        checks of this step cover, whose failures those checks locate (:func:`_located_locally`)."""
         schedule, model, step = self.schedule, capture.model, capture.step
         if skip is not None:
             schedule.plan([])  # closes the timing of the training step
@@ -305,7 +307,7 @@ class _Watch:
                                       **schedule.check_options())
         report = _check_with(model, capture.loss_fn, capture.batch, options, grads=dict(grads), replay=capture.replay,
                              train_loss=train_loss, seed=seed, reduce=guard.reduce if guard is not None else None,
-                             names=names)
+                             names=names, located_locally=located_locally)
         schedule.done(step, report.seconds, len(report.probes))
         if guard is not None:
             schedule.next_step = int(guard.broadcast(schedule.next_step))
@@ -480,6 +482,12 @@ class _BackwardRoots(TorchFunctionMode):
         for r in self.roots[1:]:
             total = total + r.reshape(()).to(total.device)
         return total
+
+
+def _located_locally(records: Mapping[str, Any]) -> dict[str, str]:
+    """The parameters the module-local checks of a step cover: qualified name -> the name the
+    local check gives it (``'blocks.1.attn::weight'``, :func:`gradwatch.report.local_name`)."""
+    return {(f"{m}.{p}" if m else p): local_name(m, p) for m, r in records.items() for p in r.param_grads}
 
 
 def _own_grads(capture: _Capture) -> _Own:

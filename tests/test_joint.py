@@ -102,7 +102,10 @@ def test_default_hook_catches_a_bug_in_the_last_tensor_of_a_20_tensor_model_with
     assert found is not None, "no check within 500 steps caught the bug"
     # the whole-model tensor, and the module-local check of its module (GradWatch's default modules="suspects")
     assert found.step < 500 and [t.name for t in found.failures] == ["18.bias", "18::bias"]
-    assert found.failures[0].worst.index == (0,)  # the element with the wrong gradient
+    # the element with the wrong gradient, located by the module-local check (its module alone),
+    # to which the whole-model failure points instead of bisecting the whole model again
+    assert found.failures[1].worst.index == (0,)
+    assert found.failures[0].located is None and "(see '18::bias')" in found.failures[0].reason
 
 
 def _near_kink() -> tuple[nn.Module, tuple, object]:
