@@ -445,9 +445,11 @@ def _joint_verdicts(
       ``reason`` saying so and its ``rel_error``/``error_ratio`` those of the joint probe.
     * A failing one is bisected over its tensors (``localize``): the tensor it names
       fails, with a confirming direction probe added to its probes and the element
-      located (by the module-local check of the same step when ``located_locally`` names the
-      tensor); tensors with no verdict of their own are reported ``skipped`` (not
+      located; tensors with no verdict of their own are reported ``skipped`` (not
       verified). Without ``localize`` they all fail ("somewhere in these tensors").
+      ``located_locally``: the tensors the module-local checks of the same step failed (name ->
+      their name there); one of them is confirmed first, and named without group testing when
+      its direction probe fails; it is located by that check, not here.
     * A joint probe that crossed a kink at every step it tried verifies nothing.
     * In a check that measured no noise (``measured``: a factory of an evaluation with
       ``±2h`` passes), the confirming probe is evaluated from an unperturbed pass at
@@ -480,11 +482,20 @@ def _joint_verdicts(
                         reason=f"the joint probe over {len(covered)} tensors failed; not narrowed down (localize=False)",
                     )
             return probes, out
-        name = _group(ctx, row, worst)
+        # a tensor the module-local check of this step failed is tried first: confirmed along its part
+        # of the joint direction, it is named without group testing over the whole model
+        guided, confirm = next((n for n in covered if located_locally and n in located_locally), None), None
+        if guided is not None:
+            confirm, small = _confirm_joint(ctx, judge, row, guided, grads, refs, out[guided].shape, measured)
+            if not confirm.failed:  # the disagreement lies elsewhere
+                guided, confirm = None, None
+        name = guided if guided is not None else _group(ctx, row, worst)
+        how = f"the module-local check of this step failed '{name}'" if guided else f"group testing named '{name}'"
         for n in unverified - {name}:
             out[n] = dataclasses.replace(out[n], verdict="skipped", reason=(
-                f"not verified: the joint probe over {len(covered)} tensors failed and group testing named '{name}'"))
-        confirm, small = _confirm_joint(ctx, judge, row, name, grads, refs, out[name].shape, measured)
+                f"not verified: the joint probe over {len(covered)} tensors failed and {how}"))
+        if confirm is None:
+            confirm, small = _confirm_joint(ctx, judge, row, name, grads, refs, out[name].shape, measured)
         if measured is not None and not confirm.failed and not confirm.kink:
             for n in unverified:
                 out[n] = dataclasses.replace(out[n], verdict="skipped", reason=(

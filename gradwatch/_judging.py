@@ -197,16 +197,19 @@ def _nonfinite_loss(train: float | None, replayed: float) -> str | None:
 
 def _replay_problem(
     train: float | None, native: float | None, replayed: float | None, shadow_rtol: float, own: bool, mode: str,
-    spread: float = 0.0,
+    spread: float = 0.0, terms: float = 0.0,
 ) -> str | None:
     """Why the replay cannot be trusted, or None (``replayed`` None: not compared).
 
     ``spread``: the run-to-run spread of the native loss gradwatch measured (two native
     replays, see :func:`_measure_spread`); the native replay may differ from the
     training loss by a multiple of it (nondeterministic kernels), capped far below
-    what randomness outside torch's RNG or a scaled loss does."""
+    what randomness outside torch's RNG or a scaled loss does. ``terms``: the root sum of
+    squares of the loss's terms when known (a module-local check's ``‖g_out∘y‖₂``), which the
+    tolerances are relative to when larger than the loss: a sum that cancels (a module before
+    BatchNorm, whose output gradient is orthogonal to its output) rounds relative to its terms."""
     if train is not None and native is not None and not own:
-        slack = _REPLAY_RTOL * max(abs(train), abs(native)) + 1e-30
+        slack = _REPLAY_RTOL * max(abs(train), abs(native), terms) + 1e-30
         if math.isfinite(spread):
             slack += min(_SPREAD_LOSS_MULT * spread, _SPREAD_LOSS_CAP * abs(train))
         if not math.isfinite(native) or abs(native - train) > slack:
@@ -219,7 +222,7 @@ def _replay_problem(
     if reference is None or replayed is None:
         return None
     rtol = shadow_rtol if mode == "float64" else _REPLAY_RTOL
-    if abs(replayed - reference) > rtol * max(abs(reference), abs(replayed)) + 1e-12:
+    if abs(replayed - reference) > rtol * max(abs(reference), abs(replayed), terms) + 1e-12:
         return (
             f"{mode} replay gives loss {replayed!r} but the model in its own precision gives {reference!r} "
             f"(relative tolerance {rtol:g}): the model does not behave the same on the {mode} evaluation"
@@ -229,7 +232,7 @@ def _replay_problem(
 
 def _unreliable(
     ev: _Evaluation, train: float | None, native: float | None, replayed: float | None, precision: str, own: bool,
-    spread: float,
+    spread: float, terms: float = 0.0,
 ) -> str | None:
     """Why a check whose losses are finite cannot be trusted, or None: the float64 evaluation
     cannot draw the training forward's random numbers, the replay does not reproduce the
@@ -238,10 +241,11 @@ def _unreliable(
 
     ``replayed``: the replayed loss (None: not compared); ``precision``: the training
     precision; ``own``: the training loss is the native replay's own; ``spread``: the
-    measured run-to-run spread of the native loss (:func:`_loss_spread`)."""
+    measured run-to-run spread of the native loss (:func:`_loss_spread`); ``terms``: the root sum of
+    squares of the loss's terms when known (:func:`_replay_problem`)."""
     mode = ev.mode
     reason = ev.unreplayable or _replay_problem(train, native, replayed, _SHADOW_RTOL[precision], own, mode,
-                                                spread=spread)
+                                                spread=spread, terms=terms)
     if reason is None:
         reason = _underflow(native if native is not None else train, replayed, precision, mode)
     if reason is None and ev.lossy:

@@ -104,10 +104,7 @@ class _Schedule:
 
         Also closes the timing of the training step that is being checked.
         """
-        if self._mark is not None:
-            self.train_seconds += time.perf_counter() - self._mark
-            self.train_steps += 1
-            self._mark = None
+        self.end_step()
         names = list(names)
         per_tensor = self.coordinates + self.directions
         self.richardson = True
@@ -129,6 +126,14 @@ class _Schedule:
         # the joint probe alone; at ±h only, without the reference, when not even it fits in full
         self.richardson = probes >= 0
         return names, 0, 0
+
+    def end_step(self) -> None:
+        """Close the timing of the training step being checked: what runs from now on is checking
+        (idempotent; :meth:`plan` calls it too)."""
+        if self._mark is not None:
+            self.train_seconds += time.perf_counter() - self._mark
+            self.train_steps += 1
+            self._mark = None
 
     def check_options(self) -> dict[str, bool | int]:
         """Keyword arguments of ``check`` that the planned check overrides: the smallest

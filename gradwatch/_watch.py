@@ -9,7 +9,8 @@ hands them to :meth:`_Watch.check_step` as a :class:`_Capture`. The core does th
 once for every adapter::
 
     unscale (GradScaler) -> skip a step whose gradients are not finite -> average across
-    processes -> budgeted whole-model check -> module-local checks -> merge -> guard
+    processes -> module-local checks -> budgeted whole-model check (a failure of a tensor the
+    local checks failed is named without group testing and located there) -> merge -> guard
     (every collective behind an error flag) -> sinks -> on_failure
 
 It owns the options (:class:`~gradwatch.ProbeOptions`), the schedule (overhead budget), the
@@ -69,7 +70,7 @@ class _Capture:
     (what data-parallel training hands the optimizer). ``local_grads``: under ``fully_shard``,
     this rank's local gradients, whose mean over ranks ``grads`` is; the parameters are then
     gathered for the check. The core drops ``grads`` and ``replay`` once the whole-model check
-    is done (memory for the module-local checks). ``loss_factor``: how ``loss_fn`` derives from
+    is done. ``loss_factor``: how ``loss_fn`` derives from
     the user's loss, ``("div", n)`` (Lightning's accumulation) or ``("mul", factor)`` (the HF
     Trainer's factor tensor); kept in the whole-model capsule so the user's plain loss replays
     it. None: the user's loss itself. ``own_grads``: when ``distributed`` and ``grads`` already are
@@ -260,12 +261,16 @@ class _Watch:
                     gathered.enter_context(_unsharded(module))
                 if records:  # the records agreed across ranks, their gradients averaged
                     references = _share_records(records, capture.local_grads, capture.grads, guard)
-            report = self._budgeted(capture, grads, train_loss, seed, guard, skip, own, _located_locally(records))
+            # the module-local checks first (their modules alone): a whole-model failure of a tensor
+            # they failed is named and located there, without group testing or bisecting the whole model
+            self.schedule.end_step()  # what runs from here on is checking
+            local, seconds = self._local_checks(capture, records, seed, guard, references) if records else ([], 0.0)
+            report = self._budgeted(capture, grads, train_loss, seed, guard, skip, own,
+                                    _failed_locally(records, local))
             del grads, own
-            capture.grads, capture.replay = {}, None  # what the module-local checks need is in the records
+            capture.grads, capture.replay = {}, None
             if records:
-                local = self._local_checks(capture, records, seed, guard, references)
-                report = self._merge_local(report, step, local, whole=skip is None, guard=guard,
+                report = self._merge_local(report, step, local, seconds, whole=skip is None, guard=guard,
                                            records=records, own=own_records)
         return report
 
@@ -290,7 +295,7 @@ class _Watch:
         checks rank zero's plan (the same tensors with the same probes). ``skip``: why the whole
         model is not checked (every tensor ``skipped``); ``own``: this process's own gradients,
         for its capsule under several processes; ``located_locally``: the tensors the module-local
-        checks of this step cover, whose failures those checks locate (:func:`_located_locally`)."""
+        checks of this step failed, which those checks locate (:func:`_failed_locally`)."""
         schedule, model, step = self.schedule, capture.model, capture.step
         if skip is not None:
             schedule.plan([])  # closes the timing of the training step
@@ -317,25 +322,26 @@ class _Watch:
         return report
 
     def _local_checks(self, capture: _Capture, records: Mapping[str, Any], seed: int, guard: _Guard | None,
-                      references: Mapping[str, tuple]) -> Callable[[], list[Report]]:
-        """The module-local checks of the recorded step; agreed across processes when there are several."""
+                      references: Mapping[str, tuple]) -> tuple[list[Report], float]:
+        """The module-local checks of the recorded step (agreed across processes when there are
+        several) and the seconds they took."""
+        started = time.perf_counter()
         if capture.local_grads is not None:
-            return partial(_sharded_local_reports, records, seed, self.options, references, guard, reduce=guard.reduce)
-        if guard is not None:
-            return partial(_agreed_local_reports, capture.model, records, seed, self.options, guard)
-        return partial(_local_reports, capture.recording.recordings(), seed, self.options)
+            local = _sharded_local_reports(records, seed, self.options, references, guard, reduce=guard.reduce)
+        elif guard is not None:
+            local = _agreed_local_reports(capture.model, records, seed, self.options, guard)
+        else:
+            local = _local_reports(capture.recording.recordings(), seed, self.options)
+        return local, time.perf_counter() - started
 
-    def _merge_local(self, report: Report, step: int, local_reports: Callable[[], list[Report]], *,
+    def _merge_local(self, report: Report, step: int, local: list[Report], seconds: float, *,
                      whole: bool, guard: _Guard | None, records: Mapping[str, Any] | None = None,
                      own: Mapping[str, tuple] | None = None) -> Report:
-        """``report`` with the module-local reports added; their time counts against the budget
-        (``whole``: the whole model was checked too, else the local checks are the check).
+        """``report`` with the module-local reports added; their ``seconds`` count against the
+        budget (``whole``: the whole model was checked too, else the local checks are the check).
         ``records``: a failing one gets a capsule (each local report carries the seed its check
         used; ``own``: under several processes, each record's own gradients)."""
-        started = time.perf_counter()
-        local = local_reports()
         report = _merge(report, local)
-        seconds = time.perf_counter() - started
         if records is not None:
             self.capsules.local(step, records, local, self.options, own=own)
         if whole:
@@ -484,10 +490,12 @@ class _BackwardRoots(TorchFunctionMode):
         return total
 
 
-def _located_locally(records: Mapping[str, Any]) -> dict[str, str]:
-    """The parameters the module-local checks of a step cover: qualified name -> the name the
+def _failed_locally(records: Mapping[str, Any], local: Sequence[Report]) -> dict[str, str]:
+    """The parameters the module-local checks of a step failed: qualified name -> the name the
     local check gives it (``'blocks.1.attn::weight'``, :func:`gradwatch.report.local_name`)."""
-    return {(f"{m}.{p}" if m else p): local_name(m, p) for m, r in records.items() for p in r.param_grads}
+    failed = {t.name for r in local for t in r.failures}
+    return {(f"{m}.{p}" if m else p): local_name(m, p) for m, r in records.items() for p in r.param_grads
+            if local_name(m, p) in failed}
 
 
 def _own_grads(capture: _Capture) -> _Own:

@@ -347,13 +347,17 @@ def _check_with(
     names: Collection[str] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
     located_locally: Mapping[str, str] | None = None,
+    loss_terms: Tensor | None = None,
 ) -> Report:
     """:func:`check` with its probe options as one :class:`~gradwatch.ProbeOptions`: the check
     every caller inside gradwatch runs. The other arguments are :func:`check`'s, not validated
-    again (``options`` validated itself), but ``located_locally``: the tensors a module-local
-    check of the same step covers (name -> its name there, ``'module::param'``); a failure of
-    theirs is named here and located to an element there, evaluating its module alone (locating
-    it on the whole model took ~40% of a failing step-0 check of tiny Hugging Face models).
+    again (``options`` validated itself), but ``located_locally``: the tensors the module-local
+    checks of the same step failed (name -> its name there, ``'module::param'``); a failure of
+    theirs is named here (a failing joint probe tries them before group testing) and located to
+    an element there, evaluating its module alone (group testing and locating on the whole model
+    took ~55% of a failing step-0 check of tiny Hugging Face models); ``loss_terms``: the root sum
+    of squares of the loss's terms (a module-local check's ``‖g_out∘y‖₂``, see
+    :func:`~gradwatch._judging._replay_problem`).
 
     The steps: the gradients under test (:func:`_gradients`) and the tensors to check
     (:func:`_select`); the probes, in float64 when it runs (:func:`_probe_all`, native
@@ -363,7 +367,8 @@ def _check_with(
     to the system at its end (:func:`gradwatch._sizes.release`).
     """
     report = _check_once(model, loss_fn, batch, options, seed=seed, grads=grads, replay=replay,
-                         train_loss=train_loss, names=names, reduce=reduce, located_locally=located_locally or {})
+                         train_loss=train_loss, names=names, reduce=reduce, located_locally=located_locally or {},
+                         loss_terms=loss_terms)
     _sizes.released(_bytes64(model.parameters()))  # the float64 copy and what the stages freed
     return report
 
@@ -381,6 +386,7 @@ def _check_once(
     names: Collection[str] | None,
     reduce: Callable[[Tensor], Tensor] | None,
     located_locally: Mapping[str, str],
+    loss_terms: Tensor | None,
 ) -> Report:
     """The body of :func:`_check_with` (its locals, the float64 copy included, are freed when it returns)."""
     started = time.perf_counter()
@@ -433,7 +439,9 @@ def _check_once(
         stats = _queue_statistics(selection, probed, precision_test, host)
         i_native = host.add(native_loss) if isinstance(native_loss, Tensor) else None
         i_train = host.add(train_loss) if isinstance(train_loss, Tensor) else None
+        i_terms = host.add(loss_terms) if loss_terms is not None else None
         values = host.fetch()
+        terms = values[i_terms] if i_terms is not None else 0.0
 
         # whether the check can be trusted, then the verdicts
         train = values[i_train] if i_train is not None else train_loss
@@ -446,7 +454,7 @@ def _check_once(
             # compared then (that probe is not judged anyway)
             across = stats.mid_kink is not None and values[stats.mid_kink] > 0
             reason = _unreliable(ctx.ev, train, native, None if across else replayed, grad_precision, replayed_train,
-                                 _loss_spread(spread, values, native))
+                                 _loss_spread(spread, values, native), terms)
         if reason is None and nonfinite is None:
             _flat_probes(ctx, probed.rows, values, eps, replayed)
         noise = _loss_noise({**probed.rows, "": [("joint", r.seed, r.idx) for r in probed.jrows]}, values, ctx.ev,
@@ -454,7 +462,8 @@ def _check_once(
 
         def judging(values: list[float], spread: _Spread | None) -> _Judge:
             return _Judge(
-                values=values, noise=noise, precision=grad_precision, eps=eps, native=mode == "native", loss=replayed,
+                values=values, noise=noise, precision=grad_precision, eps=eps, native=mode == "native",
+                loss=max(abs(replayed), terms),  # a sum that cancels rounds relative to its terms
                 scale=values[stats.scale], ref_scale=values[stats.ref_scale] if stats.ref_scale is not None else None,
                 gaps=stats.gaps, spread=spread, measured=probed.noise, rows=probed.rows,
             )
@@ -771,7 +780,7 @@ def _tensor_verdict(
     """The verdict of one checked tensor from its probes: a failure in a check that measured
     no noise is measured again first (``measured``: a factory of an evaluation with ``±2h``
     passes), kink events are attached, and a failure is localised (``options.localize``), unless
-    a module-local check of the same step covers the tensor (``local``: its name there)."""
+    a module-local check of the same step failed the tensor (``local``: its name there)."""
     ctx, rows, grad, g_ref = probed.ctx, probed.rows[name], selection.checked[name], probed.refs[name]
     gstats, gap = stats.gstats[name], stats.gaps.get(name)
     tc = judge.tensor(name, shape, rows, gstats, gap)

@@ -122,6 +122,16 @@ def _pairing(output: Any, grad_outputs: Mapping[int, Tensor]) -> Tensor:
     return total
 
 
+def _terms(record: _Record, batch: tuple) -> Tensor:
+    """``‖g∘y‖₂``, the root sum of squares of the terms of the pairing :func:`_pairing` (the
+    recorded outputs): the scale its rounding takes (each term's, added up as a random walk). The
+    pairing cancels where the output gradient is orthogonal to the output (a module before
+    BatchNorm) and rounds relative to its terms, not to itself (the engine's ``loss_terms``)."""
+    with torch.no_grad():
+        outputs = [o.to(torch.float64).square() if isinstance(o, Tensor) else o for o in _unflatten_outputs(record)]
+        return _pairing(outputs, {i: g.to(torch.float64).square() for i, g in batch[1].items()}).sqrt()
+
+
 def _local_loss(model: nn.Module, batch: Any) -> Tensor:
     return model(batch)
 
@@ -196,7 +206,7 @@ def _check_record(record: _Record, *, seed: int, options: ProbeOptions = ProbeOp
         train_loss = _pairing(_unflatten_outputs(record), batch[1])
     wrapper = _Local(record)
     report = _check_with(wrapper, _local_loss, batch, options, grads=grads, replay=_replay(record),
-                         train_loss=train_loss, seed=seed, reduce=reduce)
+                         train_loss=train_loss, seed=seed, reduce=reduce, loss_terms=_terms(record, batch))
     if report.precision == "native" and options.precision == "auto" and _low_precision(record):
         report = _upcast_check(record, grads, seed, options, report.precision_reason, reduce=reduce)
     report = _qualify(report, record.name)
@@ -253,7 +263,7 @@ def _upcast_check(record: _Record, grads: dict[str, Tensor], seed: int, options:
     batch = _batch(up, torch.float32)
     wrapper = _Local(up)
     report = _check_with(wrapper, _local_loss, batch, dataclasses.replace(options, precision="native"), seed=seed,
-                         reduce=reduce)
+                         reduce=reduce, loss_terms=_terms(up, batch))
     params = {n: p.detach() for n, p in wrapper.named_parameters()}
     _, g32 = _native_gradients(_LossModule(wrapper, _local_loss), batch, _replay(up), params,
                                [n for n in grads if n in params])

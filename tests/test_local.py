@@ -848,3 +848,26 @@ def test_tiny_llama_attention_with_its_cache_is_checked_locally_and_a_planted_ml
             assert set(local_mlp.values()) == {"fail"}, str(report)
         else:
             assert report.ok, str(report)
+
+
+@pytest.mark.parametrize("bug", [None, "wrong_row"])
+def test_a_module_before_batchnorm_is_judged_locally_though_its_pairing_cancels(bug) -> None:
+    """A module-local check's loss is ``<g_out, module(x)>``; before BatchNorm (in training mode)
+    the output gradient is orthogonal to the output, so the pairing is 0 up to rounding. Its
+    float64 and float32 values were compared relative to the pairing itself: every such check
+    was 'unreliable' and skipped (a ResNet's planted conv bug went to the whole model alone).
+    Now relative to the pairing's terms, ``‖g_out∘y‖₂``."""
+    from zoo import CustomLinear
+
+    for seed in range(3):
+        torch.manual_seed(seed)
+        model = nn.Sequential(CustomLinear(8, 16, bug=bug), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4))
+        batch = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+        report = _one_check(model, batch).last_report
+        local = {n: t for n, t in report.tensors.items() if n.startswith("0::")}
+        assert set(local) == {"0::weight", "0::bias"}, str(report)
+        assert all(t.verdict != "skipped" for t in local.values()), str(report)
+        if bug is None:
+            assert report.ok and all(t.verdict == "pass" for t in local.values()), str(report)
+        else:
+            assert local["0::weight"].verdict == "fail" and local["0::weight"].worst.index[0] == 2, str(report)
