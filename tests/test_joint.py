@@ -319,3 +319,39 @@ def test_tensors_a_joint_probe_weighs_too_little_keep_their_own_probes() -> None
     assert report.tensors["inner.small.weight"].probes and report.tensors["inner.small.bias"].probes
     assert not report.tensors["tail.0.weight"].probes
     assert {t.name for t in report.failures} == {"inner.small.bias"}
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_a_failing_joint_probe_names_the_tensor_the_module_local_check_failed_without_group_testing(
+        seed: int, monkeypatch) -> None:
+    """The watch core runs the module-local checks of the suspects first; the whole-model check's
+    failing joint probe then confirms the tensor they failed and names it, without bisecting the
+    whole model (group testing) and without locating its element again (the local check did)."""
+    from zoo import CustomLinear
+
+    grouped = []
+    group = gradwatch._joint._group
+
+    def recorded(ctx, row, probe):
+        grouped.append(list(row.line.names))
+        return group(ctx, row, probe)
+
+    monkeypatch.setattr(gradwatch._joint, "_group", recorded)
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), CustomLinear(16, 16, bug="wrong_row"), nn.Tanh(),
+                          nn.Linear(16, 4))
+    batch = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+
+    def loss_fn(m, b):
+        return F.cross_entropy(m(b[0]), b[1])
+
+    watch = GradWatch(model, loss_fn, seed=seed, on_failure=lambda report: None)  # defaults: the smallest check
+    with watch.step(batch):
+        loss_fn(model, batch).backward()
+    report = watch.last_report
+    assert report.joint and report.joint[0].failed, str(report)
+    assert not any("0.weight" in names for names in grouped), grouped  # only the local check's own, if any
+    assert [t.name for t in report.failures] == ["2.weight", "2::weight"], str(report)
+    whole, local = report.failures
+    assert whole.located is None and "(see '2::weight')" in whole.reason
+    assert local.worst.index is not None and local.worst.index[0] == 2  # the wrong row, located locally
