@@ -8,6 +8,8 @@ check produces so they reach the host in one transfer.
 
 from __future__ import annotations
 
+import re
+
 import warnings
 from contextlib import contextmanager, nullcontext
 from typing import Any, Callable, Iterator, Mapping
@@ -188,6 +190,9 @@ class _Evaluation:
         else:
             self.batched, self.batch_reason = None, None
         self.loss0: Tensor | None = None  # the sequential unperturbed loss, set after the unperturbed pass
+        # whether the reference pass's graph holds backward code that is not torch's own (a custom
+        # autograd.Function or custom op, which may compute below float64); None: not looked at
+        self.opaque: bool | None = None
         self.own_reference = False  # no unperturbed pass: each probe's +h pass is its kink reference
         self.batch = batch
         self.replay = replay
@@ -453,6 +458,8 @@ class _Evaluation:
         ]
         try:
             loss, signature = self({**self.shadow, **leaves}, grad=True, record=record)
+            if record:
+                self.opaque = _opaque(loss.grad_fn)
             grads = _float64_backward(loss, list(leaves.values()))
             if grads is not None:
                 grads = {n: torch.zeros_like(leaves[f"model.{n}"]) if g is None else g.detach()
@@ -545,6 +552,30 @@ def _float64_backward(loss: Tensor, leaves: list[Tensor]) -> tuple | None:
         return torch.autograd.grad(loss, leaves, allow_unused=True)
     except RuntimeError:
         return None
+
+
+#: Names of torch's own backward nodes: ``AddmmBackward0``, ``AccumulateGrad``, ``CopySlices``.
+_TORCH_NODE = re.compile(r"\w+Backward\d+|(torch::autograd::)?(AccumulateGrad|CopySlices|GraphRoot|Error)")
+
+
+def _opaque(root: Any) -> bool:
+    """Whether the autograd graph below ``root`` holds a node that is not torch's own derivative
+    of an aten op: a custom ``autograd.Function`` or ``torch.library`` op (gradwatch's own aside),
+    or a C++ node of another name. Its forward may compute below float64 however it is called
+    (a Triton or CUDA kernel, numpy); torch's own ops on float64 tensors compute in float64."""
+    seen, stack = set(), [root]
+    while stack:
+        node = stack.pop()
+        if node is None or node in seen:
+            continue
+        seen.add(node)
+        if isinstance(node, torch.autograd.function.BackwardCFunction):
+            if not getattr(node, "_forward_cls", type(node)).__module__.startswith("gradwatch."):
+                return True
+        elif not _TORCH_NODE.fullmatch(node.name()):
+            return True
+        stack.extend(n for n, _ in node.next_functions)
+    return False
 
 
 class _Widened(torch.autograd.Function):

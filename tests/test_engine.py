@@ -1235,7 +1235,10 @@ def test_without_richardson_a_probe_takes_two_evaluations_and_still_judges() -> 
         # two fewer per probe, and no precision test: its native replays are not run (θ moved by ulps, and
         # θ unless the float64 pass ran no non-smooth op: the training step of grads="autograd" stands for it)
         replays = 2 if name == "mlp_relu_dropout" else 1
-        assert n_full - len(calls) == 2 * probes + replays - (1 + 4 * failed if failed else 0)
+        # and no precision measurement (four evaluations) where the graph holds torch's own ops alone:
+        # wrong_sign's custom autograd.Function may compute below float64, so it is measured
+        measured = 0 if name == "wrong_sign" else 4
+        assert n_full - len(calls) == 2 * probes + replays + measured - (1 + 4 * failed if failed else 0)
         # no precision test, but the gradient's gap from the reference is judged coarsely (a hook, an edited .grad)
         assert all(t.gap_ratio < 1 for t in short.tensors.values())
         assert not any(math.isnan(t.gap_ratio) for t in full.tensors.values())

@@ -240,3 +240,29 @@ def test_the_smallest_check_catches_a_gradient_halved_after_backward(name: str) 
                        train_loss=loss, richardson=False, kink_resamples=0, coordinates=0, directions=0)
         assert [t.name for t in report.failures] == [first], str(report)
         assert not math.isnan(report.tensors[first].gap_ratio) and report.tensors[first].gap_ratio > 10
+
+
+def test_the_smallest_check_measures_the_precision_only_where_backward_code_is_not_torchs() -> None:
+    """The adapters' smallest check skips the four evaluations of the precision measurement when
+    the float64 pass's graph holds torch's own derivatives alone (they compute in float64); a
+    custom autograd.Function or torch.library op may compute below it, and is measured."""
+    from gradwatch._evaluation import _opaque
+
+    smallest = {"richardson": False, "coordinates": 0, "directions": 0, "kink_resamples": 0}
+    case = CORRECT["layernorm_gelu"](0)
+    plain = check(case.model, case.loss_fn, case.batch, seed=0, **smallest)
+    assert plain.ok and plain.measured_precision is None, str(plain)
+    model, batch = _float32_inside(0)
+    inside = check(model, _loss, batch, seed=0, **smallest)
+    assert inside.ok and inside.measured_precision == "~float32", str(inside)
+    assert check(model, _loss, batch, seed=0).measured_precision == "~float32"  # the full check measures always
+
+    @torch.library.custom_op("gwtest_precision::sine", mutates_args=())
+    def sine(x: torch.Tensor) -> torch.Tensor:
+        return x.sin()
+
+    sine.register_autograd(lambda ctx, g: g * ctx.x.cos(),
+                           setup_context=lambda ctx, inputs, output: setattr(ctx, "x", inputs[0]))
+    x = torch.randn(4, dtype=torch.float64, requires_grad=True)
+    assert not _opaque(((x @ torch.ones(4, 3, dtype=torch.float64)).relu().sum() + x[1:].pow(2).sum()).grad_fn)
+    assert _opaque((sine(x) * 2).sum().grad_fn)
