@@ -233,12 +233,12 @@ class _Guard:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.world = torch.distributed.get_world_size()
-        self.peer_failed = False
+        self.peer_failed: str | None = None  # what the first collective after a peer's failure raised
         self.skipping = False  # a peer's module-local check raised: skip that module, no collective until done
 
     def _header(self, flag: float) -> None:
-        if self.peer_failed:  # no collective after a peer's failure (the engine may retry natively)
-            raise _PeerFailed("gradwatch: the check raised on another rank; see that rank's error")
+        if self.peer_failed:  # no collective after a peer's failure (the engine may retry natively): the same error
+            raise _PeerFailed(self.peer_failed)
         if self.skipping:
             raise _PeerSkipped("gradwatch: this module's local check raised on another rank")
         header = torch.tensor([flag], dtype=torch.float64, device=self.device)
@@ -246,10 +246,9 @@ class _Guard:
         total = int(header.item())
         failed, skipped = total % int(self._SKIP), total // int(self._SKIP)
         if failed and flag != self._ABORT:
-            self.peer_failed = True
-            raise _PeerFailed(
-                f"gradwatch: the check raised on {failed} other rank(s) of {self.world}; see that rank's error"
-            )
+            self.peer_failed = (f"gradwatch: the check raised on {failed} other rank(s) of {self.world}; "
+                                "see that rank's error")
+            raise _PeerFailed(self.peer_failed)
         if skipped and not flag:
             self.skipping = True
             raise _PeerSkipped("gradwatch: this module's local check raised on another rank")
