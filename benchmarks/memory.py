@@ -175,7 +175,7 @@ def _run(mode: str, model: nn.Module, batch, loss_fn=loss_fn) -> tuple[str, floa
         model.zero_grad(set_to_none=True)
         report = gradwatch.check(model, loss_fn, batch, seed=0, precision="float64")
     elif mode == "local":
-        (report,) = _local_reports(recording, 0, gradwatch.ProbeOptions(precision="float64"))
+        (report,), _ = _local_reports(recording, 0, gradwatch.ProbeOptions(precision="float64"))
     else:
         report = gradwatch.check(model, loss_fn, batch, grads="existing", seed=0, precision="float64", **CHECKS[mode])
     return f"{report.precision}/{report.evaluation}", time.perf_counter() - started, trained

@@ -19,7 +19,7 @@ import os
 import re
 import time
 import warnings
-from typing import Any, Callable, Mapping
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -140,18 +140,18 @@ class _CapsuleWriter:
 
         self._write("", report.step, build)
 
-    def local(self, step: int, records: Mapping[str, Any], reports: list[Report], options: ProbeOptions,
+    def local(self, step: int, records: Mapping[str, Any], reports: list[Report], options: Sequence[ProbeOptions],
               own: Mapping[str, tuple] | None = None) -> None:
         """After the module-local checks (``reports`` in ``records`` order, each with the seed its
-        check used): a capsule per failing module (a failing tensor or a failing reference
-        comparison). ``own``: under several processes, each record's own ``(param_grads,
-        grad_inputs)`` (:func:`_own_records`)."""
+        check used, and ``options`` it ran with): a capsule per failing module (a failing tensor or
+        a failing reference comparison). ``own``: under several processes, each record's own
+        ``(param_grads, grad_inputs)`` (:func:`_own_records`)."""
         processes = None if own is None else _processes(*_rank_and_world())
-        for (name, record), report in zip(records.items(), reports):
+        for (name, record), report, used in zip(records.items(), reports, options):
             if report.ok or not self._open(name):
                 continue
             self._write(name, step, lambda budget: _module_capsule(
-                record, step=step, seed=report.seed, options=options, max_bytes=budget,
+                record, step=step, seed=report.seed, options=used, max_bytes=budget,
                 device=next((t.device for t in record.leaves if isinstance(t, Tensor)), None),
                 own=None if own is None else own.get(name, ({}, {})), processes=processes))
 

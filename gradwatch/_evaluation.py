@@ -190,10 +190,10 @@ class _Evaluation:
         else:
             self.batched, self.batch_reason = None, None
         self.loss0: Tensor | None = None  # the sequential unperturbed loss, set after the unperturbed pass
-        # whether the reference pass's graph holds backward code that is not torch's own (a custom
-        # autograd.Function or custom op, which may compute below float64); None: not looked at
-        # (evaluations with the ±2h passes always measure their precision)
-        self.opaque: bool | None = None
+        # the backward code that is not torch's own on the reference pass's graph (custom
+        # autograd.Functions, custom ops: they may compute below float64), by name; None: not looked
+        # at (evaluations with the ±2h passes always measure their precision)
+        self.kernels: tuple[str, ...] | None = None
         self.own_reference = False  # no unperturbed pass: each probe's +h pass is its kink reference
         self.batch = batch
         self.replay = replay
@@ -460,7 +460,7 @@ class _Evaluation:
         try:
             loss, signature = self({**self.shadow, **leaves}, grad=True, record=record)
             if record and len(self.signs) < len(_SIGNS):  # only the smallest check reads it (engine._measured)
-                self.opaque = _opaque(loss.grad_fn)
+                self.kernels = _kernels(loss.grad_fn)
             grads = _float64_backward(loss, list(leaves.values()))
             if grads is not None:
                 grads = {n: torch.zeros_like(leaves[f"model.{n}"]) if g is None else g.detach()
@@ -559,24 +559,26 @@ def _float64_backward(loss: Tensor, leaves: list[Tensor]) -> tuple | None:
 _TORCH_NODE = re.compile(r"\w+Backward\d+|(torch::autograd::)?(AccumulateGrad|CopySlices|GraphRoot|Error)")
 
 
-def _opaque(root: Any) -> bool:
-    """Whether the autograd graph below ``root`` holds a node that is not torch's own derivative
-    of an aten op: a custom ``autograd.Function`` or ``torch.library`` op (gradwatch's own aside),
-    or a C++ node of another name. Its forward may compute below float64 however it is called
-    (a Triton or CUDA kernel, numpy); torch's own ops on float64 tensors compute in float64."""
-    seen, stack = set(), [root]
+def _kernels(root: Any) -> tuple[str, ...]:
+    """The nodes of the autograd graph below ``root`` that are not torch's own derivative of an
+    aten op, by name (sorted): custom ``autograd.Function``s (``module.QualName``) and
+    ``torch.library`` ops (gradwatch's own aside), and C++ nodes of other names. Their forward may
+    compute below float64 however it is called (a Triton or CUDA kernel, numpy); torch's own ops
+    on float64 tensors compute in float64."""
+    seen, stack, found = set(), [root], set()
     while stack:
         node = stack.pop()
         if node is None or node in seen:
             continue
         seen.add(node)
         if isinstance(node, torch.autograd.function.BackwardCFunction):
-            if not getattr(node, "_forward_cls", type(node)).__module__.startswith("gradwatch."):
-                return True
+            cls = getattr(node, "_forward_cls", type(node))
+            if not cls.__module__.startswith("gradwatch."):
+                found.add(f"{cls.__module__}.{cls.__qualname__}")
         elif not _TORCH_NODE.fullmatch(node.name()):
-            return True
+            found.add(node.name())
         stack.extend(n for n, _ in node.next_functions)
-    return False
+    return tuple(sorted(found))
 
 
 class _Widened(torch.autograd.Function):

@@ -77,18 +77,20 @@ class _Noise:
 
 
 def _measure_noise(ev: _Evaluation, keys: list[str], seed: int, reduce: Callable[[Tensor], Tensor] | None,
-                   loss0: Tensor, signature: _Reference | None) -> tuple[float, float]:
+                   loss0: Tensor, signature: _Reference | None, terms: Tensor | None = None) -> tuple[float, float]:
     """The measured rounding noise ``σ`` of one evaluation of the loss, and ``|L(θ)|``, on the
     host (one transfer; under data parallelism the mean over processes, so every process
     takes the same step). ``loss0``: the unperturbed float64 loss; ``signature``: its kink
     reference (None: kinks not recorded): a line whose passes took another branch of a
     non-smooth op (a ReLU input within ~1e-6 of 0) measured a kink, not rounding, and is left
-    out (none left: 0, float64's own step)."""
+    out (none left: 0, float64's own step). ``terms``: the root sum of squares
+    of the loss's terms, when it is a sum that cancels (a module-local check's ``‖g_out∘y‖₂``):
+    the scale the noise is relative to when larger than ``|L(θ)|``."""
     keys = [k for k in keys if ev.in_place(k) and ev.shadow[k].is_floating_point() and ev.shadow[k].numel()]
     if not keys:
         return 0.0, 0.0
     base = loss0.detach().to(torch.float64)
-    measure = _Lines(ev, keys, seed, reduce, base, signature)
+    measure = _Lines(ev, keys, seed, reduce, base, signature, terms)
     f, loss = measure(range(_DIRECTIONS))
     if all(math.isfinite(x) for x in f) and _relative(_rms(f), loss) > _FLOAT64:  # below float64: more samples
         f += measure(range(_DIRECTIONS, _DIRECTIONS + _MORE_DIRECTIONS))[0]
@@ -106,8 +108,9 @@ class _Lines:
     """The measuring lines of one check (see the module notes)."""
 
     def __init__(self, ev: _Evaluation, keys: list[str], seed: int, reduce: Callable[[Tensor], Tensor] | None,
-                 base: Tensor, signature: _Reference | None) -> None:
+                 base: Tensor, signature: _Reference | None, terms: Tensor | None = None) -> None:
         self.ev, self.keys, self.seed, self.reduce, self.base = ev, keys, seed, reduce, base
+        self.scale = base.abs() if terms is None else torch.maximum(base.abs(), terms.detach().to(base))
         self.signature = signature if signature is not None and len(signature) else None
 
     def __call__(self, lines: range) -> tuple[list[float], float]:
@@ -128,7 +131,7 @@ class _Lines:
         host = _HostValues(self.reduce)
         i_f = host.extend(torch.stack(fourths).abs())
         i_c = host.extend(torch.stack(crossed))
-        i_l = host.add(self.base.abs())
+        i_l = host.add(self.scale)
         values = host.fetch()
         return [values[i] for i, c in zip(i_f, i_c) if values[c] == 0], values[i_l]
 

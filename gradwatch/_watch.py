@@ -47,7 +47,7 @@ from gradwatch._sharded import _Guard, _local_device, _share_records, _split, _u
 from gradwatch._sharded import _local_reports as _sharded_local_reports
 from gradwatch._suspects import _discover, _modules_option, _resolve_modules
 from gradwatch._validate import _fraction_or_none, _positive_int, _seed
-from gradwatch.engine import _check_with, _reduced
+from gradwatch.engine import _check_with, _LocalFindings, _reduced
 from gradwatch.local import _float64_bytes, _local_reports, _merge
 from gradwatch._seeds import _derive_seed
 from gradwatch.options import ProbeOptions, _options
@@ -261,16 +261,18 @@ class _Watch:
                     gathered.enter_context(_unsharded(module))
                 if records:  # the records agreed across ranks, their gradients averaged
                     references = _share_records(records, capture.local_grads, capture.grads, guard)
-            # the module-local checks first (their modules alone): a whole-model failure of a tensor
-            # they failed is named and located there, without group testing or bisecting the whole model
-            self.schedule.end_step()  # what runs from here on is checking
-            local, seconds = self._local_checks(capture, records, seed, guard, references) if records else ([], 0.0)
-            report = self._budgeted(capture, grads, train_loss, seed, guard, skip, own,
-                                    _failed_locally(records, local))
+            plan = self._plan(model, grads, guard, skip)  # closes the timing of the training step
+            # the module-local checks first (their modules alone; the smallest when the plan is): a whole-model
+            # failure of a tensor they failed is named and located there, without group testing or
+            # bisecting the whole model
+            local, used, seconds = (self._local_checks(capture, records, seed, guard, references) if records
+                                    else ([], [], 0.0))
+            report = self._budgeted(capture, grads, train_loss, seed, guard, skip, plan, own,
+                                    _findings(records, local))
             del grads, own
             capture.grads, capture.replay = {}, None
             if records:
-                report = self._merge_local(report, step, local, seconds, whole=skip is None, guard=guard,
+                report = self._merge_local(report, step, local, used, seconds, whole=skip is None, guard=guard,
                                            records=records, own=own_records)
         return report
 
@@ -288,31 +290,48 @@ class _Watch:
             "`modules=[...]` to check modules locally (only their parameters are gathered)"
         )
 
-    def _budgeted(self, capture: _Capture, grads: Mapping[str, Tensor], train_loss: Tensor | float | None,
-                  seed: int, guard: _Guard | None, skip: str | None, own: _Own | None = None,
-                  located_locally: Mapping[str, str] | None = None) -> Report:
-        """The whole-model check within the schedule's budget; under several processes every one
-        checks rank zero's plan (the same tensors with the same probes). ``skip``: why the whole
-        model is not checked (every tensor ``skipped``); ``own``: this process's own gradients,
-        for its capsule under several processes; ``located_locally``: the tensors the module-local
-        checks of this step failed, which those checks locate (:func:`_failed_locally`)."""
-        schedule, model, step = self.schedule, capture.model, capture.step
+    def _plan(self, model: nn.Module, grads: Mapping[str, Tensor], guard: _Guard | None,
+              skip: str | None) -> tuple[list[str], int, int]:
+        """The tensors, coordinates and directions of this step's check within the schedule's
+        budget (also :attr:`_Schedule.richardson`); under several processes rank zero's plan.
+        ``skip``: why the whole model is not checked (no tensor planned). Closes the timing of
+        the training step: what runs from here on is checking."""
+        schedule = self.schedule
         if skip is not None:
-            schedule.plan([])  # closes the timing of the training step
-            return _skipped_report(model, seed, step, skip)
+            schedule.plan([])
+            return [], 0, 0
         names, coordinates, directions = schedule.plan(
             [n for n, p in model.named_parameters() if n in grads and p.numel()]  # empty tensors: skipped
         )
-        richardson = schedule.richardson
         if guard is not None:
-            names, coordinates, directions, richardson = guard.broadcast((names, coordinates, directions, richardson))
-            schedule.richardson = richardson
-        # the schedule sized each tensor's probes within the overhead budget: every selected tensor gets them
-        options = dataclasses.replace(self.options, coordinates=coordinates, directions=directions, per_tensor="all",
-                                      **schedule.check_options())
+            names, coordinates, directions, schedule.richardson = guard.broadcast(
+                (names, coordinates, directions, schedule.richardson))
+        return names, coordinates, directions
+
+    def _planned_options(self, plan: tuple[list[str], int, int]) -> ProbeOptions:
+        """The probe options of this step's checks: the plan's coordinates and directions per
+        tensor (the schedule sized them within the overhead budget), and the smallest check's
+        ``±h`` passes when not even the joint probe fits in full."""
+        _, coordinates, directions = plan
+        return dataclasses.replace(self.options, coordinates=coordinates, directions=directions, per_tensor="all",
+                                   **self.schedule.check_options())
+
+    def _budgeted(self, capture: _Capture, grads: Mapping[str, Tensor], train_loss: Tensor | float | None,
+                  seed: int, guard: _Guard | None, skip: str | None, plan: tuple[list[str], int, int],
+                  own: _Own | None = None, found: _LocalFindings | None = None) -> Report:
+        """The whole-model check of ``plan`` (:meth:`_plan`); under several processes every one
+        checks rank zero's plan (the same tensors with the same probes). ``skip``: why the whole
+        model is not checked (every tensor ``skipped``); ``own``: this process's own gradients,
+        for its capsule under several processes; ``found``: what the module-local checks of this
+        step found (:func:`_findings`)."""
+        schedule, model, step = self.schedule, capture.model, capture.step
+        if skip is not None:
+            return _skipped_report(model, seed, step, skip)
+        names = plan[0]
+        options = self._planned_options(plan)
         report = _check_with(model, capture.loss_fn, capture.batch, options, grads=dict(grads), replay=capture.replay,
                              train_loss=train_loss, seed=seed, reduce=guard.reduce if guard is not None else None,
-                             names=names, located_locally=located_locally)
+                             names=names, local=found)
         schedule.done(step, report.seconds, len(report.probes))
         if guard is not None:
             schedule.next_step = int(guard.broadcast(schedule.next_step))
@@ -322,19 +341,34 @@ class _Watch:
         return report
 
     def _local_checks(self, capture: _Capture, records: Mapping[str, Any], seed: int, guard: _Guard | None,
-                      references: Mapping[str, tuple]) -> tuple[list[Report], float]:
+                      references: Mapping[str, tuple]) -> tuple[list[Report], list[ProbeOptions], float]:
         """The module-local checks of the recorded step (agreed across processes when there are
-        several) and the seconds they took."""
+        several), the options each ran with (:meth:`_local_options`), and the seconds they took."""
         started = time.perf_counter()
         if capture.local_grads is not None:
             local = _sharded_local_reports(records, seed, self.options, references, guard, reduce=guard.reduce)
+            used = [self.options] * len(local)
         elif guard is not None:
             local = _agreed_local_reports(capture.model, records, seed, self.options, guard)
+            used = [self.options] * len(local)
         else:
-            local = _local_reports(capture.recording.recordings(), seed, self.options)
-        return local, time.perf_counter() - started
+            smallest = self._local_options()
+            local, used = _local_reports(capture.recording.recordings(), seed, smallest,
+                                         full=self.options if smallest is not self.options else None)
+        return local, used, time.perf_counter() - started
 
-    def _merge_local(self, report: Report, step: int, local: list[Report], seconds: float, *,
+    def _local_options(self) -> ProbeOptions:
+        """The options of this step's module-local checks in one process: the configured ones; at
+        the smallest check (not even the whole model's joint probe fits in full in the budget), the
+        joint probe alone at ``±h``, as the whole model's (a failure is measured again with ``±2h``
+        passes, and located, before it stands), and the configured ones again for a module that
+        did not evaluate in float64 (:func:`gradwatch.local._local_reports`)."""
+        if self.schedule.richardson or not self.options.joint:
+            return self.options
+        return dataclasses.replace(self.options, coordinates=0, directions=0, **self.schedule.check_options())
+
+    def _merge_local(self, report: Report, step: int, local: list[Report], used: list[ProbeOptions],
+                     seconds: float, *,
                      whole: bool, guard: _Guard | None, records: Mapping[str, Any] | None = None,
                      own: Mapping[str, tuple] | None = None) -> Report:
         """``report`` with the module-local reports added; their ``seconds`` count against the
@@ -343,7 +377,7 @@ class _Watch:
         used; ``own``: under several processes, each record's own gradients)."""
         report = _merge(report, local)
         if records is not None:
-            self.capsules.local(step, records, local, self.options, own=own)
+            self.capsules.local(step, records, local, used, own=own)
         if whole:
             self.schedule.add(step, seconds)
         else:
@@ -490,12 +524,16 @@ class _BackwardRoots(TorchFunctionMode):
         return total
 
 
-def _failed_locally(records: Mapping[str, Any], local: Sequence[Report]) -> dict[str, str]:
-    """The parameters the module-local checks of a step failed: qualified name -> the name the
-    local check gives it (``'blocks.1.attn::weight'``, :func:`gradwatch.report.local_name`)."""
+def _findings(records: Mapping[str, Any], local: Sequence[Report]) -> _LocalFindings:
+    """What the module-local checks of a step found: the parameters they failed (qualified name
+    -> the name the local check gives it, ``'blocks.1.attn::weight'``,
+    :func:`gradwatch.report.local_name`) and the kernels they measured computing in float64."""
     failed = {t.name for r in local for t in r.failures}
-    return {(f"{m}.{p}" if m else p): local_name(m, p) for m, r in records.items() for p in r.param_grads
-            if local_name(m, p) in failed}
+    return _LocalFindings(
+        failed={(f"{m}.{p}" if m else p): local_name(m, p) for m, r in records.items() for p in r.param_grads
+                if local_name(m, p) in failed},
+        float64_kernels=frozenset(k for r in local if r.measured_precision == "float64" for k in r.kernels),
+    )
 
 
 def _own_grads(capture: _Capture) -> _Own:

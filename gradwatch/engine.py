@@ -334,6 +334,26 @@ def check(
                        names=names, reduce=reduce)
 
 
+@dataclasses.dataclass(frozen=True)
+class _LocalFindings:
+    """What the module-local checks of a step found, for the whole-model check that follows them.
+
+    Attributes:
+        failed: The tensors they failed: qualified name -> the name there (``'module::param'``).
+            A failure of the whole model's is named from them (a failing joint probe tries them
+            before group testing) and located to an element there, evaluating its module alone
+            (group testing and locating on the whole model took ~55% of a failing step-0 check of
+            tiny Hugging Face models).
+        float64_kernels: The kernels (:attr:`Report.kernels`) their float64 evaluations were
+            measured computing in float64: a smallest check whose graph holds no other custom
+            backward code computes in float64, and measures no precision of its own (four float64
+            evaluations of the whole model fewer; ~40% of a failing step-0 check of tiny T5).
+    """
+
+    failed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    float64_kernels: frozenset[str] = frozenset()
+
+
 def _check_with(
     model: nn.Module,
     loss_fn: Callable[[nn.Module, Any], Tensor],
@@ -346,18 +366,14 @@ def _check_with(
     train_loss: Tensor | float | None = None,
     names: Collection[str] | None = None,
     reduce: Callable[[Tensor], Tensor] | None = None,
-    located_locally: Mapping[str, str] | None = None,
+    local: _LocalFindings | None = None,
     loss_terms: Tensor | None = None,
 ) -> Report:
     """:func:`check` with its probe options as one :class:`~gradwatch.ProbeOptions`: the check
     every caller inside gradwatch runs. The other arguments are :func:`check`'s, not validated
-    again (``options`` validated itself), but ``located_locally``: the tensors the module-local
-    checks of the same step failed (name -> its name there, ``'module::param'``); a failure of
-    theirs is named here (a failing joint probe tries them before group testing) and located to
-    an element there, evaluating its module alone (group testing and locating on the whole model
-    took ~55% of a failing step-0 check of tiny Hugging Face models); ``loss_terms``: the root sum
-    of squares of the loss's terms (a module-local check's ``‖g_out∘y‖₂``, see
-    :func:`~gradwatch._judging._replay_problem`).
+    again (``options`` validated itself), but ``local``: what the module-local checks of the same
+    step found (:class:`_LocalFindings`); ``loss_terms``: the root sum of squares of the loss's
+    terms (a module-local check's ``‖g_out∘y‖₂``, see :func:`~gradwatch._judging._replay_problem`).
 
     The steps: the gradients under test (:func:`_gradients`) and the tensors to check
     (:func:`_select`); the probes, in float64 when it runs (:func:`_probe_all`, native
@@ -367,7 +383,7 @@ def _check_with(
     to the system at its end (:func:`gradwatch._sizes.release`).
     """
     report = _check_once(model, loss_fn, batch, options, seed=seed, grads=grads, replay=replay,
-                         train_loss=train_loss, names=names, reduce=reduce, located_locally=located_locally or {},
+                         train_loss=train_loss, names=names, reduce=reduce, local=local or _LocalFindings(),
                          loss_terms=loss_terms)
     _sizes.released(_bytes64(model.parameters()))  # the float64 copy and what the stages freed
     return report
@@ -385,7 +401,7 @@ def _check_once(
     train_loss: Tensor | float | None,
     names: Collection[str] | None,
     reduce: Callable[[Tensor], Tensor] | None,
-    located_locally: Mapping[str, str],
+    local: _LocalFindings,
     loss_terms: Tensor | None,
 ) -> Report:
     """The body of :func:`_check_with` (its locals, the float64 copy included, are freed when it returns)."""
@@ -410,7 +426,7 @@ def _check_once(
             if any(plan[n] and not own[n] for n in selection.checked) and options.joint < _JOINT_WITHOUT_OWN:
                 # tensors without probes of their own: a second joint direction (a miss needs both to miss)
                 request = dataclasses.replace(request, options=dataclasses.replace(options, joint=_JOINT_WITHOUT_OWN))
-            probed = _probe_all(request, selection, own, mode, host)
+            probed = _probe_all(request, selection, own, mode, host, local.float64_kernels, loss_terms)
         except Exception as err:
             if options.precision != "auto" or mode != "float64":
                 raise
@@ -490,14 +506,14 @@ def _check_once(
                 tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
             else:
                 tensors[name] = _tensor_verdict(name, shape, selection, probed, judge, stats, options, measured,
-                                                located_locally.get(name))
+                                                local.failed.get(name))
             if name in selection.excluded:
                 tensors[name] = dataclasses.replace(tensors[name], excluded=selection.excluded[name].description,
                                                     excluded_count=selection.excluded[name].count)
         joint_probes: tuple = ()
         if probed.jrows and nonfinite is None and reason is None:
             joint_probes, tensors = _joint_verdicts(ctx, judge, probed.jrows, tensors, selection.checked, probed.refs,
-                                                    options.localize, measured, located_locally)
+                                                    options.localize, measured, local.failed)
     return Report(
         tensors=tensors,
         seed=seed,
@@ -515,6 +531,7 @@ def _check_once(
         evaluation_reason=ctx.ev.batch_reason,
         measured_precision=probed.noise.precision if probed.noise is not None else None,
         loss_noise=probed.noise.relative if probed.noise is not None else None,
+        kernels=ctx.ev.kernels or (),
         kept_casts=ctx.ev.kept_casts[0],
         kept_cast_sites=ctx.ev.kept_casts[1],
         joint=joint_probes,
@@ -678,10 +695,13 @@ def _tensor_plan(
 
 def _probe_all(
     request: _Request, selection: _Selection, plan: dict[str, list], mode: str, host: _HostValues,
+    float64_kernels: frozenset[str] = frozenset(), loss_terms: Tensor | None = None,
 ) -> _Probed:
     """Evaluate the unperturbed pass (with the float64 reference gradient when the options ask
     for it), every planned probe and the joint probes in ``mode``; their device values join
-    ``host``. Nothing is probed when the evaluation is not usable (the check is unreliable)."""
+    ``host``. Nothing is probed when the evaluation is not usable (the check is unreliable).
+    ``float64_kernels``: kernels measured computing in float64 at this step (:class:`_LocalFindings`);
+    ``loss_terms``: a module-local check's ``‖g_out∘y‖₂`` (its measured noise is relative to it)."""
     options, checked, excluded = request.options, selection.checked, selection.excluded
     ev = request.evaluation(mode, options.evaluation, richardson=options.richardson)
     # The smallest check (±h only, no reference gradient, sequential) skips the
@@ -697,7 +717,7 @@ def _probe_all(
                                           stats=None if request.reduce is not None else stats)
     ev.loss0 = loss0
     _sizes.released(_bytes64(selection.every.values()))  # the float64 activations of the reference pass
-    step, noise = _measured(request, ev, selection, loss0, lines, signature)
+    step, noise = _measured(request, ev, selection, loss0, lines, signature, float64_kernels, loss_terms)
     held = None
     if ref_stats is not None and request.reduce is not None:  # data parallel: the mean over ranks, as .grad
         held = _reduced(ref_stats, request.reduce)
@@ -724,23 +744,26 @@ def _probe_all(
 
 def _measured(
     request: _Request, ev: _Evaluation, selection: _Selection, loss0: Tensor | None, lines: list,
-    signature: _Reference | None,
+    signature: _Reference | None, float64_kernels: frozenset[str] = frozenset(), loss_terms: Tensor | None = None,
 ) -> tuple[float | None, _Noise | None]:
     """The base step of the probes and the measured noise of the float64 evaluation
     (:mod:`gradwatch._precision`); the joint ``lines`` are rescaled to that step. A step the
     options set is kept, and native evaluation measures nothing (its dtype is what it computes
-    in)."""
+    in); nor does the smallest check of a graph whose kernels are all in ``float64_kernels``.
+    ``loss_terms``: a module-local check's ``‖g_out∘y‖₂``, the scale its noise is relative to."""
     options = request.options
     # the smallest check (no unperturbed pass) measures nothing up front: a probe that fails it
     # is measured again with ±2h passes before the verdict stands (see _remeasure)
     if not ev.float64 or not ev.usable or loss0 is None:
         return options.step, None
-    if not options.richardson and ev.opaque is False and request.reduce is None:
-        # the smallest check of a graph of torch's own ops alone: it computes in float64 (four
-        # evaluations of the seven of a tiny Hugging Face model's smallest check, not spent)
+    if (not options.richardson and ev.kernels is not None and float64_kernels.issuperset(ev.kernels)
+            and request.reduce is None):
+        # the smallest check of a graph of torch's own ops alone, or of kernels the module-local checks
+        # of this step measured computing in float64: it computes in float64 (four evaluations of the
+        # seven of a tiny Hugging Face model's smallest check, not spent)
         return options.step, None
     sigma, loss = _measure_noise(ev, [f"model.{n}" for n in selection.every], request.seed, request.reduce, loss0,
-                                 signature)
+                                 signature, loss_terms)
     relative = _relative(sigma, loss)
     noise = _Noise(sigma, relative, _precision_name(relative))
     if options.step is not None:

@@ -45,7 +45,7 @@ Internal API (stable; the hook and the sharded path build on it):
 * ``_merge(report, local_reports) -> Report``: the whole-model report with the local
   tensors, reference comparisons (``Report.references``) and module checks
   (``Report.modules``: precision and skip reason per module) added.
-* ``_local_reports(recording, seed, options) -> list[Report]``: every record checked (or
+* ``_local_reports(recording, seed, options, full) -> (reports, options)``: every record checked (or
   skipped with its reason), seeds derived from ``seed`` and the record's position
   (:func:`gradwatch._seeds._derive_seed`).
 * ``_float64_bytes(model)``: the size of a model's float64 copy (when the adapters check
@@ -432,20 +432,35 @@ def check_module(
     return _check_record(record, seed=seed, options=options, reference=reference)
 
 
-def _local_reports(recording: Any, seed: int, options: ProbeOptions) -> list[Report]:
-    """The local check of every record (skipped ones with their reason), seeds derived from ``seed``.
-    ``recording``: a :class:`~gradwatch._recording._Recording`, an
-    :class:`~gradwatch._recording._OpCalls`, or a list of them."""
+def _local_reports(recording: Any, seed: int, options: ProbeOptions,
+                   full: ProbeOptions | None = None) -> tuple[list[Report], list[ProbeOptions]]:
+    """The local check of every record (skipped ones with their reason), seeds derived from ``seed``,
+    and the options each ran with. ``recording``: a :class:`~gradwatch._recording._Recording`, an
+    :class:`~gradwatch._recording._OpCalls`, or a list of them. ``full``: where ``options`` is the
+    smallest check (the joint probe alone at ±h), the options of a module whose check did not run
+    in float64 (measured, or natively): it is checked again with them (the joint probe alone at ±h
+    resolved a kernel computing in float32 inside to ~1e-2, the full check to ~3e-4)."""
     recordings = recording if isinstance(recording, (list, tuple)) else [recording]
     records = [r for rec in recordings for r in rec.records.values()]
-    reports = []
+    reports, used = [], []
     for i, record in enumerate(records):
         s = _derive_seed(seed, i + 1)
+        opts = options
         try:
-            reports.append(_check_record(record, seed=s, options=options))
+            report = _check_record(record, seed=s, options=options)
+            if full is not None and report.reliable and not _in_float64(report):
+                opts = full
+                report = _check_record(record, seed=s, options=full)
         except Exception as err:  # a module the replay cannot run: say so, never stop the training
-            reports.append(_skipped_record(record, s, f"its module-local check raised {type(err).__name__}: {err}"))
-    return reports
+            report = _skipped_record(record, s, f"its module-local check raised {type(err).__name__}: {err}")
+        reports.append(report)
+        used.append(opts)
+    return reports, used
+
+
+def _in_float64(report: Report) -> bool:
+    """Whether a check evaluated in float64 and was not measured computing below it."""
+    return report.precision == "float64" and report.measured_precision in (None, "float64")
 
 
 def _float64_bytes(model: nn.Module) -> int:

@@ -455,6 +455,10 @@ class Report:
             ``None`` (native evaluation: its dtype). Steps and error bars follow it.
         loss_noise: The measured rounding noise of one loss evaluation relative to ``|L|``
             (``None``: not measured).
+        kernels: The backward code on the float64 evaluation's graph that is not torch's own
+            (custom ``autograd.Function``s as ``module.QualName``, ``torch.library`` ops), when
+            the check looked (the smallest check does, and measures the precision only when there
+            is some); ``measured_precision`` is theirs, torch's own ops compute in float64.
         kept_casts: Casts to a lower floating precision (``.float()``, ``.to(torch.float32)``,
             ``dtype=`` arguments) that the float64 evaluation kept in float64, per evaluation.
         kept_cast_sites: ``"module: op float64->float32"`` of the first few of them.
@@ -490,6 +494,7 @@ class Report:
     evaluation_reason: str | None = None
     measured_precision: str | None = None
     loss_noise: float | None = None
+    kernels: tuple[str, ...] = ()
     kept_casts: int = 0
     kept_cast_sites: tuple[str, ...] = ()
     joint: tuple[Probe, ...] = ()
@@ -827,7 +832,9 @@ class Report:
         if self.measured_precision not in (None, "float64"):
             lines.append(
                 f"  the float64 evaluation computes in {self.measured_precision} inside (measured loss noise "
-                f"{_fmt(self.loss_noise)} of |L|, a kernel that casts down): steps and error bars follow it"
+                f"{_fmt(self.loss_noise)} of |L|, "
+                + (f"kernels {', '.join(repr(k) for k in self.kernels)}" if self.kernels else "a kernel that casts down")
+                + "): steps and error bars follow it"
             )
         if self.kept_casts:
             lines.append(

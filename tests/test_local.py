@@ -851,19 +851,33 @@ def test_tiny_llama_attention_with_its_cache_is_checked_locally_and_a_planted_ml
 
 
 @pytest.mark.parametrize("bug", [None, "wrong_row"])
-def test_a_module_before_batchnorm_is_judged_locally_though_its_pairing_cancels(bug) -> None:
+def test_a_module_before_batchnorm_is_judged_locally_though_its_pairing_cancels(bug, monkeypatch) -> None:
     """A module-local check's loss is ``<g_out, module(x)>``; before BatchNorm (in training mode)
     the output gradient is orthogonal to the output, so the pairing is 0 up to rounding. Its
     float64 and float32 values were compared relative to the pairing itself: every such check
     was 'unreliable' and skipped (a ResNet's planted conv bug went to the whole model alone).
-    Now relative to the pairing's terms, ``‖g_out∘y‖₂``."""
+    Now relative to the pairing's terms, ``‖g_out∘y‖₂``; so is its measured noise (relative to the
+    cancelled pairing it read as '~float32': the smallest local check was redone in full and the
+    whole model measured its precision again)."""
     from zoo import CustomLinear
+
+    measured = []
+    check_record = gradwatch.local._check_record
+
+    def recorded(record, **kwargs):
+        report = check_record(record, **kwargs)
+        measured.append(report.measured_precision)
+        return report
+
+    monkeypatch.setattr(gradwatch.local, "_check_record", recorded)
 
     for seed in range(3):
         torch.manual_seed(seed)
         model = nn.Sequential(CustomLinear(8, 16, bug=bug), nn.BatchNorm1d(16), nn.Tanh(), nn.Linear(16, 4))
         batch = (torch.randn(32, 8), torch.randint(0, 4, (32,)))
+        measured.clear()
         report = _one_check(model, batch).last_report
+        assert measured == ["float64"], measured  # one local check, measured in float64
         local = {n: t for n, t in report.tensors.items() if n.startswith("0::")}
         assert set(local) == {"0::weight", "0::bias"}, str(report)
         assert all(t.verdict != "skipped" for t in local.values()), str(report)

@@ -246,7 +246,7 @@ def test_the_smallest_check_measures_the_precision_only_where_backward_code_is_n
     """The adapters' smallest check skips the four evaluations of the precision measurement when
     the float64 pass's graph holds torch's own derivatives alone (they compute in float64); a
     custom autograd.Function or torch.library op may compute below it, and is measured."""
-    from gradwatch._evaluation import _opaque
+    from gradwatch._evaluation import _kernels
 
     smallest = {"richardson": False, "coordinates": 0, "directions": 0, "kink_resamples": 0}
     case = CORRECT["layernorm_gelu"](0)
@@ -264,5 +264,57 @@ def test_the_smallest_check_measures_the_precision_only_where_backward_code_is_n
     sine.register_autograd(lambda ctx, g: g * ctx.x.cos(),
                            setup_context=lambda ctx, inputs, output: setattr(ctx, "x", inputs[0]))
     x = torch.randn(4, dtype=torch.float64, requires_grad=True)
-    assert not _opaque(((x @ torch.ones(4, 3, dtype=torch.float64)).relu().sum() + x[1:].pow(2).sum()).grad_fn)
-    assert _opaque((sine(x) * 2).sum().grad_fn)
+    assert _kernels(((x @ torch.ones(4, 3, dtype=torch.float64)).relu().sum() + x[1:].pow(2).sum()).grad_fn) == ()
+    (kernel,) = _kernels((sine(x) * 2).sum().grad_fn)  # torch's Function made for the op, named after it
+    assert kernel.endswith("GeneratedBackwardFor_gwtest_precision_sine_default"), kernel
+    assert inside.kernels == (f"{_TanhLinear.__module__}._TanhLinear",), inside.kernels
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_the_smallest_watched_step_measures_only_kernels_its_local_checks_did_not_measure_in_float64(
+        seed: int, monkeypatch) -> None:
+    """At the smallest check (``GradWatch``'s step 0) the module-local checks run first, as the
+    joint probe alone at ±h; a kernel they measured computing in float64 is not measured again
+    on the whole model (four float64 evaluations of it fewer); one computing in float32 inside
+    is, and the whole model's steps follow it; its module gets the full local check. Planted bugs
+    are named either way."""
+    from zoo import CustomLinear
+
+    measured_on = []
+    measure = gradwatch.engine._measure_noise
+
+    def counted(ev, keys, *args):
+        measured_on.append(keys)
+        return measure(ev, keys, *args)
+
+    monkeypatch.setattr(gradwatch.engine, "_measure_noise", counted)
+
+    def watched(model, batch):
+        measured_on.clear()
+        watch = gradwatch.GradWatch(model, _loss, seed=seed, on_failure=lambda report: None)  # the defaults
+        with watch.step(batch):
+            _loss(model, batch).backward()
+        return watch.last_report
+
+    for bug in (None, "wrong_row"):
+        torch.manual_seed(seed)
+        model = nn.Sequential(nn.Linear(8, 16), nn.Tanh(), CustomLinear(16, 16, bug=bug), nn.Tanh(), nn.Linear(16, 4))
+        report = watched(model, (torch.randn(32, 8), torch.randint(0, 4, (32,))))
+        local = [t for t in report.tensors.values() if "::" in t.name]
+        assert {t.name for t in local} == {"2::input[0]", "2::weight", "2::bias"}, str(report)
+        assert all(p.kind == "joint" or t.verdict == "fail" for t in local for p in t.probes), str(report)
+        assert len(measured_on) == 1, measured_on  # the local check's measurement alone
+        assert report.measured_precision is None and report.kernels == ("zoo.LinearFn",), str(report)
+        if bug is None:
+            assert report.ok, str(report)
+        else:
+            assert [t.name for t in report.failures] == ["2.weight", "2::weight"], str(report)
+    for fn in (_TanhLinear, _TanhLinearBug):
+        model, batch = _float32_inside(seed, fn)
+        report = watched(model, batch)
+        # the smallest local check's; below float64, the module's full local check's (the joint probe
+        # alone at ±h resolves such a kernel to ~1e-2, the full check to ~3e-4); the whole model's
+        assert [len(keys) for keys in measured_on] == [2, 2, 5], measured_on
+        assert report.measured_precision == "~float32", str(report)
+        assert any(p.kind == "coordinate" for p in report.tensors["1::weight"].probes), str(report)
+        assert report.ok == (fn is _TanhLinear), str(report)
