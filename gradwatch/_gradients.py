@@ -152,7 +152,8 @@ class _ReferenceStats:
             return out
         mask = self.excluded[name].mask if name in self.excluded else None
         out["terms"] = {tuple(spec): _ref_terms(g_ref, tuple(spec), mask) for spec in self.plan[name]}
-        out["joint"] = [line.reference_terms(name, g_ref) for line in self.lines]
+        zero = g_ref.new_zeros((), dtype=torch.float64)  # a line that leaves the tensor out reads none of it
+        out["joint"] = [line.reference_terms(name, g_ref) if name in line.names else (zero, zero) for line in self.lines]
         if self.gap:
             out["gap"] = _gap_values(self.grads[name], g_ref)
         return out

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Callable, Iterator, Mapping
 
 import numpy as np
@@ -123,6 +124,16 @@ def _located_there(tc: TensorCheck, local: str) -> TensorCheck:
     ``'module::param'``): that check, which evaluates its module alone, locates the element."""
     note = f"its element is located by the module-local check of the same step (see '{local}')"
     return dataclasses.replace(tc, reason=f"{tc.reason}; {note}" if tc.reason else note)
+
+
+def _failed_there(tc: TensorCheck, local: TensorCheck) -> TensorCheck:
+    """The whole-model verdict of a tensor without probes of its own that a module-local check of
+    the same step failed (``local``, named ``'module::param'``): left out of the joint probes, it
+    fails on that check's evidence, which evaluated its module alone and located the element."""
+    note = ("the module-local check of the same step failed it, evaluating its module alone, and locates its "
+            f"element (see '{local.name}'); left out of the whole model's joint probe, which verifies the others")
+    return dataclasses.replace(tc, verdict="fail", reason=note, rel_error=local.rel_error, error_bar=local.error_bar,
+                               error_ratio=local.error_ratio, resolving_power=math.nan)
 
 
 def _confirm(

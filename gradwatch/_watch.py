@@ -526,11 +526,11 @@ class _BackwardRoots(TorchFunctionMode):
 
 def _findings(records: Mapping[str, Any], local: Sequence[Report]) -> _LocalFindings:
     """What the module-local checks of a step found: the parameters they failed (qualified name
-    -> the name the local check gives it, ``'blocks.1.attn::weight'``,
-    :func:`gradwatch.report.local_name`) and the kernels they measured computing in float64."""
-    failed = {t.name for r in local for t in r.failures}
+    -> the local check's verdict, named ``'blocks.1.attn::weight'``, :func:`gradwatch.report.local_name`)
+    and the kernels they measured computing in float64."""
+    failed = {t.name: t for r in local for t in r.failures}
     return _LocalFindings(
-        failed={(f"{m}.{p}" if m else p): local_name(m, p) for m, r in records.items() for p in r.param_grads
+        failed={(f"{m}.{p}" if m else p): failed[local_name(m, p)] for m, r in records.items() for p in r.param_grads
                 if local_name(m, p) in failed},
         float64_kernels=frozenset(k for r in local if r.measured_precision == "float64" for k in r.kernels),
     )

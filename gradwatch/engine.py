@@ -127,7 +127,7 @@ from gradwatch._judging import (
     _Spread,
     _unreliable,
 )
-from gradwatch._locating import _locate, _located_there, _remeasure
+from gradwatch._locating import _failed_there, _locate, _located_there, _remeasure
 from gradwatch._precision import _measure_noise, _measured_step, _Noise, _precision_name, _relative
 from gradwatch._probing import (
     _CheckContext,
@@ -339,19 +339,26 @@ class _LocalFindings:
     """What the module-local checks of a step found, for the whole-model check that follows them.
 
     Attributes:
-        failed: The tensors they failed: qualified name -> the name there (``'module::param'``).
-            A failure of the whole model's is named from them (a failing joint probe tries them
-            before group testing) and located to an element there, evaluating its module alone
-            (group testing and locating on the whole model took ~55% of a failing step-0 check of
-            tiny Hugging Face models).
+        failed: The tensors they failed: qualified name -> the local check's verdict (named
+            ``'module::param'``). A tensor without probes of its own in the whole-model check (the
+            smallest check) is left out of its joint probes and fails as located there, the joint
+            probes verifying the others (a failing joint probe over every tensor verified none of
+            them, and its confirming probe and group testing cost a failing step-0 check of tiny
+            Hugging Face models ~55%); one with probes of its own is tried first by a failing joint
+            probe, named without group testing and located there.
         float64_kernels: The kernels (:attr:`Report.kernels`) their float64 evaluations were
             measured computing in float64: a smallest check whose graph holds no other custom
             backward code computes in float64, and measures no precision of its own (four float64
             evaluations of the whole model fewer; ~40% of a failing step-0 check of tiny T5).
     """
 
-    failed: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    failed: Mapping[str, TensorCheck] = dataclasses.field(default_factory=dict)
     float64_kernels: frozenset[str] = frozenset()
+
+    @property
+    def names(self) -> dict[str, str]:
+        """Each failed tensor's name in the local check (``'module::param'``)."""
+        return {n: t.name for n, t in self.failed.items()}
 
 
 def _check_with(
@@ -426,13 +433,16 @@ def _check_once(
             if any(plan[n] and not own[n] for n in selection.checked) and options.joint < _JOINT_WITHOUT_OWN:
                 # tensors without probes of their own: a second joint direction (a miss needs both to miss)
                 request = dataclasses.replace(request, options=dataclasses.replace(options, joint=_JOINT_WITHOUT_OWN))
-            probed = _probe_all(request, selection, own, mode, host, local.float64_kernels, loss_terms)
+            # a tensor the module-local checks failed, without probes of its own: left out of the joint probes
+            left_out = frozenset(n for n in local.failed if n in selection.checked and not own[n])
+            probed = _probe_all(request, selection, own, mode, host, local.float64_kernels, loss_terms, left_out)
         except Exception as err:
             if options.precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
             host = _HostValues(reduce)  # drop what the float64 attempt queued
-            probed = _probe_all(request, selection, plan, mode, host)
+            left_out = frozenset(n for n in local.failed if n in selection.checked and not plan[n])
+            probed = _probe_all(request, selection, plan, mode, host, left_out=left_out)
         ctx = probed.ctx
         replayed_train = grads == "autograd" or (_TRAIN_IS_REPLAY.get() and train_loss is not None)
         native_loss = train_loss if replayed_train else ctx.ev.native()
@@ -506,14 +516,16 @@ def _check_once(
                 tensors[name] = TensorCheck(name, shape, "skipped", reason="check unreliable: " + reason)
             else:
                 tensors[name] = _tensor_verdict(name, shape, selection, probed, judge, stats, options, measured,
-                                                local.failed.get(name))
+                                                local.names.get(name))
+                if name in left_out:
+                    tensors[name] = _failed_there(tensors[name], local.failed[name])
             if name in selection.excluded:
                 tensors[name] = dataclasses.replace(tensors[name], excluded=selection.excluded[name].description,
                                                     excluded_count=selection.excluded[name].count)
         joint_probes: tuple = ()
         if probed.jrows and nonfinite is None and reason is None:
             joint_probes, tensors = _joint_verdicts(ctx, judge, probed.jrows, tensors, selection.checked, probed.refs,
-                                                    options.localize, measured, local.failed)
+                                                    options.localize, measured, local.names)
     return Report(
         tensors=tensors,
         seed=seed,
@@ -696,19 +708,22 @@ def _tensor_plan(
 def _probe_all(
     request: _Request, selection: _Selection, plan: dict[str, list], mode: str, host: _HostValues,
     float64_kernels: frozenset[str] = frozenset(), loss_terms: Tensor | None = None,
+    left_out: frozenset[str] = frozenset(),
 ) -> _Probed:
     """Evaluate the unperturbed pass (with the float64 reference gradient when the options ask
     for it), every planned probe and the joint probes in ``mode``; their device values join
     ``host``. Nothing is probed when the evaluation is not usable (the check is unreliable).
     ``float64_kernels``: kernels measured computing in float64 at this step (:class:`_LocalFindings`);
-    ``loss_terms``: a module-local check's ``‖g_out∘y‖₂`` (its measured noise is relative to it)."""
+    ``loss_terms``: a module-local check's ``‖g_out∘y‖₂`` (its measured noise is relative to it);
+    ``left_out``: tensors the joint probes leave out (:class:`_LocalFindings`)."""
     options, checked, excluded = request.options, selection.checked, selection.excluded
     ev = request.evaluation(mode, options.evaluation, richardson=options.richardson)
     # The smallest check (±h only, no reference gradient, sequential) skips the
     # unperturbed pass: each probe's +h pass is its own kink reference, and the
     # midpoint of its ±h losses stands for the unperturbed loss (O(h²) away).
     ev.own_reference = not options.richardson and not options.reference and ev.batched is False
-    lines = _joint_lines(ev, checked, request.seed, options.joint, options.step, excluded)
+    lines = _joint_lines(ev, {n: g for n, g in checked.items() if n not in left_out}, request.seed, options.joint,
+                         options.step, excluded)
     _sizes.released(_bytes64(checked.values()))  # the chunks their terms were summed from
     # the reference gradient is never held whole: what the probes, the joint lines and the
     # precision test need of it is computed as the float64 backward produces each tensor's

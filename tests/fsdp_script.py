@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import json
+import os
 import pathlib
 import sys
 import warnings
@@ -332,3 +333,8 @@ if __name__ == "__main__":
     target = pathlib.Path(sys.argv[1])
     target.mkdir(parents=True, exist_ok=True)
     main(target, sys.argv[2])
+    # the results are written and the group destroyed: skip static destruction, where gloo's threads
+    # once ended a finished rank with "terminate called without an active exception" (CI under load)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

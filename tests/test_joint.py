@@ -322,11 +322,12 @@ def test_tensors_a_joint_probe_weighs_too_little_keep_their_own_probes() -> None
 
 
 @pytest.mark.parametrize("seed", range(3))
-def test_a_failing_joint_probe_names_the_tensor_the_module_local_check_failed_without_group_testing(
+def test_the_tensor_the_module_local_check_failed_is_named_without_group_testing_and_the_others_verified(
         seed: int, monkeypatch) -> None:
-    """The watch core runs the module-local checks of the suspects first; the whole-model check's
-    failing joint probe then confirms the tensor they failed and names it, without bisecting the
-    whole model (group testing) and without locating its element again (the local check did)."""
+    """The watch core runs the module-local checks of the suspects first; the whole-model smallest
+    check leaves the tensor they failed out of its joint probe (which then verifies the others, where
+    a failing joint probe over every tensor verified none) and fails it as the local check located it,
+    without bisecting the whole model (group testing) or locating its element again."""
     from zoo import CustomLinear
 
     grouped = []
@@ -349,9 +350,12 @@ def test_a_failing_joint_probe_names_the_tensor_the_module_local_check_failed_wi
     with watch.step(batch):
         loss_fn(model, batch).backward()
     report = watch.last_report
-    assert report.joint and report.joint[0].failed, str(report)
+    # the smallest check: the tensor the local check failed is left out of the joint probe, which verifies the others
+    assert report.joint and not report.joint[0].failed, str(report)
     assert not any("0.weight" in names for names in grouped), grouped  # only the local check's own, if any
     assert [t.name for t in report.failures] == ["2.weight", "2::weight"], str(report)
+    assert all(t.verdict in ("pass", "inconclusive") for n, t in report.tensors.items()
+               if "::" not in n and n != "2.weight"), str(report)
     whole, local = report.failures
     assert whole.located is None and "(see '2::weight')" in whole.reason
     assert local.worst.index is not None and local.worst.index[0] == 2  # the wrong row, located locally

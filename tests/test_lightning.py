@@ -679,8 +679,10 @@ def test_ddp_two_cpu_processes(tmp_path, namespace: str) -> None:
     budgeted = [results[rank]["budgeted"] for rank in (0, 1)]
     assert budgeted[0] == budgeted[1]
     assert budgeted[0]["steps"][0] == 0 and budgeted[0]["joint"][0] == ["joint"]
-    # the joint probe failed; group testing named the tensor, which a direction probe of its own confirmed
-    assert budgeted[0]["checked"][0] == ["net.fc1.weight"] and budgeted[0]["kinds"][0] == ["direction"]
+    # the module-local check of the suspect net.fc1 failed net.fc1.weight: the smallest check leaves it out of
+    # its joint probe, which verifies the others, and fails it on that check's evidence (no probe of its own)
+    assert budgeted[0]["failing"][0] == ["net.fc1.weight"] and budgeted[0]["local_failing"][0] == ["net.fc1::weight"]
+    assert len(budgeted[0]["checked"][0]) == 4 and budgeted[0]["kinds"][0] == []
     # the script ran in its namespace (the other one is imported by nothing but lightning_zoo's default),
     # and the callback was a Callback of it
     assert all(namespace in res["namespaces"] and res["is_callback"] for res in results.values()), results
