@@ -433,16 +433,13 @@ def _check_once(
             if any(plan[n] and not own[n] for n in selection.checked) and options.joint < _JOINT_WITHOUT_OWN:
                 # tensors without probes of their own: a second joint direction (a miss needs both to miss)
                 request = dataclasses.replace(request, options=dataclasses.replace(options, joint=_JOINT_WITHOUT_OWN))
-            # a tensor the module-local checks failed, without probes of its own: left out of the joint probes
-            left_out = frozenset(n for n in local.failed if n in selection.checked and not own[n])
-            probed = _probe_all(request, selection, own, mode, host, local.float64_kernels, loss_terms, left_out)
+            probed = _probe_all(request, selection, own, mode, host, local, loss_terms)
         except Exception as err:
             if options.precision != "auto" or mode != "float64":
                 raise
             mode, mode_reason = "native", f"float64 evaluation raised {type(err).__name__}: {err}"
             host = _HostValues(reduce)  # drop what the float64 attempt queued
-            left_out = frozenset(n for n in local.failed if n in selection.checked and not plan[n])
-            probed = _probe_all(request, selection, plan, mode, host, left_out=left_out)
+            probed = _probe_all(request, selection, plan, mode, host, local)
         ctx = probed.ctx
         replayed_train = grads == "autograd" or (_TRAIN_IS_REPLAY.get() and train_loss is not None)
         native_loss = train_loss if replayed_train else ctx.ev.native()
@@ -517,7 +514,7 @@ def _check_once(
             else:
                 tensors[name] = _tensor_verdict(name, shape, selection, probed, judge, stats, options, measured,
                                                 local.names.get(name))
-                if name in left_out:
+                if name in probed.left_out:
                     tensors[name] = _failed_there(tensors[name], local.failed[name])
             if name in selection.excluded:
                 tensors[name] = dataclasses.replace(tensors[name], excluded=selection.excluded[name].description,
@@ -604,6 +601,9 @@ class _Probed:
         rows: Per checked tensor, ``(kind, value, host indices)`` of each probe (empty when
             the evaluation is not usable).
         jrows: The joint probes.
+        noise: The measured noise of the float64 evaluation (None: not measured).
+        left_out: The tensors the joint probes leave out: the module-local checks of the step
+            failed them, and they have no probes of their own (:class:`_LocalFindings`).
     """
 
     ctx: _CheckContext
@@ -613,6 +613,7 @@ class _Probed:
     rows: dict[str, list]
     jrows: list[_JointRow]
     noise: _Noise | None = None
+    left_out: frozenset[str] = frozenset()
 
 
 
@@ -707,16 +708,18 @@ def _tensor_plan(
 
 def _probe_all(
     request: _Request, selection: _Selection, plan: dict[str, list], mode: str, host: _HostValues,
-    float64_kernels: frozenset[str] = frozenset(), loss_terms: Tensor | None = None,
-    left_out: frozenset[str] = frozenset(),
+    local: _LocalFindings | None = None, loss_terms: Tensor | None = None,
 ) -> _Probed:
     """Evaluate the unperturbed pass (with the float64 reference gradient when the options ask
     for it), every planned probe and the joint probes in ``mode``; their device values join
     ``host``. Nothing is probed when the evaluation is not usable (the check is unreliable).
-    ``float64_kernels``: kernels measured computing in float64 at this step (:class:`_LocalFindings`);
-    ``loss_terms``: a module-local check's ``‖g_out∘y‖₂`` (its measured noise is relative to it);
-    ``left_out``: tensors the joint probes leave out (:class:`_LocalFindings`)."""
+    ``local``: what the module-local checks of this step found (:class:`_LocalFindings`: a tensor
+    they failed without probes of its own is left out of the joint probes, and kernels they
+    measured computing in float64 are not measured again); ``loss_terms``: a module-local check's
+    ``‖g_out∘y‖₂`` (its measured noise is relative to it)."""
     options, checked, excluded = request.options, selection.checked, selection.excluded
+    local = local if local is not None else _LocalFindings()
+    left_out = frozenset(n for n in local.failed if n in checked and not plan[n])
     ev = request.evaluation(mode, options.evaluation, richardson=options.richardson)
     # The smallest check (±h only, no reference gradient, sequential) skips the
     # unperturbed pass: each probe's +h pass is its own kink reference, and the
@@ -732,7 +735,7 @@ def _probe_all(
                                           stats=None if request.reduce is not None else stats)
     ev.loss0 = loss0
     _sizes.released(_bytes64(selection.every.values()))  # the float64 activations of the reference pass
-    step, noise = _measured(request, ev, selection, loss0, lines, signature, float64_kernels, loss_terms)
+    step, noise = _measured(request, ev, selection, loss0, lines, signature, local.float64_kernels, loss_terms)
     held = None
     if ref_stats is not None and request.reduce is not None:  # data parallel: the mean over ranks, as .grad
         held = _reduced(ref_stats, request.reduce)
@@ -754,7 +757,7 @@ def _probe_all(
             _sizes.release()
     jrows = _joint_probes(ctx, lines, host) if ev.usable else []
     _sizes.released(_bytes64(selection.every.values()))
-    return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows, noise)
+    return _Probed(ctx, ref_stats, refs, kink_log, rows, jrows, noise, left_out)
 
 
 def _measured(
