@@ -486,10 +486,8 @@ def _joint_verdicts(
         # of the joint direction, it is named without group testing over the whole model
         guided, confirm = next((n for n in covered if located_locally and n in located_locally), None), None
         if guided is not None:
-            # at the joint probe's own step (±h): the module-local check, which measured its noise, is the
-            # evidence that this tensor's gradient is wrong; this probe shows it in the whole model
-            confirm, small = _confirm_joint(ctx, judge, row, guided, grads, refs, out[guided].shape, None)
-            if not confirm.failed:  # the disagreement lies elsewhere, or this probe saw noise: group testing
+            confirm, small = _confirm_joint(ctx, judge, row, guided, grads, refs, out[guided].shape, measured)
+            if not confirm.failed:  # the disagreement lies elsewhere
                 guided, confirm = None, None
         name = guided if guided is not None else _group(ctx, row, worst)
         how = f"the module-local check of this step failed '{name}'" if guided else f"group testing named '{name}'"
